@@ -1,0 +1,326 @@
+package health_test
+
+import (
+	"errors"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/rota-proxy/rota/health"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// liveLog records every live set the checker publishes.
+type liveLog struct {
+	mu   sync.Mutex
+	sets [][]string
+}
+
+func (l *liveLog) push(s []string) {
+	l.mu.Lock()
+	l.sets = append(l.sets, s)
+	l.mu.Unlock()
+}
+
+func (l *liveLog) last() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.sets) == 0 {
+		return nil
+	}
+	return l.sets[len(l.sets)-1]
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func listen(t *testing.T) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	})
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	return ln
+}
+
+// freeAddr returns an address nothing listens on.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := ln.Addr().String()
+	ln.Close()
+	return a
+}
+
+func stateOf(c *health.Checker, addr string) health.Status {
+	for _, s := range c.Status() {
+		if s.Addr == addr {
+			return s
+		}
+	}
+	return health.Status{State: -1}
+}
+
+func fast() health.Config {
+	return health.Config{Check: health.CheckTCP, Interval: 10 * time.Millisecond,
+		Timeout: time.Second, Rise: 2, Fall: 3, BackoffMax: 40 * time.Millisecond}
+}
+
+func TestNewTargetUpOnFirstSuccessAndDownAfterFall(t *testing.T) {
+	ln := listen(t)
+	addr := ln.Addr().String()
+	var live liveLog
+	core, logs := observer.New(zap.InfoLevel)
+	c := health.New(fast(), zap.New(core), live.push)
+	defer c.Close()
+
+	c.Update([]string{addr})
+	eventually(t, "target up", func() bool { return slices.Equal(live.last(), []string{addr}) })
+	if s := stateOf(c, addr); s.State != health.Up || s.ConsecutiveSuccesses < 1 || s.LastCheck.IsZero() {
+		t.Fatalf("status after first success: %+v", s)
+	}
+
+	ln.Close()
+	eventually(t, "target down", func() bool { return len(live.last()) == 0 })
+	s := stateOf(c, addr)
+	if s.State != health.Down || s.ConsecutiveFailures < 3 || s.LastError == "" {
+		t.Fatalf("status after failures: %+v", s)
+	}
+	// Only state changes are logged: one "up", one "down".
+	if n := logs.FilterMessage("target up").Len(); n != 1 {
+		t.Fatalf("logged %d 'target up' lines, want 1", n)
+	}
+	if n := logs.FilterMessage("target down").Len(); n != 1 {
+		t.Fatalf("logged %d 'target down' lines, want 1", n)
+	}
+}
+
+func TestDownTargetNeedsRiseSuccessesToReturn(t *testing.T) {
+	ln := listen(t)
+	addr := ln.Addr().String()
+	var live liveLog
+	c := health.New(fast(), nil, live.push)
+	defer c.Close()
+	var mu sync.Mutex
+	var results []bool
+	c.SetObserver(func(_ string, err error, _ time.Duration) {
+		mu.Lock()
+		results = append(results, err == nil)
+		mu.Unlock()
+	})
+	c.Update([]string{addr})
+	eventually(t, "up", func() bool { return len(live.last()) == 1 })
+	c.ReportFailure(addr, errors.New("connection refused"))
+	if s := stateOf(c, addr); s.State != health.Down {
+		t.Fatalf("ReportFailure did not take target down at once: %+v", s)
+	}
+	if len(live.last()) != 0 {
+		t.Fatalf("live set still holds a reported target: %v", live.last())
+	}
+	mu.Lock()
+	results = nil
+	mu.Unlock()
+	eventually(t, "back up", func() bool { return len(live.last()) == 1 })
+	mu.Lock()
+	defer mu.Unlock()
+	if len(results) < 2 || !results[0] || !results[1] {
+		t.Fatalf("target returned after probes %v, want at least rise=2 successes", results)
+	}
+}
+
+func TestBackoffGrowsToCapAndNeverStops(t *testing.T) {
+	cfg := fast()
+	cfg.Interval = 5 * time.Millisecond
+	cfg.BackoffMax = 80 * time.Millisecond
+	addr := freeAddr(t)
+	c := health.New(cfg, nil, nil)
+	defer c.Close()
+	var mu sync.Mutex
+	var delays []time.Duration
+	var times []time.Time
+	c.SetObserver(func(_ string, err error, next time.Duration) {
+		if err == nil {
+			t.Error("probe of a closed port succeeded")
+		}
+		mu.Lock()
+		delays = append(delays, next)
+		times = append(times, time.Now())
+		mu.Unlock()
+	})
+	c.Update([]string{addr})
+	eventually(t, "ten probes", func() bool { mu.Lock(); defer mu.Unlock(); return len(delays) >= 10 })
+	mu.Lock()
+	defer mu.Unlock()
+	capped := false
+	for i, d := range delays {
+		if d > cfg.BackoffMax {
+			t.Fatalf("delay %d = %v exceeds backoff_max %v", i, d, cfg.BackoffMax)
+		}
+		if d < time.Duration(float64(cfg.Interval)*0.8) {
+			t.Fatalf("delay %d = %v below interval %v less jitter", i, d, cfg.Interval)
+		}
+		if i > 0 && !capped && d <= delays[i-1] {
+			t.Fatalf("delays did not grow before the cap: %v", delays)
+		}
+		if d >= time.Duration(float64(cfg.BackoffMax)*0.8) {
+			capped = true
+		}
+		// A timer never fires early: the real gap is at least the delay.
+		if i+1 < len(times) && times[i+1].Sub(times[i]) < d {
+			t.Fatalf("probe %d came %v after the previous, before its delay %v", i+1, times[i+1].Sub(times[i]), d)
+		}
+	}
+	if !capped {
+		t.Fatalf("backoff never reached the cap: %v", delays)
+	}
+	if s := stateOf(c, addr); s.State != health.Down || s.ChecksFailed < 10 {
+		t.Fatalf("status: %+v", s)
+	}
+}
+
+func TestHTTPCheck(t *testing.T) {
+	var healthy atomic.Bool
+	healthy.Store(true)
+	var paths sync.Map
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		paths.Store(r.URL.Path, true)
+		if !healthy.Load() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		if r.URL.Path == "/healthz" {
+			http.Redirect(w, r, "/elsewhere", http.StatusFound) // 3xx counts as healthy
+			return
+		}
+		w.WriteHeader(http.StatusNotFound)
+	}))
+	defer srv.Close()
+	addr := srv.Listener.Addr().String()
+	cfg := fast()
+	cfg.Check = health.CheckHTTP
+	cfg.Path = "/healthz"
+	var live liveLog
+	c := health.New(cfg, nil, live.push)
+	defer c.Close()
+	c.Update([]string{addr})
+	eventually(t, "http target up", func() bool { return len(live.last()) == 1 })
+	if _, ok := paths.Load("/elsewhere"); ok {
+		t.Fatal("health check followed a redirect")
+	}
+	healthy.Store(false)
+	eventually(t, "http target down on 503", func() bool { return len(live.last()) == 0 })
+	if s := stateOf(c, addr); s.LastError == "" || s.State != health.Down {
+		t.Fatalf("status: %+v", s)
+	}
+}
+
+func TestCheckNoneIsLiveAtOnceAndReturnsAfterPassiveFailure(t *testing.T) {
+	cfg := fast()
+	cfg.Check = health.CheckNone
+	addr := freeAddr(t) // nothing listens: only passive marking can tell
+	var live liveLog
+	c := health.New(cfg, nil, live.push)
+	defer c.Close()
+	c.Update([]string{addr})
+	eventually(t, "up without probing", func() bool { return len(live.last()) == 1 })
+	c.ReportFailure(addr, errors.New("refused"))
+	if len(live.last()) != 0 {
+		t.Fatal("still live after a reported failure")
+	}
+	eventually(t, "readmitted after backoff", func() bool { return len(live.last()) == 1 })
+}
+
+func TestStateSurvivesReannouncementAndRemovalForgets(t *testing.T) {
+	ln := listen(t)
+	addr := ln.Addr().String()
+	other := listen(t)
+	var live liveLog
+	c := health.New(fast(), nil, live.push)
+	defer c.Close()
+	c.Update([]string{addr})
+	eventually(t, "up", func() bool { return len(live.last()) == 1 })
+	before := stateOf(c, addr)
+	c.Update([]string{addr, other.Addr().String()}) // churn: same address again
+	if s := stateOf(c, addr); s.State != health.Up || s.Since != before.Since {
+		t.Fatalf("re-announced target lost its state: %+v", s)
+	}
+	eventually(t, "both up", func() bool { return len(live.last()) == 2 })
+	c.Update([]string{other.Addr().String()})
+	if s := stateOf(c, addr); s.State != -1 {
+		t.Fatalf("removed target still tracked: %+v", s)
+	}
+	if got := live.last(); !slices.Equal(got, []string{other.Addr().String()}) {
+		t.Fatalf("live after removal = %v", got)
+	}
+	ln.Close()
+	other.Close()
+}
+
+func TestSetConfigKeepsState(t *testing.T) {
+	ln := listen(t)
+	defer ln.Close()
+	addr := ln.Addr().String()
+	var live liveLog
+	c := health.New(fast(), nil, live.push)
+	defer c.Close()
+	c.Update([]string{addr})
+	eventually(t, "up", func() bool { return len(live.last()) == 1 })
+	cfg := fast()
+	cfg.Rise, cfg.Fall = 5, 7
+	c.SetConfig(cfg)
+	if got := c.Config(); got.Rise != 5 || got.Fall != 7 {
+		t.Fatalf("config not applied: %+v", got)
+	}
+	if s := stateOf(c, addr); s.State != health.Up {
+		t.Fatalf("state lost on SetConfig: %+v", s)
+	}
+}
+
+func TestCloseStopsEverything(t *testing.T) {
+	c := health.New(fast(), nil, nil)
+	var addrs []string
+	for i := range 50 {
+		addrs = append(addrs, net.JoinHostPort("127.0.0.1", strconv.Itoa(1+i))) // closed low ports
+	}
+	c.Update(addrs)
+	c.Close()
+	c.Update(addrs) // ignored after Close
+	if n := len(c.Status()); n != 50 {
+		// Status still reports what was known; nothing new was started.
+		t.Fatalf("status has %d targets", n)
+	}
+	// goleak in TestMain proves no probe goroutine outlived Close.
+}
