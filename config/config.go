@@ -1,0 +1,321 @@
+// Package config loads and validates rota's YAML configuration (rota.yaml).
+//
+// The schema is the "Configuration (rota.yaml)" section of DESIGN.md. The
+// loader is strict on purpose: rota sits in front of production traffic and a
+// typo such as "helth:" or "interval: 2" silently falling back to a default is
+// worse than refusing to start. Every problem is reported with the file, line,
+// column and field path (for example
+// "rota.yaml:14:7: listeners[0].health.rise: must be at least 1"), and all
+// problems of a file are reported at once so that one `rota check` run is
+// enough to fix them.
+//
+// Beyond the contract, these rules apply (they are decisions, documented here
+// so that users and the rest of rota can rely on them):
+//
+//   - A listener without a name is named after its service, or
+//     "listener-N" (N is its index in the listeners list, as in the
+//     "listeners[N]" paths of error messages) when it has no service. When
+//     that name is already taken, "-N" is appended. Explicit names must be
+//     unique.
+//   - accept_proxy_protocol entries are CIDRs; a bare IP address is accepted
+//     and means that single host (/32 or /128). See [Listener.TrustedProxies].
+//   - idle_timeout: 0 disables the idle timeout; drain_timeout: 0 closes open
+//     connections at once on shutdown. Other durations must be positive.
+//   - When health.interval is set above the default backoff_max (30s) and
+//     backoff_max is not set, backoff_max is raised to the interval (a down
+//     target is then simply probed every interval). An explicit backoff_max
+//     below interval is an error.
+//   - A null value ("key:" with nothing after it) is the zero value for
+//     scalars and lists, except that a null section ("embedded:",
+//     "consul:", "health:", ...) means the section is present with its
+//     defaults, since the only reason to write "embedded:" is to enable it.
+//   - With an embedded etcd and no endpoints, the endpoints default to the
+//     embedded client URL's host:port (an unspecified host such as 0.0.0.0
+//     becomes loopback).
+//   - Two listen addresses conflict when their ports are equal (and not 0)
+//     and their hosts are equal or either is a wildcard ("", 0.0.0.0, ::).
+//   - Files named in the config (token_file, tls files, ...) are not opened
+//     here: validation is static, so it gives the same answer on a laptop
+//     running `rota check` as on the server.
+//   - YAML anchors, aliases and merge keys ("<<: *defaults") work. Top-level
+//     keys starting with "x-" are ignored, as in docker-compose, to give
+//     anchors a home; every other unknown key is an error. Only one YAML
+//     document per file is allowed.
+package config
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"time"
+)
+
+// Config is the whole of rota.yaml.
+type Config struct {
+	Admin      Admin      `yaml:"admin"`
+	Registries Registries `yaml:"registries"`
+	Listeners  []Listener `yaml:"listeners"`
+
+	// File is the path the config was loaded from, "" when built in memory.
+	// It lets a reload re-read the same file and lets errors name it.
+	File string `yaml:"-"`
+}
+
+// Admin is the admin HTTP server.
+type Admin struct {
+	// Listen is the admin address, default "127.0.0.1:9090"; "" disables
+	// the admin server.
+	Listen string `yaml:"listen"`
+}
+
+// Registries holds the service registries listeners can discover from. A nil
+// registry is not configured; a listener that uses it is an error.
+type Registries struct {
+	Consul *Consul `yaml:"consul"`
+	Etcd   *Etcd   `yaml:"etcd"`
+}
+
+// Consul is a Consul agent. Empty fields fall back to consul/api's own
+// defaults and environment (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN(_FILE), ...).
+type Consul struct {
+	// Address is host:port, an http(s):// URL or unix:// socket path.
+	Address    string `yaml:"address"`
+	Datacenter string `yaml:"datacenter"`
+	TokenFile  string `yaml:"token_file"`
+}
+
+// Etcd is an etcd cluster, or an etcd server embedded in rota.
+type Etcd struct {
+	// Endpoints are host:port or http(s)://host:port. Required unless
+	// Embedded is set; see ClientEndpoints.
+	Endpoints []string `yaml:"endpoints"`
+	// Prefix starts and ends with "/"; instance keys are
+	// <prefix><service>/<host:port>. Default "/services/".
+	Prefix       string    `yaml:"prefix"`
+	Username     string    `yaml:"username"`
+	PasswordFile string    `yaml:"password_file"`
+	TLS          TLS       `yaml:"tls"`
+	Embedded     *Embedded `yaml:"embedded"`
+}
+
+// TLS names the PEM files of a TLS client. CertFile and KeyFile go together.
+type TLS struct {
+	CAFile   string `yaml:"ca_file"`
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+}
+
+// Embedded, when present, makes rota run an etcd server in-process.
+type Embedded struct {
+	DataDir   string `yaml:"data_dir"`   // default "./rota-data"
+	ClientURL string `yaml:"client_url"` // default "http://127.0.0.1:2379"
+}
+
+// Listener is one proxied port and where its backends come from.
+type Listener struct {
+	Name      string `yaml:"name"`      // unique; defaulted by Parse, see package doc
+	Listen    string `yaml:"listen"`    // host:port, ":8080" listens on all addresses
+	Service   string `yaml:"service"`   // required for consul and etcd
+	Discovery string `yaml:"discovery"` // consul | etcd | static
+
+	Tags   []string `yaml:"tags"`   // consul only: every tag must match
+	Static []string `yaml:"static"` // static only: host:port list
+
+	Health Health `yaml:"health"`
+
+	DialTimeout  time.Duration `yaml:"dial_timeout"`  // default 2s, > 0
+	Retries      int           `yaml:"retries"`       // default 2, extra targets tried after a failed dial
+	MaxConns     int           `yaml:"max_conns"`     // default 0 = unlimited
+	IdleTimeout  time.Duration `yaml:"idle_timeout"`  // default 1h, 0 = no idle timeout
+	DrainTimeout time.Duration `yaml:"drain_timeout"` // default 30s, 0 = close at once
+
+	// ProxyProtocol is "", "v1" or "v2": send a PROXY header to backends.
+	ProxyProtocol string `yaml:"proxy_protocol"`
+	// AcceptProxyProtocol lists the trusted source CIDRs (or bare IPs) of a
+	// load balancer in front; non-empty means every incoming connection
+	// must start with a PROXY header.
+	AcceptProxyProtocol []string `yaml:"accept_proxy_protocol"`
+	// ProxyHeaderTimeout bounds the wait for that header. Default 5s, > 0.
+	ProxyHeaderTimeout time.Duration `yaml:"proxy_header_timeout"`
+	// Panic routes over all discovered targets when none is healthy.
+	Panic bool `yaml:"panic"`
+}
+
+// Health is how a listener probes its targets.
+type Health struct {
+	Check      string        `yaml:"check"`       // tcp | http | none, default tcp
+	Path       string        `yaml:"path"`        // http only, default /healthz
+	Interval   time.Duration `yaml:"interval"`    // default 2s
+	Timeout    time.Duration `yaml:"timeout"`     // default 1s (may exceed interval)
+	Rise       int           `yaml:"rise"`        // default 2
+	Fall       int           `yaml:"fall"`        // default 3
+	BackoffMax time.Duration `yaml:"backoff_max"` // default 30s, >= interval
+}
+
+// Defaults that are not zero values. They are constants so that documentation
+// and tests can name them.
+const (
+	DefaultAdminListen        = "127.0.0.1:9090"
+	DefaultEtcdPrefix         = "/services/"
+	DefaultEmbeddedDataDir    = "./rota-data"
+	DefaultEmbeddedClientURL  = "http://127.0.0.1:2379"
+	DefaultCheck              = "tcp"
+	DefaultHealthPath         = "/healthz"
+	DefaultInterval           = 2 * time.Second
+	DefaultTimeout            = 1 * time.Second
+	DefaultRise               = 2
+	DefaultFall               = 3
+	DefaultBackoffMax         = 30 * time.Second
+	DefaultDialTimeout        = 2 * time.Second
+	DefaultRetries            = 2
+	DefaultIdleTimeout        = 1 * time.Hour
+	DefaultDrainTimeout       = 30 * time.Second
+	DefaultProxyHeaderTimeout = 5 * time.Second
+)
+
+// Default returns a config with the admin defaults and no registries or
+// listeners. It does not pass Validate until a listener is added.
+func Default() *Config {
+	return &Config{Admin: Admin{Listen: DefaultAdminListen}}
+}
+
+// DefaultListener returns a listener with every default filled in; Name,
+// Listen, Service and Discovery are left empty for the caller.
+func DefaultListener() Listener {
+	return Listener{
+		Health: Health{
+			Check:      DefaultCheck,
+			Path:       DefaultHealthPath,
+			Interval:   DefaultInterval,
+			Timeout:    DefaultTimeout,
+			Rise:       DefaultRise,
+			Fall:       DefaultFall,
+			BackoffMax: DefaultBackoffMax,
+		},
+		DialTimeout:        DefaultDialTimeout,
+		Retries:            DefaultRetries,
+		IdleTimeout:        DefaultIdleTimeout,
+		DrainTimeout:       DefaultDrainTimeout,
+		ProxyHeaderTimeout: DefaultProxyHeaderTimeout,
+	}
+}
+
+// DefaultEtcd returns an etcd registry with its defaults (the prefix) and no
+// endpoints, for configs built in memory.
+func DefaultEtcd() Etcd {
+	return Etcd{Prefix: DefaultEtcdPrefix}
+}
+
+// DefaultEmbedded returns the defaults of an embedded etcd server.
+func DefaultEmbedded() Embedded {
+	return Embedded{DataDir: DefaultEmbeddedDataDir, ClientURL: DefaultEmbeddedClientURL}
+}
+
+// ClientEndpoints returns the endpoints an etcd client should dial: Endpoints
+// when set, else the embedded server's client address. Parse already fills
+// Endpoints this way; the method exists for configs built in memory, which
+// Validate accepts with an embedded server and no endpoints.
+func (e *Etcd) ClientEndpoints() []string {
+	if len(e.Endpoints) > 0 || e.Embedded == nil {
+		return e.Endpoints
+	}
+	if ep, ok := embeddedEndpoint(e.Embedded.ClientURL); ok {
+		return []string{ep}
+	}
+	return nil
+}
+
+// TrustedProxies parses AcceptProxyProtocol. A bare IP is a single-host
+// prefix; prefixes are masked ("10.1.2.3/8" is 10.0.0.0/8). Callers matching
+// a remote address should Unmap it first, since IPv4 clients of a dual-stack
+// socket arrive as ::ffff:a.b.c.d.
+func (l *Listener) TrustedProxies() ([]netip.Prefix, error) {
+	out := make([]netip.Prefix, 0, len(l.AcceptProxyProtocol))
+	for i, s := range l.AcceptProxyProtocol {
+		p, err := parsePrefix(s)
+		if err != nil {
+			return nil, fmt.Errorf("accept_proxy_protocol[%d]: %w", i, err)
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+// Load reads the file at path and parses it with Parse.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return Parse(data, path)
+}
+
+// Parse decodes data, applies defaults and validates the result. file names
+// the source in errors and is stored in Config.File. On failure the config is
+// nil and the error joins one *Error per problem, sorted by position.
+func Parse(data []byte, file string) (*Config, error) {
+	root, err := parseDocument(data, file)
+	if err != nil {
+		return nil, err
+	}
+	d := newDecoder(file)
+	cfg := Default()
+	cfg.File = file
+	if root != nil {
+		d.decode(root, "", cfg)
+	}
+	if d.tooBig {
+		// The walk stopped half way; rules checked on what it got so far
+		// would only add noise.
+		return nil, joinErrors(d.errs)
+	}
+	d.applyDefaults(cfg)
+
+	for _, e := range cfg.problems() {
+		if d.covered(e.Field) {
+			// The value was rejected while decoding; a second complaint
+			// about the default that stood in for it would only confuse.
+			continue
+		}
+		e.File = file
+		e.Line, e.Column = d.position(e.Field)
+		d.errs = append(d.errs, e)
+	}
+	if err := joinErrors(d.errs); err != nil {
+		return nil, err
+	}
+	return cfg, nil
+}
+
+// Validate checks a config built in memory (for example from the quick flags
+// of `rota serve`) with the same rules as Parse. It changes nothing: unlike
+// Parse it does not default names, so every listener needs one. Errors carry
+// the field path but no line numbers.
+func (c *Config) Validate() error {
+	if c == nil {
+		return &Error{Msg: "no config"}
+	}
+	errs := c.problems()
+	for _, e := range errs {
+		e.File = c.File
+	}
+	return joinErrors(errs)
+}
+
+// embeddedEndpoint turns an embedded client URL into the host:port a client
+// dials, mapping an unspecified host to loopback.
+func embeddedEndpoint(clientURL string) (string, bool) {
+	host, port, err := urlHostPort(clientURL)
+	if err != nil {
+		return "", false
+	}
+	if ip, err := netip.ParseAddr(host); err == nil && ip.IsUnspecified() {
+		if ip.Is4() {
+			host = "127.0.0.1"
+		} else {
+			host = "::1"
+		}
+	}
+	return net.JoinHostPort(host, port), true
+}

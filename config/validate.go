@@ -1,0 +1,396 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"net/url"
+	"strconv"
+	"strings"
+)
+
+// checker collects problems by field path; Parse adds positions afterwards,
+// so the rules are written once for files and for configs built in memory.
+type checker struct{ errs []*Error }
+
+func (c *checker) add(field, format string, args ...any) {
+	c.errs = append(c.errs, &Error{Field: field, Msg: fmt.Sprintf(format, args...)})
+}
+
+// problems returns every rule the config breaks, without positions.
+func (c *Config) problems() []*Error {
+	var ck checker
+	if c.Admin.Listen != "" {
+		if err := checkAddr(c.Admin.Listen, listenAddr); err != nil {
+			ck.add("admin.listen", "%v", err)
+		}
+	}
+	if r := c.Registries.Consul; r != nil && r.Address != "" {
+		if err := checkConsulAddress(r.Address); err != nil {
+			ck.add("registries.consul.address", "%v", err)
+		}
+	}
+	if e := c.Registries.Etcd; e != nil {
+		ck.etcd(e)
+	}
+	if len(c.Listeners) == 0 {
+		ck.add("listeners", "no listeners defined")
+	}
+	names := make(map[string]int)
+	for i := range c.Listeners {
+		ck.listener(c, i, names)
+	}
+	return ck.errs
+}
+
+func (ck *checker) etcd(e *Etcd) {
+	const p = "registries.etcd"
+	if len(e.Endpoints) == 0 && e.Embedded == nil {
+		ck.add(p+".endpoints", "at least one endpoint is required (or configure embedded)")
+	}
+	for i, ep := range e.Endpoints {
+		if err := checkEndpoint(ep); err != nil {
+			ck.add(fmt.Sprintf("%s.endpoints[%d]", p, i), "%v", err)
+		}
+	}
+	if !strings.HasPrefix(e.Prefix, "/") || !strings.HasSuffix(e.Prefix, "/") {
+		ck.add(p+".prefix", `must start and end with "/", like %q; got %q`, DefaultEtcdPrefix, e.Prefix)
+	}
+	if e.PasswordFile != "" && e.Username == "" {
+		ck.add(p+".username", "required when password_file is set")
+	}
+	switch {
+	case e.TLS.CertFile != "" && e.TLS.KeyFile == "":
+		ck.add(p+".tls.key_file", "required when cert_file is set")
+	case e.TLS.KeyFile != "" && e.TLS.CertFile == "":
+		ck.add(p+".tls.cert_file", "required when key_file is set")
+	}
+	if em := e.Embedded; em != nil {
+		if em.DataDir == "" {
+			ck.add(p+".embedded.data_dir", "must not be empty")
+		}
+		if _, _, err := urlHostPort(em.ClientURL); err != nil {
+			ck.add(p+".embedded.client_url", "%v", err)
+		}
+	}
+}
+
+func (ck *checker) listener(c *Config, i int, names map[string]int) {
+	l := &c.Listeners[i]
+	p := fmt.Sprintf("listeners[%d]", i)
+
+	switch j, dup := names[l.Name]; {
+	case l.Name == "":
+		ck.add(p+".name", "must not be empty")
+	case dup:
+		ck.add(p+".name", "duplicate name %q (listeners[%d] has it too)", l.Name, j)
+	default:
+		names[l.Name] = i
+	}
+
+	if l.Listen == "" {
+		ck.add(p+".listen", `required: the address to listen on, like ":8080"`)
+	} else if err := checkAddr(l.Listen, listenAddr); err != nil {
+		ck.add(p+".listen", "%v", err)
+	} else {
+		for j := range i {
+			if other := c.Listeners[j].Listen; listenConflict(other, l.Listen) {
+				ck.add(p+".listen", "%q conflicts with listeners[%d].listen %q", l.Listen, j, other)
+				break
+			}
+		}
+		if listenConflict(c.Admin.Listen, l.Listen) {
+			ck.add(p+".listen", "%q conflicts with admin.listen %q", l.Listen, c.Admin.Listen)
+		}
+	}
+
+	switch l.Discovery {
+	case "consul", "etcd":
+		configured := c.Registries.Consul != nil
+		if l.Discovery == "etcd" {
+			configured = c.Registries.Etcd != nil
+		}
+		if !configured {
+			ck.add(p+".discovery", "%s needs registries.%s, which is not configured", l.Discovery, l.Discovery)
+		}
+		if l.Service == "" {
+			ck.add(p+".service", "required with discovery: %s", l.Discovery)
+		} else if l.Discovery == "etcd" && strings.Contains(l.Service, "/") {
+			// Keys are <prefix><service>/<addr>: a "/" in the service
+			// would make "a/b" also list the instances of "a".
+			ck.add(p+".service", `must not contain "/" with discovery: etcd; got %q`, l.Service)
+		}
+		if len(l.Static) > 0 {
+			ck.add(p+".static", "only valid with discovery: static")
+		}
+	case "static":
+		if len(l.Static) == 0 {
+			ck.add(p+".static", "at least one host:port is required with discovery: static")
+		}
+		seen := make(map[string]int)
+		for k, t := range l.Static {
+			f := fmt.Sprintf("%s.static[%d]", p, k)
+			if err := checkAddr(t, targetAddr); err != nil {
+				ck.add(f, "%v", err)
+			} else if first, dup := seen[t]; dup {
+				ck.add(f, "duplicate target %q (static[%d] has it too)", t, first)
+			} else {
+				seen[t] = k
+			}
+		}
+	case "":
+		ck.add(p+".discovery", "required: one of consul, etcd, static")
+	default:
+		ck.add(p+".discovery", "must be one of consul, etcd, static; got %q", l.Discovery)
+	}
+	if len(l.Tags) > 0 && (l.Discovery == "etcd" || l.Discovery == "static") {
+		ck.add(p+".tags", "only valid with discovery: consul")
+	}
+	for k, t := range l.Tags {
+		if t == "" {
+			ck.add(fmt.Sprintf("%s.tags[%d]", p, k), "must not be empty")
+		}
+	}
+
+	ck.health(p+".health", &l.Health)
+
+	if l.DialTimeout <= 0 {
+		ck.add(p+".dial_timeout", "must be greater than 0")
+	}
+	if l.Retries < 0 {
+		ck.add(p+".retries", "must not be negative")
+	}
+	if l.MaxConns < 0 {
+		ck.add(p+".max_conns", "must not be negative (0 means unlimited)")
+	}
+	if l.IdleTimeout < 0 {
+		ck.add(p+".idle_timeout", "must not be negative (0 disables it)")
+	}
+	if l.DrainTimeout < 0 {
+		ck.add(p+".drain_timeout", "must not be negative (0 closes connections at once)")
+	}
+	switch l.ProxyProtocol {
+	case "", "v1", "v2":
+	default:
+		ck.add(p+".proxy_protocol", `must be v1, v2 or empty; got %q`, l.ProxyProtocol)
+	}
+	for k, s := range l.AcceptProxyProtocol {
+		if _, err := parsePrefix(s); err != nil {
+			ck.add(fmt.Sprintf("%s.accept_proxy_protocol[%d]", p, k), "%v", err)
+		}
+	}
+	if l.ProxyHeaderTimeout <= 0 {
+		ck.add(p+".proxy_header_timeout", "must be greater than 0")
+	}
+}
+
+func (ck *checker) health(p string, h *Health) {
+	switch h.Check {
+	case "tcp", "none":
+	case "http":
+		if !strings.HasPrefix(h.Path, "/") {
+			ck.add(p+".path", `must start with "/", like %q; got %q`, DefaultHealthPath, h.Path)
+		} else if strings.ContainsFunc(h.Path, func(r rune) bool { return r <= ' ' || r == 0x7f }) {
+			ck.add(p+".path", "must not contain spaces or control characters; got %q", h.Path)
+		} else if _, err := url.ParseRequestURI(h.Path); err != nil {
+			ck.add(p+".path", "is not a valid URL path: %q", h.Path)
+		}
+	default:
+		ck.add(p+".check", "must be one of tcp, http, none; got %q", h.Check)
+	}
+	if h.Interval <= 0 {
+		ck.add(p+".interval", "must be greater than 0")
+	}
+	if h.Timeout <= 0 {
+		ck.add(p+".timeout", "must be greater than 0")
+	}
+	if h.Rise < 1 {
+		ck.add(p+".rise", "must be at least 1")
+	}
+	if h.Fall < 1 {
+		ck.add(p+".fall", "must be at least 1")
+	}
+	if h.Interval > 0 && h.BackoffMax < h.Interval {
+		ck.add(p+".backoff_max", "must be at least interval (%s)", h.Interval)
+	}
+}
+
+// addrKind says what an address is for: a listen address may leave the host
+// empty (all interfaces) and use port 0 (any free port, handy in tests); a
+// target must name a host and a real port.
+type addrKind int
+
+const (
+	listenAddr addrKind = iota
+	targetAddr
+)
+
+// checkAddr checks a host:port.
+func checkAddr(s string, kind addrKind) error {
+	example := `":8080" or "127.0.0.1:8080"`
+	if kind == targetAddr {
+		example = `"10.0.0.5:9000" or "web-1:9000"`
+	}
+	host, port, err := splitHostPort(s)
+	if err != nil {
+		if kind == listenAddr && s != "" && strings.Trim(s, "0123456789") == "" {
+			return fmt.Errorf("must be host:port; got %q (did you mean \":%s\"?)", s, s)
+		}
+		return fmt.Errorf("must be host:port, like %s; got %q (%w)", example, s, err)
+	}
+	if err := checkPort(port, kind == listenAddr); err != nil {
+		return fmt.Errorf("%q: %w", s, err)
+	}
+	if host == "" {
+		if kind == targetAddr {
+			return fmt.Errorf("must name a host, like %s; got %q", example, s)
+		}
+		return nil
+	}
+	if err := checkHost(host); err != nil {
+		return fmt.Errorf("%q: %w", s, err)
+	}
+	return nil
+}
+
+func checkPort(port string, zeroOK bool) error {
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil {
+		return fmt.Errorf("port %q must be a number from %d to 65535", port, boolInt(!zeroOK))
+	}
+	if n == 0 && !zeroOK {
+		return errors.New("port must be from 1 to 65535")
+	}
+	return nil
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// checkHost accepts an IP address (IPv6 with an optional zone) or a DNS-style
+// host name; underscores are allowed because docker-compose service names
+// use them.
+func checkHost(host string) error {
+	if strings.ContainsAny(host, ":%") || strings.Trim(host, "0123456789.") == "" {
+		if _, err := netip.ParseAddr(host); err != nil {
+			return fmt.Errorf("host %q is not a valid IP address", host)
+		}
+		return nil
+	}
+	name := strings.TrimSuffix(host, ".")
+	if len(name) > 253 {
+		return fmt.Errorf("host name is longer than 253 characters")
+	}
+	for _, label := range strings.Split(name, ".") {
+		ok := len(label) > 0 && len(label) <= 63 && label[0] != '-' && label[len(label)-1] != '-'
+		for i := 0; ok && i < len(label); i++ {
+			c := label[i]
+			ok = c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_'
+		}
+		if !ok {
+			return fmt.Errorf("host %q is not a valid IP address or host name", host)
+		}
+	}
+	return nil
+}
+
+// urlHostPort checks an http(s)://host:port URL with nothing after the
+// port, and returns its host and port.
+func urlHostPort(s string) (host, port string, err error) {
+	bad := func(why string) (string, string, error) {
+		return "", "", fmt.Errorf("must be a URL like %q; got %q (%s)", DefaultEmbeddedClientURL, s, why)
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		return bad("not a URL")
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return bad("scheme must be http or https")
+	}
+	if u.Opaque != "" || u.User != nil || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" || u.ForceQuery {
+		return bad("only scheme, host and port are allowed")
+	}
+	host, port, err = splitHostPort(u.Host)
+	if err != nil {
+		return bad(err.Error())
+	}
+	if host == "" {
+		return bad("host is missing")
+	}
+	if err := checkHost(host); err != nil {
+		return bad(err.Error())
+	}
+	if err := checkPort(port, false); err != nil {
+		return bad(err.Error())
+	}
+	return host, port, nil
+}
+
+// checkEndpoint accepts what etcd's client accepts and rota can check
+// statically: host:port or http(s)://host:port.
+func checkEndpoint(s string) error {
+	if strings.Contains(s, "://") {
+		_, _, err := urlHostPort(s)
+		return err
+	}
+	return checkAddr(s, targetAddr)
+}
+
+// checkConsulAddress accepts what consul/api accepts: host:port,
+// http(s)://host:port or unix:///path/to/socket.
+func checkConsulAddress(s string) error {
+	if path, ok := strings.CutPrefix(s, "unix://"); ok {
+		if path == "" {
+			return errors.New(`"unix://" needs a socket path, like "unix:///run/consul.sock"`)
+		}
+		return nil
+	}
+	return checkEndpoint(s)
+}
+
+// listenConflict reports whether two listen addresses would collide when
+// bound: same non-zero port and same host, or either host a wildcard (which
+// takes the port on every address). Host names are compared as written, not
+// resolved.
+func listenConflict(a, b string) bool {
+	ha, pa, err1 := splitHostPort(a)
+	hb, pb, err2 := splitHostPort(b)
+	if err1 != nil || err2 != nil {
+		return false
+	}
+	na, err1 := strconv.ParseUint(pa, 10, 16)
+	nb, err2 := strconv.ParseUint(pb, 10, 16)
+	if err1 != nil || err2 != nil || na != nb || na == 0 {
+		return false
+	}
+	if wildcard(ha) || wildcard(hb) || strings.EqualFold(ha, hb) {
+		return true
+	}
+	ia, err1 := netip.ParseAddr(ha)
+	ib, err2 := netip.ParseAddr(hb)
+	return err1 == nil && err2 == nil && ia.Unmap() == ib.Unmap()
+}
+
+func wildcard(host string) bool {
+	if host == "" {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsUnspecified()
+}
+
+// parsePrefix parses a CIDR, or a bare IP as a single-host prefix; the
+// result is masked so that "10.1.2.3/8" means 10.0.0.0/8.
+func parsePrefix(s string) (netip.Prefix, error) {
+	if p, err := netip.ParsePrefix(s); err == nil {
+		return p.Masked(), nil
+	}
+	if ip, err := netip.ParseAddr(s); err == nil && ip.Zone() == "" {
+		return netip.PrefixFrom(ip, ip.BitLen()), nil
+	}
+	return netip.Prefix{}, fmt.Errorf("%q is not a CIDR (like 10.0.0.0/8) or an IP address", s)
+}
