@@ -1,0 +1,403 @@
+package etcd
+
+import (
+	"context"
+	"errors"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
+)
+
+const wait = 15 * time.Second // generous deadline for conditions under -race
+
+// TestRegisterDeregisterExpiry: a Register call, its deregistration (ctx
+// canceled) and the lease expiry of a crashed registrant each change the
+// snapshot; a plain lease-attached put measures the write-to-snapshot
+// latency.
+func TestRegisterDeregisterExpiry(t *testing.T) {
+	env := startEtcd(t)
+	c := newClient(t, env.Endpoints())
+	rec := startWatch(t, newWatcher(t, c, "web", nil))
+
+	rec.waitSnap(t, wait) // first sync: empty, but delivered
+	if u := rec.allUpdates(); len(u) != 1 {
+		t.Fatalf("first sync: %d updates, want exactly 1 (empty)", len(u))
+	}
+
+	// Raw write to snapshot, over a few writes.
+	direct := env.Client(t)
+	lease, err := direct.Grant(ctxT(t), 30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var worst time.Duration
+	for i, addr := range []string{"127.0.0.1:9101", "127.0.0.1:9102", "127.0.0.1:9103"} {
+		start := time.Now()
+		putInstance(t, direct, addr, clientv3.WithLease(lease.ID))
+		got := rec.waitSnap(t, wait, []string{"127.0.0.1:9101", "127.0.0.1:9102", "127.0.0.1:9103"}[:i+1]...)
+		d := got.Sub(start)
+		worst = max(worst, d)
+		t.Logf("put %s -> snapshot: %s", addr, d)
+	}
+	if _, err := direct.Revoke(ctxT(t), lease.ID); err != nil {
+		t.Fatal(err)
+	}
+	rec.waitSnap(t, wait)
+
+	// Register: lease, put, keepalive.
+	regCtx, deregister := context.WithCancel(context.Background())
+	defer deregister()
+	regDone := make(chan error, 1)
+	start := time.Now()
+	go func() {
+		regDone <- Register(regCtx, c, "", "web", "127.0.0.1:9001", 5*time.Second, zaptest.NewLogger(t))
+	}()
+	t.Logf("Register call -> snapshot: %s (grant + put + watch)", rec.waitSnap(t, wait, "127.0.0.1:9001").Sub(start))
+
+	// Deregister: cancel the context; Register deletes the key and revokes.
+	start = time.Now()
+	deregister()
+	t.Logf("Register ctx canceled -> snapshot without it: %s (delete + watch)", rec.waitSnap(t, wait).Sub(start))
+	if err := <-regDone; err != nil {
+		t.Fatalf("Register returned %v after ctx cancel, want nil", err)
+	}
+
+	// Crash: the registrant's client dies without deregistering; the key
+	// stays until its 2 s lease expires.
+	crashClient, err := NewClient(Config{Endpoints: env.Endpoints()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	crashDone := make(chan error, 1)
+	go func() {
+		crashDone <- Register(context.Background(), crashClient, "", "web", "127.0.0.1:9002", 2*time.Second, zaptest.NewLogger(t))
+	}()
+	rec.waitSnap(t, wait, "127.0.0.1:9002")
+	crashed := time.Now()
+	_ = crashClient.Close()
+	if err := <-crashDone; err == nil || !strings.Contains(err.Error(), "client closed") {
+		t.Fatalf("Register with its client closed returned %v, want a client-closed error", err)
+	}
+	if resp, err := direct.Get(ctxT(t), DefaultPrefix+"web/127.0.0.1:9002"); err != nil || len(resp.Kvs) != 1 {
+		t.Fatalf("key of the crashed registrant: %v %v, want it still there until the lease expires", resp, err)
+	}
+	d := rec.waitSnap(t, wait).Sub(crashed)
+	t.Logf("registrant crash -> snapshot without it: %s (lease TTL 2 s)", d)
+	if d < time.Second {
+		t.Errorf("instance gone %s after the crash, before its lease could expire", d)
+	}
+	if errs := rec.allErrors(); len(errs) != 0 {
+		t.Errorf("errors reported while etcd was healthy: %v", errs)
+	}
+	if worst > time.Second {
+		t.Errorf("worst put-to-snapshot latency %s", worst)
+	}
+}
+
+// TestSharedClient: watchers of two services share one client; each sees
+// only its own service, and stopping one leaves the other working.
+func TestSharedClient(t *testing.T) {
+	env := startEtcd(t)
+	c := newClient(t, env.Endpoints())
+	web := startWatch(t, newWatcher(t, c, "web", nil))
+
+	api := &recorder{}
+	ctx, stopAPI := context.WithCancel(context.Background())
+	apiDone := make(chan error, 1)
+	go func() { apiDone <- newWatcher(t, c, "api", nil).Watch(ctx, api) }()
+
+	direct := env.Client(t)
+	putInstance(t, direct, "127.0.0.1:9001")
+	if _, err := direct.Put(ctxT(t), DefaultPrefix+"api/127.0.0.1:9501", instanceValue("127.0.0.1:9501")); err != nil {
+		t.Fatal(err)
+	}
+	web.waitSnap(t, wait, "127.0.0.1:9001")
+	api.waitSnap(t, wait, "127.0.0.1:9501")
+
+	stopAPI()
+	if err := <-apiDone; err != nil {
+		t.Fatalf("api Watch returned %v", err)
+	}
+	putInstance(t, direct, "127.0.0.1:9002")
+	web.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9002")
+}
+
+// TestCompactionWhileDisconnected: the watcher is cut off etcd (etcd
+// keeps running), instances change and history is compacted past the
+// watcher's revision, the watcher comes back: it resyncs to exactly the
+// live set. "hold" stalls the reconnect without failing it, so the
+// client's watch resumes from its old revision and meets ErrCompacted;
+// "refuse" fails the connection, so the watcher reports it and resyncs by
+// a fresh Get.
+func TestCompactionWhileDisconnected(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		mode  proxyMode
+		cause func(error) bool
+	}{
+		{"hold", hold, func(err error) bool { return errors.Is(err, rpctypes.ErrCompacted) }},
+		{"refuse", refuse, func(err error) bool { return errors.Is(err, ErrUnavailable) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := startEtcd(t)
+			u, err := url.Parse(env.Endpoints()[0])
+			if err != nil {
+				t.Fatal(err)
+			}
+			proxy := startProxy(t, u.Host)
+			rec := startWatch(t, newWatcher(t, newClient(t, []string{proxy.addr()}), "web", nil))
+			direct := env.Client(t)
+
+			putInstance(t, direct, "127.0.0.1:9001") // goes away while cut off
+			putInstance(t, direct, "127.0.0.1:9002") // stays throughout
+			rec.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9002")
+			before := len(rec.allUpdates())
+
+			proxy.set(tc.mode)
+			if tc.mode == refuse {
+				rec.waitErr(t, wait, "connection failure reported", tc.cause)
+			}
+			deleteInstance(t, direct, "127.0.0.1:9001")
+			putInstance(t, direct, "127.0.0.1:9003")
+			putInstance(t, direct, "127.0.0.1:9004")
+			rev := deleteInstance(t, direct, "127.0.0.1:9004")
+			env.Compact(t, rev)
+			if n := len(rec.allUpdates()); n != before {
+				t.Fatalf("watcher got %d updates while cut off", n-before)
+			}
+
+			start := time.Now()
+			proxy.set(pass)
+			got := rec.waitSnap(t, wait, "127.0.0.1:9002", "127.0.0.1:9003")
+			t.Logf("reconnect -> resynced snapshot: %s", got.Sub(start))
+			err = rec.waitErr(t, wait, "the cause of the resync", tc.cause)
+			t.Logf("reported: %v", err)
+
+			for _, u := range rec.allUpdates()[before:] {
+				addrs := u.snap.Addrs()
+				if !strings.Contains(strings.Join(addrs, ","), "127.0.0.1:9002") {
+					t.Errorf("live instance dropped in update %v", addrs)
+				}
+			}
+			if n := len(rec.allUpdates()) - before; n != 1 {
+				t.Errorf("%d updates after reconnecting, want 1 (straight to the live set)", n)
+			}
+		})
+	}
+}
+
+// TestEtcdStopped: while etcd is down the watcher reports errors and
+// delivers nothing (the last snapshot stays in force); changes made across
+// two later restarts are picked up.
+func TestEtcdStopped(t *testing.T) {
+	env := startEtcd(t)
+	rec := startWatch(t, newWatcher(t, newClient(t, env.Endpoints()), "web", nil))
+	direct := env.Client(t)
+	putInstance(t, direct, "127.0.0.1:9001")
+	putInstance(t, direct, "127.0.0.1:9002")
+	rec.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9002")
+	before := len(rec.allUpdates())
+
+	stopped := time.Now()
+	env.Stop()
+	err := rec.waitErr(t, wait, "an error while etcd is down", func(error) bool { return true })
+	t.Logf("etcd stopped -> sink.Error: %s: %v", time.Since(stopped), err)
+	if !errors.Is(err, ErrUnavailable) {
+		t.Errorf("first error %v does not wrap ErrUnavailable", err)
+	}
+	// Let the watcher retry against the dead server for a while: its
+	// failed Gets must not produce updates.
+	nErrs := len(rec.allErrors())
+	waitFor(t, wait, "a failed resync attempt", func() bool { return len(rec.allErrors()) > nErrs })
+	if n := len(rec.allUpdates()); n != before {
+		t.Fatalf("%d updates while etcd was down", n-before)
+	}
+
+	env.Restart()
+	deleteInstance(t, direct, "127.0.0.1:9001")
+	putInstance(t, direct, "127.0.0.1:9003")
+	env.Restart() // a second outage, right after the changes
+	start := time.Now()
+	putInstance(t, direct, "127.0.0.1:9004")
+	got := rec.waitSnap(t, wait, "127.0.0.1:9002", "127.0.0.1:9003", "127.0.0.1:9004")
+	t.Logf("last write after restarts -> snapshot: %s", got.Sub(start))
+
+	for _, u := range rec.allUpdates()[before-1:] {
+		if !strings.Contains(strings.Join(u.snap.Addrs(), ","), "127.0.0.1:9002") {
+			t.Errorf("instance 9002, live throughout, missing from %v", u.snap.Addrs())
+		}
+	}
+}
+
+// TestMalformedAndForeignKeys: malformed values are skipped, counted,
+// logged and reported once per key and revision, both when found by the
+// initial Get and when they arrive by the watch; keys of other services
+// under the prefix are never seen.
+func TestMalformedAndForeignKeys(t *testing.T) {
+	env := startEtcd(t)
+	direct := env.Client(t)
+	put := func(key, val string) {
+		t.Helper()
+		if _, err := direct.Put(ctxT(t), key, val); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := DefaultPrefix
+	// Present before the watcher starts (found by Get).
+	put(p+"web/127.0.0.1:9001", instanceValue("127.0.0.1:9001"))
+	put(p+"web2/127.0.0.1:9201", instanceValue("127.0.0.1:9201")) // other service sharing a name prefix
+	put(p+"webx", instanceValue("127.0.0.1:9202"))                // not under web/
+	put(p+"api/127.0.0.1:9203", instanceValue("127.0.0.1:9203"))
+	put(p+"web/127.0.0.1:9002", "not json")
+	put(p+"web/127.0.0.1:9003", `{"Op":1,"Addr":"127.0.0.1:9003","Metadata":null}`)
+	put(p+"web/127.0.0.1:9004", `{"Op":0,"Addr":"","Metadata":null}`)
+	put(p+"web/127.0.0.1", `{"Op":0,"Addr":"127.0.0.1","Metadata":null}`)
+	put(p+"web/127.0.0.1:9005", instanceValue("127.0.0.1:9006")) // key and addr disagree
+	initialBad := 5
+
+	core, logs := observer.New(zap.InfoLevel)
+	lg := zap.New(core)
+	w := newWatcher(t, newClient(t, env.Endpoints()), "web", lg)
+	rec := startWatch(t, w)
+	rec.waitSnap(t, wait, "127.0.0.1:9001")
+	waitFor(t, wait, "initial malformed values counted", func() bool { return w.Malformed() == uint64(initialBad) })
+
+	// Arriving by the watch.
+	put(p+"web/sub/127.0.0.1:9007", instanceValue("127.0.0.1:9007"))
+	put(p+"web/127.0.0.1:0", instanceValue("127.0.0.1:0"))
+	put(p+"web2/127.0.0.1:9204", instanceValue("127.0.0.1:9204"))
+	put(p+"web/127.0.0.1:9008", instanceValue("127.0.0.1:9008")) // valid: a marker that all of the above was seen
+	rec.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9008")
+	totalBad := initialBad + 2
+	if got := w.Malformed(); got != uint64(totalBad) {
+		t.Fatalf("Malformed() = %d, want %d", got, totalBad)
+	}
+
+	// A resync (etcd restarted) sees the same values at the same
+	// revisions: not counted, logged or reported again.
+	env.Restart()
+	rec.waitErr(t, wait, "the restart reported", func(err error) bool { return errors.Is(err, ErrUnavailable) })
+	put(p+"web/127.0.0.1:9009", instanceValue("127.0.0.1:9009"))
+	rec.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9008", "127.0.0.1:9009")
+	if got := w.Malformed(); got != uint64(totalBad) {
+		t.Fatalf("after resync Malformed() = %d, want still %d", got, totalBad)
+	}
+
+	// A valid instance overwritten with garbage drops out (and counts);
+	// fixing it brings it back.
+	put(p+"web/127.0.0.1:9009", "{}")
+	rec.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9008")
+	put(p+"web/127.0.0.1:9009", instanceValue("127.0.0.1:9009"))
+	rec.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9008", "127.0.0.1:9009")
+	totalBad++
+
+	if got := w.Malformed(); got != uint64(totalBad) {
+		t.Errorf("Malformed() = %d, want %d", got, totalBad)
+	}
+	var reported []string
+	for _, err := range rec.allErrors() {
+		var me *MalformedError
+		if errors.As(err, &me) {
+			reported = append(reported, me.Key)
+			if !strings.HasPrefix(me.Key, p+"web/") {
+				t.Errorf("reported a key of another service: %v", me)
+			}
+		}
+	}
+	if len(reported) != totalBad {
+		t.Errorf("reported %d malformed values, want %d: %v", len(reported), totalBad, reported)
+	}
+	logged := logs.FilterMessage("skipping malformed instance value").All()
+	if len(logged) != totalBad {
+		t.Errorf("logged %d malformed values, want %d", len(logged), totalBad)
+	}
+	for _, e := range logged {
+		if k, _ := e.ContextMap()["key"].(string); !strings.HasPrefix(k, p+"web/") {
+			t.Errorf("log entry without the key of service web: %v", e.ContextMap())
+		}
+	}
+	for _, u := range rec.allUpdates() {
+		for _, a := range u.snap.Addrs() {
+			switch a {
+			case "127.0.0.1:9001", "127.0.0.1:9008", "127.0.0.1:9009":
+			default:
+				t.Errorf("snapshot holds %s", a)
+			}
+		}
+	}
+	t.Logf("skipped %d malformed values; reported keys %v", totalBad, reported)
+}
+
+// TestRegisterAfterFreshRestart: etcd comes back with an empty data dir
+// (new revisions, no leases); Register grants and puts again and the
+// watcher, whose applied revision is now ahead of etcd's, still follows.
+func TestRegisterAfterFreshRestart(t *testing.T) {
+	env := startEtcd(t)
+	c := newClient(t, env.Endpoints())
+	rec := startWatch(t, newWatcher(t, c, "web", nil))
+	direct := env.Client(t)
+	// Push the revision up, so that the fresh etcd starts far behind it.
+	for range 20 {
+		putInstance(t, direct, "127.0.0.1:9100")
+	}
+	deleteInstance(t, direct, "127.0.0.1:9100")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Register(ctx, c, "", "web", "127.0.0.1:9001", 2*time.Second, zaptest.NewLogger(t)) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Register returned %v", err)
+		}
+	}()
+	rec.waitSnap(t, wait, "127.0.0.1:9001")
+
+	start := time.Now()
+	env.RestartFresh()
+	waitFor(t, wait, "the key re-registered in the fresh etcd", func() bool {
+		resp, err := direct.Get(ctxT(t), DefaultPrefix+"web/127.0.0.1:9001")
+		return err == nil && len(resp.Kvs) == 1 && resp.Kvs[0].Lease != 0
+	})
+	t.Logf("fresh restart -> key registered again: %s", time.Since(start))
+	// The watcher may have seen the fresh, empty registry for a moment; it
+	// must end up with the re-registered instance.
+	rec.waitSnap(t, wait, "127.0.0.1:9001")
+	t.Logf("fresh restart -> snapshot holds it again: %s", time.Since(start))
+
+	// Later changes still arrive although the revisions restarted low.
+	putInstance(t, direct, "127.0.0.1:9002")
+	rec.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9002")
+}
+
+// TestWatchClientClosed: Watch returns an error, not a busy loop, when
+// its client is closed under it.
+func TestWatchClientClosed(t *testing.T) {
+	env := startEtcd(t)
+	c, err := NewClient(Config{Endpoints: env.Endpoints()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := newWatcher(t, c, "web", nil)
+	rec := &recorder{}
+	done := make(chan error, 1)
+	go func() { done <- w.Watch(context.Background(), rec) }()
+	rec.waitSnap(t, wait)
+	_ = c.Close()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("Watch returned nil after its client was closed")
+		}
+		t.Logf("Watch: %v", err)
+	case <-time.After(wait):
+		t.Fatal("Watch did not return after its client was closed")
+	}
+}
