@@ -1,0 +1,470 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/rota-proxy/rota/balancer"
+)
+
+// replayLimit bounds the client bytes kept until a target first answers. A
+// target that resets the connection before sending anything has not
+// processed those bytes, so they can be replayed to the next target: this is
+// what makes a backend killed under load cost its queued clients nothing.
+const replayLimit = 16 << 10
+
+// bufPool holds replay and first-read buffers. Connections take one only
+// while they have data in hand, so idle connections hold none.
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, replayLimit); return &b }}
+
+// session is one proxied client connection. Until it is committed (the
+// target has sent a byte, or the replay buffer is full) the backend may be
+// swapped for another target; fields below mu are guarded by it.
+type session struct {
+	p      *Proxy
+	set    *Settings
+	client net.Conn
+	cursor balancer.Cursor
+	tries  int // attempts left, including the first
+	start  time.Time
+
+	lastIn, lastOut atomic.Int64 // activity, as nanoseconds since start
+
+	mu        sync.Mutex
+	backend   net.Conn
+	target    *balancer.Target
+	committed bool
+	replay    *[]byte // client bytes sent to the current target, until commit
+	clientEOF bool
+	aborted   bool
+	// resetSeen is the backend whose reset a write consumed: Linux reports
+	// a reset once, so the backend's next read sees a plain EOF.
+	resetSeen net.Conn
+}
+
+func (s *session) writeReset() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.resetSeen != nil && s.resetSeen == s.backend
+}
+
+func (p *Proxy) handle(client net.Conn) {
+	s := &session{p: p, set: p.currentSettings(), client: client, start: time.Now()}
+	defer client.Close()
+	if !p.track(s) {
+		return
+	}
+	defer p.untrack(s)
+
+	s.cursor = p.Picker.Pick()
+	s.tries = min(1+max(s.set.Retries, 0), s.cursor.Len())
+	s.mu.Lock()
+	err := s.connectLocked()
+	s.mu.Unlock()
+	if err != nil {
+		p.Stats.NoTarget.Add(1)
+		p.Logger.Warn("no target for client", zap.String("client", client.RemoteAddr().String()), zap.Error(err))
+		return
+	}
+
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.backendToClient()
+	}()
+	s.clientToBackend()
+	<-done
+
+	s.mu.Lock()
+	s.backend.Close()
+	s.target.Active.Add(-1)
+	s.releaseReplayLocked()
+	s.mu.Unlock()
+}
+
+// connectLocked dials targets from the cursor until one answers or the
+// attempts run out; the connected target becomes s.backend. Anything already
+// in the replay buffer is sent to it. Caller holds s.mu.
+func (s *session) connectLocked() error {
+	var lastErr error
+	for s.tries > 0 {
+		t := s.cursor.Next()
+		if t == nil {
+			break
+		}
+		s.tries--
+		c, err := s.dial(t)
+		if err == nil && s.clientEOF {
+			err = closeWrite(c)
+		}
+		if err != nil {
+			lastErr = fmt.Errorf("%s: %w", t.Addr, err)
+			if s.p.ctx.Err() != nil {
+				return lastErr // shutting down: not the target's fault
+			}
+			s.fail(t, err)
+			continue
+		}
+		if s.target != nil {
+			s.target.Active.Add(-1)
+			s.backend.Close()
+		}
+		s.backend, s.target = c, t
+		t.Active.Add(1)
+		t.Total.Add(1)
+		return nil
+	}
+	if lastErr == nil {
+		return errors.New("no live target")
+	}
+	return fmt.Errorf("all attempts failed, last: %w", lastErr)
+}
+
+// dial connects to t and sends the prelude and replayed bytes, if any.
+func (s *session) dial(t *balancer.Target) (net.Conn, error) {
+	timeout := s.set.DialTimeout
+	if timeout <= 0 {
+		timeout = 2 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(s.p.ctx, timeout)
+	defer cancel()
+	dial := s.set.Dial
+	if dial == nil {
+		var d net.Dialer
+		dial = d.DialContext
+	}
+	c, err := dial(ctx, "tcp", t.Addr)
+	if err != nil {
+		return nil, err
+	}
+	if s.set.Prelude != nil {
+		b, err := s.set.Prelude(s.client)
+		if err == nil && len(b) > 0 {
+			_, err = c.Write(b)
+		}
+		if err != nil {
+			c.Close()
+			return nil, fmt.Errorf("prelude: %w", err)
+		}
+	}
+	if s.replay != nil && len(*s.replay) > 0 {
+		if _, err := c.Write(*s.replay); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("replay: %w", err)
+		}
+		t.BytesOut.Add(uint64(len(*s.replay)))
+	}
+	return c, nil
+}
+
+func (s *session) fail(t *balancer.Target, err error) {
+	t.DialErrors.Add(1)
+	s.p.Stats.DialErrors.Add(1)
+	s.p.Logger.Debug("target failed, trying next", zap.String("target", t.Addr), zap.Error(err))
+	if s.p.ReportFailure != nil {
+		s.p.ReportFailure(t.Addr, err)
+	}
+}
+
+// commitLocked ends the replay window: from now on the backend is final.
+func (s *session) commitLocked() {
+	s.committed = true
+	s.releaseReplayLocked()
+}
+
+func (s *session) releaseReplayLocked() {
+	if s.replay != nil {
+		*s.replay = (*s.replay)[:0]
+		bufPool.Put(s.replay)
+		s.replay = nil
+	}
+}
+
+// abort cuts both sides at once; blocked reads and writes return.
+func (s *session) abort() {
+	s.mu.Lock()
+	s.aborted = true
+	b := s.backend
+	s.mu.Unlock()
+	s.client.Close()
+	if b != nil {
+		b.Close()
+	}
+}
+
+// clientToBackend forwards the client's bytes. While the target has not
+// answered, it keeps a copy of what it sent so the bytes can be replayed to
+// another target; after that it splices.
+func (s *session) clientToBackend() {
+	for {
+		s.mu.Lock()
+		committed := s.committed
+		s.mu.Unlock()
+		if committed {
+			break
+		}
+		if err := s.waitReadable(s.client); err != nil {
+			if s.keepWaiting(err) {
+				continue
+			}
+			s.abort()
+			return
+		}
+		s.mu.Lock()
+		if s.committed {
+			s.mu.Unlock()
+			break
+		}
+		if s.replay == nil {
+			s.replay = bufPool.Get().(*[]byte)
+		}
+		buf := *s.replay
+		s.mu.Unlock()
+
+		// Only this goroutine writes past len(buf), and the backend goroutine
+		// reads only up to len under s.mu, so reading here needs no lock.
+		n, err := s.client.Read(buf[len(buf):cap(buf)])
+		if n > 0 {
+			s.touch(&s.lastOut)
+			s.p.Stats.BytesOut.Add(uint64(n))
+			s.mu.Lock()
+			data := buf[len(buf) : len(buf)+n]
+			if s.committed {
+				_, werr := s.backend.Write(data)
+				s.target.BytesOut.Add(uint64(n))
+				s.mu.Unlock()
+				if werr != nil {
+					s.abort()
+					return
+				}
+				break
+			}
+			*s.replay = buf[:len(buf)+n]
+			// A write error means the target went away; the backend
+			// goroutine sees it too and either retries elsewhere with the
+			// replay buffer or gives up, so it is not handled here.
+			if _, werr := s.backend.Write(data); werr != nil && isReset(werr) {
+				s.resetSeen = s.backend
+			}
+			s.target.BytesOut.Add(uint64(n))
+			if len(*s.replay) == cap(*s.replay) {
+				s.commitLocked()
+			}
+			s.mu.Unlock()
+		}
+		if err == io.EOF {
+			s.mu.Lock()
+			s.clientEOF = true
+			closeWrite(s.backend)
+			s.mu.Unlock()
+			return
+		}
+		if err != nil {
+			s.abort()
+			return
+		}
+	}
+	s.mu.Lock()
+	b, t := s.backend, s.target
+	s.mu.Unlock()
+	if err := s.pipe(b, s.client, &s.lastOut, &s.p.Stats.BytesOut, &t.BytesOut); err != nil {
+		s.abort()
+	}
+}
+
+// backendToClient forwards the target's bytes. A reset before the target's
+// first byte is a failed attempt: the next target is tried with the client's
+// bytes replayed.
+func (s *session) backendToClient() {
+	for {
+		s.mu.Lock()
+		b, committed := s.backend, s.committed
+		s.mu.Unlock()
+		if committed {
+			break
+		}
+		// A reset seen by the peek is consumed by it (the kernel clears the
+		// socket error), so it must be handled here, not read again.
+		var n int
+		err := s.waitReadable(b)
+		bp := bufPool.Get().(*[]byte)
+		switch {
+		case err == nil:
+			n, err = b.Read((*bp)[:cap(*bp)])
+		case isReset(err):
+		case s.keepWaiting(err):
+			bufPool.Put(bp)
+			continue
+		default:
+			bufPool.Put(bp)
+			s.abort()
+			return
+		}
+		if n > 0 {
+			s.touch(&s.lastIn)
+			s.mu.Lock()
+			s.commitLocked()
+			t := s.target
+			s.mu.Unlock()
+			_, werr := s.client.Write((*bp)[:n])
+			bufPool.Put(bp)
+			s.p.Stats.BytesIn.Add(uint64(n))
+			t.BytesIn.Add(uint64(n))
+			if werr != nil {
+				s.abort()
+				return
+			}
+			if err == nil {
+				break
+			}
+		} else {
+			bufPool.Put(bp)
+		}
+		switch {
+		case err == nil:
+			continue
+		case err == io.EOF && !s.writeReset():
+			// A clean close is an answer: the target may have consumed the
+			// request, so it is never replayed elsewhere.
+			s.mu.Lock()
+			s.commitLocked()
+			s.mu.Unlock()
+			closeWrite(s.client)
+			return
+		case err == io.EOF || isReset(err):
+			s.mu.Lock()
+			if s.committed || s.aborted {
+				s.mu.Unlock()
+				s.abort()
+				return
+			}
+			s.fail(s.target, fmt.Errorf("reset before first byte: %w", err))
+			if cerr := s.connectLocked(); cerr != nil {
+				s.mu.Unlock()
+				s.p.Logger.Debug("no target left after reset", zap.Error(cerr))
+				s.abort()
+				return
+			}
+			s.mu.Unlock()
+		default:
+			s.abort()
+			return
+		}
+	}
+	s.mu.Lock()
+	b, t := s.backend, s.target
+	s.mu.Unlock()
+	if err := s.pipe(s.client, b, &s.lastIn, &s.p.Stats.BytesIn, &t.BytesIn); err != nil {
+		s.abort()
+	}
+}
+
+// pipe copies src to dst until src reaches EOF, then half-closes dst so the
+// peer sees the end of this direction while the other keeps flowing. Between
+// two *net.TCPConn io.Copy uses splice(2). With an idle timeout, the copy runs
+// in windows so that idleness of both directions can be judged; pipe returns
+// os.ErrDeadlineExceeded when the connection went idle, nil on EOF.
+func (s *session) pipe(dst, src net.Conn, last *atomic.Int64, counters ...*atomic.Uint64) error {
+	window := s.window()
+	for {
+		if window > 0 {
+			src.SetReadDeadline(time.Now().Add(window))
+		}
+		n, err := io.Copy(dst, src)
+		if n > 0 {
+			s.touch(last)
+			for _, c := range counters {
+				c.Add(uint64(n))
+			}
+		}
+		if err == nil {
+			return closeWrite(dst)
+		}
+		if s.keepWaiting(err) {
+			continue
+		}
+		return err
+	}
+}
+
+// window is how long one blocking read may last before idleness is judged:
+// a quarter of the idle timeout, so a connection is cut between 1 and 1.25
+// idle timeouts after its last byte, capped so counters stay fresh.
+func (s *session) window() time.Duration {
+	if s.set.IdleTimeout <= 0 {
+		return 0
+	}
+	return min(max(s.set.IdleTimeout/4, time.Millisecond), time.Minute)
+}
+
+// keepWaiting reports whether err is a window expiring on a connection that
+// is not yet idle.
+func (s *session) keepWaiting(err error) bool {
+	if !errors.Is(err, os.ErrDeadlineExceeded) || s.set.IdleTimeout <= 0 {
+		return false
+	}
+	last := max(s.lastIn.Load(), s.lastOut.Load())
+	return time.Since(s.start)-time.Duration(last) < s.set.IdleTimeout
+}
+
+func (s *session) touch(last *atomic.Int64) {
+	last.Store(int64(time.Since(s.start)))
+}
+
+// waitReadable blocks until c has data, EOF or an error, without taking a
+// buffer, so that an idle connection holds no memory beyond its goroutines.
+// It honours the idle window as a read deadline.
+func (s *session) waitReadable(c net.Conn) error {
+	if w := s.window(); w > 0 {
+		c.SetReadDeadline(time.Now().Add(w))
+	}
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	var peek [1]byte
+	var serr error
+	err = rc.Read(func(fd uintptr) bool {
+		_, _, e := syscall.Recvfrom(int(fd), peek[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		if e == syscall.EAGAIN || e == syscall.EINTR {
+			return false
+		}
+		serr = e
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	if serr != nil {
+		return &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("recvfrom", serr)}
+	}
+	return nil
+}
+
+func closeWrite(c net.Conn) error {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		if err := cw.CloseWrite(); err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, syscall.ENOTCONN) {
+			return err
+		}
+		return nil
+	}
+	return nil
+}
+
+func isReset(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNREFUSED)
+}
