@@ -15,6 +15,7 @@ import (
 	"net/url"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
@@ -67,6 +68,9 @@ type Server struct {
 	// election timeouts) for streams that never end on their own.
 	endStreams context.CancelFunc
 	closeOnce  sync.Once
+	// closing silences the errors etcd logs about its own listeners
+	// closing under it while Close runs.
+	closing *atomic.Bool
 }
 
 // Start starts an etcd member and waits until it serves clients, ctx is
@@ -76,7 +80,8 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.DataDir == "" {
 		return nil, errors.New("embedetcd: data dir is required")
 	}
-	ecfg, err := etcdConfig(cfg)
+	closing := new(atomic.Bool)
+	ecfg, err := etcdConfig(cfg, closing)
 	if err != nil {
 		return nil, err
 	}
@@ -93,7 +98,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 		endStreams()
 		return nil, fmt.Errorf("embedetcd: start etcd (data dir %s, client url %s): %w", cfg.DataDir, ecfg.ListenClientUrls[0].String(), err)
 	}
-	s := &Server{etcd: e, endStreams: endStreams}
+	s := &Server{etcd: e, endStreams: endStreams, closing: closing}
 	for _, l := range e.Clients {
 		s.endpoints = append(s.endpoints, "http://"+l.Addr().String())
 	}
@@ -126,7 +131,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 }
 
 // etcdConfig maps Config onto etcd's own configuration.
-func etcdConfig(cfg Config) (*embed.Config, error) {
+func etcdConfig(cfg Config, closing *atomic.Bool) (*embed.Config, error) {
 	clientURL, err := parseHTTPURL("client", cfg.ClientURL, DefaultClientURL)
 	if err != nil {
 		return nil, err
@@ -159,7 +164,7 @@ func etcdConfig(cfg Config) (*embed.Config, error) {
 	}
 	ec.LogLevel = "warn"
 	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(
-		lg.Named("embedetcd").WithOptions(zap.IncreaseLevel(zapcore.WarnLevel), zap.WrapCore(quietCore)))
+		lg.Named("embedetcd").WithOptions(zap.IncreaseLevel(zapcore.WarnLevel), zap.WrapCore(func(c zapcore.Core) zapcore.Core { return quiet{c, closing} })))
 	return ec, nil
 }
 
@@ -178,21 +183,32 @@ func parseHTTPURL(what, raw, def string) (*url.URL, error) {
 	return u, nil
 }
 
-// quietCore drops etcd's start-up warning about serving gRPC and HTTP on
-// one port: that is the embedded server's intended layout, and the warning
-// would otherwise greet every `rota demo`.
-func quietCore(c zapcore.Core) zapcore.Core { return quiet{c} }
-
-type quiet struct{ zapcore.Core }
+// quiet drops etcd messages that are no news for an embedded server and
+// would otherwise greet every `rota demo`: the start-up warnings about
+// serving gRPC and HTTP on one port (the intended layout) and about simple
+// auth tokens (auth is off unless the operator enables it), and, while
+// Close runs, the errors etcd logs as its own listeners close under it.
+type quiet struct {
+	zapcore.Core
+	closing *atomic.Bool
+}
 
 func (q quiet) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
-	if e.Message == "Running http and grpc server on single port. This is not recommended for production." {
+	switch e.Message {
+	case "Running http and grpc server on single port. This is not recommended for production.",
+		"simple token is not cryptographically signed":
 		return ce
+	case "setting up serving from embedded etcd failed.",
+		"stopping insecure grpc server due to error",
+		"stopped insecure grpc server due to error":
+		if q.closing.Load() {
+			return ce
+		}
 	}
 	return q.Core.Check(e, ce)
 }
 
-func (q quiet) With(f []zapcore.Field) zapcore.Core { return quiet{q.Core.With(f)} }
+func (q quiet) With(f []zapcore.Field) zapcore.Core { return quiet{q.Core.With(f), q.closing} }
 
 // endableStreams makes every stream's context end when ctx does; a stream
 // ended that way reports codes.Unavailable, as a client would see from an
@@ -232,6 +248,7 @@ func (s *Server) Err() <-chan error { return s.etcd.Err() }
 // to call more than once.
 func (s *Server) Close() {
 	s.closeOnce.Do(func() {
+		s.closing.Store(true)
 		s.endStreams()
 		s.etcd.Close()
 	})

@@ -195,6 +195,13 @@ func (m *measurement) waitBase(ctx context.Context) error {
 	for _, b := range m.backends[:m.o.base] {
 		want[b.Name()] = true
 	}
+	// Probing before the base set is live would only log "no live target".
+	for len(m.rt.rr.Live()) < m.o.base {
+		if ctx.Err() != nil {
+			return fmt.Errorf("base backends never all live: %w", ctx.Err())
+		}
+		time.Sleep(time.Millisecond) // start-up poll interval
+	}
 	seen := map[string]bool{}
 	for len(seen) < len(want) {
 		if ctx.Err() != nil {
