@@ -1,0 +1,208 @@
+// Package admin serves rota's operator HTTP interface: liveness and
+// readiness probes, the JSON state of every listener and target, Prometheus
+// metrics, a status page and a reload trigger. It only reads state; the
+// server package owns it.
+package admin
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/http"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/rota-proxy/rota/server"
+)
+
+// State is what the admin interface reads. *server.Server implements it.
+type State interface {
+	Status() []server.ListenerStatus
+	Ready() bool
+}
+
+// Handler serves the admin endpoints. The zero value is not usable: State is
+// required.
+type Handler struct {
+	State State
+	// Reload, if set, is run by POST /api/v1/reload; its error is reported
+	// to the caller (and the running configuration stays).
+	Reload func(ctx context.Context) error
+	Logger *zap.Logger
+	// Version is shown on the status page and in the rota_build_info metric.
+	Version string
+}
+
+// Routes returns the admin mux.
+func (h *Handler) Routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", h.readyz)
+	mux.HandleFunc("GET /api/v1/targets", h.targets)
+	mux.HandleFunc("POST /api/v1/reload", h.reload)
+	mux.Handle("GET /metrics", h.metrics())
+	mux.HandleFunc("GET /{$}", h.page)
+	return mux
+}
+
+func (h *Handler) readyz(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if !h.State.Ready() {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		w.Write([]byte("not ready: waiting for the first discovery sync\n"))
+		return
+	}
+	w.Write([]byte("ok\n"))
+}
+
+// TargetsResponse is the body of GET /api/v1/targets.
+type TargetsResponse struct {
+	Listeners []ListenerJSON `json:"listeners"`
+}
+
+// ListenerJSON is one listener in TargetsResponse. The first five fields
+// and Targets are the documented contract; the rest are extras for the
+// status page.
+type ListenerJSON struct {
+	Name      string       `json:"name"`
+	Listen    string       `json:"listen"`
+	Service   string       `json:"service"`
+	Discovery string       `json:"discovery"`
+	Targets   []TargetJSON `json:"targets"`
+
+	Addr             string     `json:"addr"`
+	Synced           bool       `json:"synced"`
+	LastSync         *time.Time `json:"last_sync"`
+	DiscoveryOK      bool       `json:"discovery_ok"`
+	DiscoveryError   string     `json:"discovery_error"`
+	DiscoveryUpdates uint64     `json:"discovery_updates"`
+	DiscoveryErrors  uint64     `json:"discovery_errors"`
+	Panic            bool       `json:"panic"`
+	ActiveConns      int64      `json:"active_conns"`
+	TotalConns       uint64     `json:"total_conns"`
+	Rejected         uint64     `json:"rejected_conns"`
+	NoTarget         uint64     `json:"no_target_conns"`
+	DialErrors       uint64     `json:"dial_errors"`
+}
+
+// TargetJSON is one target in ListenerJSON.
+type TargetJSON struct {
+	Addr                 string     `json:"addr"`
+	State                string     `json:"state"`
+	ConsecutiveSuccesses int        `json:"consecutive_successes"`
+	ConsecutiveFailures  int        `json:"consecutive_failures"`
+	LastCheck            *time.Time `json:"last_check"`
+	LastError            string     `json:"last_error"`
+	ActiveConns          int64      `json:"active_conns"`
+	TotalConns           uint64     `json:"total_conns"`
+
+	Since       time.Time `json:"since"`
+	DialErrors  uint64    `json:"dial_errors"`
+	BytesIn     uint64    `json:"bytes_in"`
+	BytesOut    uint64    `json:"bytes_out"`
+	NextCheckMS int64     `json:"next_check_ms"`
+}
+
+// Targets builds the /api/v1/targets document from ls.
+func Targets(ls []server.ListenerStatus) TargetsResponse {
+	out := TargetsResponse{Listeners: make([]ListenerJSON, 0, len(ls))}
+	for _, l := range ls {
+		lj := ListenerJSON{
+			Name: l.Name, Listen: l.Listen, Service: l.Service, Discovery: l.Discovery,
+			Targets: make([]TargetJSON, 0, len(l.Targets)),
+			Addr:    l.Addr, Synced: l.Synced, LastSync: timePtr(l.LastSync),
+			DiscoveryOK: l.DiscoveryOK, DiscoveryError: l.LastError,
+			DiscoveryUpdates: l.DiscoveryUpdates, DiscoveryErrors: l.DiscoveryErrors,
+			Panic: l.Panic, ActiveConns: l.Active, TotalConns: l.Accepted,
+			Rejected: l.Rejected, NoTarget: l.NoTarget, DialErrors: l.DialErrors,
+		}
+		for _, t := range l.Targets {
+			lj.Targets = append(lj.Targets, TargetJSON{
+				Addr: t.Addr, State: t.State.String(),
+				ConsecutiveSuccesses: t.ConsecutiveSuccesses, ConsecutiveFailures: t.ConsecutiveFailures,
+				LastCheck: timePtr(t.LastCheck), LastError: t.LastError,
+				ActiveConns: t.Active, TotalConns: t.Total,
+				Since: t.Since.UTC(), DialErrors: t.DialErrors, BytesIn: t.BytesIn, BytesOut: t.BytesOut,
+				NextCheckMS: t.NextCheckIn.Milliseconds(),
+			})
+		}
+		out.Listeners = append(out.Listeners, lj)
+	}
+	return out
+}
+
+func timePtr(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	u := t.UTC()
+	return &u
+}
+
+func (h *Handler) targets(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, Targets(h.State.Status()))
+}
+
+func (h *Handler) reload(w http.ResponseWriter, r *http.Request) {
+	if h.Reload == nil {
+		writeJSON(w, http.StatusNotImplemented, map[string]string{"error": "reload needs rota serve --config"})
+		return
+	}
+	if err := h.Reload(r.Context()); err != nil {
+		writeJSON(w, http.StatusUnprocessableEntity, map[string]string{"error": err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "reloaded"})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+// Server is a running admin HTTP server.
+type Server struct {
+	srv  *http.Server
+	ln   net.Listener
+	done chan error
+}
+
+// Listen binds addr and serves h on it until Shutdown.
+func Listen(addr string, h *Handler) (*Server, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{
+		srv: &http.Server{
+			Handler:           h.Routes(),
+			ReadHeaderTimeout: 5 * time.Second,
+			ErrorLog:          nil,
+		},
+		ln:   ln,
+		done: make(chan error, 1),
+	}
+	go func() { s.done <- s.srv.Serve(ln) }()
+	return s, nil
+}
+
+// Addr is the bound address.
+func (s *Server) Addr() net.Addr { return s.ln.Addr() }
+
+// Shutdown stops the server, waiting for requests in flight until ctx ends.
+func (s *Server) Shutdown(ctx context.Context) error {
+	err := s.srv.Shutdown(ctx)
+	if serr := <-s.done; serr != nil && !errors.Is(serr, http.ErrServerClosed) {
+		return serr
+	}
+	return err
+}

@@ -1,0 +1,127 @@
+package admin
+
+import (
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// collector turns server state into metrics at scrape time. The data path
+// only bumps atomics it already holds (per listener and per target); labels
+// are formatted here, once per scrape, never per connection. Targets that
+// are no longer discovered simply stop being reported, so their series go
+// away with them.
+type collector struct {
+	state State
+
+	connections, active, rejected, noTarget, dialErrors, bytes *prometheus.Desc
+	up, checks, targetConns, targetActive                      *prometheus.Desc
+	targetBytes                                                *prometheus.Desc
+	updates, errors, lastSync, synced, panicMode, targets      *prometheus.Desc
+}
+
+func newCollector(state State) *collector {
+	l := []string{"listener"}
+	lt := []string{"listener", "target"}
+	d := func(name, help string, labels []string) *prometheus.Desc {
+		return prometheus.NewDesc(name, help, labels, nil)
+	}
+	return &collector{
+		state:       state,
+		connections: d("rota_connections_total", "Client connections accepted.", l),
+		active:      d("rota_connections_active", "Client connections open now.", l),
+		rejected:    d("rota_connections_rejected_total", "Client connections closed at once because max_conns was reached.", l),
+		noTarget:    d("rota_connections_no_target_total", "Client connections closed because no target could be reached.", l),
+		dialErrors:  d("rota_dial_errors_total", "Failed attempts to reach the target (refused, timed out, reset before answering).", lt),
+		bytes:       d("rota_bytes_total", "Bytes proxied; direction is in (target to client) or out (client to target).", []string{"listener", "direction"}),
+		up:          d("rota_target_up", "1 if the target passes its health checks, else 0.", lt),
+		checks:      d("rota_health_checks_total", "Health probes by result (success or failure).", []string{"listener", "target", "result"}),
+		targetConns: d("rota_target_connections_total", "Client connections handed to the target.", lt),
+		targetActive: d("rota_target_connections_active",
+			"Client connections open to the target now.", lt),
+		targetBytes: d("rota_target_bytes_total", "Bytes proxied through the target, by direction.", []string{"listener", "target", "direction"}),
+		updates:     d("rota_discovery_updates_total", "Instance snapshots received from discovery.", l),
+		errors:      d("rota_discovery_errors_total", "Registry errors seen by discovery (the last good instances stay routed).", l),
+		lastSync:    d("rota_discovery_last_sync_timestamp_seconds", "Unix time of the last discovery snapshot.", l),
+		synced:      d("rota_discovery_synced", "1 once the listener had its first discovery sync.", l),
+		panicMode:   d("rota_panic_mode", "1 while the listener routes over all discovered targets because none passes its checks.", l),
+		targets:     d("rota_targets", "Discovered targets by health state.", []string{"listener", "state"}),
+	}
+}
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	prometheus.DescribeByCollect(c, ch)
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	counter := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
+	}
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	for _, l := range c.state.Status() {
+		n := l.Name
+		counter(c.connections, float64(l.Accepted), n)
+		gauge(c.active, float64(l.Active), n)
+		counter(c.rejected, float64(l.Rejected), n)
+		counter(c.noTarget, float64(l.NoTarget), n)
+		counter(c.bytes, float64(l.BytesIn), n, "in")
+		counter(c.bytes, float64(l.BytesOut), n, "out")
+		counter(c.updates, float64(l.DiscoveryUpdates), n)
+		counter(c.errors, float64(l.DiscoveryErrors), n)
+		if !l.LastSync.IsZero() {
+			gauge(c.lastSync, float64(l.LastSync.UnixNano())/1e9, n)
+		}
+		gauge(c.synced, b2f(l.Synced), n)
+		gauge(c.panicMode, b2f(l.Panic), n)
+		states := map[string]int{"checking": 0, "up": 0, "down": 0}
+		for _, t := range l.Targets {
+			a := t.Addr
+			states[t.State.String()]++
+			gauge(c.up, b2f(t.State.String() == "up"), n, a)
+			counter(c.checks, float64(t.ChecksOK), n, a, "success")
+			counter(c.checks, float64(t.ChecksFailed), n, a, "failure")
+			counter(c.targetConns, float64(t.Total), n, a)
+			gauge(c.targetActive, float64(t.Active), n, a)
+			counter(c.dialErrors, float64(t.DialErrors), n, a)
+			counter(c.targetBytes, float64(t.BytesIn), n, a, "in")
+			counter(c.targetBytes, float64(t.BytesOut), n, a, "out")
+		}
+		for s, k := range states {
+			gauge(c.targets, float64(k), n, s)
+		}
+	}
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// metrics builds a registry private to this handler (no package-level
+// default registry) with rota's collector and the Go runtime and process
+// collectors.
+func (h *Handler) metrics() http.Handler {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		newCollector(h.State),
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	version := h.Version
+	if version == "" {
+		version = "dev"
+	}
+	info := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "rota_build_info", Help: "Always 1; the version label says which rota runs.",
+		ConstLabels: prometheus.Labels{"version": version},
+	})
+	info.Set(1)
+	reg.MustRegister(info)
+	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorLog: nil})
+}

@@ -1,0 +1,122 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/rota-proxy/rota/demo"
+	"github.com/rota-proxy/rota/discovery/etcd"
+)
+
+// etcdFlags are the flags that say how to reach etcd.
+type etcdFlags struct {
+	endpoints              listFlag
+	prefix                 string
+	username, passwordFile string
+	ca, cert, key          string
+}
+
+func (e *etcdFlags) register(fs *flag.FlagSet) {
+	fs.Var(&e.endpoints, "etcd", "etcd endpoints host:port[,host:port]")
+	fs.StringVar(&e.prefix, "prefix", etcd.DefaultPrefix, "key prefix of services")
+	fs.StringVar(&e.username, "etcd-username", "", "etcd user name")
+	fs.StringVar(&e.passwordFile, "etcd-password-file", "", "file holding the etcd password")
+	fs.StringVar(&e.ca, "etcd-ca", "", "CA file verifying etcd's certificate")
+	fs.StringVar(&e.cert, "etcd-cert", "", "client certificate file for etcd")
+	fs.StringVar(&e.key, "etcd-key", "", "client key file for etcd")
+}
+
+func (e *etcdFlags) config() etcd.Config {
+	return etcd.Config{
+		Endpoints: e.endpoints, Prefix: e.prefix,
+		Username: e.username, PasswordFile: e.passwordFile,
+		TLS: etcd.TLSConfig{CAFile: e.ca, CertFile: e.cert, KeyFile: e.key},
+	}
+}
+
+// signalContext is cancelled by SIGINT or SIGTERM.
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+}
+
+func cmdRegister(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("register", stderr, "rota register --etcd host:port --service NAME --addr host:port [--ttl 10s]")
+	var (
+		ef      etcdFlags
+		service string
+		addr    string
+		ttl     time.Duration
+		lf      logFlags
+	)
+	ef.register(fs)
+	fs.StringVar(&service, "service", "", "service to register as (required)")
+	fs.StringVar(&addr, "addr", "", "instance address host:port to register (required)")
+	fs.DurationVar(&ttl, "ttl", etcd.DefaultTTL, "lease TTL: a crashed registrant disappears this long after it stopped")
+	lf.register(fs, "auto")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	switch {
+	case len(ef.endpoints) == 0:
+		return usagef("--etcd is required")
+	case service == "":
+		return usagef("--service is required")
+	case addr == "":
+		return usagef("--addr is required")
+	}
+	if _, err := etcd.InstanceKey(ef.prefix, service, addr); err != nil {
+		return usagef("%v", err)
+	}
+	logger, err := lf.logger(stderr)
+	if err != nil {
+		return err
+	}
+	defer logger.Sync()
+	cfg := ef.config()
+	cfg.Logger = logger.Named("etcd-client")
+	client, err := etcd.NewClient(cfg)
+	if err != nil {
+		return err
+	}
+	defer client.Close()
+	ctx, stop := signalContext()
+	defer stop()
+	return etcd.Register(ctx, client, ef.prefix, service, addr, ttl, logger.Named("register"))
+}
+
+func cmdDemoBackend(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("demo-backend", stderr, "rota demo-backend --name NAME --listen host:port [--etcd host:port --service NAME]")
+	var (
+		opts demo.BackendOptions
+		ef   etcdFlags
+		lf   logFlags
+	)
+	fs.StringVar(&opts.Name, "name", "", "what GET / answers (default: the host name)")
+	fs.StringVar(&opts.Listen, "listen", "127.0.0.1:0", "address to listen on")
+	fs.StringVar(&opts.Service, "service", "web", "service to register as (with --etcd)")
+	fs.StringVar(&opts.Advertise, "advertise", "", "address to register (default: the listen address, or this host's first IP when listening on all)")
+	fs.DurationVar(&opts.TTL, "ttl", etcd.DefaultTTL, "registration lease TTL")
+	ef.register(fs)
+	lf.register(fs, "auto")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if opts.Name == "" {
+		opts.Name, _ = os.Hostname()
+	}
+	logger, err := lf.logger(stderr)
+	if err != nil {
+		return err
+	}
+	defer logger.Sync()
+	opts.Etcd = ef.config()
+	opts.Logger = logger
+	ctx, stop := signalContext()
+	defer stop()
+	return demo.ServeBackend(ctx, opts)
+}

@@ -1,0 +1,317 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/rota-proxy/rota/admin"
+	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/server"
+)
+
+// quickFlags are the flags of the quick form of `rota serve`.
+type quickFlags struct {
+	listen, service, consul string
+	backends, etcd          listFlag
+	healthInterval          time.Duration
+	rise, fall, retries     int
+	dialTimeout             time.Duration
+}
+
+// quickOnly are the flags that build a config and so cannot be mixed with
+// --config.
+var quickOnly = []string{"listen", "backend", "service", "etcd", "consul",
+	"health-interval", "rise", "fall", "retries", "dial-timeout"}
+
+func cmdServe(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("serve", stderr, "rota serve --config rota.yaml | rota serve --listen :8080 (--backend h:p ... | --service S --etcd h:p | --service S --consul h:p)")
+	var (
+		cfgPath string
+		q       quickFlags
+		adminAt string
+		lf      logFlags
+	)
+	fs.StringVar(&cfgPath, "config", "", "configuration file (YAML); SIGHUP re-reads it")
+	fs.StringVar(&q.listen, "listen", ":8080", "quick form: address to accept clients on")
+	fs.Var(&q.backends, "backend", "quick form: a static backend host:port (repeat, or comma-separate)")
+	fs.StringVar(&q.service, "service", "", "quick form: service name to discover")
+	fs.Var(&q.etcd, "etcd", "quick form: etcd endpoints host:port[,host:port] to discover --service in")
+	fs.StringVar(&q.consul, "consul", "", "quick form: Consul agent host:port to discover --service in")
+	fs.DurationVar(&q.healthInterval, "health-interval", config.DefaultInterval, "quick form: health check interval")
+	fs.IntVar(&q.rise, "rise", config.DefaultRise, "quick form: successes before a target is up again")
+	fs.IntVar(&q.fall, "fall", config.DefaultFall, "quick form: failures before a target is down")
+	fs.IntVar(&q.retries, "retries", config.DefaultRetries, "quick form: further targets to try when a dial fails")
+	fs.DurationVar(&q.dialTimeout, "dial-timeout", config.DefaultDialTimeout, "quick form: timeout of one dial to a target")
+	fs.StringVar(&adminAt, "admin", config.DefaultAdminListen, `admin HTTP address; "" disables it (overrides admin.listen of --config)`)
+	lf.register(fs, "auto")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	set := setFlags(fs)
+
+	var cfg *config.Config
+	if cfgPath != "" {
+		for _, f := range quickOnly {
+			if set[f] {
+				return usagef("--%s belongs to the quick form; with --config set it in the file", f)
+			}
+		}
+		var err error
+		if cfg, err = config.Load(cfgPath); err != nil {
+			return err
+		}
+	} else {
+		var err error
+		if cfg, err = quickConfig(q); err != nil {
+			return err
+		}
+	}
+	if set["admin"] || cfgPath == "" {
+		cfg.Admin.Listen = adminAt
+	}
+	logger, err := lf.logger(stderr)
+	if err != nil {
+		return err
+	}
+	defer logger.Sync()
+	return serve(cfg, cfgPath, logger, hooks{})
+}
+
+// quickConfig builds the config of the quick form.
+func quickConfig(q quickFlags) (*config.Config, error) {
+	cfg := config.Default()
+	l := config.DefaultListener()
+	l.Listen = q.listen
+	l.Health.Interval = q.healthInterval
+	if l.Health.BackoffMax < l.Health.Interval {
+		l.Health.BackoffMax = l.Health.Interval
+	}
+	l.Health.Rise, l.Health.Fall = q.rise, q.fall
+	l.Retries, l.DialTimeout = q.retries, q.dialTimeout
+	sources := 0
+	if len(q.backends) > 0 {
+		sources++
+		l.Discovery, l.Static = "static", q.backends
+		l.Name = "default"
+	}
+	if len(q.etcd) > 0 {
+		sources++
+		e := config.DefaultEtcd()
+		e.Endpoints = q.etcd
+		cfg.Registries.Etcd = &e
+		l.Discovery = "etcd"
+	}
+	if q.consul != "" {
+		sources++
+		cfg.Registries.Consul = &config.Consul{Address: q.consul}
+		l.Discovery = "consul"
+	}
+	switch {
+	case sources == 0:
+		return nil, usagef("nothing to proxy to: give --config, --backend host:port, or --service with --etcd or --consul")
+	case sources > 1:
+		return nil, usagef("--backend, --etcd and --consul are alternatives; give one")
+	case l.Discovery == "static" && q.service != "":
+		return nil, usagef("--service needs --etcd or --consul; --backend lists the backends itself")
+	case l.Discovery != "static":
+		if q.service == "" {
+			return nil, usagef("--%s needs --service NAME", l.Discovery)
+		}
+		l.Service, l.Name = q.service, q.service
+	}
+	cfg.Listeners = []config.Listener{l}
+	if err := cfg.Validate(); err != nil {
+		return nil, usagef("%v", flagNames(err))
+	}
+	return cfg, nil
+}
+
+// flagNames rewords config field paths in quick-form errors as the flags
+// that set them.
+func flagNames(err error) string {
+	r := []string{
+		"listeners[0].listen", "--listen", "listeners[0].static", "--backend",
+		"listeners[0].service", "--service", "registries.etcd.endpoints", "--etcd",
+		"registries.consul.address", "--consul", "listeners[0].health.interval", "--health-interval",
+		"listeners[0].health.rise", "--rise", "listeners[0].health.fall", "--fall",
+		"listeners[0].retries", "--retries", "listeners[0].dial_timeout", "--dial-timeout",
+		"admin.listen", "--admin",
+	}
+	msg := err.Error()
+	for i := 0; i < len(r); i += 2 {
+		msg = strings.ReplaceAll(msg, r[i], r[i+1])
+	}
+	return msg
+}
+
+// hooks let a command add to serve's lifecycle (the demo starts its backends
+// once rota listens and stops them before rota drains).
+type hooks struct {
+	ready    func(*server.Server) error // once everything listens
+	stopping func()                     // on the shutdown signal, before draining
+}
+
+// serve runs cfg until SIGINT or SIGTERM, then drains and returns nil. With a
+// config file, SIGHUP and POST /api/v1/reload re-read it.
+func serve(cfg *config.Config, cfgPath string, logger *zap.Logger, h hooks) error {
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+
+	startCtx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	srv, err := server.Start(startCtx, cfg, logger)
+	cancel()
+	if err != nil {
+		return err
+	}
+
+	reloads := make(chan chan error)
+	var reload func(context.Context) error
+	if cfgPath != "" {
+		reload = func(ctx context.Context) error {
+			done := make(chan error, 1)
+			select {
+			case reloads <- done:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+			select {
+			case err := <-done:
+				return err
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+	}
+	var adm *admin.Server
+	if cfg.Admin.Listen != "" {
+		ah := &admin.Handler{State: srv, Reload: reload, Logger: logger.Named("admin"), Version: version}
+		if adm, err = admin.Listen(cfg.Admin.Listen, ah); err != nil {
+			srv.Shutdown(context.Background())
+			return fmt.Errorf("admin: %w", err)
+		}
+		logger.Info("admin listening", zap.String("addr", adm.Addr().String()))
+	}
+	if h.ready != nil {
+		if err := h.ready(srv); err != nil {
+			if h.stopping != nil {
+				h.stopping()
+			}
+			srv.Shutdown(context.Background())
+			if adm != nil {
+				adm.Shutdown(context.Background())
+			}
+			return err
+		}
+	}
+
+	doReload := func() error {
+		next, err := config.Load(cfgPath)
+		if err != nil {
+			return err
+		}
+		next.Admin.Listen = cfg.Admin.Listen // the admin socket stays where it is
+		if err := srv.Reload(context.Background(), next); err != nil {
+			return err
+		}
+		cfg = next
+		return nil
+	}
+	for {
+		select {
+		case done := <-reloads:
+			err := doReload()
+			logReload(logger, "api", err)
+			done <- err
+			continue
+		case sig := <-sigs:
+			if sig == syscall.SIGHUP {
+				if cfgPath == "" {
+					logger.Warn("SIGHUP ignored: reload needs --config")
+					continue
+				}
+				logReload(logger, "SIGHUP", doReload())
+				continue
+			}
+			logger.Info("shutting down: draining connections", zap.String("signal", sig.String()))
+		}
+		break
+	}
+
+	if h.stopping != nil {
+		h.stopping()
+	}
+	// A second signal cuts the drain short.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		for sig := range sigs {
+			if sig != syscall.SIGHUP {
+				logger.Warn("second signal: closing open connections now")
+				cancel()
+				return
+			}
+		}
+	}()
+	if err := srv.Shutdown(ctx); err != nil {
+		logger.Warn("drain incomplete", zap.Error(err))
+	}
+	if adm != nil {
+		actx, acancel := context.WithTimeout(context.Background(), 5*time.Second)
+		adm.Shutdown(actx)
+		acancel()
+	}
+	logger.Info("stopped")
+	return nil
+}
+
+func logReload(logger *zap.Logger, trigger string, err error) {
+	if err != nil {
+		logger.Error("reload rejected; the running configuration stays", zap.String("trigger", trigger), zap.Error(err))
+		return
+	}
+	logger.Info("configuration reloaded", zap.String("trigger", trigger))
+}
+
+func cmdCheck(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("check", stderr, "rota check --config rota.yaml")
+	var path string
+	fs.StringVar(&path, "config", "", "configuration file to validate")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if path == "" {
+		return usagef("--config is required")
+	}
+	cfg, err := config.Load(path)
+	if err != nil {
+		return errors.New(indentErrors(err))
+	}
+	fmt.Fprintf(stdout, "%s: ok (%d listener%s)\n", path, len(cfg.Listeners), plural(len(cfg.Listeners)))
+	return nil
+}
+
+// indentErrors puts each of several joined errors on its own line.
+func indentErrors(err error) string {
+	msg := err.Error()
+	if !strings.Contains(msg, "\n") {
+		return msg
+	}
+	return "invalid configuration:\n  " + strings.ReplaceAll(msg, "\n", "\n  ")
+}
+
+func plural(n int) string {
+	if n == 1 {
+		return ""
+	}
+	return "s"
+}

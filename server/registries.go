@@ -1,0 +1,133 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"reflect"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/discovery"
+	"github.com/rota-proxy/rota/discovery/etcd"
+	"github.com/rota-proxy/rota/discovery/static"
+	"github.com/rota-proxy/rota/embedetcd"
+)
+
+// registries holds the registry clients listeners share, and the embedded
+// etcd server when the configuration asks for one.
+type registries struct {
+	cfg      config.Registries
+	embedded *embedetcd.Server
+	etcd     *clientv3.Client
+	consul   *consulRegistry
+}
+
+// openRegistries starts what cfg describes. When reloading, prev is the
+// running set: its embedded etcd server is kept (it cannot change without a
+// restart, since clients outside rota may be using it).
+func openRegistries(ctx context.Context, cfg config.Registries, prev *registries, logger *zap.Logger) (*registries, error) {
+	r := &registries{cfg: cfg}
+	if e := cfg.Etcd; e != nil {
+		var prevEmb *config.Embedded
+		if prev != nil && prev.cfg.Etcd != nil {
+			prevEmb = prev.cfg.Etcd.Embedded
+		}
+		switch {
+		case prev != nil && !reflect.DeepEqual(prevEmb, e.Embedded):
+			return nil, errors.New("registries.etcd.embedded cannot change on reload; restart rota to apply it")
+		case prev != nil:
+			r.embedded = prev.embedded
+		case e.Embedded != nil:
+			srv, err := embedetcd.Start(ctx, embedetcd.Config{
+				DataDir:   e.Embedded.DataDir,
+				ClientURL: e.Embedded.ClientURL,
+				Logger:    logger,
+			})
+			if err != nil {
+				return nil, fmt.Errorf("embedded etcd: %w", err)
+			}
+			logger.Info("embedded etcd ready", zap.Strings("endpoints", srv.Endpoints()),
+				zap.String("data_dir", e.Embedded.DataDir))
+			r.embedded = srv
+		}
+		endpoints := e.ClientEndpoints()
+		if r.embedded != nil && (len(e.Endpoints) == 0 || reflect.DeepEqual(endpoints, embeddedDefault(e))) {
+			// The server may have picked its port (":0"); ask it.
+			endpoints = r.embedded.Endpoints()
+		}
+		c, err := etcd.NewClient(etcd.Config{
+			Endpoints:    endpoints,
+			Username:     e.Username,
+			PasswordFile: e.PasswordFile,
+			TLS:          etcd.TLSConfig{CAFile: e.TLS.CAFile, CertFile: e.TLS.CertFile, KeyFile: e.TLS.KeyFile},
+			Logger:       logger.Named("etcd-client"),
+		})
+		if err != nil {
+			if prev == nil && r.embedded != nil {
+				r.embedded.Close()
+			}
+			return nil, fmt.Errorf("registries.etcd: %w", err)
+		}
+		r.etcd = c
+	} else if prev != nil && prev.embedded != nil {
+		return nil, errors.New("registries.etcd.embedded cannot be removed on reload; restart rota to apply it")
+	}
+	if c := cfg.Consul; c != nil {
+		cr, err := openConsul(*c, logger)
+		if err != nil {
+			r.closeUnshared(prev)
+			return nil, fmt.Errorf("registries.consul: %w", err)
+		}
+		r.consul = cr
+	}
+	return r, nil
+}
+
+// embeddedDefault is the endpoint list Parse derives from the embedded
+// server's client URL.
+func embeddedDefault(e *config.Etcd) []string {
+	cp := *e
+	cp.Endpoints = nil
+	return cp.ClientEndpoints()
+}
+
+// watcher builds the discovery watcher of one listener.
+func (r *registries) watcher(lc config.Listener, logger *zap.Logger) (discovery.Watcher, error) {
+	log := logger.With(zap.String("listener", lc.Name)).Named("discovery")
+	switch lc.Discovery {
+	case "static":
+		return static.Watcher{Addrs: lc.Static}, nil
+	case "etcd":
+		if r.etcd == nil {
+			return nil, errors.New("discovery etcd needs registries.etcd")
+		}
+		return etcd.NewWatcher(r.etcd, r.cfg.Etcd.Prefix, lc.Service, log)
+	case "consul":
+		if r.consul == nil {
+			return nil, errors.New("discovery consul needs registries.consul")
+		}
+		return r.consul.watcher(lc, log)
+	}
+	return nil, fmt.Errorf("unknown discovery %q", lc.Discovery)
+}
+
+// closeUnshared closes the clients of r that other does not also hold.
+func (r *registries) closeUnshared(other *registries) {
+	if r == nil {
+		return
+	}
+	if r.etcd != nil && (other == nil || other.etcd != r.etcd) {
+		r.etcd.Close()
+	}
+	if r.consul != nil && (other == nil || other.consul != r.consul) {
+		r.consul.close()
+	}
+	if r.embedded != nil && (other == nil || other.embedded != r.embedded) {
+		r.embedded.Close()
+	}
+}
+
+func (r *registries) close() { r.closeUnshared(nil) }

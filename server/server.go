@@ -1,0 +1,309 @@
+// Package server assembles rota's listeners from a configuration and applies
+// reloads: for each listener it binds the socket, starts the discovery
+// watcher, the health checker and the proxy, and wires them together
+// (watcher → checker → round-robin picker → proxy). It also owns the registry
+// clients and the embedded etcd server those listeners share.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"reflect"
+	"slices"
+	"sync"
+
+	"go.uber.org/zap"
+
+	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/discovery"
+)
+
+// Server runs the listeners of one configuration. Create it with Start; stop
+// it with Shutdown. Its methods are safe for concurrent use.
+type Server struct {
+	log *zap.Logger
+
+	wg sync.WaitGroup // watcher goroutines and draining listeners
+
+	// reloadMu serialises Reload and Shutdown.
+	reloadMu  sync.Mutex
+	mu        sync.Mutex // guards the fields below
+	cfg       *config.Config
+	listeners []*listener // in configuration order
+	regs      *registries
+	closed    bool
+}
+
+// Start brings up everything cfg describes: the embedded etcd server if any,
+// registry clients, then every listener. Sockets are all bound before any is
+// served, so a bad address fails the whole start and nothing is left
+// running. cfg must be valid (config.Load or Validate); Start does not modify
+// it. logger may be nil.
+func Start(ctx context.Context, cfg *config.Config, logger *zap.Logger) (*Server, error) {
+	if logger == nil {
+		logger = zap.NewNop()
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	s := &Server{log: logger, cfg: cfg}
+	regs, err := openRegistries(ctx, cfg.Registries, nil, logger)
+	if err != nil {
+		return nil, err
+	}
+	lns, err := bindAll(cfg.Listeners)
+	if err != nil {
+		regs.close()
+		return nil, err
+	}
+	s.regs = regs
+	for i, lc := range cfg.Listeners {
+		l := newListener(lc, logger)
+		w, err := regs.watcher(lc, logger)
+		if err != nil {
+			for _, ln := range lns[i:] {
+				ln.Close()
+			}
+			s.Shutdown(context.Background())
+			return nil, fmt.Errorf("listener %q: %w", lc.Name, err)
+		}
+		s.listeners = append(s.listeners, l)
+		l.startWatch(w, &s.wg)
+		l.serve(lns[i])
+		logger.Info("listening", zap.String("listener", lc.Name), zap.String("addr", lns[i].Addr().String()),
+			zap.String("discovery", lc.Discovery), zap.String("service", lc.Service))
+	}
+	return s, nil
+}
+
+func bindAll(lcs []config.Listener) ([]net.Listener, error) {
+	lns := make([]net.Listener, 0, len(lcs))
+	for _, lc := range lcs {
+		ln, err := net.Listen("tcp", lc.Listen)
+		if err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
+			return nil, fmt.Errorf("listener %q: %w", lc.Name, err)
+		}
+		lns = append(lns, ln)
+	}
+	return lns, nil
+}
+
+// Addr returns the bound address of the named listener, or nil. With port 0
+// in the configuration it tells which port was picked.
+func (s *Server) Addr(name string) net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, l := range s.listeners {
+		if l.config().Name == name {
+			l.mu.Lock()
+			defer l.mu.Unlock()
+			if l.ln != nil {
+				return l.ln.Addr()
+			}
+		}
+	}
+	return nil
+}
+
+// Config returns the configuration in force.
+func (s *Server) Config() *config.Config {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cfg
+}
+
+// Ready reports whether every listener has had its first discovery sync.
+func (s *Server) Ready() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	for _, l := range s.listeners {
+		if !l.synced.Load() {
+			return false
+		}
+	}
+	return true
+}
+
+// Reload applies cfg: listeners are added and removed by name, changed ones
+// take their new settings, and health state and open connections are kept.
+// A configuration that cannot be applied (a socket that cannot be bound, an
+// embedded etcd change, a registry client that cannot be built) is rejected
+// as a whole and the running one stays in force.
+func (s *Server) Reload(ctx context.Context, cfg *config.Config) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return errors.New("server is shut down")
+	}
+	old, oldRegs := s.cfg, s.regs
+	current := make(map[string]*listener, len(s.listeners))
+	for _, l := range s.listeners {
+		current[l.config().Name] = l
+	}
+	s.mu.Unlock()
+
+	regs := oldRegs
+	regsChanged := !reflect.DeepEqual(old.Registries, cfg.Registries)
+	if regsChanged {
+		var err error
+		if regs, err = openRegistries(ctx, cfg.Registries, oldRegs, s.log); err != nil {
+			return fmt.Errorf("reload: %w", err)
+		}
+	}
+	abort := func(err error) error {
+		if regs != oldRegs {
+			regs.closeUnshared(oldRegs)
+		}
+		return fmt.Errorf("reload: %w", err)
+	}
+
+	// Bind every new or moved socket first: failing here leaves the running
+	// configuration untouched.
+	newSockets := map[string]net.Listener{}
+	closeSockets := func() {
+		for _, ln := range newSockets {
+			ln.Close()
+		}
+	}
+	for _, lc := range cfg.Listeners {
+		if l, ok := current[lc.Name]; ok && l.config().Listen == lc.Listen {
+			continue
+		}
+		// Moving a listener onto an address that another listener gives
+		// up in this same reload fails here; rejecting it is the safe
+		// outcome (do it in two reloads).
+		ln, err := net.Listen("tcp", lc.Listen)
+		if err != nil {
+			closeSockets()
+			return abort(fmt.Errorf("listener %q: %w", lc.Name, err))
+		}
+		newSockets[lc.Name] = ln
+	}
+	// Build every watcher that will change before touching anything.
+	watchers := map[string]discovery.Watcher{}
+	for _, lc := range cfg.Listeners {
+		l, ok := current[lc.Name]
+		if ok && !regsChanged && sameSource(l.config(), lc) {
+			continue
+		}
+		w, err := regs.watcher(lc, s.log)
+		if err != nil {
+			closeSockets()
+			return abort(fmt.Errorf("listener %q: %w", lc.Name, err))
+		}
+		watchers[lc.Name] = w
+	}
+
+	// Commit.
+	var next []*listener
+	var removed []*listener
+	keep := map[string]bool{}
+	for _, lc := range cfg.Listeners {
+		keep[lc.Name] = true
+		l, ok := current[lc.Name]
+		if !ok {
+			l = newListener(lc, s.log)
+			if w, ok := watchers[lc.Name]; ok {
+				l.startWatch(w, &s.wg)
+			}
+			l.serve(newSockets[lc.Name])
+			s.log.Info("listener added", zap.String("listener", lc.Name), zap.String("addr", lc.Listen))
+			next = append(next, l)
+			continue
+		}
+		prev := l.config()
+		l.apply(lc)
+		if ln, ok := newSockets[lc.Name]; ok {
+			l.rebind(ln)
+			s.log.Info("listener moved", zap.String("listener", lc.Name),
+				zap.String("from", prev.Listen), zap.String("to", lc.Listen))
+		}
+		if w, ok := watchers[lc.Name]; ok {
+			l.startWatch(w, &s.wg)
+			if !sameSource(prev, lc) {
+				s.log.Info("listener discovery changed", zap.String("listener", lc.Name),
+					zap.String("discovery", lc.Discovery), zap.String("service", lc.Service))
+			}
+		}
+		next = append(next, l)
+	}
+	for name, l := range current {
+		if !keep[name] {
+			removed = append(removed, l)
+		}
+	}
+	s.mu.Lock()
+	s.cfg, s.listeners, s.regs = cfg, next, regs
+	s.mu.Unlock()
+	for _, l := range removed {
+		s.log.Info("listener removed; draining", zap.String("listener", l.config().Name))
+		s.wg.Go(func() {
+			if err := l.shutdown(context.Background()); err != nil {
+				l.log.Warn("listener drained", zap.Error(err))
+			}
+		})
+	}
+	if regs != oldRegs {
+		// Watchers of the old clients have all been replaced above.
+		oldRegs.closeUnshared(regs)
+	}
+	return nil
+}
+
+// sameSource reports whether two listener configs discover the same
+// instances, so that the running watcher can stay.
+func sameSource(a, b config.Listener) bool {
+	return a.Discovery == b.Discovery && a.Service == b.Service &&
+		slices.Equal(a.Tags, b.Tags) && slices.Equal(a.Static, b.Static)
+}
+
+// Shutdown stops every listener: no new connections are accepted, open ones
+// drain for each listener's drain_timeout (bounded also by ctx), then the
+// rest are closed; discovery, health checking and registries stop. It
+// returns an error if connections had to be cut.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		s.wg.Wait()
+		return nil
+	}
+	s.closed = true
+	lns := s.listeners
+	regs := s.regs
+	s.mu.Unlock()
+
+	var mu sync.Mutex
+	var errs []error
+	var wg sync.WaitGroup
+	for _, l := range lns {
+		wg.Go(func() {
+			if err := l.shutdown(ctx); err != nil {
+				mu.Lock()
+				errs = append(errs, fmt.Errorf("listener %q: %w", l.config().Name, err))
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	s.wg.Wait() // removed listeners still draining, watcher goroutines
+	if regs != nil {
+		regs.close()
+	}
+	return errors.Join(errs...)
+}
