@@ -1,0 +1,330 @@
+package server_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/rota-proxy/rota/admin"
+	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/server"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		// etcd's client keeps a resolver goroutine for a moment after Close.
+		goleak.IgnoreTopFunction("google.golang.org/grpc/internal/grpcsync.(*CallbackSerializer).run"),
+		goleak.IgnoreTopFunction("go.opencensus.io/stats/view.(*worker).start"),
+	)
+}
+
+// backend is a real TCP server on 127.0.0.1 that answers every connection
+// with its name once it has read the client's request line. Kill closes it
+// the way a crashed process goes: the listener and every open connection at
+// once, with resets.
+type backend struct {
+	name string
+	addr string
+
+	mu    sync.Mutex
+	ln    net.Listener
+	conns map[net.Conn]struct{}
+	wg    sync.WaitGroup
+	hits  atomic.Int64
+}
+
+func startBackend(t *testing.T, name string) *backend {
+	t.Helper()
+	b := &backend{name: name, conns: map[net.Conn]struct{}{}}
+	if err := b.listen("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.kill)
+	return b
+}
+
+func (b *backend) listen(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	b.mu.Lock()
+	b.ln, b.addr = ln, ln.Addr().String()
+	b.mu.Unlock()
+	b.wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			b.mu.Lock()
+			b.conns[c] = struct{}{}
+			b.mu.Unlock()
+			b.wg.Go(func() {
+				defer func() {
+					b.mu.Lock()
+					delete(b.conns, c)
+					b.mu.Unlock()
+					c.Close()
+				}()
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				buf := make([]byte, 64)
+				if _, err := c.Read(buf); err != nil {
+					return // a health probe: connect and close
+				}
+				b.hits.Add(1)
+				io.WriteString(c, b.name)
+			})
+		}
+	})
+	return nil
+}
+
+// kill stops the backend abruptly: connections are reset, not closed.
+func (b *backend) kill() {
+	b.mu.Lock()
+	if b.ln != nil {
+		b.ln.Close()
+		b.ln = nil
+	}
+	for c := range b.conns {
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+	}
+	b.mu.Unlock()
+	b.wg.Wait()
+}
+
+// revive listens again on the same address.
+func (b *backend) revive(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		err := b.listen(b.addr)
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("revive %s: %v", b.addr, err)
+		}
+		time.Sleep(10 * time.Millisecond) // the port may linger in the kernel briefly
+	}
+}
+
+// request makes one client connection through addr and returns the answer.
+func request(addr string) (string, error) {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, "hello\n"); err != nil {
+		return "", err
+	}
+	c.(*net.TCPConn).CloseWrite()
+	b, err := io.ReadAll(c)
+	if err != nil {
+		return string(b), err
+	}
+	if len(b) == 0 {
+		return "", errors.New("empty answer")
+	}
+	return string(b), nil
+}
+
+// load runs workers making back-to-back requests until stop is called, and
+// records every failure. It is bounded by maxPerWorker requests per worker.
+type load struct {
+	ok, failed atomic.Int64
+	mu         sync.Mutex
+	errs       []string
+	seen       sync.Map // answer -> *atomic.Int64
+	stopCh     chan struct{}
+	wg         sync.WaitGroup
+}
+
+func startLoad(t *testing.T, addr string, workers int) *load {
+	t.Helper()
+	const maxPerWorker = 20000
+	l := &load{stopCh: make(chan struct{})}
+	for range workers {
+		l.wg.Go(func() {
+			for range maxPerWorker {
+				select {
+				case <-l.stopCh:
+					return
+				default:
+				}
+				ans, err := request(addr)
+				if err != nil {
+					l.failed.Add(1)
+					l.mu.Lock()
+					if len(l.errs) < 10 {
+						l.errs = append(l.errs, err.Error())
+					}
+					l.mu.Unlock()
+					continue
+				}
+				l.ok.Add(1)
+				v, _ := l.seen.LoadOrStore(ans, new(atomic.Int64))
+				v.(*atomic.Int64).Add(1)
+			}
+		})
+	}
+	t.Cleanup(l.stop)
+	return l
+}
+
+func (l *load) stop() {
+	select {
+	case <-l.stopCh:
+	default:
+		close(l.stopCh)
+	}
+	l.wg.Wait()
+}
+
+func (l *load) count(answer string) int64 {
+	if v, ok := l.seen.Load(answer); ok {
+		return v.(*atomic.Int64).Load()
+	}
+	return 0
+}
+
+func (l *load) assertNoFailures(t *testing.T) {
+	t.Helper()
+	if n := l.failed.Load(); n > 0 {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		t.Fatalf("%d of %d client connections failed; first errors: %s", n, n+l.ok.Load(), strings.Join(l.errs, "; "))
+	}
+	if l.ok.Load() == 0 {
+		t.Fatal("no client connection completed; the test proves nothing")
+	}
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for !cond() {
+		if time.Since(start) > timeout {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	return time.Since(start)
+}
+
+// fastListener is a static listener on an ephemeral port with quick checks.
+func fastListener(name string, addrs ...string) config.Listener {
+	l := config.DefaultListener()
+	l.Name, l.Listen, l.Discovery, l.Static = name, "127.0.0.1:0", "static", addrs
+	l.Health.Interval = 50 * time.Millisecond
+	l.Health.Timeout = 500 * time.Millisecond
+	l.Health.BackoffMax = 200 * time.Millisecond
+	l.Health.Rise, l.Health.Fall = 2, 2
+	l.DrainTimeout = 2 * time.Second
+	l.Retries = 2
+	return l
+}
+
+func startServer(t *testing.T, cfg *config.Config) *server.Server {
+	t.Helper()
+	srv, err := server.Start(context.Background(), cfg, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil {
+			t.Errorf("shutdown: %v", err)
+		}
+	})
+	return srv
+}
+
+func proxyAddr(t *testing.T, srv *server.Server, name string) string {
+	t.Helper()
+	a := srv.Addr(name)
+	if a == nil {
+		t.Fatalf("no listener %q", name)
+	}
+	return a.String()
+}
+
+// targets fetches /api/v1/targets through the admin handler, as a user would.
+func targets(t *testing.T, srv *server.Server) admin.TargetsResponse {
+	t.Helper()
+	h := (&admin.Handler{State: srv}).Routes()
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/api/v1/targets", nil))
+	if rec.Code != http.StatusOK {
+		t.Fatalf("/api/v1/targets: %d %s", rec.Code, rec.Body)
+	}
+	var resp admin.TargetsResponse
+	if err := json.Unmarshal(rec.Body.Bytes(), &resp); err != nil {
+		t.Fatalf("/api/v1/targets: %v", err)
+	}
+	return resp
+}
+
+func targetState(t *testing.T, srv *server.Server, listener, addr string) string {
+	t.Helper()
+	for _, l := range targets(t, srv).Listeners {
+		if l.Name != listener {
+			continue
+		}
+		for _, tg := range l.Targets {
+			if tg.Addr == addr {
+				return tg.State
+			}
+		}
+	}
+	return "absent"
+}
+
+func liveCount(srv *server.Server, listener string) int {
+	for _, l := range srv.Status() {
+		if l.Name == listener {
+			n := 0
+			for _, t := range l.Targets {
+				if t.State.String() == "up" {
+					n++
+				}
+			}
+			return n
+		}
+	}
+	return -1
+}
+
+func names(bs ...*backend) []string {
+	out := make([]string, len(bs))
+	for i, b := range bs {
+		out[i] = b.addr
+	}
+	return out
+}
+
+func startServerErr(cfg *config.Config) (*server.Server, error) {
+	srv, err := server.Start(context.Background(), cfg, nil)
+	if err == nil {
+		srv.Shutdown(context.Background())
+	}
+	return srv, err
+}

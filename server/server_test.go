@@ -1,0 +1,219 @@
+package server_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"time"
+
+	"github.com/rota-proxy/rota/admin"
+	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/server"
+)
+
+func TestSequentialSpreadThroughServer(t *testing.T) {
+	b1, b2, b3 := startBackend(t, "b1"), startBackend(t, "b2"), startBackend(t, "b3")
+	cfg := config.Default()
+	cfg.Listeners = []config.Listener{fastListener("web", names(b1, b2, b3)...)}
+	srv := startServer(t, cfg)
+	waitFor(t, "three live targets", 5*time.Second, func() bool { return liveCount(srv, "web") == 3 })
+	addr := proxyAddr(t, srv, "web")
+	count := map[string]int{}
+	for range 99 {
+		ans, err := request(addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		count[ans]++
+	}
+	if count["b1"] != 33 || count["b2"] != 33 || count["b3"] != 33 {
+		t.Fatalf("spread %v, want 33 each", count)
+	}
+}
+
+func TestBackendKilledUnderLoad(t *testing.T) {
+	b1, b2, b3 := startBackend(t, "b1"), startBackend(t, "b2"), startBackend(t, "b3")
+	cfg := config.Default()
+	cfg.Listeners = []config.Listener{fastListener("web", names(b1, b2, b3)...)}
+	srv := startServer(t, cfg)
+	waitFor(t, "three live targets", 5*time.Second, func() bool { return liveCount(srv, "web") == 3 })
+	addr := proxyAddr(t, srv, "web")
+
+	ld := startLoad(t, addr, 8)
+	waitFor(t, "traffic on b2", 10*time.Second, func() bool { return ld.count("b2") > 50 })
+	b2.kill()
+	took := waitFor(t, "b2 down in /api/v1/targets", 5*time.Second, func() bool {
+		return targetState(t, srv, "web", b2.addr) == "down"
+	})
+	t.Logf("killed backend shown down after %v", took)
+	// Traffic keeps flowing over the survivors.
+	before := ld.ok.Load()
+	waitFor(t, "more traffic after the kill", 10*time.Second, func() bool { return ld.ok.Load() > before+200 })
+
+	hitsWhileDown := b2.hits.Load()
+	b2.revive(t)
+	took = waitFor(t, "b2 back up", 10*time.Second, func() bool { return targetState(t, srv, "web", b2.addr) == "up" })
+	t.Logf("revived backend up again after %v", took)
+	for _, tg := range targets(t, srv).Listeners[0].Targets {
+		if tg.Addr == b2.addr && tg.ConsecutiveSuccesses < cfg.Listeners[0].Health.Rise {
+			t.Fatalf("b2 up after %d successes, want rise=%d", tg.ConsecutiveSuccesses, cfg.Listeners[0].Health.Rise)
+		}
+	}
+	waitFor(t, "traffic on the revived b2", 10*time.Second, func() bool { return b2.hits.Load() > hitsWhileDown+20 })
+	ld.stop()
+	ld.assertNoFailures(t)
+	t.Logf("%d client connections, none failed", ld.ok.Load())
+}
+
+func TestPanicModeRoutesWhenEveryCheckFails(t *testing.T) {
+	// The targets answer clients but fail their HTTP checks (they are not
+	// HTTP servers): without panic mode nobody is served, with it everyone is.
+	b1, b2 := startBackend(t, "b1"), startBackend(t, "b2")
+	l := fastListener("web", names(b1, b2)...)
+	l.Health.Check = "http"
+	cfg := config.Default()
+	cfg.Listeners = []config.Listener{l}
+	srv := startServer(t, cfg)
+	addr := proxyAddr(t, srv, "web")
+	waitFor(t, "both targets down", 5*time.Second, func() bool {
+		return targetState(t, srv, "web", b1.addr) == "down" && targetState(t, srv, "web", b2.addr) == "down"
+	})
+	if _, err := request(addr); err == nil {
+		t.Fatal("a client was served with every target down and panic off")
+	}
+
+	next := *cfg
+	pl := l
+	pl.Panic = true
+	next.Listeners = []config.Listener{pl}
+	if err := srv.Reload(context.Background(), &next); err != nil {
+		t.Fatal(err)
+	}
+	if !srv.Status()[0].Panic {
+		t.Fatal("panic mode not reported in status")
+	}
+	if !targets(t, srv).Listeners[0].Panic {
+		t.Fatal("panic mode not reported in /api/v1/targets")
+	}
+	for range 4 {
+		if _, err := request(addr); err != nil {
+			t.Fatalf("panic mode: %v", err)
+		}
+	}
+}
+
+func TestReadyAfterFirstSync(t *testing.T) {
+	b1 := startBackend(t, "b1")
+	cfg := config.Default()
+	cfg.Listeners = []config.Listener{fastListener("web", b1.addr)}
+	srv := startServer(t, cfg)
+	h := (&admin.Handler{State: srv}).Routes()
+	waitFor(t, "/readyz 200", 5*time.Second, func() bool {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/readyz", nil))
+		return rec.Code == http.StatusOK
+	})
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/healthz", nil))
+	if rec.Code != http.StatusOK || rec.Body.String() != "ok\n" {
+		t.Fatalf("/healthz: %d %q", rec.Code, rec.Body)
+	}
+}
+
+func TestStartFailsCleanlyOnBusyAddress(t *testing.T) {
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	cfg := config.Default()
+	a := fastListener("a", "127.0.0.1:1")
+	b := fastListener("b", "127.0.0.1:1")
+	b.Listen = busy.Addr().String()
+	cfg.Listeners = []config.Listener{a, b}
+	if _, err := startServerErr(cfg); err == nil {
+		t.Fatal("Start succeeded on a busy address")
+	}
+	// goleak in TestMain proves listener a and its goroutines were undone.
+}
+
+func TestReloadUnderLoadLosesNothing(t *testing.T) {
+	b1, b2, b3 := startBackend(t, "b1"), startBackend(t, "b2"), startBackend(t, "b3")
+	cfg := config.Default()
+	web := fastListener("web", names(b1, b2)...)
+	cfg.Listeners = []config.Listener{web}
+	srv := startServer(t, cfg)
+	addr := proxyAddr(t, srv, "web")
+	waitFor(t, "two live targets", 5*time.Second, func() bool { return liveCount(srv, "web") == 2 })
+	since := targetSince(srv, b1.addr)
+
+	ld := startLoad(t, addr, 6)
+	for i := range 10 {
+		next := *cfg
+		w := web
+		// Alternate settings and the target list, and add/remove a second
+		// listener, as an operator editing the file would.
+		w.Retries = 2 + i%2
+		w.Health.Interval = time.Duration(40+10*(i%3)) * time.Millisecond
+		if i%2 == 1 {
+			w.Static = names(b1, b2, b3)
+		}
+		next.Listeners = []config.Listener{w}
+		if i%3 == 0 && i < 9 {
+			next.Listeners = append(next.Listeners, fastListener(fmt.Sprintf("extra-%d", i), b3.addr))
+		}
+		before := ld.ok.Load()
+		if err := srv.Reload(context.Background(), &next); err != nil {
+			t.Fatalf("reload %d: %v", i, err)
+		}
+		waitFor(t, "traffic after reload", 10*time.Second, func() bool { return ld.ok.Load() > before+20 })
+	}
+	ld.stop()
+	ld.assertNoFailures(t)
+	st := srv.Status()
+	if len(st) != 1 || st[0].Name != "web" {
+		t.Fatalf("listeners after reloads: %+v", st)
+	}
+	if got := targetSince(srv, b1.addr); !got.Equal(since) {
+		t.Fatalf("health state of an unchanged target was reset (up since %v, was %v)", got, since)
+	}
+	t.Logf("%d client connections across 10 reloads, none failed", ld.ok.Load())
+}
+
+func targetSince(srv *server.Server, addr string) time.Time {
+	for _, tg := range srv.Status()[0].Targets {
+		if tg.Addr == addr {
+			return tg.Since
+		}
+	}
+	return time.Time{}
+}
+
+func TestReloadRejectsUnbindableAndKeepsRunning(t *testing.T) {
+	b1 := startBackend(t, "b1")
+	cfg := config.Default()
+	cfg.Listeners = []config.Listener{fastListener("web", b1.addr)}
+	srv := startServer(t, cfg)
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	next := *cfg
+	extra := fastListener("extra", b1.addr)
+	extra.Listen = busy.Addr().String()
+	next.Listeners = []config.Listener{cfg.Listeners[0], extra}
+	if err := srv.Reload(context.Background(), &next); err == nil {
+		t.Fatal("reload onto a busy address succeeded")
+	}
+	if st := srv.Status(); len(st) != 1 || srv.Config() != cfg {
+		t.Fatalf("running config changed after a rejected reload: %d listeners", len(st))
+	}
+	waitFor(t, "target up", 5*time.Second, func() bool { return liveCount(srv, "web") == 1 })
+	if _, err := request(proxyAddr(t, srv, "web")); err != nil {
+		t.Fatalf("listener broken after a rejected reload: %v", err)
+	}
+}
