@@ -1,0 +1,166 @@
+package server_test
+
+import (
+	"context"
+	"slices"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/discovery/etcd"
+	"github.com/rota-proxy/rota/internal/testenv"
+	"github.com/rota-proxy/rota/server"
+)
+
+// etcdConfig is one listener "web" discovering service web in e.
+func etcdConfig(e *testenv.Etcd) *config.Config {
+	cfg := config.Default()
+	ec := config.DefaultEtcd()
+	ec.Endpoints = e.Endpoints()
+	cfg.Registries.Etcd = &ec
+	l := fastListener("web")
+	l.Discovery, l.Service, l.Static = "etcd", "web", nil
+	cfg.Listeners = []config.Listener{l}
+	return cfg
+}
+
+// routed reports whether a request through addr reaches each of want and
+// only them, within a few rounds of the rotation.
+func routedSet(addr string, rounds int) (map[string]bool, error) {
+	seen := map[string]bool{}
+	for range rounds {
+		ans, err := request(addr)
+		if err != nil {
+			return seen, err
+		}
+		seen[ans] = true
+	}
+	return seen, nil
+}
+
+func put(t *testing.T, c *clientv3.Client, addr string, lease clientv3.LeaseID) {
+	t.Helper()
+	key, err := etcd.InstanceKey("", "web", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	val := `{"Op":0,"Addr":"` + addr + `","Metadata":null}`
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var opts []clientv3.OpOption
+	if lease != 0 {
+		opts = append(opts, clientv3.WithLease(lease))
+	}
+	if _, err := c.Put(ctx, key, val, opts...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func del(t *testing.T, c *clientv3.Client, addr string) {
+	t.Helper()
+	key, _ := etcd.InstanceKey("", "web", addr)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := c.Delete(ctx, key); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// exactly waits until requests through addr reach exactly the named
+// backends, and returns how long that took.
+func exactly(t *testing.T, srv *server.Server, what string, want ...string) time.Duration {
+	t.Helper()
+	addr := proxyAddr(t, srv, "web")
+	slices.Sort(want)
+	return waitFor(t, what, 10*time.Second, func() bool {
+		if liveCount(srv, "web") != len(want) {
+			return false
+		}
+		seen, err := routedSet(addr, 3*len(want)+1)
+		if len(want) == 0 {
+			return err != nil && len(seen) == 0
+		}
+		if err != nil {
+			return false
+		}
+		got := make([]string, 0, len(seen))
+		for k := range seen {
+			got = append(got, k)
+		}
+		slices.Sort(got)
+		return slices.Equal(got, want)
+	})
+}
+
+func TestEtcdRegistryDrivesRouting(t *testing.T) {
+	e := testenv.StartEtcd(t)
+	c := e.Client(t)
+	b1, b2 := startBackend(t, "b1"), startBackend(t, "b2")
+	put(t, c, b1.addr, 0)
+	srv := startServer(t, etcdConfig(e))
+	t.Logf("initial sync routed after %v", exactly(t, srv, "b1 routed", "b1"))
+
+	put(t, c, b2.addr, 0)
+	t.Logf("register -> routed in %v", exactly(t, srv, "b2 routed after put", "b1", "b2"))
+
+	del(t, c, b1.addr)
+	t.Logf("deregister -> out of rotation in %v", exactly(t, srv, "b1 gone after delete", "b2"))
+
+	// A crashed registrant: its key is on a lease nobody keeps alive.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	lease, err := c.Grant(ctx, 1)
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	put(t, c, b1.addr, lease.ID)
+	exactly(t, srv, "b1 back", "b1", "b2")
+	t.Logf("lease expiry -> out of rotation in %v", exactly(t, srv, "b1 gone after lease expiry", "b2"))
+
+	// rota register's code path: Register holds the key until cancelled.
+	rctx, rcancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- etcd.Register(rctx, c, "", "web", b1.addr, 5*time.Second, nil) }()
+	t.Logf("Register -> routed in %v", exactly(t, srv, "b1 registered", "b1", "b2"))
+	rcancel()
+	if err := <-done; err != nil {
+		t.Fatalf("Register: %v", err)
+	}
+	t.Logf("Register cancelled -> out of rotation in %v", exactly(t, srv, "b1 deregistered", "b2"))
+}
+
+func TestEtcdOutageUnderLoadKeepsRouting(t *testing.T) {
+	e := testenv.StartEtcd(t)
+	c := e.Client(t)
+	b1, b2, b3 := startBackend(t, "b1"), startBackend(t, "b2"), startBackend(t, "b3")
+	put(t, c, b1.addr, 0)
+	put(t, c, b2.addr, 0)
+	srv := startServer(t, etcdConfig(e))
+	exactly(t, srv, "b1 and b2 routed", "b1", "b2")
+	addr := proxyAddr(t, srv, "web")
+
+	ld := startLoad(t, addr, 6)
+	e.Stop()
+	waitFor(t, "the outage seen by discovery", 30*time.Second, func() bool {
+		return srv.Status()[0].DiscoveryErrors > 0 || !srv.Status()[0].DiscoveryOK
+	})
+	before := ld.ok.Load()
+	waitFor(t, "traffic during the outage", 10*time.Second, func() bool { return ld.ok.Load() > before+200 })
+	if n := liveCount(srv, "web"); n != 2 {
+		t.Fatalf("%d live targets during the outage, want the last good 2", n)
+	}
+	if ld.count("b1") == 0 || ld.count("b2") == 0 {
+		t.Fatal("the last good set is not routed during the outage")
+	}
+
+	e.Restart()
+	c2 := e.Client(t)
+	put(t, c2, b3.addr, 0)
+	del(t, c2, b1.addr)
+	t.Logf("changes after the outage routed in %v", exactly(t, srv, "b2 and b3 after etcd is back", "b2", "b3"))
+	ld.stop()
+	ld.assertNoFailures(t)
+	t.Logf("%d client connections across the outage, none failed", ld.ok.Load())
+}
