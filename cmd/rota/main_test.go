@@ -1,0 +1,211 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// rotaBin is the rota binary built once for the tests that run it as users do.
+var rotaBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "rota-cmd-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	rotaBin = filepath.Join(dir, "rota")
+	out, err := exec.Command("go", "build", "-o", rotaBin, ".").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "build rota: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func runCLI(args ...string) (code int, stdout, stderr string) {
+	var o, e bytes.Buffer
+	code = run(args, &o, &e)
+	return code, o.String(), e.String()
+}
+
+func TestCheckValidAndInvalid(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.yaml")
+	os.WriteFile(good, []byte("listeners:\n  - listen: 127.0.0.1:8080\n    discovery: static\n    static: [127.0.0.1:9001]\n"), 0o600)
+	code, out, errOut := runCLI("check", "--config", good)
+	if code != 0 || !strings.Contains(out, "ok (1 listener)") {
+		t.Fatalf("valid config: exit %d, stdout %q, stderr %q", code, out, errOut)
+	}
+
+	bad := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(bad, []byte("listeners:\n  - listen: 127.0.0.1:8080\n    discovery: static\n    static: [127.0.0.1:9001]\n    health:\n      rise: 0\n      intervl: 2s\n"), 0o600)
+	code, _, errOut = runCLI("check", "--config", bad)
+	if code != 1 {
+		t.Fatalf("invalid config: exit %d, want 1", code)
+	}
+	for _, want := range []string{"bad.yaml:6:", "listeners[0].health.rise", "bad.yaml:7:", "intervl"} {
+		if !strings.Contains(errOut, want) {
+			t.Errorf("error output lacks %q:\n%s", want, errOut)
+		}
+	}
+
+	code, _, errOut = runCLI("check", "--config", filepath.Join(dir, "missing.yaml"))
+	if code != 1 || !strings.Contains(errOut, "missing.yaml") {
+		t.Fatalf("missing file: exit %d, %q", code, errOut)
+	}
+}
+
+func TestQuickFormErrors(t *testing.T) {
+	cases := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"serve"}, "nothing to proxy to"},
+		{[]string{"serve", "--backend", "a:1", "--etcd", "127.0.0.1:2379", "--service", "x"}, "alternatives"},
+		{[]string{"serve", "--etcd", "127.0.0.1:2379"}, "--etcd needs --service"},
+		{[]string{"serve", "--backend", "not-an-address"}, "--backend"},
+		{[]string{"serve", "--backend", "127.0.0.1:1", "--rise", "0"}, "--rise"},
+		{[]string{"serve", "--config", "x.yaml", "--backend", "127.0.0.1:1"}, "quick form"},
+		{[]string{"serve", "--log-format", "xml", "--backend", "127.0.0.1:1"}, "--log-format"},
+		{[]string{"register", "--etcd", "127.0.0.1:2379", "--service", "web"}, "--addr is required"},
+		{[]string{"nope"}, "unknown command"},
+	}
+	for _, c := range cases {
+		code, _, errOut := runCLI(c.args...)
+		if code != 2 || !strings.Contains(errOut, c.want) {
+			t.Errorf("rota %s: exit %d, stderr %q; want exit 2 mentioning %q", strings.Join(c.args, " "), code, errOut, c.want)
+		}
+	}
+}
+
+func TestVersion(t *testing.T) {
+	code, out, _ := runCLI("version")
+	if code != 0 || !strings.HasPrefix(out, "rota ") {
+		t.Fatalf("version: %d %q", code, out)
+	}
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// TestDemoEndToEnd runs `rota demo` as a user does (the README's first
+// command) and checks that three distinct backends answer through the proxy,
+// then that Ctrl-C stops everything with exit status 0.
+func TestDemoEndToEnd(t *testing.T) {
+	proxyPort, adminPort, etcdPort := freePort(t), freePort(t), freePort(t)
+	cmd := exec.Command(rotaBin, "demo",
+		"--listen", fmt.Sprintf("127.0.0.1:%d", proxyPort),
+		"--admin", fmt.Sprintf("127.0.0.1:%d", adminPort),
+		"--etcd-url", fmt.Sprintf("http://127.0.0.1:%d", etcdPort))
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	defer func() {
+		cmd.Process.Kill()
+		<-exited
+	}()
+
+	// The banner shows the first requests through the proxy.
+	answers := make(chan string, 16)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		re := regexp.MustCompile(`-> (\S+)$`)
+		for sc.Scan() {
+			if m := re.FindStringSubmatch(sc.Text()); m != nil {
+				answers <- m[1]
+			}
+		}
+		close(answers)
+		exited <- cmd.Wait()
+	}()
+	seen := map[string]int{}
+	timeout := time.After(60 * time.Second)
+	for len(seen) < 3 {
+		select {
+		case a, ok := <-answers:
+			if !ok {
+				t.Fatalf("demo exited early; stderr:\n%s", stderr.String())
+			}
+			seen[a]++
+		case <-timeout:
+			t.Fatalf("no round-robin banner within 60s; saw %v; stderr:\n%s", seen, stderr.String())
+		}
+	}
+	for name := range seen {
+		if !strings.HasPrefix(name, "backend-") {
+			t.Fatalf("banner answer %q is not a demo backend", name)
+		}
+	}
+
+	// And a user's own requests spread over the three.
+	url := fmt.Sprintf("http://127.0.0.1:%d/", proxyPort)
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	mine := map[string]int{}
+	for range 6 {
+		resp, err := hc.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		mine[strings.TrimSpace(string(b))]++
+	}
+	if len(mine) != 3 {
+		t.Fatalf("6 requests reached %v, want 3 distinct backends twice each", mine)
+	}
+	resp, err := hc.Get(fmt.Sprintf("http://127.0.0.1:%d/api/v1/targets", adminPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc struct {
+		Listeners []struct {
+			Targets []struct{ State string }
+		}
+	}
+	json.NewDecoder(resp.Body).Decode(&doc)
+	resp.Body.Close()
+	if len(doc.Listeners) != 1 || len(doc.Listeners[0].Targets) != 3 {
+		t.Fatalf("admin API shows %+v, want one listener with 3 targets", doc)
+	}
+
+	cmd.Process.Signal(syscall.SIGINT)
+	select {
+	case err := <-exited:
+		exited <- err // for the deferred Kill/wait
+		if err != nil {
+			t.Fatalf("demo exit after Ctrl-C: %v; stderr:\n%s", err, stderr.String())
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("demo did not stop within 30s of Ctrl-C; stderr:\n%s", stderr.String())
+	}
+}
