@@ -1,0 +1,44 @@
+# rota — see README.md. `make demo` and `make test` are all a fresh machine needs.
+
+GO      ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -s -w -X main.version=$(VERSION)
+# Well under CI's limit; the whole suite takes a few minutes on two cores.
+TEST_TIMEOUT ?= 15m
+
+.PHONY: all build test demo deps tools vet fuzz bench e2e clean FORCE
+
+all: build
+
+build: bin/rota
+
+bin/rota: FORCE
+	$(GO) build -ldflags '$(LDFLAGS)' -o $@ ./cmd/rota
+
+# Go modules; the Consul binary the Consul tests run (built once into
+# ~/.cache/rota by scripts/consul-bin).
+deps:
+	$(GO) mod download
+
+tools: deps
+	@scripts/consul-bin >/dev/null
+
+vet:
+	$(GO) vet ./...
+
+test: tools vet
+	$(GO) test -race -timeout $(TEST_TIMEOUT) ./...
+
+# Runs rota on its embedded etcd with three self-registering demo backends:
+# proxy on :8080, admin on http://127.0.0.1:9090/. Ctrl-C stops it.
+demo: deps
+	$(GO) run ./cmd/rota demo
+
+# Short fuzzing passes of the config loader and the PROXY header path.
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 30s ./config/
+
+clean:
+	rm -rf bin
+
+FORCE:
