@@ -1,0 +1,152 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// syncBuffer is a bytes.Buffer safe for the process's writer and the test.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func listenerNames(t *testing.T, admin string) []string {
+	resp, err := http.Get("http://" + admin + "/api/v1/targets")
+	if err != nil {
+		return nil
+	}
+	defer resp.Body.Close()
+	var doc struct{ Listeners []struct{ Name string } }
+	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
+		return nil
+	}
+	var out []string
+	for _, l := range doc.Listeners {
+		out = append(out, l.Name)
+	}
+	return out
+}
+
+// TestServeReloads runs `rota serve --config` and reloads it by SIGHUP and by
+// the admin API, including an invalid file that must be rejected while the
+// running configuration stays; SIGTERM then exits 0.
+func TestServeReloads(t *testing.T) {
+	be, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer be.Close()
+	go func() {
+		for {
+			c, err := be.Accept()
+			if err != nil {
+				return
+			}
+			io.WriteString(c, "hi")
+			c.Close()
+		}
+	}()
+	dir := t.TempDir()
+	file := filepath.Join(dir, "rota.yaml")
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listener := func(name string) string {
+		return fmt.Sprintf("  - name: %s\n    listen: 127.0.0.1:%d\n    discovery: static\n    static: [%s]\n    drain_timeout: 1s\n", name, freePort(t), be.Addr())
+	}
+	head := "admin:\n  listen: " + admin + "\nlisteners:\n"
+	one := head + listener("a")
+	os.WriteFile(file, []byte(one), 0o600)
+
+	var stderr syncBuffer
+	cmd := exec.Command(rotaBin, "serve", "--config", file, "--log-format", "json")
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	defer func() {
+		cmd.Process.Kill()
+		<-done
+	}()
+	waitUntil(t, "listener a", func() bool { return strings.Join(listenerNames(t, admin), ",") == "a" })
+
+	os.WriteFile(file, []byte(one+listener("b")), 0o600)
+	cmd.Process.Signal(syscall.SIGHUP)
+	waitUntil(t, "listener b after SIGHUP", func() bool { return strings.Join(listenerNames(t, admin), ",") == "a,b" })
+
+	os.WriteFile(file, []byte(head+"  - name: c\n    listen: nope\n"), 0o600)
+	cmd.Process.Signal(syscall.SIGHUP)
+	waitUntil(t, "the rejection logged", func() bool { return strings.Contains(stderr.String(), "reload rejected") })
+	if got := strings.Join(listenerNames(t, admin), ","); got != "a,b" {
+		t.Fatalf("listeners after an invalid reload: %s, want a,b kept", got)
+	}
+	resp, err := http.Post("http://"+admin+"/api/v1/reload", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnprocessableEntity || !strings.Contains(string(body), "listeners[0]") {
+		t.Fatalf("POST reload of an invalid file: %d %s", resp.StatusCode, body)
+	}
+
+	os.WriteFile(file, []byte(head+listener("c")), 0o600)
+	resp, err = http.Post("http://"+admin+"/api/v1/reload", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("POST reload: %d", resp.StatusCode)
+	}
+	if got := strings.Join(listenerNames(t, admin), ","); got != "c" {
+		t.Fatalf("listeners after POST reload: %s, want c", got)
+	}
+
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-done:
+		done <- err
+		if err != nil {
+			t.Fatalf("exit after SIGTERM: %v\n%s", err, stderr.String())
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("no exit within 20s of SIGTERM")
+	}
+}
