@@ -1,0 +1,156 @@
+package admin_test
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/rota-proxy/rota/admin"
+	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/server"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func backend(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			io.WriteString(c, "x")
+			c.Close()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); <-done })
+	return ln.Addr().String()
+}
+
+func get(t *testing.T, h http.Handler, path string) (int, string) {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
+	return rec.Code, rec.Body.String()
+}
+
+func TestMetricsFollowTargets(t *testing.T) {
+	a, b := backend(t), backend(t)
+	cfg := config.Default()
+	l := config.DefaultListener()
+	l.Name, l.Listen, l.Discovery, l.Static = "web", "127.0.0.1:0", "static", []string{a, b}
+	l.Health.Interval = 50 * time.Millisecond
+	cfg.Listeners = []config.Listener{l}
+	srv, err := server.Start(context.Background(), cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Shutdown(context.Background())
+	h := (&admin.Handler{State: srv, Version: "test"}).Routes()
+
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, body := get(t, h, "/metrics")
+		if strings.Contains(body, `rota_target_up{listener="web",target="`+a+`"} 1`) &&
+			strings.Contains(body, `rota_target_up{listener="web",target="`+b+`"} 1`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("targets never reported up:\n%s", body)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	c, err := net.Dial("tcp", srv.Addr("web").String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.ReadAll(c)
+	c.Close()
+
+	code, body := get(t, h, "/metrics")
+	if code != http.StatusOK {
+		t.Fatalf("/metrics: %d", code)
+	}
+	for _, want := range []string{
+		`rota_connections_total{listener="web"} 1`,
+		`rota_connections_active{listener="web"}`,
+		`rota_dial_errors_total{listener="web",target="` + a + `"} 0`,
+		`rota_bytes_total{direction="in",listener="web"} 1`,
+		`rota_bytes_total{direction="out",listener="web"} 0`,
+		`rota_health_checks_total{listener="web",result="success",target="` + a + `"}`,
+		`rota_health_checks_total{listener="web",result="failure",target="` + a + `"} 0`,
+		`rota_discovery_updates_total{listener="web"} 1`,
+		`rota_discovery_errors_total{listener="web"} 0`,
+		`rota_discovery_last_sync_timestamp_seconds{listener="web"}`,
+		`rota_panic_mode{listener="web"} 0`,
+		`rota_build_info{version="test"} 1`,
+		`go_goroutines`,
+		`process_resident_memory_bytes`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+
+	// A target no longer discovered loses its series.
+	next := *cfg
+	nl := l
+	nl.Static = []string{a}
+	next.Listeners = []config.Listener{nl}
+	if err := srv.Reload(context.Background(), &next); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		_, body = get(t, h, "/metrics")
+		if !strings.Contains(body, `target="`+b+`"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("series of removed target %s still exported", b)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !strings.Contains(body, `target="`+a+`"`) {
+		t.Fatalf("series of kept target %s missing", a)
+	}
+}
+
+func TestStatusPageIsSelfContained(t *testing.T) {
+	cfg := config.Default()
+	l := config.DefaultListener()
+	l.Name, l.Listen, l.Discovery, l.Static = "web", "127.0.0.1:0", "static", []string{backend(t)}
+	cfg.Listeners = []config.Listener{l}
+	srv, err := server.Start(context.Background(), cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Shutdown(context.Background())
+	h := (&admin.Handler{State: srv, Version: "<v1>"}).Routes()
+	code, body := get(t, h, "/")
+	if code != http.StatusOK || !strings.Contains(body, "/api/v1/targets") {
+		t.Fatalf("/: %d", code)
+	}
+	for _, bad := range []string{"http://", "https://", "<v1>"} {
+		if strings.Contains(body, bad) {
+			t.Errorf("status page contains %q: it must fetch nothing from outside and escape the version", bad)
+		}
+	}
+	if code, _ := get(t, h, "/nope"); code != http.StatusNotFound {
+		t.Errorf("/nope: %d, want 404", code)
+	}
+}
