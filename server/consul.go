@@ -1,23 +1,30 @@
 package server
 
 import (
-	"errors"
-
 	"go.uber.org/zap"
 
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/discovery"
+	"github.com/rota-proxy/rota/discovery/consul"
 )
 
 // consulRegistry is the shared Consul client of all consul listeners.
-type consulRegistry struct{}
-
-func openConsul(config.Consul, *zap.Logger) (*consulRegistry, error) {
-	return nil, errors.New("consul discovery is not built yet")
+type consulRegistry struct {
+	client *consul.Client
 }
 
-func (c *consulRegistry) watcher(config.Listener, *zap.Logger) (discovery.Watcher, error) {
-	return nil, errors.New("consul discovery is not built yet")
+func openConsul(cfg config.Consul, _ *zap.Logger) (*consulRegistry, error) {
+	c, err := consul.NewClient(consul.ClientConfig{
+		Address: cfg.Address, Datacenter: cfg.Datacenter, TokenFile: cfg.TokenFile,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &consulRegistry{client: c}, nil
 }
 
-func (c *consulRegistry) close() {}
+func (c *consulRegistry) watcher(lc config.Listener, log *zap.Logger) (discovery.Watcher, error) {
+	return consul.NewWatcher(c.client.API, lc.Service, lc.Tags, log)
+}
+
+func (c *consulRegistry) close() { c.client.Close() }

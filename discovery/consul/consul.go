@@ -1,0 +1,284 @@
+// Package consul discovers the passing instances of a service in Consul by
+// blocking query on /v1/health/service/<service>?passing.
+package consul
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/hashicorp/consul/api"
+	"github.com/hashicorp/go-cleanhttp"
+	"go.uber.org/zap"
+
+	"github.com/rota-proxy/rota/discovery"
+)
+
+// Defaults of a Watcher.
+const (
+	DefaultWaitTime   = 5 * time.Minute
+	DefaultMinBetween = 20 * time.Millisecond
+	DefaultBackoffMax = 10 * time.Second
+)
+
+// ClientConfig is how rota reaches Consul (registries.consul in rota.yaml).
+// Empty fields leave what the standard environment says (CONSUL_HTTP_ADDR,
+// CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE, CONSUL_CACERT,
+// CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY, CONSUL_HTTP_SSL), as consul/api's
+// DefaultConfig reads it.
+type ClientConfig struct {
+	Address    string // host:port or a URL (http:// or https://)
+	Datacenter string
+	TokenFile  string
+}
+
+// Client is a Consul API client whose idle connections can be closed.
+type Client struct {
+	API       *api.Client
+	transport *http.Transport
+}
+
+// Close releases the client's idle connections. Watchers using it must have
+// stopped.
+func (c *Client) Close() {
+	if c.transport != nil {
+		c.transport.CloseIdleConnections()
+	}
+}
+
+// NewClient builds a Consul API client from cfg and the environment. It does
+// not contact Consul. The token is never logged or put in errors.
+func NewClient(cfg ClientConfig) (*Client, error) {
+	c := api.DefaultConfig()
+	if cfg.Address != "" {
+		addr := cfg.Address
+		switch {
+		case strings.HasPrefix(addr, "https://"):
+			c.Scheme, addr = "https", strings.TrimPrefix(addr, "https://")
+		case strings.HasPrefix(addr, "http://"):
+			c.Scheme, addr = "http", strings.TrimPrefix(addr, "http://")
+		}
+		c.Address = strings.TrimSuffix(addr, "/")
+	}
+	if cfg.Datacenter != "" {
+		c.Datacenter = cfg.Datacenter
+	}
+	if cfg.TokenFile != "" {
+		if _, err := os.Stat(cfg.TokenFile); err != nil {
+			return nil, fmt.Errorf("consul: token_file: %w", err)
+		}
+		c.TokenFile = cfg.TokenFile
+		c.Token = "" // the file wins over CONSUL_HTTP_TOKEN, as it was asked for explicitly
+	}
+	if c.Transport == nil {
+		c.Transport = cleanhttp.DefaultPooledTransport()
+	}
+	client, err := api.NewClient(c)
+	if err != nil {
+		return nil, fmt.Errorf("consul: client: %w", scrub(err, c.Token))
+	}
+	return &Client{API: client, transport: c.Transport}, nil
+}
+
+// Watcher follows the passing instances of one service. Create it with
+// NewWatcher.
+type Watcher struct {
+	client  *api.Client
+	service string
+	tags    []string
+	log     *zap.Logger
+
+	// WaitTime is the blocking query's wait (default DefaultWaitTime).
+	WaitTime time.Duration
+	// MinBetween is the least time between two queries, so that an index
+	// that churns while the result stays the same cannot spin (default
+	// DefaultMinBetween).
+	MinBetween time.Duration
+	// BackoffMax caps the retry delay after errors (default
+	// DefaultBackoffMax).
+	BackoffMax time.Duration
+
+	queries atomic.Uint64
+}
+
+// NewWatcher returns a watcher of service through client (which the caller
+// owns; several watchers may share it). Every tag in tags must be present on
+// an instance for it to count.
+func NewWatcher(client *api.Client, service string, tags []string, logger *zap.Logger) (*Watcher, error) {
+	if client == nil {
+		return nil, errors.New("consul: nil client")
+	}
+	if service == "" {
+		return nil, errors.New("consul: empty service name")
+	}
+	if logger == nil {
+		logger = zap.NewNop()
+	}
+	return &Watcher{
+		client:  client,
+		service: service,
+		tags:    slices.Clone(tags),
+		log:     logger.Named("consul").With(zap.String("service", service)),
+	}, nil
+}
+
+// Queries is the number of health queries sent so far (for tests and
+// metrics: a hot loop shows here).
+func (w *Watcher) Queries() uint64 { return w.queries.Load() }
+
+// Watch implements discovery.Watcher. It returns nil when ctx is done.
+func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
+	wait := w.WaitTime
+	if wait <= 0 {
+		wait = DefaultWaitTime
+	}
+	minBetween := w.MinBetween
+	if minBetween <= 0 {
+		minBetween = DefaultMinBetween
+	}
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval = 100 * time.Millisecond
+	bo.MaxInterval = w.BackoffMax
+	if bo.MaxInterval <= 0 {
+		bo.MaxInterval = DefaultBackoffMax
+	}
+	bo.MaxElapsedTime = 0 // never give up
+	bo.Reset()
+
+	var (
+		index   uint64
+		last    discovery.Snapshot
+		synced  bool
+		failing bool
+		lastAt  time.Time
+	)
+	for {
+		// Rate limit: successive queries at least minBetween apart.
+		if d := minBetween - time.Since(lastAt); d > 0 {
+			if !sleep(ctx, d) {
+				return nil
+			}
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		lastAt = time.Now()
+		snap, newIndex, err := w.query(ctx, index, wait)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err != nil {
+			if !failing {
+				w.log.Warn("consul query failed; keeping the last known instances", zap.Error(err))
+				failing = true
+			}
+			sink.Error(err)
+			// After an error the agent may be a different one (restarted
+			// without its data) whose index is below ours: a blocking query
+			// at our index would then hang for the whole wait time. Start
+			// over with a non-blocking query.
+			index = 0
+			if !sleep(ctx, bo.NextBackOff()) {
+				return nil
+			}
+			continue
+		}
+		bo.Reset()
+		if failing {
+			w.log.Info("consul reachable again")
+			failing = false
+		}
+		index = nextIndex(index, newIndex)
+		if !synced || !snap.Equal(last) {
+			synced, last = true, snap
+			sink.Update(snap)
+		}
+	}
+}
+
+// nextIndex applies Consul's rules for blocking-query indexes: an index that
+// goes backwards (an agent restarted, a snapshot restored) resets to 0 so
+// that the next query returns at once with fresh data, and an index of 0
+// returned by the server is treated as 1 so a real index is never followed by
+// a non-blocking 0 again and again.
+func nextIndex(prev, got uint64) uint64 {
+	switch {
+	case got < prev:
+		return 0
+	case got == 0:
+		return 1
+	}
+	return got
+}
+
+func (w *Watcher) query(ctx context.Context, index uint64, wait time.Duration) (discovery.Snapshot, uint64, error) {
+	// The server adds up to wait/16 of jitter to the wait; the deadline
+	// leaves room for it and for the answer to travel.
+	rctx, cancel := context.WithTimeout(ctx, wait+wait/16+10*time.Second)
+	defer cancel()
+	q := (&api.QueryOptions{WaitIndex: index, WaitTime: wait}).WithContext(rctx)
+	w.queries.Add(1)
+	entries, meta, err := w.client.Health().ServiceMultipleTags(w.service, w.tags, true, q)
+	if err != nil {
+		return discovery.Snapshot{}, 0, fmt.Errorf("consul: health of %q: %w", w.service, scrub(err, ""))
+	}
+	if meta.ResultsFilteredByACLs {
+		// Some instances were hidden from this token: routing over the rest
+		// would silently shrink the pool, so keep the last good set.
+		return discovery.Snapshot{}, 0, fmt.Errorf("consul: health of %q: results filtered by ACLs (the token lacks service:read or node:read)", w.service)
+	}
+	addrs := make([]string, 0, len(entries))
+	for _, e := range entries {
+		if a := instanceAddr(e); a != "" {
+			addrs = append(addrs, a)
+		}
+	}
+	return discovery.NewSnapshot(addrs...), meta.LastIndex, nil
+}
+
+// instanceAddr is Service.Address, else Node.Address, with Service.Port.
+func instanceAddr(e *api.ServiceEntry) string {
+	if e == nil || e.Service == nil || e.Service.Port <= 0 {
+		return ""
+	}
+	host := e.Service.Address
+	if host == "" && e.Node != nil {
+		host = e.Node.Address
+	}
+	if host == "" {
+		return ""
+	}
+	return net.JoinHostPort(host, strconv.Itoa(e.Service.Port))
+}
+
+// scrub removes a token from an error's text, in case a transport error ever
+// quotes a request carrying it.
+func scrub(err error, token string) error {
+	if token == "" {
+		token = os.Getenv(api.HTTPTokenEnvName)
+	}
+	if token == "" || !strings.Contains(err.Error(), token) {
+		return err
+	}
+	return errors.New(strings.ReplaceAll(err.Error(), token, "[redacted]"))
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}

@@ -1,0 +1,291 @@
+package consul_test
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/goleak"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/rota-proxy/rota/discovery"
+	"github.com/rota-proxy/rota/discovery/consul"
+	"github.com/rota-proxy/rota/internal/testenv"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// recorder is a discovery.Sink keeping every snapshot and error.
+type recorder struct {
+	mu      sync.Mutex
+	snaps   []discovery.Snapshot
+	errs    []error
+	updates atomic.Int64
+}
+
+func (r *recorder) Update(s discovery.Snapshot) {
+	r.mu.Lock()
+	r.snaps = append(r.snaps, s)
+	r.mu.Unlock()
+	r.updates.Add(1)
+}
+
+func (r *recorder) Error(err error) {
+	r.mu.Lock()
+	r.errs = append(r.errs, err)
+	r.mu.Unlock()
+}
+
+func (r *recorder) last() ([]string, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.snaps) == 0 {
+		return nil, false
+	}
+	return r.snaps[len(r.snaps)-1].Addrs(), true
+}
+
+func (r *recorder) errors() []error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]error(nil), r.errs...)
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for !cond() {
+		if time.Since(start) > 20*time.Second {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	return time.Since(start)
+}
+
+func (r *recorder) waitAddrs(t *testing.T, what string, want ...string) time.Duration {
+	t.Helper()
+	slices.Sort(want)
+	return waitFor(t, what, func() bool {
+		got, ok := r.last()
+		return ok && slices.Equal(got, want)
+	})
+}
+
+// watch runs w until the test ends.
+func watch(t *testing.T, w discovery.Watcher) *recorder {
+	t.Helper()
+	r := &recorder{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Watch(ctx, r) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Watch returned %v", err)
+		}
+	})
+	return r
+}
+
+// register adds a service instance with a TTL check in the given status.
+func register(t *testing.T, c *api.Client, id string, port int, status string, tags ...string) {
+	t.Helper()
+	err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		ID: id, Name: "web", Port: port, Address: "127.0.0.1", Tags: tags,
+		Check: &api.AgentServiceCheck{CheckID: "check-" + id, TTL: "1h", Status: status},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func setCheck(t *testing.T, c *api.Client, id, status string) {
+	t.Helper()
+	if err := c.Agent().UpdateTTL("check-"+id, "test", status); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func newWatcher(t *testing.T, addr string, tags ...string) *consul.Watcher {
+	t.Helper()
+	c, err := consul.NewClient(consul.ClientConfig{Address: addr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	w, err := consul.NewWatcher(c.API, "web", tags, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return w
+}
+
+func TestPassingInstancesAreRoutedAndChangesFollow(t *testing.T) {
+	agent := testenv.StartConsul(t)
+	c := agent.Client(t)
+	register(t, c, "a", 9001, api.HealthPassing)
+	register(t, c, "b", 9002, api.HealthCritical)
+	r := watch(t, newWatcher(t, agent.Addr()))
+	r.waitAddrs(t, "initial passing set", "127.0.0.1:9001")
+
+	register(t, c, "c", 9003, api.HealthPassing)
+	t.Logf("registered passing -> snapshot in %v", r.waitAddrs(t, "c added", "127.0.0.1:9001", "127.0.0.1:9003"))
+
+	setCheck(t, c, "a", api.HealthCritical)
+	t.Logf("turned critical -> snapshot in %v", r.waitAddrs(t, "a critical", "127.0.0.1:9003"))
+
+	setCheck(t, c, "b", api.HealthPassing)
+	t.Logf("turned passing -> snapshot in %v", r.waitAddrs(t, "b passing", "127.0.0.1:9002", "127.0.0.1:9003"))
+
+	if err := c.Agent().ServiceDeregister("c"); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("deregistered -> snapshot in %v", r.waitAddrs(t, "c deregistered", "127.0.0.1:9002"))
+
+	// A critical instance was never in any snapshot while critical.
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for i, s := range r.snaps {
+		for _, a := range s.Addrs() {
+			if a == "127.0.0.1:9002" && i < len(r.snaps)-2 {
+				t.Fatalf("critical instance b routed in snapshot %d: %v", i, s.Addrs())
+			}
+		}
+	}
+}
+
+func TestTagsMustAllMatch(t *testing.T) {
+	agent := testenv.StartConsul(t)
+	c := agent.Client(t)
+	register(t, c, "a", 9001, api.HealthPassing, "v2", "blue")
+	register(t, c, "b", 9002, api.HealthPassing, "v2")
+	register(t, c, "c", 9003, api.HealthPassing, "blue")
+	both := watch(t, newWatcher(t, agent.Addr(), "v2", "blue"))
+	one := watch(t, newWatcher(t, agent.Addr(), "v2"))
+	both.waitAddrs(t, "v2+blue", "127.0.0.1:9001")
+	one.waitAddrs(t, "v2", "127.0.0.1:9001", "127.0.0.1:9002")
+}
+
+func TestServiceAddressElseNodeAddress(t *testing.T) {
+	agent := testenv.StartConsul(t)
+	c := agent.Client(t)
+	if err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: "n", Name: "web", Port: 9005}); err != nil {
+		t.Fatal(err)
+	}
+	// The dev agent's node address is 127.0.0.1.
+	watch(t, newWatcher(t, agent.Addr())).waitAddrs(t, "node address used", "127.0.0.1:9005")
+}
+
+func TestAgentKilledKeepsLastSetThenFollowsNewAgent(t *testing.T) {
+	agent := testenv.StartConsul(t)
+	c := agent.Client(t)
+	register(t, c, "a", 9001, api.HealthPassing)
+	register(t, c, "b", 9002, api.HealthPassing)
+	w := newWatcher(t, agent.Addr())
+	w.BackoffMax = 200 * time.Millisecond
+	r := watch(t, w)
+	r.waitAddrs(t, "a and b", "127.0.0.1:9001", "127.0.0.1:9002")
+	updates := r.updates.Load()
+
+	agent.Kill()
+	waitFor(t, "errors reported", func() bool { return len(r.errors()) >= 3 })
+	if got, _ := r.last(); len(got) != 2 || r.updates.Load() != updates {
+		t.Fatalf("an outage changed the routed set: %v", got)
+	}
+
+	// A new agent with fresh state (its index starts low again): the
+	// watcher follows what it reports, without a hot loop.
+	agent.Start()
+	c = agent.Client(t)
+	register(t, c, "z", 9009, api.HealthPassing)
+	t.Logf("new agent's set routed %v after its registration", r.waitAddrs(t, "new agent's set", "127.0.0.1:9009"))
+	q := w.Queries()
+	// Give a hot loop the chance to show: at most a handful of queries
+	// may pass in this window (blocking queries wait for changes).
+	deadline := time.Now().Add(500 * time.Millisecond)
+	for time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond) // observation window, not synchronisation
+	}
+	if n := w.Queries() - q; n > 5 {
+		t.Fatalf("%d queries in 500ms with nothing changing: hot loop", n)
+	}
+}
+
+// The error paths below need answers a dev agent will not give on demand
+// (no leader, ACL denial); a plain HTTP server on loopback plays Consul for
+// them. Everything else in this file runs against a real agent.
+func TestErrorsKeepLastSetAndNeverLeakToken(t *testing.T) {
+	var mode atomic.Int32 // 0: good answer, 1: 500 no leader, 2: 403
+	var hits atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		switch mode.Load() {
+		case 1:
+			http.Error(w, "No cluster leader", http.StatusInternalServerError)
+			return
+		case 2:
+			http.Error(w, "Permission denied", http.StatusForbidden)
+			return
+		}
+		if r.URL.Query().Get("index") == "7" {
+			// Block like a real agent until the test moves on.
+			select {
+			case <-r.Context().Done():
+			case <-time.After(200 * time.Millisecond):
+			}
+		}
+		w.Header().Set("X-Consul-Index", "7")
+		fmt.Fprint(w, `[{"Node":{"Node":"n1","Address":"10.0.0.1"},"Service":{"ID":"a","Service":"web","Address":"","Port":9001}}]`)
+	}))
+	defer srv.Close()
+	secret := "s3cr3t-token-value"
+	tokenFile := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(tokenFile, []byte(secret), 0o600)
+	c, err := consul.NewClient(consul.ClientConfig{Address: srv.URL, TokenFile: tokenFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	w, err := consul.NewWatcher(c.API, "web", nil, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.BackoffMax = 50 * time.Millisecond
+	r := watch(t, w)
+	r.waitAddrs(t, "first answer", "10.0.0.1:9001")
+	for _, m := range []int32{1, 2} {
+		before := len(r.errors())
+		mode.Store(m)
+		waitFor(t, "errors reported", func() bool { return len(r.errors()) >= before+3 })
+		if got, _ := r.last(); !slices.Equal(got, []string{"10.0.0.1:9001"}) {
+			t.Fatalf("after errors the routed set is %v", got)
+		}
+	}
+	for _, err := range r.errors() {
+		if strings.Contains(err.Error(), secret) {
+			t.Fatalf("token leaked into an error: %v", err)
+		}
+	}
+	errs := r.errors()
+	if !strings.Contains(errs[len(errs)-1].Error(), "403") {
+		t.Fatalf("last error %v, want the 403", errs[len(errs)-1])
+	}
+	n := r.updates.Load()
+	h := hits.Load()
+	mode.Store(0)
+	waitFor(t, "two good queries after recovery", func() bool { return hits.Load() >= h+2 })
+	if r.updates.Load() != n {
+		t.Fatal("an identical result after recovery was re-applied")
+	}
+}
