@@ -178,8 +178,11 @@ func (d *decoder) value(orig *yaml.Node, at position, path string, v reflect.Val
 	if n == nil {
 		return
 	}
-	if n.Kind == yaml.ScalarNode {
-		// The alias, not the anchor, is where this field is written.
+	if n.Kind == yaml.ScalarNode || orig.Line == at.line {
+		// Point at the value when it is on the key's line (a scalar or
+		// a flow collection such as [a, b]); a block collection starts
+		// on the next line, so its key is the better place. The alias,
+		// not the anchor, is where this field is written.
 		at = posOf(orig)
 	}
 	d.pos[path] = at
@@ -220,7 +223,7 @@ func (d *decoder) value(orig *yaml.Node, at position, path string, v reflect.Val
 		v.SetString(n.Value)
 	case v.Kind() == reflect.Int:
 		var i int
-		if n.Kind != yaml.ScalarNode || n.ShortTag() != "!!int" {
+		if n.Kind != yaml.ScalarNode || n.ShortTag() != "!!int" && !looksInteger(n) {
 			d.fail(path, at, "expected an integer, got %s", describe(n))
 			return
 		}
@@ -389,6 +392,13 @@ func (d *decoder) mergeSources(v *yaml.Node, path string) []pair {
 	return nil
 }
 
+// looksInteger reports whether n is an unquoted run of digits that YAML
+// resolved to a float only because it overflows int64.
+func looksInteger(n *yaml.Node) bool {
+	v := strings.TrimLeft(n.Value, "+-")
+	return n.ShortTag() == "!!float" && v != "" && strings.Trim(v, "0123456789") == ""
+}
+
 // defaultFor returns an addressable value of type t holding its defaults, so
 // that keys absent from the file keep them.
 func defaultFor(t reflect.Type) reflect.Value {
@@ -471,7 +481,7 @@ func (d *decoder) position(field string) (line, col int) {
 // decode.
 func (d *decoder) covered(field string) bool {
 	for _, b := range d.bad {
-		if field == b || strings.HasPrefix(field, b+".") || strings.HasPrefix(field, b+"[") {
+		if b == "" || field == b || strings.HasPrefix(field, b+".") || strings.HasPrefix(field, b+"[") {
 			return true
 		}
 	}
