@@ -679,3 +679,14 @@ func TestAddresses(t *testing.T) {
 		}
 	}
 }
+
+// TestExampleFile keeps the repository's annotated example loadable.
+func TestExampleFile(t *testing.T) {
+	cfg, err := Load("../rota.example.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cfg.Listeners) != 2 || cfg.Registries.Etcd == nil || cfg.Registries.Etcd.Embedded == nil || cfg.Registries.Consul == nil {
+		t.Fatalf("example lost a section: %+v", cfg)
+	}
+}
