@@ -164,3 +164,24 @@ func TestEtcdOutageUnderLoadKeepsRouting(t *testing.T) {
 	ld.assertNoFailures(t)
 	t.Logf("%d client connections across the outage, none failed", ld.ok.Load())
 }
+
+func TestEmptyRegistryIsHeldBeforeEmptyingThePool(t *testing.T) {
+	e := testenv.StartEtcd(t)
+	c := e.Client(t)
+	b1 := startBackend(t, "b1")
+	put(t, c, b1.addr, 0)
+	srv := startServer(t, etcdConfig(e))
+	exactly(t, srv, "b1 routed", "b1")
+
+	del(t, c, b1.addr)
+	removed := time.Now()
+	waitFor(t, "the empty snapshot received", 5*time.Second, func() bool { return srv.Status()[0].DiscoveryUpdates >= 2 })
+	if _, err := request(proxyAddr(t, srv, "web")); err != nil && time.Since(removed) < 4*time.Second {
+		t.Fatalf("the pool was emptied at once by an empty registry answer: %v", err)
+	}
+	took := exactly(t, srv, "the pool emptied after the hold")
+	t.Logf("empty registry believed after %v", time.Since(removed))
+	if time.Since(removed) < 4*time.Second {
+		t.Fatalf("pool emptied after %v, before the hold", took)
+	}
+}

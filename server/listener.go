@@ -42,6 +42,9 @@ type listener struct {
 	targets    map[string]*balancer.Target // every discovered address
 	discovered []string                    // sorted
 	panicking  bool
+	emptyTimer *time.Timer // pending empty snapshot, see holdEmpty
+	closing    bool
+	timerWG    sync.WaitGroup // an emptyTimer applying its snapshot
 
 	synced     atomic.Bool
 	lastSync   atomic.Int64 // unix nanoseconds of the last snapshot
@@ -153,6 +156,18 @@ func (l *listener) stopWatch() {
 // addresses and dropped for vanished ones, and the checker follows.
 func (l *listener) onSnapshot(s discovery.Snapshot) {
 	addrs := s.Addrs()
+	if l.holdEmpty(addrs) {
+		l.updates.Add(1)
+		l.lastSync.Store(time.Now().UnixNano())
+		return
+	}
+	l.applySnapshot(addrs, true)
+}
+
+// applySnapshot makes addrs the discovered set; fresh says it just came
+// from the registry (and counts as a sync).
+func (l *listener) applySnapshot(addrs []string, fresh bool) {
+	l.makeBeforeBreak(addrs)
 	l.mu.Lock()
 	for _, a := range addrs {
 		if _, ok := l.targets[a]; !ok {
@@ -168,8 +183,10 @@ func (l *listener) onSnapshot(s discovery.Snapshot) {
 	l.discovered = addrs
 	l.mu.Unlock()
 
-	l.updates.Add(1)
-	l.lastSync.Store(time.Now().UnixNano())
+	if fresh {
+		l.updates.Add(1)
+		l.lastSync.Store(time.Now().UnixNano())
+	}
 	if l.inError.CompareAndSwap(true, false) {
 		l.log.Info("discovery recovered", zap.Int("instances", len(addrs)))
 	}
@@ -182,6 +199,109 @@ func (l *listener) onSnapshot(s discovery.Snapshot) {
 	// The checker publishes only when the live set changes; a removed
 	// target that was down, or panic mode, still needs a fresh picker.
 	l.onLive(nil)
+}
+
+// emptyHold is how long a registry may report no instances at all before
+// rota believes it. A registry restarted without its data (a Consul agent in
+// dev mode, an etcd restored empty) answers "none" until its instances
+// register again; emptying the pool at once would refuse every client in
+// that window. HAProxy's "hold obsolete" does the same for DNS. Instances
+// kept meanwhile are still health checked, so dead ones go down anyway.
+const emptyHold = 5 * time.Second
+
+// holdEmpty reports whether an empty snapshot must wait: it arms a timer
+// that applies it after emptyHold unless a non-empty one arrives first.
+func (l *listener) holdEmpty(addrs []string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(addrs) > 0 || len(l.discovered) == 0 {
+		if l.emptyTimer != nil {
+			l.emptyTimer.Stop()
+			l.emptyTimer = nil
+		}
+		return false
+	}
+	if l.emptyTimer == nil && !l.closing {
+		l.log.Warn("registry reports no instances; keeping the last known ones for a while",
+			zap.Int("instances", len(l.discovered)), zap.Duration("hold", emptyHold))
+		gen := l.generation.Load()
+		l.emptyTimer = time.AfterFunc(emptyHold, func() {
+			l.mu.Lock()
+			fire := l.emptyTimer != nil && !l.closing && l.generation.Load() == gen
+			l.emptyTimer = nil
+			if fire {
+				l.timerWG.Add(1) // under mu, before shutdown can see closing
+			}
+			l.mu.Unlock()
+			if fire {
+				defer l.timerWG.Done()
+				l.log.Warn("registry still reports no instances; dropping the last known ones")
+				l.applySnapshot(nil, false)
+			}
+		})
+	}
+	return true
+}
+
+// makeBeforeBreak handles a snapshot that replaces every live target (a
+// blue/green switch, a registry that came back with a new set): applied
+// as is, it would leave nothing to route to until the new targets pass
+// their first probe, and clients arriving meanwhile would be refused. So
+// the new targets are probed first while the old ones keep serving,
+// bounded by the health timeout.
+func (l *listener) makeBeforeBreak(addrs []string) {
+	live := l.checker.Live()
+	if len(live) == 0 {
+		return
+	}
+	for _, a := range live {
+		if _, found := slices.BinarySearch(addrs, a); found {
+			return // some live target stays: nothing to bridge
+		}
+	}
+	l.mu.Lock()
+	var added []string
+	union := slices.Clone(addrs)
+	for _, a := range addrs {
+		if _, ok := l.targets[a]; !ok {
+			added = append(added, a)
+			l.targets[a] = balancer.NewTarget(a)
+		}
+	}
+	for a := range l.targets {
+		if _, found := slices.BinarySearch(addrs, a); !found {
+			union = append(union, a)
+		}
+	}
+	timeout := l.cfg.Health.Timeout
+	l.mu.Unlock()
+	if len(added) == 0 {
+		return
+	}
+	l.checker.Update(union)
+	deadline := time.Now().Add(timeout + 100*time.Millisecond)
+	for time.Now().Before(deadline) && !l.probedAny(added) {
+		// The checker has no per-probe notification; a short poll bounded
+		// by the probe timeout is simplest and runs only on a full swap.
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// probedAny reports whether one of addrs is live, or all have a probe result.
+func (l *listener) probedAny(addrs []string) bool {
+	pending := 0
+	for _, st := range l.checker.Status() {
+		if _, found := slices.BinarySearch(addrs, st.Addr); !found {
+			continue
+		}
+		switch st.State {
+		case health.Up:
+			return true
+		case health.Checking:
+			pending++
+		}
+	}
+	return pending == 0
 }
 
 // onError records a registry failure. The last snapshot stays in force.
@@ -249,6 +369,14 @@ func (l *listener) shutdown(ctx context.Context) error {
 	err := l.proxy.Shutdown(dctx)
 	l.serveWG.Wait()
 	l.stopWatch()
+	l.mu.Lock()
+	l.closing = true
+	if l.emptyTimer != nil {
+		l.emptyTimer.Stop()
+		l.emptyTimer = nil
+	}
+	l.mu.Unlock()
+	l.timerWG.Wait()
 	l.checker.Close()
 	if err != nil {
 		return errors.New("drain timeout reached; open connections were closed")
