@@ -34,6 +34,14 @@ test: tools vet
 demo: deps
 	$(GO) run ./cmd/rota demo
 
+# Side by side with HAProxy and nginx (installed by bench/setup.sh if
+# missing), then the registry convergence run. QUICK=1: under two minutes.
+bench: build
+	bench/setup.sh
+	$(GO) build -o bin/benchrun ./bench/run
+	bin/benchrun -rota bin/rota $(if $(QUICK),-quick)
+	$(GO) run ./bench/convergence $(if $(QUICK),-changes 50) | tee bench/results/$$(date +%F)$(if $(QUICK),-quick)-convergence.md
+
 # Short fuzzing passes of the config loader and the PROXY header path.
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 30s ./config/

@@ -1,0 +1,361 @@
+// Command run benchmarks rota side by side with HAProxy and nginx (stream)
+// and a direct connection, against the same backends and load generators,
+// in one run on one machine. See bench/README.md.
+//
+//	go run ./bench/run            # full run (~10 min)
+//	go run ./bench/run -quick     # under two minutes
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+var proxies = []string{"direct", "rota", "haproxy", "nginx"}
+
+type options struct {
+	quick    bool
+	reps     int
+	dur      time.Duration
+	idle     int
+	threads  []int
+	conc     []int
+	targets  []int
+	rotaBin  string
+	out      string
+	tmp      string
+	backends *backendSet
+}
+
+func main() {
+	if len(os.Args) > 2 && os.Args[1] == "-backend-mode" {
+		n, _ := strconv.Atoi(os.Args[2])
+		if err := runBackends(n); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		return
+	}
+	var o options
+	flag.BoolVar(&o.quick, "quick", false, "short run (under two minutes)")
+	flag.StringVar(&o.rotaBin, "rota", "bin/rota", "rota binary")
+	flag.StringVar(&o.out, "out", "bench/results", "directory for the report and chart")
+	flag.Parse()
+	raiseNoFile()
+	if o.quick {
+		o.reps, o.dur, o.idle = 1, 2*time.Second, 2000
+		o.threads, o.conc, o.targets = []int{1, 2}, []int{1, 1000}, []int{3, 1000}
+	} else {
+		o.reps, o.dur, o.idle = 3, 4*time.Second, 5000
+		o.threads, o.conc, o.targets = []int{1, 2}, []int{1, 10, 100, 1000, 4000}, []int{3, 100, 1000}
+	}
+	if err := run(&o); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+// results holds every sample: key -> values over repetitions.
+type results map[string][]float64
+
+func (r results) add(key string, v float64) { r[key] = append(r[key], v) }
+
+func (r results) median(key string) (float64, bool) {
+	v := slices.Clone(r[key])
+	if len(v) == 0 {
+		return 0, false
+	}
+	slices.Sort(v)
+	return v[len(v)/2], true
+}
+
+func key(parts ...any) string {
+	s := make([]string, len(parts))
+	for i, p := range parts {
+		s[i] = fmt.Sprint(p)
+	}
+	return strings.Join(s, "/")
+}
+
+func run(o *options) error {
+	start := time.Now()
+	tmp, err := os.MkdirTemp("", "rota-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+	o.tmp = tmp
+	maxTargets := slices.Max(o.targets)
+	bs, err := startBackends(maxTargets)
+	if err != nil {
+		return err
+	}
+	defer bs.stop()
+	o.backends = bs
+	iperfPort := freePort()
+	iperf := exec.Command("iperf3", "-s", "-p", strconv.Itoa(iperfPort))
+	if err := iperf.Start(); err != nil {
+		return fmt.Errorf("iperf3: %w", err)
+	}
+	defer func() { iperf.Process.Kill(); iperf.Wait() }()
+	iperfAddr := fmt.Sprintf("127.0.0.1:%d", iperfPort)
+	waitDial(iperfAddr)
+
+	res := results{}
+	three := bs.addrs[:3]
+	for _, th := range o.threads {
+		for rep := range o.reps {
+			// Interleave: each repetition starts with a different proxy.
+			order := slices.Clone(proxies)
+			for i := 0; i < rep%len(order); i++ {
+				order = append(order[1:], order[0])
+			}
+			for _, px := range order {
+				logf("pass %d thread(s), rep %d: %s", th, rep+1, px)
+				p, err := startProxy(px, th, three, o.rotaBin, tmp, true)
+				if err != nil {
+					return err
+				}
+				if m, err := wrk(p.addr, 64, o.dur, false); err == nil {
+					res.add(key(th, "ka_rps", px), m.rps)
+					res.add(key(th, "ka_p50", px), m.p50)
+					res.add(key(th, "ka_p99", px), m.p99)
+				} else {
+					logf("  keep-alive: %v", err)
+				}
+				if m, err := wrk(p.addr, 64, o.dur, true); err == nil {
+					res.add(key(th, "close_rps", px), m.rps)
+					res.add(key(th, "close_p99", px), m.p99)
+				} else {
+					logf("  close: %v", err)
+				}
+				if px != "direct" && rep == 0 {
+					if v, err := idleMemory(p, o.idle); err == nil {
+						res.add(key(th, "idle_kib", px), v)
+					} else {
+						logf("  idle: %v", err)
+					}
+				}
+				p.stop()
+
+				bp, err := startProxy(px, th, []string{iperfAddr}, o.rotaBin, tmp, false)
+				if err != nil {
+					return err
+				}
+				if v, err := iperfBulk(bp.addr, o.dur); err == nil {
+					res.add(key(th, "bulk_gbps", px), v)
+				} else {
+					logf("  bulk: %v", err)
+				}
+				bp.stop()
+			}
+		}
+	}
+	// Scaling, one thread each: concurrency, then number of targets.
+	for _, c := range o.conc {
+		for _, px := range proxies {
+			logf("concurrency %d: %s", c, px)
+			p, err := startProxy(px, 1, three, o.rotaBin, tmp, true)
+			if err != nil {
+				return err
+			}
+			if m, err := wrk(p.addr, c, o.dur, false); err == nil {
+				res.add(key("conc", c, px), m.rps)
+			} else {
+				logf("  %v", err)
+			}
+			p.stop()
+		}
+	}
+	for _, n := range o.targets {
+		for _, px := range proxies[1:] {
+			logf("targets %d: %s", n, px)
+			p, err := startProxy(px, 1, bs.addrs[:n], o.rotaBin, tmp, true)
+			if err != nil {
+				return err
+			}
+			if m, err := wrk(p.addr, 64, o.dur, true); err == nil {
+				res.add(key("targets", n, px), m.rps)
+			} else {
+				logf("  %v", err)
+			}
+			p.stop()
+		}
+	}
+	report := renderReport(o, res, time.Since(start))
+	fmt.Print(report)
+	if err := os.MkdirAll(o.out, 0o755); err != nil {
+		return err
+	}
+	date := time.Now().Format("2006-01-02")
+	if o.quick {
+		date += "-quick"
+	}
+	md := filepath.Join(o.out, date+".md")
+	png := filepath.Join(o.out, date+".png")
+	report = strings.Replace(report, "<!--chart-->", fmt.Sprintf("![ratios](%s)\n", filepath.Base(png)), 1)
+	if err := os.WriteFile(md, []byte(report), 0o644); err != nil {
+		return err
+	}
+	raw, _ := json.MarshalIndent(res, "", " ")
+	os.WriteFile(filepath.Join(o.out, date+".json"), raw, 0o644)
+	if err := writeChart(png, o, res); err != nil {
+		return err
+	}
+	logf("wrote %s and %s", md, png)
+	return nil
+}
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "[%s] %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
+}
+
+// backendSet is the child process serving the HTTP backends.
+type backendSet struct {
+	cmd   *exec.Cmd
+	addrs []string
+}
+
+func startBackends(n int) (*backendSet, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(self, "-backend-mode", strconv.Itoa(n))
+	// The backends get their own CPU budget like any upstream service.
+	cmd.Env = append(os.Environ(), "GOMAXPROCS=2")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	bs := &backendSet{cmd: cmd}
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		if sc.Text() == "ready" {
+			return bs, nil
+		}
+		bs.addrs = append(bs.addrs, "127.0.0.1:"+sc.Text())
+	}
+	cmd.Process.Kill()
+	return nil, fmt.Errorf("backends exited early")
+}
+
+func (b *backendSet) stop() {
+	b.cmd.Process.Kill()
+	b.cmd.Wait()
+}
+
+func waitDial(addr string) {
+	for range 500 {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+type wrkResult struct{ rps, p50, p99 float64 } // latencies in milliseconds
+
+var (
+	reRPS = regexp.MustCompile(`Requests/sec:\s+([\d.]+)`)
+	reLat = regexp.MustCompile(`(?m)^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$`)
+)
+
+// wrk runs one load generator thread (the other core is the proxy's).
+func wrk(addr string, conns int, d time.Duration, closeEach bool) (wrkResult, error) {
+	args := []string{"-t1", fmt.Sprintf("-c%d", conns), fmt.Sprintf("-d%ds", int(d.Seconds())), "--latency", "--timeout", "5s"}
+	if closeEach {
+		args = append(args, "-H", "Connection: close")
+	}
+	args = append(args, "http://"+addr+"/")
+	out, err := exec.Command("wrk", args...).CombinedOutput()
+	if err != nil {
+		return wrkResult{}, fmt.Errorf("wrk: %v: %s", err, out)
+	}
+	var r wrkResult
+	m := reRPS.FindSubmatch(out)
+	if m == nil {
+		return r, fmt.Errorf("wrk: no Requests/sec in %s", out)
+	}
+	r.rps, _ = strconv.ParseFloat(string(m[1]), 64)
+	for _, l := range reLat.FindAllSubmatch(out, -1) {
+		v, _ := strconv.ParseFloat(string(l[2]), 64)
+		switch string(l[3]) {
+		case "us":
+			v /= 1000
+		case "s":
+			v *= 1000
+		}
+		if string(l[1]) == "50" {
+			r.p50 = v
+		} else {
+			r.p99 = v
+		}
+	}
+	if strings.Contains(string(out), "Socket errors") || strings.Contains(string(out), "Non-2xx") {
+		logf("  wrk reported errors: %s", strings.TrimSpace(string(out)))
+	}
+	return r, nil
+}
+
+func iperfBulk(addr string, d time.Duration) (float64, error) {
+	host, port, _ := net.SplitHostPort(addr)
+	out, err := exec.Command("iperf3", "-c", host, "-p", port, "-t", strconv.Itoa(int(d.Seconds())), "-J").Output()
+	if err != nil {
+		return 0, fmt.Errorf("iperf3: %v: %s", err, out)
+	}
+	var doc struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+		} `json:"end"`
+	}
+	if err := json.Unmarshal(out, &doc); err != nil {
+		return 0, err
+	}
+	return doc.End.SumReceived.BitsPerSecond / 1e9, nil
+}
+
+// idleMemory opens n idle connections through p and returns the growth of
+// the proxy's resident memory per connection, in KiB.
+func idleMemory(p *proc, n int) (float64, error) {
+	before := p.rss()
+	conns := make([]net.Conn, 0, n)
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for range n {
+		c, err := net.DialTimeout("tcp", p.addr, 5*time.Second)
+		if err != nil {
+			return 0, fmt.Errorf("after %d connections: %w", len(conns), err)
+		}
+		conns = append(conns, c)
+	}
+	// Let the proxy accept and connect upstream for all of them, and the
+	// memory settle: take the highest of a few readings a little apart.
+	var after int64
+	for range 10 {
+		time.Sleep(150 * time.Millisecond)
+		after = max(after, p.rss())
+	}
+	return float64(after-before) / float64(n) / 1024, nil
+}

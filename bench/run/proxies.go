@@ -1,0 +1,216 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// proc is one running proxy (or nothing, for "direct").
+type proc struct {
+	name   string
+	addr   string // where clients connect
+	cmd    *exec.Cmd
+	dir    string
+	pidFn  func() []int // processes whose memory counts
+	waitCh chan error
+}
+
+func (p *proc) stop() {
+	if p.cmd == nil {
+		return
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.waitCh:
+	case <-time.After(10 * time.Second):
+		p.cmd.Process.Kill()
+		<-p.waitCh
+	}
+	// nginx workers are children of the master; make sure none is left.
+	if p.name == "nginx" {
+		exec.Command("pkill", "-f", "nginx: .*"+p.dir).Run()
+	}
+}
+
+// rss is the resident memory of the proxy's processes, in bytes.
+func (p *proc) rss() int64 {
+	var total int64
+	for _, pid := range p.pidFn() {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if f, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+				kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(f), "kB")), 10, 64)
+				total += kb * 1024
+			}
+		}
+	}
+	return total
+}
+
+func freePort() int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+func startCmd(p *proc, name string, args []string, env []string) error {
+	p.cmd = exec.Command(name, args...)
+	p.cmd.Env = append(os.Environ(), env...)
+	logf, err := os.Create(filepath.Join(p.dir, "proxy.log"))
+	if err != nil {
+		return err
+	}
+	p.cmd.Stdout, p.cmd.Stderr = logf, logf
+	if err := p.cmd.Start(); err != nil {
+		return fmt.Errorf("%s: %w", p.name, err)
+	}
+	p.waitCh = make(chan error, 1)
+	go func() { p.waitCh <- p.cmd.Wait(); logf.Close() }()
+	return nil
+}
+
+// startProxy starts kind in front of targets with the given thread count.
+// http says whether the targets speak HTTP (readiness is then a GET).
+func startProxy(kind string, threads int, targets []string, rotaBin, tmp string, http bool) (*proc, error) {
+	if kind == "direct" {
+		return &proc{name: kind, addr: targets[0], pidFn: func() []int { return nil }}, nil
+	}
+	port := freePort()
+	p := &proc{name: kind, addr: fmt.Sprintf("127.0.0.1:%d", port)}
+	p.dir = filepath.Join(tmp, fmt.Sprintf("%s-%d", kind, port))
+	os.MkdirAll(p.dir, 0o755)
+	var err error
+	adminAddr := ""
+	switch kind {
+	case "rota":
+		adminAddr = fmt.Sprintf("127.0.0.1:%d", freePort())
+		err = startCmd(p, rotaBin, []string{"serve", "--listen", p.addr, "--backend", strings.Join(targets, ","),
+			"--admin", adminAddr, "--log-format", "json", "--log-level", "error", "--health-interval", "2s"},
+			[]string{fmt.Sprintf("GOMAXPROCS=%d", threads)})
+		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
+	case "haproxy":
+		var b strings.Builder
+		fmt.Fprintf(&b, "global\n  nbthread %d\n  maxconn 7000\n  tune.maxaccept 64\n", threads)
+		b.WriteString("defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  option splice-auto\n")
+		fmt.Fprintf(&b, "frontend fe\n  bind %s\n  default_backend be\nbackend be\n  balance roundrobin\n", p.addr)
+		for i, t := range targets {
+			fmt.Fprintf(&b, "  server s%d %s check inter 2s\n", i, t)
+		}
+		cfg := filepath.Join(p.dir, "haproxy.cfg")
+		os.WriteFile(cfg, []byte(b.String()), 0o644)
+		err = startCmd(p, "haproxy", []string{"-db", "-f", cfg}, nil)
+		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
+	case "nginx":
+		var b strings.Builder
+		b.WriteString("load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n")
+		fmt.Fprintf(&b, "worker_processes %d;\ndaemon off;\npid %s/nginx.pid;\nerror_log %s/error.log error;\nworker_rlimit_nofile 20000;\n", threads, p.dir, p.dir)
+		b.WriteString("events { worker_connections 18000; multi_accept on; }\nstream {\n  upstream be {\n")
+		for _, t := range targets {
+			fmt.Fprintf(&b, "    server %s;\n", t)
+		}
+		fmt.Fprintf(&b, "  }\n  server { listen %s reuseport; proxy_pass be; proxy_connect_timeout 2s; proxy_timeout 1h; }\n}\n", p.addr)
+		cfg := filepath.Join(p.dir, "nginx.conf")
+		os.WriteFile(cfg, []byte(b.String()), 0o644)
+		err = startCmd(p, "nginx", []string{"-p", p.dir, "-c", cfg, "-e", filepath.Join(p.dir, "error.log")}, nil)
+		p.pidFn = func() []int { return childPIDs(p.cmd.Process.Pid) }
+	default:
+		return nil, fmt.Errorf("unknown proxy %q", kind)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := waitReady(p, adminAddr, http, len(targets)); err != nil {
+		log, _ := os.ReadFile(filepath.Join(p.dir, "proxy.log"))
+		p.stop()
+		return nil, fmt.Errorf("%s not ready: %w\n%s", kind, err, log)
+	}
+	return p, nil
+}
+
+// childPIDs are nginx's workers (the master holds no connections).
+func childPIDs(pid int) []int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
+	if err != nil {
+		return nil
+	}
+	var out []int
+	for _, f := range strings.Fields(string(b)) {
+		if n, err := strconv.Atoi(f); err == nil {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+func waitReady(p *proc, adminAddr string, isHTTP bool, targets int) error {
+	deadline := time.Now().Add(30 * time.Second)
+	hc := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-p.waitCh:
+			p.waitCh <- err
+			return fmt.Errorf("exited: %v", err)
+		default:
+		}
+		ok := false
+		switch {
+		case adminAddr != "":
+			// rota: every target up (probed) before measuring.
+			ok = rotaAllUp(hc, adminAddr, targets)
+		case isHTTP:
+			resp, err := hc.Get("http://" + p.addr + "/")
+			ok = err == nil && resp.StatusCode == 200
+			if resp != nil {
+				resp.Body.Close()
+			}
+		default:
+			c, err := net.DialTimeout("tcp", p.addr, time.Second)
+			if err == nil {
+				c.Close()
+				ok = true
+			}
+		}
+		if ok {
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return errors.New("timeout")
+}
+
+func rotaAllUp(hc *http.Client, admin string, n int) bool {
+	resp, err := hc.Get("http://" + admin + "/api/v1/targets")
+	if err != nil {
+		return false
+	}
+	defer resp.Body.Close()
+	var doc struct {
+		Listeners []struct{ Targets []struct{ State string } }
+	}
+	if json.NewDecoder(resp.Body).Decode(&doc) != nil || len(doc.Listeners) == 0 {
+		return false
+	}
+	up := 0
+	for _, t := range doc.Listeners[0].Targets {
+		if t.State == "up" {
+			up++
+		}
+	}
+	return up == n
+}

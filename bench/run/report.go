@@ -1,0 +1,160 @@
+package main
+
+import (
+	"fmt"
+	"image"
+	"image/color"
+	"image/draw"
+	"image/png"
+	"os"
+	"runtime"
+	"strings"
+	"time"
+
+	"golang.org/x/image/font"
+	"golang.org/x/image/font/basicfont"
+	"golang.org/x/image/math/fixed"
+)
+
+type metric struct {
+	key, label, unit string
+	lowerBetter      bool
+	format           string
+}
+
+var metrics = []metric{
+	{"ka_rps", "keep-alive requests/s (64 conns)", "req/s", false, "%.0f"},
+	{"ka_p50", "keep-alive p50 latency", "ms", true, "%.3f"},
+	{"ka_p99", "keep-alive p99 latency", "ms", true, "%.3f"},
+	{"close_rps", "new connection per request, req/s", "req/s", false, "%.0f"},
+	{"close_p99", "new connection per request, p99", "ms", true, "%.3f"},
+	{"bulk_gbps", "bulk single stream (iperf3)", "Gbit/s", false, "%.2f"},
+	{"idle_kib", "idle memory per connection", "KiB", true, "%.1f"},
+}
+
+func cell(res results, k string, format string) string {
+	if v, ok := res.median(k); ok {
+		return fmt.Sprintf(format, v)
+	}
+	return "–"
+}
+
+// ratio is rota/other, oriented so that > 1 means rota is better.
+func ratio(res results, a, b string, lowerBetter bool) (float64, bool) {
+	x, ok1 := res.median(a)
+	y, ok2 := res.median(b)
+	if !ok1 || !ok2 || x == 0 || y == 0 {
+		return 0, false
+	}
+	if lowerBetter {
+		return y / x, true
+	}
+	return x / y, true
+}
+
+func ratioCell(res results, a, b string, lowerBetter bool) string {
+	if r, ok := ratio(res, a, b, lowerBetter); ok {
+		return fmt.Sprintf("%.2fx", r)
+	}
+	return "–"
+}
+
+func renderReport(o *options, res results, took time.Duration) string {
+	var b strings.Builder
+	host, _ := os.Hostname()
+	fmt.Fprintf(&b, "# rota benchmark, %s\n\n", time.Now().Format("2006-01-02 15:04 MST"))
+	fmt.Fprintf(&b, "Host `%s`, %d CPUs, %s. Mode: %s, %d repetition(s) interleaved, median shown; %v per measurement; run took %v.\n\n",
+		host, runtime.NumCPU(), runtime.Version(), map[bool]string{true: "quick", false: "full"}[o.quick], o.reps, o.dur, took.Round(time.Second))
+	b.WriteString("Ratios are oriented so that **> 1.00x means rota is better** (for latency and memory: the other's value divided by rota's).\n\n")
+	b.WriteString("<!--chart-->\n")
+	for _, th := range o.threads {
+		fmt.Fprintf(&b, "## %d thread(s) each (GOMAXPROCS=%d, nbthread %d, worker_processes %d)\n\n", th, th, th, th)
+		b.WriteString("| metric | direct | rota | HAProxy | nginx | rota/HAProxy | rota/nginx | rota/direct |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
+		for _, m := range metrics {
+			fmt.Fprintf(&b, "| %s (%s) |", m.label, m.unit)
+			for _, px := range proxies {
+				fmt.Fprintf(&b, " %s |", cell(res, key(th, m.key, px), m.format))
+			}
+			fmt.Fprintf(&b, " %s | %s | %s |\n",
+				ratioCell(res, key(th, m.key, "rota"), key(th, m.key, "haproxy"), m.lowerBetter),
+				ratioCell(res, key(th, m.key, "rota"), key(th, m.key, "nginx"), m.lowerBetter),
+				ratioCell(res, key(th, m.key, "rota"), key(th, m.key, "direct"), m.lowerBetter))
+		}
+		b.WriteString("\n")
+	}
+	b.WriteString("## Concurrency (keep-alive req/s, 1 thread each)\n\n| connections | direct | rota | HAProxy | nginx | rota/HAProxy |\n|---:|---:|---:|---:|---:|---:|\n")
+	for _, c := range o.conc {
+		fmt.Fprintf(&b, "| %d |", c)
+		for _, px := range proxies {
+			fmt.Fprintf(&b, " %s |", cell(res, key("conc", c, px), "%.0f"))
+		}
+		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key("conc", c, "rota"), key("conc", c, "haproxy"), false))
+	}
+	b.WriteString("\n## Targets (new connection per request, req/s, 1 thread each)\n\nEach request is a new connection, so each is a pick; the rate should not fall as targets grow.\n\n| targets | rota | HAProxy | nginx | rota/HAProxy |\n|---:|---:|---:|---:|---:|\n")
+	for _, n := range o.targets {
+		fmt.Fprintf(&b, "| %d |", n)
+		for _, px := range proxies[1:] {
+			fmt.Fprintf(&b, " %s |", cell(res, key("targets", n, px), "%.0f"))
+		}
+		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key("targets", n, "rota"), key("targets", n, "haproxy"), false))
+	}
+	b.WriteString("\nLoad: `wrk -t1` (one thread, so the proxy keeps a core), small HTTP responses from Go backends in a separate process; bulk: `iperf3` single stream; idle memory: RSS growth of the proxy's processes (nginx: its workers) per idle proxied connection.\n")
+	return b.String()
+}
+
+// writeChart draws the rota/HAProxy and rota/nginx ratios per metric and
+// pass as horizontal bars around the 1.0x line.
+func writeChart(path string, o *options, res results) error {
+	type bar struct {
+		label string
+		v     float64
+		c     color.RGBA
+	}
+	var bars []bar
+	blue := color.RGBA{37, 99, 235, 255}
+	green := color.RGBA{22, 163, 74, 255}
+	for _, th := range o.threads {
+		for _, m := range metrics {
+			if r, ok := ratio(res, key(th, m.key, "rota"), key(th, m.key, "haproxy"), m.lowerBetter); ok {
+				bars = append(bars, bar{fmt.Sprintf("%dT %s vs HAProxy", th, m.label), r, blue})
+			}
+			if r, ok := ratio(res, key(th, m.key, "rota"), key(th, m.key, "nginx"), m.lowerBetter); ok {
+				bars = append(bars, bar{fmt.Sprintf("%dT %s vs nginx", th, m.label), r, green})
+			}
+		}
+	}
+	const (
+		rowH   = 18
+		labelW = 380
+		plotW  = 520
+		top    = 40
+	)
+	maxV := 2.0
+	for _, b := range bars {
+		maxV = max(maxV, b.v)
+	}
+	h := top + rowH*len(bars) + 30
+	img := image.NewRGBA(image.Rect(0, 0, labelW+plotW+80, h))
+	draw.Draw(img, img.Bounds(), &image.Uniform{color.White}, image.Point{}, draw.Src)
+	text := func(x, y int, s string, c color.Color) {
+		d := &font.Drawer{Dst: img, Src: image.NewUniform(c), Face: basicfont.Face7x13, Dot: fixed.P(x, y)}
+		d.DrawString(s)
+	}
+	text(10, 20, "rota vs HAProxy (blue) and nginx (green): > 1.0x means rota is better", color.Black)
+	xOf := func(v float64) int { return labelW + int(v/maxV*plotW) }
+	for i, b := range bars {
+		y := top + i*rowH
+		text(10, y+13, b.label, color.Black)
+		draw.Draw(img, image.Rect(labelW, y+3, xOf(b.v), y+rowH-3), &image.Uniform{b.c}, image.Point{}, draw.Src)
+		text(xOf(b.v)+4, y+13, fmt.Sprintf("%.2fx", b.v), color.Black)
+	}
+	one := xOf(1)
+	draw.Draw(img, image.Rect(one, top-4, one+1, top+rowH*len(bars)+4), &image.Uniform{color.RGBA{220, 38, 38, 255}}, image.Point{}, draw.Src)
+	text(one-12, h-8, "1.0x", color.RGBA{220, 38, 38, 255})
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return png.Encode(f, img)
+}
