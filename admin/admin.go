@@ -10,6 +10,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"time"
 
 	"go.uber.org/zap"
@@ -33,6 +34,8 @@ type Handler struct {
 	Logger *zap.Logger
 	// Version is shown on the status page and in the rota_build_info metric.
 	Version string
+	// Pprof serves Go's profiler under /debug/pprof/ (rota serve --pprof).
+	Pprof bool
 }
 
 // Routes returns the admin mux.
@@ -47,6 +50,13 @@ func (h *Handler) Routes() http.Handler {
 	mux.HandleFunc("POST /api/v1/reload", h.reload)
 	mux.Handle("GET /metrics", h.metrics())
 	mux.HandleFunc("GET /{$}", h.page)
+	if h.Pprof {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	return mux
 }
 

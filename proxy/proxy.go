@@ -65,6 +65,7 @@ type Proxy struct {
 	Stats         Stats
 
 	settings atomic.Pointer[Settings]
+	refusing atomic.Bool // the last client found no target; logged once per episode
 
 	initOnce sync.Once
 	ctx      context.Context // cancelled by Close: aborts dials in flight
@@ -162,12 +163,11 @@ func (p *Proxy) Serve(ln net.Listener) error {
 		p.Stats.Active.Add(1)
 		p.wg.Add(1)
 		conns.Add(1)
-		go func() {
-			defer conns.Done()
-			defer p.wg.Done()
-			defer p.Stats.Active.Add(-1)
-			p.handle(c)
-		}()
+		go p.handle(c, func() {
+			p.Stats.Active.Add(-1)
+			p.wg.Done()
+			conns.Done()
+		})
 	}
 }
 
@@ -177,10 +177,14 @@ func (p *Proxy) Serve(ln net.Listener) error {
 func (p *Proxy) HandleConn(conn net.Conn) {
 	p.init()
 	p.wg.Add(1)
-	defer p.wg.Done()
 	p.Stats.Active.Add(1)
-	defer p.Stats.Active.Add(-1)
-	p.handle(conn)
+	done := make(chan struct{})
+	p.handle(conn, func() {
+		p.Stats.Active.Add(-1)
+		p.wg.Done()
+		close(done)
+	})
+	<-done
 }
 
 // Shutdown stops accepting, waits for open connections to finish until ctx is

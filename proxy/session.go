@@ -58,14 +58,20 @@ func (s *session) writeReset() bool {
 	return s.resetSeen != nil && s.resetSeen == s.backend
 }
 
-func (p *Proxy) handle(client net.Conn) {
+// handle proxies client. It returns once the copy goroutines are started;
+// release runs when the connection is finished and everything is closed.
+//
+// The two copy directions run in fresh goroutines, and the goroutine that
+// accepted and dialled exits: dialling grows a goroutine's stack, and a
+// stack never shrinks while its goroutine sits idle, so an idle proxied
+// connection would otherwise keep that larger stack for its lifetime.
+func (p *Proxy) handle(client net.Conn, release func()) {
 	s := &session{p: p, set: p.currentSettings(), client: client, start: time.Now()}
-	defer client.Close()
 	if !p.track(s) {
+		client.Close()
+		release()
 		return
 	}
-	defer p.untrack(s)
-
 	s.cursor = p.Picker.Pick()
 	s.tries = min(1+max(s.set.Retries, 0), s.cursor.Len())
 	s.mu.Lock()
@@ -73,23 +79,41 @@ func (p *Proxy) handle(client net.Conn) {
 	s.mu.Unlock()
 	if err != nil {
 		p.Stats.NoTarget.Add(1)
-		p.Logger.Warn("no target for client", zap.String("client", client.RemoteAddr().String()), zap.Error(err))
+		if !p.refusing.Swap(true) {
+			p.Logger.Warn("refusing clients: no target could be reached", zap.String("client", client.RemoteAddr().String()), zap.Error(err))
+		}
+		client.Close()
+		p.untrack(s)
+		release()
 		return
 	}
+	if p.refusing.Load() && p.refusing.Swap(false) {
+		p.Logger.Info("clients are served again")
+	}
 
-	done := make(chan struct{})
+	var left atomic.Int32
+	left.Store(2)
+	finish := func() {
+		if left.Add(-1) != 0 {
+			return
+		}
+		s.mu.Lock()
+		s.backend.Close()
+		s.target.Active.Add(-1)
+		s.releaseReplayLocked()
+		s.mu.Unlock()
+		client.Close()
+		p.untrack(s)
+		release()
+	}
 	go func() {
-		defer close(done)
+		defer finish()
 		s.backendToClient()
 	}()
-	s.clientToBackend()
-	<-done
-
-	s.mu.Lock()
-	s.backend.Close()
-	s.target.Active.Add(-1)
-	s.releaseReplayLocked()
-	s.mu.Unlock()
+	go func() {
+		defer finish()
+		s.clientToBackend()
+	}()
 }
 
 // connectLocked dials targets from the cursor until one answers or the
@@ -370,12 +394,57 @@ func (s *session) backendToClient() {
 }
 
 // pipe copies src to dst until src reaches EOF, then half-closes dst so the
-// peer sees the end of this direction while the other keeps flowing. Between
-// two *net.TCPConn io.Copy uses splice(2). With an idle timeout, the copy runs
-// in windows so that idleness of both directions can be judged; pipe returns
-// os.ErrDeadlineExceeded when the connection went idle, nil on EOF.
+// peer sees the end of this direction while the other keeps flowing. It
+// returns os.ErrDeadlineExceeded when the connection went idle, nil on EOF.
+//
+// Small messages (requests, responses, chat) go through a pooled buffer that
+// is taken only once data has arrived, so an idle connection holds none and
+// each message costs one read and one write. A read that fills the buffer
+// means a bulk transfer: the rest goes through io.Copy, which between two
+// *net.TCPConn is splice(2) and never copies through user space. (Splicing
+// small messages is slower than read/write: the pipe round trip dominates.)
 func (s *session) pipe(dst, src net.Conn, last *atomic.Int64, counters ...*atomic.Uint64) error {
 	window := s.window()
+	var rc syscall.RawConn
+	if sc, ok := src.(syscall.Conn); ok {
+		rc, _ = sc.SyscallConn()
+	}
+	for {
+		if window > 0 {
+			src.SetReadDeadline(time.Now().Add(window))
+		}
+		n, bp, err := readLazily(src, rc)
+		if n > 0 {
+			_, werr := dst.Write((*bp)[:n])
+			full := n == cap(*bp)
+			bufPool.Put(bp)
+			s.touch(last)
+			for _, c := range counters {
+				c.Add(uint64(n))
+			}
+			if werr != nil {
+				return werr
+			}
+			if full && err == nil {
+				return s.bulk(dst, src, window, last, counters)
+			}
+		} else if bp != nil {
+			bufPool.Put(bp)
+		}
+		switch {
+		case err == nil:
+		case err == io.EOF:
+			return closeWrite(dst)
+		case s.keepWaiting(err):
+		default:
+			return err
+		}
+	}
+}
+
+// bulk copies the rest of a bulk transfer with io.Copy (splice), in idle
+// windows like pipe.
+func (s *session) bulk(dst, src net.Conn, window time.Duration, last *atomic.Int64, counters []*atomic.Uint64) error {
 	for {
 		if window > 0 {
 			src.SetReadDeadline(time.Now().Add(window))
@@ -395,6 +464,53 @@ func (s *session) pipe(dst, src net.Conn, last *atomic.Int64, counters ...*atomi
 		}
 		return err
 	}
+}
+
+// readLazily reads from src into a pooled buffer taken only when the socket
+// is readable. The caller returns the buffer (non-nil when n > 0) to
+// bufPool. EOF is io.EOF.
+func readLazily(src net.Conn, rc syscall.RawConn) (int, *[]byte, error) {
+	if rc == nil {
+		bp := bufPool.Get().(*[]byte)
+		n, err := src.Read((*bp)[:cap(*bp)])
+		return n, bp, err
+	}
+	var (
+		n    int
+		bp   *[]byte
+		serr error
+	)
+	err := rc.Read(func(fd uintptr) bool {
+		if bp == nil {
+			bp = bufPool.Get().(*[]byte)
+		}
+		for {
+			n, serr = syscall.Read(int(fd), (*bp)[:cap(*bp)])
+			if serr != syscall.EINTR {
+				break
+			}
+		}
+		if serr == syscall.EAGAIN {
+			bufPool.Put(bp) // idle again: hold nothing while parked
+			bp = nil
+			return false
+		}
+		return true
+	})
+	switch {
+	case err != nil:
+		if bp != nil {
+			bufPool.Put(bp)
+		}
+		return 0, nil, err
+	case serr != nil:
+		bufPool.Put(bp)
+		return 0, nil, &net.OpError{Op: "read", Net: "tcp", Source: src.LocalAddr(), Addr: src.RemoteAddr(), Err: os.NewSyscallError("read", serr)}
+	case n == 0:
+		bufPool.Put(bp)
+		return 0, nil, io.EOF
+	}
+	return n, bp, nil
 }
 
 // window is how long one blocking read may last before idleness is judged:

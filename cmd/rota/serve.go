@@ -52,6 +52,8 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	fs.IntVar(&q.retries, "retries", config.DefaultRetries, "quick form: further targets to try when a dial fails")
 	fs.DurationVar(&q.dialTimeout, "dial-timeout", config.DefaultDialTimeout, "quick form: timeout of one dial to a target")
 	fs.StringVar(&adminAt, "admin", config.DefaultAdminListen, `admin HTTP address; "" disables it (overrides admin.listen of --config)`)
+	var pprofOn bool
+	fs.BoolVar(&pprofOn, "pprof", false, "serve Go's profiler at /debug/pprof/ on the admin address")
 	lf.register(fs, "auto")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -83,7 +85,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer logger.Sync()
-	return serve(cfg, cfgPath, logger, hooks{})
+	return serve(cfg, cfgPath, logger, hooks{pprof: pprofOn})
 }
 
 // quickConfig builds the config of the quick form.
@@ -158,6 +160,7 @@ func flagNames(err error) string {
 type hooks struct {
 	ready    func(*server.Server) error // once everything listens
 	stopping func()                     // on the shutdown signal, before draining
+	pprof    bool                       // serve /debug/pprof/ on the admin address
 }
 
 // serve runs cfg until SIGINT or SIGTERM, then drains and returns nil. With a
@@ -194,7 +197,7 @@ func serve(cfg *config.Config, cfgPath string, logger *zap.Logger, h hooks) erro
 	}
 	var adm *admin.Server
 	if cfg.Admin.Listen != "" {
-		ah := &admin.Handler{State: srv, Reload: reload, Logger: logger.Named("admin"), Version: version}
+		ah := &admin.Handler{State: srv, Reload: reload, Logger: logger.Named("admin"), Version: version, Pprof: h.pprof}
 		if adm, err = admin.Listen(cfg.Admin.Listen, ah); err != nil {
 			srv.Shutdown(context.Background())
 			return fmt.Errorf("admin: %w", err)
