@@ -20,6 +20,7 @@ type collector struct {
 	up, checks, targetConns, targetActive                      *prometheus.Desc
 	targetBytes                                                *prometheus.Desc
 	updates, errors, lastSync, synced, panicMode, targets      *prometheus.Desc
+	headerErrors                                               *prometheus.Desc
 }
 
 func newCollector(state State) *collector {
@@ -41,13 +42,14 @@ func newCollector(state State) *collector {
 		targetConns: d("rota_target_connections_total", "Client connections handed to the target.", lt),
 		targetActive: d("rota_target_connections_active",
 			"Client connections open to the target now.", lt),
-		targetBytes: d("rota_target_bytes_total", "Bytes proxied through the target, by direction.", []string{"listener", "target", "direction"}),
-		updates:     d("rota_discovery_updates_total", "Instance snapshots received from discovery.", l),
-		errors:      d("rota_discovery_errors_total", "Registry errors seen by discovery (the last good instances stay routed).", l),
-		lastSync:    d("rota_discovery_last_sync_timestamp_seconds", "Unix time of the last discovery snapshot.", l),
-		synced:      d("rota_discovery_synced", "1 once the listener had its first discovery sync.", l),
-		panicMode:   d("rota_panic_mode", "1 while the listener routes over all discovered targets because none passes its checks.", l),
-		targets:     d("rota_targets", "Discovered targets by health state.", []string{"listener", "state"}),
+		targetBytes:  d("rota_target_bytes_total", "Bytes proxied through the target, by direction.", []string{"listener", "target", "direction"}),
+		updates:      d("rota_discovery_updates_total", "Instance snapshots received from discovery.", l),
+		errors:       d("rota_discovery_errors_total", "Registry errors seen by discovery (the last good instances stay routed).", l),
+		lastSync:     d("rota_discovery_last_sync_timestamp_seconds", "Unix time of the last discovery snapshot.", l),
+		synced:       d("rota_discovery_synced", "1 once the listener had its first discovery sync.", l),
+		panicMode:    d("rota_panic_mode", "1 while the listener routes over all discovered targets because none passes its checks.", l),
+		headerErrors: d("rota_proxy_protocol_errors_total", "Clients closed for a missing, malformed, late or untrusted PROXY protocol header.", l),
+		targets:      d("rota_targets", "Discovered targets by health state.", []string{"listener", "state"}),
 	}
 }
 
@@ -77,6 +79,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		gauge(c.synced, b2f(l.Synced), n)
 		gauge(c.panicMode, b2f(l.Panic), n)
+		counter(c.headerErrors, float64(l.ProxyHeaderErrors), n)
 		states := map[string]int{"checking": 0, "up": 0, "down": 0}
 		for _, t := range l.Targets {
 			a := t.Addr

@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -33,11 +34,18 @@ type Settings struct {
 	Retries     int           // further targets to try after a failed attempt
 	MaxConns    int           // concurrent client connections; 0 is unlimited
 	IdleTimeout time.Duration // close when neither side sent anything this long; 0 is never
-	// Dial, if set, replaces net.Dialer; tests and PROXY-protocol senders use it.
+	// Dial, if set, replaces net.Dialer (tests use it).
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
-	// Prelude, if set, returns bytes to send to a target before any client
-	// byte (a PROXY protocol header). It is called once per target dialled.
-	Prelude func(client net.Conn) ([]byte, error)
+	// SendProxy, 1 or 2, sends a PROXY protocol header of that version to
+	// every target before any client byte, naming the client.
+	SendProxy byte
+	// AcceptProxyFrom, if not nil, makes every client connection start
+	// with a PROXY protocol header (v1 or v2) from one of these sources
+	// (load balancers in front); others are closed and counted in
+	// Stats.HeaderErrors, as are missing or malformed headers.
+	AcceptProxyFrom []netip.Prefix
+	// ProxyHeaderTimeout bounds the wait for that header; 0 means 5s.
+	ProxyHeaderTimeout time.Duration
 }
 
 // Stats are the listener-wide counters of a Proxy, updated atomically.
@@ -49,6 +57,9 @@ type Stats struct {
 	Active     atomic.Int64  // client connections open now
 	BytesIn    atomic.Uint64 // bytes from targets to clients
 	BytesOut   atomic.Uint64 // bytes from clients to targets
+	// HeaderErrors counts clients closed for a PROXY protocol header that
+	// was missing, malformed, late, or from an untrusted source.
+	HeaderErrors atomic.Uint64
 }
 
 // ErrClosed is returned by Serve after Shutdown or Close.

@@ -39,6 +39,7 @@ type session struct {
 	start  time.Time
 
 	lastIn, lastOut atomic.Int64 // activity, as nanoseconds since start
+	src, dst        net.Addr     // from an accepted PROXY header; nil: the socket's
 
 	mu        sync.Mutex
 	backend   net.Conn
@@ -71,6 +72,29 @@ func (p *Proxy) handle(client net.Conn, release func()) {
 		client.Close()
 		release()
 		return
+	}
+	if s.set.AcceptProxyFrom != nil {
+		timeout := s.set.ProxyHeaderTimeout
+		if timeout <= 0 {
+			timeout = 5 * time.Second
+		}
+		src, dst, rest, err := readProxyHeader(client, s.set.AcceptProxyFrom, timeout)
+		if err != nil {
+			p.Stats.HeaderErrors.Add(1)
+			p.Logger.Debug("client closed", zap.Error(err))
+			client.Close()
+			p.untrack(s)
+			release()
+			return
+		}
+		s.src, s.dst = src, dst
+		if len(rest) > 0 {
+			// Bytes that came with the header start the stream: they are
+			// sent to the target like replayed bytes.
+			bp := bufPool.Get().(*[]byte)
+			*bp = append((*bp)[:0], rest...)
+			s.replay = bp
+		}
 	}
 	s.cursor = p.Picker.Pick()
 	s.tries = min(1+max(s.set.Retries, 0), s.cursor.Len())
@@ -171,14 +195,18 @@ func (s *session) dial(t *balancer.Target) (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	if s.set.Prelude != nil {
-		b, err := s.set.Prelude(s.client)
-		if err == nil && len(b) > 0 {
+	if v := s.set.SendProxy; v != 0 {
+		src, dst := s.src, s.dst
+		if src == nil {
+			src, dst = s.client.RemoteAddr(), s.client.LocalAddr()
+		}
+		b, err := proxyHeader(v, src, dst)
+		if err == nil {
 			_, err = c.Write(b)
 		}
 		if err != nil {
 			c.Close()
-			return nil, fmt.Errorf("prelude: %w", err)
+			return nil, fmt.Errorf("PROXY header: %w", err)
 		}
 	}
 	if s.replay != nil && len(*s.replay) > 0 {

@@ -77,12 +77,24 @@ func healthConfig(h config.Health) health.Config {
 }
 
 func proxySettings(cfg config.Listener) proxy.Settings {
-	return proxy.Settings{
-		DialTimeout: cfg.DialTimeout,
-		Retries:     cfg.Retries,
-		MaxConns:    cfg.MaxConns,
-		IdleTimeout: cfg.IdleTimeout,
+	s := proxy.Settings{
+		DialTimeout:        cfg.DialTimeout,
+		Retries:            cfg.Retries,
+		MaxConns:           cfg.MaxConns,
+		IdleTimeout:        cfg.IdleTimeout,
+		ProxyHeaderTimeout: cfg.ProxyHeaderTimeout,
 	}
+	switch cfg.ProxyProtocol {
+	case "v1":
+		s.SendProxy = 1
+	case "v2":
+		s.SendProxy = 2
+	}
+	if len(cfg.AcceptProxyProtocol) > 0 {
+		// Validated with the config; an error cannot happen here.
+		s.AcceptProxyFrom, _ = cfg.TrustedProxies()
+	}
+	return s
 }
 
 // serve runs the proxy on ln until ln is closed or the proxy shuts down.

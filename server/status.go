@@ -30,6 +30,9 @@ type ListenerStatus struct {
 	Active     int64
 	BytesIn    uint64 // from targets to clients
 	BytesOut   uint64 // from clients to targets
+	// ProxyHeaderErrors counts clients closed for a bad or untrusted PROXY
+	// protocol header.
+	ProxyHeaderErrors uint64
 
 	Targets []TargetStatus // sorted by address
 }
@@ -102,5 +105,6 @@ func (l *listener) status() ListenerStatus {
 	st.Active = ps.Active.Load()
 	st.BytesIn = ps.BytesIn.Load()
 	st.BytesOut = ps.BytesOut.Load()
+	st.ProxyHeaderErrors = ps.HeaderErrors.Load()
 	return st
 }
