@@ -46,6 +46,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		"register":     cmdRegister,
 		"demo":         cmdDemo,
 		"demo-backend": cmdDemoBackend,
+		"healthcheck":  cmdHealthcheck,
 		"version": func([]string, io.Writer, io.Writer) error {
 			fmt.Fprintln(stdout, "rota", version)
 			return nil
