@@ -22,6 +22,7 @@ deps:
 
 tools: deps
 	@scripts/consul-bin >/dev/null
+	@scripts/chromium-bin >/dev/null
 
 vet:
 	$(GO) vet ./...
@@ -40,11 +41,20 @@ bench: build
 	bench/setup.sh
 	$(GO) build -o bin/benchrun ./bench/run
 	bin/benchrun -rota bin/rota $(if $(QUICK),-quick)
-	$(GO) run ./bench/convergence $(if $(QUICK),-changes 50) | tee bench/results/$$(date +%F)$(if $(QUICK),-quick)-convergence.md
+	$(GO) build -o bin/convergence ./bench/convergence
+	{ bin/convergence $(if $(QUICK),-changes 50) && \
+	  bin/convergence -registry consul -goal 250ms $(if $(QUICK),-changes 50); } \
+	  | tee bench/results/$$(date +%F)$(if $(QUICK),-quick)-convergence.md
+
+# The docker-compose topology as native processes: real Consul and etcd,
+# self-registering backends, two rota instances; prints what it checked.
+e2e: build tools
+	$(GO) run ./e2e
 
 # Short fuzzing passes of the config loader and the PROXY header path.
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 30s ./config/
+	$(GO) test -run '^$$' -fuzz '^FuzzProxyHeader$$' -fuzztime 30s ./proxy/
 
 clean:
 	rm -rf bin

@@ -51,7 +51,7 @@ type options struct {
 
 func main() {
 	var o options
-	flag.StringVar(&o.registry, "registry", "etcd", "registry to measure: etcd (consul: not implemented yet)")
+	flag.StringVar(&o.registry, "registry", "etcd", "registry to measure: etcd or consul")
 	flag.IntVar(&o.changes, "changes", 200, "registry changes to make (alternating register/deregister)")
 	flag.IntVar(&o.backends, "backends", 4, "demo backends in all")
 	flag.IntVar(&o.base, "base", 2, "backends registered throughout (the rest are registered and deregistered in turn)")
@@ -76,10 +76,8 @@ func main() {
 
 func (o options) validate() error {
 	switch {
-	case o.registry == "consul":
-		return errors.New("-registry consul: not implemented yet")
-	case o.registry != "etcd":
-		return fmt.Errorf("-registry %q: want etcd", o.registry)
+	case o.registry != "etcd" && o.registry != "consul":
+		return fmt.Errorf("-registry %q: want etcd or consul", o.registry)
 	case o.changes < 1:
 		return errors.New("-changes must be at least 1")
 	case o.base < 1 || o.backends <= o.base:
@@ -108,7 +106,13 @@ func run(ctx context.Context, o options) error {
 	defer func() { _ = log.Sync() }()
 
 	setupStart := time.Now()
-	reg, err := startEtcd(ctx, log)
+	var reg registry
+	var err error
+	if o.registry == "consul" {
+		reg, err = startConsul(ctx, log)
+	} else {
+		reg, err = startEtcd(ctx, log)
+	}
 	if err != nil {
 		return err
 	}
