@@ -134,7 +134,7 @@ func run() error {
 	}
 	for _, r := range []*rota{a, b} {
 		d, err := waitAny(r.web, "etcd-4", 5*time.Second)
-		e.record("scale out (etcd): rota "+r.name+" routes etcd-4", fmt.Sprintf("%v after start", (time.Since(start) - 0).Round(time.Millisecond)), err == nil && d < time.Second+time.Since(start))
+		e.record("scale out (etcd): rota "+r.name+" routes etcd-4", fmt.Sprintf("%v after start", (time.Since(start)-0).Round(time.Millisecond)), err == nil && d < time.Second+time.Since(start))
 	}
 	start = time.Now()
 	if err := e.startBackend("consul-3", false); err != nil {

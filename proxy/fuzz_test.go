@@ -14,8 +14,10 @@ type byteConn struct {
 	r *bytes.Reader
 }
 
-func (c *byteConn) Read(b []byte) (int, error)      { return c.r.Read(b) }
-func (c *byteConn) RemoteAddr() net.Addr            { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 40000} }
+func (c *byteConn) Read(b []byte) (int, error) { return c.r.Read(b) }
+func (c *byteConn) RemoteAddr() net.Addr {
+	return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 40000}
+}
 func (c *byteConn) LocalAddr() net.Addr             { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 8080} }
 func (c *byteConn) SetReadDeadline(time.Time) error { return nil }
 

@@ -103,4 +103,3 @@ func TestProxyHeaderRejections(t *testing.T) {
 		})
 	}
 }
-
