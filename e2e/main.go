@@ -133,8 +133,9 @@ func run() error {
 		return err
 	}
 	for _, r := range []*rota{a, b} {
-		d, err := waitAny(r.web, "etcd-4", 5*time.Second)
-		e.record("scale out (etcd): rota "+r.name+" routes etcd-4", fmt.Sprintf("%v after start", (time.Since(start)-0).Round(time.Millisecond)), err == nil && d < time.Second+time.Since(start))
+		_, err := waitAny(r.web, "etcd-4", 5*time.Second)
+		took := time.Since(start)
+		e.record("scale out (etcd): rota "+r.name+" routes etcd-4", fmt.Sprintf("%v after start", took.Round(time.Millisecond)), err == nil && took < time.Second)
 	}
 	start = time.Now()
 	if err := e.startBackend("consul-3", false); err != nil {
