@@ -188,7 +188,10 @@ func (s *session) dial(t *balancer.Target) (net.Conn, error) {
 	defer cancel()
 	dial := s.set.Dial
 	if dial == nil {
-		var d net.Dialer
+		// No TCP keep-alive probes: idle_timeout already ends dead
+		// connections, and the four setsockopt calls per dial show in
+		// new-connection profiles.
+		d := net.Dialer{KeepAlive: -1}
 		dial = d.DialContext
 	}
 	c, err := dial(ctx, "tcp", t.Addr)

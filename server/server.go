@@ -81,7 +81,7 @@ func Start(ctx context.Context, cfg *config.Config, logger *zap.Logger) (*Server
 func bindAll(lcs []config.Listener) ([]net.Listener, error) {
 	lns := make([]net.Listener, 0, len(lcs))
 	for _, lc := range lcs {
-		ln, err := net.Listen("tcp", lc.Listen)
+		ln, err := listen(lc.Listen)
 		if err != nil {
 			for _, l := range lns {
 				l.Close()
@@ -91,6 +91,14 @@ func bindAll(lcs []config.Listener) ([]net.Listener, error) {
 		lns = append(lns, ln)
 	}
 	return lns, nil
+}
+
+// listen binds a proxy socket. Accepted connections get no TCP keep-alive
+// probes (Go enables them by default): idle_timeout ends dead connections,
+// and the setsockopt calls cost on every accept.
+func listen(addr string) (net.Listener, error) {
+	lc := net.ListenConfig{KeepAlive: -1}
+	return lc.Listen(context.Background(), "tcp", addr)
 }
 
 // Addr returns the bound address of the named listener, or nil. With port 0
@@ -185,7 +193,7 @@ func (s *Server) Reload(ctx context.Context, cfg *config.Config) error {
 		// Moving a listener onto an address that another listener gives
 		// up in this same reload fails here; rejecting it is the safe
 		// outcome (do it in two reloads).
-		ln, err := net.Listen("tcp", lc.Listen)
+		ln, err := listen(lc.Listen)
 		if err != nil {
 			closeSockets()
 			return abort(fmt.Errorf("listener %q: %w", lc.Name, err))
