@@ -30,6 +30,10 @@ type listener struct {
 
 	serveWG sync.WaitGroup // Serve goroutines, one per bound socket
 
+	// applyMu serialises snapshot application (the watcher's pushes and a
+	// held empty snapshot coming due).
+	applyMu sync.Mutex
+
 	// watch is the running discovery watcher; replaced when the source of
 	// instances changes on reload.
 	watchMu     sync.Mutex
@@ -43,6 +47,7 @@ type listener struct {
 	discovered []string                    // sorted
 	panicking  bool
 	emptyTimer *time.Timer // pending empty snapshot, see holdEmpty
+	emptyToken uint64      // identifies the pending emptyTimer
 	closing    bool
 	timerWG    sync.WaitGroup // an emptyTimer applying its snapshot
 
@@ -167,6 +172,8 @@ func (l *listener) stopWatch() {
 // onSnapshot applies a full discovery snapshot: targets are created for new
 // addresses and dropped for vanished ones, and the checker follows.
 func (l *listener) onSnapshot(s discovery.Snapshot) {
+	l.applyMu.Lock()
+	defer l.applyMu.Unlock()
 	addrs := s.Addrs()
 	if l.holdEmpty(addrs) {
 		l.updates.Add(1)
@@ -237,11 +244,17 @@ func (l *listener) holdEmpty(addrs []string) bool {
 		l.log.Warn("registry reports no instances; keeping the last known ones for a while",
 			zap.Int("instances", len(l.discovered)), zap.Duration("hold", emptyHold))
 		gen := l.generation.Load()
+		l.emptyToken++
+		token := l.emptyToken
 		l.emptyTimer = time.AfterFunc(emptyHold, func() {
+			// applyMu orders this after any snapshot being applied; the
+			// token says no newer snapshot cancelled this one meanwhile.
+			l.applyMu.Lock()
+			defer l.applyMu.Unlock()
 			l.mu.Lock()
-			fire := l.emptyTimer != nil && !l.closing && l.generation.Load() == gen
-			l.emptyTimer = nil
+			fire := l.emptyTimer != nil && l.emptyToken == token && !l.closing && l.generation.Load() == gen
 			if fire {
+				l.emptyTimer = nil
 				l.timerWG.Add(1) // under mu, before shutdown can see closing
 			}
 			l.mu.Unlock()
