@@ -21,8 +21,8 @@ deps:
 	$(GO) mod download
 
 tools: deps
-	@scripts/consul-bin >/dev/null
-	@scripts/chromium-bin >/dev/null
+	@[ "$$ROTA_SKIP_CONSUL" = 1 ] || scripts/consul-bin >/dev/null
+	@[ "$$ROTA_SKIP_BROWSER" = 1 ] || scripts/chromium-bin >/dev/null
 
 vet:
 	$(GO) vet ./...
