@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"context"
+	"io"
 	"fmt"
 	"net"
 	"net/http"
@@ -215,5 +216,73 @@ func TestReloadRejectsUnbindableAndKeepsRunning(t *testing.T) {
 	waitFor(t, "target up", 5*time.Second, func() bool { return liveCount(srv, "web") == 1 })
 	if _, err := request(proxyAddr(t, srv, "web")); err != nil {
 		t.Fatalf("listener broken after a rejected reload: %v", err)
+	}
+}
+
+func TestReloadMovesListenerKeepingOpenConnections(t *testing.T) {
+	echo, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer echo.Close()
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	cfg := config.Default()
+	cfg.Listeners = []config.Listener{fastListener("web", echo.Addr().String())}
+	srv := startServer(t, cfg)
+	waitFor(t, "target up", 5*time.Second, func() bool { return liveCount(srv, "web") == 1 })
+	oldAddr := proxyAddr(t, srv, "web")
+	open, err := net.Dial("tcp", oldAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer open.Close()
+	ping := func(c net.Conn) error {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write([]byte("ping")); err != nil {
+			return err
+		}
+		b := make([]byte, 4)
+		_, err := io.ReadFull(c, b)
+		return err
+	}
+	if err := ping(open); err != nil {
+		t.Fatal(err)
+	}
+
+	busy, _ := net.Listen("tcp", "127.0.0.1:0")
+	newAddr := busy.Addr().String()
+	busy.Close()
+	next := *cfg
+	moved := cfg.Listeners[0]
+	moved.Listen = newAddr
+	next.Listeners = []config.Listener{moved}
+	if err := srv.Reload(context.Background(), &next); err != nil {
+		t.Fatal(err)
+	}
+	if got := proxyAddr(t, srv, "web"); got != newAddr {
+		t.Fatalf("listener at %s after the move, want %s", got, newAddr)
+	}
+	c, err := net.Dial("tcp", newAddr)
+	if err != nil {
+		t.Fatalf("new address: %v", err)
+	}
+	defer c.Close()
+	if err := ping(c); err != nil {
+		t.Fatalf("through the new address: %v", err)
+	}
+	if err := ping(open); err != nil {
+		t.Fatalf("a connection opened before the move was cut: %v", err)
+	}
+	if c, err := net.DialTimeout("tcp", oldAddr, time.Second); err == nil {
+		c.Close()
+		t.Fatal("the old address still accepts")
 	}
 }
