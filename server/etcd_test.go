@@ -185,3 +185,29 @@ func TestEmptyRegistryIsHeldBeforeEmptyingThePool(t *testing.T) {
 		t.Fatalf("pool emptied after %v, before the hold", took)
 	}
 }
+
+func TestReloadSwitchesRegistry(t *testing.T) {
+	a, b := testenv.StartEtcd(t), testenv.StartEtcd(t)
+	b1, b2 := startBackend(t, "b1"), startBackend(t, "b2")
+	put(t, a.Client(t), b1.addr, 0)
+	put(t, b.Client(t), b2.addr, 0)
+	cfg := etcdConfig(a)
+	srv := startServer(t, cfg)
+	exactly(t, srv, "b1 from the first etcd", "b1")
+
+	next := etcdConfig(b)
+	next.Listeners = cfg.Listeners
+	if err := srv.Reload(context.Background(), next); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("routing follows the new registry after %v", exactly(t, srv, "b2 from the second etcd", "b2"))
+
+	// An embedded etcd cannot appear on reload: rejected, nothing changes.
+	emb := etcdConfig(b)
+	emb.Listeners = cfg.Listeners
+	emb.Registries.Etcd.Embedded = &config.Embedded{DataDir: t.TempDir(), ClientURL: "http://127.0.0.1:0"}
+	if err := srv.Reload(context.Background(), emb); err == nil {
+		t.Fatal("a reload adding an embedded etcd was accepted")
+	}
+	exactly(t, srv, "b2 still routed", "b2")
+}
