@@ -53,9 +53,5 @@ func (l *logFlags) register(fs *flag.FlagSet, defFormat string) {
 }
 
 func (l *logFlags) logger(w io.Writer) (*zap.Logger, error) {
-	lg, err := newLogger(l.format, l.level, w)
-	if err != nil {
-		return nil, err
-	}
-	return lg, nil
+	return newLogger(l.format, l.level, w)
 }

@@ -69,7 +69,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 		}
 		var err error
 		if cfg, err = config.Load(cfgPath); err != nil {
-			return err
+			return errors.New(indentErrors(err))
 		}
 	} else {
 		var err error
