@@ -88,6 +88,8 @@ type Proxy struct {
 	listeners map[net.Listener]struct{}
 	sessions  map[*session]struct{}
 	idle      chan struct{} // closed when sessions drops to zero while closing
+
+	loops loopSet // relay loops, started by the first connection
 }
 
 func (p *Proxy) init() {
@@ -226,6 +228,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	}
 	p.cancel()
 	p.wg.Wait()
+	p.loops.stop()
 	return err
 }
 

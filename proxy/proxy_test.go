@@ -9,6 +9,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -121,6 +122,9 @@ func startProxy(t *testing.T, set proxy.Settings, addrs ...string) *setup {
 		s.mu.Unlock()
 	}}
 	s.p.Configure(set)
+	if strings.HasSuffix(t.Name(), "/goroutines") {
+		proxy.RelayWithGoroutines(s.p)
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -159,6 +163,13 @@ func roundTrip(addr string, msg []byte) ([]byte, error) {
 	}
 	c.(*net.TCPConn).CloseWrite()
 	return io.ReadAll(c)
+}
+
+// bothRelays runs f twice: with the relay loops (on Linux) and with the
+// goroutine relay, which startProxy picks from the subtest's name.
+func bothRelays(t *testing.T, f func(t *testing.T)) {
+	t.Run("loop", f)
+	t.Run("goroutines", f)
 }
 
 func eventually(t *testing.T, what string, cond func() bool) {
@@ -204,7 +215,9 @@ func payload(n int) []byte {
 	return b
 }
 
-func TestHalfCloseClientFirst(t *testing.T) {
+func TestHalfCloseClientFirst(t *testing.T) { bothRelays(t, testHalfCloseClientFirst) }
+
+func testHalfCloseClientFirst(t *testing.T) {
 	// The backend reads to EOF, then answers with a digest and a large body:
 	// the client's CloseWrite must reach it without cutting the reply.
 	reply := payload(4 << 20)
@@ -231,7 +244,9 @@ func TestHalfCloseClientFirst(t *testing.T) {
 	})
 }
 
-func TestHalfCloseBackendFirst(t *testing.T) {
+func TestHalfCloseBackendFirst(t *testing.T) { bothRelays(t, testHalfCloseBackendFirst) }
+
+func testHalfCloseBackendFirst(t *testing.T) {
 	// The backend sends everything and shuts its write side first, then keeps
 	// reading: the client must still get all of its later bytes through.
 	greeting := payload(2 << 20)
@@ -266,7 +281,9 @@ func TestHalfCloseBackendFirst(t *testing.T) {
 
 var countCh = make(chan int64, 1)
 
-func TestIdleTimeoutCutsSilentBackend(t *testing.T) {
+func TestIdleTimeoutCutsSilentBackend(t *testing.T) { bothRelays(t, testIdleTimeoutCutsSilentBackend) }
+
+func testIdleTimeoutCutsSilentBackend(t *testing.T) {
 	hang := make(chan struct{})
 	be := startBackend(t, func(c net.Conn) { <-hang })
 	defer close(hang)
@@ -286,6 +303,10 @@ func TestIdleTimeoutCutsSilentBackend(t *testing.T) {
 }
 
 func TestIdleTimeoutSparesBusyConnection(t *testing.T) {
+	bothRelays(t, testIdleTimeoutSparesBusyConnection)
+}
+
+func testIdleTimeoutSparesBusyConnection(t *testing.T) {
 	be := startBackend(t, echoHandler)
 	s := startProxy(t, proxy.Settings{IdleTimeout: 150 * time.Millisecond}, be.addr())
 	c := dial(t, s.addr)
@@ -304,6 +325,10 @@ func TestIdleTimeoutSparesBusyConnection(t *testing.T) {
 }
 
 func TestResettingBackendCostsNoClient(t *testing.T) {
+	bothRelays(t, testResettingBackendCostsNoClient)
+}
+
+func testResettingBackendCostsNoClient(t *testing.T) {
 	bad := startBackend(t, resetHandler)
 	good := startBackend(t, echoHandler)
 	s := startProxy(t, proxy.Settings{Retries: 2}, bad.addr(), good.addr())
@@ -450,6 +475,10 @@ func TestAcceptBacksOffOnEMFILE(t *testing.T) {
 }
 
 func TestShutdownDrainsOpenConnections(t *testing.T) {
+	bothRelays(t, testShutdownDrainsOpenConnections)
+}
+
+func testShutdownDrainsOpenConnections(t *testing.T) {
 	release := make(chan struct{})
 	be := startBackend(t, func(c net.Conn) {
 		buf := make([]byte, 5)
@@ -490,7 +519,9 @@ func TestShutdownDrainsOpenConnections(t *testing.T) {
 	}
 }
 
-func TestShutdownCutsAfterDeadline(t *testing.T) {
+func TestShutdownCutsAfterDeadline(t *testing.T) { bothRelays(t, testShutdownCutsAfterDeadline) }
+
+func testShutdownCutsAfterDeadline(t *testing.T) {
 	hang := make(chan struct{})
 	be := startBackend(t, func(c net.Conn) { <-hang })
 	defer close(hang)
@@ -537,7 +568,9 @@ func TestNoGoroutineOutlivesServe(t *testing.T) {
 	goleak.VerifyNone(t, before)
 }
 
-func TestConcurrentLoadIntegrity(t *testing.T) {
+func TestConcurrentLoadIntegrity(t *testing.T) { bothRelays(t, testConcurrentLoadIntegrity) }
+
+func testConcurrentLoadIntegrity(t *testing.T) {
 	var addrs []string
 	for range 3 {
 		addrs = append(addrs, startBackend(t, echoHandler).addr())

@@ -51,6 +51,8 @@ type session struct {
 	// resetSeen is the backend whose reset a write consumed: Linux reports
 	// a reset once, so the backend's next read sees a plain EOF.
 	resetSeen net.Conn
+	// relay is set when a relay loop owns the connections (Linux).
+	relay *relay
 }
 
 func (s *session) writeReset() bool {
@@ -113,6 +115,9 @@ func (p *Proxy) handle(client net.Conn, release func()) {
 	}
 	if p.refusing.Load() && p.refusing.Swap(false) {
 		p.Logger.Info("clients are served again")
+	}
+	if p.loops.adopt(s, release) {
+		return
 	}
 
 	var left atomic.Int32
@@ -248,6 +253,11 @@ func (s *session) releaseReplayLocked() {
 // abort cuts both sides at once; blocked reads and writes return.
 func (s *session) abort() {
 	s.mu.Lock()
+	if r := s.relay; r != nil {
+		s.mu.Unlock()
+		r.abort() // the loop owns the descriptors; it closes them
+		return
+	}
 	s.aborted = true
 	b := s.backend
 	s.mu.Unlock()
