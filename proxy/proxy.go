@@ -176,11 +176,14 @@ func (p *Proxy) Serve(ln net.Listener) error {
 		p.Stats.Active.Add(1)
 		p.wg.Add(1)
 		conns.Add(1)
-		go p.handle(c, func() {
+		release := func() {
 			p.Stats.Active.Add(-1)
 			p.wg.Done()
 			conns.Done()
-		})
+		}
+		if s := p.open(c, release); s != nil {
+			go s.handle(release)
+		}
 	}
 }
 
@@ -192,11 +195,14 @@ func (p *Proxy) HandleConn(conn net.Conn) {
 	p.wg.Add(1)
 	p.Stats.Active.Add(1)
 	done := make(chan struct{})
-	p.handle(conn, func() {
+	release := func() {
 		p.Stats.Active.Add(-1)
 		p.wg.Done()
 		close(done)
-	})
+	}
+	if s := p.open(conn, release); s != nil {
+		s.handle(release)
+	}
 	<-done
 }
 

@@ -61,20 +61,29 @@ func (s *session) writeReset() bool {
 	return s.resetSeen != nil && s.resetSeen == s.backend
 }
 
-// handle proxies client. It returns once the copy goroutines are started;
-// release runs when the connection is finished and everything is closed.
+// open registers client as a session of p, so that Shutdown waits for it
+// from the moment it is accepted. It returns nil, having closed client and
+// called release, when p is closed.
+func (p *Proxy) open(client net.Conn, release func()) *session {
+	s := &session{p: p, set: p.currentSettings(), client: client, start: time.Now()}
+	if !p.track(s) {
+		client.Close()
+		release()
+		return nil
+	}
+	return s
+}
+
+// handle proxies s. It returns once the connection is handed to a relay
+// loop or its copy goroutines are started; release runs when the
+// connection is finished and everything is closed.
 //
 // The two copy directions run in fresh goroutines, and the goroutine that
 // accepted and dialled exits: dialling grows a goroutine's stack, and a
 // stack never shrinks while its goroutine sits idle, so an idle proxied
 // connection would otherwise keep that larger stack for its lifetime.
-func (p *Proxy) handle(client net.Conn, release func()) {
-	s := &session{p: p, set: p.currentSettings(), client: client, start: time.Now()}
-	if !p.track(s) {
-		client.Close()
-		release()
-		return
-	}
+func (s *session) handle(release func()) {
+	p, client := s.p, s.client
 	if s.set.AcceptProxyFrom != nil {
 		timeout := s.set.ProxyHeaderTimeout
 		if timeout <= 0 {
