@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"runtime"
 	"sync"
@@ -16,6 +17,8 @@ import (
 
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
+
+	"github.com/rota-proxy/rota/balancer"
 )
 
 // The relay loops move the bytes of TCP connections on Linux. Each loop owns
@@ -54,18 +57,33 @@ type loopSet struct {
 	wg      sync.WaitGroup
 }
 
-// adopt hands s to a relay loop, which from now on owns its connections and
-// calls release when they are closed. It returns false when s must be
-// relayed by goroutines instead: a connection that is not plain TCP (a test
-// dialer, say) or a loop that could not start.
+// adopt hands s, an accepted client, to a relay loop, which connects it to
+// a target and from then on owns its connections and calls release when
+// they are closed. It returns false when s must be handled by goroutines
+// instead (session.handle): a PROXY header to read first, a test dialer,
+// a client that is not plain TCP, or loops that could not start.
 func (ls *loopSet) adopt(s *session, release func()) bool {
+	if s.set.AcceptProxyFrom != nil || s.set.Dial != nil {
+		return false
+	}
+	return ls.hand(s, release, msgAccept)
+}
+
+// adoptConnected is adopt for a session whose target is connected already.
+func (ls *loopSet) adoptConnected(s *session, release func()) bool {
+	return ls.hand(s, release, msgAdd)
+}
+
+func (ls *loopSet) hand(s *session, release func(), kind msgKind) bool {
 	cfd, ok := sockFD(s.client)
 	if !ok {
 		return false
 	}
-	bfd, ok := sockFD(s.backend)
-	if !ok {
-		return false
+	bfd := -1
+	if kind == msgAdd {
+		if bfd, ok = sockFD(s.backend); !ok {
+			return false
+		}
 	}
 	l := ls.pick(s.p)
 	if l == nil {
@@ -82,7 +100,7 @@ func (ls *loopSet) adopt(s *session, release func()) bool {
 	}
 	s.relay = r
 	s.mu.Unlock()
-	l.post(loopMsg{r: r, kind: msgAdd})
+	l.post(loopMsg{r: r, kind: kind})
 	return true
 }
 
@@ -148,14 +166,17 @@ func sockFD(c net.Conn) (int, bool) {
 type msgKind uint8
 
 const (
-	msgAdd      msgKind = iota // a new connection to relay
-	msgAbort                   // cut the connection (Shutdown)
-	msgRedialed                // the dial after an early reset finished; err says how
+	msgAccept msgKind = iota // a new client: connect it to a target
+	msgAdd                   // a new client with its target connected
+	msgAbort                 // cut the connection (Shutdown)
+	msgDialed                // a dial by name finished: conn or err
 )
 
 type loopMsg struct {
 	r    *relay
 	kind msgKind
+	t    *balancer.Target
+	conn net.Conn
 	err  error
 }
 
@@ -172,15 +193,18 @@ type loop struct {
 	inbox []loopMsg
 	woken bool // evfd written, inbox not yet taken
 
-	taken  []loopMsg
-	ends   []*end // by file descriptor
-	relays map[*relay]struct{}
-	again  []*relay // stopped at spinLimit with more to do
-	events [maxEvents]unix.EpollEvent
-	buf    []byte
-	now    time.Time
-	window time.Duration // idle sweep period; 0 while no connection has an idle timeout
-	pollFn func(uintptr) bool
+	taken   []loopMsg
+	ends    []*end // by file descriptor
+	relays  map[*relay]struct{}
+	again   []*relay // stopped at spinLimit with more to do
+	events  [maxEvents]unix.EpollEvent
+	buf     []byte
+	now     time.Time
+	window  time.Duration       // idle sweep period; 0 while no connection has an idle timeout
+	sweepAt time.Time           // next idle sweep
+	wakeAt  time.Time           // the deadline set on file; zero: none
+	dials   map[*relay]struct{} // connecting, with a dial deadline
+	pollFn  func(uintptr) bool
 }
 
 func newLoop(p *Proxy) (*loop, error) {
@@ -213,7 +237,7 @@ func newLoop(p *Proxy) (*loop, error) {
 		return nil, fmt.Errorf("epoll fd: %w", err)
 	}
 	l := &loop{p: p, epfd: epfd, file: file, rc: rc, evfd: evfd,
-		relays: make(map[*relay]struct{}), buf: make([]byte, loopBufSize)}
+		relays: make(map[*relay]struct{}), dials: make(map[*relay]struct{}), buf: make([]byte, loopBufSize)}
 	l.pollFn = l.poll
 	return l, nil
 }
@@ -238,8 +262,7 @@ func (l *loop) run(wg *sync.WaitGroup) {
 		switch {
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			l.now = time.Now()
-			l.sweep()
-			l.file.SetReadDeadline(l.now.Add(l.window))
+			l.timers()
 		case err != nil:
 			return // stopped
 		}
@@ -293,6 +316,10 @@ func (l *loop) handle(ev *unix.EpollEvent) {
 	if ev.Events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
 		e.hup = true
 	}
+	if r := e.r; r.connecting && e == &r.b {
+		l.connected(r, ev.Events)
+		return
+	}
 	l.step(e.r)
 }
 
@@ -308,19 +335,26 @@ func (l *loop) takeInbox() {
 		l.taken[i] = loopMsg{}
 		r := m.r
 		switch m.kind {
-		case msgAdd:
+		case msgAccept, msgAdd:
 			l.relays[r] = struct{}{}
 			if w := r.s.window(); w > 0 && (l.window == 0 || w < l.window) {
 				l.window = w
-				l.file.SetReadDeadline(l.now.Add(w))
+				l.sweepAt = l.now.Add(w)
+				l.wake(l.sweepAt)
 			}
 			if err := l.register(&r.c); err != nil {
 				l.close(r, err)
 				continue
 			}
+			if m.kind == msgAccept {
+				s := r.s
+				s.cursor = l.p.Picker.Pick()
+				s.tries = min(1+max(s.set.Retries, 0), s.cursor.Len())
+				l.connect(r)
+				continue
+			}
 			if err := l.register(&r.b); err != nil {
 				l.close(r, err)
-				continue
 			}
 		case msgAbort:
 			if r.dialing {
@@ -328,24 +362,8 @@ func (l *loop) takeInbox() {
 			} else if !r.done {
 				l.close(r, nil)
 			}
-		case msgRedialed:
-			r.dialing = false
-			s := r.s
-			if m.err != nil || r.aborted {
-				if m.err != nil {
-					l.p.Logger.Debug("no target left after reset", zap.Error(m.err))
-				}
-				r.b = end{r: r, conn: s.backend, fd: -1}
-				l.close(r, m.err)
-				continue
-			}
-			fd, _ := sockFD(s.backend) // the dialer makes TCP connections, as before
-			r.b = end{r: r, conn: s.backend, fd: fd, shut: s.clientEOF}
-			if err := l.register(&r.b); err != nil {
-				l.close(r, err)
-				continue
-			}
-			l.step(r)
+		case msgDialed:
+			l.dialed(r, m)
 		}
 	}
 }
@@ -368,13 +386,247 @@ func (l *loop) register(e *end) error {
 	return nil
 }
 
-// sweep cuts connections idle for their idle timeout or longer.
-func (l *loop) sweep() {
-	for r := range l.relays {
-		if t := r.s.set.IdleTimeout; t > 0 && !r.dialing && l.now.Sub(r.last) >= t {
-			l.close(r, nil)
+// wake makes the loop's wait end by t at the latest.
+func (l *loop) wake(t time.Time) {
+	if l.wakeAt.IsZero() || t.Before(l.wakeAt) {
+		l.wakeAt = t
+		l.file.SetReadDeadline(t)
+	}
+}
+
+// timers runs when the loop's deadline passes: it fails dials that took
+// too long, cuts connections idle for their idle timeout (checked every
+// quarter of the shortest one, so a connection goes between 1 and 1.25
+// idle timeouts after its last byte), and sets the next deadline.
+func (l *loop) timers() {
+	l.wakeAt = time.Time{} // passed; dials started below set it anew
+	var next time.Time
+	for r := range l.dials {
+		if !l.now.Before(r.dialBy) {
+			l.dialFailed(r, fmt.Errorf("dial timeout after %v", dialTimeout(r.s.set)))
+			continue
+		}
+		if next.IsZero() || r.dialBy.Before(next) {
+			next = r.dialBy
 		}
 	}
+	if l.window > 0 {
+		if !l.now.Before(l.sweepAt) {
+			for r := range l.relays {
+				if t := r.s.set.IdleTimeout; t > 0 && !r.dialing && !r.connecting && l.now.Sub(r.last) >= t {
+					l.close(r, nil)
+				}
+			}
+			l.sweepAt = l.now.Add(l.window)
+		}
+		if next.IsZero() || l.sweepAt.Before(next) {
+			next = l.sweepAt
+		}
+	}
+	if !next.IsZero() {
+		l.wake(next)
+	} else if l.wakeAt.IsZero() {
+		l.file.SetReadDeadline(time.Time{})
+	}
+}
+
+func dialTimeout(set *Settings) time.Duration {
+	if set.DialTimeout > 0 {
+		return set.DialTimeout
+	}
+	return 2 * time.Second
+}
+
+// connect starts connecting r to the next target of its cursor. Targets
+// named by address are connected by the loop (a non-blocking connect whose
+// completion is an epoll event); names need a resolver, so a goroutine
+// dials those.
+func (l *loop) connect(r *relay) {
+	s := r.s
+	for s.tries > 0 {
+		t := s.cursor.Next()
+		if t == nil {
+			break
+		}
+		s.tries--
+		ap, err := netip.ParseAddrPort(t.Addr)
+		if err != nil {
+			r.dialing = true
+			go func() {
+				c, err := s.dial(t)
+				l.post(loopMsg{r: r, kind: msgDialed, t: t, conn: c, err: err})
+			}()
+			return
+		}
+		fd, err := startConnect(ap)
+		if err == nil {
+			r.b = end{r: r, fd: fd}
+			err = l.register(&r.b)
+			if err != nil {
+				unix.Close(fd)
+			}
+		}
+		if err != nil {
+			r.b = end{r: r, fd: -1}
+			r.lastErr = fmt.Errorf("%s: %w", t.Addr, err)
+			s.fail(t, err)
+			continue
+		}
+		r.connecting, r.dialT = true, t
+		r.dialBy = l.now.Add(dialTimeout(s.set))
+		l.dials[r] = struct{}{}
+		l.wake(r.dialBy)
+		return
+	}
+	err := r.lastErr
+	if err == nil {
+		err = errors.New("no live target")
+	} else {
+		err = fmt.Errorf("all attempts failed, last: %w", err)
+	}
+	l.p.refuse(s.client, err)
+	l.close(r, nil)
+}
+
+// startConnect opens a non-blocking socket and starts connecting it to ap.
+func startConnect(ap netip.AddrPort) (int, error) {
+	var sa unix.Sockaddr
+	domain := unix.AF_INET
+	if a := ap.Addr(); a.Is4() || a.Is4In6() {
+		sa = &unix.SockaddrInet4{Port: int(ap.Port()), Addr: a.Unmap().As4()}
+	} else {
+		domain = unix.AF_INET6
+		sa = &unix.SockaddrInet6{Port: int(ap.Port()), Addr: a.As16()}
+	}
+	fd, err := unix.Socket(domain, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("socket: %w", err)
+	}
+	// Like net.Dial: small messages go out at once.
+	unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	if err := unix.Connect(fd, sa); err != nil && err != unix.EINPROGRESS {
+		unix.Close(fd)
+		return -1, fmt.Errorf("connect: %w", err)
+	}
+	return fd, nil
+}
+
+// connected handles an event on a connecting backend: the connect
+// finished, one way or the other.
+func (l *loop) connected(r *relay, events uint32) {
+	if events&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+		errno, err := unix.GetsockoptInt(r.b.fd, unix.SOL_SOCKET, unix.SO_ERROR)
+		if err == nil {
+			err = syscall.Errno(errno)
+			if errno == 0 {
+				err = unix.ECONNREFUSED
+			}
+		}
+		l.dialFailed(r, err)
+		return
+	}
+	if events&unix.EPOLLOUT == 0 {
+		return
+	}
+	s := r.s
+	t := r.dialT
+	r.connecting, r.dialT = false, nil
+	delete(l.dials, r)
+	s.target = t
+	t.Active.Add(1)
+	t.Total.Add(1)
+	l.p.served()
+	if v := s.set.SendProxy; v != 0 {
+		src, dst := s.src, s.dst
+		if src == nil {
+			src, dst = s.client.RemoteAddr(), s.client.LocalAddr()
+		}
+		b, err := proxyHeader(v, src, dst)
+		if err != nil {
+			l.close(r, fmt.Errorf("PROXY header: %w", err))
+			return
+		}
+		l.send(r, b)
+	}
+	if s.replay != nil && len(*s.replay) > 0 {
+		l.send(r, *s.replay)
+		t.BytesOut.Add(uint64(len(*s.replay)))
+	}
+	l.step(r)
+}
+
+// send writes b, which precedes anything the client sends, to a freshly
+// connected backend. A reset shows on the backend's next read.
+func (l *loop) send(r *relay, b []byte) {
+	if r.resetSeen {
+		return
+	}
+	if r.b.pend != nil {
+		*r.b.pend = append(*r.b.pend, b...)
+		return
+	}
+	if err := l.write(&r.b, b); err != nil && isResetErrno(err) {
+		r.resetSeen = true
+	}
+}
+
+// dialFailed gives up on the target r is connecting to and tries the next.
+func (l *loop) dialFailed(r *relay, err error) {
+	t := r.dialT
+	r.connecting, r.dialT = false, nil
+	delete(l.dials, r)
+	l.forget(&r.b)
+	unix.Close(r.b.fd)
+	r.b = end{r: r, fd: -1}
+	r.lastErr = fmt.Errorf("%s: %w", t.Addr, err)
+	if l.p.ctx.Err() != nil {
+		l.close(r, err) // shutting down: not the target's fault
+		return
+	}
+	s := r.s
+	s.fail(t, err)
+	l.connect(r)
+}
+
+// dialed takes the result of a dial by name (connect).
+func (l *loop) dialed(r *relay, m loopMsg) {
+	r.dialing = false
+	s := r.s
+	if r.aborted || r.done {
+		if m.conn != nil {
+			m.conn.Close()
+		}
+		l.close(r, nil)
+		return
+	}
+	if m.err != nil {
+		r.lastErr = fmt.Errorf("%s: %w", m.t.Addr, m.err)
+		if l.p.ctx.Err() != nil {
+			l.close(r, m.err)
+			return
+		}
+		s.fail(m.t, m.err)
+		l.connect(r)
+		return
+	}
+	fd, ok := sockFD(m.conn)
+	if !ok {
+		m.conn.Close()
+		l.close(r, errors.New("dialer returned a connection that is not TCP"))
+		return
+	}
+	r.b = end{r: r, conn: m.conn, fd: fd}
+	s.mu.Lock()
+	s.backend, s.target = m.conn, m.t
+	s.mu.Unlock()
+	m.t.Active.Add(1)
+	m.t.Total.Add(1)
+	if err := l.register(&r.b); err != nil {
+		l.close(r, err)
+		return
+	}
+	l.p.served()
+	l.step(r)
 }
 
 // relay is a connection owned by a loop: the client, the backend, and
@@ -387,11 +639,15 @@ type relay struct {
 	last    time.Time // last byte read from either side
 	// resetSeen: a write to the backend found it reset. Linux reports a
 	// reset once, so the backend's next read sees a plain EOF.
-	resetSeen bool
-	dialing   bool // a goroutine is connecting the next target
-	aborted   bool // Shutdown asked while dialing
-	queued    bool // in loop.again
-	done      bool
+	resetSeen  bool
+	dialing    bool // a goroutine is dialling a target by name
+	aborted    bool // Shutdown asked while dialing
+	connecting bool // the loop is connecting r.b to dialT
+	dialT      *balancer.Target
+	dialBy     time.Time // dial timeout
+	lastErr    error     // of the last failed attempt
+	queued     bool      // in loop.again
+	done       bool
 }
 
 // end is one side of a relay.
@@ -409,7 +665,7 @@ type end struct {
 
 // step moves whatever can move in both directions of r.
 func (l *loop) step(r *relay) {
-	if r.done || r.dialing {
+	if r.done || r.dialing || r.connecting {
 		return
 	}
 	more := l.flow(r, &r.c, &r.b)
@@ -594,9 +850,8 @@ func putPend(e *end) {
 	}
 }
 
-// retry dials the next target after the current one reset before its first
-// byte, in a goroutine: the loop must not wait on a dial. The client is not
-// read meanwhile; its bytes so far are replayed by the dial.
+// retry connects the next target after the current one reset before its
+// first byte; the client's bytes so far are replayed to it.
 func (l *loop) retry(r *relay, cause error) bool {
 	s := r.s
 	if s.committed || r.aborted {
@@ -604,17 +859,28 @@ func (l *loop) retry(r *relay, cause error) bool {
 		return false
 	}
 	s.fail(s.target, fmt.Errorf("reset before first byte: %w", cause))
-	l.forget(&r.b) // s.backend stays open until the dial replaces and closes it
-	r.b = end{r: r, fd: -1}
+	l.dropBackend(r)
 	r.resetSeen = false
-	r.dialing = true
-	go func() {
-		s.mu.Lock()
-		err := s.connectLocked()
-		s.mu.Unlock()
-		l.post(loopMsg{r: r, kind: msgRedialed, err: err})
-	}()
+	l.connect(r)
 	return false
+}
+
+// dropBackend closes r's backend connection.
+func (l *loop) dropBackend(r *relay) {
+	l.forget(&r.b)
+	if r.b.conn != nil {
+		r.b.conn.Close()
+	} else if r.b.fd >= 0 {
+		unix.Close(r.b.fd)
+	}
+	r.b = end{r: r, fd: -1}
+	s := r.s
+	s.mu.Lock()
+	if s.target != nil {
+		s.target.Active.Add(-1)
+	}
+	s.backend, s.target = nil, nil
+	s.mu.Unlock()
 }
 
 // forget takes e out of the loop's table; closing its descriptor (which the
@@ -636,25 +902,21 @@ func (l *loop) close(r *relay, err error) {
 		l.p.Logger.Debug("connection cut", zap.Error(err))
 	}
 	l.forget(&r.c)
-	l.forget(&r.b)
+	if r.connecting {
+		delete(l.dials, r)
+		r.connecting = false
+	}
+	l.dropBackend(r)
 	delete(l.relays, r)
 	s := r.s
 	s.mu.Lock()
 	s.aborted = true
-	s.backend.Close()
-	s.target.Active.Add(-1)
 	s.releaseReplayLocked()
 	s.mu.Unlock()
 	s.client.Close()
 	s.p.untrack(s)
 	r.release()
 }
-
-// The loop's descriptors are non-blocking, so its system calls never
-// wait: they are made raw, without telling the scheduler. A call announced
-// as possibly blocking lets the runtime hand the thread's P to another
-// thread after 20µs, and a loop making hundreds of thousands of calls a
-// second then pays for those hand-offs and for a monitor waking every 20µs.
 
 func readFD(fd int, b []byte) (int, error) {
 	for {

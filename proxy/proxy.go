@@ -181,7 +181,7 @@ func (p *Proxy) Serve(ln net.Listener) error {
 			p.wg.Done()
 			conns.Done()
 		}
-		if s := p.open(c, release); s != nil {
+		if s := p.open(c, release); s != nil && !p.loops.adopt(s, release) {
 			go s.handle(release)
 		}
 	}
@@ -200,7 +200,7 @@ func (p *Proxy) HandleConn(conn net.Conn) {
 		p.wg.Done()
 		close(done)
 	}
-	if s := p.open(conn, release); s != nil {
+	if s := p.open(conn, release); s != nil && !p.loops.adopt(s, release) {
 		s.handle(release)
 	}
 	<-done

@@ -368,6 +368,69 @@ func TestRefusedDialRetriesNextTarget(t *testing.T) {
 	}
 }
 
+// A target given by name is resolved and dialled like an address.
+func TestTargetByName(t *testing.T) { bothRelays(t, testTargetByName) }
+
+func testTargetByName(t *testing.T) {
+	be := startBackend(t, echoHandler)
+	_, port, _ := net.SplitHostPort(be.addr())
+	s := startProxy(t, proxy.Settings{}, "localhost:"+port)
+	for i := range 5 {
+		msg := []byte(fmt.Sprintf("by name %d", i))
+		got, err := roundTrip(s.addr, msg)
+		if err != nil || !bytes.Equal(got, msg) {
+			t.Fatalf("got %q (%v), want echo", got, err)
+		}
+	}
+}
+
+// stuckListener is a loopback listener whose accept queue is full: the
+// kernel drops further SYNs, so a connect to it hangs.
+func stuckListener(t *testing.T) string {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, _ := syscall.Getsockname(fd)
+	addr := fmt.Sprintf("127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port)
+	// Fill the queue (backlog 0 holds one) without ever accepting.
+	for range 2 {
+		c, err := net.DialTimeout("tcp", addr, 300*time.Millisecond)
+		if err != nil {
+			break
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	return addr
+}
+
+func TestDialTimeoutTriesNextTarget(t *testing.T) { bothRelays(t, testDialTimeoutTriesNextTarget) }
+
+func testDialTimeoutTriesNextTarget(t *testing.T) {
+	stuck := stuckListener(t)
+	good := startBackend(t, echoHandler)
+	s := startProxy(t, proxy.Settings{Retries: 1, DialTimeout: 150 * time.Millisecond}, stuck, good.addr())
+	// Round-robin starts each client at the next target: two clients
+	// meet the stuck one first at least once.
+	for i := range 2 {
+		got, err := roundTrip(s.addr, []byte("through"))
+		if err != nil || string(got) != "through" {
+			t.Fatalf("client %d: got %q (%v), want echo from the good target", i, got, err)
+		}
+	}
+	if rep := s.reported(); len(rep) != 1 || rep[0] != stuck {
+		t.Fatalf("reported %v, want the stuck target %s once", rep, stuck)
+	}
+}
+
 func TestRetriesBounded(t *testing.T) {
 	var dead []string
 	for range 4 {

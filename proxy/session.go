@@ -113,19 +113,14 @@ func (s *session) handle(release func()) {
 	err := s.connectLocked()
 	s.mu.Unlock()
 	if err != nil {
-		p.Stats.NoTarget.Add(1)
-		if !p.refusing.Swap(true) {
-			p.Logger.Warn("refusing clients: no target could be reached", zap.String("client", client.RemoteAddr().String()), zap.Error(err))
-		}
+		p.refuse(client, err)
 		client.Close()
 		p.untrack(s)
 		release()
 		return
 	}
-	if p.refusing.Load() && p.refusing.Swap(false) {
-		p.Logger.Info("clients are served again")
-	}
-	if p.loops.adopt(s, release) {
+	p.served()
+	if p.loops.adoptConnected(s, release) {
 		return
 	}
 
@@ -152,6 +147,22 @@ func (s *session) handle(release func()) {
 		defer finish()
 		s.clientToBackend()
 	}()
+}
+
+// refuse counts a client for which no target could be reached, and logs
+// the first of a run of them.
+func (p *Proxy) refuse(client net.Conn, err error) {
+	p.Stats.NoTarget.Add(1)
+	if !p.refusing.Swap(true) {
+		p.Logger.Warn("refusing clients: no target could be reached", zap.String("client", client.RemoteAddr().String()), zap.Error(err))
+	}
+}
+
+// served ends a run of refused clients.
+func (p *Proxy) served() {
+	if p.refusing.Load() && p.refusing.Swap(false) {
+		p.Logger.Info("clients are served again")
+	}
 }
 
 // connectLocked dials targets from the cursor until one answers or the
