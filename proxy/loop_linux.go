@@ -3,6 +3,7 @@
 package proxy
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -375,10 +376,7 @@ func (l *loop) register(e *end) error {
 		l.ends = ends
 	}
 	l.ends[e.fd] = e
-	err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, e.fd, &unix.EpollEvent{
-		Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET,
-		Fd:     int32(e.fd),
-	})
+	err := epollAdd(l.epfd, e.fd, unix.EPOLLIN|unix.EPOLLOUT|unix.EPOLLRDHUP|unix.EPOLLET)
 	if err != nil {
 		l.ends[e.fd] = nil
 		return fmt.Errorf("epoll_ctl: %w", err)
@@ -463,7 +461,7 @@ func (l *loop) connect(r *relay) {
 			r.b = end{r: r, fd: fd}
 			err = l.register(&r.b)
 			if err != nil {
-				unix.Close(fd)
+				closeFD(fd)
 			}
 		}
 		if err != nil {
@@ -490,25 +488,54 @@ func (l *loop) connect(r *relay) {
 
 // startConnect opens a non-blocking socket and starts connecting it to ap.
 func startConnect(ap netip.AddrPort) (int, error) {
-	var sa unix.Sockaddr
-	domain := unix.AF_INET
-	if a := ap.Addr(); a.Is4() || a.Is4In6() {
-		sa = &unix.SockaddrInet4{Port: int(ap.Port()), Addr: a.Unmap().As4()}
+	a, port := ap.Addr(), ap.Port()
+	var (
+		domain = unix.AF_INET
+		sa     unsafe.Pointer
+		salen  uintptr
+		sa4    unix.RawSockaddrInet4
+		sa6    unix.RawSockaddrInet6
+	)
+	if a.Is4() || a.Is4In6() {
+		sa4.Family, sa4.Addr = unix.AF_INET, a.Unmap().As4()
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa4.Port))[:], port)
+		sa, salen = unsafe.Pointer(&sa4), unsafe.Sizeof(sa4)
 	} else {
 		domain = unix.AF_INET6
-		sa = &unix.SockaddrInet6{Port: int(ap.Port()), Addr: a.As16()}
+		sa6.Family, sa6.Addr = unix.AF_INET6, a.As16()
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa6.Port))[:], port)
+		sa, salen = unsafe.Pointer(&sa6), unsafe.Sizeof(sa6)
 	}
-	fd, err := unix.Socket(domain, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return -1, fmt.Errorf("socket: %w", err)
+	r, _, e := unix.RawSyscall(unix.SYS_SOCKET, uintptr(domain), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if e != 0 {
+		return -1, fmt.Errorf("socket: %w", e)
 	}
+	fd := int(r)
 	// Like net.Dial: small messages go out at once.
-	unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
-	if err := unix.Connect(fd, sa); err != nil && err != unix.EINPROGRESS {
-		unix.Close(fd)
-		return -1, fmt.Errorf("connect: %w", err)
+	one := int32(1)
+	unix.RawSyscall6(unix.SYS_SETSOCKOPT, r, unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0)
+	if _, _, e := unix.RawSyscall(unix.SYS_CONNECT, r, uintptr(sa), salen); e != 0 && e != unix.EINPROGRESS {
+		closeFD(fd)
+		return -1, fmt.Errorf("connect: %w", e)
 	}
 	return fd, nil
+}
+
+func closeFD(fd int) { unix.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0) }
+
+func shutdownWrite(fd int) error {
+	if _, _, e := unix.RawSyscall(unix.SYS_SHUTDOWN, uintptr(fd), unix.SHUT_WR, 0); e != 0 {
+		return e
+	}
+	return nil
+}
+
+func epollAdd(epfd, fd int, events uint32) error {
+	ev := unix.EpollEvent{Events: events, Fd: int32(fd)}
+	if _, _, e := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(epfd), unix.EPOLL_CTL_ADD, uintptr(fd), uintptr(unsafe.Pointer(&ev)), 0, 0); e != 0 {
+		return e
+	}
+	return nil
 }
 
 // connected handles an event on a connecting backend: the connect
@@ -576,7 +603,7 @@ func (l *loop) dialFailed(r *relay, err error) {
 	r.connecting, r.dialT = false, nil
 	delete(l.dials, r)
 	l.forget(&r.b)
-	unix.Close(r.b.fd)
+	closeFD(r.b.fd)
 	r.b = end{r: r, fd: -1}
 	r.lastErr = fmt.Errorf("%s: %w", t.Addr, err)
 	if l.p.ctx.Err() != nil {
@@ -697,8 +724,12 @@ func (l *loop) flow(r *relay, src, dst *end) bool {
 		if src.eof {
 			if !dst.shut {
 				dst.shut = true
-				if err := unix.Shutdown(dst.fd, unix.SHUT_WR); err != nil && err != unix.ENOTCONN {
-					l.close(r, err)
+				// When the other direction is done too, close (next, in
+				// step) sends the FIN.
+				if !dst.eof || !src.shut {
+					if err := shutdownWrite(dst.fd); err != nil && err != unix.ENOTCONN {
+						l.close(r, err)
+					}
 				}
 			}
 			return false
@@ -871,7 +902,7 @@ func (l *loop) dropBackend(r *relay) {
 	if r.b.conn != nil {
 		r.b.conn.Close()
 	} else if r.b.fd >= 0 {
-		unix.Close(r.b.fd)
+		closeFD(r.b.fd)
 	}
 	r.b = end{r: r, fd: -1}
 	s := r.s
