@@ -6,8 +6,10 @@ package proxy
 type loopSet struct{}
 
 func (*loopSet) adopt(*session, func()) bool { return false }
-func (*loopSet) stop()                       {}
-func (*loopSet) disable()                    {}
+
+func (*loopSet) adoptConnected(*session, func()) bool { return false }
+func (*loopSet) stop()                                {}
+func (*loopSet) disable()                             {}
 
 type relay struct{}
 
