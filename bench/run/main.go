@@ -127,16 +127,24 @@ func run(o *options) error {
 				if err != nil {
 					return err
 				}
+				cpu0 := p.cpu()
 				if m, err := wrk(p.addr, 64, o.dur, false); err == nil {
 					res.add(key(th, "ka_rps", px), m.rps)
 					res.add(key(th, "ka_p50", px), m.p50)
 					res.add(key(th, "ka_p99", px), m.p99)
+					if px != "direct" && m.n > 0 {
+						res.add(key(th, "ka_cpu", px), (p.cpu()-cpu0)*1e6/m.n)
+					}
 				} else {
 					logf("  keep-alive: %v", err)
 				}
+				cpu0 = p.cpu()
 				if m, err := wrk(p.addr, 64, o.dur, true); err == nil {
 					res.add(key(th, "close_rps", px), m.rps)
 					res.add(key(th, "close_p99", px), m.p99)
+					if px != "direct" && m.n > 0 {
+						res.add(key(th, "close_cpu", px), (p.cpu()-cpu0)*1e6/m.n)
+					}
 				} else {
 					logf("  close: %v", err)
 				}
@@ -270,10 +278,11 @@ func waitDial(addr string) {
 	}
 }
 
-type wrkResult struct{ rps, p50, p99 float64 } // latencies in milliseconds
+type wrkResult struct{ rps, p50, p99, n float64 } // latencies in milliseconds; n requests
 
 var (
 	reRPS = regexp.MustCompile(`Requests/sec:\s+([\d.]+)`)
+	reN   = regexp.MustCompile(`(\d+) requests in`)
 	reLat = regexp.MustCompile(`(?m)^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$`)
 )
 
@@ -294,6 +303,9 @@ func wrk(addr string, conns int, d time.Duration, closeEach bool) (wrkResult, er
 		return r, fmt.Errorf("wrk: no Requests/sec in %s", out)
 	}
 	r.rps, _ = strconv.ParseFloat(string(m[1]), 64)
+	if m := reN.FindSubmatch(out); m != nil {
+		r.n, _ = strconv.ParseFloat(string(m[1]), 64)
+	}
 	for _, l := range reLat.FindAllSubmatch(out, -1) {
 		v, _ := strconv.ParseFloat(string(l[2]), 64)
 		switch string(l[3]) {

@@ -60,6 +60,28 @@ func (p *proc) rss() int64 {
 	return total
 }
 
+// cpu is the processor time (user and system) the proxy's processes have
+// used, in seconds. The kernel's TCP work for their sockets counts too.
+func (p *proc) cpu() float64 {
+	var ticks int64
+	for _, pid := range p.pidFn() {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		// Fields after the command name, which is in parentheses and may
+		// hold spaces: state is field 3, utime 14, stime 15.
+		i := strings.LastIndexByte(string(b), ')')
+		f := strings.Fields(string(b)[i+1:])
+		if len(f) > 12 {
+			u, _ := strconv.ParseInt(f[11], 10, 64)
+			s, _ := strconv.ParseInt(f[12], 10, 64)
+			ticks += u + s
+		}
+	}
+	return float64(ticks) / 100 // USER_HZ
+}
+
 func freePort() int {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

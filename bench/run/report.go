@@ -28,6 +28,8 @@ var metrics = []metric{
 	{"ka_p99", "keep-alive p99 latency", "ms", true, "%.3f"},
 	{"close_rps", "new connection per request, req/s", "req/s", false, "%.0f"},
 	{"close_p99", "new connection per request, p99", "ms", true, "%.3f"},
+	{"ka_cpu", "proxy CPU per keep-alive request", "µs", true, "%.1f"},
+	{"close_cpu", "proxy CPU per new-connection request", "µs", true, "%.1f"},
 	{"bulk_gbps", "bulk single stream (iperf3)", "Gbit/s", false, "%.2f"},
 	{"idle_kib", "idle memory per connection", "KiB", true, "%.1f"},
 }
@@ -65,7 +67,7 @@ func renderReport(o *options, res results, took time.Duration) string {
 	fmt.Fprintf(&b, "# rota benchmark, %s\n\n", time.Now().Format("2006-01-02 15:04 MST"))
 	fmt.Fprintf(&b, "Host `%s`, %d CPUs, %s. Mode: %s, %d repetition(s) interleaved, median shown; %v per measurement; run took %v.\n\n",
 		host, runtime.NumCPU(), runtime.Version(), map[bool]string{true: "quick", false: "full"}[o.quick], o.reps, o.dur, took.Round(time.Second))
-	b.WriteString("Ratios are oriented so that **> 1.00x means rota is better** (for latency and memory: the other's value divided by rota's).\n\n")
+	b.WriteString("Ratios are oriented so that **> 1.00x means rota is better** (for latency, memory and CPU: the other's value divided by rota's).\n\n")
 	b.WriteString("<!--chart-->\n")
 	for _, th := range o.threads {
 		fmt.Fprintf(&b, "## %d thread(s) each (GOMAXPROCS=%d, nbthread %d, worker_processes %d)\n\n", th, th, th, th)
@@ -98,7 +100,7 @@ func renderReport(o *options, res results, took time.Duration) string {
 		}
 		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key("targets", n, "rota"), key("targets", n, "haproxy"), false))
 	}
-	b.WriteString("\nLoad: `wrk -t1` (one thread, so the proxy keeps a core), small HTTP responses from Go backends in a separate process; bulk: `iperf3` single stream; idle memory: RSS growth of the proxy's processes (nginx: its workers) per idle proxied connection.\n")
+	b.WriteString("\nLoad: `wrk -t1` (one thread, so the proxy keeps a core), small HTTP responses from Go backends in a separate process; bulk: `iperf3` single stream; idle memory: RSS growth of the proxy's processes (nginx: its workers) per idle proxied connection; CPU per request: user and system time of the proxy's processes (including the kernel's TCP work on their sockets) during the wrk run, divided by the requests served, which is steadier than the rates on a shared two-core machine.\n")
 	return b.String()
 }
 
