@@ -428,13 +428,6 @@ func (l *loop) timers() {
 	}
 }
 
-func dialTimeout(set *Settings) time.Duration {
-	if set.DialTimeout > 0 {
-		return set.DialTimeout
-	}
-	return 2 * time.Second
-}
-
 // connect starts connecting r to the next target of its cursor. Targets
 // named by address are connected by the loop (a non-blocking connect whose
 // completion is an epoll event); names need a resolver, so a goroutine
@@ -563,16 +556,10 @@ func (l *loop) connected(r *relay, events uint32) {
 	t.Active.Add(1)
 	t.Total.Add(1)
 	l.p.served()
-	if v := s.set.SendProxy; v != 0 {
-		src, dst := s.src, s.dst
-		if src == nil {
-			src, dst = s.client.RemoteAddr(), s.client.LocalAddr()
-		}
-		b, err := proxyHeader(v, src, dst)
-		if err != nil {
-			l.close(r, fmt.Errorf("PROXY header: %w", err))
-			return
-		}
+	if b, err := s.proxyHeader(); err != nil {
+		l.close(r, fmt.Errorf("PROXY header: %w", err))
+		return
+	} else if b != nil {
 		l.send(r, b)
 	}
 	if s.replay != nil && len(*s.replay) > 0 {

@@ -205,10 +205,7 @@ func (s *session) connectLocked() error {
 
 // dial connects to t and sends the prelude and replayed bytes, if any.
 func (s *session) dial(t *balancer.Target) (net.Conn, error) {
-	timeout := s.set.DialTimeout
-	if timeout <= 0 {
-		timeout = 2 * time.Second
-	}
+	timeout := dialTimeout(s.set)
 	ctx, cancel := context.WithTimeout(s.p.ctx, timeout)
 	defer cancel()
 	dial := s.set.Dial
@@ -223,12 +220,7 @@ func (s *session) dial(t *balancer.Target) (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	if v := s.set.SendProxy; v != 0 {
-		src, dst := s.src, s.dst
-		if src == nil {
-			src, dst = s.client.RemoteAddr(), s.client.LocalAddr()
-		}
-		b, err := proxyHeader(v, src, dst)
+	if b, err := s.proxyHeader(); err != nil || b != nil {
 		if err == nil {
 			_, err = c.Write(b)
 		}
@@ -245,6 +237,27 @@ func (s *session) dial(t *balancer.Target) (net.Conn, error) {
 		t.BytesOut.Add(uint64(len(*s.replay)))
 	}
 	return c, nil
+}
+
+func dialTimeout(set *Settings) time.Duration {
+	if set.DialTimeout > 0 {
+		return set.DialTimeout
+	}
+	return 2 * time.Second
+}
+
+// proxyHeader is the PROXY protocol header to send a target first, naming
+// the client; nil when the listener sends none.
+func (s *session) proxyHeader() ([]byte, error) {
+	v := s.set.SendProxy
+	if v == 0 {
+		return nil, nil
+	}
+	src, dst := s.src, s.dst
+	if src == nil {
+		src, dst = s.client.RemoteAddr(), s.client.LocalAddr()
+	}
+	return proxyHeader(v, src, dst)
 }
 
 func (s *session) fail(t *balancer.Target, err error) {
