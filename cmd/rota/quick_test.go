@@ -93,4 +93,3 @@ func TestQuickFormConsul(t *testing.T) {
 	}
 	runServe(t, "c1", "--service", "web", "--consul", agent.Addr())
 }
-
