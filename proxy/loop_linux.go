@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -142,6 +143,9 @@ func (ls *loopSet) stop() {
 	}
 	ls.wg.Wait()
 	for _, l := range loops {
+		l.mu.Lock()
+		l.dead = true
+		l.mu.Unlock()
 		unix.Close(l.evfd)
 	}
 }
@@ -167,10 +171,12 @@ func sockFD(c net.Conn) (int, bool) {
 type msgKind uint8
 
 const (
-	msgAccept msgKind = iota // a new client: connect it to a target
-	msgAdd                   // a new client with its target connected
-	msgAbort                 // cut the connection (Shutdown)
-	msgDialed                // a dial by name finished: conn or err
+	msgAccept   msgKind = iota // a new client: connect it to a target
+	msgAdd                     // a new client with its target connected
+	msgAbort                   // cut the connection (Shutdown)
+	msgDialed                  // a dial by name finished: conn or err
+	msgListen                  // accept on li too
+	msgUnlisten                // li is closed: forget it, then signal ack
 )
 
 type loopMsg struct {
@@ -179,6 +185,8 @@ type loopMsg struct {
 	t    *balancer.Target
 	conn net.Conn
 	err  error
+	li   *listening
+	ack  chan<- struct{}
 }
 
 // loop is one event loop. Everything below mu belongs to the loop
@@ -190,9 +198,11 @@ type loop struct {
 	rc   syscall.RawConn
 	evfd int // eventfd that wakes the loop for its inbox
 
-	mu    sync.Mutex
-	inbox []loopMsg
-	woken bool // evfd written, inbox not yet taken
+	mu     sync.Mutex
+	inbox  []loopMsg
+	woken  bool          // evfd written, inbox not yet taken
+	dead   bool          // stopped: evfd is closed
+	exited chan struct{} // closed when run returns
 
 	taken   []loopMsg
 	ends    []*end // by file descriptor
@@ -205,6 +215,7 @@ type loop struct {
 	sweepAt time.Time           // next idle sweep
 	wakeAt  time.Time           // the deadline set on file; zero: none
 	dials   map[*relay]struct{} // connecting, with a dial deadline
+	lns     map[int]*lnState    // listeners, by descriptor
 	pollFn  func(uintptr) bool
 }
 
@@ -238,7 +249,8 @@ func newLoop(p *Proxy) (*loop, error) {
 		return nil, fmt.Errorf("epoll fd: %w", err)
 	}
 	l := &loop{p: p, epfd: epfd, file: file, rc: rc, evfd: evfd,
-		relays: make(map[*relay]struct{}), dials: make(map[*relay]struct{}), buf: make([]byte, loopBufSize)}
+		relays: make(map[*relay]struct{}), dials: make(map[*relay]struct{}), lns: make(map[int]*lnState),
+		buf: make([]byte, loopBufSize), exited: make(chan struct{})}
 	l.pollFn = l.poll
 	return l, nil
 }
@@ -246,6 +258,10 @@ func newLoop(p *Proxy) (*loop, error) {
 // post queues m for the loop and wakes it.
 func (l *loop) post(m loopMsg) {
 	l.mu.Lock()
+	if l.dead {
+		l.mu.Unlock()
+		return
+	}
 	l.inbox = append(l.inbox, m)
 	wake := !l.woken
 	l.woken = true
@@ -258,6 +274,7 @@ func (l *loop) post(m loopMsg) {
 
 func (l *loop) run(wg *sync.WaitGroup) {
 	defer wg.Done()
+	defer close(l.exited)
 	for {
 		err := l.rc.Read(l.pollFn)
 		switch {
@@ -308,7 +325,10 @@ func (l *loop) handle(ev *unix.EpollEvent) {
 		return
 	}
 	if fd >= len(l.ends) || l.ends[fd] == nil {
-		return // closed earlier in this batch
+		if st := l.lns[fd]; st != nil {
+			l.accept(st)
+		}
+		return // else closed earlier in this batch
 	}
 	e := l.ends[fd]
 	if ev.Events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
@@ -337,26 +357,16 @@ func (l *loop) takeInbox() {
 		r := m.r
 		switch m.kind {
 		case msgAccept, msgAdd:
-			l.relays[r] = struct{}{}
-			if w := r.s.window(); w > 0 && (l.window == 0 || w < l.window) {
-				l.window = w
-				l.sweepAt = l.now.Add(w)
-				l.wake(l.sweepAt)
+			l.start(r, m.kind == msgAccept)
+		case msgListen:
+			l.listen(m.li)
+		case msgUnlisten:
+			// The listener is closed, which took it out of epoll; its
+			// descriptor may be another socket's already.
+			if st := l.lns[m.li.fd]; st != nil && st.li == m.li {
+				delete(l.lns, m.li.fd)
 			}
-			if err := l.register(&r.c); err != nil {
-				l.close(r, err)
-				continue
-			}
-			if m.kind == msgAccept {
-				s := r.s
-				s.cursor = l.p.Picker.Pick()
-				s.tries = min(1+max(s.set.Retries, 0), s.cursor.Len())
-				l.connect(r)
-				continue
-			}
-			if err := l.register(&r.b); err != nil {
-				l.close(r, err)
-			}
+			m.ack <- struct{}{}
 		case msgAbort:
 			if r.dialing {
 				r.aborted = true // closed when the dial returns
@@ -366,6 +376,31 @@ func (l *loop) takeInbox() {
 		case msgDialed:
 			l.dialed(r, m)
 		}
+	}
+}
+
+// start takes on r: it registers the client and, for a new client,
+// connects a target; else the backend is connected already.
+func (l *loop) start(r *relay, connect bool) {
+	l.relays[r] = struct{}{}
+	if w := r.s.window(); w > 0 && (l.window == 0 || w < l.window) {
+		l.window = w
+		l.sweepAt = l.now.Add(w)
+		l.wake(l.sweepAt)
+	}
+	if err := l.register(&r.c); err != nil {
+		l.close(r, err)
+		return
+	}
+	if connect {
+		s := r.s
+		s.cursor = l.p.Picker.Pick()
+		s.tries = min(1+max(s.set.Retries, 0), s.cursor.Len())
+		l.connect(r)
+		return
+	}
+	if err := l.register(&r.b); err != nil {
+		l.close(r, err)
 	}
 }
 
@@ -406,6 +441,17 @@ func (l *loop) timers() {
 		}
 		if next.IsZero() || r.dialBy.Before(next) {
 			next = r.dialBy
+		}
+	}
+	for _, st := range l.lns {
+		if st.retryAt.IsZero() {
+			continue
+		}
+		if !l.now.Before(st.retryAt) {
+			st.retryAt = time.Time{}
+			l.arm(st)
+		} else if next.IsZero() || st.retryAt.Before(next) {
+			next = st.retryAt
 		}
 	}
 	if l.window > 0 {
@@ -475,7 +521,8 @@ func (l *loop) connect(r *relay) {
 	} else {
 		err = fmt.Errorf("all attempts failed, last: %w", err)
 	}
-	l.p.refuse(s.client, err)
+	src, _ := s.clientAddrs()
+	l.p.refuse(src, err)
 	l.close(r, nil)
 }
 
@@ -1025,7 +1072,11 @@ func (l *loop) close(r *relay, err error) {
 	s.aborted = true
 	s.releaseReplayLocked()
 	s.mu.Unlock()
-	s.client.Close()
+	if s.client != nil {
+		s.client.Close()
+	} else {
+		closeFD(r.c.fd)
+	}
 	s.p.untrack(s)
 	r.release()
 }
@@ -1078,4 +1129,211 @@ func (ls *loopSet) disable() {
 	ls.mu.Lock()
 	ls.stopped = true
 	ls.mu.Unlock()
+}
+
+// listening is a Listener whose connections the loops accept.
+type listening struct {
+	ln      *Listener
+	fd      int
+	rc      syscall.RawConn
+	conns   *sync.WaitGroup // Serve's: its connections
+	release func()
+}
+
+// lnState is one loop's view of a listener: armed in its epoll, or backing
+// off after running out of descriptors.
+type lnState struct {
+	li      *listening
+	armed   bool
+	delay   time.Duration
+	retryAt time.Time
+}
+
+// serve accepts on ln inside the loops: every loop has the listener in its
+// epoll (EPOLLEXCLUSIVE: one is woken per connection) and accept4s on it
+// directly, so a client socket never enters Go's netpoller (saving two
+// epoll_ctl calls, a getsockname and a goroutine hand-off per connection).
+// It returns when ln is closed; false if no loop runs, and Serve accepts as
+// usual.
+func (ls *loopSet) serve(p *Proxy, ln *Listener, conns *sync.WaitGroup) (bool, error) {
+	if ls.pick(p) == nil {
+		return false, nil
+	}
+	rc, err := ln.SyscallConn()
+	if err != nil {
+		return false, nil
+	}
+	fd := -1
+	if rc.Control(func(u uintptr) { fd = int(u) }) != nil || fd < 0 {
+		return false, nil
+	}
+	ls.mu.Lock()
+	loops := slices.Clone(ls.loops)
+	ls.mu.Unlock()
+	li := &listening{ln: ln, fd: fd, rc: rc, conns: conns, release: func() {
+		p.Stats.Active.Add(-1)
+		p.wg.Done()
+		conns.Done()
+	}}
+	for _, l := range loops {
+		l.post(loopMsg{kind: msgListen, li: li})
+	}
+	<-ln.closed
+	ack := make(chan struct{}, len(loops))
+	for _, l := range loops {
+		l.post(loopMsg{kind: msgUnlisten, li: li, ack: ack})
+	}
+	for _, l := range loops {
+		select {
+		case <-ack:
+		case <-l.exited:
+		}
+	}
+	if p.isClosing() {
+		return true, ErrClosed
+	}
+	return true, net.ErrClosed
+}
+
+func (l *loop) listen(li *listening) {
+	st := &lnState{li: li}
+	l.lns[li.fd] = st
+	l.arm(st)
+}
+
+// arm adds st's listener to the loop's epoll. Through Control, which holds
+// the descriptor open: a closed listener's number may be reused already.
+func (l *loop) arm(st *lnState) {
+	err := st.li.rc.Control(func(fd uintptr) {
+		e := epollAdd(l.epfd, int(fd), unix.EPOLLIN|unix.EPOLLEXCLUSIVE)
+		if e == unix.EINVAL { // kernels before 4.5
+			e = epollAdd(l.epfd, int(fd), unix.EPOLLIN)
+		}
+		st.armed = e == nil
+	})
+	if err != nil || !st.armed {
+		delete(l.lns, st.li.fd)
+	}
+}
+
+// accept takes the connections waiting on st's listener, up to a batch;
+// the listener is level-triggered, so more raise another event.
+func (l *loop) accept(st *lnState) {
+	var acceptErr error
+	err := st.li.rc.Control(func(lfd uintptr) {
+		for range 32 {
+			var rsa unix.RawSockaddrAny
+			alen := uint32(unix.SizeofSockaddrAny)
+			fd, _, e := unix.RawSyscall6(unix.SYS_ACCEPT4, lfd, uintptr(unsafe.Pointer(&rsa)), uintptr(unsafe.Pointer(&alen)), unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
+			switch e {
+			case 0:
+				l.accepted(st.li, int(fd), peerOf(&rsa))
+				st.delay = 0
+			case unix.EAGAIN:
+				return
+			case unix.EINTR, unix.ECONNABORTED:
+			default:
+				acceptErr = os.NewSyscallError("accept4", e)
+				if isTemporary(acceptErr) {
+					// Out of descriptors: leave the listener out of this
+					// loop's epoll for a while rather than spin on it.
+					unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, int(lfd), nil)
+					st.armed = false
+				}
+				return
+			}
+		}
+	})
+	switch {
+	case err != nil:
+		delete(l.lns, st.li.fd) // closed
+	case acceptErr != nil && !st.armed:
+		if st.delay == 0 {
+			st.delay = 5 * time.Millisecond
+			l.p.Logger.Warn("accept failed; backing off", zap.Error(acceptErr))
+		} else {
+			st.delay = min(2*st.delay, time.Second)
+		}
+		st.retryAt = l.now.Add(st.delay)
+		l.wake(st.retryAt)
+	case acceptErr != nil:
+		l.p.Logger.Error("accept failed", zap.Error(acceptErr))
+	}
+}
+
+// accepted starts relaying the client connection fd.
+func (l *loop) accepted(li *listening, fd int, peer netip.AddrPort) {
+	p := l.p
+	if p.isClosing() {
+		closeFD(fd) // accepted as Shutdown closed the listener
+		return
+	}
+	p.Stats.Accepted.Add(1)
+	set := p.currentSettings()
+	if max := set.MaxConns; max > 0 && p.Stats.Active.Load() >= int64(max) {
+		p.Stats.Rejected.Add(1)
+		closeFD(fd)
+		return
+	}
+	// Like net.Listen: small messages go out at once.
+	one := int32(1)
+	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0)
+	p.Stats.Active.Add(1)
+	p.wg.Add(1)
+	li.conns.Add(1)
+	if set.AcceptProxyFrom != nil || set.Dial != nil {
+		// These take the goroutine path, which needs a net.Conn.
+		f := os.NewFile(uintptr(fd), "client")
+		c, err := net.FileConn(f)
+		f.Close()
+		if err != nil {
+			p.Logger.Warn("client dropped", zap.Error(err))
+			li.release()
+			return
+		}
+		if s := p.open(c, li.release); s != nil {
+			go s.handle(li.release)
+		}
+		return
+	}
+	s := &session{p: p, set: set, start: l.now, cfd: fd, peer: peer}
+	r := &relay{s: s, l: l, release: li.release, last: l.now}
+	r.c = end{r: r, fd: fd}
+	r.b = end{r: r, fd: -1}
+	s.relay = r
+	if !p.track(s) {
+		closeFD(fd)
+		li.release()
+		return
+	}
+	l.start(r, true)
+}
+
+func peerOf(rsa *unix.RawSockaddrAny) netip.AddrPort {
+	switch rsa.Addr.Family {
+	case unix.AF_INET:
+		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(rsa))
+		port := binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:])
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), port)
+	case unix.AF_INET6:
+		sa := (*unix.RawSockaddrInet6)(unsafe.Pointer(rsa))
+		port := binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:])
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), port)
+	}
+	return netip.AddrPort{}
+}
+
+// localAddr is the address a client connected to.
+func localAddr(fd int) net.Addr {
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		return &net.TCPAddr{}
+	}
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return &net.TCPAddr{IP: net.IP(sa.Addr[:]).To16(), Port: sa.Port}
+	case *unix.SockaddrInet6:
+		return &net.TCPAddr{IP: net.IP(sa.Addr[:]), Port: sa.Port}
+	}
+	return &net.TCPAddr{}
 }

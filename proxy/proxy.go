@@ -140,6 +140,11 @@ func (p *Proxy) Serve(ln net.Listener) error {
 		ln.Close()
 	}()
 
+	if l, ok := ln.(*Listener); ok {
+		if ok, err := p.loops.serve(p, l, &conns); ok {
+			return err
+		}
+	}
 	var delay time.Duration // accept back-off after temporary errors
 	for {
 		c, err := ln.Accept()

@@ -125,7 +125,7 @@ func startProxy(t *testing.T, set proxy.Settings, addrs ...string) *setup {
 	if strings.HasSuffix(t.Name(), "/goroutines") {
 		proxy.RelayWithGoroutines(s.p)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := proxy.Listen("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}

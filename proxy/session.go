@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -40,6 +41,10 @@ type session struct {
 
 	lastIn, lastOut atomic.Int64 // activity, as nanoseconds since start
 	src, dst        net.Addr     // from an accepted PROXY header; nil: the socket's
+	// A client accepted inside a relay loop has no net.Conn (client is
+	// nil): its descriptor and address are these.
+	cfd  int
+	peer netip.AddrPort
 
 	mu        sync.Mutex
 	backend   net.Conn
@@ -113,7 +118,7 @@ func (s *session) handle(release func()) {
 	err := s.connectLocked()
 	s.mu.Unlock()
 	if err != nil {
-		p.refuse(client, err)
+		p.refuse(client.RemoteAddr(), err)
 		client.Close()
 		p.untrack(s)
 		release()
@@ -151,11 +156,23 @@ func (s *session) handle(release func()) {
 
 // refuse counts a client for which no target could be reached, and logs
 // the first of a run of them.
-func (p *Proxy) refuse(client net.Conn, err error) {
+func (p *Proxy) refuse(client net.Addr, err error) {
 	p.Stats.NoTarget.Add(1)
 	if !p.refusing.Swap(true) {
-		p.Logger.Warn("refusing clients: no target could be reached", zap.String("client", client.RemoteAddr().String()), zap.Error(err))
+		p.Logger.Warn("refusing clients: no target could be reached", zap.Stringer("client", client), zap.Error(err))
 	}
+}
+
+// clientAddrs are the client's address and the one it connected to, as a
+// PROXY header names them.
+func (s *session) clientAddrs() (src, dst net.Addr) {
+	switch {
+	case s.src != nil:
+		return s.src, s.dst
+	case s.client != nil:
+		return s.client.RemoteAddr(), s.client.LocalAddr()
+	}
+	return net.TCPAddrFromAddrPort(s.peer), localAddr(s.cfd)
 }
 
 // served ends a run of refused clients.
@@ -253,10 +270,7 @@ func (s *session) proxyHeader() ([]byte, error) {
 	if v == 0 {
 		return nil, nil
 	}
-	src, dst := s.src, s.dst
-	if src == nil {
-		src, dst = s.client.RemoteAddr(), s.client.LocalAddr()
-	}
+	src, dst := s.clientAddrs()
 	return proxyHeader(v, src, dst)
 }
 

@@ -18,6 +18,7 @@ import (
 
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/discovery"
+	"github.com/rota-proxy/rota/proxy"
 )
 
 // Server runs the listeners of one configuration. Create it with Start; stop
@@ -93,12 +94,14 @@ func bindAll(lcs []config.Listener) ([]net.Listener, error) {
 	return lns, nil
 }
 
-// listen binds a proxy socket. Accepted connections get no TCP keep-alive
-// probes (Go enables them by default): idle_timeout ends dead connections,
-// and the setsockopt calls cost on every accept.
+// listen binds a proxy socket, of the kind the proxy's relay loops accept
+// on directly.
 func listen(addr string) (net.Listener, error) {
-	lc := net.ListenConfig{KeepAlive: -1}
-	return lc.Listen(context.Background(), "tcp", addr)
+	ln, err := proxy.Listen(addr)
+	if err != nil {
+		return nil, err // not a nil *proxy.Listener in an interface
+	}
+	return ln, nil
 }
 
 // Addr returns the bound address of the named listener, or nil. With port 0
