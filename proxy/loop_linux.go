@@ -1297,13 +1297,23 @@ func (l *loop) accepted(li *listening, fd int, peer netip.AddrPort) {
 		return
 	}
 	s := &session{p: p, set: set, start: l.now, cfd: fd, peer: peer}
-	r := &relay{s: s, l: l, release: li.release, last: l.now}
+	// Spread connections over the loops: EPOLLEXCLUSIVE tends to wake the
+	// same loop for every connection, and one loop is one thread.
+	to := p.loops.pick(p)
+	if to == nil {
+		to = l
+	}
+	r := &relay{s: s, l: to, release: li.release, last: l.now}
 	r.c = end{r: r, fd: fd}
 	r.b = end{r: r, fd: -1}
 	s.relay = r
 	if !p.track(s) {
 		closeFD(fd)
 		li.release()
+		return
+	}
+	if to != l {
+		to.post(loopMsg{r: r, kind: msgAccept})
 		return
 	}
 	l.start(r, true)
