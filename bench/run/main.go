@@ -148,14 +148,21 @@ func run(o *options) error {
 				} else {
 					logf("  close: %v", err)
 				}
+				p.stop()
 				if px != "direct" && rep == 0 {
-					if v, err := idleMemory(p, o.idle); err == nil {
+					// A fresh process: memory pooled by the load runs
+					// would otherwise absorb the idle connections' growth.
+					ip, err := startProxy(px, th, three, o.rotaBin, tmp, true)
+					if err != nil {
+						return err
+					}
+					if v, err := idleMemory(ip, o.idle); err == nil {
 						res.add(key(th, "idle_kib", px), v)
 					} else {
 						logf("  idle: %v", err)
 					}
+					ip.stop()
 				}
-				p.stop()
 
 				bp, err := startProxy(px, th, []string{iperfAddr}, o.rotaBin, tmp, false)
 				if err != nil {
