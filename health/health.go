@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -222,6 +223,9 @@ func (c *Checker) Update(addrs []string) {
 // it. It is then re-probed on backoff like any down target. Unknown addresses
 // are ignored.
 func (c *Checker) ReportFailure(addr string, err error) {
+	if localFailure(err) {
+		return // this process is out of resources; the target may be fine
+	}
 	c.mu.Lock()
 	t, ok := c.targets[addr]
 	if !ok || c.closed {
@@ -360,6 +364,12 @@ func (c *Checker) run(ctx context.Context, t *target) {
 		err := c.probe(ctx, cfg, t.addr)
 		if ctx.Err() != nil {
 			return // removed or closed mid-probe: the result means nothing
+		}
+		if localFailure(err) {
+			// Out of descriptors or memory here says nothing about the
+			// target; taking every target down would make it worse.
+			timer.Reset(cfg.Interval)
+			continue
 		}
 		next, changed := c.record(t, err)
 		if c.observe != nil {
@@ -507,4 +517,18 @@ func unwrapOp(err error) error {
 		return fmt.Errorf("%s: %w", op.Op, op.Err)
 	}
 	return err
+}
+
+// localFailure reports errors that are this process's, not the target's:
+// out of file descriptors, buffers or memory.
+func localFailure(err error) bool {
+	if err == nil {
+		return false
+	}
+	for _, e := range []error{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }

@@ -2,6 +2,7 @@ package health_test
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -9,6 +10,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -261,6 +263,27 @@ func TestCheckNoneIsLiveAtOnceAndReturnsAfterPassiveFailure(t *testing.T) {
 		t.Fatal("still live after a reported failure")
 	}
 	eventually(t, "readmitted after backoff", func() bool { return len(live.last()) == 1 })
+}
+
+// A dial that failed for lack of descriptors in rota itself says nothing
+// about the target: it stays live.
+func TestLocalFailureLeavesTargetLive(t *testing.T) {
+	cfg := fast()
+	cfg.Check = health.CheckNone
+	addr := freeAddr(t)
+	var live liveLog
+	c := health.New(cfg, nil, live.push)
+	defer c.Close()
+	c.Update([]string{addr})
+	eventually(t, "up without probing", func() bool { return len(live.last()) == 1 })
+	c.ReportFailure(addr, fmt.Errorf("socket: %w", syscall.EMFILE))
+	if s := stateOf(c, addr); s.State != health.Up || len(live.last()) != 1 {
+		t.Fatalf("target taken down by a local EMFILE: %+v", s)
+	}
+	c.ReportFailure(addr, errors.New("refused"))
+	if len(live.last()) != 0 {
+		t.Fatal("a real failure no longer takes the target down")
+	}
 }
 
 func TestStateSurvivesReannouncementAndRemovalForgets(t *testing.T) {
