@@ -1233,13 +1233,12 @@ func (l *loop) accept(st *lnState) {
 				return
 			case unix.EINTR, unix.ECONNABORTED:
 			default:
+				// Out of descriptors, typically. The listener is
+				// level-triggered: leave it out of this loop's epoll
+				// for a while rather than spin on it.
 				acceptErr = os.NewSyscallError("accept4", e)
-				if isTemporary(acceptErr) {
-					// Out of descriptors: leave the listener out of this
-					// loop's epoll for a while rather than spin on it.
-					unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, int(lfd), nil)
-					st.armed = false
-				}
+				unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, int(lfd), nil)
+				st.armed = false
 				return
 			}
 		}
@@ -1247,7 +1246,7 @@ func (l *loop) accept(st *lnState) {
 	switch {
 	case err != nil:
 		delete(l.lns, st.li.fd) // closed
-	case acceptErr != nil && !st.armed:
+	case acceptErr != nil:
 		if st.delay == 0 {
 			st.delay = 5 * time.Millisecond
 			l.p.Logger.Warn("accept failed; backing off", zap.Error(acceptErr))
@@ -1256,8 +1255,6 @@ func (l *loop) accept(st *lnState) {
 		}
 		st.retryAt = l.now.Add(st.delay)
 		l.wake(st.retryAt)
-	case acceptErr != nil:
-		l.p.Logger.Error("accept failed", zap.Error(acceptErr))
 	}
 }
 
