@@ -115,11 +115,13 @@ func (p *Proxy) currentSettings() *Settings {
 	return &Settings{}
 }
 
-// Serve accepts connections on ln and handles each in its own goroutine
-// until ln fails or the proxy is shut down. Serve takes ownership of ln and
-// closes it. It returns only after every connection it accepted is finished,
-// so no goroutine it started outlives it. After Shutdown or Close it returns
-// ErrClosed.
+// Serve accepts connections on ln and proxies each until ln fails or is
+// closed, or the proxy is shut down. On Linux the connections live in the
+// proxy's relay loops, and on a *Listener (see Listen) the loops accept them
+// too; otherwise each has goroutines of its own. Serve takes ownership of ln
+// and closes it. It returns only after every connection it accepted is
+// finished, so no goroutine it started outlives it; the relay loops run
+// until Shutdown. After Shutdown or Close it returns ErrClosed.
 func (p *Proxy) Serve(ln net.Listener) error {
 	p.init()
 	p.mu.Lock()
