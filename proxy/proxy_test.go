@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -110,6 +111,12 @@ func (s *setup) reported() []string {
 
 func startProxy(t *testing.T, set proxy.Settings, addrs ...string) *setup {
 	t.Helper()
+	return startProxyOn(t, "127.0.0.1:0", set, addrs...)
+}
+
+// startProxyOn is startProxy listening on listen.
+func startProxyOn(t *testing.T, listen string, set proxy.Settings, addrs ...string) *setup {
+	t.Helper()
 	s := &setup{rr: &balancer.RoundRobin{}, done: make(chan error, 1)}
 	ts := make([]*balancer.Target, len(addrs))
 	for i, a := range addrs {
@@ -125,7 +132,7 @@ func startProxy(t *testing.T, set proxy.Settings, addrs ...string) *setup {
 	if strings.HasSuffix(t.Name(), "/goroutines") {
 		proxy.RelayWithGoroutines(s.p)
 	}
-	ln, err := proxy.Listen("127.0.0.1:0")
+	ln, err := proxy.Listen(listen)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -381,6 +388,49 @@ func testTargetByName(t *testing.T) {
 		if err != nil || !bytes.Equal(got, msg) {
 			t.Fatalf("got %q (%v), want echo", got, err)
 		}
+	}
+}
+
+// IPv6 clients and targets work like IPv4 ones, and a PROXY header names
+// the IPv6 client.
+func TestIPv6(t *testing.T) { bothRelays(t, testIPv6) }
+
+func testIPv6(t *testing.T) {
+	ln, err := net.Listen("tcp", "[::1]:0")
+	if err != nil {
+		t.Skipf("no IPv6 loopback: %v", err)
+	}
+	got := make(chan string, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		br := bufio.NewReader(c)
+		header, _ := br.ReadString('\n')
+		msg := make([]byte, 4)
+		io.ReadFull(br, msg)
+		got <- header + string(msg)
+		c.Write([]byte("pong"))
+	}()
+	defer ln.Close()
+	s := startProxyOn(t, "[::1]:0", proxy.Settings{SendProxy: 1}, ln.Addr().String())
+	c, err := net.Dial("tcp", s.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.Write([]byte("ping"))
+	reply, err := io.ReadAll(c)
+	if err != nil || string(reply) != "pong" {
+		t.Fatalf("reply %q, %v", reply, err)
+	}
+	client := c.LocalAddr().(*net.TCPAddr)
+	want := fmt.Sprintf("PROXY TCP6 ::1 ::1 %d %d\r\nping", client.Port, c.RemoteAddr().(*net.TCPAddr).Port)
+	if h := <-got; h != want {
+		t.Fatalf("target got %q, want %q", h, want)
 	}
 }
 
