@@ -42,43 +42,45 @@ func (p *proc) stop() {
 	}
 }
 
-// rss is the resident memory of the proxy's processes, in bytes.
-func (p *proc) rss() int64 {
+// procSum adds up, over the proxy's processes, what field takes from
+// each one's /proc/<pid>/<file>.
+func (p *proc) procSum(file string, field func(string) int64) int64 {
 	var total int64
 	for _, pid := range p.pidFn() {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-		if err != nil {
-			continue
-		}
-		for _, line := range strings.Split(string(b), "\n") {
-			if f, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-				kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(f), "kB")), 10, 64)
-				total += kb * 1024
-			}
+		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/%s", pid, file)); err == nil {
+			total += field(string(b))
 		}
 	}
 	return total
 }
 
+// rss is the resident memory of the proxy's processes, in bytes.
+func (p *proc) rss() int64 {
+	return p.procSum("status", func(s string) int64 {
+		for _, line := range strings.Split(s, "\n") {
+			if f, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+				kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(f), "kB")), 10, 64)
+				return kb * 1024
+			}
+		}
+		return 0
+	})
+}
+
 // cpu is the processor time (user and system) the proxy's processes have
 // used, in seconds. The kernel's TCP work for their sockets counts too.
 func (p *proc) cpu() float64 {
-	var ticks int64
-	for _, pid := range p.pidFn() {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-		if err != nil {
-			continue
-		}
+	ticks := p.procSum("stat", func(s string) int64 {
 		// Fields after the command name, which is in parentheses and may
 		// hold spaces: state is field 3, utime 14, stime 15.
-		i := strings.LastIndexByte(string(b), ')')
-		f := strings.Fields(string(b)[i+1:])
-		if len(f) > 12 {
-			u, _ := strconv.ParseInt(f[11], 10, 64)
-			s, _ := strconv.ParseInt(f[12], 10, 64)
-			ticks += u + s
+		f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+		if len(f) <= 12 {
+			return 0
 		}
-	}
+		u, _ := strconv.ParseInt(f[11], 10, 64)
+		st, _ := strconv.ParseInt(f[12], 10, 64)
+		return u + st
+	})
 	return float64(ticks) / 100 // USER_HZ
 }
 
