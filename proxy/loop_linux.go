@@ -551,14 +551,19 @@ func startConnect(ap netip.AddrPort) (int, error) {
 		return -1, fmt.Errorf("socket: %w", e)
 	}
 	fd := int(r)
-	// Like net.Dial: small messages go out at once.
-	one := int32(1)
-	unix.RawSyscall6(unix.SYS_SETSOCKOPT, r, unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0)
+	setNoDelay(fd) // like net.Dial
 	if _, _, e := unix.RawSyscall(unix.SYS_CONNECT, r, uintptr(sa), salen); e != 0 && e != unix.EINPROGRESS {
 		closeFD(fd)
 		return -1, fmt.Errorf("connect: %w", e)
 	}
 	return fd, nil
+}
+
+// setNoDelay makes small messages go out at once, as Go does for its TCP
+// connections.
+func setNoDelay(fd int) {
+	one := int32(1)
+	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0)
 }
 
 func closeFD(fd int) { unix.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0) }
@@ -626,7 +631,7 @@ func (l *loop) send(r *relay, b []byte) {
 		*r.b.pend = append(*r.b.pend, b...)
 		return
 	}
-	if err := l.write(&r.b, b); err != nil && isResetErrno(err) {
+	if err := l.write(&r.b, b); err != nil && isReset(err) {
 		r.resetSeen = true
 	}
 }
@@ -890,7 +895,7 @@ func (l *loop) read(r *relay, src, dst *end) bool {
 		src.in = false
 		return true
 	case err != nil:
-		if !toBackend && isResetErrno(err) {
+		if !toBackend && isReset(err) {
 			return l.retry(r, err)
 		}
 		l.close(r, err)
@@ -920,7 +925,7 @@ func (l *loop) read(r *relay, src, dst *end) bool {
 		if replaying {
 			*s.replay = (*s.replay)[:len(*s.replay)+n]
 			if !r.resetSeen {
-				if err := l.write(dst, data); err != nil && isResetErrno(err) {
+				if err := l.write(dst, data); err != nil && isReset(err) {
 					r.resetSeen = true
 				}
 			}
@@ -982,7 +987,7 @@ func (l *loop) flush(r *relay, e *end) bool {
 		if err != nil {
 			if e == &r.b && !r.s.committed {
 				// Kept for replay; the backend's read decides what follows.
-				if isResetErrno(err) {
+				if isReset(err) {
 					r.resetSeen = true
 				}
 				break
@@ -1110,10 +1115,6 @@ func epollWait(epfd int, events []unix.EpollEvent) (int, error) {
 	return int(n), nil
 }
 
-func isResetErrno(err error) bool {
-	return err == unix.ECONNRESET || err == unix.EPIPE || err == unix.ECONNREFUSED
-}
-
 // commit ends the replay window: the backend is final.
 func (r *relay) commit() {
 	r.s.mu.Lock()
@@ -1170,11 +1171,7 @@ func (ls *loopSet) serve(p *Proxy, ln *Listener, conns *sync.WaitGroup) (bool, e
 	ls.mu.Lock()
 	loops := slices.Clone(ls.loops)
 	ls.mu.Unlock()
-	li := &listening{ln: ln, fd: fd, rc: rc, conns: conns, release: func() {
-		p.Stats.Active.Add(-1)
-		p.wg.Done()
-		conns.Done()
-	}}
+	li := &listening{ln: ln, fd: fd, rc: rc, conns: conns, release: p.releaser(conns)}
 	for _, l := range loops {
 		l.post(loopMsg{kind: msgListen, li: li})
 	}
@@ -1248,11 +1245,9 @@ func (l *loop) accept(st *lnState) {
 		delete(l.lns, st.li.fd) // closed
 	case acceptErr != nil:
 		if st.delay == 0 {
-			st.delay = 5 * time.Millisecond
 			l.p.Logger.Warn("accept failed; backing off", zap.Error(acceptErr))
-		} else {
-			st.delay = min(2*st.delay, time.Second)
 		}
+		st.delay = acceptBackoff(st.delay)
 		st.retryAt = l.now.Add(st.delay)
 		l.wake(st.retryAt)
 	}
@@ -1265,19 +1260,12 @@ func (l *loop) accepted(li *listening, fd int, peer netip.AddrPort) {
 		closeFD(fd) // accepted as Shutdown closed the listener
 		return
 	}
-	p.Stats.Accepted.Add(1)
 	set := p.currentSettings()
-	if max := set.MaxConns; max > 0 && p.Stats.Active.Load() >= int64(max) {
-		p.Stats.Rejected.Add(1)
+	if !p.admit(set, li.conns) {
 		closeFD(fd)
 		return
 	}
-	// Like net.Listen: small messages go out at once.
-	one := int32(1)
-	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0)
-	p.Stats.Active.Add(1)
-	p.wg.Add(1)
-	li.conns.Add(1)
+	setNoDelay(fd) // like net.Listen
 	if set.AcceptProxyFrom != nil || set.Dial != nil {
 		// These take the goroutine path, which needs a net.Conn.
 		f := os.NewFile(uintptr(fd), "client")

@@ -147,6 +147,7 @@ func (p *Proxy) Serve(ln net.Listener) error {
 			return err
 		}
 	}
+	release := p.releaser(&conns)
 	var delay time.Duration // accept back-off after temporary errors
 	for {
 		c, err := ln.Accept()
@@ -158,11 +159,9 @@ func (p *Proxy) Serve(ln net.Listener) error {
 				// Out of file descriptors and the like: retrying at once would
 				// spin a core while nothing improves. Back off like net/http.
 				if delay == 0 {
-					delay = 5 * time.Millisecond
 					p.Logger.Warn("accept failed; backing off", zap.Error(err))
-				} else {
-					delay = min(2*delay, time.Second)
 				}
+				delay = acceptBackoff(delay)
 				t := time.NewTimer(delay)
 				select {
 				case <-t.C:
@@ -174,24 +173,47 @@ func (p *Proxy) Serve(ln net.Listener) error {
 			return err
 		}
 		delay = 0
-		p.Stats.Accepted.Add(1)
-		if max := p.currentSettings().MaxConns; max > 0 && p.Stats.Active.Load() >= int64(max) {
-			p.Stats.Rejected.Add(1)
+		if !p.admit(p.currentSettings(), &conns) {
 			c.Close()
 			continue
-		}
-		p.Stats.Active.Add(1)
-		p.wg.Add(1)
-		conns.Add(1)
-		release := func() {
-			p.Stats.Active.Add(-1)
-			p.wg.Done()
-			conns.Done()
 		}
 		if s := p.open(c, release); s != nil && !p.loops.adopt(s, release) {
 			go s.handle(release)
 		}
 	}
+}
+
+// admit counts an accepted client and takes it on unless MaxConns clients
+// are open already. A client taken on counts as active, and in p.wg and
+// conns, until the function from releaser runs.
+func (p *Proxy) admit(set *Settings, conns *sync.WaitGroup) bool {
+	p.Stats.Accepted.Add(1)
+	if max := set.MaxConns; max > 0 && p.Stats.Active.Load() >= int64(max) {
+		p.Stats.Rejected.Add(1)
+		return false
+	}
+	p.Stats.Active.Add(1)
+	p.wg.Add(1)
+	conns.Add(1)
+	return true
+}
+
+// releaser returns what ends a client taken on by admit.
+func (p *Proxy) releaser(conns *sync.WaitGroup) func() {
+	return func() {
+		p.Stats.Active.Add(-1)
+		p.wg.Done()
+		conns.Done()
+	}
+}
+
+// acceptBackoff is the wait after another failed accept: from 5ms,
+// doubling to 1s.
+func acceptBackoff(prev time.Duration) time.Duration {
+	if prev == 0 {
+		return 5 * time.Millisecond
+	}
+	return min(2*prev, time.Second)
 }
 
 // HandleConn proxies one client connection and returns when it is finished.
