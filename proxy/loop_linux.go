@@ -92,8 +92,8 @@ func (ls *loopSet) hand(s *session, release func(), kind msgKind) bool {
 		return false
 	}
 	r := &relay{s: s, l: l, release: release, last: time.Now()}
-	r.c = end{r: r, conn: s.client, fd: cfd}
-	r.b = end{r: r, conn: s.backend, fd: bfd}
+	r.c = end{r: r, fd: cfd}
+	r.b = end{r: r, fd: bfd}
 	s.mu.Lock()
 	if s.aborted {
 		// Shutdown got here first and closed the connections.
@@ -681,7 +681,7 @@ func (l *loop) dialed(r *relay, m loopMsg) {
 		l.close(r, errors.New("dialer returned a connection that is not TCP"))
 		return
 	}
-	r.b = end{r: r, conn: m.conn, fd: fd}
+	r.b = end{r: r, fd: fd}
 	s.mu.Lock()
 	s.backend, s.target = m.conn, m.t
 	s.mu.Unlock()
@@ -719,7 +719,6 @@ type relay struct {
 // end is one side of a relay.
 type end struct {
 	r    *relay
-	conn net.Conn
 	fd   int
 	in   bool    // readable: edge seen and not yet read to the end
 	hup  bool    // peer closed or errored: read until EOF, not just a short read
@@ -1027,14 +1026,16 @@ func (l *loop) retry(r *relay, cause error) bool {
 // dropBackend closes r's backend connection.
 func (l *loop) dropBackend(r *relay) {
 	l.forget(&r.b)
-	if r.b.conn != nil {
-		r.b.conn.Close()
+	s := r.s
+	s.mu.Lock()
+	// A backend dialled by a goroutine has a net.Conn, which owns the
+	// descriptor; one the loop connected has only the descriptor.
+	if s.backend != nil {
+		s.backend.Close()
 	} else if r.b.fd >= 0 {
 		closeFD(r.b.fd)
 	}
 	r.b = end{r: r, fd: -1}
-	s := r.s
-	s.mu.Lock()
 	if s.target != nil {
 		s.target.Active.Add(-1)
 	}
