@@ -1,0 +1,496 @@
+//go:build linux
+
+// Package poller is an epoll event loop that owns the descriptors registered
+// in it and the deadlines of their owners.
+//
+// A Poller is driven by one goroutine (Run); every method but Post, Stop and
+// Wait belongs to that goroutine and is called only from handlers it runs.
+// Its rules are those of HAProxy's run_poll_loop and gnet's poller:
+//
+//   - Every registration carries a generation in the event's data, so an
+//     event collected for a descriptor that was closed (and its number
+//     reused) in the same batch is dropped instead of reaching the new owner.
+//   - A descriptor is closed by its owner, once, through Close, which forgets
+//     its registration first.
+//   - Deadlines live in a heap that is checked after every batch of events,
+//     however busy the loop is, and the wait for the next batch ends at the
+//     earliest deadline. The clock is read for every event.
+//   - A panic in a handler is contained: the handler's Abort is called, the
+//     stack is logged once, the OnPanic hook counts it, and the loop goes on.
+//
+// The loop does not block in epoll_wait itself: its epoll descriptor is
+// registered with Go's netpoller, so the loop goroutine parks like any other
+// and the scheduler keeps serving other goroutines on the same threads. The
+// deadline of that park is the earliest timer.
+package poller
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime/debug"
+	"sync"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+)
+
+// Event bits, as epoll reports them.
+const (
+	In    = unix.EPOLLIN
+	Out   = unix.EPOLLOUT
+	RdHup = unix.EPOLLRDHUP
+	Hup   = unix.EPOLLHUP
+	Err   = unix.EPOLLERR
+	// Edge makes a registration edge-triggered.
+	Edge = unix.EPOLLET
+	// Exclusive wakes one of the pollers that share a descriptor (a
+	// listening socket in every loop).
+	Exclusive = unix.EPOLLEXCLUSIVE
+)
+
+// Handler owns registrations and a timer in a Poller. Its methods run on the
+// poller's goroutine.
+type Handler interface {
+	// Ready reports events on the registration made with tag.
+	Ready(tag uint8, events uint32)
+	// Expired reports that the handler's timer came due.
+	Expired()
+	// Abort is called after Ready or Expired panicked: the handler must
+	// close what it owns without relying on its state, and never panic.
+	Abort(cause any)
+}
+
+// FD is a descriptor owned by a handler and registered in a poller. The
+// zero FD is none; Close makes it none again.
+type FD struct {
+	n   int32
+	gen uint32
+	ok  bool
+}
+
+// Num is the descriptor number, for system calls; -1 for none.
+func (f *FD) Num() int {
+	if !f.ok {
+		return -1
+	}
+	return int(f.n)
+}
+
+// Valid reports whether f holds a descriptor.
+func (f *FD) Valid() bool { return f.ok }
+
+type registration struct {
+	h   Handler
+	gen uint32
+	tag uint8
+}
+
+// Poller is one event loop. Create it with New, run it with Run.
+type Poller struct {
+	epfd int
+	file *os.File // epfd, registered with Go's netpoller
+	rc   syscall.RawConn
+	evfd int // wakes the loop for its inbox
+	log  *zap.Logger
+	// OnPanic, if set, is told about every contained panic (a counter).
+	// Set it before Run.
+	OnPanic func()
+
+	mu      sync.Mutex
+	inbox   []func()
+	woken   bool // evfd written, inbox not yet taken
+	stopped bool // Stop was called: Post drops, the loop ends
+	exited  chan struct{}
+
+	// Below: the loop goroutine's own.
+	taken    []func()
+	regs     []registration // by descriptor number
+	gens     []uint32       // last generation given out, by descriptor number
+	events   [256]unix.EpollEvent
+	timers   timerHeap
+	deferred []*Timer // set due during expire: fired next round
+	round    uint64   // expire rounds, to tell those apart
+	base     time.Time
+	now      int64 // nanoseconds since base, read per event
+	wakeAt   int64 // deadline set on file; 0: none
+	stop     bool
+	logged   bool // a panic stack has been logged
+	pollFn   func(uintptr) bool
+	running  bool
+}
+
+// New creates a poller. log may be nil.
+func New(log *zap.Logger) (*Poller, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("epoll_create1: %w", err)
+	}
+	evfd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		unix.Close(epfd)
+		return nil, fmt.Errorf("eventfd: %w", err)
+	}
+	fail := func(err error) (*Poller, error) {
+		unix.Close(epfd)
+		unix.Close(evfd)
+		return nil, err
+	}
+	// The eventfd's data is its number with generation 0, which no
+	// registration has (generations start at 1).
+	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, evfd, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(evfd)}); err != nil {
+		return fail(fmt.Errorf("epoll_ctl eventfd: %w", err))
+	}
+	// Non-blocking, so os.NewFile registers it with the netpoller.
+	if err := unix.SetNonblock(epfd, true); err != nil {
+		return fail(fmt.Errorf("epoll fd: %w", err))
+	}
+	file := os.NewFile(uintptr(epfd), "epoll")
+	rc, err := file.SyscallConn()
+	if err != nil {
+		file.Close()
+		unix.Close(evfd)
+		return nil, fmt.Errorf("epoll fd: %w", err)
+	}
+	p := &Poller{epfd: epfd, file: file, rc: rc, evfd: evfd, log: log, base: time.Now(), exited: make(chan struct{})}
+	p.pollFn = p.poll
+	return p, nil
+}
+
+// Now is the loop's clock: nanoseconds since the poller was created, read
+// before each event and after each batch.
+func (p *Poller) Now() int64 { return p.now }
+
+// Clock reads the clock afresh.
+func (p *Poller) Clock() int64 { return int64(time.Since(p.base)) }
+
+// Time converts a reading of the clock to a time.Time.
+func (p *Poller) Time(t int64) time.Time { return p.base.Add(time.Duration(t)) }
+
+// Add registers fd, which the caller hands over: from now on it is closed
+// only by Close. Events on it are reported to h.Ready with tag. On failure
+// fd is closed and f stays none.
+func (p *Poller) Add(f *FD, fd int, events uint32, h Handler, tag uint8) error {
+	if err := p.add(f, fd, events, h, tag); err != nil {
+		closeFD(fd)
+		return err
+	}
+	return nil
+}
+
+// Share registers fd like Add, but fd stays its caller's: Forget (not
+// Close) takes it out. Listening sockets, shared by every loop, are
+// registered this way.
+func (p *Poller) Share(f *FD, fd int, events uint32, h Handler, tag uint8) error {
+	return p.add(f, fd, events, h, tag)
+}
+
+func (p *Poller) add(f *FD, fd int, events uint32, h Handler, tag uint8) error {
+	if fd >= len(p.regs) {
+		n := max(2*len(p.regs), fd+1, 1024)
+		regs := make([]registration, n)
+		copy(regs, p.regs)
+		p.regs = regs
+		gens := make([]uint32, n)
+		copy(gens, p.gens)
+		p.gens = gens
+	}
+	gen := p.gens[fd] + 1
+	if gen == 0 {
+		gen = 1
+	}
+	p.gens[fd] = gen
+	ev := unix.EpollEvent{Events: events, Fd: int32(fd), Pad: int32(gen)}
+	if err := epollCtl(p.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+		return fmt.Errorf("epoll_ctl add: %w", err)
+	}
+	p.regs[fd] = registration{h: h, gen: gen, tag: tag}
+	*f = FD{n: int32(fd), gen: gen, ok: true}
+	return nil
+}
+
+// Close forgets f's registration and closes its descriptor; f becomes none.
+// Events for it still in the current batch are dropped. Closing none does
+// nothing.
+func (p *Poller) Close(f *FD) {
+	if !f.ok {
+		return
+	}
+	fd := int(f.n)
+	p.forget(f)
+	closeFD(fd)
+}
+
+// Forget takes a shared descriptor out of this poller without closing it.
+func (p *Poller) Forget(f *FD) {
+	if !f.ok {
+		return
+	}
+	fd := int(f.n)
+	p.forget(f)
+	epollCtl(p.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+}
+
+// Pause takes f out of the epoll set, keeping its registration, until
+// Resume (a listener backing off after running out of descriptors).
+func (p *Poller) Pause(f *FD) error {
+	return epollCtl(p.epfd, unix.EPOLL_CTL_DEL, int(f.n), nil)
+}
+
+// Resume puts a paused f back with events.
+func (p *Poller) Resume(f *FD, events uint32) error {
+	ev := unix.EpollEvent{Events: events, Fd: f.n, Pad: int32(f.gen)}
+	return epollCtl(p.epfd, unix.EPOLL_CTL_ADD, int(f.n), &ev)
+}
+
+func (p *Poller) forget(f *FD) {
+	if r := &p.regs[f.n]; r.gen == f.gen {
+		*r = registration{}
+	}
+	*f = FD{}
+}
+
+// Post queues fn to run on the loop and wakes it. It never blocks. After
+// Stop, fn is dropped and Post reports false.
+func (p *Poller) Post(fn func()) bool {
+	p.mu.Lock()
+	if p.stopped {
+		p.mu.Unlock()
+		return false
+	}
+	p.inbox = append(p.inbox, fn)
+	wake := !p.woken
+	p.woken = true
+	p.mu.Unlock()
+	if wake {
+		one := [8]byte{1}
+		Write(p.evfd, one[:])
+	}
+	return true
+}
+
+// Stop ends Run after the functions posted so far have run. Handlers still
+// registered then are aborted (their owners must have closed them before,
+// so this is a last resort). It does not wait; Wait does.
+func (p *Poller) Stop() {
+	p.Post(func() { p.stop = true })
+	p.mu.Lock()
+	p.stopped = true
+	p.mu.Unlock()
+}
+
+// Wait blocks until Run has returned.
+func (p *Poller) Wait() { <-p.exited }
+
+// Run is the loop. It returns after Stop.
+func (p *Poller) Run() {
+	defer p.exit()
+	for !p.stop {
+		err := p.rc.Read(p.pollFn)
+		switch {
+		case err == nil:
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			// The deadline is spent, and a Read with a past deadline fails
+			// before polling: clear it; the next park sets one anew.
+			p.file.SetReadDeadline(time.Time{})
+			p.wakeAt = 0
+		default:
+			p.log.Error("event loop: waiting failed", zap.Error(err))
+			return
+		}
+	}
+}
+
+func (p *Poller) exit() {
+	p.mu.Lock()
+	p.stopped = true
+	p.mu.Unlock()
+	for fd := range p.regs {
+		if r := p.regs[fd]; r.h != nil {
+			p.regs[fd] = registration{}
+			p.contain(func() { r.h.Abort(errors.New("event loop stopped")) })
+		}
+	}
+	p.file.Close()
+	unix.Close(p.evfd)
+	close(p.exited)
+}
+
+// poll handles everything that is ready, then the timers that came due, and
+// again until nothing is; it returns false, which parks the loop in the
+// netpoller until the epoll descriptor has events or the earliest timer is
+// due. It returns true (ending the park) only to stop.
+func (p *Poller) poll(uintptr) bool {
+	for {
+		n, err := epollWait(p.epfd, p.events[:])
+		if err != nil && err != unix.EINTR {
+			p.log.Error("event loop: epoll_wait", zap.Error(err))
+			n = 0
+		}
+		for i := range n {
+			ev := &p.events[i]
+			p.now = p.Clock()
+			p.event(ev)
+		}
+		p.now = p.Clock()
+		p.expire()
+		if p.stop {
+			return true
+		}
+		if n > 0 || p.timers.due(p.now) {
+			continue
+		}
+		p.park()
+		return false
+	}
+}
+
+func (p *Poller) event(ev *unix.EpollEvent) {
+	fd := int(ev.Fd)
+	gen := uint32(ev.Pad)
+	if gen == 0 {
+		if fd == p.evfd {
+			p.takeInbox()
+		}
+		return
+	}
+	if fd >= len(p.regs) {
+		return
+	}
+	r := p.regs[fd]
+	if r.gen != gen || r.h == nil {
+		return // stale: closed (and maybe reused) earlier in this batch
+	}
+	p.dispatch(r.h, r.tag, ev.Events)
+}
+
+func (p *Poller) dispatch(h Handler, tag uint8, events uint32) {
+	defer p.recover(h)
+	h.Ready(tag, events)
+}
+
+func (p *Poller) fire(h Handler) {
+	defer p.recover(h)
+	h.Expired()
+}
+
+// recover contains a panic of h: h aborts, the stack is logged (in full
+// the first time, then one line each), and OnPanic counts it.
+func (p *Poller) recover(h Handler) {
+	v := recover()
+	if v == nil {
+		return
+	}
+	if !p.logged {
+		p.logged = true
+		p.log.Error("event loop: handler panicked; closing its connection",
+			zap.Any("panic", v), zap.ByteString("stack", debug.Stack()))
+	} else {
+		p.log.Error("event loop: handler panicked; closing its connection", zap.Any("panic", v))
+	}
+	if p.OnPanic != nil {
+		p.OnPanic()
+	}
+	p.contain(func() { h.Abort(v) })
+}
+
+// contain runs fn, logging a panic instead of propagating it.
+func (p *Poller) contain(fn func()) {
+	defer func() {
+		if v := recover(); v != nil {
+			p.log.Error("event loop: panic while containing a panic", zap.Any("panic", v), zap.ByteString("stack", debug.Stack()))
+		}
+	}()
+	fn()
+}
+
+func (p *Poller) takeInbox() {
+	var b [8]byte
+	Read(p.evfd, b[:])
+	p.mu.Lock()
+	p.taken, p.inbox = p.inbox, p.taken[:0]
+	p.woken = false
+	p.mu.Unlock()
+	for i, fn := range p.taken {
+		p.taken[i] = nil
+		p.contain(fn)
+	}
+}
+
+// park sets the netpoller deadline to the earliest timer.
+func (p *Poller) park() {
+	next := p.timers.next()
+	if next == p.wakeAt {
+		return
+	}
+	p.wakeAt = next
+	if next == 0 {
+		p.file.SetReadDeadline(time.Time{})
+		return
+	}
+	p.file.SetReadDeadline(p.Time(next))
+}
+
+// Timer is one handler's deadline in a poller. The zero Timer is unarmed.
+type Timer struct {
+	when  int64
+	idx   int // position in the heap + 1; 0: not armed; -1: due, deferred to the next round
+	round uint64
+	h     Handler
+}
+
+// Set arms t to call h.Expired at when (a reading of Now), replacing any
+// earlier setting. A time at or before Now fires after the current batch of
+// events; set from Expired, it fires after the next batch, so a handler that
+// keeps setting its timer to now cannot starve the others.
+func (p *Poller) Set(t *Timer, when int64, h Handler) {
+	t.h = h
+	t.when = when
+	t.round = p.round
+	switch {
+	case t.idx > 0:
+		p.timers.fix(t.idx - 1)
+	case t.idx == 0:
+		p.timers.push(t)
+	}
+}
+
+// Cancel disarms t.
+func (p *Poller) Cancel(t *Timer) {
+	switch {
+	case t.idx > 0:
+		p.timers.remove(t.idx - 1)
+	case t.idx < 0:
+		t.idx = 0 // dropped when the deferred timers go back
+	}
+}
+
+// Armed reports whether t is set, and for when.
+func (t *Timer) Armed() (int64, bool) { return t.when, t.idx != 0 }
+
+// expire fires the timers that are due.
+func (p *Poller) expire() {
+	p.round++
+	for p.timers.len() > 0 && p.timers.top().when <= p.now {
+		t := p.timers.pop()
+		if t.round == p.round {
+			t.idx = -1
+			p.deferred = append(p.deferred, t)
+			continue
+		}
+		p.fire(t.h)
+	}
+	for i, t := range p.deferred {
+		p.deferred[i] = nil
+		if t.idx == -1 {
+			t.idx = 0
+			p.timers.push(t)
+		}
+	}
+	p.deferred = p.deferred[:0]
+}

@@ -1,0 +1,295 @@
+//go:build linux
+
+package poller
+
+import (
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"golang.org/x/sys/unix"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// recorder is a handler that records what it is told, on the loop.
+type recorder struct {
+	mu      sync.Mutex
+	ready   []uint32
+	expired int
+	aborted []any
+	onReady func(tag uint8, ev uint32)
+	onTimer func()
+}
+
+func (r *recorder) Ready(tag uint8, ev uint32) {
+	r.mu.Lock()
+	r.ready = append(r.ready, ev)
+	f := r.onReady
+	r.mu.Unlock()
+	if f != nil {
+		f(tag, ev)
+	}
+}
+
+func (r *recorder) Expired() {
+	r.mu.Lock()
+	r.expired++
+	f := r.onTimer
+	r.mu.Unlock()
+	if f != nil {
+		f()
+	}
+}
+
+func (r *recorder) Abort(v any) {
+	r.mu.Lock()
+	r.aborted = append(r.aborted, v)
+	r.mu.Unlock()
+}
+
+func (r *recorder) readyCount() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.ready)
+}
+
+func start(t *testing.T) *Poller {
+	t.Helper()
+	p, err := New(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go p.Run()
+	t.Cleanup(func() {
+		p.Stop()
+		p.Wait()
+	})
+	return p
+}
+
+// on runs fn on p's loop and waits for it.
+func on(t *testing.T, p *Poller, fn func()) {
+	t.Helper()
+	done := make(chan struct{})
+	if !p.Post(func() { defer close(done); fn() }) {
+		t.Fatal("poller stopped")
+	}
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the loop did not run a posted function")
+	}
+}
+
+func socketpair(t *testing.T) (int, int) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fds[0], fds[1]
+}
+
+// An event collected for a descriptor that a handler earlier in the same
+// batch closed, and whose number was reused at once for a new registration,
+// never reaches the new owner.
+func TestStaleEventAfterReuseIsDropped(t *testing.T) {
+	p := start(t)
+	a0, a1 := socketpair(t)
+	b0, b1 := socketpair(t)
+	defer unix.Close(a1)
+	defer unix.Close(b1)
+	var fa, fb, fc FD
+	hA, hB, hC := &recorder{}, &recorder{}, &recorder{}
+	var reused atomic.Bool
+	var c1 int
+	hB.onReady = func(uint8, uint32) {
+		// Close A, then make a new socket take A's number, as accept4 or
+		// connect would, and register it.
+		num := fa.Num()
+		p.Close(&fa)
+		c0, c := socketpair(t)
+		c1 = c
+		if c0 != num { // the lowest free number is usually A's already
+			if err := unix.Dup3(c0, num, unix.O_CLOEXEC); err != nil {
+				t.Error(err)
+				return
+			}
+			unix.Close(c0)
+		}
+		if err := p.Add(&fc, num, In|RdHup|Edge, hC, 0); err != nil {
+			t.Error(err)
+			return
+		}
+		reused.Store(true)
+	}
+	on(t, p, func() {
+		if err := p.Add(&fa, a0, In|RdHup|Edge, hA, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Add(&fb, b0, In|Edge, hB, 0); err != nil {
+			t.Fatal(err)
+		}
+		// Both become ready while the loop runs this: the next epoll_wait
+		// returns B's event, then A's, in one batch.
+		unix.Write(b1, []byte("b"))
+		unix.Close(a1)
+		a1 = -1
+	})
+	on(t, p, func() {}) // the batch above has been handled
+	if !reused.Load() {
+		t.Fatal("B's handler did not run")
+	}
+	if n := hA.readyCount(); n != 0 {
+		t.Fatalf("closed A got %d events", n)
+	}
+	if n := hC.readyCount(); n != 0 {
+		t.Fatalf("the new owner of A's number got %d events meant for A", n)
+	}
+	// The new registration works.
+	unix.Write(c1, []byte("c"))
+	deadline := time.Now().Add(5 * time.Second)
+	for hC.readyCount() == 0 && time.Now().Before(deadline) {
+		on(t, p, func() {})
+	}
+	if hC.readyCount() == 0 {
+		t.Fatal("the new registration got no event")
+	}
+	on(t, p, func() { p.Close(&fb); p.Close(&fc) })
+	unix.Close(c1)
+}
+
+// busy is a handler whose descriptor is always readable (level-triggered,
+// never read), so the loop always has events.
+func busy(t *testing.T, p *Poller) func() {
+	t.Helper()
+	r0, r1 := socketpair(t)
+	unix.Write(r1, []byte("x"))
+	var f FD
+	h := &recorder{}
+	on(t, p, func() {
+		if err := p.Add(&f, r0, In, h, 0); err != nil {
+			t.Fatal(err)
+		}
+	})
+	return func() {
+		on(t, p, func() { p.Close(&f) })
+		unix.Close(r1)
+	}
+}
+
+// Timers fire on time while the loop never runs out of events, and a
+// handler that keeps setting its timer to now does not starve them.
+func TestTimersFireUnderLoad(t *testing.T) {
+	p := start(t)
+	defer busy(t, p)()
+	spinner := &recorder{}
+	var spin Timer
+	spinner.onTimer = func() { p.Set(&spin, p.Now(), spinner) }
+	on(t, p, func() { p.Set(&spin, p.Now(), spinner) })
+
+	for _, d := range []time.Duration{20 * time.Millisecond, 100 * time.Millisecond, 300 * time.Millisecond} {
+		fired := make(chan time.Duration, 1)
+		h := &recorder{}
+		var tm Timer
+		var setAt int64
+		h.onTimer = func() { fired <- time.Duration(p.Clock() - setAt) }
+		on(t, p, func() {
+			setAt = p.Clock()
+			p.Set(&tm, setAt+int64(d), h)
+		})
+		select {
+		case got := <-fired:
+			if got < d || got > d+50*time.Millisecond {
+				t.Errorf("timer of %v fired after %v", d, got)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("timer of %v never fired", d)
+		}
+	}
+	on(t, p, func() { p.Cancel(&spin) })
+	spinner.mu.Lock()
+	n := spinner.expired
+	spinner.mu.Unlock()
+	if n < 10 {
+		t.Fatalf("the spinning timer ran %d times; the test proves nothing", n)
+	}
+}
+
+// With nothing to do, the loop parks until its earliest timer.
+func TestIdleLoopWakesForTimer(t *testing.T) {
+	p := start(t)
+	fired := make(chan time.Duration, 3)
+	var ts [3]Timer
+	hs := [3]*recorder{{}, {}, {}}
+	var setAt int64
+	for i := range hs {
+		hs[i].onTimer = func() { fired <- time.Duration(p.Clock() - setAt) }
+	}
+	on(t, p, func() {
+		setAt = p.Clock()
+		p.Set(&ts[0], setAt+int64(150*time.Millisecond), hs[0])
+		p.Set(&ts[1], setAt+int64(50*time.Millisecond), hs[1])
+		p.Set(&ts[2], setAt+int64(100*time.Millisecond), hs[2])
+		p.Cancel(&ts[2])
+	})
+	for _, want := range []time.Duration{50 * time.Millisecond, 150 * time.Millisecond} {
+		select {
+		case got := <-fired:
+			if got < want || got > want+50*time.Millisecond {
+				t.Errorf("fired after %v, want %v", got, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("timer never fired")
+		}
+	}
+	select {
+	case got := <-fired:
+		t.Fatalf("a cancelled timer fired after %v", got)
+	case <-time.After(150 * time.Millisecond):
+	}
+}
+
+// A panic in one handler aborts that handler only; the loop and the others
+// carry on.
+func TestPanicIsContained(t *testing.T) {
+	p := start(t)
+	var panics atomic.Int64
+	p.OnPanic = func() { panics.Add(1) } // before any event: set on the loop below
+	bad, good := &recorder{}, &recorder{}
+	bad.onReady = func(uint8, uint32) { panic("boom") }
+	a0, a1 := socketpair(t)
+	b0, b1 := socketpair(t)
+	defer unix.Close(a1)
+	defer unix.Close(b1)
+	var fa, fb FD
+	on(t, p, func() {
+		p.Add(&fa, a0, In|Edge, bad, 0)
+		p.Add(&fb, b0, In|Edge, good, 0)
+	})
+	unix.Write(a1, []byte("x"))
+	deadline := time.Now().Add(5 * time.Second)
+	for panics.Load() == 0 && time.Now().Before(deadline) {
+		on(t, p, func() {})
+	}
+	if panics.Load() != 1 {
+		t.Fatalf("panics counted %d, want 1", panics.Load())
+	}
+	bad.mu.Lock()
+	aborted := len(bad.aborted) == 1 && bad.aborted[0] == "boom"
+	bad.mu.Unlock()
+	if !aborted {
+		t.Fatal("the panicking handler was not aborted with its panic value")
+	}
+	unix.Write(b1, []byte("y"))
+	for good.readyCount() == 0 && time.Now().Before(deadline) {
+		on(t, p, func() {})
+	}
+	if good.readyCount() == 0 {
+		t.Fatal("the loop stopped serving other handlers after a panic")
+	}
+	on(t, p, func() { p.Close(&fa); p.Close(&fb) })
+}
