@@ -54,7 +54,7 @@ e2e: build tools
 # Short fuzzing passes of the config loader and the PROXY header path.
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 30s ./config/
-	$(GO) test -run '^$$' -fuzz '^FuzzProxyHeader$$' -fuzztime 30s ./proxy/
+	$(GO) test -run '^$$' -fuzz '^FuzzProxyHeader$$' -fuzztime 30s ./proxy/internal/relay/
 
 clean:
 	rm -rf bin

@@ -7,6 +7,7 @@ package balancer
 
 import (
 	"math/rand/v2"
+	"net/netip"
 	"sync/atomic"
 )
 
@@ -16,6 +17,9 @@ import (
 // are updated atomically from many goroutines.
 type Target struct {
 	Addr string
+	// AddrPort is Addr parsed, when it is an IP address and port (not a
+	// name), so the proxy connects without parsing it again.
+	AddrPort netip.AddrPort
 
 	Active     atomic.Int64  // connections open right now
 	Total      atomic.Uint64 // connections handed to this target
@@ -25,7 +29,10 @@ type Target struct {
 }
 
 // NewTarget returns a Target for addr with zeroed counters.
-func NewTarget(addr string) *Target { return &Target{Addr: addr} }
+func NewTarget(addr string) *Target {
+	ap, _ := netip.ParseAddrPort(addr)
+	return &Target{Addr: addr, AddrPort: netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())}
+}
 
 // RoundRobin picks live targets in turn. The zero value is ready to use and
 // has no targets.

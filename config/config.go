@@ -140,6 +140,11 @@ type Listener struct {
 	ProxyHeaderTimeout time.Duration `yaml:"proxy_header_timeout"`
 	// Panic routes over all discovered targets when none is healthy.
 	Panic bool `yaml:"panic"`
+	// ReplayOnReset: a target that resets before its first byte has the
+	// client's bytes replayed to the next target (at-least-once delivery,
+	// for idempotent protocols). Off (the default), such a reset after the
+	// first client byte reached the target goes to the client.
+	ReplayOnReset bool `yaml:"replay_on_reset"`
 }
 
 // Health is how a listener probes its targets.

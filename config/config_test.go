@@ -57,7 +57,7 @@ func TestParseErrors(t *testing.T) {
 		{"unknown top-level key", "lsteners: []\n" + static,
 			[]string{`rota.yaml:1:1: lsteners: unknown key (did you mean "listeners"?)`}},
 		{"unknown key without suggestion", static + "    weight: 3\n",
-			[]string{"rota.yaml:6:5: listeners[0].weight: unknown key; valid keys: name, listen, service, discovery, tags, static, health, dial_timeout, retries, max_conns, idle_timeout, drain_timeout, proxy_protocol, accept_proxy_protocol, proxy_header_timeout, panic"}},
+			[]string{"rota.yaml:6:5: listeners[0].weight: unknown key; valid keys: name, listen, service, discovery, tags, static, health, dial_timeout, retries, max_conns, idle_timeout, drain_timeout, proxy_protocol, accept_proxy_protocol, proxy_header_timeout, panic, replay_on_reset"}},
 		{"dashes for underscores", static + "    max-conns: 3\n",
 			[]string{`rota.yaml:6:5: listeners[0].max-conns: unknown key (did you mean "max_conns"?)`}},
 		{"unknown nested key", static + "    health:\n      intervl: 1s\n",

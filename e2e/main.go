@@ -324,12 +324,14 @@ listeners:
     discovery: etcd
     health: {check: http, path: /healthz, interval: 500ms, rise: 1, fall: 2}
     drain_timeout: 5s
+    replay_on_reset: true   # GETs are idempotent: a killed backend's requests go to the next
   - name: web-consul
     listen: %s
     service: web-consul
     discovery: consul
     health: {check: http, path: /healthz, interval: 500ms, rise: 1, fall: 2}
     drain_timeout: 5s
+    replay_on_reset: true   # GETs are idempotent: a killed backend's requests go to the next
 `, r.admin, e.etcd, e.consul, r.web, r.webConsul)
 	file := filepath.Join(e.dir, "rota-"+name+".yaml")
 	if err := os.WriteFile(file, []byte(cfg), 0o600); err != nil {

@@ -17,11 +17,12 @@ import (
 	"net/http"
 	"slices"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
 	"go.uber.org/zap"
+
+	"github.com/rota-proxy/rota/internal/neterr"
 )
 
 // Check kinds.
@@ -521,14 +522,4 @@ func unwrapOp(err error) error {
 
 // localFailure reports errors that are this process's, not the target's:
 // out of file descriptors, buffers or memory.
-func localFailure(err error) bool {
-	if err == nil {
-		return false
-	}
-	for _, e := range []error{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM} {
-		if errors.Is(err, e) {
-			return true
-		}
-	}
-	return false
-}
+func localFailure(err error) bool { return neterr.IsLocal(err) }

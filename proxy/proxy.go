@@ -3,8 +3,14 @@
 // For every accepted connection the proxy picks the next live target, dials it
 // with a timeout, and on a failed dial reports the target and tries the next
 // one. It then copies bytes both ways with half-close, through the kernel's
-// splice path when both ends are TCP. The proxy knows a Picker and a failure
+// splice path for bulk transfers. The proxy knows a Picker and a failure
 // report function; it knows nothing of registries or configuration files.
+//
+// What happens to a connection is decided in one place, the state machine
+// of proxy/internal/relay; two drivers carry it out. On Linux an Engine's
+// event loops own the sockets (engine_linux.go): an open connection holds no
+// goroutine. Elsewhere, and for listeners that are not a *Listener, two
+// goroutines relay each connection (goroutines.go).
 package proxy
 
 import (
@@ -14,12 +20,12 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/rota-proxy/rota/balancer"
+	"github.com/rota-proxy/rota/proxy/internal/relay"
 )
 
 // Picker yields the targets to try for one connection, best first.
@@ -34,8 +40,12 @@ type Settings struct {
 	Retries     int           // further targets to try after a failed attempt
 	MaxConns    int           // concurrent client connections; 0 is unlimited
 	IdleTimeout time.Duration // close when neither side sent anything this long; 0 is never
-	// Dial, if set, replaces net.Dialer (tests use it).
-	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// ReplayOnReset keeps a client's bytes until its target's first byte,
+	// and replays them to the next target when the target resets before
+	// that (at-least-once delivery: for idempotent protocols only). Off, a
+	// reset after the first client byte reached the target is passed to
+	// the client; failed connects are retried either way.
+	ReplayOnReset bool
 	// SendProxy, 1 or 2, sends a PROXY protocol header of that version to
 	// every target before any client byte, naming the client.
 	SendProxy byte
@@ -46,20 +56,15 @@ type Settings struct {
 	AcceptProxyFrom []netip.Prefix
 	// ProxyHeaderTimeout bounds the wait for that header; 0 means 5s.
 	ProxyHeaderTimeout time.Duration
+
+	panicOn func([]byte) bool // tests: panic on such a client chunk
 }
 
 // Stats are the listener-wide counters of a Proxy, updated atomically.
 type Stats struct {
-	Accepted   atomic.Uint64 // client connections accepted
-	Rejected   atomic.Uint64 // closed at once because MaxConns was reached
-	NoTarget   atomic.Uint64 // closed because no target could be reached
-	DialErrors atomic.Uint64 // failed attempts to reach a target
-	Active     atomic.Int64  // client connections open now
-	BytesIn    atomic.Uint64 // bytes from targets to clients
-	BytesOut   atomic.Uint64 // bytes from clients to targets
-	// HeaderErrors counts clients closed for a PROXY protocol header that
-	// was missing, malformed, late, or from an untrusted source.
-	HeaderErrors atomic.Uint64
+	relay.Stats
+	// Panics counts connections closed because relaying them panicked.
+	Panics atomic.Uint64
 }
 
 // ErrClosed is returned by Serve after Shutdown or Close.
@@ -70,139 +75,197 @@ var ErrClosed = errors.New("proxy: closed")
 type Proxy struct {
 	Picker Picker
 	// ReportFailure, if set, is told about every target that could not be
-	// reached, so health checking can take it out of rotation at once.
+	// reached, so health checking can take it out of rotation at once. It
+	// is called from the relay loops: it must not block.
 	ReportFailure func(addr string, err error)
 	Logger        *zap.Logger
 	Stats         Stats
+	// Engine runs the connections. Share one among every Proxy of a
+	// process; nil: the proxy starts its own on first use and stops it in
+	// Shutdown.
+	Engine *Engine
 
-	settings atomic.Pointer[Settings]
+	settings atomic.Pointer[settings]
 	refusing atomic.Bool // the last client found no target; logged once per episode
 
-	initOnce sync.Once
-	ctx      context.Context // cancelled by Close: aborts dials in flight
-	cancel   context.CancelFunc
-	wg       sync.WaitGroup // every connection handler
+	initOnce       sync.Once
+	epoch          time.Time // the goroutine driver's clock starts here
+	ownEngine      bool
+	goroutinesOnly bool        // tests: relay with goroutines on Linux too
+	closing        atomic.Bool // Shutdown began: no new connection is taken on
+	aborting       atomic.Bool // Shutdown's deadline passed: connections are cut
+	idleOnce       sync.Once
+	idle           chan struct{} // closed once closing and no connection is open
+	serving        sync.WaitGroup
 
-	mu        sync.Mutex
-	closing   bool
+	mu        sync.Mutex // guards the fields below; never held across a wait
 	listeners map[net.Listener]struct{}
-	sessions  map[*session]struct{}
-	idle      chan struct{} // closed when sessions drops to zero while closing
+	gconns    map[*gconn]struct{} // connections relayed by goroutines
+}
 
-	loops loopSet // relay loops, started by the first connection
+// settings are a Settings with what the relays derive from it once.
+type settings struct {
+	Settings
+	relay relay.Config
 }
 
 func (p *Proxy) init() {
 	p.initOnce.Do(func() {
-		p.ctx, p.cancel = context.WithCancel(context.Background())
 		p.listeners = make(map[net.Listener]struct{})
-		p.sessions = make(map[*session]struct{})
+		p.gconns = make(map[*gconn]struct{})
+		p.idle = make(chan struct{})
+		p.epoch = time.Now()
 		if p.Logger == nil {
 			p.Logger = zap.NewNop()
+		}
+		if p.Engine == nil {
+			p.Engine = newPrivateEngine(p.Logger)
+			p.ownEngine = true
 		}
 	})
 }
 
 // Configure replaces the settings; connections accepted from now on use them.
 func (p *Proxy) Configure(s Settings) {
-	p.settings.Store(&s)
+	set := &settings{Settings: s, relay: relay.Config{
+		DialTimeout:    s.DialTimeout,
+		IdleTimeout:    s.IdleTimeout,
+		Retries:        s.Retries,
+		ReplayOnReset:  s.ReplayOnReset,
+		SendProxy:      s.SendProxy,
+		PreludeTimeout: s.ProxyHeaderTimeout,
+	}}
+	if s.AcceptProxyFrom != nil {
+		trusted := s.AcceptProxyFrom
+		set.relay.AcceptProxy = func(a netip.Addr) bool {
+			a = a.Unmap()
+			for _, p := range trusted {
+				if p.Contains(a) {
+					return true
+				}
+			}
+			return false
+		}
+	}
+	if f := s.panicOn; f != nil {
+		set.relay.Inspect = func(b []byte) {
+			if f(b) {
+				panic("proxy: injected panic")
+			}
+		}
+	}
+	p.settings.Store(set)
 }
 
-func (p *Proxy) currentSettings() *Settings {
+func (p *Proxy) currentSettings() *settings {
 	if s := p.settings.Load(); s != nil {
 		return s
 	}
-	return &Settings{}
+	p.Configure(Settings{})
+	return p.settings.Load()
 }
 
-// Serve accepts connections on ln and proxies each until ln fails or is
-// closed, or the proxy is shut down. On Linux the connections live in the
-// proxy's relay loops, and on a *Listener (see Listen) the loops accept them
-// too; otherwise each has goroutines of its own. Serve takes ownership of ln
-// and closes it. It returns only after every connection it accepted is
-// finished, so no goroutine it started outlives it; the relay loops run
-// until Shutdown. After Shutdown or Close it returns ErrClosed.
+// Serve accepts connections on ln and proxies each until ln is closed or
+// the proxy shuts down. On a *Listener (see Listen) the Engine's loops
+// accept and relay the connections; on another listener Serve accepts, and
+// goroutines relay. Serve takes ownership of ln and closes it. It returns
+// only after every connection it accepted is finished, so nothing it
+// started outlives it: net.ErrClosed when ln was closed, ErrClosed after
+// Shutdown or Close, or the error that made accepting fail.
 func (p *Proxy) Serve(ln net.Listener) error {
 	p.init()
 	p.mu.Lock()
-	if p.closing {
+	if p.closing.Load() {
 		p.mu.Unlock()
 		ln.Close()
 		return ErrClosed
 	}
 	p.listeners[ln] = struct{}{}
+	p.serving.Add(1)
 	p.mu.Unlock()
 
 	var conns sync.WaitGroup
 	defer func() {
+		ln.Close()
 		conns.Wait()
 		p.mu.Lock()
 		delete(p.listeners, ln)
 		p.mu.Unlock()
-		ln.Close()
+		p.serving.Done()
 	}()
-
-	if l, ok := ln.(*Listener); ok {
-		if ok, err := p.loops.serve(p, l, &conns); ok {
-			return err
-		}
+	var err error
+	if l, ok := ln.(*Listener); ok && !p.goroutinesOnly && p.Engine.serve(p, l, &conns) {
+		err = net.ErrClosed
+	} else {
+		err = p.acceptLoop(ln, &conns)
 	}
-	release := p.releaser(&conns)
+	if p.closing.Load() {
+		return ErrClosed
+	}
+	return err
+}
+
+// acceptLoop accepts with ln.Accept, relaying each client with goroutines.
+func (p *Proxy) acceptLoop(ln net.Listener, conns *sync.WaitGroup) error {
 	var delay time.Duration // accept back-off after temporary errors
+	var errs episode
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			if p.isClosing() {
+			if p.closing.Load() {
 				return ErrClosed
 			}
-			if isTemporary(err) {
-				// Out of file descriptors and the like: retrying at once would
-				// spin a core while nothing improves. Back off like net/http.
-				if delay == 0 {
-					p.Logger.Warn("accept failed; backing off", zap.Error(err))
-				}
-				delay = acceptBackoff(delay)
-				t := time.NewTimer(delay)
-				select {
-				case <-t.C:
-				case <-p.ctx.Done():
-					t.Stop()
-				}
-				continue
+			if !isTemporary(err) {
+				return err
 			}
-			return err
+			// Out of file descriptors and the like: retrying at once would
+			// spin a core while nothing improves. Back off like net/http.
+			errs.hit(p.Logger, "accept failed; backing off", err)
+			delay = acceptBackoff(delay)
+			t := time.NewTimer(delay)
+			select {
+			case <-t.C:
+			case <-p.idle:
+				t.Stop()
+			}
+			continue
 		}
 		delay = 0
-		if !p.admit(p.currentSettings(), &conns) {
+		errs.quiet(p.Logger, "accepting again")
+		set := p.currentSettings()
+		if !p.admit(set) {
 			c.Close()
 			continue
 		}
-		if s := p.open(c, release); s != nil && !p.loops.adopt(s, release) {
-			go s.handle(release)
-		}
+		conns.Add(1)
+		p.relayWithGoroutines(c, set, conns)
 	}
 }
 
-// admit counts an accepted client and takes it on unless MaxConns clients
-// are open already. A client taken on counts as active, and in p.wg and
-// conns, until the function from releaser runs.
-func (p *Proxy) admit(set *Settings, conns *sync.WaitGroup) bool {
+// admit takes on an accepted client unless MaxConns clients are open
+// already or the proxy is closing. A client taken on counts as active until
+// release. The count is raised before it is checked, so concurrent loops
+// can never take on more than MaxConns between them.
+func (p *Proxy) admit(set *settings) bool {
 	p.Stats.Accepted.Add(1)
-	if max := set.MaxConns; max > 0 && p.Stats.Active.Load() >= int64(max) {
+	n := p.Stats.Active.Add(1)
+	switch {
+	case p.closing.Load():
+	case set.MaxConns > 0 && n > int64(set.MaxConns):
 		p.Stats.Rejected.Add(1)
-		return false
+	default:
+		return true
 	}
-	p.Stats.Active.Add(1)
-	p.wg.Add(1)
-	conns.Add(1)
-	return true
+	p.release(nil)
+	return false
 }
 
-// releaser returns what ends a client taken on by admit.
-func (p *Proxy) releaser(conns *sync.WaitGroup) func() {
-	return func() {
-		p.Stats.Active.Add(-1)
-		p.wg.Done()
+// release ends a client taken on by admit.
+func (p *Proxy) release(conns *sync.WaitGroup) {
+	if p.Stats.Active.Add(-1) == 0 && p.closing.Load() {
+		p.idleOnce.Do(func() { close(p.idle) })
+	}
+	if conns != nil {
 		conns.Done()
 	}
 }
@@ -216,54 +279,37 @@ func acceptBackoff(prev time.Duration) time.Duration {
 	return min(2*prev, time.Second)
 }
 
-// HandleConn proxies one client connection and returns when it is finished.
-// HandleConn takes ownership of conn and always closes it. It does not count
-// against MaxConns; Serve does that.
-func (p *Proxy) HandleConn(conn net.Conn) {
-	p.init()
-	p.wg.Add(1)
-	p.Stats.Active.Add(1)
-	done := make(chan struct{})
-	release := func() {
-		p.Stats.Active.Add(-1)
-		p.wg.Done()
-		close(done)
-	}
-	if s := p.open(conn, release); s != nil && !p.loops.adopt(s, release) {
-		s.handle(release)
-	}
-	<-done
-}
-
 // Shutdown stops accepting, waits for open connections to finish until ctx is
 // done, then closes those still open. It returns ctx.Err() if it had to cut
-// connections, else nil.
+// connections, else nil. It holds no lock while it waits, and nothing it
+// waits for waits for the proxy.
 func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.init()
+	p.closing.Store(true)
 	p.mu.Lock()
-	p.closing = true
+	lns := make([]net.Listener, 0, len(p.listeners))
 	for ln := range p.listeners {
+		lns = append(lns, ln)
+	}
+	p.mu.Unlock()
+	for _, ln := range lns {
 		ln.Close()
 	}
-	if p.idle == nil {
-		p.idle = make(chan struct{})
-		if len(p.sessions) == 0 {
-			close(p.idle)
-		}
+	if p.Stats.Active.Load() == 0 {
+		p.idleOnce.Do(func() { close(p.idle) })
 	}
-	idle := p.idle
-	p.mu.Unlock()
-
 	var err error
 	select {
-	case <-idle:
+	case <-p.idle:
 	case <-ctx.Done():
 		err = ctx.Err()
-		p.closeSessions()
+		p.abortAll()
+		<-p.idle
 	}
-	p.cancel()
-	p.wg.Wait()
-	p.loops.stop()
+	p.serving.Wait()
+	if p.ownEngine {
+		p.Engine.Close()
+	}
 	return err
 }
 
@@ -275,57 +321,71 @@ func (p *Proxy) Close() error {
 	return nil
 }
 
+// abortAll cuts every open connection.
+func (p *Proxy) abortAll() {
+	p.aborting.Store(true)
+	p.Engine.abort(p)
+	p.mu.Lock()
+	gs := make([]*gconn, 0, len(p.gconns))
+	for g := range p.gconns {
+		gs = append(gs, g)
+	}
+	p.mu.Unlock()
+	for _, g := range gs {
+		g.abort()
+	}
+}
+
 // ActiveConns is the number of client connections open now.
 func (p *Proxy) ActiveConns() int64 { return p.Stats.Active.Load() }
 
-func (p *Proxy) isClosing() bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.closing
-}
-
-func (p *Proxy) closeSessions() {
-	p.mu.Lock()
-	ss := make([]*session, 0, len(p.sessions))
-	for s := range p.sessions {
-		ss = append(ss, s)
-	}
-	p.mu.Unlock()
-	for _, s := range ss {
-		s.abort()
+// refuse counts a client for which no target could be reached, and logs
+// the first of a run of them.
+func (p *Proxy) refuse(client netip.AddrPort, err error) {
+	if !p.refusing.Swap(true) {
+		p.Logger.Warn("refusing clients: no target could be reached", zap.Stringer("client", client), zap.Error(err))
 	}
 }
 
-func (p *Proxy) track(s *session) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.closing && p.idle != nil && len(p.sessions) == 0 {
-		return false // drained already: a late HandleConn must not reopen
+// served ends a run of refused clients.
+func (p *Proxy) served() {
+	if p.refusing.Load() && p.refusing.Swap(false) {
+		p.Logger.Info("clients are served again")
 	}
-	p.sessions[s] = struct{}{}
-	return true
 }
 
-func (p *Proxy) untrack(s *session) {
-	p.mu.Lock()
-	delete(p.sessions, s)
-	if p.closing && p.idle != nil && len(p.sessions) == 0 {
-		select {
-		case <-p.idle:
-		default:
-			close(p.idle)
-		}
-	}
-	p.mu.Unlock()
+// episode rate-limits a warning that a hot loop can raise thousands of
+// times a second: the first occurrence is logged, the rest are counted, and
+// the end of the run is logged with the count. Safe for concurrent use.
+type episode struct {
+	active atomic.Bool // read without the lock on hot paths
+	mu     sync.Mutex
+	count  int
+	last   time.Time
 }
 
-// isTemporary reports accept errors worth waiting out.
-func isTemporary(err error) bool {
-	for _, e := range []error{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED} {
-		if errors.Is(err, e) {
-			return true
-		}
+// hit records one occurrence, logging it if it starts an episode.
+func (e *episode) hit(log *zap.Logger, msg string, err error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.last = time.Now()
+	e.count++
+	if !e.active.Load() {
+		e.active.Store(true)
+		e.count = 1
+		log.Warn(msg+" (further occurrences are counted, not logged)", zap.Error(err))
 	}
-	var ne interface{ Timeout() bool }
-	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// quiet ends an episode that has seen no occurrence for a second.
+func (e *episode) quiet(log *zap.Logger, msg string) {
+	if !e.active.Load() {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.active.Load() && time.Since(e.last) >= time.Second {
+		e.active.Store(false)
+		log.Info(msg, zap.Int("failures", e.count))
+	}
 }

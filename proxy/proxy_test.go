@@ -338,7 +338,7 @@ func TestResettingBackendCostsNoClient(t *testing.T) {
 func testResettingBackendCostsNoClient(t *testing.T) {
 	bad := startBackend(t, resetHandler)
 	good := startBackend(t, echoHandler)
-	s := startProxy(t, proxy.Settings{Retries: 2}, bad.addr(), good.addr())
+	s := startProxy(t, proxy.Settings{Retries: 2, ReplayOnReset: true}, bad.addr(), good.addr())
 	for i := range 50 {
 		msg := []byte(fmt.Sprintf("request %d", i))
 		got, err := roundTrip(s.addr, msg)

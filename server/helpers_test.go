@@ -92,7 +92,10 @@ func (b *backend) listen(addr string) error {
 	return nil
 }
 
-// kill stops the backend abruptly: connections are reset, not closed.
+// kill stops the backend abruptly, as SIGKILL does: every socket is closed
+// at once, whatever its handler was doing, and the kernel resets those with
+// bytes left unread (connections waiting in the accept queue, requests not
+// yet read) and sends a FIN on the others.
 func (b *backend) kill() {
 	b.mu.Lock()
 	if b.ln != nil {
@@ -100,7 +103,6 @@ func (b *backend) kill() {
 		b.ln = nil
 	}
 	for c := range b.conns {
-		c.(*net.TCPConn).SetLinger(0)
 		c.Close()
 	}
 	b.mu.Unlock()

@@ -88,6 +88,7 @@ func proxySettings(cfg config.Listener) proxy.Settings {
 		MaxConns:           cfg.MaxConns,
 		IdleTimeout:        cfg.IdleTimeout,
 		ProxyHeaderTimeout: cfg.ProxyHeaderTimeout,
+		ReplayOnReset:      cfg.ReplayOnReset,
 	}
 	switch cfg.ProxyProtocol {
 	case "v1":

@@ -1,3 +1,5 @@
+//go:build linux
+
 package poller
 
 // timerHeap is a binary min-heap of timers by deadline; each timer knows its

@@ -1,0 +1,619 @@
+// Package relay is the life of one proxied connection as a state machine
+// without I/O: reading a prelude the client sends first (a PROXY header),
+// picking targets and retrying the next one on a failed dial, the window in
+// which a target may still be swapped (and the client's bytes replayed to
+// the next), half-close in each direction, deadlines, and the counting.
+//
+// A driver owns the sockets and tells a Conn what happened ("the client sent
+// these bytes", "the target connected", "the target reset"); the Conn
+// answers with an Action for the driver to carry out. Two drivers exist in
+// package proxy: the Linux relay loops and a portable goroutine driver. The
+// decisions are all made here, once, so the two cannot differ.
+package relay
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"time"
+
+	proxyproto "github.com/pires/go-proxyproto"
+
+	"github.com/rota-proxy/rota/balancer"
+)
+
+// Picker yields the targets to try for one connection, best first.
+type Picker interface {
+	Pick() balancer.Cursor
+}
+
+// Config is what a connection takes from its listener's settings when it is
+// accepted. A Config is shared by many connections and never modified.
+type Config struct {
+	DialTimeout time.Duration // per attempt; 0 means 2s
+	IdleTimeout time.Duration // no byte either way this long closes; 0 never
+	Retries     int           // further targets after a failed attempt
+	// ReplayOnReset keeps the client's bytes until the target's first byte,
+	// so that a target resetting before it answered is replaced by the next
+	// one with the bytes replayed (at-least-once: for idempotent protocols).
+	// Off, a reset after the first client byte reached the target is the
+	// client's to see, and no buffer is kept.
+	ReplayOnReset bool
+	// SendProxy, 1 or 2, sends a PROXY protocol header of that version to
+	// every target before any client byte, naming the client.
+	SendProxy byte
+	// AcceptProxy, if set, makes every client start with a PROXY protocol
+	// header, accepted only from sources it approves.
+	AcceptProxy func(src netip.Addr) bool
+	// PreludeTimeout bounds the wait for that header; 0 means 5s.
+	PreludeTimeout time.Duration
+	// Inspect, if set, sees every chunk a client sends (tests inject
+	// panics through it).
+	Inspect func(data []byte)
+}
+
+// ReplayLimit bounds the client bytes kept for replay: past it, the window
+// closes as if the target had answered.
+const ReplayLimit = 16 << 10
+
+// maxPrelude bounds a PROXY header (v2 with TLVs; go-proxyproto's limit).
+const maxPrelude = 16 + 4096
+
+// Stats are a listener's counters, updated atomically by its connections.
+type Stats struct {
+	Accepted   atomic.Uint64 // client connections accepted
+	Rejected   atomic.Uint64 // closed at once because MaxConns was reached
+	NoTarget   atomic.Uint64 // closed because no target could be reached
+	DialErrors atomic.Uint64 // failed attempts to reach a target
+	Active     atomic.Int64  // client connections open now
+	BytesIn    atomic.Uint64 // bytes from targets to clients
+	BytesOut   atomic.Uint64 // bytes from clients to targets
+	// HeaderErrors counts clients closed for a PROXY protocol header that
+	// was missing, malformed, late, or from an untrusted source.
+	HeaderErrors atomic.Uint64
+}
+
+// State is where a connection stands.
+type State uint8
+
+const (
+	New       State = iota // not started
+	Prelude                // reading what the client sends first
+	Dialing                // connecting to Target()
+	Open                   // connected; the target has not answered: it may still be replaced
+	Committed              // the target is final
+	Closed
+)
+
+var stateNames = [...]string{"new", "prelude", "dialing", "open", "committed", "closed"}
+
+func (s State) String() string { return stateNames[s] }
+
+// Action is what the driver does next.
+type Action uint8
+
+const (
+	// Continue relaying; nothing else to do.
+	Continue Action = iota
+	// ReadPrelude: read more from the client and pass it to Prelude.
+	ReadPrelude
+	// Dial: connect to Target(), then call Dialed or DialFailed.
+	Dial
+	// Forward: write the bytes just passed in to the other side.
+	Forward
+	// Flush: write Pending() to the target, reporting each write to Wrote.
+	Flush
+	// ShutTarget: send the target a FIN once everything queued for it
+	// (Pending first) is written. ShutClient: the same toward the client.
+	ShutTarget
+	ShutClient
+	// Close both sides, gracefully. Refused is Close after no target could
+	// be reached (the driver reports it once per episode).
+	Close
+	Refused
+	// Reset: close both sides, the client's abortively, so that it sees the
+	// reset the target sent.
+	Reset
+)
+
+var actionNames = [...]string{"continue", "read-prelude", "dial", "forward", "flush", "shut-target", "shut-client", "close", "refused", "reset"}
+
+func (a Action) String() string { return actionNames[a] }
+
+// Errors a connection closes with (Err).
+var (
+	ErrNoTarget     = errors.New("no live target")
+	ErrIdle         = errors.New("idle timeout")
+	ErrPreludeLate  = errors.New("PROXY protocol: no header within the timeout")
+	ErrUntrusted    = errors.New("PROXY protocol: source is not in accept_proxy_protocol")
+	ErrPreludeShort = errors.New("PROXY protocol: client closed before the header ended")
+)
+
+// Conn is one client connection. The zero Conn is not ready: call Init. A
+// Conn is not safe for concurrent use; a driver gives it one owner (a loop)
+// or a lock.
+type Conn struct {
+	cfg    *Config
+	stats  *Stats
+	picker Picker
+	report func(addr string, err error)
+
+	state  State
+	cursor balancer.Cursor
+	tries  int
+	target *balancer.Target
+	// Src is the client, Dst the address it connected to: the socket's, or
+	// those a PROXY header named.
+	Src, Dst netip.AddrPort
+
+	// held is the client's bytes the target has yet to take (sent marks
+	// those written to the current target); with replay on, until the
+	// target answers, also those it took.
+	held []byte
+	sent int
+	// hdr is the PROXY header for targets; hdrSent of it went to the
+	// current one.
+	hdr     []byte
+	hdrSent int
+	// resetOnWrite: a write to the target found it reset. Linux reports a
+	// reset once, so the target's next read sees a plain EOF.
+	resetOnWrite bool
+	clientEOF    bool
+	closing      bool // the driver's proxy is shutting down: failures are not the target's
+
+	start, last, dialBy int64 // clock readings, nanoseconds
+	// Err says why the connection closed, or why the last attempt failed.
+	Err error
+}
+
+// Init prepares c for a client from src that connected to dst, at now.
+func (c *Conn) Init(cfg *Config, stats *Stats, picker Picker, report func(string, error), src, dst netip.AddrPort, now int64) {
+	*c = Conn{cfg: cfg, stats: stats, picker: picker, report: report, Src: src, Dst: dst, start: now, last: now}
+}
+
+// State is where c stands.
+func (c *Conn) State() State { return c.state }
+
+// Target is the target being dialled or relayed to; nil before the first.
+func (c *Conn) Target() *balancer.Target { return c.target }
+
+// Committed reports whether the target is final.
+func (c *Conn) Committed() bool { return c.state == Committed }
+
+// Connected reports whether a target is connected (open or committed).
+func (c *Conn) Connected() bool { return c.state == Open || c.state == Committed }
+
+// Config is the configuration c was started with.
+func (c *Conn) Config() *Config { return c.cfg }
+
+// Start begins: the prelude is read, or a target is picked.
+func (c *Conn) Start(now int64) Action {
+	if c.cfg.AcceptProxy != nil {
+		if !c.cfg.AcceptProxy(c.Src.Addr()) {
+			return c.headerError(fmt.Errorf("%w: %s", ErrUntrusted, c.Src))
+		}
+		c.state = Prelude
+		return ReadPrelude
+	}
+	return c.pick(now)
+}
+
+// Prelude takes bytes the client sent while its prelude is read.
+func (c *Conn) Prelude(data []byte, now int64) Action {
+	if c.state != Prelude {
+		panic("relay: Prelude in state " + c.state.String())
+	}
+	c.held = append(c.held, data...)
+	n, err := proxyHeaderLen(c.held)
+	switch {
+	case err != nil:
+		return c.headerError(fmt.Errorf("PROXY protocol header from %s: %w", c.Src, err))
+	case n == 0:
+		return ReadPrelude
+	}
+	h, err := proxyproto.Read(bufio.NewReaderSize(bytes.NewReader(c.held[:n]), max(n, 16)))
+	if err != nil {
+		return c.headerError(fmt.Errorf("PROXY protocol header from %s: %w", c.Src, err))
+	}
+	if !h.Command.IsLocal() {
+		// A LOCAL header (a balancer's own health check) names nobody:
+		// the socket's addresses stand.
+		if src, dst, ok := h.TCPAddrs(); ok {
+			c.Src, c.Dst = tcpAddrPort(src), tcpAddrPort(dst)
+		}
+	}
+	// What follows the header starts the stream.
+	rest := copy(c.held, c.held[n:])
+	c.held = c.held[:rest]
+	if rest == 0 {
+		c.held = nil
+	}
+	return c.pick(now)
+}
+
+// PreludeEOF reports that the client closed while its prelude was read.
+func (c *Conn) PreludeEOF() Action {
+	return c.headerError(fmt.Errorf("%w (%s)", ErrPreludeShort, c.Src))
+}
+
+func (c *Conn) headerError(err error) Action {
+	c.stats.HeaderErrors.Add(1)
+	c.Err = err
+	c.state = Closed
+	c.held = nil
+	return Close
+}
+
+// proxyHeaderLen frames a PROXY header at the start of b: its length once
+// b holds all of it, 0 while more is needed, an error when b cannot start
+// one. Parsing is go-proxyproto's; this only says when to call it.
+func proxyHeaderLen(b []byte) (int, error) {
+	if len(b) == 0 {
+		return 0, nil
+	}
+	switch {
+	case hasPrefixOrIsPrefix(b, proxyproto.SIGV1):
+		if len(b) < len(proxyproto.SIGV1) {
+			return 0, nil
+		}
+		if i := bytes.IndexByte(b[:min(len(b), 107)], '\n'); i >= 0 {
+			return i + 1, nil
+		}
+		if len(b) >= 107 {
+			return 0, proxyproto.ErrVersion1HeaderTooLong
+		}
+		return 0, nil
+	case hasPrefixOrIsPrefix(b, proxyproto.SIGV2):
+		if len(b) < 16 {
+			return 0, nil
+		}
+		n := 16 + int(binary.BigEndian.Uint16(b[14:16]))
+		if n > maxPrelude {
+			return 0, proxyproto.ErrInvalidLength
+		}
+		if len(b) < n {
+			return 0, nil
+		}
+		return n, nil
+	}
+	return 0, proxyproto.ErrNoProxyProtocol
+}
+
+// hasPrefixOrIsPrefix reports whether b starts with sig, or is the start of it.
+func hasPrefixOrIsPrefix(b, sig []byte) bool {
+	n := min(len(b), len(sig))
+	return bytes.Equal(b[:n], sig[:n])
+}
+
+func tcpAddrPort(a *net.TCPAddr) netip.AddrPort {
+	ip, _ := netip.AddrFromSlice(a.IP)
+	return netip.AddrPortFrom(ip.Unmap(), uint16(a.Port))
+}
+
+// pick starts the attempts: the picker's cursor, 1 + Retries targets at most.
+func (c *Conn) pick(now int64) Action {
+	c.cursor = c.picker.Pick()
+	c.tries = min(1+max(c.cfg.Retries, 0), c.cursor.Len())
+	return c.next(now, nil)
+}
+
+// next moves to the next target of the cursor, or gives up.
+func (c *Conn) next(now int64, lastErr error) Action {
+	c.target = nil
+	if c.closing {
+		c.state = Closed
+		c.Err = lastErr
+		return Close
+	}
+	if c.tries > 0 {
+		if t := c.cursor.Next(); t != nil {
+			c.tries--
+			c.target = t
+			c.state = Dialing
+			c.dialBy = now + int64(c.dialTimeout())
+			c.hdrSent, c.sent = 0, 0
+			c.resetOnWrite = false
+			return Dial
+		}
+	}
+	c.stats.NoTarget.Add(1)
+	c.state = Closed
+	if lastErr == nil {
+		c.Err = ErrNoTarget
+	} else {
+		c.Err = fmt.Errorf("all attempts failed, last: %w", lastErr)
+	}
+	c.held = nil
+	return Refused
+}
+
+func (c *Conn) dialTimeout() time.Duration {
+	if c.cfg.DialTimeout > 0 {
+		return c.cfg.DialTimeout
+	}
+	return 2 * time.Second
+}
+
+// DialTimeout is the time an attempt may take.
+func (c *Conn) DialTimeout() time.Duration { return c.dialTimeout() }
+
+// Dialed reports that the connection to Target() is established. The driver
+// then writes Pending() (the PROXY header and any bytes held) before
+// anything else.
+func (c *Conn) Dialed(now int64) Action {
+	if c.state != Dialing {
+		panic("relay: Dialed in state " + c.state.String())
+	}
+	t := c.target
+	t.Active.Add(1)
+	t.Total.Add(1)
+	c.state = Open
+	c.last = now
+	if c.cfg.SendProxy != 0 && c.hdr == nil {
+		h := proxyproto.HeaderProxyFromAddrs(c.cfg.SendProxy, net.TCPAddrFromAddrPort(c.Src), net.TCPAddrFromAddrPort(c.Dst))
+		b, err := h.Format()
+		if err != nil {
+			return c.close(fmt.Errorf("PROXY header: %w", err))
+		}
+		c.hdr = b
+	}
+	if c.clientEOF {
+		return ShutTarget // after Pending, like every FIN
+	}
+	return Flush
+}
+
+// DialFailed reports that the attempt on Target() failed; the next target
+// is tried.
+func (c *Conn) DialFailed(err error, now int64) Action {
+	t := c.target
+	err = fmt.Errorf("%s: %w", t.Addr, err)
+	c.fail(t, err)
+	return c.next(now, err)
+}
+
+// fail counts a failed attempt on t and reports it to health checking,
+// unless the failure is the proxy's own (shutting down).
+func (c *Conn) fail(t *balancer.Target, err error) {
+	if c.closing {
+		return
+	}
+	t.DialErrors.Add(1)
+	c.stats.DialErrors.Add(1)
+	if c.report != nil {
+		c.report(t.Addr, err)
+	}
+}
+
+// Pending is what the target must be sent next, before any new client
+// bytes: the PROXY header, then bytes held. The driver writes it and
+// reports what was written to Wrote.
+func (c *Conn) Pending() []byte {
+	if c.state != Open && c.state != Committed {
+		return nil
+	}
+	if c.hdrSent < len(c.hdr) {
+		return c.hdr[c.hdrSent:]
+	}
+	return c.held[c.sent:]
+}
+
+// Wrote reports that n bytes of Pending() were written to the target.
+func (c *Conn) Wrote(n int) {
+	if h := len(c.hdr) - c.hdrSent; h > 0 {
+		d := min(n, h)
+		c.hdrSent += d
+		n -= d
+	}
+	if n == 0 {
+		return
+	}
+	c.sent += n
+	if !c.keeping() {
+		// With replay off the first client byte to reach the target
+		// closes the window: a later reset is the client's to see.
+		if c.state == Open {
+			c.state = Committed
+		}
+		c.dropSent()
+	}
+}
+
+// keeping reports whether bytes written to the target are kept for replay.
+func (c *Conn) keeping() bool {
+	return c.state == Open && c.cfg.ReplayOnReset
+}
+
+// dropSent forgets the held bytes the target has taken.
+func (c *Conn) dropSent() {
+	if c.sent == len(c.held) {
+		c.held, c.sent = nil, 0 // an idle connection keeps no buffer
+		return
+	}
+	if c.sent > 0 {
+		n := copy(c.held, c.held[c.sent:])
+		c.held, c.sent = c.held[:n], 0
+	}
+}
+
+// commit ends the window: the target is final.
+func (c *Conn) commit() {
+	if c.state == Open {
+		c.state = Committed
+		c.dropSent()
+	}
+}
+
+// FromClient takes bytes read from the client. Forward: write them to the
+// target. Flush: they are queued; write Pending().
+func (c *Conn) FromClient(data []byte, now int64) Action {
+	if c.cfg.Inspect != nil {
+		c.cfg.Inspect(data)
+	}
+	n := len(data)
+	c.last = now
+	c.stats.BytesOut.Add(uint64(n))
+	if c.state == Committed && c.sent == len(c.held) {
+		c.target.BytesOut.Add(uint64(n))
+		return Forward
+	}
+	if c.state == Open && !c.cfg.ReplayOnReset && len(c.Pending()) == 0 {
+		c.state = Committed
+		c.target.BytesOut.Add(uint64(n))
+		return Forward
+	}
+	if c.target != nil && (c.state == Open || c.state == Committed) {
+		c.target.BytesOut.Add(uint64(n))
+	}
+	c.held = append(c.held, data...)
+	if c.state == Open && c.cfg.ReplayOnReset && len(c.held) > ReplayLimit {
+		c.commit() // too much to keep: the target is final
+	}
+	return Flush
+}
+
+// Spliced counts n bytes a committed connection moved without reading
+// them (splice(2)), from the client when fromClient.
+func (c *Conn) Spliced(fromClient bool, n int, now int64) {
+	c.last = now
+	if fromClient {
+		c.stats.BytesOut.Add(uint64(n))
+		c.target.BytesOut.Add(uint64(n))
+	} else {
+		c.stats.BytesIn.Add(uint64(n))
+		c.target.BytesIn.Add(uint64(n))
+	}
+}
+
+// ClientEOF reports the client's FIN. ShutTarget: pass it on once the
+// target's queue is written (after Dialed when still dialling).
+func (c *Conn) ClientEOF() Action {
+	c.clientEOF = true
+	if c.state == Open || c.state == Committed {
+		return ShutTarget
+	}
+	return Continue
+}
+
+// FromTarget takes n bytes read from the target, to be forwarded to the
+// client. The first one commits.
+func (c *Conn) FromTarget(n int, now int64) Action {
+	c.commit()
+	c.last = now
+	c.stats.BytesIn.Add(uint64(n))
+	c.target.BytesIn.Add(uint64(n))
+	return Forward
+}
+
+// TargetEOF reports the target's FIN. A clean close is an answer (the
+// target may have acted on the request), so the client gets it; but after
+// a write found the target reset, it is the reset Linux reported once.
+func (c *Conn) TargetEOF(now int64) Action {
+	if c.state == Open && c.resetOnWrite {
+		return c.TargetReset(errors.New("EOF after a reset"), now)
+	}
+	c.commit()
+	return ShutClient
+}
+
+// WriteReset reports that a write to the target found it reset. Before
+// the window closes the driver keeps reading the target, which ends the
+// attempt (TargetEOF or TargetReset); after, the client sees the reset.
+func (c *Conn) WriteReset(err error) Action {
+	if c.state == Open {
+		c.resetOnWrite = true
+		return Continue
+	}
+	return c.reset(err)
+}
+
+// TargetReset reports that the target reset the connection. Inside the
+// window the next target is dialled (the bytes held are sent to it);
+// after it, the client sees the reset.
+func (c *Conn) TargetReset(err error, now int64) Action {
+	if c.state != Open {
+		return c.reset(err)
+	}
+	t := c.target
+	err = fmt.Errorf("%s: reset before its first byte: %w", t.Addr, err)
+	t.Active.Add(-1)
+	c.fail(t, err)
+	return c.next(now, err)
+}
+
+func (c *Conn) reset(err error) Action {
+	c.close(err)
+	return Reset
+}
+
+// Deadline is when Expired must be called next (a reading of the clock), 0
+// for never. It may be early: Expired then does nothing.
+func (c *Conn) Deadline() int64 {
+	switch c.state {
+	case Prelude:
+		return c.start + int64(c.preludeTimeout())
+	case Dialing:
+		return c.dialBy
+	case Open, Committed:
+		if t := c.cfg.IdleTimeout; t > 0 {
+			return c.last + int64(t)
+		}
+	}
+	return 0
+}
+
+func (c *Conn) preludeTimeout() time.Duration {
+	if c.cfg.PreludeTimeout > 0 {
+		return c.cfg.PreludeTimeout
+	}
+	return 5 * time.Second
+}
+
+// Expired is called at or after Deadline: a late prelude or dial, or an
+// idle connection. Continue when nothing is due yet.
+func (c *Conn) Expired(now int64) Action {
+	d := c.Deadline()
+	if d == 0 || now < d {
+		return Continue
+	}
+	switch c.state {
+	case Prelude:
+		return c.headerError(fmt.Errorf("%w (%s, %v)", ErrPreludeLate, c.Src, c.preludeTimeout()))
+	case Dialing:
+		return c.DialFailed(fmt.Errorf("dial timeout after %v", c.dialTimeout()), now)
+	}
+	return c.close(ErrIdle)
+}
+
+// Shutdown says the driver's proxy is closing: failures from now on are not
+// the targets', and no further target is tried.
+func (c *Conn) Shutdown() { c.closing = true }
+
+// Close ends c for a reason of the driver's (an I/O error, Shutdown) and
+// settles the accounting. It is idempotent.
+func (c *Conn) Close(err error) {
+	c.close(err)
+}
+
+func (c *Conn) close(err error) Action {
+	if c.state == Closed {
+		return Close
+	}
+	if c.target != nil && (c.state == Open || c.state == Committed) {
+		c.target.Active.Add(-1)
+	}
+	if c.Err == nil {
+		c.Err = err
+	}
+	c.state = Closed
+	c.held = nil
+	return Close
+}
+
+// Last is when a byte last moved either way.
+func (c *Conn) Last() int64 { return c.last }

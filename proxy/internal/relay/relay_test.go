@@ -1,0 +1,462 @@
+package relay
+
+import (
+	"bytes"
+	"errors"
+	"net"
+	"net/netip"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	proxyproto "github.com/pires/go-proxyproto"
+
+	"github.com/rota-proxy/rota/balancer"
+)
+
+// fixed is a picker over a fixed list, starting at the first.
+type fixed []*balancer.Target
+
+func (f fixed) Pick() balancer.Cursor {
+	var rr balancer.RoundRobin
+	rr.Update(f)
+	c := rr.Pick()
+	// RoundRobin starts at a random index; walk to the first target so
+	// the tests know the order.
+	for i := 0; i < len(f); i++ {
+		probe := c
+		if probe.Next() == f[0] {
+			return c
+		}
+		c = rr.Pick()
+	}
+	return c
+}
+
+var (
+	client = netip.MustParseAddrPort("10.1.1.1:5000")
+	listen = netip.MustParseAddrPort("10.2.2.2:80")
+)
+
+type harness struct {
+	t       *testing.T
+	c       Conn
+	cfg     Config
+	stats   Stats
+	targets []*balancer.Target
+	reports []string
+	now     int64
+}
+
+func newHarness(t *testing.T, cfg Config, n int) *harness {
+	h := &harness{t: t, cfg: cfg}
+	for i := range n {
+		h.targets = append(h.targets, balancer.NewTarget(string(rune('a'+i))+":1"))
+	}
+	h.c.Init(&h.cfg, &h.stats, fixed(h.targets), func(addr string, err error) { h.reports = append(h.reports, addr) }, client, listen, 0)
+	return h
+}
+
+func (h *harness) want(got, want Action) {
+	h.t.Helper()
+	if got != want {
+		h.t.Fatalf("action %v, want %v (state %v, err %v)", got, want, h.c.State(), h.c.Err)
+	}
+}
+
+// connect starts the connection and completes the dial to the first target.
+func (h *harness) connect() {
+	h.t.Helper()
+	h.want(h.c.Start(h.now), Dial)
+	h.want(h.c.Dialed(h.now), Flush)
+	h.flush(-1)
+}
+
+// flush writes up to n bytes of Pending (all when n < 0) and returns them.
+func (h *harness) flush(n int) []byte {
+	var out []byte
+	for {
+		p := h.c.Pending()
+		if len(p) == 0 || n == 0 {
+			return out
+		}
+		k := len(p)
+		if n > 0 {
+			k = min(k, n)
+			n -= k
+		}
+		out = append(out, p[:k]...)
+		h.c.Wrote(k)
+	}
+}
+
+func TestNoTargetRefuses(t *testing.T) {
+	h := newHarness(t, Config{}, 0)
+	h.want(h.c.Start(0), Refused)
+	if !errors.Is(h.c.Err, ErrNoTarget) || h.stats.NoTarget.Load() != 1 {
+		t.Fatalf("err %v, NoTarget %d", h.c.Err, h.stats.NoTarget.Load())
+	}
+}
+
+func TestFailedDialsTryEachTargetOnceUpToRetries(t *testing.T) {
+	h := newHarness(t, Config{Retries: 5}, 3)
+	h.want(h.c.Start(0), Dial)
+	var tried []string
+	for range 3 {
+		tried = append(tried, h.c.Target().Addr)
+		a := h.c.DialFailed(syscall.ECONNREFUSED, 0)
+		if len(tried) < 3 {
+			h.want(a, Dial)
+		} else {
+			h.want(a, Refused)
+		}
+	}
+	if strings.Join(tried, ",") != "a:1,b:1,c:1" || strings.Join(h.reports, ",") != "a:1,b:1,c:1" {
+		t.Fatalf("tried %v, reported %v", tried, h.reports)
+	}
+	if !errors.Is(h.c.Err, syscall.ECONNREFUSED) || h.stats.DialErrors.Load() != 3 || h.targets[0].DialErrors.Load() != 1 {
+		t.Fatalf("err %v, dial errors %d", h.c.Err, h.stats.DialErrors.Load())
+	}
+
+	h = newHarness(t, Config{Retries: 1}, 3)
+	h.want(h.c.Start(0), Dial)
+	h.want(h.c.DialFailed(syscall.ECONNREFUSED, 0), Dial)
+	h.want(h.c.DialFailed(syscall.ECONNREFUSED, 0), Refused)
+	if len(h.reports) != 2 {
+		t.Fatalf("%d attempts, want 1 + retries", len(h.reports))
+	}
+}
+
+func TestDialTimeout(t *testing.T) {
+	h := newHarness(t, Config{DialTimeout: time.Second, Retries: 1}, 2)
+	h.want(h.c.Start(0), Dial)
+	if d := h.c.Deadline(); d != int64(time.Second) {
+		t.Fatalf("deadline %v", time.Duration(d))
+	}
+	h.want(h.c.Expired(int64(time.Second)-1), Continue)
+	h.want(h.c.Expired(int64(time.Second)), Dial)
+	if h.c.Target().Addr != "b:1" || len(h.reports) != 1 {
+		t.Fatalf("after a timeout: target %s, reports %v", h.c.Target().Addr, h.reports)
+	}
+	if d := h.c.Deadline(); d != int64(2*time.Second) {
+		t.Fatalf("second attempt's deadline %v", time.Duration(d))
+	}
+}
+
+// With replay off (the default) the first client byte to reach the target
+// ends the window: a later reset is the client's, and nothing is kept.
+func TestReplayOffResetAfterFirstByteIsTheClients(t *testing.T) {
+	h := newHarness(t, Config{Retries: 2}, 2)
+	h.connect()
+	h.want(h.c.FromClient([]byte("GET /"), 1), Forward)
+	if !h.c.Committed() || h.c.held != nil {
+		t.Fatalf("state %v, held %q", h.c.State(), h.c.held)
+	}
+	h.want(h.c.TargetReset(syscall.ECONNRESET, 2), Reset)
+	if len(h.reports) != 0 || h.targets[0].Active.Load() != 0 {
+		t.Fatalf("reports %v, active %d", h.reports, h.targets[0].Active.Load())
+	}
+}
+
+// A reset before any client byte reached the target is a failed attempt,
+// replay or not.
+func TestResetBeforeAnyClientByteTriesNext(t *testing.T) {
+	h := newHarness(t, Config{Retries: 2}, 2)
+	h.connect()
+	h.want(h.c.TargetReset(syscall.ECONNRESET, 1), Dial)
+	if h.c.Target().Addr != "b:1" || len(h.reports) != 1 || h.targets[0].Active.Load() != 0 {
+		t.Fatalf("target %s, reports %v, active %d", h.c.Target().Addr, h.reports, h.targets[0].Active.Load())
+	}
+}
+
+func TestReplayOnKeepsBytesUntilTheTargetAnswers(t *testing.T) {
+	h := newHarness(t, Config{Retries: 2, ReplayOnReset: true, SendProxy: 1}, 2)
+	h.connect()
+	h.want(h.c.FromClient([]byte("hello "), 1), Flush)
+	h.want(h.c.FromClient([]byte("world"), 1), Flush)
+	if got := h.flush(-1); string(got) != "hello world" {
+		t.Fatalf("wrote %q", got)
+	}
+	// The target resets: the next one gets the header and every byte again.
+	h.want(h.c.TargetReset(syscall.ECONNRESET, 2), Dial)
+	h.want(h.c.Dialed(3), Flush)
+	got := string(h.flush(-1))
+	if !strings.HasPrefix(got, "PROXY TCP4 10.1.1.1 10.2.2.2 5000 80\r\n") || !strings.HasSuffix(got, "\r\nhello world") {
+		t.Fatalf("replayed %q", got)
+	}
+	h.want(h.c.FromTarget(3, 4), Forward)
+	if !h.c.Committed() || h.c.held != nil {
+		t.Fatalf("after the first byte: state %v, held %q", h.c.State(), h.c.held)
+	}
+	h.want(h.c.FromClient([]byte("more"), 5), Forward)
+	h.want(h.c.TargetReset(syscall.ECONNRESET, 6), Reset)
+	if h.targets[0].Active.Load() != 0 || h.targets[1].Active.Load() != 0 {
+		t.Fatal("active counts not settled")
+	}
+}
+
+func TestReplayBufferIsSizedToWhatIsHeld(t *testing.T) {
+	h := newHarness(t, Config{ReplayOnReset: true}, 1)
+	h.connect()
+	h.c.FromClient([]byte("x"), 1)
+	h.flush(-1)
+	if c := cap(h.c.held); c > 64 {
+		t.Fatalf("one byte held in a buffer of %d", c)
+	}
+}
+
+func TestReplayLimitCommits(t *testing.T) {
+	h := newHarness(t, Config{Retries: 1, ReplayOnReset: true}, 2)
+	h.connect()
+	h.want(h.c.FromClient(make([]byte, ReplayLimit), 1), Flush)
+	h.flush(-1)
+	if h.c.Committed() {
+		t.Fatal("committed at the limit")
+	}
+	h.want(h.c.FromClient([]byte("!"), 1), Flush)
+	if !h.c.Committed() {
+		t.Fatal("not committed past the limit")
+	}
+	if got := h.flush(-1); string(got) != "!" {
+		t.Fatalf("after commit %q is still to write", got)
+	}
+	h.want(h.c.TargetReset(syscall.ECONNRESET, 2), Reset)
+}
+
+// A clean close before the first byte is an answer: never replayed.
+func TestCleanCloseIsAnAnswer(t *testing.T) {
+	h := newHarness(t, Config{Retries: 1, ReplayOnReset: true}, 2)
+	h.connect()
+	h.c.FromClient([]byte("req"), 1)
+	h.flush(-1)
+	h.want(h.c.TargetEOF(2), ShutClient)
+	if !h.c.Committed() || len(h.reports) != 0 {
+		t.Fatalf("state %v, reports %v", h.c.State(), h.reports)
+	}
+}
+
+// Linux reports a reset once: a write that saw it makes the next EOF a reset.
+func TestEOFAfterAWriteResetIsAReset(t *testing.T) {
+	h := newHarness(t, Config{Retries: 1, ReplayOnReset: true}, 2)
+	h.connect()
+	h.c.FromClient([]byte("req"), 1)
+	h.want(h.c.WriteReset(syscall.ECONNRESET), Continue)
+	h.want(h.c.TargetEOF(2), Dial)
+	h.want(h.c.Dialed(3), Flush)
+	if got := h.flush(-1); string(got) != "req" {
+		t.Fatalf("replayed %q", got)
+	}
+}
+
+func TestPartialWritesKeepOrder(t *testing.T) {
+	h := newHarness(t, Config{SendProxy: 2}, 1)
+	h.want(h.c.Start(0), Dial)
+	h.want(h.c.Dialed(0), Flush)
+	head := h.flush(5) // part of the header: the socket was full
+	h.want(h.c.FromClient([]byte("abc"), 1), Flush)
+	h.want(h.c.FromClient([]byte("def"), 1), Flush)
+	if h.c.Committed() {
+		t.Fatal("committed before a client byte was written")
+	}
+	rest := h.flush(-1)
+	all := append(head, rest...)
+	if !bytes.HasSuffix(all, []byte("abcdef")) || !bytes.HasPrefix(all, proxyproto.SIGV2) {
+		t.Fatalf("wrote %q", all)
+	}
+	if !h.c.Committed() || h.c.held != nil {
+		t.Fatalf("state %v held %q", h.c.State(), h.c.held)
+	}
+	h.want(h.c.FromClient([]byte("g"), 2), Forward)
+}
+
+func TestClientEOFWhileDialingShutsTargetAfterConnect(t *testing.T) {
+	h := newHarness(t, Config{}, 1)
+	h.want(h.c.Start(0), Dial)
+	h.want(h.c.ClientEOF(), Continue)
+	h.want(h.c.Dialed(1), ShutTarget)
+	h.want(h.c.ClientEOF(), ShutTarget)
+
+	// After a retry with bytes to replay, too: the FIN follows them.
+	h = newHarness(t, Config{ReplayOnReset: true, Retries: 1}, 2)
+	h.connect()
+	h.c.FromClient([]byte("req"), 1)
+	h.flush(-1)
+	h.want(h.c.ClientEOF(), ShutTarget)
+	h.want(h.c.TargetReset(syscall.ECONNRESET, 2), Dial)
+	h.want(h.c.Dialed(3), ShutTarget)
+	if got := h.flush(-1); string(got) != "req" {
+		t.Fatalf("replayed %q before the FIN", got)
+	}
+}
+
+func TestIdleDeadlineFollowsTraffic(t *testing.T) {
+	h := newHarness(t, Config{IdleTimeout: time.Second}, 1)
+	h.connect()
+	h.c.FromClient([]byte("x"), int64(500*time.Millisecond))
+	h.want(h.c.Expired(int64(time.Second)), Continue)
+	if d := h.c.Deadline(); d != int64(1500*time.Millisecond) {
+		t.Fatalf("deadline %v", time.Duration(d))
+	}
+	h.c.FromTarget(1, int64(1200*time.Millisecond))
+	h.want(h.c.Expired(int64(1500*time.Millisecond)), Continue)
+	h.want(h.c.Expired(int64(2200*time.Millisecond)), Close)
+	if !errors.Is(h.c.Err, ErrIdle) || h.targets[0].Active.Load() != 0 {
+		t.Fatalf("err %v active %d", h.c.Err, h.targets[0].Active.Load())
+	}
+}
+
+func TestShutdownIsNotTheTargetsFailure(t *testing.T) {
+	h := newHarness(t, Config{Retries: 2}, 2)
+	h.want(h.c.Start(0), Dial)
+	h.c.Shutdown()
+	h.want(h.c.DialFailed(errors.New("cancelled"), 1), Close)
+	if len(h.reports) != 0 || h.stats.DialErrors.Load() != 0 {
+		t.Fatalf("reported %v", h.reports)
+	}
+}
+
+func TestAccounting(t *testing.T) {
+	h := newHarness(t, Config{}, 1)
+	h.connect()
+	tg := h.targets[0]
+	if tg.Active.Load() != 1 || tg.Total.Load() != 1 {
+		t.Fatalf("active %d total %d", tg.Active.Load(), tg.Total.Load())
+	}
+	h.c.FromClient([]byte("abc"), 1)
+	h.c.FromTarget(5, 2)
+	if h.stats.BytesOut.Load() != 3 || h.stats.BytesIn.Load() != 5 || tg.BytesOut.Load() != 3 || tg.BytesIn.Load() != 5 {
+		t.Fatal("byte counters")
+	}
+	h.c.Close(nil)
+	h.c.Close(nil)
+	if tg.Active.Load() != 0 {
+		t.Fatalf("active %d after close", tg.Active.Load())
+	}
+}
+
+func trusted(a netip.Addr) bool { return a.IsPrivate() }
+
+func TestPROXYHeaderPrelude(t *testing.T) {
+	v2, _ := proxyproto.HeaderProxyFromAddrs(2,
+		&net.TCPAddr{IP: net.ParseIP("192.0.2.7"), Port: 4000},
+		&net.TCPAddr{IP: net.ParseIP("192.0.2.8"), Port: 443}).Format()
+	local := []byte("PROXY UNKNOWN\r\n")
+	for _, tc := range []struct {
+		name     string
+		in       []byte
+		src      string
+		rest     string
+		bytewise bool
+	}{
+		{name: "v1", in: []byte("PROXY TCP4 192.0.2.1 192.0.2.2 1234 80\r\nGET"), src: "192.0.2.1:1234", rest: "GET"},
+		{name: "v1 one byte at a time", in: []byte("PROXY TCP4 192.0.2.1 192.0.2.2 1234 80\r\nGET"), src: "192.0.2.1:1234", rest: "GET", bytewise: true},
+		{name: "v2 one byte at a time", in: append(append([]byte{}, v2...), "hi"...), src: "192.0.2.7:4000", rest: "hi", bytewise: true},
+		{name: "local", in: local, src: client.String()},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, Config{AcceptProxy: trusted}, 1)
+			h.want(h.c.Start(0), ReadPrelude)
+			var a Action
+			if tc.bytewise {
+				// The header one byte at a time; its last byte arrives
+				// with the rest.
+				last := len(tc.in) - len(tc.rest) - 1
+				for i := range last {
+					h.want(h.c.Prelude(tc.in[i:i+1], 0), ReadPrelude)
+				}
+				a = h.c.Prelude(tc.in[last:], 0)
+			} else {
+				a = h.c.Prelude(tc.in, 0)
+			}
+			h.want(a, Dial)
+			if h.c.Src.String() != tc.src {
+				t.Fatalf("client %s, want %s", h.c.Src, tc.src)
+			}
+			h.want(h.c.Dialed(1), Flush)
+			if got := h.flush(-1); string(got) != tc.rest {
+				t.Fatalf("sent %q after the header, want %q", got, tc.rest)
+			}
+		})
+	}
+}
+
+func TestPROXYHeaderErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		src  netip.AddrPort
+		in   string
+		eof  bool
+		late bool
+	}{
+		{name: "untrusted source", src: netip.MustParseAddrPort("8.8.8.8:1")},
+		{name: "no header", in: "GET / HTTP/1.1\r\n"},
+		{name: "garbage v1", in: "PROXY TCP4 nonsense\r\n"},
+		{name: "v1 too long", in: "PROXY " + strings.Repeat("x", 120)},
+		{name: "eof inside", in: "PROXY TCP4", eof: true},
+		{name: "late", in: "PROX", late: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, Config{AcceptProxy: trusted, PreludeTimeout: time.Second}, 1)
+			if tc.src.IsValid() {
+				h.c.Src = tc.src
+			}
+			a := h.c.Start(0)
+			if a == ReadPrelude && tc.in != "" {
+				a = h.c.Prelude([]byte(tc.in), 0)
+			}
+			switch {
+			case tc.eof:
+				h.want(a, ReadPrelude)
+				a = h.c.PreludeEOF()
+			case tc.late:
+				h.want(a, ReadPrelude)
+				h.want(h.c.Expired(int64(time.Second)-1), Continue)
+				a = h.c.Expired(int64(time.Second))
+			}
+			h.want(a, Close)
+			if h.stats.HeaderErrors.Load() != 1 || h.c.Err == nil || len(h.reports) != 0 {
+				t.Fatalf("header errors %d, err %v", h.stats.HeaderErrors.Load(), h.c.Err)
+			}
+		})
+	}
+}
+
+// FuzzProxyHeader feeds arbitrary connection openings, in arbitrary pieces,
+// to the PROXY header prelude: it must not panic, must end (read more only
+// while the header may still be valid, and never past its bound), and on
+// success hand on exactly the bytes that followed the header.
+func FuzzProxyHeader(f *testing.F) {
+	f.Add([]byte("PROXY TCP4 192.0.2.1 192.0.2.2 1234 80\r\nGET / HTTP/1.1\r\n"), uint8(7))
+	f.Add([]byte("PROXY TCP6 ::1 ::2 1 2\r\n"), uint8(1))
+	f.Add([]byte("PROXY UNKNOWN\r\nrest"), uint8(3))
+	f.Add([]byte("\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c\xc0\x00\x02\x01\xc0\x00\x02\x02\x04\xd2\x00\x50data"), uint8(5))
+	f.Add([]byte("\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"), uint8(2))
+	f.Add([]byte("GET / HTTP/1.1\r\n\r\n"), uint8(4))
+	f.Fuzz(func(t *testing.T, data []byte, piece uint8) {
+		h := newHarness(t, Config{AcceptProxy: trusted}, 1)
+		h.c.Src = netip.MustParseAddrPort("10.0.0.1:1")
+		a := h.c.Start(0)
+		step := int(piece%16) + 1
+		fed := 0
+		for a == ReadPrelude && fed < len(data) {
+			n := min(step, len(data)-fed)
+			a = h.c.Prelude(data[fed:fed+n], 0)
+			fed += n
+			if a == ReadPrelude && len(h.c.held) > maxPrelude+16 {
+				t.Fatalf("still reading after %d bytes", len(h.c.held))
+			}
+		}
+		if a != Dial {
+			return
+		}
+		if !h.c.Src.IsValid() {
+			t.Fatal("success without a client address")
+		}
+		h.want(h.c.Dialed(1), Flush)
+		rest := h.flush(-1)
+		if !bytes.HasSuffix(data[:fed], rest) {
+			t.Fatalf("passed on %q, not the tail of the input", rest)
+		}
+	})
+}

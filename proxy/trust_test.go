@@ -1,0 +1,384 @@
+package proxy_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rota-proxy/rota/balancer"
+	"github.com/rota-proxy/rota/proxy"
+)
+
+// pattern is n bytes of id, repeated: a stream no other client sends.
+func pattern(id uint32, n int) []byte {
+	b := make([]byte, n)
+	for i := 0; i < n; i += 4 {
+		binary.BigEndian.PutUint32(b[i:], id)
+	}
+	return b
+}
+
+// A target that speaks first while thousands of clients stream their own
+// bytes, with replay on (the held-bytes path): every target connection
+// receives exactly its client's bytes, and every client its own reply.
+func TestStreamsNeverCross(t *testing.T) { bothRelays(t, testStreamsNeverCross) }
+
+func testStreamsNeverCross(t *testing.T) {
+	const (
+		clients  = 3000
+		parallel = 200
+		size     = 100_000
+	)
+	var crossed atomic.Int64
+	be := startBackend(t, func(c net.Conn) {
+		c.Write([]byte("ready\n")) // the target speaks first
+		got, err := io.ReadAll(c)
+		if err != nil || len(got) != size {
+			crossed.Add(1)
+			return
+		}
+		id := binary.BigEndian.Uint32(got)
+		if !bytes.Equal(got, pattern(id, size)) {
+			crossed.Add(1)
+			return
+		}
+		fmt.Fprintf(c, "%08x", id)
+	})
+	s := startProxy(t, proxy.Settings{ReplayOnReset: true, IdleTimeout: time.Minute}, be.addr())
+	var wg sync.WaitGroup
+	var failed atomic.Int64
+	var firstErr atomic.Pointer[error]
+	ids := make(chan uint32)
+	for range parallel {
+		wg.Go(func() {
+			for id := range ids {
+				err := func() error {
+					c, err := net.Dial("tcp", s.addr)
+					if err != nil {
+						return err
+					}
+					defer c.Close()
+					c.SetDeadline(time.Now().Add(time.Minute))
+					if _, err := c.Write(pattern(id, size)); err != nil {
+						return err
+					}
+					c.(*net.TCPConn).CloseWrite()
+					got, err := io.ReadAll(c)
+					if err != nil {
+						return err
+					}
+					if want := fmt.Sprintf("ready\n%08x", id); string(got) != want {
+						return fmt.Errorf("client %d got %q, want %q", id, got, want)
+					}
+					return nil
+				}()
+				if err != nil {
+					failed.Add(1)
+					firstErr.CompareAndSwap(nil, &err)
+				}
+			}
+		})
+	}
+	for id := range uint32(clients) {
+		ids <- id + 1
+	}
+	close(ids)
+	wg.Wait()
+	if n := crossed.Load(); n != 0 {
+		t.Fatalf("%d target connections received bytes that were not exactly their client's", n)
+	}
+	if n := failed.Load(); n != 0 {
+		t.Fatalf("%d of %d clients failed; first: %v", n, clients, *firstErr.Load())
+	}
+}
+
+// orderedPicker offers its targets in the order given, every time.
+type orderedPicker struct{ rr balancer.RoundRobin }
+
+func newOrderedPicker(addrs ...string) *orderedPicker {
+	p := &orderedPicker{}
+	ts := make([]*balancer.Target, len(addrs))
+	for i, a := range addrs {
+		ts[i] = balancer.NewTarget(a)
+	}
+	p.rr.Update(ts)
+	return p
+}
+
+func (p *orderedPicker) Pick() balancer.Cursor {
+	first := p.rr.Live()[0]
+	for {
+		c := p.rr.Pick()
+		probe := c
+		if probe.Next() == first {
+			return c
+		}
+	}
+}
+
+// serveWith runs a proxy with picker and settings on a fresh listener.
+func serveWith(t *testing.T, picker proxy.Picker, set proxy.Settings, goroutines bool) (*proxy.Proxy, string) {
+	t.Helper()
+	p := &proxy.Proxy{Picker: picker}
+	p.Configure(set)
+	if goroutines {
+		proxy.RelayWithGoroutines(p)
+	}
+	ln, err := proxy.Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- p.Serve(ln) }()
+	t.Cleanup(func() {
+		p.Close()
+		<-done
+	})
+	return p, ln.Addr().String()
+}
+
+func isGoroutines(t *testing.T) bool { return bytes.HasSuffix([]byte(t.Name()), []byte("/goroutines")) }
+
+// A target that reads the request line, acts on it, and closes with more
+// of the client's bytes unread (so its kernel sends a reset): by default the
+// request runs once and the client sees the reset; with ReplayOnReset the
+// next target gets the request too (at-least-once).
+func TestResetAfterTheRequestReachedTheTarget(t *testing.T) {
+	bothRelays(t, testResetAfterTheRequestReachedTheTarget)
+}
+
+func testResetAfterTheRequestReachedTheTarget(t *testing.T) {
+	for _, replay := range []bool{false, true} {
+		t.Run(fmt.Sprintf("replay=%v", replay), func(t *testing.T) {
+			var acted atomic.Int64
+			actor := startBackend(t, func(c net.Conn) {
+				var b [1]byte
+				for {
+					if _, err := c.Read(b[:]); err != nil || b[0] == '\n' {
+						break
+					}
+				}
+				acted.Add(1) // the request ran
+			})
+			good := startBackend(t, func(c net.Conn) {
+				line := make([]byte, 0, 16)
+				var b [1]byte
+				for {
+					if _, err := c.Read(b[:]); err != nil || b[0] == '\n' {
+						break
+					}
+					line = append(line, b[0])
+				}
+				io.ReadFull(c, make([]byte, 4096)) // the body: read all, so it closes cleanly
+				acted.Add(1)
+				io.WriteString(c, "done "+string(line))
+			})
+			_, addr := serveWith(t, newOrderedPicker(actor.addr(), good.addr()),
+				proxy.Settings{Retries: 1, ReplayOnReset: replay}, isGoroutines(t))
+			c := dial(t, addr)
+			defer c.Close()
+			// The line and a body the actor never reads.
+			if _, err := c.Write(append([]byte("POST /pay\n"), make([]byte, 4096)...)); err != nil {
+				t.Fatal(err)
+			}
+			got, err := io.ReadAll(c)
+			if !replay {
+				if !errors.Is(err, syscall.ECONNRESET) || len(got) != 0 {
+					t.Fatalf("client read %q, %v; want the target's reset", got, err)
+				}
+				if n := acted.Load(); n != 1 {
+					t.Fatalf("the request ran %d times, want once", n)
+				}
+				return
+			}
+			if err != nil || string(got) != "done POST /pay" {
+				t.Fatalf("client read %q, %v; want the next target's answer", got, err)
+			}
+			if n := acted.Load(); n != 2 {
+				t.Fatalf("the request ran %d times; with replay it runs on both", n)
+			}
+		})
+	}
+}
+
+// A panic while relaying one connection closes that connection only: the
+// others keep transferring, and the panic is counted.
+func TestPanicClosesOnlyItsConnection(t *testing.T) { bothRelays(t, testPanicClosesOnlyItsConnection) }
+
+func testPanicClosesOnlyItsConnection(t *testing.T) {
+	be := startBackend(t, echoHandler)
+	set := proxy.Settings{}
+	proxy.PanicOn(&set, func(b []byte) bool { return bytes.Contains(b, []byte("PANIC")) })
+	s := startProxy(t, set, be.addr())
+	var others []*net.TCPConn
+	for range 5 {
+		c := dial(t, s.addr)
+		defer c.Close()
+		others = append(others, c)
+	}
+	echo := func(c *net.TCPConn, msg string) error {
+		if _, err := c.Write([]byte(msg)); err != nil {
+			return err
+		}
+		buf := make([]byte, len(msg))
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return err
+		}
+		if string(buf) != msg {
+			return fmt.Errorf("echo %q, want %q", buf, msg)
+		}
+		return nil
+	}
+	for _, c := range others {
+		if err := echo(c, "before"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bad := dial(t, s.addr)
+	defer bad.Close()
+	bad.Write([]byte("PANIC now"))
+	if got, _ := io.ReadAll(bad); len(got) != 0 {
+		t.Fatalf("the panicking connection relayed %q", got)
+	}
+	eventually(t, "the panic counted", func() bool { return s.p.Stats.Panics.Load() == 1 })
+	for i, c := range others {
+		if err := echo(c, fmt.Sprintf("after %d", i)); err != nil {
+			t.Fatalf("connection %d after another's panic: %v", i, err)
+		}
+	}
+	eventually(t, "the panicked connection released", func() bool { return s.p.ActiveConns() == int64(len(others)) })
+}
+
+// MaxConns holds exactly while many loops accept at once.
+func TestMaxConnsExactUnderConcurrency(t *testing.T) {
+	const max, clients = 10, 300
+	var open, peak atomic.Int64
+	release := make(chan struct{})
+	be := startBackend(t, func(c net.Conn) {
+		n := open.Add(1)
+		for {
+			p := peak.Load()
+			if n <= p || peak.CompareAndSwap(p, n) {
+				break
+			}
+		}
+		<-release
+		open.Add(-1)
+	})
+	engine := proxy.NewEngine(8, nil)
+	defer engine.Close()
+	p := &proxy.Proxy{Picker: newOrderedPicker(be.addr()), Engine: engine}
+	p.Configure(proxy.Settings{MaxConns: max})
+	ln, err := proxy.Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- p.Serve(ln) }()
+	defer func() {
+		close(release)
+		p.Close()
+		<-done
+	}()
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	conns := make(chan net.Conn, clients)
+	for range clients {
+		wg.Go(func() {
+			<-start
+			if c, err := net.Dial("tcp", ln.Addr().String()); err == nil {
+				conns <- c
+			}
+		})
+	}
+	close(start)
+	wg.Wait()
+	close(conns)
+	defer func() {
+		for c := range conns {
+			c.Close()
+		}
+	}()
+	eventually(t, "every client admitted or rejected", func() bool {
+		return p.Stats.Accepted.Load() == clients && p.Stats.Rejected.Load()+uint64(be.accepts.Load()) == clients
+	})
+	if got := be.accepts.Load(); got != max {
+		t.Fatalf("%d connections reached the backend, want exactly max_conns = %d", got, max)
+	}
+	if peak.Load() > max || p.ActiveConns() != max {
+		t.Fatalf("peak %d, active %d, want at most %d", peak.Load(), p.ActiveConns(), max)
+	}
+}
+
+// Shutdown under a connect storm ends within the drain budget, every time.
+func TestShutdownUnderConnectStorm(t *testing.T) { bothRelays(t, testShutdownUnderConnectStorm) }
+
+func testShutdownUnderConnectStorm(t *testing.T) {
+	be := startBackend(t, echoHandler)
+	for trial := range 20 {
+		var addrs []string
+		if trial%2 == 0 { // half with a live target, half with none
+			addrs = []string{be.addr()}
+		}
+		rr := &balancer.RoundRobin{}
+		var ts []*balancer.Target
+		for _, a := range addrs {
+			ts = append(ts, balancer.NewTarget(a))
+		}
+		rr.Update(ts)
+		p, addr := serveWith(t, rr, proxy.Settings{}, isGoroutines(t))
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		var attempts atomic.Int64
+		for range 8 {
+			wg.Go(func() {
+				for i := 0; i < 100_000; i++ {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					c, err := net.DialTimeout("tcp", addr, time.Second)
+					attempts.Add(1)
+					if err == nil {
+						c.Write([]byte("x"))
+						c.Close()
+					}
+				}
+			})
+		}
+		eventually(t, "the storm under way", func() bool { return attempts.Load() > 200 })
+		const drain = 500 * time.Millisecond
+		ctx, cancel := context.WithTimeout(context.Background(), drain)
+		began := time.Now()
+		shut := make(chan error, 1)
+		go func() { shut <- p.Shutdown(ctx) }()
+		select {
+		case <-shut:
+		case <-time.After(drain + time.Second):
+			close(stop)
+			wg.Wait()
+			cancel()
+			t.Fatalf("trial %d: Shutdown still running %v after SIGTERM under a connect storm", trial, time.Since(began))
+		}
+		took := time.Since(began)
+		close(stop)
+		wg.Wait()
+		cancel()
+		if took > drain+time.Second {
+			t.Fatalf("trial %d: Shutdown took %v", trial, took)
+		}
+		if p.ActiveConns() != 0 {
+			t.Fatalf("trial %d: %d connections left after Shutdown", trial, p.ActiveConns())
+		}
+	}
+}
