@@ -68,6 +68,7 @@ type side struct {
 	pipe    pipe
 	piped   int // bytes in the pipe
 	hasPipe bool
+	moved   uint64 // bytes read from this side
 }
 
 func (l *loop) link(c *conn) {
@@ -121,12 +122,17 @@ func (c *conn) Ready(tag uint8, ev uint32) {
 	if ev&(poller.RdHup|poller.Hup|poller.Err) != 0 {
 		s.hup = true
 	}
-	switch c.m.State() {
-	case relay.Prelude:
+	switch {
+	case c.m.Lingering():
+		// Waiting to learn whether the target closed or reset.
+		if tag == tagTarget && ev&(poller.Err|poller.Hup) != 0 && c.targetReset() {
+			c.run(c.m.Settled(true, c.l.p.Now()))
+		}
+	case c.m.State() == relay.Prelude:
 		if tag == tagClient {
 			c.readPrelude()
 		}
-	case relay.Dialing:
+	case c.m.State() == relay.Dialing:
 		if tag == tagTarget {
 			c.connected(ev)
 		}
@@ -134,6 +140,11 @@ func (c *conn) Ready(tag uint8, ev uint32) {
 		c.step()
 	}
 	c.arm()
+}
+
+// targetReset reports whether the target's socket has a reset pending.
+func (c *conn) targetReset() bool {
+	return c.t.fd.Valid() && neterr.IsReset(soError(c.t.fd.Num()))
 }
 
 // Expired runs when c's timer comes due: a deadline of the machine's, or
@@ -220,7 +231,10 @@ func (c *conn) act(a relay.Action) bool {
 	case relay.Reset:
 		c.finish(true, nil)
 		return false
-	case relay.ReadPrelude:
+	case relay.ReadPrelude, relay.Linger:
+		return false
+	case relay.Settle:
+		c.run(c.m.Settled(c.targetReset(), c.l.p.Now()))
 		return false
 	case relay.ShutTarget:
 		c.shutT = true
@@ -329,15 +343,15 @@ func (c *conn) connected(ev uint32) {
 
 // step moves whatever can move in both directions.
 func (c *conn) step() {
-	if c.done || !c.m.Connected() {
+	if c.done || !c.m.Connected() || c.m.Lingering() {
 		return
 	}
 	more := c.flow(&c.c, &c.t, true)
-	if c.done || !c.m.Connected() {
+	if c.done || !c.m.Connected() || c.m.Lingering() {
 		return
 	}
 	more = c.flow(&c.t, &c.c, false) || more
-	if c.done || !c.m.Connected() {
+	if c.done || !c.m.Connected() || c.m.Lingering() {
 		return
 	}
 	if c.c.eof && c.t.eof && c.c.shut && c.t.shut {
@@ -354,7 +368,7 @@ func (c *conn) step() {
 // the spin limit; it reports whether it stopped at the limit. toTarget says
 // src is the client.
 func (c *conn) flow(src, dst *side, toTarget bool) bool {
-	for i := 0; ; i++ {
+	for start := c.moved(src); ; {
 		if !c.flush(dst, toTarget) {
 			return false
 		}
@@ -369,7 +383,7 @@ func (c *conn) flow(src, dst *side, toTarget bool) bool {
 			c.putPipe(src)
 			return false
 		}
-		if i == spinLimit {
+		if c.moved(src)-start >= turnBytes {
 			return true
 		}
 		if src.hasPipe {
@@ -383,6 +397,9 @@ func (c *conn) flow(src, dst *side, toTarget bool) bool {
 		}
 	}
 }
+
+// moved is how many bytes have come from src, for turn budgets.
+func (c *conn) moved(src *side) uint64 { return src.moved }
 
 // passEOF sends dst the FIN the machine asked for, once dst has everything.
 func (c *conn) passEOF(src, dst *side, toTarget bool) {
@@ -499,6 +516,7 @@ func (c *conn) read(src, dst *side, toTarget bool) bool {
 		}
 		return c.act(c.m.TargetEOF(now))
 	}
+	src.moved += uint64(n)
 	if n < len(buf) && !src.hup {
 		// Edge-triggered: bytes arriving after this read raise a new edge.
 		src.in = false
@@ -530,7 +548,7 @@ func (c *conn) read(src, dst *side, toTarget bool) bool {
 
 // drain splices what src has into its empty pipe.
 func (c *conn) drain(src *side, toTarget bool) bool {
-	n, err := splice(src.fd.Num(), src.pipe.w, maxSplice)
+	n, err := splice(src.fd.Num(), src.pipe.w, turnBytes)
 	switch {
 	case err == errEAGAIN:
 		src.in = false // the pipe was empty, so it is the socket
@@ -550,6 +568,7 @@ func (c *conn) drain(src *side, toTarget bool) bool {
 		return c.act(c.m.TargetEOF(c.l.p.Now()))
 	}
 	src.piped = n
+	src.moved += uint64(n)
 	c.m.Spliced(toTarget, n, c.l.p.Now())
 	return true
 }

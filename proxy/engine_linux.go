@@ -138,9 +138,10 @@ func (e *Engine) serve(p *Proxy, ln *Listener, conns *sync.WaitGroup) bool {
 
 const (
 	loopBufSize = 64 << 10 // one read per turn, shared by the loop's connections
-	// spinLimit bounds the reads one direction does before the loop turns
-	// to other connections, so a bulk transfer cannot starve them.
-	spinLimit = 16
+	// turnBytes bounds what one direction moves before the loop turns to
+	// other connections (and its timers), so bulk transfers cannot starve
+	// them: four reads of the loop buffer, or one splice.
+	turnBytes = 256 << 10
 	// maxSplice is the size of a pipe, and the most one splice moves.
 	maxSplice = 1 << 20
 	// maxIdlePipes bounds the pipes a loop keeps for the next bulk transfer.

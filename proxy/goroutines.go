@@ -284,6 +284,9 @@ func (g *gconn) targetSide() {
 			g.m.Close(err)
 			return relay.Close
 		})
+		if a == relay.Linger {
+			a = g.linger(t)
+		}
 		switch a {
 		case relay.ShutClient:
 			closeWrite(g.client)
@@ -295,6 +298,22 @@ func (g *gconn) targetSide() {
 			return
 		}
 	}
+}
+
+// linger waits out the machine's grace for a reset from t, which closed
+// after taking bytes, and reports what it found.
+func (g *gconn) linger(t net.Conn) relay.Action {
+	var d int64
+	g.locked(func() relay.Action { d = g.m.Deadline(); return relay.Continue })
+	timer := time.NewTimer(time.Until(g.p.deadline(d)))
+	select {
+	case <-timer.C:
+	case <-g.ctx.Done():
+		timer.Stop()
+		return relay.Close
+	}
+	reset := pendingReset(t)
+	return g.locked(func() relay.Action { return g.m.Settled(reset, g.p.clock()) })
 }
 
 // act carries out a terminal action; it reports whether relaying goes on.

@@ -4,9 +4,13 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/netip"
 	"runtime"
+	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/proxy"
@@ -94,5 +98,148 @@ func TestClosingListenerEndsServeKeepsConnections(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("Serve did not return after its listener was closed")
+	}
+}
+
+// One loop relaying 64 bulk streams still keeps time: a quiet connection is
+// cut between one and two idle timeouts after its last byte, and a dial
+// timeout fires on time. (The loop checks its timers after every batch of
+// events, not only when it runs out of them.) The bulk backend and its
+// clients run in another process, as they would in production, so that the
+// loop does not share this process's scheduler with 128 busy goroutines.
+func TestTimersKeepTimeUnderBulkLoad(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	helper := startBulkHelper(t)
+	engine := proxy.NewEngine(1, nil)
+	defer engine.Close()
+	p := &proxy.Proxy{Picker: newOrderedPicker(helper.backend), Engine: engine}
+	p.Configure(proxy.Settings{IdleTimeout: idle})
+	stuck := stuckListener(t)
+	pd := &proxy.Proxy{Picker: newOrderedPicker(stuck), Engine: engine}
+	pd.Configure(proxy.Settings{DialTimeout: 200 * time.Millisecond, Retries: 0})
+	var serving sync.WaitGroup
+	serve := func(px *proxy.Proxy) string {
+		ln, err := proxy.Listen("127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		serving.Go(func() { px.Serve(ln) })
+		return ln.Addr().String()
+	}
+	bulkAddr, dialAddr := serve(p), serve(pd)
+	defer func() {
+		helper.stop(t)
+		p.Close()
+		pd.Close()
+		serving.Wait()
+	}()
+	helper.pull(t, bulkAddr, 64)
+
+	for i := range 3 {
+		quiet := dial(t, bulkAddr)
+		// The proxy sees the connection's last byte (the echo) between
+		// this write and the echo's arrival: the cut may come no sooner
+		// than idle after the first and no later than 2*idle after the
+		// second.
+		// (An echo later than idle is a quiet connection too: then the
+		// request was the last byte.)
+		sent := time.Now()
+		quiet.Write([]byte("q"))
+		last := sent
+		_, err := io.ReadFull(quiet, make([]byte, 1))
+		if err == nil {
+			last = time.Now()
+			_, err = io.ReadAll(quiet)
+		} else if err == io.EOF {
+			err = nil
+		}
+		quiet.Close()
+		early, late := time.Since(sent), time.Since(last)
+		if err != nil || early < idle || late > 2*idle {
+			t.Fatalf("quiet connection %d cut %v after its request, %v after the answer (%v); want between %v and %v",
+				i, early, late, err, idle, 2*idle)
+		}
+		t.Logf("quiet connection cut %v after its request, %v after the answer", early, late)
+
+		began := time.Now() // before the proxy can have accepted and dialled
+		c := dial(t, dialAddr)
+		_, err = io.ReadAll(c)
+		took := time.Since(began)
+		c.Close()
+		if err != nil || took < 200*time.Millisecond || took > 500*time.Millisecond {
+			t.Fatalf("dial timeout of 200ms ended the client after %v (%v)", took, err)
+		}
+		t.Logf("dial timeout of 200ms ended the client after %v", took)
+	}
+	if p.Stats.BytesIn.Load() < 64<<20 {
+		t.Fatal("the bulk streams did not flow through the proxy")
+	}
+}
+
+// A connection that sent one byte and got no answer costs the proxy no
+// more than 2 KiB: with replay off nothing is kept once the byte reached the
+// target, and an open connection holds no goroutine. The clients are raw
+// sockets and the target never accepts (the kernel completes the
+// handshakes), so the memory measured is the proxy's alone.
+func TestSlowClientsCostLittleMemory(t *testing.T) {
+	const n = 2000
+	target, err := net.Listen("tcp", "127.0.0.1:0") // never accepts
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer target.Close()
+	s := startProxy(t, proxy.Settings{}, target.Addr().String())
+	proxyAddr := netip.MustParseAddrPort(s.addr)
+
+	// Warm up: the loops and their tables exist before measuring.
+	warm := rawClients(t, proxyAddr, 50)
+	defer closeAll(warm)
+	eventually(t, "warm-up relayed", func() bool { return s.p.Stats.BytesOut.Load() == 50 })
+
+	before := goMemory()
+	fds := rawClients(t, proxyAddr, n)
+	defer closeAll(fds)
+	eventually(t, "every byte relayed", func() bool { return s.p.Stats.BytesOut.Load() == 50+n })
+	after := goMemory()
+	per := (int64(after) - int64(before)) / n
+	t.Logf("%d one-byte connections: %d bytes of Go memory each", n, per)
+	if per > 2048 {
+		t.Fatalf("%d bytes per connection, want at most 2 KiB", per)
+	}
+}
+
+// goMemory is the Go heap and stacks in use after a collection.
+func goMemory() uint64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapAlloc + ms.StackInuse
+}
+
+// rawClients connects n raw sockets to addr, each sending one byte.
+func rawClients(t *testing.T, addr netip.AddrPort, n int) []int {
+	t.Helper()
+	sa := &unix.SockaddrInet4{Port: int(addr.Port()), Addr: addr.Addr().As4()}
+	fds := make([]int, 0, n)
+	for range n {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			closeAll(fds)
+			t.Fatal(err)
+		}
+		if err := unix.Connect(fd, sa); err != nil {
+			unix.Close(fd)
+			closeAll(fds)
+			t.Fatal(err)
+		}
+		unix.Write(fd, []byte("x"))
+		fds = append(fds, fd)
+	}
+	return fds
+}
+
+func closeAll(fds []int) {
+	for _, fd := range fds {
+		unix.Close(fd)
 	}
 }

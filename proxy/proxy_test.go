@@ -10,6 +10,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -23,7 +24,12 @@ import (
 	"github.com/rota-proxy/rota/proxy"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) {
+	if os.Getenv(bulkHelperEnv) != "" {
+		runBulkHelper()
+	}
+	goleak.VerifyTestMain(m)
+}
 
 // backend is a real TCP server on 127.0.0.1 running handler per connection.
 type backend struct {

@@ -60,14 +60,14 @@ type listener struct {
 	generation atomic.Uint64 // bumped on each watcher start, to drop stale pushes
 }
 
-func newListener(cfg config.Listener, logger *zap.Logger) *listener {
+func newListener(cfg config.Listener, engine *proxy.Engine, logger *zap.Logger) *listener {
 	log := logger.With(zap.String("listener", cfg.Name))
 	l := &listener{
 		log:     log,
 		cfg:     cfg,
 		targets: make(map[string]*balancer.Target),
 	}
-	l.proxy = &proxy.Proxy{Picker: &l.rr, Logger: log.Named("proxy")}
+	l.proxy = &proxy.Proxy{Picker: &l.rr, Logger: log.Named("proxy"), Engine: engine}
 	l.checker = health.New(healthConfig(cfg.Health), log.Named("health"), l.onLive)
 	l.proxy.ReportFailure = l.checker.ReportFailure
 	l.proxy.Configure(proxySettings(cfg))

@@ -24,7 +24,8 @@ import (
 // Server runs the listeners of one configuration. Create it with Start; stop
 // it with Shutdown. Its methods are safe for concurrent use.
 type Server struct {
-	log *zap.Logger
+	log    *zap.Logger
+	engine *proxy.Engine // the relay loops every listener's connections share
 
 	wg sync.WaitGroup // watcher goroutines and draining listeners
 
@@ -49,19 +50,21 @@ func Start(ctx context.Context, cfg *config.Config, logger *zap.Logger) (*Server
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{log: logger, cfg: cfg}
+	s := &Server{log: logger, cfg: cfg, engine: proxy.NewEngine(0, logger.Named("relay"))}
 	regs, err := openRegistries(ctx, cfg.Registries, nil, logger)
 	if err != nil {
+		s.engine.Close()
 		return nil, err
 	}
 	lns, err := bindAll(cfg.Listeners)
 	if err != nil {
 		regs.close()
+		s.engine.Close()
 		return nil, err
 	}
 	s.regs = regs
 	for i, lc := range cfg.Listeners {
-		l := newListener(lc, logger)
+		l := newListener(lc, s.engine, logger)
 		w, err := regs.watcher(lc, logger)
 		if err != nil {
 			for _, ln := range lns[i:] {
@@ -226,7 +229,7 @@ func (s *Server) Reload(ctx context.Context, cfg *config.Config) error {
 		keep[lc.Name] = true
 		l, ok := current[lc.Name]
 		if !ok {
-			l = newListener(lc, s.log)
+			l = newListener(lc, s.engine, s.log)
 			if w, ok := watchers[lc.Name]; ok {
 				l.startWatch(w, &s.wg)
 			}
@@ -313,6 +316,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	wg.Wait()
 	s.wg.Wait() // removed listeners still draining, watcher goroutines
+	s.engine.Close()
 	if regs != nil {
 		regs.close()
 	}

@@ -61,6 +61,13 @@ type Config struct {
 // closes as if the target had answered.
 const ReplayLimit = 16 << 10
 
+// ResetGrace is how long a target that closed cleanly after taking client
+// bytes is watched for the reset its kernel sends when those bytes arrived
+// after it closed unread (a process killed between accept and read), with
+// ReplayOnReset on. A reset means the bytes were never read: they go to the
+// next target. No reset: the close was the target's answer.
+const ResetGrace = 50 * time.Millisecond
+
 // maxPrelude bounds a PROXY header (v2 with TLVs; go-proxyproto's limit).
 const maxPrelude = 16 + 4096
 
@@ -119,9 +126,15 @@ const (
 	// Reset: close both sides, the client's abortively, so that it sees the
 	// reset the target sent.
 	Reset
+	// Linger: the target closed after taking client bytes it may not have
+	// read. Stop relaying; at Deadline, Expired says Settle.
+	Linger
+	// Settle: look whether the target reset (its pending socket error) and
+	// tell Settled.
+	Settle
 )
 
-var actionNames = [...]string{"continue", "read-prelude", "dial", "forward", "flush", "shut-target", "shut-client", "close", "refused", "reset"}
+var actionNames = [...]string{"continue", "read-prelude", "dial", "forward", "flush", "shut-target", "shut-client", "close", "refused", "reset", "linger", "settle"}
 
 func (a Action) String() string { return actionNames[a] }
 
@@ -163,8 +176,14 @@ type Conn struct {
 	// resetOnWrite: a write to the target found it reset. Linux reports a
 	// reset once, so the target's next read sees a plain EOF.
 	resetOnWrite bool
-	clientEOF    bool
-	closing      bool // the driver's proxy is shutting down: failures are not the target's
+	// spoke: a client byte reached the current target.
+	spoke bool
+	// lingering: the target closed after taking bytes; until lingerUntil
+	// it may still turn out to have reset.
+	lingering   bool
+	lingerUntil int64
+	clientEOF   bool
+	closing     bool // the driver's proxy is shutting down: failures are not the target's
 
 	start, last, dialBy int64 // clock readings, nanoseconds
 	// Err says why the connection closed, or why the last attempt failed.
@@ -317,7 +336,7 @@ func (c *Conn) next(now int64, lastErr error) Action {
 			c.state = Dialing
 			c.dialBy = now + int64(c.dialTimeout())
 			c.hdrSent, c.sent = 0, 0
-			c.resetOnWrite = false
+			c.resetOnWrite, c.spoke, c.lingering = false, false, false
 			return Dial
 		}
 	}
@@ -413,6 +432,7 @@ func (c *Conn) Wrote(n int) {
 	if n == 0 {
 		return
 	}
+	c.spoke = true
 	c.sent += n
 	if !c.keeping() {
 		// With replay off the first client byte to reach the target
@@ -464,6 +484,7 @@ func (c *Conn) FromClient(data []byte, now int64) Action {
 	}
 	if c.state == Open && !c.cfg.ReplayOnReset && len(c.Pending()) == 0 {
 		c.state = Committed
+		c.spoke = true
 		c.target.BytesOut.Add(uint64(n))
 		return Forward
 	}
@@ -511,11 +532,39 @@ func (c *Conn) FromTarget(n int, now int64) Action {
 }
 
 // TargetEOF reports the target's FIN. A clean close is an answer (the
-// target may have acted on the request), so the client gets it; but after
-// a write found the target reset, it is the reset Linux reported once.
+// target may have acted on the request), so the client gets it; but a
+// target that closed before any client byte reached it was asked nothing,
+// so the next one is tried, and with replay on, one that took bytes is
+// watched for a reset first (Linger). After a write found the target reset,
+// the FIN is that reset, which Linux reports once.
 func (c *Conn) TargetEOF(now int64) Action {
-	if c.state == Open && c.resetOnWrite {
-		return c.TargetReset(errors.New("EOF after a reset"), now)
+	if c.state == Open {
+		switch {
+		case c.resetOnWrite:
+			return c.TargetReset(errors.New("EOF after a reset"), now)
+		case !c.spoke:
+			return c.TargetReset(errors.New("closed before it was asked anything"), now)
+		case c.cfg.ReplayOnReset:
+			c.lingering = true
+			c.lingerUntil = now + int64(ResetGrace)
+			return Linger
+		}
+	}
+	c.commit()
+	return ShutClient
+}
+
+// Lingering reports whether c waits to learn whether its target reset.
+func (c *Conn) Lingering() bool { return c.lingering }
+
+// Settled ends a Linger: reset says the target's socket reported a reset.
+func (c *Conn) Settled(reset bool, now int64) Action {
+	if !c.lingering {
+		return Continue
+	}
+	c.lingering = false
+	if reset {
+		return c.TargetReset(errors.New("reset after its FIN"), now)
 	}
 	c.commit()
 	return ShutClient
@@ -536,6 +585,7 @@ func (c *Conn) WriteReset(err error) Action {
 // window the next target is dialled (the bytes held are sent to it);
 // after it, the client sees the reset.
 func (c *Conn) TargetReset(err error, now int64) Action {
+	c.lingering = false
 	if c.state != Open {
 		return c.reset(err)
 	}
@@ -560,6 +610,9 @@ func (c *Conn) Deadline() int64 {
 	case Dialing:
 		return c.dialBy
 	case Open, Committed:
+		if c.lingering {
+			return c.lingerUntil
+		}
 		if t := c.cfg.IdleTimeout; t > 0 {
 			return c.last + int64(t)
 		}
@@ -586,6 +639,9 @@ func (c *Conn) Expired(now int64) Action {
 		return c.headerError(fmt.Errorf("%w (%s, %v)", ErrPreludeLate, c.Src, c.preludeTimeout()))
 	case Dialing:
 		return c.DialFailed(fmt.Errorf("dial timeout after %v", c.dialTimeout()), now)
+	}
+	if c.lingering {
+		return Settle
 	}
 	return c.close(ErrIdle)
 }

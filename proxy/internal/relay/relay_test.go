@@ -230,9 +230,63 @@ func TestCleanCloseIsAnAnswer(t *testing.T) {
 	h.connect()
 	h.c.FromClient([]byte("req"), 1)
 	h.flush(-1)
-	h.want(h.c.TargetEOF(2), ShutClient)
+	h.want(h.c.TargetEOF(2), Linger)
+	h.want(h.c.Settled(false, 3), ShutClient)
 	if !h.c.Committed() || len(h.reports) != 0 {
 		t.Fatalf("state %v, reports %v", h.c.State(), h.reports)
+	}
+}
+
+// A target that closes before any client byte reached it was asked
+// nothing: the next one is tried, replay or not.
+func TestCloseBeforeAnyClientByteTriesNext(t *testing.T) {
+	for _, replay := range []bool{false, true} {
+		h := newHarness(t, Config{Retries: 1, ReplayOnReset: replay}, 2)
+		h.connect()
+		h.want(h.c.TargetEOF(1), Dial)
+		h.want(h.c.Dialed(2), Flush)
+		h.want(h.c.FromClient([]byte("req"), 3), map[bool]Action{false: Forward, true: Flush}[replay])
+		if len(h.reports) != 1 {
+			t.Fatalf("replay=%v: reports %v", replay, h.reports)
+		}
+	}
+}
+
+// With replay on, a target that closed after taking bytes is watched for
+// the reset that says it never read them.
+func TestCloseAfterBytesLingersForAReset(t *testing.T) {
+	h := newHarness(t, Config{Retries: 1, ReplayOnReset: true}, 2)
+	h.connect()
+	h.c.FromClient([]byte("req"), 1)
+	h.flush(-1)
+	h.want(h.c.TargetEOF(2), Linger)
+	if d := h.c.Deadline(); d != 2+int64(ResetGrace) {
+		t.Fatalf("deadline %v", d)
+	}
+	h.want(h.c.Expired(1+int64(ResetGrace)), Continue)
+	h.want(h.c.Expired(2+int64(ResetGrace)), Settle)
+	h.want(h.c.Settled(true, 3), Dial)
+	h.want(h.c.Dialed(4), Flush)
+	if got := h.flush(-1); string(got) != "req" {
+		t.Fatalf("replayed %q", got)
+	}
+	h.c.FromClient([]byte("!"), 5)
+	h.flush(-1)
+	h.want(h.c.TargetEOF(6), Linger)
+	h.want(h.c.Settled(false, 7), ShutClient)
+	if !h.c.Committed() {
+		t.Fatal("a close without a reset is an answer")
+	}
+}
+
+// With replay off, a clean close after the request is the answer at once.
+func TestCleanCloseIsAnAnswerWithoutReplay(t *testing.T) {
+	h := newHarness(t, Config{Retries: 1}, 2)
+	h.connect()
+	h.want(h.c.FromClient([]byte("req"), 1), Forward)
+	h.want(h.c.TargetEOF(2), ShutClient)
+	if len(h.reports) != 0 {
+		t.Fatalf("reports %v", h.reports)
 	}
 }
 

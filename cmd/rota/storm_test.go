@@ -1,0 +1,117 @@
+package main
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// SIGTERM while clients connect as fast as they can (with a live target,
+// and with none) ends `rota serve` with exit 0 within drain_timeout plus a
+// second, every time.
+func TestSIGTERMUnderConnectStorm(t *testing.T) {
+	be, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer be.Close()
+	go func() {
+		for {
+			c, err := be.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				c.Write([]byte("hi"))
+				c.Close()
+			}()
+		}
+	}()
+	dead, _ := net.Listen("tcp", "127.0.0.1:0")
+	deadAddr := dead.Addr().String()
+	dead.Close()
+
+	const drain = time.Second
+	dir := t.TempDir()
+	for trial := range 20 {
+		target := be.Addr().String()
+		if trial%2 == 1 {
+			target = deadAddr // nothing to reach: every client is refused
+		}
+		listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+		file := filepath.Join(dir, fmt.Sprintf("rota-%d.yaml", trial))
+		os.WriteFile(file, []byte(fmt.Sprintf(`admin: {listen: ""}
+listeners:
+  - name: web
+    listen: %s
+    discovery: static
+    static: [%s]
+    health: {check: none}
+    drain_timeout: %v
+`, listen, target, drain)), 0o600)
+		var stderr syncBuffer
+		cmd := exec.Command(rotaBin, "serve", "--config", file, "--log-format", "json")
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		waitUntil(t, "rota listening", func() bool {
+			c, err := net.Dial("tcp", listen)
+			if err == nil {
+				c.Close()
+			}
+			return err == nil
+		})
+
+		stop := make(chan struct{})
+		var storm sync.WaitGroup
+		var attempts atomic.Int64
+		for range 8 {
+			storm.Go(func() {
+				for i := 0; i < 100_000; i++ {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					c, err := net.DialTimeout("tcp", listen, time.Second)
+					attempts.Add(1)
+					if err == nil {
+						c.Write([]byte("x"))
+						c.Close()
+					}
+				}
+			})
+		}
+		waitUntil(t, "the storm under way", func() bool { return attempts.Load() > 300 })
+		began := time.Now()
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case err := <-done:
+			took := time.Since(began)
+			close(stop)
+			storm.Wait()
+			if err != nil {
+				t.Fatalf("trial %d: exit after SIGTERM: %v\n%s", trial, err, stderr.String())
+			}
+			if took > drain+time.Second {
+				t.Fatalf("trial %d: exit %v after SIGTERM, want within drain_timeout (%v) + 1s", trial, took, drain)
+			}
+		case <-time.After(drain + time.Second):
+			close(stop)
+			storm.Wait()
+			cmd.Process.Signal(syscall.SIGQUIT) // its goroutine dump shows where it hung
+			<-done
+			t.Fatalf("trial %d: still running %v after SIGTERM under a connect storm\n%s", trial, drain+time.Second, stderr.String())
+		}
+	}
+}

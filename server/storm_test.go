@@ -1,0 +1,98 @@
+package server_test
+
+import (
+	"context"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/server"
+)
+
+// A reload that removes a listener while clients storm it drains that
+// listener within its drain_timeout plus a second, every time, and leaves
+// the other listener serving.
+func TestReloadRemovingBusyListenerEnds(t *testing.T) {
+	b1 := startBackend(t, "b1")
+	const drain = 500 * time.Millisecond
+	for trial := range 20 {
+		keep := fastListener("keep", b1.addr)
+		busy := fastListener("busy", b1.addr)
+		busy.DrainTimeout = drain
+		if trial%2 == 1 {
+			busy.Static = []string{"127.0.0.1:1"} // nothing to reach
+		}
+		cfg := config.Default()
+		cfg.Admin.Listen = ""
+		cfg.Listeners = []config.Listener{keep, busy}
+		srv, err := server.Start(context.Background(), cfg, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		busyAddr := proxyAddr(t, srv, "busy")
+		stop := make(chan struct{})
+		var storm sync.WaitGroup
+		var attempts atomic.Int64
+		for range 8 {
+			storm.Go(func() {
+				for i := 0; i < 100_000; i++ {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					c, err := net.DialTimeout("tcp", busyAddr, time.Second)
+					attempts.Add(1)
+					if err == nil {
+						c.Write([]byte("hello\n"))
+						c.Close()
+					}
+				}
+			})
+		}
+		waitFor(t, "the storm under way", 10*time.Second, func() bool { return attempts.Load() > 300 })
+
+		next := config.Default()
+		next.Admin.Listen = ""
+		next.Listeners = []config.Listener{keep}
+		began := time.Now()
+		if err := srv.Reload(context.Background(), next); err != nil {
+			t.Fatal(err)
+		}
+		// Shutdown waits for the removed listener's drain too.
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		shut := make(chan error, 1)
+		go func() {
+			if _, err := request(proxyAddr(t, srv, "keep")); err != nil {
+				shut <- err
+				return
+			}
+			shut <- srv.Shutdown(ctx)
+		}()
+		waited := false
+		select {
+		case err := <-shut:
+			waited = true
+			if took := time.Since(began); took > drain+time.Second {
+				t.Errorf("trial %d: the removed listener drained after %v, want within %v + 1s", trial, took, drain)
+			}
+			if err != nil {
+				t.Errorf("trial %d: %v", trial, err)
+			}
+		case <-time.After(drain + time.Second):
+			t.Errorf("trial %d: a reload removing a busy listener did not end within %v", trial, drain+time.Second)
+		}
+		close(stop)
+		storm.Wait()
+		if !waited {
+			<-shut
+		}
+		cancel()
+		if t.Failed() {
+			return
+		}
+	}
+}
