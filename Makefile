@@ -40,7 +40,7 @@ demo: deps
 bench: build
 	bench/setup.sh
 	$(GO) build -o bin/benchrun ./bench/run
-	bin/benchrun -rota bin/rota $(if $(QUICK),-quick)
+	bin/benchrun -rota bin/rota $(if $(QUICK),-quick) $(if $(BASELINE),-baseline $(BASELINE))
 	$(GO) build -o bin/convergence ./bench/convergence
 	{ bin/convergence $(if $(QUICK),-changes 50) && \
 	  bin/convergence -registry consul -goal 250ms $(if $(QUICK),-changes 50); } \

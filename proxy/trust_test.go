@@ -382,3 +382,26 @@ func testShutdownUnderConnectStorm(t *testing.T) {
 		}
 	}
 }
+
+// Clients that connect and close without a word (load balancers' checks,
+// port scanners) make the target close in answer: that is no failure of the
+// target's, which stays in rotation.
+func TestSilentClientsDoNotFailTheTarget(t *testing.T) {
+	bothRelays(t, testSilentClientsDoNotFailTheTarget)
+}
+
+func testSilentClientsDoNotFailTheTarget(t *testing.T) {
+	be := startBackend(t, func(c net.Conn) { io.Copy(io.Discard, c) }) // closes at EOF
+	s := startProxy(t, proxy.Settings{}, be.addr())
+	for range 50 {
+		c := dial(t, s.addr)
+		c.CloseWrite()
+		if _, err := io.ReadAll(c); err != nil {
+			t.Fatalf("silent client: %v", err)
+		}
+		c.Close()
+	}
+	if r := s.reported(); len(r) != 0 || s.p.Stats.DialErrors.Load() != 0 {
+		t.Fatalf("the target was reported failing %d times", len(r))
+	}
+}

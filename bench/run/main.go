@@ -22,7 +22,8 @@ import (
 	"time"
 )
 
-var proxies = []string{"direct", "rota", "haproxy", "nginx"}
+// proxyKinds are the proxies measured; a baseline rota goes after rota.
+var proxyKinds = []string{"direct", "rota", "haproxy", "nginx"}
 
 type options struct {
 	quick    bool
@@ -33,6 +34,8 @@ type options struct {
 	conc     []int
 	targets  []int
 	rotaBin  string
+	baseline string   // an earlier rota binary, measured beside rota
+	proxies  []string // what is measured, in order
 	out      string
 	tmp      string
 	backends *backendSet
@@ -50,8 +53,13 @@ func main() {
 	var o options
 	flag.BoolVar(&o.quick, "quick", false, "short run (under two minutes)")
 	flag.StringVar(&o.rotaBin, "rota", "bin/rota", "rota binary")
+	flag.StringVar(&o.baseline, "baseline", "", "an earlier rota binary to measure beside rota (before/after a change)")
 	flag.StringVar(&o.out, "out", "bench/results", "directory for the report and chart")
 	flag.Parse()
+	o.proxies = proxyKinds
+	if o.baseline != "" {
+		o.proxies = []string{"direct", "rota", "baseline", "haproxy", "nginx"}
+	}
 	raiseNoFile()
 	if o.quick {
 		o.reps, o.dur, o.idle = 1, 2*time.Second, 2000
@@ -117,13 +125,13 @@ func run(o *options) error {
 	for _, th := range o.threads {
 		for rep := range o.reps {
 			// Interleave: each repetition starts with a different proxy.
-			order := slices.Clone(proxies)
+			order := slices.Clone(o.proxies)
 			for i := 0; i < rep%len(order); i++ {
 				order = append(order[1:], order[0])
 			}
 			for _, px := range order {
 				logf("pass %d thread(s), rep %d: %s", th, rep+1, px)
-				p, err := startProxy(px, th, three, o.rotaBin, tmp, true)
+				p, err := startProxy(px, th, three, o, true)
 				if err != nil {
 					return err
 				}
@@ -152,7 +160,7 @@ func run(o *options) error {
 				if px != "direct" && rep == 0 {
 					// A fresh process: memory pooled by the load runs
 					// would otherwise absorb the idle connections' growth.
-					ip, err := startProxy(px, th, three, o.rotaBin, tmp, true)
+					ip, err := startProxy(px, th, three, o, true)
 					if err != nil {
 						return err
 					}
@@ -164,7 +172,7 @@ func run(o *options) error {
 					ip.stop()
 				}
 
-				bp, err := startProxy(px, th, []string{iperfAddr}, o.rotaBin, tmp, false)
+				bp, err := startProxy(px, th, []string{iperfAddr}, o, false)
 				if err != nil {
 					return err
 				}
@@ -179,9 +187,9 @@ func run(o *options) error {
 	}
 	// Scaling, one thread each: concurrency, then number of targets.
 	for _, c := range o.conc {
-		for _, px := range proxies {
+		for _, px := range o.proxies {
 			logf("concurrency %d: %s", c, px)
-			p, err := startProxy(px, 1, three, o.rotaBin, tmp, true)
+			p, err := startProxy(px, 1, three, o, true)
 			if err != nil {
 				return err
 			}
@@ -194,9 +202,9 @@ func run(o *options) error {
 		}
 	}
 	for _, n := range o.targets {
-		for _, px := range proxies[1:] {
+		for _, px := range o.proxies[1:] {
 			logf("targets %d: %s", n, px)
-			p, err := startProxy(px, 1, bs.addrs[:n], o.rotaBin, tmp, true)
+			p, err := startProxy(px, 1, bs.addrs[:n], o, true)
 			if err != nil {
 				return err
 			}

@@ -111,7 +111,8 @@ func startCmd(p *proc, name string, args []string, env []string) error {
 
 // startProxy starts kind in front of targets with the given thread count.
 // http says whether the targets speak HTTP (readiness is then a GET).
-func startProxy(kind string, threads int, targets []string, rotaBin, tmp string, http bool) (*proc, error) {
+func startProxy(kind string, threads int, targets []string, o *options, http bool) (*proc, error) {
+	tmp := o.tmp
 	if kind == "direct" {
 		return &proc{name: kind, addr: targets[0], pidFn: func() []int { return nil }}, nil
 	}
@@ -122,9 +123,13 @@ func startProxy(kind string, threads int, targets []string, rotaBin, tmp string,
 	var err error
 	adminAddr := ""
 	switch kind {
-	case "rota":
+	case "rota", "baseline":
+		bin := o.rotaBin
+		if kind == "baseline" {
+			bin = o.baseline
+		}
 		adminAddr = fmt.Sprintf("127.0.0.1:%d", freePort())
-		err = startCmd(p, rotaBin, []string{"serve", "--listen", p.addr, "--backend", strings.Join(targets, ","),
+		err = startCmd(p, bin, []string{"serve", "--listen", p.addr, "--backend", strings.Join(targets, ","),
 			"--admin", adminAddr, "--log-format", "json", "--log-level", "error", "--health-interval", "2s"},
 			[]string{fmt.Sprintf("GOMAXPROCS=%d", threads)})
 		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }

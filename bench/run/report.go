@@ -16,6 +16,8 @@ import (
 	"golang.org/x/image/math/fixed"
 )
 
+var proxyTitle = map[string]string{"direct": "direct", "rota": "rota", "baseline": "rota (baseline)", "haproxy": "HAProxy", "nginx": "nginx"}
+
 type metric struct {
 	key, label, unit string
 	lowerBetter      bool
@@ -71,31 +73,55 @@ func renderReport(o *options, res results, took time.Duration) string {
 	b.WriteString("<!--chart-->\n")
 	for _, th := range o.threads {
 		fmt.Fprintf(&b, "## %d thread(s) each (GOMAXPROCS=%d, nbthread %d, worker_processes %d)\n\n", th, th, th, th)
-		b.WriteString("| metric | direct | rota | HAProxy | nginx | rota/HAProxy | rota/nginx | rota/direct |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
+		b.WriteString("| metric |")
+		for _, px := range o.proxies {
+			fmt.Fprintf(&b, " %s |", proxyTitle[px])
+		}
+		b.WriteString(" rota/HAProxy | rota/nginx | rota/direct |")
+		if o.baseline != "" {
+			b.WriteString(" rota/baseline |")
+		}
+		b.WriteString("\n|---|" + strings.Repeat("---:|", len(o.proxies)+3))
+		if o.baseline != "" {
+			b.WriteString("---:|")
+		}
+		b.WriteString("\n")
 		for _, m := range metrics {
 			fmt.Fprintf(&b, "| %s (%s) |", m.label, m.unit)
-			for _, px := range proxies {
+			for _, px := range o.proxies {
 				fmt.Fprintf(&b, " %s |", cell(res, key(th, m.key, px), m.format))
 			}
-			fmt.Fprintf(&b, " %s | %s | %s |\n",
+			fmt.Fprintf(&b, " %s | %s | %s |",
 				ratioCell(res, key(th, m.key, "rota"), key(th, m.key, "haproxy"), m.lowerBetter),
 				ratioCell(res, key(th, m.key, "rota"), key(th, m.key, "nginx"), m.lowerBetter),
 				ratioCell(res, key(th, m.key, "rota"), key(th, m.key, "direct"), m.lowerBetter))
+			if o.baseline != "" {
+				fmt.Fprintf(&b, " %s |", ratioCell(res, key(th, m.key, "rota"), key(th, m.key, "baseline"), m.lowerBetter))
+			}
+			b.WriteString("\n")
 		}
 		b.WriteString("\n")
 	}
-	b.WriteString("## Concurrency (keep-alive req/s, 1 thread each)\n\n| connections | direct | rota | HAProxy | nginx | rota/HAProxy |\n|---:|---:|---:|---:|---:|---:|\n")
+	b.WriteString("## Concurrency (keep-alive req/s, 1 thread each)\n\n| connections |")
+	for _, px := range o.proxies {
+		fmt.Fprintf(&b, " %s |", proxyTitle[px])
+	}
+	b.WriteString(" rota/HAProxy |\n|---:|" + strings.Repeat("---:|", len(o.proxies)+1) + "\n")
 	for _, c := range o.conc {
 		fmt.Fprintf(&b, "| %d |", c)
-		for _, px := range proxies {
+		for _, px := range o.proxies {
 			fmt.Fprintf(&b, " %s |", cell(res, key("conc", c, px), "%.0f"))
 		}
 		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key("conc", c, "rota"), key("conc", c, "haproxy"), false))
 	}
-	b.WriteString("\n## Targets (new connection per request, req/s, 1 thread each)\n\nEach request is a new connection, so each is a pick; the rate should not fall as targets grow.\n\n| targets | rota | HAProxy | nginx | rota/HAProxy |\n|---:|---:|---:|---:|---:|\n")
+	b.WriteString("\n## Targets (new connection per request, req/s, 1 thread each)\n\nEach request is a new connection, so each is a pick; the rate should not fall as targets grow.\n\n| targets |")
+	for _, px := range o.proxies[1:] {
+		fmt.Fprintf(&b, " %s |", proxyTitle[px])
+	}
+	b.WriteString(" rota/HAProxy |\n|---:|" + strings.Repeat("---:|", len(o.proxies)) + "\n")
 	for _, n := range o.targets {
 		fmt.Fprintf(&b, "| %d |", n)
-		for _, px := range proxies[1:] {
+		for _, px := range o.proxies[1:] {
 			fmt.Fprintf(&b, " %s |", cell(res, key("targets", n, px), "%.0f"))
 		}
 		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key("targets", n, "rota"), key("targets", n, "haproxy"), false))

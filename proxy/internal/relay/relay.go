@@ -542,7 +542,8 @@ func (c *Conn) TargetEOF(now int64) Action {
 		switch {
 		case c.resetOnWrite:
 			return c.TargetReset(errors.New("EOF after a reset"), now)
-		case !c.spoke:
+		case !c.spoke && !c.clientEOF:
+			// (After the client's FIN, closing is the target's answer.)
 			return c.TargetReset(errors.New("closed before it was asked anything"), now)
 		case c.cfg.ReplayOnReset:
 			c.lingering = true

@@ -252,6 +252,18 @@ func TestCloseBeforeAnyClientByteTriesNext(t *testing.T) {
 	}
 }
 
+// A client that connects and closes without a word: the target's close in
+// answer to the FIN is no failure.
+func TestCloseAfterTheClientsFINIsAnAnswer(t *testing.T) {
+	h := newHarness(t, Config{Retries: 1}, 2)
+	h.connect()
+	h.want(h.c.ClientEOF(), ShutTarget)
+	h.want(h.c.TargetEOF(1), ShutClient)
+	if len(h.reports) != 0 || h.stats.DialErrors.Load() != 0 {
+		t.Fatalf("reported %v", h.reports)
+	}
+}
+
 // With replay on, a target that closed after taking bytes is watched for
 // the reset that says it never read them.
 func TestCloseAfterBytesLingersForAReset(t *testing.T) {
