@@ -98,6 +98,7 @@ func TestMetricsFollowTargets(t *testing.T) {
 		`rota_discovery_last_sync_timestamp_seconds{listener="web"}`,
 		`rota_panic_mode{listener="web"} 0`,
 		`rota_proxy_protocol_errors_total{listener="web"} 0`,
+		`rota_relay_panics_total{listener="web"} 0`,
 		`rota_build_info{version="test"} 1`,
 		`go_goroutines`,
 		`process_resident_memory_bytes`,

@@ -20,7 +20,7 @@ type collector struct {
 	up, checks, targetConns, targetActive                      *prometheus.Desc
 	targetBytes                                                *prometheus.Desc
 	updates, errors, lastSync, synced, panicMode, targets      *prometheus.Desc
-	headerErrors                                               *prometheus.Desc
+	headerErrors, relayPanics                                  *prometheus.Desc
 }
 
 func newCollector(state State) *collector {
@@ -50,6 +50,7 @@ func newCollector(state State) *collector {
 		panicMode:    d("rota_panic_mode", "1 while the listener routes over all discovered targets because none passes its checks.", l),
 		headerErrors: d("rota_proxy_protocol_errors_total", "Clients closed for a missing, malformed, late or untrusted PROXY protocol header.", l),
 		targets:      d("rota_targets", "Discovered targets by health state.", []string{"listener", "state"}),
+		relayPanics:  d("rota_relay_panics_total", "Connections closed because relaying them panicked (the stack is logged); other connections carry on.", l),
 	}
 }
 
@@ -80,6 +81,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.synced, b2f(l.Synced), n)
 		gauge(c.panicMode, b2f(l.Panic), n)
 		counter(c.headerErrors, float64(l.ProxyHeaderErrors), n)
+		counter(c.relayPanics, float64(l.RelayPanics), n)
 		states := map[string]int{"checking": 0, "up": 0, "down": 0}
 		for _, t := range l.Targets {
 			a := t.Addr

@@ -33,6 +33,8 @@ type ListenerStatus struct {
 	// ProxyHeaderErrors counts clients closed for a bad or untrusted PROXY
 	// protocol header.
 	ProxyHeaderErrors uint64
+	// RelayPanics counts connections closed because relaying them panicked.
+	RelayPanics uint64
 
 	Targets []TargetStatus // sorted by address
 }
@@ -106,5 +108,6 @@ func (l *listener) status() ListenerStatus {
 	st.BytesIn = ps.BytesIn.Load()
 	st.BytesOut = ps.BytesOut.Load()
 	st.ProxyHeaderErrors = ps.HeaderErrors.Load()
+	st.RelayPanics = ps.Panics.Load()
 	return st
 }
