@@ -85,25 +85,34 @@ type ListenerJSON struct {
 	Discovery string       `json:"discovery"`
 	Targets   []TargetJSON `json:"targets"`
 
-	Addr             string     `json:"addr"`
-	Synced           bool       `json:"synced"`
-	LastSync         *time.Time `json:"last_sync"`
-	DiscoveryOK      bool       `json:"discovery_ok"`
-	DiscoveryError   string     `json:"discovery_error"`
-	DiscoveryUpdates uint64     `json:"discovery_updates"`
-	DiscoveryErrors  uint64     `json:"discovery_errors"`
-	Panic            bool       `json:"panic"`
-	ActiveConns      int64      `json:"active_conns"`
-	TotalConns       uint64     `json:"total_conns"`
-	Rejected         uint64     `json:"rejected_conns"`
-	NoTarget         uint64     `json:"no_target_conns"`
-	DialErrors       uint64     `json:"dial_errors"`
+	Addr              string        `json:"addr"`
+	Synced            bool          `json:"synced"`
+	LastSync          *time.Time    `json:"last_sync"`
+	DiscoveryOK       bool          `json:"discovery_ok"`
+	DiscoveryStale    bool          `json:"discovery_stale"`
+	DiscoveryError    string        `json:"discovery_error"`
+	DiscoveryWarnings []WarningJSON `json:"discovery_warnings"`
+	DiscoveryUpdates  uint64        `json:"discovery_updates"`
+	DiscoveryErrors   uint64        `json:"discovery_errors"`
+	Panic             bool          `json:"panic"`
+	ActiveConns       int64         `json:"active_conns"`
+	TotalConns        uint64        `json:"total_conns"`
+	Rejected          uint64        `json:"rejected_conns"`
+	NoTarget          uint64        `json:"no_target_conns"`
+	DialErrors        uint64        `json:"dial_errors"`
+}
+
+// WarningJSON is a registry entry skipped as malformed.
+type WarningJSON struct {
+	Key    string `json:"key"`
+	Reason string `json:"reason"`
 }
 
 // TargetJSON is one target in ListenerJSON.
 type TargetJSON struct {
 	Addr                 string     `json:"addr"`
 	State                string     `json:"state"`
+	Weight               int        `json:"weight"`
 	ConsecutiveSuccesses int        `json:"consecutive_successes"`
 	ConsecutiveFailures  int        `json:"consecutive_failures"`
 	LastCheck            *time.Time `json:"last_check"`
@@ -126,14 +135,18 @@ func Targets(ls []server.ListenerStatus) TargetsResponse {
 			Name: l.Name, Listen: l.Listen, Service: l.Service, Discovery: l.Discovery,
 			Targets: make([]TargetJSON, 0, len(l.Targets)),
 			Addr:    l.Addr, Synced: l.Synced, LastSync: timePtr(l.LastSync),
-			DiscoveryOK: l.DiscoveryOK, DiscoveryError: l.LastError,
-			DiscoveryUpdates: l.DiscoveryUpdates, DiscoveryErrors: l.DiscoveryErrors,
+			DiscoveryOK: l.DiscoveryOK, DiscoveryStale: l.DiscoveryStale, DiscoveryError: l.LastError,
+			DiscoveryWarnings: make([]WarningJSON, 0, len(l.Warnings)),
+			DiscoveryUpdates:  l.DiscoveryUpdates, DiscoveryErrors: l.DiscoveryErrors,
 			Panic: l.Panic, ActiveConns: l.Active, TotalConns: l.Accepted,
 			Rejected: l.Rejected, NoTarget: l.NoTarget, DialErrors: l.DialErrors,
 		}
+		for _, w := range l.Warnings {
+			lj.DiscoveryWarnings = append(lj.DiscoveryWarnings, WarningJSON{Key: w.Key, Reason: w.Reason})
+		}
 		for _, t := range l.Targets {
 			lj.Targets = append(lj.Targets, TargetJSON{
-				Addr: t.Addr, State: t.State.String(),
+				Addr: t.Addr, State: t.State.String(), Weight: max(t.Weight, 1),
 				ConsecutiveSuccesses: t.ConsecutiveSuccesses, ConsecutiveFailures: t.ConsecutiveFailures,
 				LastCheck: timePtr(t.LastCheck), LastError: t.LastError,
 				ActiveConns: t.Active, TotalConns: t.Total,

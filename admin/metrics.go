@@ -20,7 +20,7 @@ type collector struct {
 	up, checks, targetConns, targetActive                      *prometheus.Desc
 	targetBytes                                                *prometheus.Desc
 	updates, errors, lastSync, synced, panicMode, targets      *prometheus.Desc
-	headerErrors, relayPanics                                  *prometheus.Desc
+	headerErrors, relayPanics, malformed, stale                *prometheus.Desc
 }
 
 func newCollector(state State) *collector {
@@ -50,6 +50,8 @@ func newCollector(state State) *collector {
 		panicMode:    d("rota_panic_mode", "1 while the listener routes over all discovered targets because none passes its checks.", l),
 		headerErrors: d("rota_proxy_protocol_errors_total", "Clients closed for a missing, malformed, late or untrusted PROXY protocol header.", l),
 		targets:      d("rota_targets", "Discovered targets by health state.", []string{"listener", "state"}),
+		malformed:    d("rota_discovery_malformed_total", "Registry entries skipped as malformed (each counted once; listed in /api/v1/targets until fixed or deleted).", l),
+		stale:        d("rota_discovery_stale", "1 while the listener's watch has stopped hearing from its registry (and is moving to another member).", l),
 		relayPanics:  d("rota_relay_panics_total", "Connections closed because relaying them panicked (the stack is logged); other connections carry on.", l),
 	}
 }
@@ -79,6 +81,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			gauge(c.lastSync, float64(l.LastSync.UnixNano())/1e9, n)
 		}
 		gauge(c.synced, b2f(l.Synced), n)
+		counter(c.malformed, float64(l.DiscoveryMalformed), n)
+		gauge(c.stale, b2f(l.DiscoveryStale), n)
 		gauge(c.panicMode, b2f(l.Panic), n)
 		counter(c.headerErrors, float64(l.ProxyHeaderErrors), n)
 		counter(c.relayPanics, float64(l.RelayPanics), n)

@@ -72,8 +72,13 @@ type Admin struct {
 // Registries holds the service registries listeners can discover from. A nil
 // registry is not configured; a listener that uses it is an error.
 type Registries struct {
-	Consul *Consul `yaml:"consul"`
-	Etcd   *Etcd   `yaml:"etcd"`
+	// EmptyHold is how long a zero-instance answer right after a registry
+	// outage, restart or resync is held before it empties a pool (it may be
+	// a registry that lost its data); 0 disables the hold. Default 5s. A
+	// deregistration seen on a healthy watch applies at once.
+	EmptyHold time.Duration `yaml:"empty_hold"`
+	Consul    *Consul       `yaml:"consul"`
+	Etcd      *Etcd         `yaml:"etcd"`
 }
 
 // Consul is a Consul agent. Empty fields fall back to consul/api's own
@@ -90,8 +95,9 @@ type Etcd struct {
 	// Endpoints are host:port or http(s)://host:port. Required unless
 	// Embedded is set; see ClientEndpoints.
 	Endpoints []string `yaml:"endpoints"`
-	// Prefix starts and ends with "/"; instance keys are
-	// <prefix><service>/<host:port>. Default "/services/".
+	// Prefix ends with "/" (a leading "/" is optional); instance keys are
+	// <prefix><service>/<id>. Default "services/", where gRPC's etcd
+	// resolver looks for etcd:///services/<service>.
 	Prefix       string    `yaml:"prefix"`
 	Username     string    `yaml:"username"`
 	PasswordFile string    `yaml:"password_file"`
@@ -162,7 +168,8 @@ type Health struct {
 // and tests can name them.
 const (
 	DefaultAdminListen        = "127.0.0.1:9090"
-	DefaultEtcdPrefix         = "/services/"
+	DefaultEtcdPrefix         = "services/"
+	DefaultEmptyHold          = 5 * time.Second
 	DefaultEmbeddedDataDir    = "./rota-data"
 	DefaultEmbeddedClientURL  = "http://127.0.0.1:2379"
 	DefaultCheck              = "tcp"
@@ -182,7 +189,7 @@ const (
 // Default returns a config with the admin defaults and no registries or
 // listeners. It does not pass Validate until a listener is added.
 func Default() *Config {
-	return &Config{Admin: Admin{Listen: DefaultAdminListen}}
+	return &Config{Admin: Admin{Listen: DefaultAdminListen}, Registries: Registries{EmptyHold: DefaultEmptyHold}}
 }
 
 // DefaultListener returns a listener with every default filled in; Name,

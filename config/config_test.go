@@ -137,7 +137,7 @@ func TestParseErrors(t *testing.T) {
 		{"etcd not configured", "listeners:\n  - listen: :1\n    discovery: etcd\n    service: web\n",
 			[]string{"rota.yaml:3:16: listeners[0].discovery: etcd needs registries.etcd, which is not configured"}},
 		{"consul not configured", "listeners:\n  - {listen: ':1', discovery: consul, service: web}\n",
-			[]string{"rota.yaml:2:31: listeners[0].discovery: consul needs registries.consul, which is not configured"}},
+			[]string{"rota.yaml:2:31: listeners[0].discovery: consul needs registries.consul (or CONSUL_HTTP_ADDR in the environment), which is not configured"}},
 		{"service missing", "registries: {etcd: {endpoints: [e:2379]}}\nlisteners:\n  - listen: :1\n    discovery: etcd\n",
 			[]string{"rota.yaml:3:5: listeners[0].service: required with discovery: etcd"}},
 		{"etcd service with slash", "registries: {etcd: {endpoints: [e:2379]}}\nlisteners:\n  - {listen: ':1', discovery: etcd, service: a/b}\n",
@@ -162,8 +162,12 @@ func TestParseErrors(t *testing.T) {
 			[]string{`rota.yaml:2:21: registries.consul.address: must be a URL like "http://127.0.0.1:2379"; got "ftp://c:1" (scheme must be http or https)`}},
 		{"etcd without endpoints", "registries:\n  etcd: {prefix: /s/}\n" + static,
 			[]string{"rota.yaml:2:9: registries.etcd.endpoints: at least one endpoint is required (or configure embedded)"}},
-		{"etcd prefix", "registries:\n  etcd: {endpoints: [e:1], prefix: services/}\n" + static,
-			[]string{`rota.yaml:2:36: registries.etcd.prefix: must start and end with "/", like "/services/"; got "services/"`}},
+		{"etcd prefix", "registries:\n  etcd: {endpoints: [e:1], prefix: services}\n" + static,
+			[]string{`rota.yaml:2:36: registries.etcd.prefix: must end with "/" and name something, like "services/" or "/services/"; got "services"`}},
+		{"etcd prefix only slashes", "registries:\n  etcd: {endpoints: [e:1], prefix: /}\n" + static,
+			[]string{`rota.yaml:2:36: registries.etcd.prefix: must end with "/" and name something, like "services/" or "/services/"; got "/"`}},
+		{"negative empty hold", "registries:\n  empty_hold: -1s\n" + static,
+			[]string{"rota.yaml:2:15: registries.empty_hold: must not be negative (0 disables it)"}},
 		{"etcd tls half", "registries:\n  etcd:\n    endpoints: [e:1]\n    tls: {key_file: k.pem}\n" + static,
 			[]string{"rota.yaml:4:10: registries.etcd.tls.cert_file: required when key_file is set"}},
 		{"etcd password without user", "registries:\n  etcd:\n    endpoints: [e:1]\n    password_file: /p\n" + static,
@@ -274,7 +278,8 @@ func designConfig(file string) *Config {
 	return &Config{
 		Admin: Admin{Listen: "127.0.0.1:9090"},
 		Registries: Registries{
-			Consul: &Consul{Address: "127.0.0.1:8500"},
+			EmptyHold: DefaultEmptyHold,
+			Consul:    &Consul{Address: "127.0.0.1:8500"},
 			Etcd: &Etcd{
 				Endpoints: []string{"127.0.0.1:2379"},
 				Prefix:    "/services/",
@@ -437,7 +442,7 @@ func TestEmbeddedEndpoints(t *testing.T) {
 			continue
 		}
 		e := cfg.Registries.Etcd
-		if !reflect.DeepEqual(e.Endpoints, []string{tt.want}) || e.Prefix != "/services/" || e.Embedded.DataDir != "./rota-data" {
+		if !reflect.DeepEqual(e.Endpoints, []string{tt.want}) || e.Prefix != DefaultEtcdPrefix || e.Embedded.DataDir != "./rota-data" {
 			t.Errorf("embedded %s: etcd = %+v, embedded = %+v; want endpoints [%s]", tt.embedded, e, e.Embedded, tt.want)
 		}
 	}

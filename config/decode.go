@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"reflect"
 	"strconv"
 	"strings"
@@ -518,6 +519,16 @@ func (d *decoder) applyDefaults(cfg *Config) {
 	}
 	if e := cfg.Registries.Etcd; e != nil && e.Embedded != nil && len(e.Endpoints) == 0 {
 		e.Endpoints = e.ClientEndpoints()
+	}
+	// consul/api reads CONSUL_HTTP_ADDR (and the rest of CONSUL_*) itself:
+	// with it set, a listener needs no registries.consul section.
+	if cfg.Registries.Consul == nil && os.Getenv("CONSUL_HTTP_ADDR") != "" {
+		for _, l := range cfg.Listeners {
+			if l.Discovery == "consul" {
+				cfg.Registries.Consul = &Consul{}
+				break
+			}
+		}
 	}
 }
 

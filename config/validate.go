@@ -33,6 +33,9 @@ func (c *Config) problems() []*Error {
 	if e := c.Registries.Etcd; e != nil {
 		ck.etcd(e)
 	}
+	if c.Registries.EmptyHold < 0 {
+		ck.add("registries.empty_hold", "must not be negative (0 disables it)")
+	}
 	if len(c.Listeners) == 0 {
 		ck.add("listeners", "no listeners defined")
 	}
@@ -53,8 +56,8 @@ func (ck *checker) etcd(e *Etcd) {
 			ck.add(fmt.Sprintf("%s.endpoints[%d]", p, i), "%v", err)
 		}
 	}
-	if !strings.HasPrefix(e.Prefix, "/") || !strings.HasSuffix(e.Prefix, "/") {
-		ck.add(p+".prefix", `must start and end with "/", like %q; got %q`, DefaultEtcdPrefix, e.Prefix)
+	if !strings.HasSuffix(e.Prefix, "/") || strings.Trim(e.Prefix, "/") == "" {
+		ck.add(p+".prefix", `must end with "/" and name something, like %q or "/services/"; got %q`, DefaultEtcdPrefix, e.Prefix)
 	}
 	if e.PasswordFile != "" && e.Username == "" {
 		ck.add(p+".username", "required when password_file is set")
@@ -110,7 +113,11 @@ func (ck *checker) listener(c *Config, i int, names map[string]int) {
 		if l.Discovery == "etcd" {
 			configured = c.Registries.Etcd != nil
 		}
-		if !configured {
+		switch {
+		case configured:
+		case l.Discovery == "consul":
+			ck.add(p+".discovery", "consul needs registries.consul (or CONSUL_HTTP_ADDR in the environment), which is not configured")
+		default:
 			ck.add(p+".discovery", "%s needs registries.%s, which is not configured", l.Discovery, l.Discovery)
 		}
 		if l.Service == "" {

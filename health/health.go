@@ -1,21 +1,27 @@
 // Package health decides which discovered targets are live.
 //
-// A Checker owns one goroutine per target address. A new target is probed at
-// once and becomes live on its first success. A live target goes down after
+// A Checker probes every target from one scheduler (a heap of jittered
+// deadlines, probes in short-lived goroutines, at most maxInflight at once).
+// A new target is probed at once and becomes live on its first success. A live target goes down after
 // Fall consecutive failed probes, or at once when the proxy reports a failed
 // dial; a down target is re-probed on exponential backoff with jitter (from
 // Interval up to BackoffMax, forever) and comes back after Rise consecutive
 // successes. State is kept by address, so re-announcing a target (discovery
-// churn, config reloads) keeps what the checker knows about it.
+// churn, config reloads) keeps what the checker knows about it. With
+// check: none a target is trusted as the registry reports it: live at once,
+// down only after a failed dial, and then back after a successful
+// (trivial) probe on backoff.
 package health
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -114,36 +120,46 @@ type Status struct {
 	NextCheckIn          time.Duration
 }
 
-// Checker tracks the health of a changing set of targets. Create it with New;
-// Close stops every goroutine it started.
+// maxInflight bounds the probes running at once: 10,000 targets probed every
+// 2 s are 5,000 probes a second, each a few milliseconds at most.
+const maxInflight = 512
+
+// Checker tracks the health of a changing set of targets. One scheduler
+// goroutine keeps every target's next probe in a heap of deadlines (spread
+// by jitter) and starts each probe in a short-lived goroutine when it is
+// due, at most maxInflight at once: an idle target costs a heap entry, not a
+// goroutine and a timer. Create it with New; Close stops everything it
+// started.
 type Checker struct {
 	logger   *zap.Logger
-	onChange func(live []string)
+	onChange func(addr string, up bool)
 	client   *http.Client
 
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	wake   chan struct{} // buffered(1): the heap's head or the in-flight count changed
 
-	// pubMu serialises onChange so a stale live set never overtakes a newer one.
-	pubMu sync.Mutex
-
-	mu      sync.Mutex
-	cfg     Config
-	targets map[string]*target
-	closed  bool
+	mu       sync.Mutex
+	cfg      Config
+	targets  map[string]*target
+	due      targetHeap // targets waiting for their next probe
+	inflight int
+	closed   bool
+	rand     *rand.Rand
 
 	// observe, when set (by tests), sees every probe result and the delay
 	// chosen before the next probe.
 	observe func(addr string, err error, next time.Duration)
 }
 
-// target is the state of one address. Fields below mu in Checker are guarded
-// by Checker.mu; the rise/fall counters sit next to the state they decide.
+// target is the state of one address, guarded by Checker.mu; the rise/fall
+// counters sit next to the state they decide.
 type target struct {
-	addr   string
-	cancel context.CancelFunc
-	wake   chan struct{} // buffered(1): reschedule the next probe now
+	addr    string
+	idx     int  // position in Checker.due + 1; 0 while probing or removed
+	probing bool // a probe is running
+	removed bool // no longer discovered: a probe in flight is discarded
 
 	state     State
 	succ      int
@@ -158,18 +174,19 @@ type target struct {
 	nextAt    time.Time
 }
 
-// New returns a Checker with no targets. onChange is called with the sorted
-// addresses of the live targets whenever that set changes; calls never
-// overlap. logger may be nil.
-func New(cfg Config, logger *zap.Logger, onChange func(live []string)) *Checker {
+// New returns a Checker with no targets. onChange is told of every target
+// that turns up or stops being up (goes down, or is removed while up). It
+// is called with the checker's lock held, in the order the changes happen,
+// so it must not block or call the checker. logger may be nil.
+func New(cfg Config, logger *zap.Logger, onChange func(addr string, up bool)) *Checker {
 	if logger == nil {
 		logger = zap.NewNop()
 	}
 	if onChange == nil {
-		onChange = func([]string) {}
+		onChange = func(string, bool) {}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Checker{
+	c := &Checker{
 		logger:   logger,
 		onChange: onChange,
 		client: &http.Client{
@@ -180,60 +197,72 @@ func New(cfg Config, logger *zap.Logger, onChange func(live []string)) *Checker 
 		},
 		ctx:     ctx,
 		cancel:  cancel,
+		wake:    make(chan struct{}, 1),
 		cfg:     cfg.withDefaults(),
 		targets: make(map[string]*target),
+		rand:    rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
 	}
+	c.wg.Go(c.schedule)
+	return c
 }
 
 // Update replaces the set of targets with addrs. Known addresses keep their
-// state; new ones start in Checking and are probed at once; missing ones stop
-// being probed and are forgotten.
+// state; new ones start in Checking and are probed at once (with
+// check: none, they are up at once); missing ones stop being probed and
+// are forgotten.
 func (c *Checker) Update(addrs []string) {
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	if c.closed {
-		c.mu.Unlock()
 		return
 	}
-	want := make(map[string]bool, len(addrs))
+	want := make(map[string]struct{}, len(addrs))
+	now := time.Now()
 	for _, a := range addrs {
-		want[a] = true
+		want[a] = struct{}{}
 		if _, ok := c.targets[a]; ok {
 			continue
 		}
-		ctx, cancel := context.WithCancel(c.ctx)
-		t := &target{addr: a, cancel: cancel, wake: make(chan struct{}, 1),
-			state: Checking, since: time.Now(), bo: c.newBackoff()}
+		t := &target{addr: a, state: Checking, since: now, bo: c.newBackoff(), nextAt: now}
 		c.targets[a] = t
-		c.wg.Go(func() { c.run(ctx, t) })
+		if c.cfg.Check == CheckNone {
+			// The registry's word is enough: no probe. (Not logged one by
+			// one: the pool logs what discovery changed.)
+			t.state, t.everUp = Up, true
+			c.onChange(a, true)
+			continue
+		}
+		c.due.push(t)
 	}
-	changed := false
 	for a, t := range c.targets {
-		if !want[a] {
-			t.cancel()
-			delete(c.targets, a)
-			changed = changed || t.state == Up
+		if _, ok := want[a]; ok {
+			continue
+		}
+		t.removed = true
+		if t.idx > 0 {
+			c.due.remove(t.idx - 1)
+		}
+		delete(c.targets, a)
+		if t.state == Up {
+			c.onChange(a, false)
 		}
 	}
-	c.mu.Unlock()
-	if changed {
-		c.publish()
-	}
+	c.poke()
 }
 
 // ReportFailure takes a live target down at once: the proxy could not dial
 // it. It is then re-probed on backoff like any down target. Unknown addresses
-// are ignored.
+// are ignored. It never blocks.
 func (c *Checker) ReportFailure(addr string, err error) {
 	if localFailure(err) {
 		return // this process is out of resources; the target may be fine
 	}
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	t, ok := c.targets[addr]
 	if !ok || c.closed {
-		c.mu.Unlock()
 		return
 	}
-	wasUp := t.state == Up
 	t.fail++
 	t.succ = 0
 	if err != nil {
@@ -244,14 +273,7 @@ func (c *Checker) ReportFailure(addr string, err error) {
 		t.bo.Reset()
 		t.next = c.backoffDelay(t)
 		t.nextAt = time.Now().Add(t.next)
-		select {
-		case t.wake <- struct{}{}:
-		default:
-		}
-	}
-	c.mu.Unlock()
-	if wasUp {
-		c.publish()
+		c.reschedule(t)
 	}
 }
 
@@ -259,21 +281,23 @@ func (c *Checker) ReportFailure(addr string, err error) {
 // states and counters. Zero fields take defaults.
 func (c *Checker) SetConfig(cfg Config) {
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	c.cfg = cfg.withDefaults()
+	soon := time.Now().Add(c.cfg.Interval)
 	for _, t := range c.targets {
 		c.tune(t.bo)
 		if t.state == Up && t.fail >= c.cfg.Fall {
 			t.fail = c.cfg.Fall - 1 // the next failure decides, not a stale count
 		}
-		if soon := time.Now().Add(c.cfg.Interval); t.nextAt.After(soon) {
+		if t.nextAt.After(soon) {
 			t.nextAt = soon
 		}
-		select {
-		case t.wake <- struct{}{}:
-		default:
+		if c.cfg.Check == CheckNone && t.state != Up && !t.probing {
+			t.nextAt = time.Now()
 		}
+		c.reschedule(t)
 	}
-	c.mu.Unlock()
+	c.poke()
 }
 
 // Config returns the configuration in force, defaults filled in.
@@ -289,36 +313,39 @@ func (c *Checker) Status() []Status {
 	out := make([]Status, 0, len(c.targets))
 	now := time.Now()
 	for _, t := range c.targets {
-		out = append(out, Status{
-			Addr: t.addr, State: t.state,
-			ConsecutiveSuccesses: t.succ, ConsecutiveFailures: t.fail,
-			LastCheck: t.lastCheck, LastError: t.lastErr, Since: t.since,
-			ChecksOK: t.ok, ChecksFailed: t.bad,
-			NextCheckIn: max(0, t.nextAt.Sub(now)),
-		})
+		out = append(out, t.status(now))
 	}
 	c.mu.Unlock()
-	slices.SortFunc(out, func(a, b Status) int {
-		switch {
-		case a.Addr < b.Addr:
-			return -1
-		case a.Addr > b.Addr:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(out, func(a, b Status) int { return strings.Compare(a.Addr, b.Addr) })
 	return out
+}
+
+func (t *target) status(now time.Time) Status {
+	return Status{
+		Addr: t.addr, State: t.state,
+		ConsecutiveSuccesses: t.succ, ConsecutiveFailures: t.fail,
+		LastCheck: t.lastCheck, LastError: t.lastErr, Since: t.since,
+		ChecksOK: t.ok, ChecksFailed: t.bad,
+		NextCheckIn: max(0, t.nextAt.Sub(now)),
+	}
 }
 
 // Live returns the sorted addresses of the live targets.
 func (c *Checker) Live() []string {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.liveLocked()
+	live := make([]string, 0, len(c.targets))
+	for a, t := range c.targets {
+		if t.state == Up {
+			live = append(live, a)
+		}
+	}
+	c.mu.Unlock()
+	slices.Sort(live)
+	return live
 }
 
-// Close stops every probe goroutine and waits for them. Updates after Close
-// are ignored.
+// Close stops the scheduler and every probe, and waits for them. Updates
+// after Close are ignored.
 func (c *Checker) Close() {
 	c.mu.Lock()
 	c.closed = true
@@ -328,69 +355,96 @@ func (c *Checker) Close() {
 	c.client.CloseIdleConnections()
 }
 
-func (c *Checker) liveLocked() []string {
-	live := make([]string, 0, len(c.targets))
-	for a, t := range c.targets {
-		if t.state == Up {
-			live = append(live, a)
-		}
+// poke wakes the scheduler. It never blocks.
+func (c *Checker) poke() {
+	select {
+	case c.wake <- struct{}{}:
+	default:
 	}
-	slices.Sort(live)
-	return live
 }
 
-func (c *Checker) publish() {
-	c.pubMu.Lock()
-	defer c.pubMu.Unlock()
-	c.onChange(c.Live())
+// reschedule puts t back in the heap at its nextAt, unless a probe of it
+// is running (whose result schedules it). Caller holds c.mu.
+func (c *Checker) reschedule(t *target) {
+	switch {
+	case t.probing || t.removed:
+	case t.idx > 0:
+		c.due.fix(t.idx - 1)
+	default:
+		c.due.push(t)
+	}
+	c.poke()
 }
 
-// run is the probe loop of one target; it exits when ctx is done.
-func (c *Checker) run(ctx context.Context, t *target) {
-	timer := time.NewTimer(0) // a new target is probed at once
+// schedule is the scheduler goroutine: it starts the probes that are due
+// and sleeps until the next one is.
+func (c *Checker) schedule() {
+	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
+		c.mu.Lock()
+		now := time.Now()
+		for c.due.len() > 0 && c.inflight < maxInflight && !c.due.top().nextAt.After(now) {
+			t := c.due.pop()
+			t.probing = true
+			c.inflight++
+			cfg := c.cfg
+			c.wg.Go(func() { c.probeOnce(t, cfg) })
+		}
+		wait := time.Hour
+		if c.due.len() > 0 && c.inflight < maxInflight {
+			wait = c.due.top().nextAt.Sub(now)
+		}
+		c.mu.Unlock()
+		timer.Reset(wait)
 		select {
-		case <-ctx.Done():
+		case <-c.ctx.Done():
 			return
-		case <-t.wake:
-			c.mu.Lock()
-			d := time.Until(t.nextAt)
-			c.mu.Unlock()
-			timer.Reset(max(d, 0))
-			continue
+		case <-c.wake:
 		case <-timer.C:
 		}
-		cfg := c.Config()
-		err := c.probe(ctx, cfg, t.addr)
-		if ctx.Err() != nil {
-			return // removed or closed mid-probe: the result means nothing
-		}
-		if localFailure(err) {
-			// Out of descriptors or memory here says nothing about the
-			// target; taking every target down would make it worse.
-			timer.Reset(cfg.Interval)
-			continue
-		}
-		next, changed := c.record(t, err)
-		if c.observe != nil {
-			c.observe(t.addr, err, next)
-		}
-		if changed {
-			c.publish()
-		}
-		timer.Reset(next)
 	}
+}
+
+// probeOnce probes t and records the result.
+func (c *Checker) probeOnce(t *target, cfg Config) {
+	err := c.probe(c.ctx, cfg, t.addr)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.inflight--
+	t.probing = false
+	c.poke()
+	if c.ctx.Err() != nil || t.removed {
+		return // removed or closed mid-probe: the result means nothing
+	}
+	if localFailure(err) {
+		// Out of descriptors or memory here says nothing about the
+		// target; taking every target down would make it worse.
+		t.nextAt = time.Now().Add(c.jitter(cfg.Interval))
+		c.due.push(t)
+		return
+	}
+	next := c.record(t, err)
+	if c.observe != nil {
+		c.observe(t.addr, err, next)
+	}
+	if cfg.Check == CheckNone && t.state == Up {
+		return // trusted: no routine probes
+	}
+	c.due.push(t)
+}
+
+// jitter spreads d by up to ±10%, so that targets discovered together are
+// not probed together for ever after.
+func (c *Checker) jitter(d time.Duration) time.Duration {
+	return d + time.Duration((c.rand.Float64()*0.2-0.1)*float64(d))
 }
 
 // record applies one probe result and returns the delay before the next
-// probe and whether the live set changed.
-func (c *Checker) record(t *target, err error) (time.Duration, bool) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+// probe. Caller holds c.mu.
+func (c *Checker) record(t *target, err error) time.Duration {
 	cfg := c.cfg
 	t.lastCheck = time.Now()
-	changed := false
 	if err == nil {
 		t.ok++
 		t.succ++
@@ -403,9 +457,8 @@ func (c *Checker) record(t *target, err error) (time.Duration, bool) {
 			// it was most likely still starting when first probed.
 			c.setState(t, Up, "")
 			t.bo.Reset()
-			changed = true
 		}
-		t.next = cfg.Interval
+		t.next = c.jitter(cfg.Interval)
 	} else {
 		t.bad++
 		t.fail++
@@ -414,18 +467,17 @@ func (c *Checker) record(t *target, err error) (time.Duration, bool) {
 		switch {
 		case t.state == Checking,
 			t.state == Up && t.fail >= cfg.Fall:
-			changed = t.state == Up
 			c.setState(t, Down, t.lastErr)
 			t.bo.Reset()
 			t.next = c.backoffDelay(t)
 		case t.state == Down:
 			t.next = c.backoffDelay(t)
 		default: // up, fewer than Fall failures: keep the normal pace
-			t.next = cfg.Interval
+			t.next = c.jitter(cfg.Interval)
 		}
 	}
 	t.nextAt = t.lastCheck.Add(t.next)
-	return t.next, changed
+	return t.next
 }
 
 // setState moves t to s and logs the change. Caller holds c.mu.
@@ -440,10 +492,14 @@ func (c *Checker) setState(t *target, s State, reason string) {
 		t.everUp = true
 		c.logger.Info("target up", zap.String("target", t.addr), zap.Stringer("from", from),
 			zap.Int("consecutive_successes", t.succ))
+		c.onChange(t.addr, true)
 		return
 	}
 	c.logger.Warn("target down", zap.String("target", t.addr), zap.Stringer("from", from),
 		zap.Int("consecutive_failures", t.fail), zap.String("reason", reason))
+	if from == Up {
+		c.onChange(t.addr, false)
+	}
 }
 
 func (c *Checker) newBackoff() *backoff.ExponentialBackOff {

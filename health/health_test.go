@@ -23,16 +23,30 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-// liveLog records every live set the checker publishes.
+// liveLog follows the checker's changes: the live set after each.
 type liveLog struct {
 	mu   sync.Mutex
+	live map[string]bool
 	sets [][]string
 }
 
-func (l *liveLog) push(s []string) {
+func (l *liveLog) push(addr string, up bool) {
 	l.mu.Lock()
-	l.sets = append(l.sets, s)
-	l.mu.Unlock()
+	defer l.mu.Unlock()
+	if l.live == nil {
+		l.live = map[string]bool{}
+	}
+	if up {
+		l.live[addr] = true
+	} else {
+		delete(l.live, addr)
+	}
+	set := make([]string, 0, len(l.live))
+	for a := range l.live {
+		set = append(set, a)
+	}
+	slices.Sort(set)
+	l.sets = append(l.sets, set)
 }
 
 func (l *liveLog) last() []string {

@@ -53,7 +53,9 @@ func testStreamsNeverCross(t *testing.T) {
 		}
 		fmt.Fprintf(c, "%08x", id)
 	})
-	s := startProxy(t, proxy.Settings{ReplayOnReset: true, IdleTimeout: time.Minute}, be.addr())
+	// A generous dial timeout: under -race on a loaded machine a dial can
+	// take seconds, and a dial given up is not what this test is about.
+	s := startProxy(t, proxy.Settings{ReplayOnReset: true, IdleTimeout: time.Minute, DialTimeout: time.Minute}, be.addr())
 	var wg sync.WaitGroup
 	var failed atomic.Int64
 	var firstErr atomic.Pointer[error]
@@ -94,10 +96,12 @@ func testStreamsNeverCross(t *testing.T) {
 	close(ids)
 	wg.Wait()
 	if n := crossed.Load(); n != 0 {
-		t.Fatalf("%d target connections received bytes that were not exactly their client's", n)
+		t.Fatalf("%d target connections received bytes that were not exactly their client's (dial errors %d, refused %d)",
+			n, s.p.Stats.DialErrors.Load(), s.p.Stats.NoTarget.Load())
 	}
 	if n := failed.Load(); n != 0 {
-		t.Fatalf("%d of %d clients failed; first: %v", n, clients, *firstErr.Load())
+		t.Fatalf("%d of %d clients failed; first: %v (dial errors %d, refused %d)",
+			n, clients, *firstErr.Load(), s.p.Stats.DialErrors.Load(), s.p.Stats.NoTarget.Load())
 	}
 }
 

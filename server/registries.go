@@ -22,6 +22,7 @@ type registries struct {
 	cfg      config.Registries
 	embedded *embedetcd.Server
 	etcd     *clientv3.Client
+	steer    *etcd.Steering // keeps etcd off members its watches found stale
 	consul   *consulRegistry
 }
 
@@ -72,6 +73,7 @@ func openRegistries(ctx context.Context, cfg config.Registries, prev *registries
 			return nil, fmt.Errorf("registries.etcd: %w", err)
 		}
 		r.etcd = c
+		r.steer = etcd.NewSteering(c, logger.Named("etcd-client"))
 	} else if prev != nil && prev.embedded != nil {
 		return nil, errors.New("registries.etcd.embedded cannot be removed on reload; restart rota to apply it")
 	}
@@ -104,7 +106,12 @@ func (r *registries) watcher(lc config.Listener, logger *zap.Logger) (discovery.
 		if r.etcd == nil {
 			return nil, errors.New("discovery etcd needs registries.etcd")
 		}
-		return etcd.NewWatcher(r.etcd, r.cfg.Etcd.Prefix, lc.Service, log)
+		w, err := etcd.NewWatcher(r.etcd, r.cfg.Etcd.Prefix, lc.Service, log)
+		if err != nil {
+			return nil, err
+		}
+		w.Steer = r.steer
+		return w, nil
 	case "consul":
 		if r.consul == nil {
 			return nil, errors.New("discovery consul needs registries.consul")
@@ -120,6 +127,7 @@ func (r *registries) closeUnshared(other *registries) {
 		return
 	}
 	if r.etcd != nil && (other == nil || other.etcd != r.etcd) {
+		r.steer.Close()
 		r.etcd.Close()
 	}
 	if r.consul != nil && (other == nil || other.consul != r.consul) {

@@ -64,7 +64,7 @@ func Start(ctx context.Context, cfg *config.Config, logger *zap.Logger) (*Server
 	}
 	s.regs = regs
 	for i, lc := range cfg.Listeners {
-		l := newListener(lc, s.engine, logger)
+		l := newListener(lc, cfg.Registries, s.engine, logger)
 		w, err := regs.watcher(lc, logger)
 		if err != nil {
 			for _, ln := range lns[i:] {
@@ -139,7 +139,7 @@ func (s *Server) Ready() bool {
 		return false
 	}
 	for _, l := range s.listeners {
-		if !l.synced.Load() {
+		if !l.pool.Discovery().Synced {
 			return false
 		}
 	}
@@ -229,7 +229,7 @@ func (s *Server) Reload(ctx context.Context, cfg *config.Config) error {
 		keep[lc.Name] = true
 		l, ok := current[lc.Name]
 		if !ok {
-			l = newListener(lc, s.engine, s.log)
+			l = newListener(lc, cfg.Registries, s.engine, s.log)
 			if w, ok := watchers[lc.Name]; ok {
 				l.startWatch(w, &s.wg)
 			}
@@ -239,7 +239,7 @@ func (s *Server) Reload(ctx context.Context, cfg *config.Config) error {
 			continue
 		}
 		prev := l.config()
-		l.apply(lc)
+		l.apply(lc, cfg.Registries)
 		if ln, ok := newSockets[lc.Name]; ok {
 			l.rebind(ln)
 			s.log.Info("listener moved", zap.String("listener", lc.Name),

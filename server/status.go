@@ -3,6 +3,7 @@ package server
 import (
 	"time"
 
+	"github.com/rota-proxy/rota/discovery"
 	"github.com/rota-proxy/rota/health"
 )
 
@@ -15,13 +16,16 @@ type ListenerStatus struct {
 	Service   string
 	Discovery string
 
-	Synced           bool      // the first discovery sync happened
-	LastSync         time.Time // of the last snapshot; zero before the first
-	LastError        string    // latest registry error, kept after recovery
-	DiscoveryOK      bool      // no registry error since the last snapshot
-	DiscoveryUpdates uint64
-	DiscoveryErrors  uint64
-	Panic            bool // routing over all discovered targets (panic mode)
+	Synced             bool      // the first discovery sync happened
+	LastSync           time.Time // of the last answer from the registry; zero before the first
+	LastError          string    // the current registry error; cleared when discovery recovers
+	DiscoveryOK        bool      // no registry error since the last answer
+	DiscoveryStale     bool      // the watch stopped hearing from its registry
+	DiscoveryUpdates   uint64
+	DiscoveryErrors    uint64
+	DiscoveryMalformed uint64              // registry entries skipped as malformed, once each
+	Warnings           []discovery.Warning // the malformed entries now in the registry
+	Panic              bool                // routing over all discovered targets (panic mode)
 
 	Accepted   uint64
 	Rejected   uint64
@@ -42,6 +46,7 @@ type ListenerStatus struct {
 // TargetStatus is one discovered target: its health and its connections.
 type TargetStatus struct {
 	health.Status
+	Weight     int // from the registry; 0: none given (1)
 	Active     int64
 	Total      uint64
 	DialErrors uint64
@@ -62,24 +67,37 @@ func (s *Server) Status() []ListenerStatus {
 }
 
 func (l *listener) status() ListenerStatus {
-	hs := l.checker.Status()
-	l.mu.Lock()
-	cfg := l.cfg
+	cfg := l.config()
+	v := l.pool.View()
+	d := l.pool.Discovery()
 	st := ListenerStatus{
 		Name: cfg.Name, Listen: cfg.Listen, Service: cfg.Service, Discovery: cfg.Discovery,
-		Panic: l.panicking,
+		Panic: v.Panic, Warnings: v.Warnings,
+		Synced: d.Synced, LastSync: d.LastSync, LastError: d.LastError, DiscoveryOK: d.OK,
+		DiscoveryStale: d.Stale, DiscoveryUpdates: d.Updates, DiscoveryErrors: d.Errors,
+		DiscoveryMalformed: d.Malformed,
 	}
+	l.mu.Lock()
 	if l.ln != nil {
 		st.Addr = l.ln.Addr().String()
 	}
-	st.Targets = make([]TargetStatus, 0, len(hs))
-	for _, h := range hs {
-		t, ok := l.targets[h.Addr]
-		if !ok {
-			continue // removed between the two reads
+	l.mu.Unlock()
+	hs := l.pool.Health()
+	st.Targets = make([]TargetStatus, 0, len(v.Targets))
+	i := 0
+	for _, tv := range v.Targets {
+		// Both are sorted by address; health may lag the view by a beat.
+		for i < len(hs) && hs[i].Addr < tv.Addr {
+			i++
 		}
+		h := health.Status{Addr: tv.Addr}
+		if i < len(hs) && hs[i].Addr == tv.Addr {
+			h = hs[i]
+		}
+		t := tv.Target
 		st.Targets = append(st.Targets, TargetStatus{
 			Status:     h,
+			Weight:     tv.Instance.Weight,
 			Active:     t.Active.Load(),
 			Total:      t.Total.Load(),
 			DialErrors: t.DialErrors.Load(),
@@ -87,18 +105,6 @@ func (l *listener) status() ListenerStatus {
 			BytesOut:   t.BytesOut.Load(),
 		})
 	}
-	l.mu.Unlock()
-
-	st.Synced = l.synced.Load()
-	if ns := l.lastSync.Load(); ns != 0 {
-		st.LastSync = time.Unix(0, ns)
-	}
-	if e := l.lastErr.Load(); e != nil {
-		st.LastError = *e
-	}
-	st.DiscoveryOK = !l.inError.Load()
-	st.DiscoveryUpdates = l.updates.Load()
-	st.DiscoveryErrors = l.errors.Load()
 	ps := &l.proxy.Stats
 	st.Accepted = ps.Accepted.Load()
 	st.Rejected = ps.Rejected.Load()

@@ -200,7 +200,7 @@ func (m *measurement) waitBase(ctx context.Context) error {
 		want[b.Name()] = true
 	}
 	// Probing before the base set is live would only log "no live target".
-	for len(m.rt.rr.Live()) < m.o.base {
+	for m.rt.live() < m.o.base {
 		if ctx.Err() != nil {
 			return fmt.Errorf("base backends never all live: %w", ctx.Err())
 		}

@@ -4,34 +4,29 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"slices"
 	"sync"
 	"time"
 
 	"go.uber.org/zap"
 
-	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/discovery"
 	"github.com/rota-proxy/rota/health"
+	"github.com/rota-proxy/rota/pool"
 	"github.com/rota-proxy/rota/proxy"
 )
 
-// router is one rota listener assembled by hand, as the contract's data
-// flow has it: discovery.Watcher -> health.Checker -> balancer.RoundRobin
-// -> proxy.Proxy, with the proxy's failed dials reported to the checker.
-// It records when each stage saw each set, so that the report can split
-// the convergence time.
+// router is one rota listener assembled as the server assembles it:
+// discovery.Watcher -> pool.Pool (health checking, picker) -> proxy.Proxy,
+// with the proxy's failed dials reported to the pool. It records when each
+// stage saw each set, so that the report can split the convergence time.
 type router struct {
-	addr    string
-	checker *health.Checker
-	rr      balancer.RoundRobin
-	proxy   *proxy.Proxy
+	addr  string
+	pool  *pool.Pool
+	proxy *proxy.Proxy
 
-	mu      sync.Mutex
-	targets map[string]*balancer.Target // by address; kept while discovered
-	snaps   []event                     // what the watcher delivered
-	lives   []event                     // what the balancer was given
+	mu    sync.Mutex
+	snaps []event // what the watcher delivered
+	lives []event // what the picker was given
 
 	cancel    context.CancelFunc
 	watchDone chan error
@@ -45,66 +40,49 @@ type event struct {
 }
 
 func startRouter(w discovery.Watcher, hc health.Config, log *zap.Logger) (*router, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := proxy.Listen("127.0.0.1:0")
 	if err != nil {
 		return nil, fmt.Errorf("proxy listener: %w", err)
 	}
 	r := &router{
 		addr:      ln.Addr().String(),
-		targets:   map[string]*balancer.Target{},
 		watchDone: make(chan error, 1),
 		serveDone: make(chan error, 1),
 	}
-	r.checker = health.New(hc, log.Named("health"), r.setLive)
-	r.proxy = &proxy.Proxy{Picker: &r.rr, ReportFailure: r.checker.ReportFailure, Logger: log.Named("proxy")}
+	r.pool = pool.New(pool.Config{Health: hc, EmptyHold: 5 * time.Second, Published: r.published}, log)
+	r.proxy = &proxy.Proxy{Picker: r.pool, ReportFailure: r.pool.ReportFailure, Logger: log.Named("proxy")}
 	r.proxy.Configure(proxy.Settings{DialTimeout: 2 * time.Second, Retries: 2})
 
 	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel = cancel
 	go func() { r.serveDone <- r.proxy.Serve(ln) }()
+	sink := r.pool.NewSink()
 	go func() {
 		r.watchDone <- w.Watch(ctx, discovery.SinkFuncs{
-			OnUpdate: r.setDiscovered,
-			OnError:  func(err error) { log.Warn("discovery error", zap.Error(err)) },
+			OnUpdate: func(s discovery.Snapshot) {
+				r.mu.Lock()
+				r.snaps = append(r.snaps, event{time.Now(), s.Addrs()})
+				r.mu.Unlock()
+				sink.Update(s)
+			},
+			OnSynced: sink.Synced,
+			OnError: func(err error) {
+				log.Warn("discovery error", zap.Error(err))
+				sink.Error(err)
+			},
 		})
 	}()
 	return r, nil
 }
 
-// setDiscovered is the watcher's sink: the checker gets the new set.
-func (r *router) setDiscovered(s discovery.Snapshot) {
-	addrs := s.Addrs()
-	now := time.Now()
+// published records what the picker was given.
+func (r *router) published(v *pool.View) {
+	addrs := make([]string, len(v.Live))
+	for i, t := range v.Live {
+		addrs[i] = t.Addr
+	}
 	r.mu.Lock()
-	r.snaps = append(r.snaps, event{now, addrs})
-	for a := range r.targets {
-		if !slices.Contains(addrs, a) {
-			delete(r.targets, a)
-		}
-	}
-	for _, a := range addrs {
-		if r.targets[a] == nil {
-			r.targets[a] = balancer.NewTarget(a)
-		}
-	}
-	r.mu.Unlock()
-	r.checker.Update(addrs)
-}
-
-// setLive is the checker's onChange: the balancer gets the live targets.
-func (r *router) setLive(live []string) {
-	r.mu.Lock()
-	ts := make([]*balancer.Target, 0, len(live))
-	for _, a := range live {
-		t := r.targets[a]
-		if t == nil {
-			t = balancer.NewTarget(a)
-			r.targets[a] = t
-		}
-		ts = append(ts, t)
-	}
-	r.rr.Update(ts)
-	r.lives = append(r.lives, event{time.Now(), live})
+	r.lives = append(r.lives, event{time.Now(), addrs})
 	r.mu.Unlock()
 }
 
@@ -123,7 +101,7 @@ func (r *router) firstSince(log *[]event, since time.Time, cond func([]string) b
 
 // balancerHas reports whether the current live set holds addr.
 func (r *router) balancerHas(addr string) bool {
-	for _, t := range r.rr.Live() {
+	for _, t := range r.pool.View().Live {
 		if t.Addr == addr {
 			return true
 		}
@@ -131,7 +109,10 @@ func (r *router) balancerHas(addr string) bool {
 	return false
 }
 
-// close stops the watcher, the proxy and the checker, in that order.
+// live is the number of targets the picker offers.
+func (r *router) live() int { return len(r.pool.View().Live) }
+
+// close stops the watcher, the proxy and the pool, in that order.
 func (r *router) close() error {
 	r.cancel()
 	werr := <-r.watchDone
@@ -142,6 +123,6 @@ func (r *router) close() error {
 	if errors.Is(serr, proxy.ErrClosed) {
 		serr = nil
 	}
-	r.checker.Close()
+	r.pool.Close()
 	return errors.Join(werr, perr, serr)
 }

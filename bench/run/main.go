@@ -191,7 +191,8 @@ func run(o *options) error {
 			logf("concurrency %d: %s", c, px)
 			p, err := startProxy(px, 1, three, o, true)
 			if err != nil {
-				return err
+				logf("  %v", err) // one missing cell, not a lost run
+				continue
 			}
 			if m, err := wrk(p.addr, c, o.dur, false); err == nil {
 				res.add(key("conc", c, px), m.rps)
@@ -206,7 +207,8 @@ func run(o *options) error {
 			logf("targets %d: %s", n, px)
 			p, err := startProxy(px, 1, bs.addrs[:n], o, true)
 			if err != nil {
-				return err
+				logf("  %v", err) // one missing cell, not a lost run
+				continue
 			}
 			if m, err := wrk(p.addr, 64, o.dur, true); err == nil {
 				res.add(key("targets", n, px), m.rps)

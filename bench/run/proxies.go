@@ -188,7 +188,9 @@ func childPIDs(pid int) []int {
 }
 
 func waitReady(p *proc, adminAddr string, isHTTP bool, targets int) error {
-	deadline := time.Now().Add(30 * time.Second)
+	// A target whose first probes failed (1,000 targets probed at once
+	// after minutes of load) is re-probed on backoff: allow for it.
+	deadline := time.Now().Add(30*time.Second + time.Duration(targets)*60*time.Millisecond)
 	hc := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 	for time.Now().Before(deadline) {
 		select {

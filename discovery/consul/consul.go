@@ -15,12 +15,12 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/cenkalti/backoff/v4"
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-cleanhttp"
 	"go.uber.org/zap"
 
 	"github.com/rota-proxy/rota/discovery"
+	"github.com/rota-proxy/rota/internal/retry"
 )
 
 // Defaults of a Watcher.
@@ -145,14 +145,11 @@ func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 	if minBetween <= 0 {
 		minBetween = DefaultMinBetween
 	}
-	bo := backoff.NewExponentialBackOff()
-	bo.InitialInterval = 100 * time.Millisecond
-	bo.MaxInterval = w.BackoffMax
-	if bo.MaxInterval <= 0 {
-		bo.MaxInterval = DefaultBackoffMax
+	boMax := w.BackoffMax
+	if boMax <= 0 {
+		boMax = DefaultBackoffMax
 	}
-	bo.MaxElapsedTime = 0 // never give up
-	bo.Reset()
+	bo := retry.New(100*time.Millisecond, boMax)
 
 	var (
 		index   uint64
@@ -164,7 +161,7 @@ func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 	for {
 		// Rate limit: successive queries at least minBetween apart.
 		if d := minBetween - time.Since(lastAt); d > 0 {
-			if !sleep(ctx, d) {
+			if !retry.Sleep(ctx, d) {
 				return nil
 			}
 		}
@@ -187,20 +184,26 @@ func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 			// at our index would then hang for the whole wait time. Start
 			// over with a non-blocking query.
 			index = 0
-			if !sleep(ctx, bo.NextBackOff()) {
+			if !retry.Sleep(ctx, bo.Next()) {
 				return nil
 			}
 			continue
 		}
 		bo.Reset()
+		// The first answer after an error, or from an agent whose index
+		// went backwards (restarted, restored), is a resync: an empty one
+		// may be an agent that lost its data.
+		snap.Resync = !synced || failing || newIndex < index
 		if failing {
 			w.log.Info("consul reachable again")
 			failing = false
 		}
 		index = nextIndex(index, newIndex)
-		if !synced || !snap.Equal(last) {
+		if snap.Resync || !snap.Equal(last) {
 			synced, last = true, snap
 			sink.Update(snap)
+		} else {
+			sink.Synced()
 		}
 	}
 }
@@ -229,35 +232,53 @@ func (w *Watcher) query(ctx context.Context, index uint64, wait time.Duration) (
 	w.queries.Add(1)
 	entries, meta, err := w.client.Health().ServiceMultipleTags(w.service, w.tags, true, q)
 	if err != nil {
-		return discovery.Snapshot{}, 0, fmt.Errorf("consul: health of %q: %w", w.service, scrub(err, ""))
+		return discovery.Snapshot{}, 0, discovery.TruncateError(fmt.Errorf("consul: health of %q: %w", w.service, scrub(err, "")))
 	}
 	if meta.ResultsFilteredByACLs {
 		// Some instances were hidden from this token: routing over the rest
 		// would silently shrink the pool, so keep the last good set.
 		return discovery.Snapshot{}, 0, fmt.Errorf("consul: health of %q: results filtered by ACLs (the token lacks service:read or node:read)", w.service)
 	}
-	addrs := make([]string, 0, len(entries))
+	ins := make([]discovery.Instance, 0, len(entries))
+	var warns []discovery.Warning
 	for _, e := range entries {
-		if a := instanceAddr(e); a != "" {
-			addrs = append(addrs, a)
+		in, err := instance(e)
+		if err != nil {
+			id := ""
+			if e != nil && e.Service != nil {
+				id = e.Service.ID
+			}
+			warns = append(warns, discovery.Warning{Key: discovery.Truncate(id), Reason: discovery.Truncate(err.Error())})
+			continue
 		}
+		ins = append(ins, in)
 	}
-	return discovery.NewSnapshot(addrs...), meta.LastIndex, nil
+	return discovery.Snapshot{Instances: discovery.SortInstances(ins), Warnings: discovery.SortWarnings(warns)}, meta.LastIndex, nil
 }
 
-// instanceAddr is Service.Address, else Node.Address, with Service.Port.
-func instanceAddr(e *api.ServiceEntry) string {
-	if e == nil || e.Service == nil || e.Service.Port <= 0 {
-		return ""
+// instance is an entry's address (Service.Address, else Node.Address, with
+// Service.Port) and weight (Service.Weights.Passing).
+func instance(e *api.ServiceEntry) (discovery.Instance, error) {
+	if e == nil || e.Service == nil {
+		return discovery.Instance{}, errors.New("no service")
+	}
+	if e.Service.Port <= 0 || e.Service.Port > 65535 {
+		return discovery.Instance{}, fmt.Errorf("port %d", e.Service.Port)
 	}
 	host := e.Service.Address
 	if host == "" && e.Node != nil {
 		host = e.Node.Address
 	}
 	if host == "" {
-		return ""
+		return discovery.Instance{}, errors.New("no address (neither the service's nor its node's)")
 	}
-	return net.JoinHostPort(host, strconv.Itoa(e.Service.Port))
+	in := discovery.Instance{Addr: net.JoinHostPort(host, strconv.Itoa(e.Service.Port))}
+	// Consul defaults Passing to 1 and allows no 0; weights above the
+	// proxy's range are capped rather than refused.
+	if w := e.Service.Weights.Passing; w > 0 {
+		in.Weight = min(w, 1000)
+	}
+	return in, nil
 }
 
 // scrub removes a token from an error's text, in case a transport error ever
@@ -270,15 +291,4 @@ func scrub(err error, token string) error {
 		return err
 	}
 	return errors.New(strings.ReplaceAll(err.Error(), token, "[redacted]"))
-}
-
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
 }

@@ -27,6 +27,7 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // recorder is a discovery.Sink keeping every snapshot and error.
 type recorder struct {
+	synced  atomic.Int64
 	mu      sync.Mutex
 	snaps   []discovery.Snapshot
 	errs    []error
@@ -39,6 +40,8 @@ func (r *recorder) Update(s discovery.Snapshot) {
 	r.mu.Unlock()
 	r.updates.Add(1)
 }
+
+func (r *recorder) Synced() { r.synced.Add(1) }
 
 func (r *recorder) Error(err error) {
 	r.mu.Lock()
@@ -281,11 +284,21 @@ func TestErrorsKeepLastSetAndNeverLeakToken(t *testing.T) {
 	if !strings.Contains(errs[len(errs)-1].Error(), "403") {
 		t.Fatalf("last error %v, want the 403", errs[len(errs)-1])
 	}
+	// The first answer after recovery is a resync (delivered, marked so);
+	// identical answers after it only say the agent answered.
 	n := r.updates.Load()
+	synced := r.synced.Load()
 	h := hits.Load()
 	mode.Store(0)
-	waitFor(t, "two good queries after recovery", func() bool { return hits.Load() >= h+2 })
-	if r.updates.Load() != n {
-		t.Fatal("an identical result after recovery was re-applied")
+	waitFor(t, "three good queries after recovery", func() bool { return hits.Load() >= h+3 })
+	waitFor(t, "the answers reported", func() bool { return r.synced.Load() >= synced+2 })
+	if got := r.updates.Load(); got != n+1 {
+		t.Fatalf("%d snapshots delivered after recovery, want the one resync", got-n)
+	}
+	r.mu.Lock()
+	resync := r.snaps[len(r.snaps)-1].Resync
+	r.mu.Unlock()
+	if !resync {
+		t.Fatal("the first answer after recovery was not marked as a resync")
 	}
 }

@@ -3,8 +3,11 @@
 //
 // The registry layout is etcd's own naming/endpoints format, so that gRPC's
 // etcd resolver and rota share one registry: one key per instance,
-// <prefix><service>/<host:port>, attached to a lease, whose value is
-// {"Op":0,"Addr":"host:port","Metadata":null}.
+// <prefix><service>/<id>, attached to a lease, whose value is
+// {"Op":0,"Addr":"host:port","Metadata":null}. The id is anything
+// (endpoints.Manager users pick their own; Register uses the address); the
+// value's Addr is the instance, and Metadata.weight its weight. The default
+// prefix "services/" is where gRPC's resolver looks for etcd:///services/<service>.
 //
 // Ownership: the caller creates one *clientv3.Client (NewClient), shares it
 // between any number of Watchers (one per listener) and Register calls, and
@@ -27,8 +30,10 @@ import (
 	grpcbackoff "google.golang.org/grpc/backoff"
 )
 
-// DefaultPrefix is the key prefix under which services live.
-const DefaultPrefix = "/services/"
+// DefaultPrefix is the key prefix under which services live: gRPC's etcd
+// resolver, dialling etcd:///services/web, reads services/web/<id> (it
+// strips the leading slash).
+const DefaultPrefix = "services/"
 
 // Defaults applied by NewClient.
 const (
@@ -128,7 +133,8 @@ func NewClient(cfg Config) (*clientv3.Client, error) {
 
 // servicePrefix returns "<prefix><service>/", the key prefix of one
 // service's instances. An empty prefix means DefaultPrefix; a missing
-// trailing slash is added, so "/services" and "/services/" are the same.
+// trailing slash is added, so "services" and "services/" are the same (a
+// leading slash is kept: "/services/" and "services/" are different keys).
 // The trailing slash after service keeps "web2" out of "web".
 func servicePrefix(prefix, service string) (string, error) {
 	if service == "" {
@@ -146,8 +152,8 @@ func servicePrefix(prefix, service string) (string, error) {
 	return prefix + service + "/", nil
 }
 
-// InstanceKey returns the key of one instance: <prefix><service>/<addr>,
-// with prefix normalised as NewWatcher and Register do.
+// InstanceKey returns the key Register uses for an instance:
+// <prefix><service>/<addr>, with prefix normalised as NewWatcher does.
 func InstanceKey(prefix, service, addr string) (string, error) {
 	p, err := servicePrefix(prefix, service)
 	if err != nil {

@@ -18,33 +18,48 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/naming/endpoints"
 	"go.uber.org/zap"
+
+	"github.com/rota-proxy/rota/discovery"
 )
 
 func TestParseInstance(t *testing.T) {
-	const kp = "/services/web/"
+	const kp = "services/web/"
 	cases := []struct {
 		key, val string
 		want     string // "" means malformed
+		weight   int
 	}{
-		{kp + "127.0.0.1:9000", `{"Op":0,"Addr":"127.0.0.1:9000","Metadata":null}`, "127.0.0.1:9000"},
-		{kp + "127.0.0.1:9000", `{"Addr":"127.0.0.1:9000"}`, "127.0.0.1:9000"}, // Op omitted is Add
-		{kp + "[::1]:9000", `{"Op":0,"Addr":"[::1]:9000","Metadata":{"w":1}}`, "[::1]:9000"},
-		{kp + "web-1.internal:80", `{"Op":0,"Addr":"web-1.internal:80","Extra":true}`, "web-1.internal:80"},
-		{kp + "127.0.0.1:9000", `not json`, ""},
-		{kp + "127.0.0.1:9000", `{"Op":1,"Addr":"127.0.0.1:9000"}`, ""},
-		{kp + "127.0.0.1:9000", `{"Op":0,"Addr":""}`, ""},
-		{kp + "127.0.0.1", `{"Op":0,"Addr":"127.0.0.1"}`, ""},
-		{kp + ":9000", `{"Op":0,"Addr":":9000"}`, ""},
-		{kp + "127.0.0.1:0", `{"Op":0,"Addr":"127.0.0.1:0"}`, ""},
-		{kp + "127.0.0.1:70000", `{"Op":0,"Addr":"127.0.0.1:70000"}`, ""},
-		{kp + "127.0.0.1:9000", `{"Op":0,"Addr":"127.0.0.1:9001"}`, ""},
-		{kp + "a/127.0.0.1:9000", `{"Op":0,"Addr":"127.0.0.1:9000"}`, ""},
-		{"/services/web2/127.0.0.1:9000", `{"Op":0,"Addr":"127.0.0.1:9000"}`, ""},
+		{key: kp + "127.0.0.1:9000", val: `{"Op":0,"Addr":"127.0.0.1:9000","Metadata":null}`, want: "127.0.0.1:9000"},
+		{key: kp + "127.0.0.1:9000", val: `{"Addr":"127.0.0.1:9000"}`, want: "127.0.0.1:9000"}, // Op omitted is Add
+		{key: kp + "[::1]:9000", val: `{"Op":0,"Addr":"[::1]:9000","Metadata":{"w":1}}`, want: "[::1]:9000"},
+		{key: kp + "web-1.internal:80", val: `{"Op":0,"Addr":"web-1.internal:80","Extra":true}`, want: "web-1.internal:80"},
+		// Any id: endpoints.Manager users name their own; Addr is the instance.
+		{key: kp + "instance-1", val: `{"Op":0,"Addr":"127.0.0.1:9000"}`, want: "127.0.0.1:9000"},
+		{key: kp + "127.0.0.1:9000", val: `{"Op":0,"Addr":"127.0.0.1:9001"}`, want: "127.0.0.1:9001"},
+		{key: kp + "a/b", val: `{"Op":0,"Addr":"127.0.0.1:9000"}`, want: "127.0.0.1:9000"},
+		// Weights.
+		{key: kp + "w3", val: `{"Op":0,"Addr":"127.0.0.1:9000","Metadata":{"weight":3}}`, want: "127.0.0.1:9000", weight: 3},
+		{key: kp + "w1000", val: `{"Op":0,"Addr":"127.0.0.1:9000","Metadata":{"weight":1000,"zone":"a"}}`, want: "127.0.0.1:9000", weight: 1000},
+		{key: kp + "md-string", val: `{"Op":0,"Addr":"127.0.0.1:9000","Metadata":"blue"}`, want: "127.0.0.1:9000"},
+		{key: kp + "w0", val: `{"Op":0,"Addr":"127.0.0.1:9000","Metadata":{"weight":0}}`},
+		{key: kp + "w1001", val: `{"Op":0,"Addr":"127.0.0.1:9000","Metadata":{"weight":1001}}`},
+		{key: kp + "w-half", val: `{"Op":0,"Addr":"127.0.0.1:9000","Metadata":{"weight":1.5}}`},
+		{key: kp + "w-text", val: `{"Op":0,"Addr":"127.0.0.1:9000","Metadata":{"weight":"3"}}`},
+		// Malformed.
+		{key: kp + "127.0.0.1:9000", val: `not json`},
+		{key: kp + "127.0.0.1:9000", val: `{"Op":1,"Addr":"127.0.0.1:9000"}`},
+		{key: kp + "127.0.0.1:9000", val: `{"Op":0,"Addr":""}`},
+		{key: kp + "127.0.0.1", val: `{"Op":0,"Addr":"127.0.0.1"}`},
+		{key: kp + ":9000", val: `{"Op":0,"Addr":":9000"}`},
+		{key: kp + "127.0.0.1:0", val: `{"Op":0,"Addr":"127.0.0.1:0"}`},
+		{key: kp + "127.0.0.1:70000", val: `{"Op":0,"Addr":"127.0.0.1:70000"}`},
+		{key: kp, val: `{"Op":0,"Addr":"127.0.0.1:9000"}`}, // no id
+		{key: "services/web2/127.0.0.1:9000", val: `{"Op":0,"Addr":"127.0.0.1:9000"}`},
 	}
 	for _, c := range cases {
 		got, err := parseInstance(kp, []byte(c.key), []byte(c.val))
-		if got != c.want || (err == nil) != (c.want != "") {
-			t.Errorf("parseInstance(%s, %s) = %q, %v; want %q", c.key, c.val, got, err, c.want)
+		if got.Addr != c.want || got.Weight != c.weight || (err == nil) != (c.want != "") {
+			t.Errorf("parseInstance(%s, %s) = %+v, %v; want %q weight %d", c.key, c.val, got, err, c.want, c.weight)
 		}
 	}
 }
@@ -73,14 +88,15 @@ func TestRegisterValueFormat(t *testing.T) {
 	if len(v) != 3 || v["Op"] != 0.0 || v["Addr"] != "127.0.0.1:9000" || v["Metadata"] != nil {
 		t.Fatalf("value %s, want {\"Op\":0,\"Addr\":\"127.0.0.1:9000\",\"Metadata\":null}", resp.Kvs[0].Value)
 	}
-	if addr, err := parseInstance("/services/web/", resp.Kvs[0].Key, resp.Kvs[0].Value); err != nil || addr != "127.0.0.1:9000" {
-		t.Fatalf("parseInstance of endpoints.Manager's value: %q %v", addr, err)
+	if in, err := parseInstance("/services/web/", resp.Kvs[0].Key, resp.Kvs[0].Value); err != nil || in.Addr != "127.0.0.1:9000" {
+		t.Fatalf("parseInstance of endpoints.Manager's value: %+v %v", in, err)
 	}
 }
 
 func TestKeysAndArguments(t *testing.T) {
 	for _, c := range []struct{ prefix, service, addr, want string }{
-		{"", "web", "127.0.0.1:1", "/services/web/127.0.0.1:1"},
+		{"", "web", "127.0.0.1:1", "services/web/127.0.0.1:1"},
+		{"services", "web", "127.0.0.1:1", "services/web/127.0.0.1:1"},
 		{"/services", "web", "127.0.0.1:1", "/services/web/127.0.0.1:1"},
 		{"/x/", "api", "[::1]:2", "/x/api/[::1]:2"},
 	} {
@@ -112,20 +128,19 @@ func TestKeysAndArguments(t *testing.T) {
 // are ignored; all events of one newer revision (a transaction) apply.
 func TestApplySkipsAppliedRevisions(t *testing.T) {
 	w := &Watcher{keyPrefix: "/services/web/", log: zap.NewNop()}
-	st := &watchState{rev: 10, addrs: map[string]string{"/services/web/127.0.0.1:1": "127.0.0.1:1"}, bad: map[string]int64{}}
+	st := &watchState{rev: 10, keys: map[string]discovery.Instance{"/services/web/127.0.0.1:1": {Addr: "127.0.0.1:1"}}, bad: map[string]badValue{}}
 	ev := func(typ mvccpb.Event_EventType, addr string, rev int64) *clientv3.Event {
 		return &clientv3.Event{Type: typ, Kv: &mvccpb.KeyValue{
 			Key: []byte("/services/web/" + addr), Value: []byte(instanceValue(addr)), ModRevision: rev}}
 	}
-	rec := &recorder{}
-	if w.apply(rec, st, []*clientv3.Event{ev(mvccpb.DELETE, "127.0.0.1:1", 9), ev(mvccpb.PUT, "127.0.0.1:2", 10)}) {
+	if w.apply(st, []*clientv3.Event{ev(mvccpb.DELETE, "127.0.0.1:1", 9), ev(mvccpb.PUT, "127.0.0.1:2", 10)}) {
 		t.Fatal("events at applied revisions changed the state")
 	}
-	if !w.apply(rec, st, []*clientv3.Event{ev(mvccpb.PUT, "127.0.0.1:3", 11), ev(mvccpb.DELETE, "127.0.0.1:1", 11)}) {
+	if !w.apply(st, []*clientv3.Event{ev(mvccpb.PUT, "127.0.0.1:3", 11), ev(mvccpb.DELETE, "127.0.0.1:1", 11)}) {
 		t.Fatal("a new transaction did not change the state")
 	}
-	if len(st.addrs) != 1 || st.addrs["/services/web/127.0.0.1:3"] == "" || st.rev != 11 {
-		t.Fatalf("state %v at revision %d, want only 127.0.0.1:3 at 11", st.addrs, st.rev)
+	if len(st.keys) != 1 || st.keys["/services/web/127.0.0.1:3"].Addr == "" || st.rev != 11 {
+		t.Fatalf("state %v at revision %d, want only 127.0.0.1:3 at 11", st.keys, st.rev)
 	}
 }
 

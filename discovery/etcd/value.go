@@ -1,14 +1,18 @@
 package etcd
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"strconv"
 	"strings"
 
 	"go.etcd.io/etcd/client/v3/naming/endpoints"
+
+	"github.com/rota-proxy/rota/discovery"
 )
 
 // value is the JSON of an instance key. It mirrors the unexported
@@ -18,43 +22,62 @@ import (
 type value struct {
 	Op       endpoints.Operation
 	Addr     string
-	Metadata any
+	Metadata json.RawMessage
 }
 
-// MalformedError describes an instance key whose value the watcher
-// skipped. Watchers report it through Sink.Error once per key and
-// revision; find it with errors.As.
-type MalformedError struct {
-	Key      string
-	Revision int64 // the value's ModRevision
-	Reason   string
-}
+// maxMetadata bounds the metadata kept per instance.
+const maxMetadata = 4 << 10
 
-func (e *MalformedError) Error() string {
-	return fmt.Sprintf("etcd: skipped malformed instance %s (revision %d): %s", e.Key, e.Revision, e.Reason)
-}
-
-// parseInstance returns the address a key/value pair registers. keyPrefix
-// is "<prefix><service>/"; the rest of the key must be the value's Addr.
-func parseInstance(keyPrefix string, key, val []byte) (string, error) {
-	seg, ok := strings.CutPrefix(string(key), keyPrefix)
-	if !ok {
-		return "", fmt.Errorf("key outside %s", keyPrefix)
+// parseInstance returns the instance a key/value pair registers. keyPrefix
+// is "<prefix><service>/"; whatever follows it in the key is the instance's
+// id (etcd's endpoints.Manager takes any; `rota register` uses the
+// address), and the value's Addr is the instance.
+func parseInstance(keyPrefix string, key, val []byte) (discovery.Instance, error) {
+	id, ok := strings.CutPrefix(string(key), keyPrefix)
+	if !ok || id == "" {
+		return discovery.Instance{}, fmt.Errorf("no instance id after %s", keyPrefix)
 	}
 	var v value
 	if err := json.Unmarshal(val, &v); err != nil {
-		return "", fmt.Errorf("value is not naming/endpoints JSON: %w", err)
+		return discovery.Instance{}, fmt.Errorf("value is not naming/endpoints JSON: %w", err)
 	}
 	if v.Op != endpoints.Add {
-		return "", fmt.Errorf("op is %d, want %d (add)", v.Op, endpoints.Add)
+		return discovery.Instance{}, fmt.Errorf("op is %d, want %d (add)", v.Op, endpoints.Add)
 	}
 	if err := checkAddr(v.Addr); err != nil {
-		return "", fmt.Errorf("addr %q: %w", v.Addr, err)
+		return discovery.Instance{}, fmt.Errorf("addr %q: %w", v.Addr, err)
 	}
-	if seg != v.Addr {
-		return "", fmt.Errorf("key ends in %q but addr is %q", seg, v.Addr)
+	in := discovery.Instance{Addr: v.Addr}
+	if md := bytes.TrimSpace(v.Metadata); len(md) > 0 && !bytes.Equal(md, []byte("null")) {
+		if len(md) > maxMetadata {
+			return discovery.Instance{}, fmt.Errorf("metadata of %d bytes, more than %d", len(md), maxMetadata)
+		}
+		w, err := metadataWeight(md)
+		if err != nil {
+			return discovery.Instance{}, err
+		}
+		var compact bytes.Buffer
+		json.Compact(&compact, md)
+		in.Weight, in.Metadata = w, compact.String()
 	}
-	return v.Addr, nil
+	return in, nil
+}
+
+// metadataWeight reads Metadata.weight: an integer 1-1000, or absent.
+func metadataWeight(md json.RawMessage) (int, error) {
+	var obj map[string]json.RawMessage
+	if json.Unmarshal(md, &obj) != nil {
+		return 0, nil // metadata that is not an object carries no weight
+	}
+	raw, ok := obj["weight"]
+	if !ok {
+		return 0, nil
+	}
+	var f float64 // a JSON number: "3" (a string) is not one
+	if err := json.Unmarshal(raw, &f); err != nil || f != math.Trunc(f) || f < 1 || f > 1000 {
+		return 0, fmt.Errorf("Metadata.weight %s: want an integer 1-1000", truncate(raw, 40))
+	}
+	return int(f), nil
 }
 
 // checkAddr accepts host:port with a non-empty host and a port in 1-65535.
@@ -73,4 +96,11 @@ func checkAddr(addr string) error {
 		return fmt.Errorf("bad port %q", port)
 	}
 	return nil
+}
+
+func truncate(b []byte, n int) []byte {
+	if len(b) > n {
+		return b[:n]
+	}
+	return b
 }

@@ -4,47 +4,70 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/cenkalti/backoff/v4"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc/connectivity"
 
 	"github.com/rota-proxy/rota/discovery"
+	"github.com/rota-proxy/rota/internal/retry"
 )
 
 // ErrUnavailable is wrapped by errors reporting that the client lost its
 // connection to every etcd endpoint.
 var ErrUnavailable = errors.New("etcd unavailable")
 
+// ErrStale is wrapped by errors reporting that the watch stopped hearing
+// from its etcd member (cut off from the client, or frozen).
+var ErrStale = fmt.Errorf("etcd: %w", discovery.ErrStale)
+
 const (
-	// requestTimeout bounds one Get. While etcd is down a Get waits this
-	// long for the connection to come back before it counts as failed.
-	requestTimeout = 5 * time.Second
 	// Resync backoff: from retryInitial up to retryMax, never giving up;
 	// reset once a Get succeeds.
 	retryInitial = 100 * time.Millisecond
 	retryMax     = 5 * time.Second
+	// requestTimeout bounds one Get. While etcd is down a Get waits this
+	// long for the connection to come back before it counts as failed.
+	requestTimeout = 5 * time.Second
+	// publishCost spaces the snapshots of a burst of changes: publishing
+	// (and applying) a snapshot costs in proportion to its instances, so
+	// snapshots of n instances are at least n*publishCost apart: a change
+	// to a small service is published at once, while a burst of changes
+	// to 10,000 instances is published 20 times a second, the latest
+	// state winning.
+	publishCost = 5 * time.Microsecond
+	// The watch asks its member for a progress notification every
+	// progressEvery; a member that has said nothing for staleAfter is
+	// taken as cut off, and the watch moves to another member.
+	progressEvery = 500 * time.Millisecond
+	staleAfter    = 2 * time.Second
 )
 
 // Watcher implements discovery.Watcher for one service in etcd.
 //
 // Watch does a Get of <prefix><service>/ and then watches from the next
-// revision (WithPrevKV, WithProgressNotify, WithRequireLeader). It
-// resyncs with a fresh Get and a new watch, on capped exponential
-// backoff, when the watch channel closes, the watch is canceled (a
-// compaction, a lost leader) or the client's connection to etcd fails.
-// Events at revisions already applied are ignored. A value that is not a
-// valid instance is skipped (see Malformed); it never stops the watcher.
+// revision (WithPrevKV, WithProgressNotify, WithRequireLeader), asking for
+// progress notifications so that a member that stops answering is noticed
+// within staleAfter. It resyncs with a fresh Get and a new watch, on capped
+// exponential backoff, when the watch channel closes, the watch is canceled
+// (a compaction, a lost leader), goes stale, or the client's connection to
+// etcd fails. Events at revisions already applied are ignored. A value that
+// is not a valid instance is skipped and listed in the snapshot's Warnings;
+// it never stops the watcher.
 type Watcher struct {
 	client    *clientv3.Client
 	keyPrefix string // <prefix><service>/
 	log       *zap.Logger
 	malformed atomic.Uint64
+	// Steer, if set, is told about a member a watch found stale, so that
+	// the client stops using it for a while.
+	Steer *Steering
 }
 
 // NewWatcher returns a watcher of service under prefix ("" means
@@ -73,23 +96,15 @@ func (w *Watcher) KeyPrefix() string { return w.keyPrefix }
 
 // Malformed counts the values skipped as malformed since the watcher was
 // made, once per key and revision (a resync does not count the same value
-// again). Each is also logged once and reported as a *MalformedError
-// through Sink.Error.
+// again). Each is also logged once.
 func (w *Watcher) Malformed() uint64 { return w.malformed.Load() }
 
 // Watch implements discovery.Watcher. It returns nil when ctx is done, and
 // an error only when the client has been closed. Calls one after the
 // other are fine; each starts from a fresh Get.
 func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
-	st := &watchState{addrs: map[string]string{}, bad: map[string]int64{}}
-	b := backoff.NewExponentialBackOff(
-		backoff.WithInitialInterval(retryInitial),
-		backoff.WithMaxInterval(retryMax),
-		backoff.WithMaxElapsedTime(0),
-	)
-	timer := time.NewTimer(time.Hour)
-	timer.Stop()
-	defer timer.Stop()
+	st := &watchState{keys: map[string]discovery.Instance{}, bad: map[string]badValue{}}
+	bo := retry.New(retryInitial, retryMax)
 	for {
 		err := w.session(ctx, sink, st)
 		if ctx.Err() != nil {
@@ -99,29 +114,36 @@ func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 			return fmt.Errorf("etcd: watch %s: client closed: %w", w.keyPrefix, cerr)
 		}
 		if st.synced {
-			b.Reset()
+			bo.Reset()
 			st.synced = false
 		}
-		wait := b.NextBackOff()
+		wait := bo.Next()
+		if errors.Is(err, ErrStale) {
+			wait = 0 // the member is avoided now: resync through another at once
+		}
 		w.log.Warn("etcd watch failed; resyncing", zap.Error(err), zap.Duration("retry_in", wait))
 		sink.Error(err)
-		timer.Reset(wait)
-		select {
-		case <-ctx.Done():
+		if !retry.Sleep(ctx, wait) {
 			return nil
-		case <-timer.C:
 		}
 	}
 }
 
+// badValue is a key skipped as malformed, at a revision, for a reason.
+type badValue struct {
+	rev    int64
+	reason string
+}
+
 // watchState is what one Watch call knows; only its goroutine touches it.
 type watchState struct {
-	rev    int64             // highest revision applied
-	addrs  map[string]string // key -> instance address, valid keys only
-	bad    map[string]int64  // key -> ModRevision of a skipped value already reported
-	synced bool              // a Get succeeded since the last failure
-	pushed bool              // a snapshot has been delivered
+	rev    int64                         // highest revision applied
+	keys   map[string]discovery.Instance // key -> instance, valid keys only
+	bad    map[string]badValue           // key -> the malformed value skipped
+	synced bool                          // a Get succeeded since the last failure
+	pushed bool                          // a snapshot has been delivered
 	last   discovery.Snapshot
+	member uint64 // the member that last answered the watch
 }
 
 // session syncs once and follows the watch until it fails or ctx is done.
@@ -133,9 +155,10 @@ func (w *Watcher) session(ctx context.Context, sink discovery.Sink, st *watchSta
 	if err != nil {
 		return fmt.Errorf("etcd: get %s: %w", w.keyPrefix, err)
 	}
-	w.resync(sink, st, resp)
+	w.resync(st, resp)
 	st.synced = true
-	w.publish(sink, st)
+	w.publish(sink, st, true)
+	lastPub := time.Now()
 
 	sctx, stop := context.WithCancelCause(ctx)
 	var wg sync.WaitGroup
@@ -143,19 +166,52 @@ func (w *Watcher) session(ctx context.Context, sink discovery.Sink, st *watchSta
 		stop(nil)
 		wg.Wait()
 	}()
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		w.watchConnection(sctx, stop)
-	}()
+	wg.Go(func() { w.watchConnection(sctx, stop) })
 
 	// A watcher of our own, so that closing it surely ends this session's
 	// gRPC watch stream and its goroutines, whatever else shares the client.
 	watcher := clientv3.NewWatcher(w.client)
 	defer watcher.Close()
-	wch := watcher.Watch(clientv3.WithRequireLeader(sctx), w.keyPrefix,
-		clientv3.WithPrefix(), clientv3.WithRev(st.rev+1),
+	// The watch's context names its gRPC stream: progress requests must
+	// carry the same one (with its require-leader metadata) to reach it.
+	wctx := clientv3.WithRequireLeader(sctx)
+	// From the revision applied, not the next: etcd answers a progress
+	// request only for watches that started at or before its current
+	// revision, so a watch from rev+1 on a quiet cluster would never be
+	// answered. The events at rev itself are skipped by apply.
+	wch := watcher.Watch(wctx, w.keyPrefix,
+		clientv3.WithPrefix(), clientv3.WithRev(st.rev),
 		clientv3.WithPrevKV(), clientv3.WithProgressNotify())
+	progress := time.NewTicker(progressEvery)
+	defer progress.Stop()
+	flush := time.NewTimer(time.Hour)
+	flush.Stop()
+	defer flush.Stop()
+	heard, dirty, flushing := time.Now(), false, false
+
+	// take applies one watch response; false ends the session with err.
+	take := func(wr clientv3.WatchResponse, ok bool) (bool, error) {
+		if !ok {
+			return false, fmt.Errorf("etcd: watch %s (applied up to revision %d): channel closed", w.keyPrefix, st.rev)
+		}
+		if err := wr.Err(); err != nil {
+			return false, fmt.Errorf("etcd: watch %s (applied up to revision %d): %w", w.keyPrefix, st.rev, err)
+		}
+		heard = time.Now()
+		st.member = wr.Header.MemberId
+		if wr.IsProgressNotify() {
+			// Every event up to the header revision has been delivered.
+			st.rev = max(st.rev, wr.Header.Revision)
+			if !dirty {
+				sink.Synced()
+			}
+			return true, nil
+		}
+		if w.apply(st, wr.Events) {
+			dirty = true
+		}
+		return true, nil
+	}
 	for {
 		select {
 		case <-sctx.Done():
@@ -164,23 +220,61 @@ func (w *Watcher) session(ctx context.Context, sink discovery.Sink, st *watchSta
 			if sctx.Err() != nil {
 				return context.Cause(sctx)
 			}
-			if !ok {
-				return fmt.Errorf("etcd: watch %s (applied up to revision %d): channel closed", w.keyPrefix, st.rev)
+			if more, err := take(wr, ok); !more {
+				return err
 			}
-			if err := wr.Err(); err != nil {
-				return fmt.Errorf("etcd: watch %s (applied up to revision %d): %w", w.keyPrefix, st.rev, err)
+			// Take whatever else has arrived: a burst is published once.
+			for drained := false; !drained; {
+				select {
+				case wr, ok := <-wch:
+					if more, err := take(wr, ok); !more {
+						return err
+					}
+				default:
+					drained = true
+				}
 			}
-			if wr.IsProgressNotify() {
-				// Every event up to the header revision has been delivered.
-				st.rev = max(st.rev, wr.Header.Revision)
-				continue
+			if dirty && !flushing {
+				if d := spacing(len(st.keys)) - time.Since(lastPub); d > 0 {
+					flush.Reset(d)
+					flushing = true
+				} else {
+					w.publish(sink, st, false)
+					dirty, lastPub = false, time.Now()
+				}
 			}
-			if w.apply(sink, st, wr.Events) {
-				w.publish(sink, st)
+		case <-flush.C:
+			flushing = false
+			if dirty {
+				w.publish(sink, st, false)
+				dirty, lastPub = false, time.Now()
 			}
+		case <-progress.C:
+			// Answers already here count, whichever case select took.
+			for drained := false; !drained; {
+				select {
+				case wr, ok := <-wch:
+					if more, err := take(wr, ok); !more {
+						return err
+					}
+				default:
+					drained = true
+				}
+			}
+			if since := time.Since(heard); since > staleAfter {
+				member := st.member
+				if w.Steer != nil {
+					w.Steer.Avoid(member)
+				}
+				return fmt.Errorf("etcd: watch %s: no answer from member %x for %v: %w", w.keyPrefix, member, since.Round(time.Millisecond), ErrStale)
+			}
+			watcher.RequestProgress(wctx)
 		}
 	}
 }
+
+// spacing is the least time between two snapshots of n instances.
+func spacing(n int) time.Duration { return time.Duration(n) * publishCost }
 
 // watchConnection ends the session (stop) when the client's connection to
 // etcd fails. The client's watch retries a broken stream quietly and
@@ -200,32 +294,31 @@ func (w *Watcher) watchConnection(ctx context.Context, stop context.CancelCauseF
 }
 
 // resync replaces the state with a Get's result.
-func (w *Watcher) resync(sink discovery.Sink, st *watchState, resp *clientv3.GetResponse) {
+func (w *Watcher) resync(st *watchState, resp *clientv3.GetResponse) {
 	rev := resp.Header.Revision
 	if rev < st.rev {
 		w.log.Warn("etcd revision went backwards (data dir wiped or restored?); taking the new state as is",
 			zap.Int64("applied_revision", st.rev), zap.Int64("revision", rev))
 	}
-	addrs := make(map[string]string, len(resp.Kvs))
-	bad := map[string]int64{}
+	keys := make(map[string]discovery.Instance, len(resp.Kvs))
+	bad := map[string]badValue{}
 	for _, kv := range resp.Kvs {
-		addr, err := parseInstance(w.keyPrefix, kv.Key, kv.Value)
+		in, err := parseInstance(w.keyPrefix, kv.Key, kv.Value)
 		if err != nil {
-			if st.bad[string(kv.Key)] != kv.ModRevision {
-				w.reportMalformed(sink, kv, err)
-			}
-			bad[string(kv.Key)] = kv.ModRevision
+			bad[string(kv.Key)] = w.malformedValue(st, kv, err)
 			continue
 		}
-		addrs[string(kv.Key)] = addr
+		keys[string(kv.Key)] = in
 	}
-	st.rev, st.addrs, st.bad = rev, addrs, bad
+	st.rev, st.keys, st.bad = rev, keys, bad
+	st.member = resp.Header.MemberId
 }
 
-// apply applies watch events and reports whether the instance set may have
-// changed. All events of one revision arrive in one response, so skipping
-// by the revision applied before this response keeps a transaction whole.
-func (w *Watcher) apply(sink discovery.Sink, st *watchState, evs []*clientv3.Event) bool {
+// apply applies watch events and reports whether the instance set or its
+// warnings may have changed. All events of one revision arrive in one
+// response, so skipping by the revision applied before this response keeps
+// a transaction whole.
+func (w *Watcher) apply(st *watchState, evs []*clientv3.Event) bool {
 	applied := st.rev
 	changed := false
 	for _, ev := range evs {
@@ -235,31 +328,28 @@ func (w *Watcher) apply(sink discovery.Sink, st *watchState, evs []*clientv3.Eve
 		}
 		st.rev = max(st.rev, kv.ModRevision)
 		key := string(kv.Key)
+		if _, ok := st.bad[key]; ok {
+			delete(st.bad, key)
+			changed = true
+		}
 		switch ev.Type {
 		case mvccpb.DELETE:
-			if _, ok := st.addrs[key]; ok {
-				delete(st.addrs, key)
+			if _, ok := st.keys[key]; ok {
+				delete(st.keys, key)
 				changed = true
 			}
-			delete(st.bad, key)
 		case mvccpb.PUT:
-			addr, err := parseInstance(w.keyPrefix, kv.Key, kv.Value)
+			in, err := parseInstance(w.keyPrefix, kv.Key, kv.Value)
 			if err != nil {
 				// The key's current value is not an instance: whatever
 				// it registered before is gone, as a resync would find.
-				if _, ok := st.addrs[key]; ok {
-					delete(st.addrs, key)
-					changed = true
-				}
-				if st.bad[key] != kv.ModRevision {
-					w.reportMalformed(sink, kv, err)
-					st.bad[key] = kv.ModRevision
-				}
+				delete(st.keys, key)
+				st.bad[key] = w.malformedValue(st, kv, err)
+				changed = true
 				continue
 			}
-			delete(st.bad, key)
-			if st.addrs[key] != addr {
-				st.addrs[key] = addr
+			if st.keys[key] != in {
+				st.keys[key] = in
 				changed = true
 			}
 		}
@@ -267,32 +357,41 @@ func (w *Watcher) apply(sink discovery.Sink, st *watchState, evs []*clientv3.Eve
 	return changed
 }
 
-func (w *Watcher) reportMalformed(sink discovery.Sink, kv *mvccpb.KeyValue, err error) {
-	w.malformed.Add(1)
-	w.log.Warn("skipping malformed instance value",
-		zap.String("key", string(kv.Key)), zap.Int64("revision", kv.ModRevision),
-		zap.ByteString("value", truncate(kv.Value, 200)), zap.Error(err))
-	sink.Error(&MalformedError{Key: string(kv.Key), Revision: kv.ModRevision, Reason: err.Error()})
+// malformedValue records a skipped value, logging and counting it once per
+// key and revision.
+func (w *Watcher) malformedValue(st *watchState, kv *mvccpb.KeyValue, err error) badValue {
+	b := badValue{rev: kv.ModRevision, reason: discovery.Truncate(err.Error())}
+	if prev, ok := st.bad[string(kv.Key)]; !ok || prev.rev != kv.ModRevision {
+		w.malformed.Add(1)
+		w.log.Warn("skipping malformed instance value",
+			zap.String("key", discovery.Truncate(string(kv.Key))), zap.Int64("revision", kv.ModRevision),
+			zap.ByteString("value", truncate(kv.Value, 200)), zap.String("reason", b.reason))
+	}
+	return b
 }
 
-// publish delivers the current set if it differs from the last one
-// delivered, and always the first time.
-func (w *Watcher) publish(sink discovery.Sink, st *watchState) {
-	addrs := make([]string, 0, len(st.addrs))
-	for _, a := range st.addrs {
-		addrs = append(addrs, a)
+// publish delivers the current set: always after a Get (resync), else when
+// it differs from the last one delivered.
+func (w *Watcher) publish(sink discovery.Sink, st *watchState, resync bool) {
+	// Sorted by key first, so that of two keys naming one address the
+	// first key's instance is kept, whatever the map's order.
+	keys := make([]string, 0, len(st.keys))
+	for k := range st.keys {
+		keys = append(keys, k)
 	}
-	snap := discovery.NewSnapshot(addrs...)
-	if st.pushed && snap.Equal(st.last) {
+	slices.Sort(keys)
+	ins := make([]discovery.Instance, len(keys))
+	for i, k := range keys {
+		ins[i] = st.keys[k]
+	}
+	var warns []discovery.Warning
+	for k, b := range st.bad {
+		warns = append(warns, discovery.Warning{Key: discovery.Truncate(strings.TrimPrefix(k, w.keyPrefix)), Reason: b.reason})
+	}
+	snap := discovery.Snapshot{Instances: discovery.SortInstances(ins), Warnings: discovery.SortWarnings(warns), Resync: resync}
+	if st.pushed && !resync && snap.Equal(st.last) {
 		return
 	}
 	st.pushed, st.last = true, snap
 	sink.Update(snap)
-}
-
-func truncate(b []byte, n int) []byte {
-	if len(b) > n {
-		return b[:n]
-	}
-	return b
 }

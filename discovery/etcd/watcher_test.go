@@ -1,9 +1,12 @@
 package etcd
 
 import (
+	"os"
+	"runtime/pprof"
 	"context"
 	"errors"
 	"net/url"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +16,8 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/rota-proxy/rota/discovery"
 )
 
 const wait = 15 * time.Second // generous deadline for conditions under -race
@@ -82,7 +87,9 @@ func TestRegisterDeregisterExpiry(t *testing.T) {
 	rec.waitSnap(t, wait, "127.0.0.1:9002")
 	crashed := time.Now()
 	_ = crashClient.Close()
-	if err := <-crashDone; err == nil || !strings.Contains(err.Error(), "client closed") {
+
+	err = <-crashDone
+	if err == nil || !strings.Contains(err.Error(), "client closed") {
 		t.Fatalf("Register with its client closed returned %v, want a client-closed error", err)
 	}
 	if resp, err := direct.Get(ctxT(t), DefaultPrefix+"web/127.0.0.1:9002"); err != nil || len(resp.Kvs) != 1 {
@@ -231,10 +238,11 @@ func TestEtcdStopped(t *testing.T) {
 	}
 }
 
-// TestMalformedAndForeignKeys: malformed values are skipped, counted,
-// logged and reported once per key and revision, both when found by the
-// initial Get and when they arrive by the watch; keys of other services
-// under the prefix are never seen.
+// TestMalformedAndForeignKeys: malformed values are skipped, counted and
+// logged once per key and revision, and listed in the snapshot's warnings
+// until fixed or deleted, both when found by the initial Get and when they
+// arrive by the watch; keys of other services under the prefix are never
+// seen; any id names an instance, whose address is the value's.
 func TestMalformedAndForeignKeys(t *testing.T) {
 	env := startEtcd(t)
 	direct := env.Client(t)
@@ -254,60 +262,66 @@ func TestMalformedAndForeignKeys(t *testing.T) {
 	put(p+"web/127.0.0.1:9003", `{"Op":1,"Addr":"127.0.0.1:9003","Metadata":null}`)
 	put(p+"web/127.0.0.1:9004", `{"Op":0,"Addr":"","Metadata":null}`)
 	put(p+"web/127.0.0.1", `{"Op":0,"Addr":"127.0.0.1","Metadata":null}`)
-	put(p+"web/127.0.0.1:9005", instanceValue("127.0.0.1:9006")) // key and addr disagree
+	put(p+"web/heavy", `{"Op":0,"Addr":"127.0.0.1:9006","Metadata":{"weight":0}}`)
+	put(p+"web/instance-1", `{"Op":0,"Addr":"127.0.0.1:9005","Metadata":{"weight":3}}`) // any id
 	initialBad := 5
 
 	core, logs := observer.New(zap.InfoLevel)
 	lg := zap.New(core)
 	w := newWatcher(t, newClient(t, env.Endpoints()), "web", lg)
 	rec := startWatch(t, w)
-	rec.waitSnap(t, wait, "127.0.0.1:9001")
+	rec.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9005")
 	waitFor(t, wait, "initial malformed values counted", func() bool { return w.Malformed() == uint64(initialBad) })
+	u, _ := rec.last()
+	if len(u.snap.Warnings) != initialBad {
+		t.Fatalf("warnings %v, want the %d malformed keys", u.snap.Warnings, initialBad)
+	}
+	for _, in := range u.snap.Instances {
+		if in.Addr == "127.0.0.1:9005" && in.Weight != 3 {
+			t.Fatalf("instance-1 has weight %d, want 3 from its metadata", in.Weight)
+		}
+	}
 
 	// Arriving by the watch.
-	put(p+"web/sub/127.0.0.1:9007", instanceValue("127.0.0.1:9007"))
+	put(p+"web/sub/127.0.0.1:9007", instanceValue("127.0.0.1:9007")) // an id with a slash: fine
 	put(p+"web/127.0.0.1:0", instanceValue("127.0.0.1:0"))
 	put(p+"web2/127.0.0.1:9204", instanceValue("127.0.0.1:9204"))
 	put(p+"web/127.0.0.1:9008", instanceValue("127.0.0.1:9008")) // valid: a marker that all of the above was seen
-	rec.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9008")
-	totalBad := initialBad + 2
+	rec.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9005", "127.0.0.1:9007", "127.0.0.1:9008")
+	totalBad := initialBad + 1
 	if got := w.Malformed(); got != uint64(totalBad) {
 		t.Fatalf("Malformed() = %d, want %d", got, totalBad)
 	}
 
 	// A resync (etcd restarted) sees the same values at the same
-	// revisions: not counted, logged or reported again.
+	// revisions: not counted or logged again.
 	env.Restart()
 	rec.waitErr(t, wait, "the restart reported", func(err error) bool { return errors.Is(err, ErrUnavailable) })
 	put(p+"web/127.0.0.1:9009", instanceValue("127.0.0.1:9009"))
-	rec.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9008", "127.0.0.1:9009")
+	rec.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9005", "127.0.0.1:9007", "127.0.0.1:9008", "127.0.0.1:9009")
 	if got := w.Malformed(); got != uint64(totalBad) {
 		t.Fatalf("after resync Malformed() = %d, want still %d", got, totalBad)
 	}
 
-	// A valid instance overwritten with garbage drops out (and counts);
-	// fixing it brings it back.
+	// A valid instance overwritten with garbage drops out (and counts, and
+	// is listed); fixing it brings it back and takes its warning away;
+	// deleting a malformed key takes its warning away too.
 	put(p+"web/127.0.0.1:9009", "{}")
-	rec.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9008")
-	put(p+"web/127.0.0.1:9009", instanceValue("127.0.0.1:9009"))
-	rec.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9008", "127.0.0.1:9009")
+	rec.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9005", "127.0.0.1:9007", "127.0.0.1:9008")
 	totalBad++
-
+	if u, _ := rec.last(); len(u.snap.Warnings) != totalBad {
+		t.Fatalf("warnings %v, want %d", u.snap.Warnings, totalBad)
+	}
+	put(p+"web/127.0.0.1:9009", instanceValue("127.0.0.1:9009"))
+	if _, err := direct.Delete(ctxT(t), p+"web/127.0.0.1:9002"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, wait, "fixed and deleted keys leave the warnings", func() bool {
+		u, _ := rec.last()
+		return len(u.snap.Warnings) == totalBad-2 && len(u.snap.Instances) == 5
+	})
 	if got := w.Malformed(); got != uint64(totalBad) {
 		t.Errorf("Malformed() = %d, want %d", got, totalBad)
-	}
-	var reported []string
-	for _, err := range rec.allErrors() {
-		var me *MalformedError
-		if errors.As(err, &me) {
-			reported = append(reported, me.Key)
-			if !strings.HasPrefix(me.Key, p+"web/") {
-				t.Errorf("reported a key of another service: %v", me)
-			}
-		}
-	}
-	if len(reported) != totalBad {
-		t.Errorf("reported %d malformed values, want %d: %v", len(reported), totalBad, reported)
 	}
 	logged := logs.FilterMessage("skipping malformed instance value").All()
 	if len(logged) != totalBad {
@@ -319,20 +333,19 @@ func TestMalformedAndForeignKeys(t *testing.T) {
 		}
 	}
 	for _, u := range rec.allUpdates() {
-		for _, a := range u.snap.Addrs() {
-			switch a {
-			case "127.0.0.1:9001", "127.0.0.1:9008", "127.0.0.1:9009":
-			default:
-				t.Errorf("snapshot holds %s", a)
+		for _, w := range u.snap.Warnings {
+			if strings.Contains(w.Key, "/") && !strings.HasPrefix(w.Key, "sub/") {
+				t.Errorf("warning names a key of another service: %v", w)
 			}
 		}
 	}
-	t.Logf("skipped %d malformed values; reported keys %v", totalBad, reported)
+	for _, err := range rec.allErrors() {
+		if !errors.Is(err, ErrUnavailable) {
+			t.Errorf("a malformed value was reported as a discovery error: %v", err)
+		}
+	}
 }
 
-// TestRegisterAfterFreshRestart: etcd comes back with an empty data dir
-// (new revisions, no leases); Register grants and puts again and the
-// watcher, whose applied revision is now ahead of etcd's, still follows.
 func TestRegisterAfterFreshRestart(t *testing.T) {
 	env := startEtcd(t)
 	c := newClient(t, env.Endpoints())
@@ -395,4 +408,102 @@ func TestWatchClientClosed(t *testing.T) {
 	case <-time.After(wait):
 		t.Fatal("Watch did not return after its client was closed")
 	}
+}
+
+// A quiet watch still hears from its member (progress notifications on
+// request), and says so: the registry is reachable, nothing changed.
+func TestQuietWatchReportsSync(t *testing.T) {
+	env := startEtcd(t)
+	w := newWatcher(t, newClient(t, env.Endpoints()), "web", nil)
+	rec := startWatch(t, w)
+	rec.waitSnap(t, wait)
+	before := rec.synced.Load()
+	waitFor(t, 5*time.Second, "answers on a quiet watch", func() bool { return rec.synced.Load() >= before+3 })
+	if errs := rec.allErrors(); len(errs) != 0 {
+		t.Fatalf("errors on a healthy quiet watch: %v", errs)
+	}
+}
+
+// A member that stops answering while its connection stays up (cut off,
+// frozen) is noticed within a few seconds, not when gRPC's keepalive gives
+// up 15 s later.
+func TestFrozenMemberIsNoticed(t *testing.T) {
+	env := startEtcd(t)
+	u, _ := url.Parse(env.Endpoints()[0])
+	p := startProxy(t, u.Host)
+	w := newWatcher(t, newClient(t, []string{p.addr()}), "web", nil)
+	rec := startWatch(t, w)
+	rec.waitSnap(t, wait)
+	p.freeze(true)
+	frozen := time.Now()
+	deadline := frozen.Add(10 * time.Second)
+	for !slices.ContainsFunc(rec.allErrors(), func(err error) bool { return errors.Is(err, discovery.ErrStale) }) {
+		if time.Now().After(deadline) {
+			pprof.Lookup("goroutine").WriteTo(os.Stderr, 1)
+			t.Fatalf("no stale watch reported 10s after the member froze; errors: %v", rec.allErrors())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	took := time.Since(frozen)
+	t.Logf("frozen member noticed after %v", took)
+	if took > 3*time.Second {
+		t.Fatalf("a frozen member was noticed after %v", took)
+	}
+	p.freeze(false)
+	p.set(pass) // cuts the frozen connections: the client reconnects
+	putInstance(t, env.Client(t), "127.0.0.1:9301")
+	rec.waitSnap(t, 15*time.Second, "127.0.0.1:9301")
+}
+
+// A key of a live registration deleted by hand is put back, on the same
+// lease, while the registrant lives.
+func TestRegisterKeepsItsKey(t *testing.T) {
+	env := startEtcd(t)
+	direct := env.Client(t)
+	c := newClient(t, env.Endpoints())
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- RegisterInstance(ctx, c, Registration{Service: "web", Addr: "127.0.0.1:9401", Weight: 7, TTL: 10 * time.Second}, zaptest.NewLogger(t))
+	}()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Register: %v", err)
+		}
+	}()
+	key := DefaultPrefix + "web/127.0.0.1:9401"
+	var lease int64
+	waitFor(t, wait, "the registration", func() bool {
+		resp, err := direct.Get(ctxT(t), key)
+		if err != nil || len(resp.Kvs) != 1 {
+			return false
+		}
+		lease = resp.Kvs[0].Lease
+		return true
+	})
+	in, err := parseInstance(DefaultPrefix+"web/", []byte(key), mustGet(t, direct, key))
+	if err != nil || in.Weight != 7 {
+		t.Fatalf("registered %+v (%v), want weight 7 in its metadata", in, err)
+	}
+	for range 3 {
+		if _, err := direct.Delete(ctxT(t), key); err != nil {
+			t.Fatal(err)
+		}
+		deleted := time.Now()
+		waitFor(t, wait, "the key put back", func() bool {
+			resp, err := direct.Get(ctxT(t), key)
+			return err == nil && len(resp.Kvs) == 1 && resp.Kvs[0].Lease == lease
+		})
+		t.Logf("deleted key put back after %v", time.Since(deleted))
+	}
+}
+
+func mustGet(t *testing.T, c *clientv3.Client, key string) []byte {
+	t.Helper()
+	resp, err := c.Get(ctxT(t), key)
+	if err != nil || len(resp.Kvs) != 1 {
+		t.Fatalf("get %s: %v", key, err)
+	}
+	return resp.Kvs[0].Value
 }
