@@ -1,11 +1,11 @@
 package etcd
 
 import (
-	"os"
-	"runtime/pprof"
 	"context"
 	"errors"
 	"net/url"
+	"os"
+	"runtime/pprof"
 	"slices"
 	"strings"
 	"testing"
