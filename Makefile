@@ -6,7 +6,7 @@ LDFLAGS := -s -w -X main.version=$(VERSION)
 # Well under CI's limit; the whole suite takes a few minutes on two cores.
 TEST_TIMEOUT ?= 15m
 
-.PHONY: all build test demo deps tools vet fuzz bench e2e clean FORCE
+.PHONY: all build test demo deps tools vet cross fuzz bench e2e clean FORCE
 
 all: build
 
@@ -27,13 +27,21 @@ tools: deps
 vet:
 	$(GO) vet ./...
 
-test: tools vet
+# rota builds and vets off Linux too (macOS, Windows: goroutine relays).
+cross:
+	GOOS=darwin GOARCH=arm64 $(GO) vet ./cmd/rota ./proxy/... ./internal/... ./pool/ ./health/ ./server/
+	GOOS=windows GOARCH=amd64 $(GO) build -o /dev/null ./cmd/rota
+	GOOS=freebsd GOARCH=amd64 $(GO) build -o /dev/null ./cmd/rota
+
+test: tools vet cross
 	$(GO) test -race -timeout $(TEST_TIMEOUT) ./...
 
 # Runs rota on its embedded etcd with three self-registering demo backends:
 # proxy on :8080, admin on http://127.0.0.1:9090/. Ctrl-C stops it.
-demo: deps
-	$(GO) run ./cmd/rota demo
+# (DEMO_FLAGS: other ports, e.g. --listen :18080 --admin 127.0.0.1:19090.)
+# bin/rota, not go run: Ctrl-C ends the demo with exit 0, and so make.
+demo: build
+	@bin/rota demo $(DEMO_FLAGS)
 
 # Side by side with HAProxy and nginx (installed by bench/setup.sh if
 # missing), then the registry convergence run. QUICK=1: under two minutes.

@@ -691,7 +691,41 @@ func TestExampleFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(cfg.Listeners) != 2 || cfg.Registries.Etcd == nil || cfg.Registries.Etcd.Embedded == nil || cfg.Registries.Consul == nil {
+	if len(cfg.Listeners) != 2 || cfg.Registries.Etcd == nil || cfg.Registries.Consul == nil {
 		t.Fatalf("example lost a section: %+v", cfg)
+	}
+	// It lists every key, but starts nothing: the embedded etcd block,
+	// whose presence starts a server, is there commented out.
+	if cfg.Registries.Etcd.Embedded != nil {
+		t.Fatal("rota.example.yaml starts an embedded etcd server")
+	}
+	text, _ := os.ReadFile("../rota.example.yaml")
+	for _, typ := range []reflect.Type{
+		reflect.TypeFor[Config](), reflect.TypeFor[Admin](), reflect.TypeFor[Registries](),
+		reflect.TypeFor[Consul](), reflect.TypeFor[Etcd](), reflect.TypeFor[TLS](), reflect.TypeFor[Embedded](),
+		reflect.TypeFor[Listener](), reflect.TypeFor[Health](),
+	} {
+		for _, k := range fieldKeys(typ) {
+			if !strings.Contains(string(text), k+":") {
+				t.Errorf("rota.example.yaml does not list %s.%s", typ.Name(), k)
+			}
+		}
+	}
+}
+
+// CONSUL_HTTP_ADDR alone enables Consul, as consul/api reads it itself.
+func TestConsulFromEnvironment(t *testing.T) {
+	src := []byte("listeners:\n  - {listen: ':1', discovery: consul, service: web}\n")
+	t.Setenv("CONSUL_HTTP_ADDR", "")
+	if _, err := Parse(src, "rota.yaml"); err == nil {
+		t.Fatal("consul without registries.consul or CONSUL_HTTP_ADDR accepted")
+	}
+	t.Setenv("CONSUL_HTTP_ADDR", "127.0.0.1:8500")
+	cfg, err := Parse(src, "rota.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Registries.Consul == nil || *cfg.Registries.Consul != (Consul{}) {
+		t.Fatalf("registries.consul = %+v, want the defaults (consul/api reads the environment)", cfg.Registries.Consul)
 	}
 }

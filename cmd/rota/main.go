@@ -25,6 +25,7 @@ Usage:
   rota demo            embedded etcd + 3 demo backends + proxy on :8080
   rota demo-backend    one demo HTTP backend, optionally self-registering in etcd
   rota check --config rota.yaml
+  rota healthcheck --url URL   exit 0 when URL answers 2xx (container healthchecks)
   rota version
 
 Run "rota <command> --help" for the flags of a command.
@@ -47,7 +48,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		"demo":         cmdDemo,
 		"demo-backend": cmdDemoBackend,
 		"healthcheck":  cmdHealthcheck,
-		"version": func([]string, io.Writer, io.Writer) error {
+		"version": func(args []string, stdout, stderr io.Writer) error {
+			if err := parseFlags(newFlagSet("version", stderr, "rota version"), args); err != nil {
+				return err
+			}
 			fmt.Fprintln(stdout, "rota", version)
 			return nil
 		},

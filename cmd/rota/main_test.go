@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -98,6 +99,83 @@ func TestVersion(t *testing.T) {
 	code, out, _ := runCLI("version")
 	if code != 0 || !strings.HasPrefix(out, "rota ") {
 		t.Fatalf("version: %d %q", code, out)
+	}
+	code, out, errOut := runCLI("version", "--help")
+	if code != 0 || out != "" || !strings.Contains(errOut, "Usage: rota version") {
+		t.Fatalf("version --help: exit %d, stdout %q, stderr %q; want the usage", code, out, errOut)
+	}
+}
+
+// rota --help names every command run accepts.
+func TestHelpListsEveryCommand(t *testing.T) {
+	code, out, _ := runCLI("--help")
+	if code != 0 {
+		t.Fatalf("--help: exit %d", code)
+	}
+	for _, cmd := range []string{"serve", "register", "demo", "demo-backend", "check", "healthcheck", "version"} {
+		if !strings.Contains(out, "rota "+cmd) {
+			t.Errorf("rota --help does not mention %q:\n%s", cmd, out)
+		}
+		if code, _, _ := runCLI(cmd, "--help"); code != 0 {
+			t.Errorf("rota %s --help: exit %d, want 0", cmd, code)
+		}
+	}
+}
+
+// Ctrl-C on `make demo` (SIGINT to the whole foreground process group, as
+// a terminal sends it) ends make with exit 0, not make's "Error 1".
+func TestMakeDemoCtrlC(t *testing.T) {
+	if _, err := exec.LookPath("make"); err != nil {
+		t.Skip("no make")
+	}
+	flags := fmt.Sprintf("DEMO_FLAGS=--listen 127.0.0.1:%d --admin 127.0.0.1:%d --etcd-url http://127.0.0.1:%d",
+		freePort(t), freePort(t), freePort(t))
+	cmd := exec.Command("make", "-s", "-C", "../..", "demo", flags)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr syncBuffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	banner := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(out)
+		seen := false
+		for sc.Scan() {
+			if !seen && strings.Contains(sc.Text(), "-> backend-") {
+				seen = true
+				close(banner)
+			}
+		}
+		done <- cmd.Wait()
+	}()
+	select {
+	case <-banner:
+	case err := <-done:
+		t.Fatalf("make demo ended before its banner: %v\n%s", err, stderr.String())
+	case <-time.After(2 * time.Minute):
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		t.Fatalf("no demo banner within 2 minutes\n%s", stderr.String())
+	}
+	syscall.Kill(-cmd.Process.Pid, syscall.SIGINT)
+	select {
+	case err := <-done:
+		// make passes the interrupt on (it ends by SIGINT itself, as a
+		// shell expects), but with no error of its own: the demo stopped
+		// cleanly and exited 0.
+		var ee *exec.ExitError
+		interrupted := errors.As(err, &ee) && ee.Sys().(syscall.WaitStatus).Signal() == syscall.SIGINT
+		if err != nil && !interrupted || strings.Contains(stderr.String(), "Error") || !strings.Contains(stderr.String(), "stopped") {
+			t.Fatalf("make demo after Ctrl-C: %v\n%s", err, stderr.String())
+		}
+	case <-time.After(30 * time.Second):
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		t.Fatalf("make demo still running 30s after Ctrl-C\n%s", stderr.String())
 	}
 }
 

@@ -45,18 +45,20 @@ func signalContext() (context.Context, context.CancelFunc) {
 }
 
 func cmdRegister(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("register", stderr, "rota register --etcd host:port --service NAME --addr host:port [--ttl 10s]")
+	fs := newFlagSet("register", stderr, "rota register --etcd host:port --service NAME --addr host:port [--ttl 10s] [--weight N]")
 	var (
 		ef      etcdFlags
 		service string
 		addr    string
 		ttl     time.Duration
+		weight  int
 		lf      logFlags
 	)
 	ef.register(fs)
 	fs.StringVar(&service, "service", "", "service to register as (required)")
 	fs.StringVar(&addr, "addr", "", "instance address host:port to register (required)")
 	fs.DurationVar(&ttl, "ttl", etcd.DefaultTTL, "lease TTL: a crashed registrant disappears this long after it stopped")
+	fs.IntVar(&weight, "weight", 0, "share of new connections relative to other instances, 1-1000 (Metadata.weight; 0: none, counts as 1)")
 	lf.register(fs, "auto")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -68,6 +70,8 @@ func cmdRegister(args []string, stdout, stderr io.Writer) error {
 		return usagef("--service is required")
 	case addr == "":
 		return usagef("--addr is required")
+	case weight < 0 || weight > 1000:
+		return usagef("--weight %d: want 1-1000 (or 0 for none)", weight)
 	}
 	if _, err := etcd.InstanceKey(ef.prefix, service, addr); err != nil {
 		return usagef("%v", err)
@@ -86,7 +90,9 @@ func cmdRegister(args []string, stdout, stderr io.Writer) error {
 	defer client.Close()
 	ctx, stop := signalContext()
 	defer stop()
-	return etcd.Register(ctx, client, ef.prefix, service, addr, ttl, logger.Named("register"))
+	return etcd.RegisterInstance(ctx, client, etcd.Registration{
+		Prefix: ef.prefix, Service: service, Addr: addr, Weight: weight, TTL: ttl,
+	}, logger.Named("register"))
 }
 
 func cmdDemoBackend(args []string, stdout, stderr io.Writer) error {
