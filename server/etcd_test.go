@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -238,4 +239,42 @@ func TestReloadSwitchesRegistry(t *testing.T) {
 		t.Fatal("a reload adding an embedded etcd was accepted")
 	}
 	exactly(t, srv, "b2 still routed", "b2")
+}
+
+// 10,000 instances registered at once are all routed within a second of
+// the last write: the watcher publishes a burst once, the pool applies it
+// in one batch.
+func TestTenThousandInstancesRoutedAtOnce(t *testing.T) {
+	e := testenv.StartEtcd(t)
+	c := e.Client(t)
+	cfg := etcdConfig(e)
+	cfg.Listeners[0].Health.Check = "none" // trust the registry: discovery alone is measured
+	srv := startServer(t, cfg)
+	waitFor(t, "the first sync", 10*time.Second, func() bool { return srv.Status()[0].Synced })
+
+	const n = 10_000
+	ops := make([]clientv3.Op, 0, 128)
+	flush := func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if _, err := c.Txn(ctx).Then(ops...).Commit(); err != nil {
+			t.Fatal(err)
+		}
+		ops = ops[:0]
+	}
+	for i := range n {
+		addr := fmt.Sprintf("10.%d.%d.%d:80", i>>16&255, i>>8&255, i&255+1)
+		key, _ := etcd.InstanceKey("", "web", addr)
+		ops = append(ops, clientv3.OpPut(key, `{"Op":0,"Addr":"`+addr+`","Metadata":null}`))
+		if len(ops) == cap(ops) {
+			flush()
+		}
+	}
+	flush()
+	last := time.Now()
+	took := waitFor(t, "10,000 instances routed", 30*time.Second, func() bool { return liveCount(srv, "web") == n })
+	t.Logf("10,000 instances routed %v after the last write", time.Since(last))
+	if took > time.Second {
+		t.Fatalf("10,000 instances routed %v after the last write, want within 1s", took)
+	}
 }
