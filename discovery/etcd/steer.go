@@ -3,7 +3,6 @@ package etcd
 import (
 	"context"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -11,16 +10,23 @@ import (
 	"go.uber.org/zap"
 )
 
-// avoidFor is how long a member found stale is left out of a client's
-// endpoints before it is tried again.
-const avoidFor = 10 * time.Second
+const (
+	// avoidFor is how long a member found stale is left out of a client's
+	// endpoints before it is tried again.
+	avoidFor = 10 * time.Second
+	// askTimeout bounds the question every endpoint is asked: who are you?
+	askTimeout = 300 * time.Millisecond
+)
 
 // Steering keeps a client off the etcd members its watches found stale: a
 // member cut off from rota (or frozen) keeps its TCP connection up, so the
 // client would go on sending requests and watches to it until its gRPC
-// keepalive gives up, 15 s later. Avoid takes the member's endpoints out of
-// the client's endpoint list for avoidFor, then puts them back. Safe for
-// concurrent use; Close stops it.
+// keepalive gives up, 15 s later. Refresh asks every endpoint which member
+// answers there (etcd's Status), and takes out of the client's endpoint
+// list, for avoidFor, those where the stale member answers or nobody does;
+// then it puts them back. Asking the endpoints, rather than matching the
+// member's advertised URLs, works behind proxies and DNS names too. Safe
+// for concurrent use; Close stops it.
 type Steering struct {
 	client *clientv3.Client
 	all    []string // the configured endpoints
@@ -28,10 +34,8 @@ type Steering struct {
 
 	mu      sync.Mutex
 	avoided map[string]time.Time // endpoint -> until when
-	members map[uint64][]string  // member ID -> its client URLs, host:port
 	timer   *time.Timer
 	closed  bool
-	wg      sync.WaitGroup // the member list fetched ahead
 }
 
 // NewSteering steers client, whose configured endpoints are the full set.
@@ -39,45 +43,58 @@ func NewSteering(client *clientv3.Client, log *zap.Logger) *Steering {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	s := &Steering{client: client, all: slices.Clone(client.Endpoints()), log: log,
-		avoided: map[string]time.Time{}, members: map[uint64][]string{}}
-	// Learn the members now, while every one answers: a stale member is
-	// what Avoid is for, and asking then may reach just that one.
-	s.wg.Go(func() { s.memberURLs(0) })
-	return s
+	return &Steering{client: client, all: slices.Clone(client.Endpoints()), log: log, avoided: map[string]time.Time{}}
 }
 
-// Avoid takes the endpoints of member out of the client's list for a
-// while, unless that would leave none.
-func (s *Steering) Avoid(member uint64) {
-	if member == 0 || len(s.all) < 2 {
+// Refresh asks every endpoint which member answers there and leaves out of
+// the client's list, for avoidFor, those that do not answer and those where
+// member answers (the member a watch found stale; 0 for none); the others
+// are put back at once, which undoes an earlier avoidance that outlived its
+// reason (a leader killed after another member was avoided). It changes
+// nothing when no endpoint would be left, and returns within askTimeout.
+func (s *Steering) Refresh(member uint64) {
+	if len(s.all) < 2 {
 		return
 	}
-	urls := s.memberURLs(member)
+	bad := make([]bool, len(s.all))
+	var wg sync.WaitGroup
+	for i, ep := range s.all {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(s.client.Ctx(), askTimeout)
+			defer cancel()
+			st, err := s.client.Status(ctx, ep)
+			bad[i] = err != nil || member != 0 && st.Header.MemberId == member
+		})
+	}
+	wg.Wait()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
+	if s.closed || !slices.Contains(bad, false) {
 		return
 	}
 	until := time.Now().Add(avoidFor)
 	var hit []string
-	for _, ep := range s.all {
-		if slices.Contains(urls, hostPort(ep)) {
+	changed := false
+	for i, ep := range s.all {
+		_, was := s.avoided[ep]
+		if bad[i] {
 			s.avoided[ep] = until
 			hit = append(hit, ep)
-		}
-	}
-	if len(hit) == 0 {
-		return
-	}
-	if !s.applyLocked() {
-		for _, ep := range hit {
+		} else {
 			delete(s.avoided, ep)
 		}
+		changed = changed || was != bad[i]
+	}
+	if !changed {
 		return
 	}
-	s.log.Warn("etcd member stopped answering; leaving it out for a while",
-		zap.Strings("endpoints", hit), zap.Duration("for", avoidFor))
+	s.applyLocked()
+	if len(hit) > 0 {
+		s.log.Warn("etcd members not answering; leaving them out for a while",
+			zap.Strings("endpoints", hit), zap.Duration("for", avoidFor))
+	} else {
+		s.log.Info("every etcd member answers again")
+	}
 }
 
 // applyLocked sets the client's endpoints to those not avoided; false
@@ -117,55 +134,12 @@ func (s *Steering) applyLocked() bool {
 	return true
 }
 
-// memberURLs are the client addresses (host:port) of member, from a cached
-// member list refreshed when the member is not in it.
-func (s *Steering) memberURLs(member uint64) []string {
-	s.mu.Lock()
-	urls, ok := s.members[member]
-	s.mu.Unlock()
-	if ok {
-		return urls
-	}
-	ctx, cancel := context.WithTimeout(s.client.Ctx(), time.Second)
-	defer cancel()
-	resp, err := s.client.MemberList(ctx)
-	if err != nil && member != 0 {
-		// Maybe it went to the stale member itself: once more, which
-		// the client's round robin sends elsewhere.
-		ctx, cancel := context.WithTimeout(s.client.Ctx(), time.Second)
-		defer cancel()
-		resp, err = s.client.MemberList(ctx)
-	}
-	if err != nil {
-		return nil
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for _, m := range resp.Members {
-		var hps []string
-		for _, u := range m.ClientURLs {
-			hps = append(hps, hostPort(u))
-		}
-		s.members[m.ID] = hps
-	}
-	return s.members[member]
-}
-
 // Close stops putting endpoints back.
 func (s *Steering) Close() {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	s.closed = true
 	if s.timer != nil {
 		s.timer.Stop()
 	}
-	s.mu.Unlock()
-	s.wg.Wait()
-}
-
-// hostPort strips a URL's scheme: etcd endpoints are written both ways.
-func hostPort(u string) string {
-	if i := strings.Index(u, "://"); i >= 0 {
-		u = u[i+3:]
-	}
-	return strings.TrimSuffix(u, "/")
 }

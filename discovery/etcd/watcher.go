@@ -46,7 +46,7 @@ const (
 	// progressEvery; a member that has said nothing for staleAfter is
 	// taken as cut off, and the watch moves to another member.
 	progressEvery = 500 * time.Millisecond
-	staleAfter    = 2 * time.Second
+	staleAfter    = 1500 * time.Millisecond
 )
 
 // Watcher implements discovery.Watcher for one service in etcd.
@@ -65,8 +65,8 @@ type Watcher struct {
 	keyPrefix string // <prefix><service>/
 	log       *zap.Logger
 	malformed atomic.Uint64
-	// Steer, if set, is told about a member a watch found stale, so that
-	// the client stops using it for a while.
+	// Steer, if set, is told about a member a watch found stale, and
+	// about other failures, so that the client uses the members that answer.
 	Steer *Steering
 }
 
@@ -118,8 +118,13 @@ func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 			st.synced = false
 		}
 		wait := bo.Next()
-		if errors.Is(err, ErrStale) {
+		switch {
+		case errors.Is(err, ErrStale):
 			wait = 0 // the member is avoided now: resync through another at once
+		case w.Steer != nil:
+			// Whatever failed, the client's endpoints should be those that
+			// answer now (a member avoided earlier may be the only one left).
+			w.Steer.Refresh(0)
 		}
 		w.log.Warn("etcd watch failed; resyncing", zap.Error(err), zap.Duration("retry_in", wait))
 		sink.Error(err)
@@ -264,7 +269,7 @@ func (w *Watcher) session(ctx context.Context, sink discovery.Sink, st *watchSta
 			if since := time.Since(heard); since > staleAfter {
 				member := st.member
 				if w.Steer != nil {
-					w.Steer.Avoid(member)
+					w.Steer.Refresh(member)
 				}
 				return fmt.Errorf("etcd: watch %s: no answer from member %x for %v: %w", w.keyPrefix, member, since.Round(time.Millisecond), ErrStale)
 			}

@@ -1,0 +1,120 @@
+package server_test
+
+import (
+	"context"
+	"fmt"
+	"net/url"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/rota-proxy/rota/internal/testenv"
+)
+
+// A 3-member etcd cluster, rota given all three endpoints (through proxies
+// that can cut each member off the network): while clients stream through
+// rota, each member in turn is cut off (the one rota's watch is on among
+// them) and the leader is killed. Every time, rota keeps routing the last
+// good set with no failed client connection, and a change written to the
+// surviving majority is routed within 3 s of the fault.
+func TestEtcdClusterFaults(t *testing.T) {
+	cl := testenv.StartEtcdCluster(t, 3)
+	var endpoints []string
+	var proxies []*testenv.TCPProxy
+	for i := range 3 {
+		u, _ := url.Parse(cl.Endpoint(i))
+		p := testenv.StartTCPProxy(t, u.Host)
+		proxies = append(proxies, p)
+		endpoints = append(endpoints, p.Addr())
+	}
+	writer := cl.Client(t)
+	backends := []*backend{startBackend(t, "b0"), startBackend(t, "b1")}
+	for _, b := range backends {
+		put(t, writer, b.addr, 0)
+	}
+	cfg := etcdConfig(testenv.StartEtcd(t)) // a template; endpoints replaced below
+	cfg.Registries.Etcd.Endpoints = endpoints
+	srv := startServer(t, cfg)
+	exactly(t, srv, "b0 and b1 routed", "b0", "b1")
+	ld := startLoad(t, proxyAddr(t, srv, "web"), 6)
+
+	type fault struct {
+		name     string
+		do, undo func()
+	}
+	var faults []fault
+	for i := range 3 {
+		faults = append(faults, fault{
+			name: fmt.Sprintf("member %d cut off from rota", i),
+			do:   func() { proxies[i].Freeze(true) },
+			undo: func() { proxies[i].Freeze(false); proxies[i].Cut() },
+		})
+	}
+	for i := range 3 {
+		faults = append(faults, fault{
+			name: fmt.Sprintf("member %d killed", i),
+			do:   func() { cl.Kill(i) },
+			undo: func() { cl.Start(i) },
+		})
+	}
+	var leader int
+	faults = append(faults,
+		fault{
+			name: "leader killed",
+			do: func() {
+				if leader = cl.Leader(t); leader < 0 {
+					t.Fatal("no leader")
+				}
+				cl.Kill(leader)
+			},
+			undo: func() { cl.Start(leader) },
+		},
+		fault{
+			name: "leader frozen (SIGSTOP)",
+			do: func() {
+				if leader = cl.Leader(t); leader < 0 {
+					t.Fatal("no leader")
+				}
+				cl.Freeze(leader)
+			},
+			undo: func() { cl.Thaw(leader) },
+		})
+	for n, f := range faults {
+		b := startBackend(t, fmt.Sprintf("b%d", n+2))
+		want := []string{"b0", "b1", b.name}
+		f.do()
+		at := time.Now()
+		putRetrying(t, writer, b.addr)
+		took := exactly(t, srv, "the change routed after: "+f.name, want...)
+		since := time.Since(at)
+		t.Logf("%s: a change written to the majority routed %v after the fault", f.name, since.Round(time.Millisecond))
+		if since > 3*time.Second {
+			t.Errorf("%s: change routed %v after the fault, want within 3s (waited %v)", f.name, since, took)
+		}
+		f.undo()
+		del(t, writer, b.addr)
+		exactly(t, srv, "back to b0 and b1", "b0", "b1")
+	}
+	ld.stop()
+	ld.assertNoFailures(t)
+	t.Logf("%d client connections through the faults, none failed", ld.ok.Load())
+}
+
+// putRetrying registers addr, retrying while the cluster has no leader.
+func putRetrying(t *testing.T, c *clientv3.Client, addr string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+		key := "services/web/" + addr
+		_, err := c.Put(ctx, key, `{"Op":0,"Addr":"`+addr+`","Metadata":null}`)
+		cancel()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("put %s: %v", addr, err)
+		}
+	}
+}
