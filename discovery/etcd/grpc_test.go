@@ -54,7 +54,9 @@ func TestOneRegistryWithGRPC(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	regDone := make(chan error, 1)
-	go func() { regDone <- Register(ctx, c, "", "web", ln.Addr().String(), 5*time.Second, zaptest.NewLogger(t)) }()
+	go func() {
+		regDone <- Register(ctx, c, "", "web", ln.Addr().String(), 5*time.Second, zaptest.NewLogger(t))
+	}()
 	defer func() {
 		cancel()
 		if err := <-regDone; err != nil {

@@ -184,9 +184,25 @@ func (w *Watcher) session(ctx context.Context, sink discovery.Sink, st *watchSta
 	// request only for watches that started at or before its current
 	// revision, so a watch from rev+1 on a quiet cluster would never be
 	// answered. The events at rev itself are skipped by apply.
-	wch := watcher.Watch(wctx, w.keyPrefix,
-		clientv3.WithPrefix(), clientv3.WithRev(st.rev),
-		clientv3.WithPrevKV(), clientv3.WithProgressNotify())
+	// Watch blocks until the member confirms the watch: a member that
+	// stopped answering must not hold this session there for ever.
+	created := make(chan clientv3.WatchChan, 1)
+	wg.Go(func() {
+		created <- watcher.Watch(wctx, w.keyPrefix,
+			clientv3.WithPrefix(), clientv3.WithRev(st.rev),
+			clientv3.WithPrevKV(), clientv3.WithProgressNotify())
+	})
+	var wch clientv3.WatchChan
+	select {
+	case wch = <-created:
+	case <-sctx.Done():
+		return context.Cause(sctx)
+	case <-time.After(staleAfter):
+		if w.Steer != nil {
+			w.Steer.Refresh(st.member)
+		}
+		return fmt.Errorf("etcd: watch %s: member %x did not start the watch within %v: %w", w.keyPrefix, st.member, staleAfter, ErrStale)
+	}
 	progress := time.NewTicker(progressEvery)
 	defer progress.Stop()
 	flush := time.NewTimer(time.Hour)
