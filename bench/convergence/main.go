@@ -47,6 +47,9 @@ type options struct {
 	check     string
 	goalP99   time.Duration
 	verbose   bool
+	scale     int           // > 0: the scale measurement with this many instances
+	rate      int           // its changes a second
+	dur       time.Duration // how long the changes go on
 }
 
 func main() {
@@ -60,6 +63,9 @@ func main() {
 	flag.StringVar(&o.check, "check", health.CheckTCP, "health check of the listener: tcp, http or none")
 	flag.DurationVar(&o.goalP99, "goal", 100*time.Millisecond, "p99 goal stated in the report")
 	flag.BoolVar(&o.verbose, "v", false, "log at info level (default: warnings only)")
+	flag.IntVar(&o.scale, "scale", 0, "measure discovery at scale instead: this many instances registered at once, then churn")
+	flag.IntVar(&o.rate, "rate", 1000, "with -scale: changes a second during the churn")
+	flag.DurationVar(&o.dur, "churn", 10*time.Second, "with -scale: how long the churn goes on")
 	flag.Parse()
 	if err := o.validate(); err != nil {
 		fmt.Fprintln(os.Stderr, "convergence:", err)
@@ -68,6 +74,13 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
+	if o.scale > 0 {
+		if err := runScale(ctx, o, os.Stdout); err != nil {
+			fmt.Fprintln(os.Stderr, "convergence:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := run(ctx, o); err != nil {
 		fmt.Fprintln(os.Stderr, "convergence:", err)
 		os.Exit(1)
