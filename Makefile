@@ -52,6 +52,8 @@ bench: build
 	$(GO) build -o bin/convergence ./bench/convergence
 	{ bin/convergence $(if $(QUICK),-changes 50) && \
 	  bin/convergence -registry consul -goal 250ms $(if $(QUICK),-changes 50) && \
+	  bin/convergence -registry etcd-cluster $(if $(QUICK),-changes 50) && \
+	  bin/convergence -registry consul-cluster -goal 250ms $(if $(QUICK),-changes 50) && \
 	  bin/convergence -scale 10000 -rate 1000 -churn $(if $(QUICK),3s,10s); } \
 	  | tee bench/results/$$(date +%F)$(if $(QUICK),-quick)-convergence.md
 

@@ -54,9 +54,19 @@ func startConsul(ctx context.Context, log *zap.Logger) (*consulRegistry, error) 
 		r.Close()
 		return nil, err
 	}
-	if r.client, err = consul.NewClient(consul.ClientConfig{Address: "127.0.0.1:" + httpPort}); err != nil {
+	if err := r.connect("127.0.0.1:"+httpPort, log); err != nil {
 		r.Close()
 		return nil, err
+	}
+	return r, nil
+}
+
+// connect makes r's client and watcher for the agent at addr, once it has
+// a leader.
+func (r *consulRegistry) connect(addr string, log *zap.Logger) error {
+	var err error
+	if r.client, err = consul.NewClient(consul.ClientConfig{Address: addr}); err != nil {
+		return err
 	}
 	deadline := time.Now().Add(60 * time.Second)
 	for {
@@ -64,16 +74,12 @@ func startConsul(ctx context.Context, log *zap.Logger) (*consulRegistry, error) 
 			break
 		}
 		if time.Now().After(deadline) {
-			r.Close()
-			return nil, errors.New("consul: no leader after 60s")
+			return errors.New("consul: no leader after 60s")
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	if r.watcher, err = consul.NewWatcher(r.client.API, service, nil, log); err != nil {
-		r.Close()
-		return nil, err
-	}
-	return r, nil
+	r.watcher, err = consul.NewWatcher(r.client.API, service, nil, log)
+	return err
 }
 
 func (r *consulRegistry) Describe() string {

@@ -54,7 +54,7 @@ type options struct {
 
 func main() {
 	var o options
-	flag.StringVar(&o.registry, "registry", "etcd", "registry to measure: etcd or consul")
+	flag.StringVar(&o.registry, "registry", "etcd", "registry to measure: etcd, consul, etcd-cluster (3 members) or consul-cluster (3 servers)")
 	flag.IntVar(&o.changes, "changes", 200, "registry changes to make (alternating register/deregister)")
 	flag.IntVar(&o.backends, "backends", 4, "demo backends in all")
 	flag.IntVar(&o.base, "base", 2, "backends registered throughout (the rest are registered and deregistered in turn)")
@@ -89,8 +89,8 @@ func main() {
 
 func (o options) validate() error {
 	switch {
-	case o.registry != "etcd" && o.registry != "consul":
-		return fmt.Errorf("-registry %q: want etcd or consul", o.registry)
+	case !slices.Contains([]string{"etcd", "consul", "etcd-cluster", "consul-cluster"}, o.registry):
+		return fmt.Errorf("-registry %q: want etcd, consul, etcd-cluster or consul-cluster", o.registry)
 	case o.changes < 1:
 		return errors.New("-changes must be at least 1")
 	case o.base < 1 || o.backends <= o.base:
@@ -121,9 +121,14 @@ func run(ctx context.Context, o options) error {
 	setupStart := time.Now()
 	var reg registry
 	var err error
-	if o.registry == "consul" {
+	switch o.registry {
+	case "consul":
 		reg, err = startConsul(ctx, log)
-	} else {
+	case "etcd-cluster":
+		reg, err = startEtcdCluster(ctx, log)
+	case "consul-cluster":
+		reg, err = startConsulCluster(ctx, log)
+	default:
 		reg, err = startEtcd(ctx, log)
 	}
 	if err != nil {
@@ -172,6 +177,9 @@ func run(ctx context.Context, o options) error {
 	mctx, cancel := context.WithTimeout(ctx, o.timeout)
 	defer cancel()
 	runErr := m.run(mctx)
+	if lk, ok := reg.(leaderKiller); ok && runErr == nil {
+		m.leaderLoss, runErr = m.leaderLosses(mctx, lk, 3)
+	}
 	m.report(os.Stdout, runErr)
 	if runErr != nil && ctx.Err() != nil {
 		return runErr
@@ -202,6 +210,9 @@ type measurement struct {
 	stale   int             // answers from a backend after its removal had converged
 	removed map[string]bool // backend names whose removal has converged
 	runTime time.Duration
+	// leaderLoss: from a killed leader to the first client routed to a
+	// backend registered as soon as the registry took writes again.
+	leaderLoss []time.Duration
 }
 
 // waitBase waits until the base backends answer through the proxy.
@@ -429,6 +440,14 @@ func (m *measurement) report(w io.Writer, runErr error) {
 		p("| %s | %s | %s | %s |\n", st.name, ms(pct(d, 50)), ms(pct(d, 99)), ms(pct(d, 100)))
 	}
 
+	if len(m.leaderLoss) > 0 {
+		p("\nLeader loss: the leader killed (SIGKILL), a backend registered as soon as the registry took writes again; " +
+			"from the kill to the first client connection routed to it:")
+		for _, d := range m.leaderLoss {
+			p(" %s", ms(d))
+		}
+		p(" (the killed member restarted between rounds).\n")
+	}
 	p("\nClient connections through the proxy: %d, failed: %d; answers from a removed backend after its removal converged: %d. ",
 		m.conns, m.failed, m.stale)
 	p("Measurement took %s.\n", m.runTime.Round(time.Millisecond))

@@ -35,6 +35,7 @@ type etcdRegistry struct {
 	client  *clientv3.Client
 	lease   clientv3.LeaseID
 	watcher *etcd.Watcher
+	steer   *etcd.Steering
 }
 
 const service = "web"
@@ -44,19 +45,32 @@ func startEtcd(ctx context.Context, log *zap.Logger) (*etcdRegistry, error) {
 	if err != nil {
 		return nil, fmt.Errorf("etcd data dir: %w", err)
 	}
-	r := &etcdRegistry{dir: dir}
-	r.srv, err = embedetcd.Start(ctx, embedetcd.Config{
+	srv, err := embedetcd.Start(ctx, embedetcd.Config{
 		DataDir:   dir,
 		ClientURL: "http://127.0.0.1:0",
 		Logger:    log,
 	})
 	if err != nil {
-		r.Close()
+		os.RemoveAll(dir)
 		return nil, err
 	}
-	r.client, err = etcd.NewClient(etcd.Config{Endpoints: r.srv.Endpoints(), Logger: log})
+	r, err := newEtcdRegistry(ctx, srv.Endpoints(), log)
 	if err != nil {
-		r.Close()
+		srv.Close()
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	r.dir, r.srv = dir, srv
+	return r, nil
+}
+
+// newEtcdRegistry is a registry on the etcd at endpoints, watched as rota
+// watches it (steered off members that stop answering).
+func newEtcdRegistry(ctx context.Context, endpoints []string, log *zap.Logger) (*etcdRegistry, error) {
+	r := &etcdRegistry{}
+	var err error
+	r.client, err = etcd.NewClient(etcd.Config{Endpoints: endpoints, Logger: log})
+	if err != nil {
 		return nil, err
 	}
 	gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -72,6 +86,8 @@ func startEtcd(ctx context.Context, log *zap.Logger) (*etcdRegistry, error) {
 		r.Close()
 		return nil, err
 	}
+	r.steer = etcd.NewSteering(r.client, log)
+	r.watcher.Steer = r.steer
 	return r, nil
 }
 
@@ -106,11 +122,16 @@ func (r *etcdRegistry) Deregister(ctx context.Context, addr string) error {
 
 // Close is called after every Watch has returned.
 func (r *etcdRegistry) Close() {
+	if r.steer != nil {
+		r.steer.Close()
+	}
 	if r.client != nil {
 		_ = r.client.Close()
 	}
 	if r.srv != nil {
 		r.srv.Close()
 	}
-	_ = os.RemoveAll(r.dir)
+	if r.dir != "" {
+		_ = os.RemoveAll(r.dir)
+	}
 }

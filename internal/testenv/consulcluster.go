@@ -8,7 +8,6 @@ import (
 	"os/exec"
 	"strings"
 	"sync"
-	"testing"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -19,7 +18,7 @@ import (
 // its own process with its own ports. Servers can be killed and started
 // again on their ports and data. The test's cleanup kills every agent.
 type ConsulCluster struct {
-	t       testing.TB
+	t       T
 	bin     string
 	servers []*consulAgent
 	client  *consulAgent
@@ -39,7 +38,7 @@ type consulAgent struct {
 // StartConsulCluster starts n servers (raft_multiplier 1, so a lost leader
 // is replaced within seconds) and a client agent, and returns once the
 // cluster has a leader and the client agent has joined.
-func StartConsulCluster(t testing.TB, n int) *ConsulCluster {
+func StartConsulCluster(t T, n int) *ConsulCluster {
 	t.Helper()
 	c := &ConsulCluster{t: t, bin: ConsulBinary(t)}
 	ports, err := freePorts(4 * (n + 1))
@@ -75,14 +74,14 @@ func StartConsulCluster(t testing.TB, n int) *ConsulCluster {
 func (c *ConsulCluster) Addr() string { return c.client.http }
 
 // Client returns an API client of the client agent.
-func (c *ConsulCluster) Client(t testing.TB) *api.Client {
+func (c *ConsulCluster) Client(t T) *api.Client {
 	t.Helper()
 	cfg := api.DefaultConfig()
 	cfg.Address = c.client.http
 	cfg.Token = ""
 	cl, err := api.NewClient(cfg)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("testenv: consul client: %v", err)
 	}
 	return cl
 }

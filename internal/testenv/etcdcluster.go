@@ -10,7 +10,6 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -19,7 +18,7 @@ import (
 
 // EtcdBinary returns the path of the etcd binary cluster tests run, built
 // on first use by scripts/etcd-bin.
-func EtcdBinary(t testing.TB) string {
+func EtcdBinary(t T) string {
 	t.Helper()
 	root, err := repoRoot()
 	if err != nil {
@@ -41,7 +40,7 @@ func EtcdBinary(t testing.TB) string {
 // stay up and nothing answers, like a member cut off by the network) and
 // thawed. The test's cleanup kills every member.
 type EtcdCluster struct {
-	t       testing.TB
+	t       T
 	bin     string
 	members []*etcdMember
 	initial string
@@ -59,7 +58,7 @@ type etcdMember struct {
 // StartEtcdCluster starts an n-member cluster (heartbeat 50 ms, election
 // timeout 500 ms, so a lost leader is replaced within a second or so) and
 // returns once every member answers.
-func StartEtcdCluster(t testing.TB, n int) *EtcdCluster {
+func StartEtcdCluster(t T, n int) *EtcdCluster {
 	t.Helper()
 	c := &EtcdCluster{t: t, bin: EtcdBinary(t)}
 	ports, err := freePorts(2 * n)
@@ -104,7 +103,7 @@ func (c *EtcdCluster) Endpoint(i int) string { return c.members[i].clientURL }
 
 // Client returns a client of the given endpoints (every member when none),
 // closed by t's cleanup.
-func (c *EtcdCluster) Client(t testing.TB, endpoints ...string) *clientv3.Client {
+func (c *EtcdCluster) Client(t T, endpoints ...string) *clientv3.Client {
 	t.Helper()
 	if len(endpoints) == 0 {
 		endpoints = c.Endpoints()
@@ -208,7 +207,7 @@ func (c *EtcdCluster) signal(i int, sig os.Signal) {
 
 // Leader is the index of the member that leads now, asking the members
 // that answer; -1 when none does.
-func (c *EtcdCluster) Leader(t testing.TB) int {
+func (c *EtcdCluster) Leader(t T) int {
 	t.Helper()
 	for i, m := range c.members {
 		cl := c.Client(t, m.clientURL)
