@@ -1,8 +1,10 @@
-// Package balancer hands out live targets in round-robin order.
+// Package balancer hands out live targets: weighted round-robin,
+// least-connections or power-of-two random choices.
 //
-// The live set is an immutable slice published through an atomic pointer
-// (grpc-go's picker pattern): Update builds a new slice and swaps it in, Pick
-// reads whatever slice is current without taking a lock or allocating.
+// The live set and its weights are an immutable picker published through an
+// atomic pointer (grpc-go's picker pattern): Update builds a new picker and
+// swaps it in, Pick reads whatever picker is current without taking a lock
+// or allocating, and costs the same whether there are 3 targets or 10,000.
 package balancer
 
 import (
@@ -14,7 +16,7 @@ import (
 // Target is one backend address together with the connection accounting the
 // proxy keeps for it. A Target lives as long as its address is discovered, so
 // counters survive changes of health and of the live set. All fields but Addr
-// are updated atomically from many goroutines.
+// and AddrPort are updated atomically from many goroutines.
 type Target struct {
 	Addr string
 	// AddrPort is Addr parsed, when it is an IP address and port (not a
@@ -34,47 +36,72 @@ func NewTarget(addr string) *Target {
 	return &Target{Addr: addr, AddrPort: netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())}
 }
 
-// RoundRobin picks live targets in turn. The zero value is ready to use and
-// has no targets.
-type RoundRobin struct {
-	live atomic.Pointer[[]*Target]
-	// next is shared by every published set so the rotation continues across
-	// updates instead of restarting at the first target after each change.
-	next    atomic.Uint64
+// Policy is how a picker chooses among its targets.
+type Policy string
+
+// Policies (the listener's balance key).
+const (
+	// RoundRobin takes the targets in turn, each as often as its weight
+	// says, spread out (never a burst to one target): with equal weights,
+	// exactly one after the other.
+	RoundRobin Policy = "round_robin"
+	// LeastConn takes the target with the fewest open connections relative
+	// to its weight, ties in rotation.
+	LeastConn Policy = "least_conn"
+	// RandomTwo draws two targets at random and takes the one with fewer
+	// open connections relative to its weight.
+	RandomTwo Policy = "random_two"
+)
+
+// Entry is a target in a picker, with its effective weight (at least 1).
+type Entry struct {
+	T *Target
+	W int
+}
+
+// Balancer publishes pickers. The zero value is a round-robin balancer with
+// no targets.
+type Balancer struct {
+	cur atomic.Pointer[picker]
+	// seq is shared by every picker published, so that the rotation goes
+	// on across updates instead of restarting at the first target.
+	seq     atomic.Uint64
 	started atomic.Bool
 }
 
-// Update publishes targets as the new live set. The slice is owned by the
-// balancer from here on: callers must not modify it.
-func (b *RoundRobin) Update(targets []*Target) {
+// Update publishes a picker of policy over entries (a policy of "" is
+// round-robin). The entries are the balancer's from here on: callers must
+// not modify them. Building a picker costs O(n); picking from it, O(1).
+func (b *Balancer) Update(policy Policy, entries []Entry) {
 	if b.started.CompareAndSwap(false, true) {
 		// Random start: a fleet of proxies restarted together must not all
 		// send their first connection to the same instance.
-		b.next.Store(rand.Uint64())
+		b.seq.Store(rand.Uint64())
 	}
-	b.live.Store(&targets)
+	b.cur.Store(newPicker(policy, entries))
 }
 
-// Live returns the current live set. Callers must not modify it.
-func (b *RoundRobin) Live() []*Target {
-	if p := b.live.Load(); p != nil {
-		return *p
+// Live returns the targets of the current picker. Callers must not modify
+// the slice.
+func (b *Balancer) Live() []*Target {
+	if p := b.cur.Load(); p != nil {
+		return p.set
 	}
 	return nil
 }
 
 // Pick starts a selection for one client connection: the returned Cursor
-// yields the next live target in rotation, then (for retries) the ones after
-// it, each target at most once. Pick takes no lock and does not allocate.
-func (b *RoundRobin) Pick() Cursor {
-	set := b.Live()
-	if len(set) == 0 {
+// yields the policy's choice, then (for retries) every other target of the
+// set once, in rotation. Pick takes no lock and does not allocate.
+func (b *Balancer) Pick() Cursor {
+	p := b.cur.Load()
+	if p == nil || len(p.set) == 0 {
 		return Cursor{}
 	}
-	return Cursor{set: set, start: b.next.Add(1) - 1}
+	return Cursor{set: p.set, start: uint64(p.pick(&b.seq))}
 }
 
-// Cursor walks the live set as it was when Pick was called. The zero Cursor
+// Cursor walks a picker's targets from its choice on. The zero Cursor
 // yields nothing.
 type Cursor struct {
 	set   []*Target
@@ -95,3 +122,16 @@ func (c *Cursor) Next() *Target {
 
 // Len is the number of targets the cursor can offer in all.
 func (c *Cursor) Len() int { return len(c.set) }
+
+// RoundRobinBalancer is a balancer over equally weighted targets, for callers with
+// no weights: Update(targets) is Balancer.Update(RoundRobin, weight 1 each).
+type RoundRobinBalancer struct{ Balancer }
+
+// Update publishes targets, equally weighted, in rotation.
+func (b *RoundRobinBalancer) Update(targets []*Target) {
+	es := make([]Entry, len(targets))
+	for i, t := range targets {
+		es[i] = Entry{T: t, W: 1}
+	}
+	b.Balancer.Update(RoundRobin, es)
+}

@@ -2,6 +2,7 @@ package balancer
 
 import (
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 
@@ -19,7 +20,7 @@ func targets(n int) []*Target {
 }
 
 func TestZeroValuePicksNothing(t *testing.T) {
-	var b RoundRobin
+	var b RoundRobinBalancer
 	c := b.Pick()
 	if got := c.Next(); got != nil {
 		t.Fatalf("zero balancer picked %v", got.Addr)
@@ -32,7 +33,7 @@ func TestZeroValuePicksNothing(t *testing.T) {
 }
 
 func TestRoundRobinExactlyEven(t *testing.T) {
-	var b RoundRobin
+	var b RoundRobinBalancer
 	ts := targets(3)
 	b.Update(ts)
 	count := map[string]int{}
@@ -54,7 +55,7 @@ func TestRoundRobinExactlyEven(t *testing.T) {
 }
 
 func TestCursorOffersEachTargetOnce(t *testing.T) {
-	var b RoundRobin
+	var b RoundRobinBalancer
 	b.Update(targets(4))
 	c := b.Pick()
 	seen := map[string]bool{}
@@ -75,7 +76,7 @@ func TestRandomStart(t *testing.T) {
 	first := map[string]bool{}
 	ts := targets(16)
 	for range 20 {
-		var b RoundRobin
+		var b RoundRobinBalancer
 		b.Update(ts)
 		c := b.Pick()
 		first[c.Next().Addr] = true
@@ -86,7 +87,7 @@ func TestRandomStart(t *testing.T) {
 }
 
 func TestRotationContinuesAcrossUpdates(t *testing.T) {
-	var b RoundRobin
+	var b RoundRobinBalancer
 	ts := targets(3)
 	b.Update(ts)
 	c := b.Pick()
@@ -99,7 +100,7 @@ func TestRotationContinuesAcrossUpdates(t *testing.T) {
 }
 
 func TestPickDoesNotAllocate(t *testing.T) {
-	var b RoundRobin
+	var b RoundRobinBalancer
 	b.Update(targets(5))
 	allocs := testing.AllocsPerRun(1000, func() {
 		c := b.Pick()
@@ -112,7 +113,7 @@ func TestPickDoesNotAllocate(t *testing.T) {
 }
 
 func TestConcurrentPickAndUpdate(t *testing.T) {
-	var b RoundRobin
+	var b RoundRobinBalancer
 	sets := [][]*Target{targets(1), targets(3), nil, targets(7)}
 	var updater, pickers sync.WaitGroup
 	stop := make(chan struct{})
@@ -150,10 +151,194 @@ func TestConcurrentPickAndUpdate(t *testing.T) {
 	updater.Wait()
 }
 
+func weighted(ts []*Target, ws ...int) []Entry {
+	es := make([]Entry, len(ts))
+	for i, t := range ts {
+		es[i] = Entry{T: t, W: ws[i%len(ws)]}
+	}
+	return es
+}
+
+var policies = []Policy{RoundRobin, LeastConn, RandomTwo}
+
+// Over 30,000 connections of equal load (each closed before the next),
+// every policy splits by weight within 3%.
+func TestWeightedSplit(t *testing.T) {
+	for _, pol := range policies {
+		for _, n := range []int{3, 300} { // the smooth schedule, and the stride scheduler
+			t.Run(fmt.Sprintf("%s/%d", pol, n), func(t *testing.T) {
+				var b Balancer
+				ts := targets(n)
+				b.Update(pol, weighted(ts, 1, 2, 3))
+				count := map[*Target]int{}
+				const picks = 30000
+				// Equal load: every connection stays open for the next
+				// 20n picks, then closes.
+				var open []*Target
+				for range picks {
+					if len(open) == 20*n {
+						open[0].Active.Add(-1)
+						open = open[1:]
+					}
+					c := b.Pick()
+					tg := c.Next()
+					tg.Active.Add(1)
+					open = append(open, tg)
+					count[tg]++
+				}
+				byWeight := map[int]int{}
+				for i, tg := range ts {
+					byWeight[[]int{1, 2, 3}[i%3]] += count[tg]
+				}
+				for w, got := range byWeight {
+					want := float64(picks) * float64(w) / 6
+					if d := (float64(got) - want) / want; d > 0.03 || d < -0.03 {
+						t.Errorf("weight %d got %d picks, want %.0f ±3%% (%+.1f%%)", w, got, want, 100*d)
+					}
+				}
+			})
+		}
+	}
+}
+
+// Round-robin spreads a heavy target's picks out: with 1:1:3 it is never
+// picked three times in a row (nginx's smooth weighted round-robin).
+func TestRoundRobinIsSmooth(t *testing.T) {
+	var b Balancer
+	ts := targets(3)
+	b.Update(RoundRobin, weighted(ts, 1, 1, 3))
+	run, prev := 0, (*Target)(nil)
+	for range 1000 {
+		c := b.Pick()
+		tg := c.Next()
+		if tg == prev {
+			run++
+		} else {
+			run = 1
+		}
+		prev = tg
+		if run >= 3 {
+			t.Fatalf("%s picked %d times in a row", tg.Addr, run)
+		}
+	}
+}
+
+// With equal weights round-robin is the plain rotation.
+func TestEqualWeightsRotate(t *testing.T) {
+	var b Balancer
+	ts := targets(4)
+	b.Update(RoundRobin, weighted(ts, 5))
+	c := b.Pick()
+	first := c.Next()
+	i := slices.Index(ts, first)
+	for k := 1; k < 12; k++ {
+		c := b.Pick()
+		if got, want := c.Next(), ts[(i+k)%4]; got != want {
+			t.Fatalf("pick %d: %s, want %s", k, got.Addr, want.Addr)
+		}
+	}
+}
+
+// least_conn sends new connections to the target with the fewest open
+// ones relative to its weight; ties rotate.
+func TestLeastConn(t *testing.T) {
+	var b Balancer
+	ts := targets(3)
+	b.Update(LeastConn, weighted(ts, 1))
+	ts[0].Active.Store(5)
+	ts[1].Active.Store(2)
+	ts[2].Active.Store(9)
+	for range 10 {
+		c := b.Pick()
+		if got := c.Next(); got != ts[1] {
+			t.Fatalf("picked %s with %d open, want the least loaded", got.Addr, got.Active.Load())
+		}
+	}
+	// Relative to weight: 9 open on weight 6 is lighter than 2 on weight 1.
+	b.Update(LeastConn, []Entry{{ts[0], 1}, {ts[1], 1}, {ts[2], 6}})
+	c := b.Pick()
+	if got := c.Next(); got != ts[2] {
+		t.Fatalf("picked %s, want the target lightest for its weight", got.Addr)
+	}
+	// Ties rotate.
+	for _, tg := range ts {
+		tg.Active.Store(0)
+	}
+	b.Update(LeastConn, weighted(ts, 1))
+	seen := map[*Target]bool{}
+	for range 3 {
+		c := b.Pick()
+		seen[c.Next()] = true
+	}
+	if len(seen) != 3 {
+		t.Fatalf("equal loads picked %d distinct targets in 3 picks, want rotation", len(seen))
+	}
+}
+
+// Every policy's cursor offers the others once each after its choice.
+func TestCursorOffersEveryTargetOnce(t *testing.T) {
+	for _, pol := range policies {
+		var b Balancer
+		ts := targets(5)
+		b.Update(pol, weighted(ts, 1, 4))
+		c := b.Pick()
+		seen := map[*Target]int{}
+		for tg := c.Next(); tg != nil; tg = c.Next() {
+			seen[tg]++
+		}
+		if len(seen) != 5 {
+			t.Fatalf("%s: cursor offered %d distinct targets of 5", pol, len(seen))
+		}
+		for tg, n := range seen {
+			if n != 1 {
+				t.Fatalf("%s: %s offered %d times", pol, tg.Addr, n)
+			}
+		}
+	}
+}
+
+func TestPickAllocatesNothingForAnyPolicy(t *testing.T) {
+	for _, pol := range policies {
+		for _, n := range []int{3, 10_000} {
+			var b Balancer
+			b.Update(pol, weighted(targets(n), 1, 2, 3))
+			allocs := testing.AllocsPerRun(1000, func() {
+				c := b.Pick()
+				_ = c.Next()
+				_ = c.Next()
+			})
+			if allocs != 0 {
+				t.Fatalf("%s with %d targets: Pick allocated %.1f times", pol, n, allocs)
+			}
+		}
+	}
+}
+
+func BenchmarkPickPolicies(b *testing.B) {
+	for _, pol := range policies {
+		for _, n := range []int{3, 100, 10_000} {
+			for _, ws := range [][]int{{1}, {1, 2, 3}} {
+				b.Run(fmt.Sprintf("%s/targets=%d/weights=%v", pol, n, ws), func(b *testing.B) {
+					var bal Balancer
+					bal.Update(pol, weighted(targets(n), ws...))
+					b.ReportAllocs()
+					b.ResetTimer()
+					b.RunParallel(func(pb *testing.PB) {
+						for pb.Next() {
+							c := bal.Pick()
+							_ = c.Next()
+						}
+					})
+				})
+			}
+		}
+	}
+}
+
 func BenchmarkPick(b *testing.B) {
 	for _, n := range []int{3, 100, 1000} {
 		b.Run(fmt.Sprintf("targets=%d", n), func(b *testing.B) {
-			var rr RoundRobin
+			var rr RoundRobinBalancer
 			rr.Update(targets(n))
 			b.ReportAllocs()
 			b.RunParallel(func(pb *testing.PB) {

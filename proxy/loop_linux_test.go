@@ -59,7 +59,7 @@ func TestIdleConnectionsHoldNoGoroutines(t *testing.T) {
 // address does) ends Serve, while connections it accepted carry on.
 func TestClosingListenerEndsServeKeepsConnections(t *testing.T) {
 	be := startBackend(t, echoHandler)
-	rr := &balancer.RoundRobin{}
+	rr := &balancer.RoundRobinBalancer{}
 	rr.Update([]*balancer.Target{balancer.NewTarget(be.addr())})
 	p := &proxy.Proxy{Picker: rr}
 	defer p.Close()

@@ -101,7 +101,7 @@ func resetHandler(c net.Conn) {
 
 type setup struct {
 	p    *proxy.Proxy
-	rr   *balancer.RoundRobin
+	rr   *balancer.RoundRobinBalancer
 	addr string
 	done chan error
 
@@ -123,7 +123,7 @@ func startProxy(t *testing.T, set proxy.Settings, addrs ...string) *setup {
 // startProxyOn is startProxy listening on listen.
 func startProxyOn(t *testing.T, listen string, set proxy.Settings, addrs ...string) *setup {
 	t.Helper()
-	s := &setup{rr: &balancer.RoundRobin{}, done: make(chan error, 1)}
+	s := &setup{rr: &balancer.RoundRobinBalancer{}, done: make(chan error, 1)}
 	ts := make([]*balancer.Target, len(addrs))
 	for i, a := range addrs {
 		ts[i] = balancer.NewTarget(a)
@@ -570,7 +570,7 @@ func TestAcceptBacksOffOnEMFILE(t *testing.T) {
 	be := startBackend(t, echoHandler)
 	inner, _ := net.Listen("tcp", "127.0.0.1:0")
 	fl := &flakyListener{Listener: inner, fails: 6}
-	rr := &balancer.RoundRobin{}
+	rr := &balancer.RoundRobinBalancer{}
 	rr.Update([]*balancer.Target{balancer.NewTarget(be.addr())})
 	p := &proxy.Proxy{Picker: rr}
 	done := make(chan error, 1)
@@ -661,7 +661,7 @@ func testShutdownCutsAfterDeadline(t *testing.T) {
 func TestNoGoroutineOutlivesServe(t *testing.T) {
 	before := goleak.IgnoreCurrent()
 	be := startBackend(t, echoHandler)
-	rr := &balancer.RoundRobin{}
+	rr := &balancer.RoundRobinBalancer{}
 	rr.Update([]*balancer.Target{balancer.NewTarget(be.addr())})
 	p := &proxy.Proxy{Picker: rr}
 	p.Configure(proxy.Settings{IdleTimeout: time.Minute})

@@ -106,7 +106,7 @@ func testStreamsNeverCross(t *testing.T) {
 }
 
 // orderedPicker offers its targets in the order given, every time.
-type orderedPicker struct{ rr balancer.RoundRobin }
+type orderedPicker struct{ rr balancer.RoundRobinBalancer }
 
 func newOrderedPicker(addrs ...string) *orderedPicker {
 	p := &orderedPicker{}
@@ -333,7 +333,7 @@ func testShutdownUnderConnectStorm(t *testing.T) {
 		if trial%2 == 0 { // half with a live target, half with none
 			addrs = []string{be.addr()}
 		}
-		rr := &balancer.RoundRobin{}
+		rr := &balancer.RoundRobinBalancer{}
 		var ts []*balancer.Target
 		for _, a := range addrs {
 			ts = append(ts, balancer.NewTarget(a))

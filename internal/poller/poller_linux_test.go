@@ -14,6 +14,9 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
+// slack is how late a timer may fire on a loaded machine.
+const slack = 250 * time.Millisecond
+
 // recorder is a handler that records what it is told, on the loop.
 type recorder struct {
 	mu      sync.Mutex
@@ -203,7 +206,10 @@ func TestTimersFireUnderLoad(t *testing.T) {
 		})
 		select {
 		case got := <-fired:
-			if got < d || got > d+50*time.Millisecond {
+			// Never early; late only by scheduling (a loaded machine runs
+			// other processes too): a starved timer fires only when the
+			// events stop, which they never do here.
+			if got < d || got > d+slack {
 				t.Errorf("timer of %v fired after %v", d, got)
 			}
 		case <-time.After(10 * time.Second):
@@ -239,7 +245,7 @@ func TestIdleLoopWakesForTimer(t *testing.T) {
 	for _, want := range []time.Duration{50 * time.Millisecond, 150 * time.Millisecond} {
 		select {
 		case got := <-fired:
-			if got < want || got > want+50*time.Millisecond {
+			if got < want || got > want+slack {
 				t.Errorf("fired after %v, want %v", got, want)
 			}
 		case <-time.After(5 * time.Second):

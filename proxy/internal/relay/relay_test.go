@@ -19,7 +19,7 @@ import (
 type fixed []*balancer.Target
 
 func (f fixed) Pick() balancer.Cursor {
-	var rr balancer.RoundRobin
+	var rr balancer.RoundRobinBalancer
 	rr.Update(f)
 	c := rr.Pick()
 	// RoundRobin starts at a random index; walk to the first target so
