@@ -210,4 +210,3 @@ func (c *ConsulCluster) logs() string {
 	}
 	return b.String()
 }
-
