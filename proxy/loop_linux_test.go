@@ -143,6 +143,7 @@ func TestTimersKeepTimeUnderBulkLoad(t *testing.T) {
 		// second.
 		// (An echo later than idle is a quiet connection too: then the
 		// request was the last byte.)
+		probe := startLatencyProbe()
 		sent := time.Now()
 		quiet.Write([]byte("q"))
 		last := sent
@@ -155,11 +156,15 @@ func TestTimersKeepTimeUnderBulkLoad(t *testing.T) {
 		}
 		quiet.Close()
 		early, late := time.Since(sent), time.Since(last)
-		if err != nil || early < idle || late > 2*idle {
-			t.Fatalf("quiet connection %d cut %v after its request, %v after the answer (%v); want between %v and %v",
-				i, early, late, err, idle, 2*idle)
+		// On a shared machine this goroutine itself may run late: what
+		// it sees is allowed that much more (the loop's own lateness,
+		// seconds when its timers starved, is not).
+		lag := probe()
+		if err != nil || early < idle || late > 2*idle+lag {
+			t.Fatalf("quiet connection %d cut %v after its request, %v after the answer (%v); want between %v and %v (+%v of this process's scheduling lag)",
+				i, early, late, err, idle, 2*idle, lag)
 		}
-		t.Logf("quiet connection cut %v after its request, %v after the answer", early, late)
+		t.Logf("quiet connection cut %v after its request, %v after the answer (scheduling lag %v)", early, late, lag)
 
 		began := time.Now() // before the proxy can have accepted and dialled
 		c := dial(t, dialAddr)
@@ -241,5 +246,31 @@ func rawClients(t *testing.T, addr netip.AddrPort, n int) []int {
 func closeAll(fds []int) {
 	for _, fd := range fds {
 		unix.Close(fd)
+	}
+}
+
+// startLatencyProbe measures how late this process's goroutines are
+// scheduled: it sleeps 5 ms over and over and keeps the worst overshoot.
+// The returned function stops it and reports that overshoot.
+func startLatencyProbe() func() time.Duration {
+	stop := make(chan struct{})
+	done := make(chan time.Duration)
+	go func() {
+		var worst time.Duration
+		for {
+			select {
+			case <-stop:
+				done <- worst
+				return
+			default:
+			}
+			start := time.Now()
+			time.Sleep(5 * time.Millisecond) // the measurement itself, not synchronisation
+			worst = max(worst, time.Since(start)-5*time.Millisecond)
+		}
+	}()
+	return func() time.Duration {
+		close(stop)
+		return <-done
 	}
 }
