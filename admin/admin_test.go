@@ -52,7 +52,7 @@ func TestMetricsFollowTargets(t *testing.T) {
 	a, b := backend(t), backend(t)
 	cfg := config.Default()
 	l := config.DefaultListener()
-	l.Name, l.Listen, l.Discovery, l.Static = "web", "127.0.0.1:0", "static", []string{a, b}
+	l.Name, l.Listen, l.Discovery, l.Static = "web", "127.0.0.1:0", "static", config.Statics(a, b)
 	l.Health.Interval = 50 * time.Millisecond
 	cfg.Listeners = []config.Listener{l}
 	srv, err := server.Start(context.Background(), cfg, nil)
@@ -111,7 +111,7 @@ func TestMetricsFollowTargets(t *testing.T) {
 	// A target no longer discovered loses its series.
 	next := *cfg
 	nl := l
-	nl.Static = []string{a}
+	nl.Static = config.Statics(a)
 	next.Listeners = []config.Listener{nl}
 	if err := srv.Reload(context.Background(), &next); err != nil {
 		t.Fatal(err)
@@ -135,7 +135,7 @@ func TestMetricsFollowTargets(t *testing.T) {
 func TestStatusPageIsSelfContained(t *testing.T) {
 	cfg := config.Default()
 	l := config.DefaultListener()
-	l.Name, l.Listen, l.Discovery, l.Static = "web", "127.0.0.1:0", "static", []string{backend(t)}
+	l.Name, l.Listen, l.Discovery, l.Static = "web", "127.0.0.1:0", "static", config.Statics(backend(t))
 	cfg.Listeners = []config.Listener{l}
 	srv, err := server.Start(context.Background(), cfg, nil)
 	if err != nil {

@@ -57,10 +57,10 @@ func TestStatusPageInBrowser(t *testing.T) {
 	}()
 	cfg := config.Default()
 	l := config.DefaultListener()
-	l.Name, l.Listen, l.Service, l.Discovery, l.Static = "web", "127.0.0.1:0", "web", "static", []string{live, dyingAddr}
+	l.Name, l.Listen, l.Service, l.Discovery, l.Static = "web", "127.0.0.1:0", "web", "static", config.Statics(live, dyingAddr)
 	l.Health.Interval, l.Health.Fall = 100*time.Millisecond, 1
 	db := config.DefaultListener()
-	db.Name, db.Listen, db.Discovery, db.Static = "db", "127.0.0.1:0", "static", []string{backend(t)}
+	db.Name, db.Listen, db.Discovery, db.Static = "db", "127.0.0.1:0", "static", config.Statics(backend(t))
 	cfg.Listeners = []config.Listener{l, db}
 	srv, err := server.Start(context.Background(), cfg, nil)
 	if err != nil {

@@ -20,7 +20,9 @@
 //   - accept_proxy_protocol entries are CIDRs; a bare IP address is accepted
 //     and means that single host (/32 or /128). See [Listener.TrustedProxies].
 //   - idle_timeout: 0 disables the idle timeout; drain_timeout: 0 closes open
-//     connections at once on shutdown. Other durations must be positive.
+//     connections at once on shutdown; slow_start and max_conn_age: 0 is
+//     off; removed_conn_grace: "never" (the default) or a duration, 0
+//     closing at once. Other durations must be positive.
 //   - When health.interval is set above the default backoff_max (30s) and
 //     backoff_max is not set, backoff_max is raised to the interval (a down
 //     target is then simply probed every interval). An explicit backoff_max
@@ -125,8 +127,8 @@ type Listener struct {
 	Service   string `yaml:"service"`   // required for consul and etcd
 	Discovery string `yaml:"discovery"` // consul | etcd | static
 
-	Tags   []string `yaml:"tags"`   // consul only: every tag must match
-	Static []string `yaml:"static"` // static only: host:port list
+	Tags   []string       `yaml:"tags"`   // consul only: every tag must match
+	Static []StaticTarget `yaml:"static"` // static only: host:port, or {addr: host:port, weight: 3}
 
 	Health Health `yaml:"health"`
 
@@ -151,6 +153,53 @@ type Listener struct {
 	// for idempotent protocols). Off (the default), such a reset after the
 	// first client byte reached the target goes to the client.
 	ReplayOnReset bool `yaml:"replay_on_reset"`
+
+	// Balance is the picking policy: round_robin (weighted, smooth; the
+	// default), least_conn or random_two.
+	Balance string `yaml:"balance"`
+	// SlowStart ramps a target that turns live while others serve from a
+	// small share to its full weight over this long; 0 is off.
+	SlowStart time.Duration `yaml:"slow_start"`
+	// RemovedConnGrace: how long the open connections of a target that
+	// left discovery, went down or was drained may go on; Never (the
+	// default) leaves them alone.
+	RemovedConnGrace Grace `yaml:"removed_conn_grace"`
+	// MaxConnAge closes client connections older than this (+-10 %
+	// jitter), so long-lived ones spread onto targets added since; 0 is
+	// off.
+	MaxConnAge time.Duration `yaml:"max_conn_age"`
+}
+
+// Grace is a duration, or Never ("never" in the file).
+type Grace time.Duration
+
+// Never is the Grace that never runs out.
+const Never Grace = -1
+
+// Balance policies (the balance key).
+const (
+	BalanceRoundRobin = "round_robin"
+	BalanceLeastConn  = "least_conn"
+	BalanceRandomTwo  = "random_two"
+)
+
+// StaticTarget is one entry of a static list: "host:port" in the file, or
+// a mapping {addr: host:port, weight: 3}.
+type StaticTarget struct {
+	Addr   string `yaml:"addr"`
+	Weight int    `yaml:"weight"` // 1-1000; 0 (absent) is 1
+}
+
+// Statics makes a static list of addresses, each with no weight.
+func Statics(addrs ...string) []StaticTarget {
+	if addrs == nil {
+		return nil
+	}
+	out := make([]StaticTarget, len(addrs))
+	for i, a := range addrs {
+		out[i] = StaticTarget{Addr: a}
+	}
+	return out
 }
 
 // Health is how a listener probes its targets.
@@ -210,6 +259,8 @@ func DefaultListener() Listener {
 		IdleTimeout:        DefaultIdleTimeout,
 		DrainTimeout:       DefaultDrainTimeout,
 		ProxyHeaderTimeout: DefaultProxyHeaderTimeout,
+		Balance:            BalanceRoundRobin,
+		RemovedConnGrace:   Never,
 	}
 }
 

@@ -57,7 +57,7 @@ func TestParseErrors(t *testing.T) {
 		{"unknown top-level key", "lsteners: []\n" + static,
 			[]string{`rota.yaml:1:1: lsteners: unknown key (did you mean "listeners"?)`}},
 		{"unknown key without suggestion", static + "    weight: 3\n",
-			[]string{"rota.yaml:6:5: listeners[0].weight: unknown key; valid keys: name, listen, service, discovery, tags, static, health, dial_timeout, retries, max_conns, idle_timeout, drain_timeout, proxy_protocol, accept_proxy_protocol, proxy_header_timeout, panic, replay_on_reset"}},
+			[]string{"rota.yaml:6:5: listeners[0].weight: unknown key; valid keys: name, listen, service, discovery, tags, static, health, dial_timeout, retries, max_conns, idle_timeout, drain_timeout, proxy_protocol, accept_proxy_protocol, proxy_header_timeout, panic, replay_on_reset, balance, slow_start, removed_conn_grace, max_conn_age"}},
 		{"dashes for underscores", static + "    max-conns: 3\n",
 			[]string{`rota.yaml:6:5: listeners[0].max-conns: unknown key (did you mean "max_conns"?)`}},
 		{"unknown nested key", static + "    health:\n      intervl: 1s\n",
@@ -325,6 +325,12 @@ func encode(v reflect.Value) any {
 	if v.Type() == reflect.TypeFor[time.Duration]() {
 		return time.Duration(v.Int()).String()
 	}
+	if v.Type() == reflect.TypeFor[Grace]() {
+		if Grace(v.Int()) == Never {
+			return "never"
+		}
+		return time.Duration(v.Int()).String()
+	}
 	switch v.Kind() {
 	case reflect.Pointer:
 		if v.IsNil() {
@@ -366,7 +372,7 @@ func TestDefaults(t *testing.T) {
 	}
 	want := DefaultListener()
 	want.Name, want.Listen, want.Discovery = "listener-0", ":8080", "static"
-	want.Static = []string{"127.0.0.1:9001", "127.0.0.1:9002"}
+	want.Static = Statics("127.0.0.1:9001", "127.0.0.1:9002")
 	if !reflect.DeepEqual(cfg.Listeners, []Listener{want}) {
 		t.Errorf("listener:\n got %+v\nwant %+v", cfg.Listeners, []Listener{want})
 	}
@@ -530,7 +536,7 @@ func TestValidateInMemory(t *testing.T) {
 
 	l := DefaultListener()
 	l.Name, l.Listen, l.Discovery = "static", ":8080", "static"
-	l.Static = []string{"h1:9001", "h2:9002"}
+	l.Static = Statics("h1:9001", "h2:9002")
 	c.Listeners = append(c.Listeners, l)
 	if err := c.Validate(); err != nil {
 		t.Errorf("static quick form: %v", err)

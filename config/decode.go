@@ -205,6 +205,17 @@ func (d *decoder) value(orig *yaml.Node, at position, path string, v reflect.Val
 	}
 
 	switch {
+	case v.Type() == reflect.TypeFor[Grace]():
+		if n.Kind == yaml.ScalarNode && n.Value == "never" {
+			v.SetInt(int64(Never))
+			return
+		}
+		dur, err := time.ParseDuration(n.Value)
+		if n.Kind != yaml.ScalarNode || err != nil {
+			d.fail(path, at, `expected "never" or a duration like 30s, got %s`, describe(n))
+			return
+		}
+		v.SetInt(int64(dur))
 	case v.Type() == reflect.TypeFor[time.Duration]():
 		if n.Kind != yaml.ScalarNode {
 			d.fail(path, at, "expected a duration like 2s or 500ms, got %s", describe(n))
@@ -240,6 +251,18 @@ func (d *decoder) value(orig *yaml.Node, at position, path string, v reflect.Val
 			return
 		}
 		v.SetBool(b)
+	case v.Type() == reflect.TypeFor[StaticTarget]() && n.Kind == yaml.ScalarNode:
+		// The short form of a static entry: just the address.
+		v.Set(reflect.ValueOf(StaticTarget{Addr: n.Value}))
+	case v.Type() == reflect.TypeFor[StaticTarget]() && n.Kind == yaml.MappingNode:
+		d.object(n, at, path, v)
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			// 0 is how a static weight would mean "absent": written out,
+			// it is someone trying to stop traffic, which is a drain.
+			if k, w := n.Content[i], n.Content[i+1]; k.Value == "weight" && w.Value == "0" {
+				d.fail(path+".weight", posOf(w), "must be 1-1000; got 0 (to stop new connections to a target, drain it: POST /api/v1/listeners/{listener}/targets/{addr}/drain)")
+			}
+		}
 	case v.Kind() == reflect.Slice:
 		d.list(n, at, path, v)
 	case v.Kind() == reflect.Struct:
@@ -257,8 +280,11 @@ func (d *decoder) value(orig *yaml.Node, at position, path string, v reflect.Val
 func (d *decoder) list(n *yaml.Node, at position, path string, v reflect.Value) {
 	if n.Kind != yaml.SequenceNode {
 		what := "a list"
-		if v.Type().Elem().Kind() == reflect.String {
+		switch {
+		case v.Type().Elem().Kind() == reflect.String:
 			what = "a list of strings, like [a, b]"
+		case v.Type().Elem() == reflect.TypeFor[StaticTarget]():
+			what = "a list of addresses, like [10.0.0.7:5432, {addr: 10.0.0.8:5432, weight: 3}]"
 		}
 		d.fail(path, at, "expected %s, got %s", what, describe(n))
 		return

@@ -137,12 +137,17 @@ func (ck *checker) listener(c *Config, i int, names map[string]int) {
 		seen := make(map[string]int)
 		for k, t := range l.Static {
 			f := fmt.Sprintf("%s.static[%d]", p, k)
-			if err := checkAddr(t, targetAddr); err != nil {
+			if t.Weight < 0 || t.Weight > 1000 {
+				ck.add(f+".weight", "must be 1-1000; got %d", t.Weight)
+			}
+			if t.Addr == "" {
+				ck.add(f+".addr", "required")
+			} else if err := checkAddr(t.Addr, targetAddr); err != nil {
 				ck.add(f, "%v", err)
-			} else if first, dup := seen[t]; dup {
-				ck.add(f, "duplicate target %q (static[%d] has it too)", t, first)
+			} else if first, dup := seen[t.Addr]; dup {
+				ck.add(f, "duplicate target %q (static[%d] has it too)", t.Addr, first)
 			} else {
-				seen[t] = k
+				seen[t.Addr] = k
 			}
 		}
 	case "":
@@ -188,6 +193,20 @@ func (ck *checker) listener(c *Config, i int, names map[string]int) {
 	}
 	if l.ProxyHeaderTimeout <= 0 {
 		ck.add(p+".proxy_header_timeout", "must be greater than 0")
+	}
+	switch l.Balance {
+	case "", BalanceRoundRobin, BalanceLeastConn, BalanceRandomTwo:
+	default:
+		ck.add(p+".balance", "must be round_robin, least_conn or random_two; got %q", l.Balance)
+	}
+	if l.SlowStart < 0 {
+		ck.add(p+".slow_start", "must not be negative (0 turns it off)")
+	}
+	if l.RemovedConnGrace < 0 && l.RemovedConnGrace != Never {
+		ck.add(p+".removed_conn_grace", `must be "never" or a duration that is not negative (0 closes at once)`)
+	}
+	if l.MaxConnAge < 0 {
+		ck.add(p+".max_conn_age", "must not be negative (0 turns it off)")
 	}
 }
 

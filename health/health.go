@@ -497,7 +497,8 @@ func (c *Checker) setState(t *target, s State, reason string) {
 	}
 	c.logger.Warn("target down", zap.String("target", t.addr), zap.Stringer("from", from),
 		zap.Int("consecutive_failures", t.fail), zap.String("reason", reason))
-	if from == Up {
+	if from == Up || from == Checking {
+		// Checking -> Down too: the first verdict, whatever it is, is news.
 		c.onChange(t.addr, false)
 	}
 }

@@ -140,7 +140,7 @@ func (p *Pool) merge(ins []discovery.Instance) (added, removed []string) {
 		keep[in.Addr] = true
 		e, ok := p.entries[in.Addr]
 		if !ok {
-			e = &entry{t: balancer.NewTarget(in.Addr)}
+			e = &entry{t: balancer.NewTarget(in.Addr), history: &History{}, initial: !p.serving}
 			p.entries[in.Addr] = e
 			added = append(added, in.Addr)
 		}
@@ -239,11 +239,21 @@ func (p *Pool) dropBridging() {
 // healthChanged applies one target's health change (on the serializer).
 func (p *Pool) healthChanged(addr string, up bool) {
 	e, ok := p.entries[addr]
-	if !ok || e.up == up {
+	if !ok {
+		return
+	}
+	first := e.initial
+	e.initial = false
+	if e.up == up {
 		return
 	}
 	e.up = up
 	p.dirty = true
+	if up && !first {
+		p.startRamp(e)
+	} else if !up {
+		e.liveSince = time.Time{}
+	}
 	if up && !e.bridging && p.bridge != nil {
 		p.dropBridging() // a new target is live: the old ones can go
 	}

@@ -35,6 +35,16 @@ type Config struct {
 	// believes it at once. A zero-instance answer on a healthy watch
 	// always applies at once.
 	EmptyHold time.Duration
+	// Balance is the picking policy ("" is round-robin).
+	Balance balancer.Policy
+	// SlowStart ramps a target that turns live while others serve from a
+	// small share to its full weight over this long; 0 disables it.
+	SlowStart time.Duration
+	// Retired, if set, is told on the pool's goroutine when a target stops
+	// taking new connections (reason "removed", "down" or "drained") and
+	// when it takes them again (reason ""), so that the proxy can close or
+	// spare its open connections. It must not block.
+	Retired func(t *balancer.Target, reason string)
 	// Published, if set, is called on the pool's goroutine with every view
 	// it publishes (benchmarks time the stages with it).
 	Published func(*View)
@@ -45,7 +55,7 @@ type Config struct {
 type Pool struct {
 	log     *zap.Logger
 	checker *health.Checker
-	rr      balancer.RoundRobin
+	bal     balancer.Balancer
 
 	view atomic.Pointer[View]
 	// Discovery state read by the admin without the serializer: updated
@@ -75,14 +85,23 @@ type Pool struct {
 	hold      *time.Timer // a held empty answer coming due
 	holdGen   uint64
 	bridge    *bridge
+	drained   map[string]bool             // by address, kept across discovery churn
+	ramp      *time.Timer                 // rebuilds while a target ramps up (slow start)
+	sampler   *time.Timer                 // samples the targets' new connections every second
+	serving   bool                        // some target has been live: later ones ramp
+	reasons   map[*balancer.Target]string // why each target took no new connections at the last rebuild
 }
 
 // entry is one target and what the pool knows of it.
 type entry struct {
-	t        *balancer.Target
-	inst     discovery.Instance
-	up       bool // health says live
-	bridging bool // no longer discovered, kept until a new target is live
+	t         *balancer.Target
+	inst      discovery.Instance
+	up        bool      // health says live
+	bridging  bool      // no longer discovered, kept until a new target is live
+	liveSince time.Time // when it turned up while others served (slow start); zero: full weight
+	initial   bool      // discovered before any target served: its first verdict does not ramp
+	retired   string    // why it takes no new connections ("" while it does)
+	history   *History  // new connections, second by second
 }
 
 // bridge is a make-before-break in progress: a snapshot replaced every live
@@ -102,6 +121,7 @@ func New(cfg Config, log *zap.Logger) *Pool {
 		cfg:      cfg,
 		entries:  map[string]*entry{},
 		seenWarn: map[discovery.Warning]bool{},
+		drained:  map[string]bool{},
 		done:     make(chan struct{}),
 	}
 	p.inputs.init()
@@ -110,12 +130,31 @@ func New(cfg Config, log *zap.Logger) *Pool {
 	})
 	p.view.Store(&View{})
 	go p.run()
+	p.inputs.push(p.sample)
 	return p
 }
 
 // Pick starts a selection for one client connection (see balancer.Cursor).
 // It takes no lock and allocates nothing.
-func (p *Pool) Pick() balancer.Cursor { return p.rr.Pick() }
+func (p *Pool) Pick() balancer.Cursor { return p.bal.Pick() }
+
+// Drain stops (or, with on false, resumes) new connections to addr; its
+// open ones stay. The mark is kept by address, across discovery churn and
+// reloads, until undrained. It returns once the picker reflects it.
+func (p *Pool) Drain(addr string, on bool) {
+	p.inputs.push(func() {
+		if on {
+			p.drained[addr] = true
+		} else if p.drained[addr] {
+			delete(p.drained, addr)
+			if e, ok := p.entries[addr]; ok && e.up {
+				p.startRamp(e)
+			}
+		}
+		p.dirty = true
+	})
+	p.Flush()
+}
 
 // ReportFailure takes addr out of rotation at once: the proxy could not
 // reach it. It never blocks.
@@ -193,6 +232,12 @@ func (p *Pool) stopTimers() {
 	}
 	if p.bridge != nil {
 		p.bridge.timer.Stop()
+	}
+	if p.ramp != nil {
+		p.ramp.Stop()
+	}
+	if p.sampler != nil {
+		p.sampler.Stop()
 	}
 }
 

@@ -1,6 +1,7 @@
 package pool
 
 import (
+	"math"
 	"slices"
 	"strings"
 	"time"
@@ -26,6 +27,14 @@ type TargetView struct {
 	Instance discovery.Instance
 	// Bridging: no longer discovered, serving until a new target is live.
 	Bridging bool
+	// Weight is the registry's (at least 1); EffectiveWeight is what the
+	// picker uses now: less than Weight during a slow start.
+	Weight          int
+	EffectiveWeight float64
+	// Draining: an operator asked for no new connections to it.
+	Draining bool
+	// History is its new connections per second over the last minute.
+	History *History
 }
 
 // DiscoveryState is the registry side of a pool, for the admin API and
@@ -60,21 +69,31 @@ func (p *Pool) Discovery() DiscoveryState {
 }
 
 // rebuild publishes a new picker and view from the entries (on the
-// serializer).
+// serializer), and tells Retired of every target whose reason to take no
+// new connections changed.
 func (p *Pool) rebuild() {
 	p.dirty = false
+	now := time.Now()
+	entries := make([]balancer.Entry, 0, len(p.order))
 	set := make([]*balancer.Target, 0, len(p.order))
+	ramping := false
+	add := func(e *entry) {
+		w := p.effective(e, now)
+		ramping = ramping || !e.liveSince.IsZero()
+		entries = append(entries, balancer.Entry{T: e.t, W: int(math.Round(w * weightScale))})
+		set = append(set, e.t)
+	}
 	for _, e := range p.order {
-		if e.up {
-			set = append(set, e.t)
+		if e.up && !p.drained[e.t.Addr] {
+			add(e)
 		}
 	}
 	discovered := p.discovered()
 	panicking := len(set) == 0 && discovered > 0 && p.cfg.Panic
 	if panicking {
 		for _, e := range p.order {
-			if !e.bridging {
-				set = append(set, e.t)
+			if !e.bridging && !p.drained[e.t.Addr] {
+				add(e)
 			}
 		}
 	}
@@ -87,15 +106,110 @@ func (p *Pool) rebuild() {
 			p.log.Info("panic mode over", zap.Int("live", len(set)))
 		}
 	}
-	p.rr.Update(set)
+	if len(set) > 0 {
+		p.serving = true
+	}
+	p.bal.Update(p.cfg.Balance, entries)
+	p.retire(panicking)
+	if ramping && p.ramp == nil {
+		p.ramp = p.after(max(p.cfg.SlowStart/rampSteps, minRampStep), func() {
+			p.ramp = nil
+			p.dirty = true
+		})
+	}
 	v := &View{Targets: make([]TargetView, len(p.order)), Warnings: p.warnings, Panic: panicking, Live: set}
 	for i, e := range p.order {
-		v.Targets[i] = TargetView{Target: e.t, Instance: e.inst, Bridging: e.bridging}
+		v.Targets[i] = TargetView{
+			Target: e.t, Instance: e.inst, Bridging: e.bridging,
+			Weight: weightOf(e.inst), EffectiveWeight: math.Round(p.effective(e, now)*100) / 100,
+			Draining: p.drained[e.t.Addr], History: e.history,
+		}
 	}
 	p.view.Store(v)
 	if p.cfg.Published != nil {
 		p.cfg.Published(v)
 	}
+}
+
+const (
+	// weightScale keeps two decimals of an effective weight in the
+	// picker's integer weights (the picker reduces them by their common
+	// divisor, so equal weights stay a plain rotation).
+	weightScale = 100
+	// rampSteps is how many times a slow start's weight is raised; a
+	// ramp step is at least minRampStep.
+	rampSteps   = 20
+	minRampStep = 50 * time.Millisecond
+	// rampFloor is the share of its weight a target starts a slow start
+	// with: small, but enough to warm it.
+	rampFloor = 0.05
+)
+
+// weightOf is an instance's weight (a registry that says nothing means 1).
+func weightOf(in discovery.Instance) int { return max(in.Weight, 1) }
+
+// effective is e's weight now: its full weight, or a share of it rising
+// linearly over a slow start. A finished slow start is cleared.
+func (p *Pool) effective(e *entry, now time.Time) float64 {
+	w := float64(weightOf(e.inst))
+	if e.liveSince.IsZero() {
+		return w
+	}
+	frac := float64(now.Sub(e.liveSince)) / float64(p.cfg.SlowStart)
+	if p.cfg.SlowStart <= 0 || frac >= 1 {
+		e.liveSince = time.Time{}
+		return w
+	}
+	return w * max(rampFloor, frac)
+}
+
+// startRamp begins e's slow start if it turns live while another target
+// serves: a target that starts with the pool, or alone, has nobody to
+// spare it.
+func (p *Pool) startRamp(e *entry) {
+	if p.cfg.SlowStart <= 0 || !p.serving {
+		return
+	}
+	for _, o := range p.order {
+		if o != e && o.up && !p.drained[o.t.Addr] {
+			e.liveSince = time.Now()
+			return
+		}
+	}
+}
+
+// retire tells Retired of every target whose reason to take no new
+// connections changed since the last rebuild: "removed" (no longer
+// discovered), "down" (failing its checks, outside panic mode), "drained",
+// or "" (taking them again). Only targets that have served are followed:
+// one that never did has no connections to close.
+func (p *Pool) retire(panicking bool) {
+	if p.cfg.Retired == nil {
+		return
+	}
+	next := make(map[*balancer.Target]string, len(p.reasons))
+	for _, e := range p.order {
+		reason := ""
+		switch {
+		case p.drained[e.t.Addr]:
+			reason = "drained"
+		case !e.up && !panicking && !e.bridging:
+			reason = "down"
+		}
+		prev, known := p.reasons[e.t]
+		if known && prev != reason {
+			p.cfg.Retired(e.t, reason)
+		}
+		if known || reason == "" {
+			next[e.t] = reason
+		}
+	}
+	for t := range p.reasons {
+		if _, ok := next[t]; !ok {
+			p.cfg.Retired(t, "removed")
+		}
+	}
+	p.reasons = next
 }
 
 func sortEntries(es []*entry) {

@@ -234,7 +234,7 @@ func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool)
 // fastListener is a static listener on an ephemeral port with quick checks.
 func fastListener(name string, addrs ...string) config.Listener {
 	l := config.DefaultListener()
-	l.Name, l.Listen, l.Discovery, l.Static = name, "127.0.0.1:0", "static", addrs
+	l.Name, l.Listen, l.Discovery, l.Static = name, "127.0.0.1:0", "static", config.Statics(addrs...)
 	l.Health.Interval = 50 * time.Millisecond
 	l.Health.Timeout = 500 * time.Millisecond
 	l.Health.BackoffMax = 200 * time.Millisecond

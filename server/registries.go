@@ -101,7 +101,11 @@ func (r *registries) watcher(lc config.Listener, logger *zap.Logger) (discovery.
 	log := logger.With(zap.String("listener", lc.Name)).Named("discovery")
 	switch lc.Discovery {
 	case "static":
-		return static.Watcher{Addrs: lc.Static}, nil
+		ins := make([]discovery.Instance, len(lc.Static))
+		for i, st := range lc.Static {
+			ins[i] = discovery.Instance{Addr: st.Addr, Weight: st.Weight}
+		}
+		return static.Watcher{Instances: ins}, nil
 	case "etcd":
 		if r.etcd == nil {
 			return nil, errors.New("discovery etcd needs registries.etcd")

@@ -164,7 +164,7 @@ func TestReloadUnderLoadLosesNothing(t *testing.T) {
 		w.Retries = 2 + i%2
 		w.Health.Interval = time.Duration(40+10*(i%3)) * time.Millisecond
 		if i%2 == 1 {
-			w.Static = names(b1, b2, b3)
+			w.Static = config.Statics(names(b1, b2, b3)...)
 		}
 		next.Listeners = []config.Listener{w}
 		if i%3 == 0 && i < 9 {

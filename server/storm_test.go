@@ -23,7 +23,7 @@ func TestReloadRemovingBusyListenerEnds(t *testing.T) {
 		busy := fastListener("busy", b1.addr)
 		busy.DrainTimeout = drain
 		if trial%2 == 1 {
-			busy.Static = []string{"127.0.0.1:1"} // nothing to reach
+			busy.Static = config.Statics("127.0.0.1:1") // nothing to reach
 		}
 		cfg := config.Default()
 		cfg.Admin.Listen = ""

@@ -102,7 +102,7 @@ func quickConfig(q quickFlags) (*config.Config, error) {
 	sources := 0
 	if len(q.backends) > 0 {
 		sources++
-		l.Discovery, l.Static = "static", q.backends
+		l.Discovery, l.Static = "static", config.Statics(q.backends...)
 		l.Name = "default"
 	}
 	if len(q.etcd) > 0 {

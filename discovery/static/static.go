@@ -8,15 +8,16 @@ import (
 	"github.com/rota-proxy/rota/discovery"
 )
 
-// Watcher pushes one snapshot of Addrs, then waits for ctx. The zero value
-// is a valid watcher of no instances.
+// Watcher pushes one snapshot of Instances, then waits for ctx. The zero
+// value is a valid watcher of no instances.
 type Watcher struct {
-	Addrs []string
+	Instances []discovery.Instance
 }
 
 // Watch implements discovery.Watcher.
 func (w Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
-	sink.Update(discovery.NewSnapshot(w.Addrs...))
+	ins := discovery.SortInstances(append([]discovery.Instance(nil), w.Instances...))
+	sink.Update(discovery.Snapshot{Instances: ins, Resync: true})
 	<-ctx.Done()
 	return nil
 }
