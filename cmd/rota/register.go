@@ -90,7 +90,7 @@ func cmdRegister(args []string, stdout, stderr io.Writer) error {
 }
 
 func cmdDemoBackend(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("demo-backend", stderr, "rota demo-backend --name NAME --listen host:port [--etcd host:port --service NAME]")
+	fs := newFlagSet("demo-backend", stderr, "rota demo-backend --name NAME --listen host:port [--etcd host:port | --consul host:port] [--service NAME]")
 	var (
 		opts demo.BackendOptions
 		ef   etcdFlags
@@ -98,13 +98,18 @@ func cmdDemoBackend(args []string, stdout, stderr io.Writer) error {
 	)
 	fs.StringVar(&opts.Name, "name", "", "what GET / answers (default: the host name)")
 	fs.StringVar(&opts.Listen, "listen", "127.0.0.1:0", "address to listen on")
-	fs.StringVar(&opts.Service, "service", "web", "service to register as (with --etcd)")
+	fs.StringVar(&opts.Service, "service", "web", "service to register as (with --etcd or --consul)")
+	fs.StringVar(&opts.Consul.Address, "consul", "", "Consul agent host:port to register with, with an HTTP check on /healthz (instead of --etcd)")
+	fs.StringVar(&opts.Consul.TokenFile, "consul-token-file", "", "file holding the Consul ACL token (default: CONSUL_HTTP_TOKEN)")
 	fs.StringVar(&opts.Advertise, "advertise", "", "address to register (default: the listen address, or this host's first IP when listening on all)")
 	fs.DurationVar(&opts.TTL, "ttl", etcd.DefaultTTL, "registration lease TTL")
 	ef.register(fs)
 	lf.register(fs, "auto")
 	if err := parseFlags(fs, args); err != nil {
 		return err
+	}
+	if len(ef.endpoints) > 0 && opts.Consul.Address != "" {
+		return usagef("--etcd and --consul are exclusive: a demo backend registers in one registry")
 	}
 	if opts.Name == "" {
 		opts.Name, _ = os.Hostname()
