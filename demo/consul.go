@@ -15,13 +15,17 @@ import (
 )
 
 // Timings of a Consul registration. The check interval lets Consul (and so
-// rota, which reads only passing instances) see a hung backend within about
-// a second. DeregisterCriticalServiceAfter removes a backend that crashed
-// without deregistering; one minute is the shortest Consul honours.
+// rota, which reads only passing instances) see a dead backend within a
+// couple of seconds; ConsulFailuresBeforeCritical keeps one probe delayed
+// on a busy host from taking every backend out of the passing set at once
+// (seen with a dozen containers on two shared cores).
+// DeregisterCriticalServiceAfter removes a backend that crashed without
+// deregistering; one minute is the shortest Consul honours.
 const (
-	ConsulCheckInterval         = time.Second
-	ConsulCheckTimeout          = time.Second
-	ConsulDeregisterCriticalAge = time.Minute
+	ConsulCheckInterval          = time.Second
+	ConsulCheckTimeout           = time.Second
+	ConsulFailuresBeforeCritical = 2
+	ConsulDeregisterCriticalAge  = time.Minute
 
 	// consulResync is how often a registered backend asks its agent
 	// whether it still holds the registration: a dev agent (or any agent
@@ -44,7 +48,8 @@ func ConsulServiceID(service, addr string) string { return service + "-" + addr 
 // ConsulRegistrar returns a RegisterFunc that registers addresses as
 // instances of service with the Consul agent behind client: Address and
 // Port from the address, and an HTTP check of http://<addr>/healthz every
-// ConsulCheckInterval. The registration starts as passing (the backend
+// ConsulCheckInterval (critical after ConsulFailuresBeforeCritical failures
+// in a row). The registration starts as passing (the backend
 // already answers when it registers), is registered again whenever the
 // agent has lost it (an agent restarted without its data), is retried on
 // capped exponential backoff while the agent is unreachable, and is
@@ -81,6 +86,7 @@ func consulRegistration(service, addr string) (*api.AgentServiceRegistration, er
 			Interval:                       ConsulCheckInterval.String(),
 			Timeout:                        ConsulCheckTimeout.String(),
 			Status:                         api.HealthPassing,
+			FailuresBeforeCritical:         ConsulFailuresBeforeCritical,
 			DeregisterCriticalServiceAfter: ConsulDeregisterCriticalAge.String(),
 		},
 	}, nil

@@ -178,7 +178,8 @@ func TestConsulRegistrationInvalid(t *testing.T) {
 	}
 	if r.ID != "web-10.0.0.5:9000" || r.Address != "10.0.0.5" || r.Port != 9000 ||
 		r.Check.HTTP != "http://10.0.0.5:9000/healthz" || r.Check.Interval != "1s" ||
-		r.Check.DeregisterCriticalServiceAfter != "1m0s" || r.Check.Status != api.HealthPassing {
+		r.Check.DeregisterCriticalServiceAfter != "1m0s" || r.Check.Status != api.HealthPassing ||
+		r.Check.FailuresBeforeCritical != 2 {
 		t.Errorf("registration %+v, check %+v", r, r.Check)
 	}
 }
