@@ -36,9 +36,12 @@ func main() {
 	cluster := flag.Bool("cluster", false, "run the 3-member etcd and Consul clusters of deployments/compose/cluster.yml")
 	imagesOnly := flag.Bool("images", false, "only build the binaries and images")
 	keep := flag.Bool("keep", false, "leave the project up after the checks (take it down with the printed command)")
+	timeout := flag.Duration("timeout", 20*time.Minute, "give up after this long (the first build of the images is included)")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
 	if err := run(ctx, *cluster, *imagesOnly, *keep); err != nil {
 		fmt.Fprintln(os.Stderr, "compose check:", err)
 		os.Exit(1)
@@ -178,7 +181,7 @@ func run(ctx context.Context, cluster, imagesOnly, keep bool) error {
 	}
 	if err != nil {
 		if ctx.Err() != nil {
-			return errors.New("interrupted")
+			return fmt.Errorf("interrupted or out of time: %w", err)
 		}
 		_ = r.summary(time.Since(begin))
 		logs, _ := c.run(context.Background(), "logs", "--no-color", "--tail", "30")

@@ -13,6 +13,9 @@ const (
 	upTimeout     = 3 * time.Minute
 	routeTimeout  = 30 * time.Second
 	healthTimeout = 2 * time.Minute
+	// recoverTimeout bounds a registry cluster's recovery once its
+	// majority is back (Consul's serf readmits a server within 30 s).
+	recoverTimeout = 90 * time.Second
 )
 
 // scaled is the scale of the two backend services, given in full to every
