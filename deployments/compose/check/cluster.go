@@ -82,6 +82,12 @@ func checkCluster(ctx context.Context, c *compose, r *report) error {
 	// Then the leaders killed: one member of three left on each side, no
 	// majority, the registries cannot answer; rota keeps its last good sets.
 	name = "docker kill the leaders: no majority left, last good sets serve"
+	before := map[string]float64{}
+	for _, l := range []string{"web", "web-consul"} {
+		if before[l], err = discoveryErrors(ctx, l); err != nil {
+			return r.fail(name, 0, err)
+		}
+	}
 	m = ld.mark()
 	start = time.Now()
 	for _, ct := range []container{etcdLeader, consulLeader} {
@@ -89,9 +95,16 @@ func checkCluster(ctx context.Context, c *compose, r *report) error {
 			return r.fail(name, time.Since(start), err)
 		}
 	}
-	// Serve through both listeners for a while without a majority: long
-	// enough for every watch, lease keepalive and health check to have
-	// seen the registries fail.
+	// Serve through both listeners without a majority, after rota has
+	// seen each registry fail.
+	seen := map[string]float64{}
+	for _, l := range []string{"web", "web-consul"} {
+		n, err := waitDiscoveryErrors(ctx, l, before[l], recoverTimeout)
+		if err != nil {
+			return r.fail(name, time.Since(start), err)
+		}
+		seen[l] = n - before[l]
+	}
 	for _, addr := range []string{webAddr, webConsulAddr} {
 		if err := ld.waitRequests(ctx, addr, 500, routeTimeout); err != nil {
 			return r.fail(name, time.Since(start), err)
@@ -100,8 +113,9 @@ func checkCluster(ctx context.Context, c *compose, r *report) error {
 	noQuorum := c.noQuorum(ctx)
 	ok, failed = ld.since(m)
 	r.record(name, time.Since(start), failed == 0 && noQuorum == nil,
-		"%s and %s killed: %d failed client connections of %d (slowest %v) in %v without a majority; no quorum read answered: %v",
-		etcdLeader.service(), consulLeader.service(), failed, ok+failed, ld.slow(), time.Since(start).Round(time.Millisecond), errOr(noQuorum, "confirmed"))
+		"%s and %s killed: %d failed client connections of %d (slowest %v) in %v without a majority; rota counted %v etcd and %v Consul discovery errors; no quorum read answered: %v",
+		etcdLeader.service(), consulLeader.service(), failed, ok+failed, ld.slow(), time.Since(start).Round(time.Millisecond),
+		seen["web"], seen["web-consul"], errOr(noQuorum, "confirmed"))
 
 	// The majority recovers: the cut members are back on their network.
 	name = "majority recovers: cut members connected again, a new leader each"

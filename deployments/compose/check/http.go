@@ -228,3 +228,50 @@ func (l *load) errors() []string {
 	defer l.mu.Unlock()
 	return slices.Clone(l.errs)
 }
+
+// discoveryErrors reads rota_discovery_errors_total of a listener from
+// rota's /metrics: it grows while rota cannot reach that listener's
+// registry and serves the last good set.
+func discoveryErrors(ctx context.Context, listener string) (float64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+adminAddr+"/metrics", nil)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, fmt.Errorf("/metrics: %w", err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if !strings.HasPrefix(line, "rota_discovery_errors_total{") || !strings.Contains(line, `listener="`+listener+`"`) {
+			continue
+		}
+		var v float64
+		if _, err := fmt.Sscan(line[strings.LastIndexByte(line, ' ')+1:], &v); err != nil {
+			return 0, fmt.Errorf("/metrics: %q: %w", line, err)
+		}
+		return v, nil
+	}
+	return 0, nil // not counted yet: no error so far
+}
+
+// waitDiscoveryErrors waits until rota has counted a discovery error of
+// listener beyond before, and returns the count.
+func waitDiscoveryErrors(ctx context.Context, listener string, before float64, timeout time.Duration) (float64, error) {
+	var now float64
+	err := waitFor(ctx, timeout, func() error {
+		var err error
+		if now, err = discoveryErrors(ctx, listener); err != nil {
+			return err
+		}
+		if now <= before {
+			return fmt.Errorf("rota counted no discovery error of listener %s", listener)
+		}
+		return nil
+	})
+	return now, err
+}

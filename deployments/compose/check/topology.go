@@ -170,6 +170,11 @@ func roundRobin(ctx context.Context, c *compose, r *report, service, addr string
 // backend) is routed.
 func registryOutage(ctx context.Context, c *compose, r *report, ld *load, f *faults, registry, service, addr string, sc *scaled, n *int) error {
 	name := fmt.Sprintf("compose stop %s under load: last good set serves", registry)
+	listener := map[string]string{"etcd": "web", "consul": "web-consul"}[registry]
+	errsBefore, err := discoveryErrors(ctx, listener)
+	if err != nil {
+		return r.fail(name, 0, err)
+	}
 	m := ld.mark()
 	start := time.Now()
 	closeWindow := f.open(registry + " stopped")
@@ -181,8 +186,12 @@ func registryOutage(ctx context.Context, c *compose, r *report, ld *load, f *fau
 	if regs, err := c.containers(ctx, registry); err == nil && len(regs) == 1 {
 		exit = fmt.Sprint(regs[0].State.ExitCode) // 137: killed at compose's stop timeout
 	}
-	// Traffic through the registry's listener while it is down: both
-	// backends keep answering.
+	// Traffic through the registry's listener while it is down, and
+	// after rota has seen it down: both backends keep answering.
+	errsNow, err := waitDiscoveryErrors(ctx, listener, errsBefore, routeTimeout)
+	if err != nil {
+		return r.fail(name, time.Since(start), err)
+	}
 	cs, err := c.containers(ctx, service)
 	if err != nil {
 		return err
@@ -194,8 +203,8 @@ func registryOutage(ctx context.Context, c *compose, r *report, ld *load, f *fau
 		return r.fail(name, time.Since(start), err)
 	}
 	ok, failed := ld.since(m)
-	r.record(name, time.Since(start), failed == 0, "%d failed client connections of %d (slowest %v) while %s was down (stop took %v, exit code %s)",
-		failed, ok+failed, ld.slow(), registry, stopTook.Round(time.Millisecond), exit)
+	r.record(name, time.Since(start), failed == 0, "%d failed client connections of %d (slowest %v) while %s was down and rota counted %v discovery errors (stop took %v, exit code %s)",
+		failed, ok+failed, ld.slow(), registry, errsNow-errsBefore, stopTook.Round(time.Millisecond), exit)
 
 	name = fmt.Sprintf("compose start %s: a new %s instance is routed", registry, service)
 	start = time.Now()
