@@ -11,11 +11,13 @@ import (
 	"time"
 )
 
-// The members of cluster.yml, by compose service.
-var (
-	etcdMembers   = []string{"etcd", "etcd2", "etcd3"}
-	consulServers = []string{"consul-server-1", "consul-server-2", "consul-server-3"}
-)
+// etcdMembers are the etcd members of cluster.yml, by compose service.
+func etcdMembers() []string { return []string{"etcd", "etcd2", "etcd3"} }
+
+// consulServers are the Consul servers of cluster.yml, by compose service.
+func consulServers() []string {
+	return []string{"consul-server-1", "consul-server-2", "consul-server-3"}
+}
 
 // checkCluster runs the checks of cluster.yml: with client load running,
 // one member of each cluster is cut off its network and then the leader of
@@ -125,7 +127,7 @@ func checkCluster(ctx context.Context, c *compose, r *report) error {
 			return r.fail(name, time.Since(start), err)
 		}
 	}
-	remaining := otherThan(etcdMembers, etcdLeader.service(), etcdCut.service())
+	remaining := otherThan(etcdMembers(), etcdLeader.service(), etcdCut.service())
 	if err := waitFor(ctx, recoverTimeout, func() error { return etcdQuorum(ctx, c, remaining) }); err != nil {
 		return r.fail(name, time.Since(start), err)
 	}
@@ -216,7 +218,7 @@ func etcdRoles(ctx context.Context, c *compose) (leader, follower container, err
 	members := map[string]container{} // by IP
 	var eps []string
 	var first container
-	for _, s := range etcdMembers {
+	for _, s := range etcdMembers() {
 		cs, err := c.containers(ctx, s)
 		if err != nil || len(cs) != 1 {
 			return leader, follower, fmt.Errorf("etcd member %s: %d containers, %v", s, len(cs), err)
@@ -267,7 +269,7 @@ func consulRoles(ctx context.Context, c *compose) (leader, follower container, e
 		return leader, follower, err
 	}
 	host, _, _ := net.SplitHostPort(addr)
-	for _, s := range consulServers {
+	for _, s := range consulServers() {
 		cs, err := c.containers(ctx, s)
 		if err != nil || len(cs) != 1 {
 			return leader, follower, fmt.Errorf("consul server %s: %d containers, %v", s, len(cs), err)
@@ -290,7 +292,7 @@ func consulLeaderAddr(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	resp, err := client.Do(req)
+	resp, err := do(req)
 	if err != nil {
 		return "", err
 	}
@@ -340,7 +342,7 @@ func etcdQuorum(ctx context.Context, c *compose, members []string) error {
 // the majority is gone, so that the check above tested what it says.
 func (c *compose) noQuorum(ctx context.Context) error {
 	var alive []string
-	for _, s := range etcdMembers {
+	for _, s := range etcdMembers() {
 		cs, err := c.containers(ctx, s)
 		if err == nil && len(cs) == 1 && cs[0].State.Running && len(cs[0].NetworkSettings.Networks) == 1 {
 			alive = append(alive, s)

@@ -12,11 +12,16 @@ import (
 	"time"
 )
 
-// client makes one request per connection, as a client of the proxy that
+// do sends req on a connection of its own, as a client of the proxy that
 // opens a connection per request does: every GET is a new proxied
 // connection, so a failed GET is a failed client connection. The timeout
-// is long enough for a dial to a dead backend plus a retry.
-var client = &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+// is long enough for a dial to a dead backend plus a retry. Without
+// keep-alives a transport holds nothing after the response, so one per
+// request costs no pooled connections.
+func do(req *http.Request) (*http.Response, error) {
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	return c.Do(req)
+}
 
 // get returns the name the backend behind addr (host:port) answers with.
 func get(ctx context.Context, addr string) (string, error) {
@@ -24,7 +29,7 @@ func get(ctx context.Context, addr string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	resp, err := client.Do(req)
+	resp, err := do(req)
 	if err != nil {
 		return "", err
 	}
@@ -45,7 +50,7 @@ func status(ctx context.Context, url string) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	resp, err := client.Do(req)
+	resp, err := do(req)
 	if err != nil {
 		return 0, err
 	}
@@ -237,7 +242,7 @@ func discoveryErrors(ctx context.Context, listener string) (float64, error) {
 	if err != nil {
 		return 0, err
 	}
-	resp, err := client.Do(req)
+	resp, err := do(req)
 	if err != nil {
 		return 0, err
 	}

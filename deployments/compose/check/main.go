@@ -115,11 +115,11 @@ func run(ctx context.Context, cluster, imagesOnly, keep bool) error {
 	if err != nil {
 		return err
 	}
-	if out, err := docker(ctx, "info", "--format", "{{.ServerVersion}}"); err != nil {
+	engine, err := docker(ctx, "info", "--format", "{{.ServerVersion}}")
+	if err != nil {
 		return fmt.Errorf("no Docker engine: %w", err)
-	} else {
-		logf("Docker engine %s", strings.TrimSpace(out))
 	}
+	logf("Docker engine %s", strings.TrimSpace(engine))
 	tool, err := findCompose(ctx)
 	if err != nil {
 		return err

@@ -311,7 +311,7 @@ func notTarget(ctx context.Context, listener, addr string) error {
 	if err != nil {
 		return err
 	}
-	resp, err := client.Do(req)
+	resp, err := do(req)
 	if err != nil {
 		return err
 	}
