@@ -114,14 +114,17 @@ func registerConsul(ctx context.Context, client *api.Client, service, addr strin
 	timer.Stop()
 	defer timer.Stop()
 
-	registered, everRegistered := false, false
+	// attempted: a registration was sent, so one may exist even if its
+	// answer was lost to ctx; deregistering then is harmless.
+	registered, attempted := false, false
 	for {
 		wait := consulResync
 		if !registered {
+			attempted = true
 			err := agent.ServiceRegisterOpts(reg, api.ServiceRegisterOpts{ReplaceExistingChecks: true}.WithContext(ctx))
 			switch {
 			case err == nil:
-				registered, everRegistered = true, true
+				registered = true
 				b.Reset()
 				log.Info("registered in consul", zap.String("check", reg.Check.HTTP))
 			case ctx.Err() == nil:
@@ -136,7 +139,7 @@ func registerConsul(ctx context.Context, client *api.Client, service, addr strin
 		timer.Reset(wait)
 		select {
 		case <-ctx.Done():
-			if everRegistered {
+			if attempted {
 				deregisterConsul(ctx, agent, reg.ID, log)
 			}
 			return nil
@@ -164,7 +167,13 @@ func consulLost(ctx context.Context, agent *api.Agent, id string) (bool, error) 
 func deregisterConsul(ctx context.Context, agent *api.Agent, id string, log *zap.Logger) {
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), consulDeregisterTimeout)
 	defer cancel()
-	if err := agent.ServiceDeregisterOpts(id, (&api.QueryOptions{}).WithContext(dctx)); err != nil {
+	err := agent.ServiceDeregisterOpts(id, (&api.QueryOptions{}).WithContext(dctx))
+	var se api.StatusError
+	switch {
+	case errors.As(err, &se) && se.Code == http.StatusNotFound:
+		log.Info("not registered in consul; nothing to deregister")
+		return
+	case err != nil:
 		log.Warn("consul deregistration failed; the failing check removes the service", zap.Error(err))
 		return
 	}

@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap/zaptest"
@@ -181,5 +182,39 @@ func TestConsulRegistrationInvalid(t *testing.T) {
 		r.Check.DeregisterCriticalServiceAfter != "1m0s" || r.Check.Status != api.HealthPassing ||
 		r.Check.FailuresBeforeCritical != 2 {
 		t.Errorf("registration %+v, check %+v", r, r.Check)
+	}
+}
+
+// TestConsulRegistrarAgentDown: with no agent to reach, the registrar
+// keeps retrying without failing the backend, and returns nil once ctx is
+// done.
+func TestConsulRegistrarAgentDown(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	down := ln.Addr().String()
+	ln.Close() // nothing listens there now: connections are refused
+	c, err := consul.NewClient(consul.ClientConfig{Address: down})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- ConsulRegistrar(c.API, "web", zaptest.NewLogger(t))(ctx, "127.0.0.1:9000") }()
+	select {
+	case err := <-done:
+		t.Fatalf("registrar gave up with the agent down: %v", err)
+	case <-time.After(300 * time.Millisecond): // a few retries' worth; the registrar must still run
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("registrar = %v, want nil after ctx done", err)
+		}
+	case <-time.After(wait):
+		t.Fatal("registrar did not return after ctx done")
 	}
 }
