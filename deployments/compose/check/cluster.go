@@ -98,19 +98,23 @@ func checkCluster(ctx context.Context, c *compose, r *report) error {
 		}
 	}
 	// Serve through both listeners without a majority, after rota has
-	// seen each registry fail.
+	// seen etcd fail. Consul's client agent answers rota's blocking query
+	// from the view it streams from the servers: it may stay parked,
+	// serving the last data, so rota may see no Consul error at all; the
+	// count is reported, not required.
 	seen := map[string]float64{}
-	for _, l := range []string{"web", "web-consul"} {
-		n, err := waitDiscoveryErrors(ctx, l, before[l], recoverTimeout)
-		if err != nil {
-			return r.fail(name, time.Since(start), err)
-		}
-		seen[l] = n - before[l]
+	n, err := waitDiscoveryErrors(ctx, "web", before["web"], recoverTimeout)
+	if err != nil {
+		return r.fail(name, time.Since(start), err)
 	}
+	seen["web"] = n - before["web"]
 	for _, addr := range []string{webAddr, webConsulAddr} {
 		if err := ld.waitRequests(ctx, addr, 500, routeTimeout); err != nil {
 			return r.fail(name, time.Since(start), err)
 		}
+	}
+	if n, err := discoveryErrors(ctx, "web-consul"); err == nil {
+		seen["web-consul"] = n - before["web-consul"]
 	}
 	noQuorum := c.noQuorum(ctx)
 	ok, failed = ld.since(m)
@@ -142,7 +146,13 @@ func checkCluster(ctx context.Context, c *compose, r *report) error {
 				raftLeader = time.Since(start)
 			}
 		}
-		return consulQuorum(ctx)()
+		if err := consulQuorum(ctx)(); err != nil {
+			return err
+		}
+		if raftLeader == 0 { // elected between the two questions
+			raftLeader = time.Since(start)
+		}
+		return nil
 	}); err != nil {
 		return r.fail(name, time.Since(start), err)
 	}
