@@ -398,3 +398,44 @@ func TestAdvertiseAddr(t *testing.T) {
 		}
 	}
 }
+
+// TestServeBackendDeregisterWait: on stop, the backend deregisters first
+// and keeps answering for the deregister wait, so that a proxy that has
+// not yet seen the deregistration still reaches it; then it stops.
+func TestServeBackendDeregisterWait(t *testing.T) {
+	env := testenv.StartEtcd(t)
+	direct := env.Client(t)
+	ready := make(chan string, 1)
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		done <- ServeBackend(ctx, BackendOptions{
+			Name:           "backend-w",
+			Etcd:           etcd.Config{Endpoints: env.Endpoints()},
+			Service:        "web",
+			DeregisterWait: 3 * time.Second,
+			Ready:          func(addr string) { ready <- addr },
+			Logger:         zaptest.NewLogger(t),
+		})
+	}()
+	addr := <-ready
+	waitFor(t, "the backend registered", func() bool { return slices.Equal(instances(t, direct), []string{addr}) })
+
+	cancel()
+	waitFor(t, "the deregistration", func() bool { return len(instances(t, direct)) == 0 })
+	if _, body, _ := get(t, "GET", "http://"+addr+"/"); body != "backend-w\n" {
+		t.Fatalf("during the deregister wait: body %q", body)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("ServeBackend returned %v right after deregistering", err)
+	default:
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("ServeBackend = %v", err)
+	}
+	if !refused(addr) {
+		t.Error("backend still accepts after ServeBackend returned")
+	}
+}

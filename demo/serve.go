@@ -17,6 +17,15 @@ import (
 // finish when it stops.
 const DefaultShutdownTimeout = 5 * time.Second
 
+// DefaultDeregisterWait is how long a registered backend keeps serving
+// after it deregistered. A proxy learns of the deregistration a moment
+// after it is committed; a backend that closed its listener at once would
+// refuse the connections handed to it meanwhile, and when several backends
+// stop together (a scale-in) every retry of one client connection can land
+// on one of them (seen with docker compose --scale 5 -> 2: three
+// consecutive targets in the rotation refused the same client).
+const DefaultDeregisterWait = time.Second
+
 // BackendOptions configure ServeBackend (`rota demo-backend`).
 type BackendOptions struct {
 	// Name is what `GET /` answers; required.
@@ -44,6 +53,10 @@ type BackendOptions struct {
 	// ShutdownTimeout bounds the graceful stop (default
 	// DefaultShutdownTimeout).
 	ShutdownTimeout time.Duration
+	// DeregisterWait is how long a registered backend keeps serving
+	// after it deregistered, before it stops accepting (default
+	// DefaultDeregisterWait; negative: not at all).
+	DeregisterWait time.Duration
 	// Ready, when set, is called once with the listen address (real port)
 	// as soon as the backend answers, before it registers.
 	Ready func(addr string)
@@ -55,7 +68,8 @@ type BackendOptions struct {
 // ServeBackend runs one demo backend until ctx is done: it listens,
 // registers in etcd or Consul when configured, and on ctx done deregisters
 // (etcd: delete the key, revoke the lease; Consul: deregister the service),
-// then shuts the server down gracefully. It returns nil after a clean
+// keeps serving for the deregister wait, then shuts the server down
+// gracefully. It returns nil after a clean
 // stop, and an error when the options are invalid, listening fails, or the
 // registration fails for good.
 func ServeBackend(ctx context.Context, opts BackendOptions) error {
@@ -102,6 +116,9 @@ func ServeBackend(ctx context.Context, opts BackendOptions) error {
 	var regErr error
 	if register {
 		regErr = runRegistered(ctx, b, opts, log)
+		if regErr == nil {
+			keepServing(opts.DeregisterWait, log)
+		}
 	} else {
 		<-ctx.Done()
 	}
@@ -111,6 +128,22 @@ func ServeBackend(ctx context.Context, opts BackendOptions) error {
 	err = b.Shutdown(sctx)
 	log.Info("demo backend stopped")
 	return errors.Join(regErr, err)
+}
+
+// keepServing lets the backend serve for the deregister wait after its
+// deregistration, so that proxies watching the registry stop handing it
+// connections before it stops accepting them.
+func keepServing(wait time.Duration, log *zap.Logger) {
+	switch {
+	case wait < 0:
+		return
+	case wait == 0:
+		wait = DefaultDeregisterWait
+	}
+	log.Info("deregistered; serving a little longer while proxies catch up", zap.Duration("for", wait))
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	<-t.C
 }
 
 // runRegistered keeps b registered in etcd or Consul until ctx is done and
