@@ -1,5 +1,8 @@
 # syntax=docker/dockerfile:1
-# rota: a static binary on a distroless, non-root base.
+# rota: a static binary on a distroless, non-root base. docker-compose.yml
+# runs it as the proxy and as both kinds of demo backends (etcd- and
+# Consul-registered). Offline, deployments/compose/scratch/rota.Dockerfile
+# builds the same binary into a FROM-scratch image instead.
 #   docker build -t rota .
 #   docker run --rm -p 8080:8080 rota serve --listen :8080 --backend host.docker.internal:9000 --admin 0.0.0.0:9090
 FROM golang:1.26-bookworm AS build
@@ -9,16 +12,6 @@ RUN go mod download
 COPY . .
 ARG VERSION=docker
 RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/rota ./cmd/rota
-
-# The Consul-registered demo backend needs curl and a shell for its
-# registration script (docker-compose.yml, service backend-consul).
-FROM debian:bookworm-slim AS consul-backend
-RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certificates \
-	&& rm -rf /var/lib/apt/lists/*
-COPY --from=build /out/rota /usr/local/bin/rota
-COPY deployments/compose/consul-register.sh /usr/local/bin/consul-register.sh
-USER nobody
-ENTRYPOINT ["/usr/local/bin/consul-register.sh"]
 
 # The default image. distroless/static: no shell, no package manager, uid 65532.
 FROM gcr.io/distroless/static-debian12:nonroot

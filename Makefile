@@ -6,7 +6,7 @@ LDFLAGS := -s -w -X main.version=$(VERSION)
 # Well under CI's limit; the whole suite takes a few minutes on two cores.
 TEST_TIMEOUT ?= 15m
 
-.PHONY: all build test demo deps tools vet cross fuzz bench e2e clean FORCE
+.PHONY: all build test demo deps tools vet cross fuzz bench e2e compose-test compose-images compose-tests-if-docker clean FORCE
 
 all: build
 
@@ -35,6 +35,7 @@ cross:
 
 test: tools vet cross
 	$(GO) test -race -timeout $(TEST_TIMEOUT) ./...
+	@$(MAKE) --no-print-directory compose-tests-if-docker
 
 # Runs rota on its embedded etcd with three self-registering demo backends:
 # proxy on :8080, admin on http://127.0.0.1:9090/. Ctrl-C stops it.
@@ -61,6 +62,30 @@ bench: build
 # self-registering backends, two rota instances; prints what it checked.
 e2e: build tools
 	$(GO) run ./e2e
+
+# docker-compose.yml on this machine's Docker engine, from images built here
+# FROM scratch (deployments/compose/local.yml; nothing is pulled), checked end
+# to end and taken down again. CLUSTER=1 adds deployments/compose/cluster.yml:
+# 3-member etcd and Consul clusters, a member cut off and a leader killed.
+# Cached: a second run builds no binary and no image.
+compose-test: deps
+	$(GO) run ./deployments/compose/check $(if $(CLUSTER),-cluster)
+
+# The FROM-scratch images only, for docker compose -f docker-compose.yml
+# -f deployments/compose/local.yml up --build.
+compose-images: deps
+	$(GO) run ./deployments/compose/check -images
+
+# `make test`'s last step: both compose checks when a Docker engine and the
+# Compose tool answer; otherwise one line saying why they are skipped.
+compose-tests-if-docker:
+	@if ! err=$$(docker info 2>&1 >/dev/null); then \
+		echo "compose tests skipped: docker info does not answer ($$(echo "$$err" | grep -v '^$$' | tail -1))"; \
+	elif ! docker compose version >/dev/null 2>&1 && ! docker-compose version >/dev/null 2>&1; then \
+		echo "compose tests skipped: no Compose tool (neither docker compose nor docker-compose)"; \
+	else \
+		$(MAKE) --no-print-directory compose-test && $(MAKE) --no-print-directory compose-test CLUSTER=1; \
+	fi
 
 # Short fuzzing passes of the config loader and the PROXY header path.
 fuzz:

@@ -398,3 +398,45 @@ func TestAdvertiseAddr(t *testing.T) {
 		}
 	}
 }
+
+// TestServeBackendDeregisterWait: on stop, the backend deregisters first
+// and keeps answering for the deregister wait, so that a proxy that has
+// not yet seen the deregistration still reaches it; then it stops. The
+// wait is long enough that seeing the deletion and the GET after it fit
+// in it on a loaded machine.
+func TestServeBackendDeregisterWait(t *testing.T) {
+	const deregisterWait = 5 * time.Second
+	env := testenv.StartEtcd(t)
+	direct := env.Client(t)
+	ready := make(chan string, 1)
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		done <- ServeBackend(ctx, BackendOptions{
+			Name:           "backend-w",
+			Etcd:           etcd.Config{Endpoints: env.Endpoints()},
+			Service:        "web",
+			DeregisterWait: deregisterWait,
+			Ready:          func(addr string) { ready <- addr },
+			Logger:         zaptest.NewLogger(t),
+		})
+	}()
+	addr := <-ready
+	waitFor(t, "the backend registered", func() bool { return slices.Equal(instances(t, direct), []string{addr}) })
+
+	cancel()
+	stopped := time.Now()
+	waitFor(t, "the deregistration", func() bool { return len(instances(t, direct)) == 0 })
+	// Deregistered, and still answering: without the wait the listener
+	// would close right after the deletion.
+	if _, body, _ := get(t, "GET", "http://"+addr+"/"); body != "backend-w\n" {
+		t.Fatalf("%v after the stop, with the key deleted: body %q", time.Since(stopped), body)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("ServeBackend = %v", err)
+	}
+	if !refused(addr) {
+		t.Error("backend still accepts after ServeBackend returned")
+	}
+}

@@ -156,3 +156,126 @@ func TestSystemdUnit(t *testing.T) {
 		}
 	}
 }
+
+// TestComposeLocalOverride keeps deployments/compose/local.yml to what it
+// promises: for every service of docker-compose.yml, an image: and a
+// build: FROM scratch of a Dockerfile that exists, and nothing else, so
+// that the offline run checks the ports, commands, healthchecks,
+// depends_on and volumes users run.
+func TestComposeLocalOverride(t *testing.T) {
+	var base, local struct {
+		Services map[string]map[string]any `yaml:"services"`
+	}
+	readYAML(t, "../docker-compose.yml", &base)
+	readYAML(t, "compose/local.yml", &local)
+	for name := range base.Services {
+		if _, ok := local.Services[name]; !ok {
+			t.Errorf("local.yml does not replace the image of %s", name)
+		}
+	}
+	for name, s := range local.Services {
+		if _, ok := base.Services[name]; !ok {
+			t.Errorf("local.yml adds service %s", name)
+		}
+		for k := range s {
+			if k != "image" && k != "build" {
+				t.Errorf("local.yml changes %s.%s; it may only replace image and build", name, k)
+			}
+		}
+		image, _ := s["image"].(string)
+		if !strings.HasPrefix(image, "rota-local/") {
+			t.Errorf("%s: image %q is not a local one", name, image)
+		}
+		build, _ := s["build"].(map[string]any)
+		ctx, _ := build["context"].(string)
+		df, _ := build["dockerfile"].(string)
+		// Paths are relative to the first file's directory, the repository
+		// root; the Dockerfile is relative to the context.
+		b, err := os.ReadFile(filepath.Join("..", ctx, df))
+		if err != nil {
+			t.Errorf("%s: %v", name, err)
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(line); len(f) > 1 && strings.EqualFold(f[0], "FROM") && f[1] != "scratch" {
+				t.Errorf("%s: %s builds FROM %s; offline images are FROM scratch", name, df, f[1])
+			}
+			if f := strings.Fields(line); len(f) > 0 && strings.EqualFold(f[0], "RUN") {
+				t.Errorf("%s: %s has a RUN step; a scratch image has no shell", name, df)
+			}
+		}
+	}
+}
+
+// TestComposeNoShell: both backends run the same rota image with exec-form
+// healthchecks, and every published port binds to the host's loopback.
+func TestComposeNoShell(t *testing.T) {
+	var c struct {
+		Services map[string]struct {
+			Command     []string `yaml:"command"`
+			Ports       []string `yaml:"ports"`
+			Healthcheck struct {
+				Test []string `yaml:"test"`
+			} `yaml:"healthcheck"`
+		} `yaml:"services"`
+	}
+	readYAML(t, "../docker-compose.yml", &c)
+	for name, s := range c.Services {
+		if len(s.Healthcheck.Test) == 0 || s.Healthcheck.Test[0] != "CMD" {
+			t.Errorf("%s: healthcheck %q is not exec form (CMD)", name, s.Healthcheck.Test)
+		}
+		for _, p := range s.Ports {
+			if !strings.HasPrefix(p, "127.0.0.1:") {
+				t.Errorf("%s publishes %q beyond the host's loopback", name, p)
+			}
+		}
+	}
+	if cmd := strings.Join(c.Services["backend-consul"].Command, " "); !strings.Contains(cmd, "demo-backend") || !strings.Contains(cmd, "--consul consul:8500") {
+		t.Errorf("backend-consul runs %q, want rota demo-backend --consul consul:8500", cmd)
+	}
+	if _, err := os.Stat("compose/consul-register.sh"); err == nil {
+		t.Error("compose/consul-register.sh is back; backend-consul registers itself")
+	}
+}
+
+// TestComposeCluster: cluster.yml gives each member of the 3-member etcd
+// and Consul clusters a container, a healthcheck and an address of its
+// own, and rota every etcd member.
+func TestComposeCluster(t *testing.T) {
+	var c struct {
+		Services map[string]struct {
+			Command     []string       `yaml:"command"`
+			Healthcheck map[string]any `yaml:"healthcheck"`
+			Networks    map[string]struct {
+				IPv4 string `yaml:"ipv4_address"`
+			} `yaml:"networks"`
+		} `yaml:"services"`
+	}
+	readYAML(t, "compose/cluster.yml", &c)
+	addrs := map[string]string{}
+	for _, m := range []string{"etcd", "etcd2", "etcd3", "consul", "consul-server-1", "consul-server-2", "consul-server-3"} {
+		s, ok := c.Services[m]
+		if !ok {
+			t.Errorf("cluster.yml has no %s", m)
+			continue
+		}
+		ip := s.Networks["default"].IPv4
+		if ip == "" {
+			t.Errorf("%s has no fixed address", m)
+		}
+		if other, dup := addrs[ip]; dup {
+			t.Errorf("%s and %s share %s", m, other, ip)
+		}
+		addrs[ip] = m
+		if m != "etcd" && m != "consul" && s.Healthcheck == nil {
+			t.Errorf("%s has no healthcheck", m)
+		}
+	}
+	cfg, err := config.Load("compose/rota-cluster.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(cfg.Registries.Etcd.Endpoints); n != 3 {
+		t.Errorf("rota-cluster.yaml lists %d etcd endpoints, want the 3 members", n)
+	}
+}

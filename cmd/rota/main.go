@@ -23,7 +23,7 @@ Usage:
   rota serve --listen :8080 --service web --consul 127.0.0.1:8500
   rota register --etcd 127.0.0.1:2379 --service web --addr 10.0.0.5:9000 [--ttl 10s]
   rota demo            embedded etcd + 3 demo backends + proxy on :8080
-  rota demo-backend    one demo HTTP backend, optionally self-registering in etcd
+  rota demo-backend    one demo HTTP backend, optionally self-registering in etcd or Consul
   rota check --config rota.yaml
   rota healthcheck --url URL   exit 0 when URL answers 2xx (container healthchecks)
   rota version

@@ -96,7 +96,7 @@ func cmdRegister(args []string, stdout, stderr io.Writer) error {
 }
 
 func cmdDemoBackend(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("demo-backend", stderr, "rota demo-backend --name NAME --listen host:port [--etcd host:port --service NAME]")
+	fs := newFlagSet("demo-backend", stderr, "rota demo-backend --name NAME --listen host:port [--etcd host:port | --consul host:port] [--service NAME]")
 	var (
 		opts demo.BackendOptions
 		ef   etcdFlags
@@ -104,13 +104,22 @@ func cmdDemoBackend(args []string, stdout, stderr io.Writer) error {
 	)
 	fs.StringVar(&opts.Name, "name", "", "what GET / answers (default: the host name)")
 	fs.StringVar(&opts.Listen, "listen", "127.0.0.1:0", "address to listen on")
-	fs.StringVar(&opts.Service, "service", "web", "service to register as (with --etcd)")
+	fs.StringVar(&opts.Service, "service", "web", "service to register as (with --etcd or --consul)")
+	fs.StringVar(&opts.Consul.Address, "consul", "", "Consul agent host:port to register with, with an HTTP check on /healthz (instead of --etcd)")
+	fs.StringVar(&opts.Consul.TokenFile, "consul-token-file", "", "file holding the Consul ACL token (default: CONSUL_HTTP_TOKEN)")
 	fs.StringVar(&opts.Advertise, "advertise", "", "address to register (default: the listen address, or this host's first IP when listening on all)")
 	fs.DurationVar(&opts.TTL, "ttl", etcd.DefaultTTL, "registration lease TTL")
+	fs.DurationVar(&opts.DeregisterWait, "deregister-wait", demo.DefaultDeregisterWait, "on SIGTERM, keep serving this long after deregistering, so proxies stop sending new connections first (negative: none)")
 	ef.register(fs)
 	lf.register(fs, "auto")
 	if err := parseFlags(fs, args); err != nil {
 		return err
+	}
+	if len(ef.endpoints) > 0 && opts.Consul.Address != "" {
+		return usagef("--etcd and --consul are exclusive: a demo backend registers in one registry")
+	}
+	if opts.DeregisterWait == 0 {
+		opts.DeregisterWait = -1 // asked for none; 0 in the options means the default
 	}
 	if opts.Name == "" {
 		opts.Name, _ = os.Hostname()
