@@ -22,6 +22,9 @@ import (
 type State interface {
 	Status() []server.ListenerStatus
 	Ready() bool
+	// Drain stops (on) or resumes new connections to a target; an error
+	// wrapping server.ErrNotFound names what does not exist.
+	Drain(listener, addr string, on bool) error
 }
 
 // Handler serves the admin endpoints. The zero value is not usable: State is
@@ -48,6 +51,8 @@ func (h *Handler) Routes() http.Handler {
 	mux.HandleFunc("GET /readyz", h.readyz)
 	mux.HandleFunc("GET /api/v1/targets", h.targets)
 	mux.HandleFunc("POST /api/v1/reload", h.reload)
+	mux.HandleFunc("POST /api/v1/listeners/{listener}/targets/{addr}/drain", h.drain(true))
+	mux.HandleFunc("POST /api/v1/listeners/{listener}/targets/{addr}/undrain", h.drain(false))
 	mux.Handle("GET /metrics", h.metrics())
 	mux.HandleFunc("GET /{$}", h.page)
 	if h.Pprof {
@@ -100,6 +105,8 @@ type ListenerJSON struct {
 	Rejected          uint64        `json:"rejected_conns"`
 	NoTarget          uint64        `json:"no_target_conns"`
 	DialErrors        uint64        `json:"dial_errors"`
+	// Closed counts connections rota wound down, by reason.
+	Closed map[string]uint64 `json:"closed_conns"`
 }
 
 // WarningJSON is a registry entry skipped as malformed.
@@ -113,6 +120,8 @@ type TargetJSON struct {
 	Addr                 string     `json:"addr"`
 	State                string     `json:"state"`
 	Weight               int        `json:"weight"`
+	EffectiveWeight      float64    `json:"effective_weight"`
+	Draining             bool       `json:"draining"`
 	ConsecutiveSuccesses int        `json:"consecutive_successes"`
 	ConsecutiveFailures  int        `json:"consecutive_failures"`
 	LastCheck            *time.Time `json:"last_check"`
@@ -125,6 +134,11 @@ type TargetJSON struct {
 	BytesIn     uint64    `json:"bytes_in"`
 	BytesOut    uint64    `json:"bytes_out"`
 	NextCheckMS int64     `json:"next_check_ms"`
+	// RecentConns is the new connections of the last minute, History the
+	// same second by second (oldest first): the status page sets a
+	// target's share of them beside its share of the weights.
+	RecentConns uint64   `json:"recent_conns"`
+	History     []uint32 `json:"history"`
 }
 
 // Targets builds the /api/v1/targets document from ls.
@@ -140,6 +154,7 @@ func Targets(ls []server.ListenerStatus) TargetsResponse {
 			DiscoveryUpdates:  l.DiscoveryUpdates, DiscoveryErrors: l.DiscoveryErrors,
 			Panic: l.Panic, ActiveConns: l.Active, TotalConns: l.Accepted,
 			Rejected: l.Rejected, NoTarget: l.NoTarget, DialErrors: l.DialErrors,
+			Closed: l.Closed,
 		}
 		for _, w := range l.Warnings {
 			lj.DiscoveryWarnings = append(lj.DiscoveryWarnings, WarningJSON{Key: w.Key, Reason: w.Reason})
@@ -147,6 +162,8 @@ func Targets(ls []server.ListenerStatus) TargetsResponse {
 		for _, t := range l.Targets {
 			lj.Targets = append(lj.Targets, TargetJSON{
 				Addr: t.Addr, State: t.State.String(), Weight: max(t.Weight, 1),
+				EffectiveWeight: t.EffectiveWeight, Draining: t.Draining,
+				RecentConns: sum(t.History), History: nonNil(t.History),
 				ConsecutiveSuccesses: t.ConsecutiveSuccesses, ConsecutiveFailures: t.ConsecutiveFailures,
 				LastCheck: timePtr(t.LastCheck), LastError: t.LastError,
 				ActiveConns: t.Active, TotalConns: t.Total,
@@ -157,6 +174,21 @@ func Targets(ls []server.ListenerStatus) TargetsResponse {
 		out.Listeners = append(out.Listeners, lj)
 	}
 	return out
+}
+
+func sum(xs []uint32) uint64 {
+	var s uint64
+	for _, x := range xs {
+		s += uint64(x)
+	}
+	return s
+}
+
+func nonNil(xs []uint32) []uint32 {
+	if xs == nil {
+		return []uint32{}
+	}
+	return xs
 }
 
 func timePtr(t time.Time) *time.Time {
@@ -181,6 +213,31 @@ func (h *Handler) reload(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"status": "reloaded"})
+}
+
+// drain serves POST .../targets/{addr}/drain and .../undrain.
+func (h *Handler) drain(on bool) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		name, addr := r.PathValue("listener"), r.PathValue("addr")
+		err := h.State.Drain(name, addr, on)
+		switch {
+		case errors.Is(err, server.ErrNotFound):
+			writeJSON(w, http.StatusNotFound, map[string]string{"error": err.Error()})
+			return
+		case err != nil:
+			writeJSON(w, http.StatusInternalServerError, map[string]string{"error": err.Error()})
+			return
+		}
+		verb := "undrained"
+		if on {
+			verb = "drained"
+		}
+		if h.Logger != nil {
+			h.Logger.Info("target "+verb+" through the admin API", zap.String("listener", name),
+				zap.String("target", addr), zap.String("remote", r.RemoteAddr))
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"listener": name, "target": addr, "draining": on})
+	}
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

@@ -21,6 +21,7 @@ type collector struct {
 	targetBytes                                                *prometheus.Desc
 	updates, errors, lastSync, synced, panicMode, targets      *prometheus.Desc
 	headerErrors, relayPanics, malformed, stale                *prometheus.Desc
+	weight, effectiveWeight, draining, closed                  *prometheus.Desc
 }
 
 func newCollector(state State) *collector {
@@ -53,6 +54,12 @@ func newCollector(state State) *collector {
 		malformed:    d("rota_discovery_malformed_total", "Registry entries skipped as malformed (each counted once; listed in /api/v1/targets until fixed or deleted).", l),
 		stale:        d("rota_discovery_stale", "1 while the listener's watch has stopped hearing from its registry (and is moving to another member).", l),
 		relayPanics:  d("rota_relay_panics_total", "Connections closed because relaying them panicked (the stack is logged); other connections carry on.", l),
+		weight:       d("rota_target_weight", "The target's weight, from the registry or the static list (1 when none is given).", lt),
+		effectiveWeight: d("rota_target_effective_weight",
+			"The weight the picker uses now: below rota_target_weight while the target ramps up (slow_start).", lt),
+		draining: d("rota_target_draining", "1 while the target is drained through the admin API (no new connections).", lt),
+		closed: d("rota_connections_closed_total",
+			"Connections rota closed while in use: their target was removed, went down or was drained (after removed_conn_grace), or they reached max_conn_age.", []string{"listener", "reason"}),
 	}
 }
 
@@ -86,6 +93,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.panicMode, b2f(l.Panic), n)
 		counter(c.headerErrors, float64(l.ProxyHeaderErrors), n)
 		counter(c.relayPanics, float64(l.RelayPanics), n)
+		for reason, k := range l.Closed {
+			counter(c.closed, float64(k), n, reason)
+		}
 		states := map[string]int{"checking": 0, "up": 0, "down": 0}
 		for _, t := range l.Targets {
 			a := t.Addr
@@ -98,6 +108,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			counter(c.dialErrors, float64(t.DialErrors), n, a)
 			counter(c.targetBytes, float64(t.BytesIn), n, a, "in")
 			counter(c.targetBytes, float64(t.BytesOut), n, a, "out")
+			gauge(c.weight, float64(max(t.Weight, 1)), n, a)
+			gauge(c.effectiveWeight, t.EffectiveWeight, n, a)
+			gauge(c.draining, b2f(t.Draining), n, a)
 		}
 		for s, k := range states {
 			gauge(c.targets, float64(k), n, s)

@@ -56,12 +56,21 @@ type conn struct {
 // writing to it.
 type side struct {
 	fd   poller.FD
-	in   bool    // readable: an edge seen and not yet read to the end
-	hup  bool    // the peer closed or errored: read until EOF, not just a short read
-	eof  bool    // read EOF from this side
-	shut bool    // sent this side a FIN
-	pend *[]byte // bytes waiting to be written to this side
-	off  int     // first unwritten byte of pend
+	in   bool // readable: an edge seen and not yet read to the end
+	hup  bool // the peer closed or errored: read until EOF, not just a short read
+	eof  bool // read EOF from this side
+	shut bool // sent this side a FIN
+	// dropping: winding down, this side had nothing more to send when it
+	// was sent a FIN (eof is set as if it had sent one); what it sends
+	// from here on is read and dropped until it closes, so that closing
+	// our end resets nothing it still has in flight.
+	dropping bool
+	// windMark: winding down, the count of bytes read from this side
+	// (moved) by which it has sent everything it had sent when the
+	// wind-down began.
+	windMark uint64
+	pend     *[]byte // bytes waiting to be written to this side
+	off      int     // first unwritten byte of pend
 	// A pipe from the loop's pool while this side sends a bulk transfer:
 	// its bytes go to the other side by splice(2), never through user
 	// space. Returned when the transfer pauses.
@@ -240,6 +249,16 @@ func (c *conn) act(a relay.Action) bool {
 		c.shutT = true
 	case relay.ShutClient:
 		c.shutC = true
+	case relay.WindDown:
+		// Read each side to the end of what it has sent so far (flow
+		// then sends the other a FIN once it has it all). Not further:
+		// a side that never stops sending would never be wound down.
+		for _, s := range []*side{&c.c, &c.t} {
+			if !s.eof {
+				s.in = true
+				s.windMark = s.moved + uint64(unreadFD(s.fd.Num()))
+			}
+		}
 	}
 	return !c.done
 }
@@ -354,7 +373,14 @@ func (c *conn) step() {
 	if c.done || !c.m.Connected() || c.m.Lingering() {
 		return
 	}
-	if c.c.eof && c.t.eof && c.c.shut && c.t.shut {
+	if c.m.Winding() {
+		c.drop(&c.c)
+		c.drop(&c.t)
+		if c.done {
+			return
+		}
+	}
+	if c.c.eof && c.t.eof && c.c.shut && c.t.shut && !c.c.dropping && !c.t.dropping {
 		c.finish(false, nil)
 		return
 	}
@@ -379,6 +405,19 @@ func (c *conn) flow(src, dst *side, toTarget bool) bool {
 			c.passEOF(src, dst, toTarget)
 			return false
 		}
+		if c.m.Winding() && (!src.in || src.moved >= src.windMark) {
+			// Winding down, and dst has all src had sent: pass dst a
+			// FIN as if src had sent one.
+			c.putPipe(src)
+			src.eof, src.dropping = true, true
+			if toTarget {
+				c.shutT = true
+			} else {
+				c.shutC = true
+			}
+			c.passEOF(src, dst, toTarget)
+			return false
+		}
 		if !src.in {
 			c.putPipe(src)
 			return false
@@ -398,6 +437,22 @@ func (c *conn) flow(src, dst *side, toTarget bool) bool {
 	}
 }
 
+// drop reads and discards what s sends after its wind-down FIN, until it
+// closes.
+func (c *conn) drop(s *side) {
+	for s.dropping && s.in && !c.done {
+		n, err := poller.Read(s.fd.Num(), c.l.buf)
+		switch {
+		case err == errEAGAIN:
+			s.in = false
+		case err != nil:
+			c.finish(false, err)
+		case n == 0:
+			s.in, s.dropping = false, false
+		}
+	}
+}
+
 // moved is how many bytes have come from src, for turn budgets.
 func (c *conn) moved(src *side) uint64 { return src.moved }
 
@@ -411,7 +466,7 @@ func (c *conn) passEOF(src, dst *side, toTarget bool) {
 		return
 	}
 	dst.shut = true
-	if dst.eof && src.shut {
+	if dst.eof && src.shut && !c.m.Winding() {
 		return // both directions are done: closing sends the FIN
 	}
 	if err := shutdownWrite(dst.fd.Num()); err != nil && err != errENOTCONN {

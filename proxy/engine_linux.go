@@ -15,7 +15,9 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/internal/poller"
+	"github.com/rota-proxy/rota/proxy/internal/relay"
 )
 
 // Engine is a process's relay loops: GOMAXPROCS event loops (package
@@ -112,6 +114,25 @@ func (e *Engine) abort(p *Proxy) {
 					c.finish(false, errors.New("shutting down: drain timeout reached"))
 				}
 				c = next
+			}
+		})
+	}
+}
+
+// retire schedules the wind-down of p's connections to t in every loop
+// (see Proxy.Retire).
+func (e *Engine) retire(p *Proxy, t *balancer.Target, why relay.Reason, grace time.Duration) {
+	if !e.start() {
+		return
+	}
+	for _, l := range e.loops {
+		l.p.Post(func() {
+			at := l.p.Now() + int64(grace)
+			for c := l.conns.next; c != nil; c = c.next {
+				if c.p == p && !c.done && c.m.Target() == t {
+					c.m.Retire(at, why)
+					c.arm()
+				}
 			}
 		})
 	}

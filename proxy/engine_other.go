@@ -6,6 +6,10 @@ import (
 	"context"
 	"net"
 	"sync"
+	"time"
+
+	"github.com/rota-proxy/rota/balancer"
+	"github.com/rota-proxy/rota/proxy/internal/relay"
 
 	"go.uber.org/zap"
 )
@@ -23,6 +27,8 @@ func newPrivateEngine(*zap.Logger) *Engine { return &Engine{} }
 func (*Engine) Close() {}
 
 func (*Engine) abort(*Proxy) {}
+
+func (*Engine) retire(*Proxy, *balancer.Target, relay.Reason, time.Duration) {}
 
 func (*Engine) serve(*Proxy, *Listener, *sync.WaitGroup) bool { return false }
 

@@ -14,6 +14,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/internal/neterr"
 	"github.com/rota-proxy/rota/proxy/internal/relay"
 )
@@ -48,6 +49,22 @@ type gconn struct {
 	aborted atomic.Bool
 	left    atomic.Int32 // goroutines still running
 	reset   atomic.Bool  // close the client abortively
+
+	// rets are Retire requests for the goroutines to apply to the machine
+	// under mu (the caller must not wait for mu: a write under it may
+	// block). retMu guards rets alone and is never held across anything.
+	retMu sync.Mutex
+	rets  []retireReq
+	// wound: the machine began winding down; each goroutine checks it
+	// after every read (a side that never pauses sets no deadline off).
+	wound atomic.Bool
+}
+
+// retireReq is a Proxy.Retire for one gconn.
+type retireReq struct {
+	t     *balancer.Target
+	why   relay.Reason
+	grace time.Duration
 }
 
 // relayWithGoroutines relays c, an admitted client of Serve's.
@@ -121,29 +138,22 @@ func (g *gconn) clientSide() {
 	for {
 		g.setDeadline(g.client)
 		n, err := g.client.Read(buf)
-		if n > 0 {
-			var t net.Conn
-			a := g.locked(func() relay.Action {
-				a := g.m.FromClient(buf[:n], p.clock())
-				t = g.target
-				if a == relay.Flush {
-					a = g.flushLocked()
-				}
-				return a
-			})
-			if a == relay.Forward {
-				if _, werr := t.Write(buf[:n]); werr != nil {
-					a = g.writeFailed(werr)
-				}
-			}
-			if !g.act(a) {
-				return
-			}
+		if n > 0 && !g.act(g.fromClient(buf[:n])) {
+			return
+		}
+		if g.wound.Load() {
+			g.windClient(buf)
+			return
 		}
 		switch {
 		case err == nil:
 		case errors.Is(err, os.ErrDeadlineExceeded):
-			if !g.act(g.locked(func() relay.Action { return g.m.Expired(p.clock()) })) {
+			a := g.expired()
+			if g.winding(a) {
+				g.windClient(buf)
+				return
+			}
+			if !g.act(a) {
 				return
 			}
 		case err == io.EOF:
@@ -158,6 +168,173 @@ func (g *gconn) clientSide() {
 			return
 		}
 	}
+}
+
+// fromClient sends the target what the client sent.
+func (g *gconn) fromClient(data []byte) relay.Action {
+	var t net.Conn
+	a := g.locked(func() relay.Action {
+		a := g.m.FromClient(data, g.p.clock())
+		t = g.target
+		if a == relay.Flush {
+			a = g.flushLocked()
+		}
+		return a
+	})
+	if a == relay.Forward {
+		if _, werr := t.Write(data); werr != nil {
+			a = g.writeFailed(werr)
+		}
+	}
+	return a
+}
+
+// expired asks the machine what is due, once the Retire requests queued
+// are applied.
+func (g *gconn) expired() relay.Action {
+	return g.locked(func() relay.Action {
+		g.takeRetiresLocked()
+		return g.m.Expired(g.p.clock())
+	})
+}
+
+// winding reports whether a, the machine's answer to Expired, begins or
+// continues a wind-down.
+func (g *gconn) winding(a relay.Action) bool {
+	if a == relay.WindDown {
+		g.wound.Store(true)
+		return true
+	}
+	return a == relay.Continue && g.locked(func() relay.Action {
+		if g.m.Winding() {
+			return relay.WindDown
+		}
+		return relay.Continue
+	}) == relay.WindDown
+}
+
+// windPeek bounds each read of what a winding-down side has sent already:
+// those bytes have arrived, so a read returns them at once.
+const windPeek = 5 * time.Millisecond
+
+// windRead reads from c, winding down, what it had sent when the wind-down
+// began, handing each chunk to fwd; it reports false if the connection is
+// over. Where the socket cannot say how much waits, it reads until a read
+// finds nothing within windPeek, at most windPeekMax bytes.
+func (g *gconn) windRead(c net.Conn, buf []byte, fwd func([]byte) bool) (eof, ok bool) {
+	left := unread(c)
+	if left < 0 {
+		left = windPeekMax
+	}
+	for left > 0 {
+		c.SetReadDeadline(time.Now().Add(windPeek))
+		n, err := c.Read(buf[:min(len(buf), left)])
+		left -= n
+		if n > 0 && !fwd(buf[:n]) {
+			return false, false
+		}
+		switch {
+		case err == io.EOF:
+			return true, true
+		case err != nil:
+			return false, true
+		}
+	}
+	return false, true
+}
+
+const windPeekMax = 1 << 20
+
+// windClient winds the client-to-target direction down: what the client
+// had sent goes to the target, the target gets a FIN, and the client's
+// later bytes are dropped until it closes or the wind-down's deadline.
+func (g *gconn) windClient(buf []byte) {
+	var t net.Conn
+	g.locked(func() relay.Action { t = g.target; return relay.Continue })
+	t.SetReadDeadline(time.Now()) // the target side winds down its direction
+	eof, ok := g.windRead(g.client, buf, func(b []byte) bool { return g.act(g.fromClient(b)) })
+	if !ok {
+		return
+	}
+	closeWrite(t)
+	if eof {
+		g.locked(func() relay.Action { return g.m.ClientEOF() })
+		return
+	}
+	g.dropUntilClosed(g.client, buf)
+}
+
+// windTarget winds the target-to-client direction down, like windClient.
+func (g *gconn) windTarget(t net.Conn, buf []byte) {
+	g.client.SetReadDeadline(time.Now()) // the client side winds down its direction
+	eof, ok := g.windRead(t, buf, func(b []byte) bool {
+		g.locked(func() relay.Action { return g.m.FromTarget(len(b), g.p.clock()) })
+		if _, err := g.client.Write(b); err != nil {
+			g.abort()
+			return false
+		}
+		return true
+	})
+	if !ok {
+		return
+	}
+	closeWrite(g.client)
+	if !eof {
+		g.dropUntilClosed(t, buf)
+	}
+}
+
+// dropUntilClosed reads and drops what c sends after its FIN until it
+// closes (closing our end on unread bytes would reset it); at the
+// wind-down's deadline the connection is cut.
+func (g *gconn) dropUntilClosed(c net.Conn, buf []byte) {
+	for {
+		g.setDeadline(c)
+		_, err := c.Read(buf)
+		switch {
+		case err == nil:
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			if a := g.expired(); a != relay.Continue {
+				g.act(a)
+				return
+			}
+		default: // EOF, or the other side's abort
+			return
+		}
+	}
+}
+
+// retire queues a Retire for the goroutines and wakes their reads, which
+// apply it and set their deadlines again. It takes no lock but retMu.
+func (g *gconn) retire(t *balancer.Target, why relay.Reason, grace time.Duration) {
+	g.retMu.Lock()
+	g.rets = append(g.rets, retireReq{t: t, why: why, grace: grace})
+	g.retMu.Unlock()
+	now := time.Now()
+	g.client.SetReadDeadline(now)
+	if c := g.cur.Load(); c != nil {
+		(*c).SetReadDeadline(now)
+	}
+}
+
+// takeRetiresLocked applies the queued Retire requests for this
+// connection's target (under mu).
+func (g *gconn) takeRetiresLocked() {
+	g.retMu.Lock()
+	rs := g.rets
+	g.rets = nil
+	g.retMu.Unlock()
+	for _, r := range rs {
+		if g.m.Target() == r.t {
+			g.m.Retire(g.p.clock()+int64(r.grace), r.why)
+		}
+	}
+}
+
+func (g *gconn) retiresQueued() bool {
+	g.retMu.Lock()
+	defer g.retMu.Unlock()
+	return len(g.rets) > 0
 }
 
 // connect dials while the machine says so, and sends a connected target
@@ -219,11 +396,18 @@ func (g *gconn) locked(f func() relay.Action) relay.Action {
 	return f()
 }
 
-// setDeadline sets c's read deadline to the machine's next deadline.
+// setDeadline sets c's read deadline to the machine's next deadline. A
+// Retire queued meanwhile is applied and the deadline set again, so that
+// its wake-up (which may have come before this) is not lost.
 func (g *gconn) setDeadline(c net.Conn) {
-	var d int64
-	g.locked(func() relay.Action { d = g.m.Deadline(); return relay.Continue })
-	c.SetReadDeadline(g.p.deadline(d))
+	for {
+		var d int64
+		g.locked(func() relay.Action { g.takeRetiresLocked(); d = g.m.Deadline(); return relay.Continue })
+		c.SetReadDeadline(g.p.deadline(d))
+		if !g.retiresQueued() {
+			return
+		}
+	}
 }
 
 // flushLocked writes the machine's pending bytes to the target. It returns
@@ -270,12 +454,23 @@ func (g *gconn) targetSide() {
 				return
 			}
 		}
+		if g.wound.Load() && (err == nil || errors.Is(err, os.ErrDeadlineExceeded)) {
+			g.windTarget(t, buf)
+			return
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			if a := g.expired(); g.winding(a) {
+				g.windTarget(t, buf)
+				return
+			} else if !g.act(a) {
+				return
+			}
+			continue
+		}
 		a := g.locked(func() relay.Action {
 			switch {
 			case err == nil:
 				return relay.Continue
-			case errors.Is(err, os.ErrDeadlineExceeded):
-				return g.m.Expired(p.clock())
 			case err == io.EOF:
 				return g.m.TargetEOF(p.clock())
 			case neterr.IsReset(err):

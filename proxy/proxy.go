@@ -56,6 +56,13 @@ type Settings struct {
 	AcceptProxyFrom []netip.Prefix
 	// ProxyHeaderTimeout bounds the wait for that header; 0 means 5s.
 	ProxyHeaderTimeout time.Duration
+	// RetireGrace is how long the open connections of a target that
+	// stopped taking new ones (Retire) may go on before they are wound
+	// down; negative: never.
+	RetireGrace time.Duration
+	// MaxConnAge winds down client connections older than this, +-10 %;
+	// 0 never.
+	MaxConnAge time.Duration
 
 	panicOn func([]byte) bool // tests: panic on such a client chunk
 }
@@ -134,6 +141,7 @@ func (p *Proxy) Configure(s Settings) {
 		ReplayOnReset:  s.ReplayOnReset,
 		SendProxy:      s.SendProxy,
 		PreludeTimeout: s.ProxyHeaderTimeout,
+		MaxConnAge:     s.MaxConnAge,
 	}}
 	if s.AcceptProxyFrom != nil {
 		trusted := s.AcceptProxyFrom
@@ -334,6 +342,50 @@ func (p *Proxy) abortAll() {
 	for _, g := range gs {
 		g.abort()
 	}
+}
+
+// Retire says that t takes no new connections, because it was "removed"
+// from discovery, is "down" or "drained"; its open connections are wound
+// down (a FIN to both sides once each side's bytes are through, never a
+// reset) after the RetireGrace in force. Reason "" says it takes them
+// again: wind-downs not begun are called off. It never blocks: the pool
+// calls it from its serializer.
+func (p *Proxy) Retire(t *balancer.Target, reason string) {
+	why := relay.NotRetired
+	for _, r := range relay.Reasons() {
+		if r.String() == reason {
+			why = r
+		}
+	}
+	if reason != "" && why == relay.NotRetired {
+		panic("proxy: unknown retire reason " + reason)
+	}
+	grace := p.currentSettings().RetireGrace
+	if grace < 0 && why != relay.NotRetired {
+		return
+	}
+	p.init()
+	p.Engine.retire(p, t, why, grace)
+	p.mu.Lock()
+	gs := make([]*gconn, 0, len(p.gconns))
+	for g := range p.gconns {
+		gs = append(gs, g)
+	}
+	p.mu.Unlock()
+	for _, g := range gs {
+		g.retire(t, why, grace)
+	}
+}
+
+// Closed is the number of connections wound down for reason ("removed",
+// "down", "drained", "max_age").
+func (p *Proxy) Closed(reason string) uint64 {
+	for _, r := range relay.Reasons() {
+		if r.String() == reason {
+			return p.Stats.Closed[r].Load()
+		}
+	}
+	return 0
 }
 
 // ActiveConns is the number of client connections open now.

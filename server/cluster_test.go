@@ -144,11 +144,16 @@ func TestConsulClusterLeaderLoss(t *testing.T) {
 		cl.Kill(leader)
 		killed := time.Now()
 		b := startBackend(t, fmt.Sprintf("b%d", round+2))
-		// The agent takes the registration at once; the catalog (and so
-		// rota) has it once a new leader syncs it.
+		// Registered once a new leader is elected: registered before, the
+		// agent's sync to the catalog fails and waits for its anti-entropy
+		// retry, which is Consul's pace, not rota's.
+		waitFor(t, "a new Consul leader", 30*time.Second, func() bool {
+			l := cl.Leader()
+			return l >= 0 && l != leader
+		})
 		consulRegister(t, c, b, api.HealthPassing)
 		took := exactly(t, srv, "the change routed after the leader loss", "b0", "b1", b.name)
-		t.Logf("leader killed: a change registered meanwhile routed %v after the kill", time.Since(killed).Round(time.Millisecond))
+		t.Logf("leader killed: a change registered once a new leader was elected routed %v after the kill", time.Since(killed).Round(time.Millisecond))
 		if errs := srv.Status()[0].DiscoveryErrors - errsBefore; errs > 40 {
 			t.Errorf("%d discovery errors in the %v without a leader: a hot loop", errs, took)
 		}

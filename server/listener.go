@@ -5,9 +5,11 @@ import (
 	"errors"
 	"net"
 	"sync"
+	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/discovery"
 	"github.com/rota-proxy/rota/health"
@@ -38,24 +40,29 @@ type listener struct {
 func newListener(cfg config.Listener, regs config.Registries, engine *proxy.Engine, logger *zap.Logger) *listener {
 	log := logger.With(zap.String("listener", cfg.Name))
 	l := &listener{
-		log:  log,
-		cfg:  cfg,
-		pool: pool.New(poolConfig(cfg, regs), log),
+		log: log,
+		cfg: cfg,
 	}
+	l.pool = pool.New(l.poolConfig(cfg, regs), log)
 	l.proxy = &proxy.Proxy{Picker: l.pool, ReportFailure: l.pool.ReportFailure, Logger: log.Named("proxy"), Engine: engine}
 	l.proxy.Configure(proxySettings(cfg))
 	return l
 }
 
-func poolConfig(cfg config.Listener, regs config.Registries) pool.Config {
+func (l *listener) poolConfig(cfg config.Listener, regs config.Registries) pool.Config {
 	h := cfg.Health
 	return pool.Config{
+		// The pool tells the proxy of targets that stop taking connections,
+		// so that their open ones are wound down after removed_conn_grace.
+		Retired: func(t *balancer.Target, reason string) { l.proxy.Retire(t, reason) },
 		Health: health.Config{
 			Check: h.Check, Path: h.Path, Interval: h.Interval, Timeout: h.Timeout,
 			Rise: h.Rise, Fall: h.Fall, BackoffMax: h.BackoffMax,
 		},
 		Panic:     cfg.Panic,
 		EmptyHold: regs.EmptyHold,
+		Balance:   balancer.Policy(cfg.Balance),
+		SlowStart: cfg.SlowStart,
 	}
 }
 
@@ -67,6 +74,8 @@ func proxySettings(cfg config.Listener) proxy.Settings {
 		IdleTimeout:        cfg.IdleTimeout,
 		ProxyHeaderTimeout: cfg.ProxyHeaderTimeout,
 		ReplayOnReset:      cfg.ReplayOnReset,
+		RetireGrace:        time.Duration(cfg.RemovedConnGrace),
+		MaxConnAge:         cfg.MaxConnAge,
 	}
 	switch cfg.ProxyProtocol {
 	case "v1":
@@ -142,7 +151,7 @@ func (l *listener) apply(cfg config.Listener, regs config.Registries) {
 	l.cfg = cfg
 	l.mu.Unlock()
 	l.proxy.Configure(proxySettings(cfg))
-	l.pool.Configure(poolConfig(cfg, regs))
+	l.pool.Configure(l.poolConfig(cfg, regs))
 	l.pool.Flush() // a reload is in force when it returns
 }
 

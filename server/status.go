@@ -1,6 +1,8 @@
 package server
 
 import (
+	"errors"
+	"fmt"
 	"time"
 
 	"github.com/rota-proxy/rota/discovery"
@@ -39,6 +41,9 @@ type ListenerStatus struct {
 	ProxyHeaderErrors uint64
 	// RelayPanics counts connections closed because relaying them panicked.
 	RelayPanics uint64
+	// Closed counts connections rota wound down, by reason: "removed",
+	// "down", "drained" (removed_conn_grace), "max_age".
+	Closed map[string]uint64
 
 	Targets []TargetStatus // sorted by address
 }
@@ -46,12 +51,47 @@ type ListenerStatus struct {
 // TargetStatus is one discovered target: its health and its connections.
 type TargetStatus struct {
 	health.Status
-	Weight     int // from the registry; 0: none given (1)
-	Active     int64
-	Total      uint64
-	DialErrors uint64
-	BytesIn    uint64
-	BytesOut   uint64
+	Weight int // from the registry (at least 1)
+	// EffectiveWeight is what the picker uses now: below Weight while the
+	// target ramps up (slow start).
+	EffectiveWeight float64
+	Draining        bool     // an operator drained it
+	History         []uint32 // new connections per second, the last minute, oldest first
+	Active          int64
+	Total           uint64
+	DialErrors      uint64
+	BytesIn         uint64
+	BytesOut        uint64
+}
+
+// ErrNotFound: no such listener or target.
+var ErrNotFound = errors.New("not found")
+
+// Drain stops (on) or resumes new connections to target addr of listener
+// name; its open connections stay (until removed_conn_grace, if set). The
+// mark is kept across discovery churn and reloads. It returns once the
+// picker reflects it.
+func (s *Server) Drain(name, addr string, on bool) error {
+	s.mu.Lock()
+	var l *listener
+	for _, x := range s.listeners {
+		if x.config().Name == name {
+			l = x
+		}
+	}
+	s.mu.Unlock()
+	if l == nil {
+		return fmt.Errorf("listener %q: %w", name, ErrNotFound)
+	}
+	known := false
+	for _, tv := range l.pool.View().Targets {
+		known = known || tv.Addr == addr
+	}
+	if !known {
+		return fmt.Errorf("listener %q has no target %q: %w", name, addr, ErrNotFound)
+	}
+	l.pool.Drain(addr, on)
+	return nil
 }
 
 // Status returns the state of every listener, in configuration order.
@@ -96,13 +136,16 @@ func (l *listener) status() ListenerStatus {
 		}
 		t := tv.Target
 		st.Targets = append(st.Targets, TargetStatus{
-			Status:     h,
-			Weight:     tv.Instance.Weight,
-			Active:     t.Active.Load(),
-			Total:      t.Total.Load(),
-			DialErrors: t.DialErrors.Load(),
-			BytesIn:    t.BytesIn.Load(),
-			BytesOut:   t.BytesOut.Load(),
+			Status:          h,
+			Weight:          tv.Weight,
+			EffectiveWeight: tv.EffectiveWeight,
+			Draining:        tv.Draining,
+			History:         tv.History.Samples(),
+			Active:          t.Active.Load(),
+			Total:           t.Total.Load(),
+			DialErrors:      t.DialErrors.Load(),
+			BytesIn:         t.BytesIn.Load(),
+			BytesOut:        t.BytesOut.Load(),
 		})
 	}
 	ps := &l.proxy.Stats
@@ -115,5 +158,9 @@ func (l *listener) status() ListenerStatus {
 	st.BytesOut = ps.BytesOut.Load()
 	st.ProxyHeaderErrors = ps.HeaderErrors.Load()
 	st.RelayPanics = ps.Panics.Load()
+	st.Closed = make(map[string]uint64, 4)
+	for _, r := range []string{"removed", "down", "drained", "max_age"} {
+		st.Closed[r] = l.proxy.Closed(r)
+	}
 	return st
 }

@@ -17,6 +17,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"sync/atomic"
@@ -55,7 +56,36 @@ type Config struct {
 	// Inspect, if set, sees every chunk a client sends (tests inject
 	// panics through it).
 	Inspect func(data []byte)
+	// MaxConnAge winds a connection down once it is this old, +-10 %
+	// (so that a client's pool does not reconnect all at once); 0 never.
+	MaxConnAge time.Duration
 }
+
+// Reason says why rota closed a connection that was still in use.
+type Reason uint8
+
+// Reasons, as the label of rota_connections_closed_total.
+const (
+	NotRetired Reason = iota
+	Removed           // its target left discovery
+	Down              // its target failed its checks
+	Drained           // its target was drained
+	MaxAge            // older than max_conn_age
+	numReasons
+)
+
+var reasonNames = [...]string{"", "removed", "down", "drained", "max_age"}
+
+func (r Reason) String() string { return reasonNames[r] }
+
+// Reasons lists the reasons a connection is wound down for.
+func Reasons() []Reason { return []Reason{Removed, Down, Drained, MaxAge} }
+
+// WindLinger bounds a wind-down: after the FIN to both sides, the peers
+// are given this long to close their ends (what they send meanwhile is
+// read and dropped, so that closing resets nothing in flight); then the
+// connection is closed regardless.
+const WindLinger = 10 * time.Second
 
 // ReplayLimit bounds the client bytes kept for replay: past it, the window
 // closes as if the target had answered.
@@ -83,6 +113,8 @@ type Stats struct {
 	// HeaderErrors counts clients closed for a PROXY protocol header that
 	// was missing, malformed, late, or from an untrusted source.
 	HeaderErrors atomic.Uint64
+	// Closed counts connections wound down, by Reason.
+	Closed [numReasons]atomic.Uint64
 }
 
 // State is where a connection stands.
@@ -132,9 +164,14 @@ const (
 	// Settle: look whether the target reset (its pending socket error) and
 	// tell Settled.
 	Settle
+	// WindDown: close the connection without losing a byte either side
+	// sent: read each side until it has nothing more and write it on,
+	// send each side a FIN, then read and drop until each side closes (or
+	// Deadline, when Expired says Close). Winding() is true from here on.
+	WindDown
 )
 
-var actionNames = [...]string{"continue", "read-prelude", "dial", "forward", "flush", "shut-target", "shut-client", "close", "refused", "reset", "linger", "settle"}
+var actionNames = [...]string{"continue", "read-prelude", "dial", "forward", "flush", "shut-target", "shut-client", "close", "refused", "reset", "linger", "settle", "wind-down"}
 
 func (a Action) String() string { return actionNames[a] }
 
@@ -145,6 +182,7 @@ var (
 	ErrPreludeLate  = errors.New("PROXY protocol: no header within the timeout")
 	ErrUntrusted    = errors.New("PROXY protocol: source is not in accept_proxy_protocol")
 	ErrPreludeShort = errors.New("PROXY protocol: client closed before the header ended")
+	ErrWound        = errors.New("wound down")
 )
 
 // Conn is one client connection. The zero Conn is not ready: call Init. A
@@ -184,6 +222,13 @@ type Conn struct {
 	lingerUntil int64
 	clientEOF   bool
 	closing     bool // the driver's proxy is shutting down: failures are not the target's
+	// Winding down: when it is due (0: not), why, and once begun, the
+	// bound on the peers' closing.
+	expireAt  int64 // max_conn_age, jittered
+	retireAt  int64
+	retireWhy Reason
+	winding   bool
+	windUntil int64
 
 	start, last, dialBy int64 // clock readings, nanoseconds
 	// Err says why the connection closed, or why the last attempt failed.
@@ -193,6 +238,9 @@ type Conn struct {
 // Init prepares c for a client from src that connected to dst, at now.
 func (c *Conn) Init(cfg *Config, stats *Stats, picker Picker, report func(string, error), src, dst netip.AddrPort, now int64) {
 	*c = Conn{cfg: cfg, stats: stats, picker: picker, report: report, Src: src, Dst: dst, start: now, last: now}
+	if age := cfg.MaxConnAge; age > 0 {
+		c.expireAt = now + int64(float64(age)*(0.9+0.2*rand.Float64()))
+	}
 }
 
 // State is where c stands.
@@ -337,6 +385,7 @@ func (c *Conn) next(now int64, lastErr error) Action {
 			c.dialBy = now + int64(c.dialTimeout())
 			c.hdrSent, c.sent = 0, 0
 			c.resetOnWrite, c.spoke, c.lingering = false, false, false
+			c.retireAt, c.retireWhy = 0, NotRetired // that was the last target's
 			return Dial
 		}
 	}
@@ -614,9 +663,17 @@ func (c *Conn) Deadline() int64 {
 		if c.lingering {
 			return c.lingerUntil
 		}
-		if t := c.cfg.IdleTimeout; t > 0 {
-			return c.last + int64(t)
+		if c.winding {
+			return c.windUntil
 		}
+		d := c.expireAt
+		if c.retireAt != 0 && (d == 0 || c.retireAt < d) {
+			d = c.retireAt
+		}
+		if t := c.cfg.IdleTimeout; t > 0 && (d == 0 || c.last+int64(t) < d) {
+			d = c.last + int64(t)
+		}
+		return d
 	}
 	return 0
 }
@@ -628,8 +685,8 @@ func (c *Conn) preludeTimeout() time.Duration {
 	return 5 * time.Second
 }
 
-// Expired is called at or after Deadline: a late prelude or dial, or an
-// idle connection. Continue when nothing is due yet.
+// Expired is called at or after Deadline: a late prelude or dial, an idle
+// connection, a wind-down due or overdue. Continue when nothing is due yet.
 func (c *Conn) Expired(now int64) Action {
 	d := c.Deadline()
 	if d == 0 || now < d {
@@ -641,11 +698,44 @@ func (c *Conn) Expired(now int64) Action {
 	case Dialing:
 		return c.DialFailed(fmt.Errorf("dial timeout after %v", c.dialTimeout()), now)
 	}
-	if c.lingering {
+	switch {
+	case c.lingering:
 		return Settle
+	case c.winding:
+		return c.close(fmt.Errorf("%w: the peers did not close within %v", ErrWound, WindLinger))
+	case c.retireAt != 0 && now >= c.retireAt:
+		return c.windDown(c.retireWhy, now)
+	case c.expireAt != 0 && now >= c.expireAt:
+		return c.windDown(MaxAge, now)
 	}
 	return c.close(ErrIdle)
 }
+
+// Retire schedules a wind-down at at (a clock reading) because of why, or
+// with NotRetired, cancels one not yet begun. An earlier retirement
+// stands. The driver then re-arms its timer from Deadline.
+func (c *Conn) Retire(at int64, why Reason) {
+	switch {
+	case c.winding:
+	case why == NotRetired:
+		c.retireAt, c.retireWhy = 0, NotRetired
+	case c.retireAt == 0 || at < c.retireAt:
+		c.retireAt, c.retireWhy = at, why
+	}
+}
+
+// windDown begins closing a connection that is in use: its target is final.
+func (c *Conn) windDown(why Reason, now int64) Action {
+	c.commit()
+	c.winding = true
+	c.windUntil = now + int64(WindLinger)
+	c.stats.Closed[why].Add(1)
+	c.Err = fmt.Errorf("%w: %s", ErrWound, why)
+	return WindDown
+}
+
+// Winding reports whether c is winding down.
+func (c *Conn) Winding() bool { return c.winding }
 
 // Shutdown says the driver's proxy is closing: failures from now on are not
 // the targets', and no further target is tried.

@@ -526,3 +526,71 @@ func FuzzProxyHeader(f *testing.F) {
 		}
 	})
 }
+
+// A retirement is a deadline: the earliest stands, NotRetired calls it
+// off, and it winds the connection down (once), then closes it if the
+// peers never close.
+func TestRetireWindsDown(t *testing.T) {
+	s := int64(time.Second)
+	h := newHarness(t, Config{IdleTimeout: time.Hour}, 1)
+	h.connect()
+	h.c.Retire(5*s, Drained)
+	h.c.Retire(7*s, Removed) // later: the drain stands
+	if d := h.c.Deadline(); d != 5*s {
+		t.Fatalf("deadline %v, want 5s", time.Duration(d))
+	}
+	h.c.Retire(0, NotRetired)
+	if d := h.c.Deadline(); d != int64(time.Hour) {
+		t.Fatalf("called off: deadline %v, want the idle timeout", time.Duration(d))
+	}
+	h.c.Retire(2*s, Down)
+	h.want(h.c.Expired(2*s-1), Continue)
+	h.want(h.c.Expired(2*s), WindDown)
+	if !h.c.Winding() || !h.c.Committed() || h.stats.Closed[Down].Load() != 1 || !errors.Is(h.c.Err, ErrWound) {
+		t.Fatalf("winding %v committed %v closed(down) %d err %v", h.c.Winding(), h.c.Committed(), h.stats.Closed[Down].Load(), h.c.Err)
+	}
+	h.c.Retire(3*s, Removed) // too late to change anything
+	if d := h.c.Deadline(); d != 2*s+int64(WindLinger) {
+		t.Fatalf("winding: deadline %v, want WindLinger after", time.Duration(d))
+	}
+	h.want(h.c.Expired(2*s+int64(WindLinger)), Close)
+	if h.targets[0].Active.Load() != 0 || h.stats.Closed[Removed].Load() != 0 {
+		t.Fatalf("active %d, closed(removed) %d", h.targets[0].Active.Load(), h.stats.Closed[Removed].Load())
+	}
+}
+
+// A retirement is the target's: a connection that moves on to the next
+// target after a failed dial leaves it behind.
+func TestRetireIsTheTargets(t *testing.T) {
+	h := newHarness(t, Config{Retries: 1}, 2)
+	h.want(h.c.Start(0), Dial)
+	h.c.Retire(int64(time.Second), Removed)
+	h.want(h.c.DialFailed(errors.New("refused"), 0), Dial)
+	h.want(h.c.Dialed(0), Flush)
+	if d := h.c.Deadline(); d != 0 {
+		t.Fatalf("deadline %v on the next target, want none", time.Duration(d))
+	}
+}
+
+// max_conn_age: +-10 %, so connections opened together do not all close
+// together.
+func TestMaxConnAgeJitter(t *testing.T) {
+	age := 10 * time.Second
+	seen := map[int64]bool{}
+	for range 200 {
+		h := newHarness(t, Config{MaxConnAge: age}, 1)
+		h.connect()
+		d := h.c.Deadline()
+		if d < int64(age*9/10) || d > int64(age*11/10) {
+			t.Fatalf("deadline %v, want %v +-10 %%", time.Duration(d), age)
+		}
+		seen[d] = true
+		h.want(h.c.Expired(d), WindDown)
+		if h.stats.Closed[MaxAge].Load() != 1 {
+			t.Fatal("not counted as max_age")
+		}
+	}
+	if len(seen) < 150 {
+		t.Fatalf("only %d distinct deadlines of 200", len(seen))
+	}
+}
