@@ -147,8 +147,10 @@ func TestStatusPageIsSelfContained(t *testing.T) {
 	if code != http.StatusOK || !strings.Contains(body, "/api/v1/targets") {
 		t.Fatalf("/: %d", code)
 	}
+	// The SVG namespace is a name, never fetched.
+	page := strings.ReplaceAll(body, `"http://www.w3.org/2000/svg"`, "")
 	for _, bad := range []string{"http://", "https://", "<v1>"} {
-		if strings.Contains(body, bad) {
+		if strings.Contains(page, bad) {
 			t.Errorf("status page contains %q: it must fetch nothing from outside and escape the version", bad)
 		}
 	}

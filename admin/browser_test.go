@@ -3,6 +3,7 @@ package admin_test
 import (
 	"context"
 	"flag"
+	"io"
 	"net"
 	"net/http/httptest"
 	"os"
@@ -110,5 +111,123 @@ func TestStatusPageInBrowser(t *testing.T) {
 		if err := os.WriteFile(filepath.Join("..", "docs", "status-page.png"), png, 0o644); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestStatusPageBalance renders a weighted listener in Chromium: each row
+// shows the weight, its share of the last minute's new connections beside
+// its share of the weights, a rate line, and a drain button that drains
+// (and then undrains) the target through the API.
+func TestStatusPageBalance(t *testing.T) {
+	bin := chromium(t)
+	light, heavy := backend(t), backend(t)
+	cfg := config.Default()
+	l := config.DefaultListener()
+	l.Name, l.Listen, l.Discovery = "web", "127.0.0.1:0", "static"
+	l.Static = []config.StaticTarget{{Addr: light, Weight: 1}, {Addr: heavy, Weight: 3}}
+	l.Health.Interval = 100 * time.Millisecond
+	cfg.Listeners = []config.Listener{l}
+	srv, err := server.Start(context.Background(), cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Shutdown(context.Background())
+	hs := httptest.NewServer((&admin.Handler{State: srv, Version: "test"}).Routes())
+	defer hs.Close()
+
+	// 40 connections: 10 and 30, sampled into the history within a second.
+	proxyAddr := srv.Status()[0].Addr
+	waitUntil(t, "both targets up", func() bool {
+		st := srv.Status()[0]
+		return len(st.Targets) == 2 && st.Targets[0].State.String() == "up" && st.Targets[1].State.String() == "up"
+	})
+	for range 40 {
+		c, err := net.Dial("tcp", proxyAddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.ReadAll(c)
+		c.Close()
+	}
+	waitUntil(t, "the minute's history to hold the 40 connections", func() bool {
+		var n uint64
+		for _, tg := range srv.Status()[0].Targets {
+			for _, k := range tg.History {
+				n += uint64(k)
+			}
+		}
+		return n == 40
+	})
+
+	actx, acancel := chromedp.NewExecAllocator(context.Background(),
+		chromedp.ExecPath(bin), chromedp.Headless, chromedp.NoSandbox, chromedp.DisableGPU,
+		chromedp.NoFirstRun, chromedp.NoDefaultBrowserCheck, chromedp.WindowSize(1300, 400))
+	defer acancel()
+	ctx, cancel := chromedp.NewContext(actx)
+	defer cancel()
+	ctx, tcancel := context.WithTimeout(ctx, 60*time.Second)
+	defer tcancel()
+
+	row := func(addr string) string { return `section[data-listener="web"] tr[data-target="` + addr + `"]` }
+	if err := chromedp.Do(ctx, chromedp.Navigate(hs.URL+"/"), chromedp.WaitVisible(chromedp.CSS(row(heavy)+` svg.spark polyline`))); err != nil {
+		t.Fatalf("page never showed the heavy target with its rate line: %v", err)
+	}
+	share := func(addr, which string) string {
+		t.Helper()
+		s, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(row(addr)+` .p.`+which)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	if got, want := share(heavy, "got"), share(heavy, "want"); got != "75%" || want != "75%" {
+		t.Errorf("the heavy target's shares: %s of new connections, %s of the weights; want 75%% and 75%%", got, want)
+	}
+	if got, want := share(light, "got"), share(light, "want"); got != "25%" || want != "25%" {
+		t.Errorf("the light target's shares: %s and %s; want 25%% and 25%%", got, want)
+	}
+
+	if err := chromedp.Do(ctx,
+		chromedp.Click(chromedp.CSS(row(heavy)+` button.act`)),
+		chromedp.WaitVisible(chromedp.CSS(row(heavy)+` .badge`)),
+	); err != nil {
+		t.Fatalf("drain button: %v", err)
+	}
+	if tg := srv.Status()[0].Targets; !tg[0].Draining && !tg[1].Draining {
+		t.Fatal("the page's drain button did not drain the target")
+	}
+	if want := share(light, "want"); want != "100%" {
+		t.Errorf("with the heavy target drained, the light one's share of the weights: %s, want 100%%", want)
+	}
+	if err := chromedp.Do(ctx,
+		chromedp.Click(chromedp.CSS(row(heavy)+` button.act`)),
+		chromedp.WaitNotPresent(chromedp.CSS(row(heavy)+` .badge`)),
+	); err != nil {
+		t.Fatalf("undrain button: %v", err)
+	}
+	for _, tg := range srv.Status()[0].Targets {
+		if tg.Draining {
+			t.Fatalf("%s still draining after the undrain button", tg.Addr)
+		}
+	}
+	if *updateScreenshot {
+		png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join("..", "docs", "status-page-balance.png"), png, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
