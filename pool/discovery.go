@@ -170,7 +170,7 @@ func (p *Pool) merge(ins []discovery.Instance) (added, removed []string) {
 			next = append(next, e)
 			continue
 		}
-		delete(p.entries, e.t.Addr)
+		p.forget(e)
 	}
 	if bridging {
 		sortEntries(next)
@@ -185,6 +185,15 @@ func (p *Pool) merge(ins []discovery.Instance) (added, removed []string) {
 	}
 	p.checker.Update(addrs)
 	return added, removed
+}
+
+// forget drops e, no longer discovered; Retired hears of it at the next
+// rebuild if it served.
+func (p *Pool) forget(e *entry) {
+	delete(p.entries, e.t.Addr)
+	if e.followed {
+		p.gone = append(p.gone, e.t)
+	}
 }
 
 func anyUp(es []*entry) bool {
@@ -224,7 +233,7 @@ func (p *Pool) dropBridging() {
 	var addrs []string
 	for _, e := range p.order {
 		if e.bridging {
-			delete(p.entries, e.t.Addr)
+			p.forget(e)
 			continue
 		}
 		next = append(next, e)

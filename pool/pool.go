@@ -85,11 +85,11 @@ type Pool struct {
 	hold      *time.Timer // a held empty answer coming due
 	holdGen   uint64
 	bridge    *bridge
-	drained   map[string]bool             // by address, kept across discovery churn
-	ramp      *time.Timer                 // rebuilds while a target ramps up (slow start)
-	sampler   *time.Timer                 // samples the targets' new connections every second
-	serving   bool                        // some target has been live: later ones ramp
-	reasons   map[*balancer.Target]string // why each target took no new connections at the last rebuild
+	drained   map[string]bool    // by address, kept across discovery churn
+	ramp      *time.Timer        // rebuilds while a target ramps up (slow start)
+	sampler   *time.Timer        // samples the targets' new connections every second
+	serving   bool               // some target has been live: later ones ramp
+	gone      []*balancer.Target // followed targets dropped since the last rebuild: "removed"
 }
 
 // entry is one target and what the pool knows of it.
@@ -100,8 +100,12 @@ type entry struct {
 	bridging  bool      // no longer discovered, kept until a new target is live
 	liveSince time.Time // when it turned up while others served (slow start); zero: full weight
 	initial   bool      // discovered before any target served: its first verdict does not ramp
-	retired   string    // why it takes no new connections ("" while it does)
-	history   *History  // new connections, second by second
+	// Retired's view: followed once it served; why it took no new
+	// connections at the last rebuild ("" while it took them).
+	followed bool
+	why      string
+	retired  string   // why it takes no new connections ("" while it does)
+	history  *History // new connections, second by second
 }
 
 // bridge is a make-before-break in progress: a snapshot replaced every live

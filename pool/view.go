@@ -185,31 +185,29 @@ func (p *Pool) startRamp(e *entry) {
 // one that never did has no connections to close.
 func (p *Pool) retire(panicking bool) {
 	if p.cfg.Retired == nil {
+		p.gone = nil
 		return
 	}
-	next := make(map[*balancer.Target]string, len(p.reasons))
 	for _, e := range p.order {
-		reason := ""
+		why := ""
 		switch {
 		case p.drained[e.t.Addr]:
-			reason = "drained"
+			why = "drained"
 		case !e.up && !panicking && !e.bridging:
-			reason = "down"
+			why = "down"
 		}
-		prev, known := p.reasons[e.t]
-		if known && prev != reason {
-			p.cfg.Retired(e.t, reason)
+		switch {
+		case e.followed && e.why != why:
+			p.cfg.Retired(e.t, why)
+		case !e.followed && why == "":
+			e.followed = true
 		}
-		if known || reason == "" {
-			next[e.t] = reason
-		}
+		e.why = why
 	}
-	for t := range p.reasons {
-		if _, ok := next[t]; !ok {
-			p.cfg.Retired(t, "removed")
-		}
+	for _, t := range p.gone {
+		p.cfg.Retired(t, "removed")
 	}
-	p.reasons = next
+	p.gone = nil
 }
 
 func sortEntries(es []*entry) {
