@@ -50,6 +50,8 @@ bench: build
 	bench/setup.sh
 	$(GO) build -o bin/benchrun ./bench/run
 	bin/benchrun -rota bin/rota $(if $(QUICK),-quick) $(if $(BASELINE),-baseline $(BASELINE))
+	$(GO) test -run '^$$' -bench 'PickPolicies' -benchtime $(if $(QUICK),20000x,200000x) ./balancer/ \
+	  | tee bench/results/$$(date +%F)$(if $(QUICK),-quick)-pick.txt
 	$(GO) build -o bin/convergence ./bench/convergence
 	{ bin/convergence $(if $(QUICK),-changes 50) && \
 	  bin/convergence -registry consul -goal 250ms $(if $(QUICK),-changes 50) && \

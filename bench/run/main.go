@@ -26,19 +26,22 @@ import (
 var proxyKinds = []string{"direct", "rota", "haproxy", "nginx"}
 
 type options struct {
-	quick    bool
-	reps     int
-	dur      time.Duration
-	idle     int
-	threads  []int
-	conc     []int
-	targets  []int
-	rotaBin  string
-	baseline string   // an earlier rota binary, measured beside rota
-	proxies  []string // what is measured, in order
-	out      string
-	tmp      string
-	backends *backendSet
+	quick   bool
+	reps    int
+	dur     time.Duration
+	idle    int
+	threads []int
+	conc    []int
+	targets []int
+	// idleWindow is how long an idle proxy's CPU is measured (health
+	// checking cost).
+	idleWindow time.Duration
+	rotaBin    string
+	baseline   string   // an earlier rota binary, measured beside rota
+	proxies    []string // what is measured, in order
+	out        string
+	tmp        string
+	backends   *backendSet
 }
 
 func main() {
@@ -62,11 +65,11 @@ func main() {
 	}
 	raiseNoFile()
 	if o.quick {
-		o.reps, o.dur, o.idle = 1, 2*time.Second, 2000
-		o.threads, o.conc, o.targets = []int{1, 2}, []int{1, 1000}, []int{3, 1000}
+		o.reps, o.dur, o.idle, o.idleWindow = 1, 2*time.Second, 2000, 4*time.Second
+		o.threads, o.conc, o.targets = []int{1, 2}, []int{1, 1000}, []int{3, 1000, 10000}
 	} else {
-		o.reps, o.dur, o.idle = 3, 4*time.Second, 5000
-		o.threads, o.conc, o.targets = []int{1, 2}, []int{1, 10, 100, 1000, 4000}, []int{3, 100, 1000}
+		o.reps, o.dur, o.idle, o.idleWindow = 3, 4*time.Second, 5000, 10*time.Second
+		o.threads, o.conc, o.targets = []int{1, 2}, []int{1, 10, 100, 1000, 4000}, []int{3, 100, 1000, 10000}
 	}
 	if err := run(&o); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -209,6 +212,14 @@ func run(o *options) error {
 			if err != nil {
 				logf("  %v", err) // one missing cell, not a lost run
 				continue
+			}
+			if n >= 1000 && px != "nginx" {
+				// What probing n targets every 2 s costs an idle proxy
+				// (nginx's open-source edition does not probe).
+				time.Sleep(2 * time.Second) // past the first round of probes
+				c0, t0 := p.cpu(), time.Now()
+				time.Sleep(o.idleWindow)
+				res.add(key("healthcpu", n, px), 100*(p.cpu()-c0)/time.Since(t0).Seconds())
 			}
 			if m, err := wrk(p.addr, 64, o.dur, true); err == nil {
 				res.add(key("targets", n, px), m.rps)

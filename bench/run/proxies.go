@@ -129,9 +129,21 @@ func startProxy(kind string, threads int, targets []string, o *options, http boo
 			bin = o.baseline
 		}
 		adminAddr = fmt.Sprintf("127.0.0.1:%d", freePort())
-		err = startCmd(p, bin, []string{"serve", "--listen", p.addr, "--backend", strings.Join(targets, ","),
-			"--admin", adminAddr, "--log-format", "json", "--log-level", "error", "--health-interval", "2s"},
-			[]string{fmt.Sprintf("GOMAXPROCS=%d", threads)})
+		args := []string{"serve", "--listen", p.addr, "--backend", strings.Join(targets, ","),
+			"--admin", adminAddr, "--log-format", "json", "--log-level", "error", "--health-interval", "2s"}
+		if len(targets) > 1000 {
+			// Too long for one argument (Linux: 128 KiB): the same
+			// settings as a file.
+			var b strings.Builder
+			fmt.Fprintf(&b, "admin: {listen: %q}\nlisteners:\n  - listen: %q\n    discovery: static\n    health: {interval: 2s}\n    static:\n", adminAddr, p.addr)
+			for _, t := range targets {
+				fmt.Fprintf(&b, "      - %s\n", t)
+			}
+			cfg := filepath.Join(p.dir, "rota.yaml")
+			os.WriteFile(cfg, []byte(b.String()), 0o644)
+			args = []string{"serve", "--config", cfg, "--log-format", "json", "--log-level", "error"}
+		}
+		err = startCmd(p, bin, args, []string{fmt.Sprintf("GOMAXPROCS=%d", threads)})
 		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
 	case "haproxy":
 		var b strings.Builder

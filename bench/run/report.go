@@ -126,6 +126,25 @@ func renderReport(o *options, res results, took time.Duration) string {
 		}
 		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key("targets", n, "rota"), key("targets", n, "haproxy"), false))
 	}
+	b.WriteString("\n## Health checking (CPU of the idle proxy, % of one core, TCP checks every 2 s, 1 thread each)\n\nThe proxy's user and system time while it only probes its targets, over a quiet window; on loopback the kernel's work for both ends of each probe's handshake runs in the prober's context, so this is an upper bound of what the same probing costs against remote targets.\n\n| targets |")
+	hpx := []string{}
+	for _, px := range o.proxies[1:] {
+		if px != "nginx" {
+			hpx = append(hpx, px)
+			fmt.Fprintf(&b, " %s |", proxyTitle[px])
+		}
+	}
+	b.WriteString(" rota/HAProxy |\n|---:|" + strings.Repeat("---:|", len(hpx)+1) + "\n")
+	for _, n := range o.targets {
+		if n < 1000 {
+			continue
+		}
+		fmt.Fprintf(&b, "| %d |", n)
+		for _, px := range hpx {
+			fmt.Fprintf(&b, " %s |", cell(res, key("healthcpu", n, px), "%.1f"))
+		}
+		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key("healthcpu", n, "rota"), key("healthcpu", n, "haproxy"), true))
+	}
 	b.WriteString("\nLoad: `wrk -t1` (one thread, so the proxy keeps a core), small HTTP responses from Go backends in a separate process; bulk: `iperf3` single stream; idle memory: RSS growth of the proxy's processes (nginx: its workers) per idle proxied connection; CPU per request: user and system time of the proxy's processes (including the kernel's TCP work on their sockets) during the wrk run, divided by the requests served, which is steadier than the rates on a shared two-core machine.\n")
 	return b.String()
 }
