@@ -63,6 +63,19 @@ type Settings struct {
 	// MaxConnAge winds down client connections older than this, +-10 %;
 	// 0 never.
 	MaxConnAge time.Duration
+	// Deny and Allow say which clients may connect, by address (the one
+	// an accepted PROXY header names): Deny first, then, if Allow is not
+	// empty, only what it lists. Refused clients are closed before
+	// anything is read from them and counted (Denied).
+	Deny, Allow []netip.Prefix
+	// MaxConnsPerClient bounds the connections open at once from one
+	// client address; 0 is unlimited.
+	MaxConnsPerClient int
+	// Router, if set, chooses the targets by the TLS server name in the
+	// client's ClientHello instead of Picker (see NewRouter).
+	Router *Router
+	// SNITimeout bounds the wait for that ClientHello; 0 means 5s.
+	SNITimeout time.Duration
 
 	panicOn func([]byte) bool // tests: panic on such a client chunk
 }
@@ -105,6 +118,9 @@ type Proxy struct {
 	idle           chan struct{} // closed once closing and no connection is open
 	serving        sync.WaitGroup
 
+	clientsOnce sync.Once
+	clients     *relay.ClientLimit // open connections by client address
+
 	mu        sync.Mutex // guards the fields below; never held across a wait
 	listeners map[net.Listener]struct{}
 	gconns    map[*gconn]struct{} // connections relayed by goroutines
@@ -142,18 +158,29 @@ func (p *Proxy) Configure(s Settings) {
 		SendProxy:      s.SendProxy,
 		PreludeTimeout: s.ProxyHeaderTimeout,
 		MaxConnAge:     s.MaxConnAge,
+		SNITimeout:     s.SNITimeout,
 	}}
+	if len(s.Deny) > 0 || len(s.Allow) > 0 {
+		deny, allow := s.Deny, s.Allow
+		set.relay.Access = func(a netip.Addr) relay.Denial {
+			if contains(deny, a) {
+				return relay.Denied
+			}
+			if len(allow) > 0 && !contains(allow, a) {
+				return relay.NotAllowed
+			}
+			return relay.Admitted
+		}
+	}
+	if s.MaxConnsPerClient > 0 {
+		set.relay.Clients, set.relay.PerClient = p.clientLimit(), s.MaxConnsPerClient
+	}
+	if r := s.Router; r != nil {
+		set.relay.Route = r.route
+	}
 	if s.AcceptProxyFrom != nil {
 		trusted := s.AcceptProxyFrom
-		set.relay.AcceptProxy = func(a netip.Addr) bool {
-			a = a.Unmap()
-			for _, p := range trusted {
-				if p.Contains(a) {
-					return true
-				}
-			}
-			return false
-		}
+		set.relay.AcceptProxy = func(a netip.Addr) bool { return contains(trusted, a.Unmap()) }
 	}
 	if f := s.panicOn; f != nil {
 		set.relay.Inspect = func(b []byte) {
@@ -163,6 +190,15 @@ func (p *Proxy) Configure(s Settings) {
 		}
 	}
 	p.settings.Store(set)
+}
+
+func contains(prefixes []netip.Prefix, a netip.Addr) bool {
+	for _, p := range prefixes {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
 }
 
 func (p *Proxy) currentSettings() *settings {
@@ -386,6 +422,27 @@ func (p *Proxy) Closed(reason string) uint64 {
 		}
 	}
 	return 0
+}
+
+// Denied is the number of clients refused for reason ("deny",
+// "not_allowed", "per_client").
+func (p *Proxy) Denied(reason string) uint64 {
+	for _, d := range relay.Denials() {
+		if d.String() == reason {
+			return p.Stats.Denied[d].Load()
+		}
+	}
+	return 0
+}
+
+// ClientConns is the number of connections open from client address a,
+// as max_conns_per_client counts them (0 when it is off).
+func (p *Proxy) ClientConns(a netip.Addr) int { return p.clientLimit().Open(a) }
+
+// clientLimit is the per-client count, shared by every settings of p.
+func (p *Proxy) clientLimit() *relay.ClientLimit {
+	p.clientsOnce.Do(func() { p.clients = relay.NewClientLimit() })
+	return p.clients
 }
 
 // ActiveConns is the number of client connections open now.

@@ -26,6 +26,7 @@ import (
 	proxyproto "github.com/pires/go-proxyproto"
 
 	"github.com/rota-proxy/rota/balancer"
+	"github.com/rota-proxy/rota/proxy/internal/sni"
 )
 
 // Picker yields the targets to try for one connection, best first.
@@ -59,7 +60,43 @@ type Config struct {
 	// MaxConnAge winds a connection down once it is this old, +-10 %
 	// (so that a client's pool does not reconnect all at once); 0 never.
 	MaxConnAge time.Duration
+	// Access, if set, says whether a client may connect, by its address
+	// (the one a PROXY header named, when one is read). It is asked before
+	// anything else is read from the client and before any target is
+	// dialled.
+	Access func(src netip.Addr) Denial
+	// Clients, with PerClient > 0, bounds the connections open at once
+	// from one client address.
+	Clients   *ClientLimit
+	PerClient int
+	// Route, if set, chooses the picker by the TLS server name (SNI) in
+	// the ClientHello the client sends first; "" when the client sends
+	// none, no TLS, or nothing within SNITimeout. nil: no route, the
+	// client is closed and counted. Every byte read is forwarded to the
+	// target unchanged.
+	Route func(serverName string) Picker
+	// SNITimeout bounds the wait for the ClientHello; 0 means 5s.
+	SNITimeout time.Duration
 }
+
+// Denial says why a client was refused before anything was read from it.
+type Denial uint8
+
+// Denials, as the label of rota_connections_denied_total.
+const (
+	Admitted   Denial = iota
+	Denied            // in deny
+	NotAllowed        // allow is set and does not list it
+	PerClient         // max_conns_per_client reached
+	numDenials
+)
+
+var denialNames = [...]string{"", "deny", "not_allowed", "per_client"}
+
+func (d Denial) String() string { return denialNames[d] }
+
+// Denials lists the reasons a client is refused for.
+func Denials() []Denial { return []Denial{Denied, NotAllowed, PerClient} }
 
 // Reason says why rota closed a connection that was still in use.
 type Reason uint8
@@ -115,6 +152,11 @@ type Stats struct {
 	HeaderErrors atomic.Uint64
 	// Closed counts connections wound down, by Reason.
 	Closed [numReasons]atomic.Uint64
+	// Denied counts clients refused, by Denial.
+	Denied [numDenials]atomic.Uint64
+	// NoRoute counts clients closed because no route matched their
+	// server name.
+	NoRoute atomic.Uint64
 }
 
 // State is where a connection stands.
@@ -183,6 +225,8 @@ var (
 	ErrUntrusted    = errors.New("PROXY protocol: source is not in accept_proxy_protocol")
 	ErrPreludeShort = errors.New("PROXY protocol: client closed before the header ended")
 	ErrWound        = errors.New("wound down")
+	ErrNoRoute      = errors.New("no route for the server name")
+	ErrDenied       = errors.New("client refused")
 )
 
 // Conn is one client connection. The zero Conn is not ready: call Init. A
@@ -230,6 +274,14 @@ type Conn struct {
 	winding   bool
 	windUntil int64
 
+	// header: the PROXY header is still to be read (in Prelude; else the
+	// ClientHello is). slot: the client holds a place in cfg.Clients.
+	header   bool
+	slot     bool
+	helloBy  int64
+	Hello    string // the server name the client asked for, once read
+	HelloErr error  // why none was read (not TLS, too large, late)
+
 	start, last, dialBy int64 // clock readings, nanoseconds
 	// Err says why the connection closed, or why the last attempt failed.
 	Err error
@@ -265,9 +317,92 @@ func (c *Conn) Start(now int64) Action {
 			return c.headerError(fmt.Errorf("%w: %s", ErrUntrusted, c.Src))
 		}
 		c.state = Prelude
+		c.header = true
 		return ReadPrelude
 	}
+	return c.client(now)
+}
+
+// client goes on once the client's address is known: it is admitted or
+// refused, then its ClientHello is read when routes need it, and a target
+// picked.
+func (c *Conn) client(now int64) Action {
+	if d := c.admit(); d != Admitted {
+		c.stats.Denied[d].Add(1)
+		c.Err = fmt.Errorf("%w: %s: %s", ErrDenied, c.Src.Addr(), d)
+		return c.end(Close)
+	}
+	if c.cfg.Route == nil {
+		return c.pick(now)
+	}
+	c.state = Prelude
+	c.helloBy = now + int64(durationOr(c.cfg.SNITimeout, 5*time.Second))
+	if len(c.held) > 0 {
+		return c.hello(now, false)
+	}
+	return ReadPrelude
+}
+
+// admit applies the listener's access rules to the client.
+func (c *Conn) admit() Denial {
+	a := c.Src.Addr().Unmap()
+	if c.cfg.Access != nil {
+		if d := c.cfg.Access(a); d != Admitted {
+			return d
+		}
+	}
+	if c.cfg.Clients != nil && c.cfg.PerClient > 0 {
+		if !c.cfg.Clients.acquire(a, c.cfg.PerClient) {
+			return PerClient
+		}
+		c.slot = true
+	}
+	return Admitted
+}
+
+// hello looks for the ClientHello in the bytes held, and routes once it is
+// read, or cannot be (not TLS, too large, late: final).
+func (c *Conn) hello(now int64, final bool) Action {
+	name, done, err := sni.Parse(c.held)
+	switch {
+	case err != nil:
+		c.HelloErr = err
+	case done:
+		c.Hello = name
+	case final:
+		c.HelloErr = errHelloLate
+	default:
+		return ReadPrelude
+	}
+	p := c.cfg.Route(c.Hello)
+	if p == nil {
+		c.stats.NoRoute.Add(1)
+		c.Err = fmt.Errorf("%w %q (from %s)", ErrNoRoute, c.Hello, c.Src)
+		return c.end(Close)
+	}
+	c.picker = p
 	return c.pick(now)
+}
+
+var errHelloLate = errors.New("no ClientHello within sni_timeout")
+
+func durationOr(d, def time.Duration) time.Duration {
+	if d > 0 {
+		return d
+	}
+	return def
+}
+
+// end settles what a closing connection holds outside itself (its place in
+// the per-client count), once, and returns a.
+func (c *Conn) end(a Action) Action {
+	c.state = Closed
+	c.held = nil
+	if c.slot {
+		c.slot = false
+		c.cfg.Clients.release(c.Src.Addr().Unmap())
+	}
+	return a
 }
 
 // Prelude takes bytes the client sent while its prelude is read.
@@ -276,6 +411,13 @@ func (c *Conn) Prelude(data []byte, now int64) Action {
 		panic("relay: Prelude in state " + c.state.String())
 	}
 	c.held = append(c.held, data...)
+	if !c.header {
+		if len(c.held) > sni.MaxHello {
+			// More than a ClientHello can be: it is not one.
+			return c.hello(now, true)
+		}
+		return c.hello(now, false)
+	}
 	n, err := proxyHeaderLen(c.held)
 	switch {
 	case err != nil:
@@ -300,20 +442,25 @@ func (c *Conn) Prelude(data []byte, now int64) Action {
 	if rest == 0 {
 		c.held = nil
 	}
-	return c.pick(now)
+	c.header = false
+	return c.client(now)
 }
 
 // PreludeEOF reports that the client closed while its prelude was read.
+// A client that leaves before its ClientHello is complete is closed: it
+// asked nothing a target could answer.
 func (c *Conn) PreludeEOF() Action {
+	if !c.header {
+		c.Err = fmt.Errorf("client closed before its ClientHello ended (%d bytes)", len(c.held))
+		return c.end(Close)
+	}
 	return c.headerError(fmt.Errorf("%w (%s)", ErrPreludeShort, c.Src))
 }
 
 func (c *Conn) headerError(err error) Action {
 	c.stats.HeaderErrors.Add(1)
 	c.Err = err
-	c.state = Closed
-	c.held = nil
-	return Close
+	return c.end(Close)
 }
 
 // proxyHeaderLen frames a PROXY header at the start of b: its length once
@@ -373,9 +520,8 @@ func (c *Conn) pick(now int64) Action {
 func (c *Conn) next(now int64, lastErr error) Action {
 	c.target = nil
 	if c.closing {
-		c.state = Closed
 		c.Err = lastErr
-		return Close
+		return c.end(Close)
 	}
 	if c.tries > 0 {
 		if t := c.cursor.Next(); t != nil {
@@ -390,14 +536,12 @@ func (c *Conn) next(now int64, lastErr error) Action {
 		}
 	}
 	c.stats.NoTarget.Add(1)
-	c.state = Closed
 	if lastErr == nil {
 		c.Err = ErrNoTarget
 	} else {
 		c.Err = fmt.Errorf("all attempts failed, last: %w", lastErr)
 	}
-	c.held = nil
-	return Refused
+	return c.end(Refused)
 }
 
 func (c *Conn) dialTimeout() time.Duration {
@@ -656,6 +800,9 @@ func (c *Conn) reset(err error) Action {
 func (c *Conn) Deadline() int64 {
 	switch c.state {
 	case Prelude:
+		if !c.header {
+			return c.helloBy
+		}
 		return c.start + int64(c.preludeTimeout())
 	case Dialing:
 		return c.dialBy
@@ -694,6 +841,9 @@ func (c *Conn) Expired(now int64) Action {
 	}
 	switch c.state {
 	case Prelude:
+		if !c.header {
+			return c.hello(now, true) // what came is all there is: route on it
+		}
 		return c.headerError(fmt.Errorf("%w (%s, %v)", ErrPreludeLate, c.Src, c.preludeTimeout()))
 	case Dialing:
 		return c.DialFailed(fmt.Errorf("dial timeout after %v", c.dialTimeout()), now)
@@ -757,9 +907,7 @@ func (c *Conn) close(err error) Action {
 	if c.Err == nil {
 		c.Err = err
 	}
-	c.state = Closed
-	c.held = nil
-	return Close
+	return c.end(Close)
 }
 
 // Last is when a byte last moved either way.
