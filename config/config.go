@@ -69,6 +69,10 @@ type Admin struct {
 	// Listen is the admin address, default "127.0.0.1:9090"; "" disables
 	// the admin server.
 	Listen string `yaml:"listen"`
+	// TokenFile holds the bearer token every POST must carry and, when
+	// set, every request but /healthz and /readyz. Required when Listen
+	// is not a loopback address.
+	TokenFile string `yaml:"token_file"`
 }
 
 // Registries holds the service registries listeners can discover from. A nil
@@ -120,17 +124,20 @@ type Embedded struct {
 	ClientURL string `yaml:"client_url"` // default "http://127.0.0.1:2379"
 }
 
-// Listener is one proxied port and where its backends come from.
+// Listener is one proxied port and where its backends come from: one pool
+// of targets (the Pool keys on the listener), or Routes chosen by the TLS
+// server name.
 type Listener struct {
-	Name      string `yaml:"name"`      // unique; defaulted by Parse, see package doc
-	Listen    string `yaml:"listen"`    // host:port, ":8080" listens on all addresses
-	Service   string `yaml:"service"`   // required for consul and etcd
-	Discovery string `yaml:"discovery"` // consul | etcd | static
+	Name   string `yaml:"name"`   // unique; defaulted by Parse, see package doc
+	Listen string `yaml:"listen"` // host:port, ":8080" listens on all addresses
 
-	Tags   []string       `yaml:"tags"`   // consul only: every tag must match
-	Static []StaticTarget `yaml:"static"` // static only: host:port, or {addr: host:port, weight: 3}
+	Pool `yaml:",inline"`
 
-	Health Health `yaml:"health"`
+	// Routes, instead of a pool on the listener, route each client by the
+	// server name (SNI) of its TLS ClientHello, passed through unchanged.
+	Routes []Route `yaml:"routes"`
+	// SNITimeout bounds the wait for the ClientHello. Default 5s, > 0.
+	SNITimeout time.Duration `yaml:"sni_timeout"`
 
 	DialTimeout  time.Duration `yaml:"dial_timeout"`  // default 2s, > 0
 	Retries      int           `yaml:"retries"`       // default 2, extra targets tried after a failed dial
@@ -146,20 +153,12 @@ type Listener struct {
 	AcceptProxyProtocol []string `yaml:"accept_proxy_protocol"`
 	// ProxyHeaderTimeout bounds the wait for that header. Default 5s, > 0.
 	ProxyHeaderTimeout time.Duration `yaml:"proxy_header_timeout"`
-	// Panic routes over all discovered targets when none is healthy.
-	Panic bool `yaml:"panic"`
 	// ReplayOnReset: a target that resets before its first byte has the
 	// client's bytes replayed to the next target (at-least-once delivery,
 	// for idempotent protocols). Off (the default), such a reset after the
 	// first client byte reached the target goes to the client.
 	ReplayOnReset bool `yaml:"replay_on_reset"`
 
-	// Balance is the picking policy: round_robin (weighted, smooth; the
-	// default), least_conn or random_two.
-	Balance string `yaml:"balance"`
-	// SlowStart ramps a target that turns live while others serve from a
-	// small share to its full weight over this long; 0 is off.
-	SlowStart time.Duration `yaml:"slow_start"`
 	// RemovedConnGrace: how long the open connections of a target that
 	// left discovery, went down or was drained may go on; Never (the
 	// default) leaves them alone.
@@ -168,7 +167,54 @@ type Listener struct {
 	// jitter), so long-lived ones spread onto targets added since; 0 is
 	// off.
 	MaxConnAge time.Duration `yaml:"max_conn_age"`
+
+	// Allow and Deny list client CIDRs (or bare IPs): a client in Deny,
+	// or, when Allow is not empty, one not in Allow, is closed at once.
+	// With accept_proxy_protocol the client is the address the header
+	// names.
+	Allow []string `yaml:"allow"`
+	Deny  []string `yaml:"deny"`
+	// MaxConnsPerClient bounds the connections open at once from one
+	// client address; 0 is unlimited.
+	MaxConnsPerClient int `yaml:"max_conns_per_client"`
 }
+
+// Pool is where a listener's (or a route's) targets come from and how they
+// are checked and picked.
+type Pool struct {
+	Service   string `yaml:"service"`   // required for consul and etcd
+	Discovery string `yaml:"discovery"` // consul | etcd | static
+
+	Tags   []string       `yaml:"tags"`   // consul only: every tag must match
+	Static []StaticTarget `yaml:"static"` // static only: host:port, or {addr: host:port, weight: 3}
+
+	Health Health `yaml:"health"`
+
+	// Panic routes over all discovered targets when none is healthy.
+	Panic bool `yaml:"panic"`
+	// Balance is the picking policy: round_robin (weighted, smooth; the
+	// default), least_conn or random_two.
+	Balance string `yaml:"balance"`
+	// SlowStart ramps a target that turns live while others serve from a
+	// small share to its full weight over this long; 0 is off.
+	SlowStart time.Duration `yaml:"slow_start"`
+}
+
+// Route is one service behind a routed listener, for the clients whose
+// TLS server name matches SNI.
+type Route struct {
+	// Name labels the route in metrics and the admin API; default its
+	// service, else "route-N". Unique within the listener.
+	Name string `yaml:"name"`
+	// SNI lists exact names ("api.example.com"), wildcards for any name
+	// below a domain ("*.example.com") and "*" (anything: no SNI, not
+	// TLS). The most specific match wins; no two routes share a pattern.
+	SNI  []string `yaml:"sni"`
+	Pool `yaml:",inline"`
+}
+
+// Routed reports whether the listener routes by server name.
+func (l *Listener) Routed() bool { return len(l.Routes) > 0 }
 
 // Grace is a duration, or Never ("never" in the file).
 type Grace time.Duration
@@ -233,6 +279,7 @@ const (
 	DefaultIdleTimeout        = 1 * time.Hour
 	DefaultDrainTimeout       = 30 * time.Second
 	DefaultProxyHeaderTimeout = 5 * time.Second
+	DefaultSNITimeout         = 5 * time.Second
 )
 
 // Default returns a config with the admin defaults and no registries or
@@ -245,6 +292,21 @@ func Default() *Config {
 // Listen, Service and Discovery are left empty for the caller.
 func DefaultListener() Listener {
 	return Listener{
+		Pool:               DefaultPool(),
+		DialTimeout:        DefaultDialTimeout,
+		Retries:            DefaultRetries,
+		IdleTimeout:        DefaultIdleTimeout,
+		DrainTimeout:       DefaultDrainTimeout,
+		ProxyHeaderTimeout: DefaultProxyHeaderTimeout,
+		SNITimeout:         DefaultSNITimeout,
+		RemovedConnGrace:   Never,
+	}
+}
+
+// DefaultPool returns the pool defaults; Service and Discovery are left
+// empty for the caller.
+func DefaultPool() Pool {
+	return Pool{
 		Health: Health{
 			Check:      DefaultCheck,
 			Path:       DefaultHealthPath,
@@ -254,13 +316,7 @@ func DefaultListener() Listener {
 			Fall:       DefaultFall,
 			BackoffMax: DefaultBackoffMax,
 		},
-		DialTimeout:        DefaultDialTimeout,
-		Retries:            DefaultRetries,
-		IdleTimeout:        DefaultIdleTimeout,
-		DrainTimeout:       DefaultDrainTimeout,
-		ProxyHeaderTimeout: DefaultProxyHeaderTimeout,
-		Balance:            BalanceRoundRobin,
-		RemovedConnGrace:   Never,
+		Balance: BalanceRoundRobin,
 	}
 }
 
@@ -303,6 +359,24 @@ func (l *Listener) TrustedProxies() ([]netip.Prefix, error) {
 		out = append(out, p)
 	}
 	return out, nil
+}
+
+// ClientRules parses Allow and Deny (see TrustedProxies for the forms).
+func (l *Listener) ClientRules() (allow, deny []netip.Prefix, err error) {
+	for _, list := range []struct {
+		key string
+		in  []string
+		out *[]netip.Prefix
+	}{{"allow", l.Allow, &allow}, {"deny", l.Deny, &deny}} {
+		for i, s := range list.in {
+			p, err := parsePrefix(s)
+			if err != nil {
+				return nil, nil, fmt.Errorf("%s[%d]: %w", list.key, i, err)
+			}
+			*list.out = append(*list.out, p)
+		}
+	}
+	return allow, deny, nil
 }
 
 // Load reads the file at path and parses it with Parse.

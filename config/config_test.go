@@ -57,7 +57,7 @@ func TestParseErrors(t *testing.T) {
 		{"unknown top-level key", "lsteners: []\n" + static,
 			[]string{`rota.yaml:1:1: lsteners: unknown key (did you mean "listeners"?)`}},
 		{"unknown key without suggestion", static + "    weight: 3\n",
-			[]string{"rota.yaml:6:5: listeners[0].weight: unknown key; valid keys: name, listen, service, discovery, tags, static, health, dial_timeout, retries, max_conns, idle_timeout, drain_timeout, proxy_protocol, accept_proxy_protocol, proxy_header_timeout, panic, replay_on_reset, balance, slow_start, removed_conn_grace, max_conn_age"}},
+			[]string{"rota.yaml:6:5: listeners[0].weight: unknown key; valid keys: name, listen, service, discovery, tags, static, health, panic, balance, slow_start, routes, sni_timeout, dial_timeout, retries, max_conns, idle_timeout, drain_timeout, proxy_protocol, accept_proxy_protocol, proxy_header_timeout, replay_on_reset, removed_conn_grace, max_conn_age, allow, deny, max_conns_per_client"}},
 		{"dashes for underscores", static + "    max-conns: 3\n",
 			[]string{`rota.yaml:6:5: listeners[0].max-conns: unknown key (did you mean "max_conns"?)`}},
 		{"unknown nested key", static + "    health:\n      intervl: 1s\n",
@@ -125,7 +125,7 @@ func TestParseErrors(t *testing.T) {
 			[]string{`rota.yaml:2:13: listeners[0].listen: "my host:80": host "my host" is not a valid IP address or host name`}},
 		{"listen conflict", static + "  - listen: 0.0.0.0:8080\n    discovery: static\n    static: [a:1]\n",
 			[]string{`rota.yaml:6:13: listeners[1].listen: "0.0.0.0:8080" conflicts with listeners[0].listen ":8080"`}},
-		{"listen conflicts with admin", "admin: {listen: ':9090'}\n" +
+		{"listen conflicts with admin", "admin: {listen: ':9090', token_file: /etc/rota/token}\n" +
 			"listeners:\n  - {listen: '127.0.0.1:9090', discovery: static, static: [a:1]}\n",
 			[]string{`rota.yaml:3:14: listeners[0].listen: "127.0.0.1:9090" conflicts with admin.listen ":9090"`}},
 		{"duplicate name", static + "  - name: web\n    listen: :8081\n    discovery: static\n    static: [a:1]\n",
@@ -340,7 +340,11 @@ func encode(v reflect.Value) any {
 	case reflect.Struct:
 		m := make(map[string]any)
 		for i := range v.NumField() {
-			if k := yamlKey(v.Type().Field(i)); k != "" {
+			if isInline(v.Type().Field(i)) {
+				for k, e := range encode(v.Field(i)).(map[string]any) {
+					m[k] = e
+				}
+			} else if k := yamlKey(v.Type().Field(i)); k != "" {
 				if e := encode(v.Field(i)); e != nil {
 					m[k] = e
 				}
@@ -566,6 +570,7 @@ func TestValidateInMemory(t *testing.T) {
 	bad.Listeners[0].Name = ""
 	bad.Listeners[1].Health.Rise = 0
 	bad.Admin.Listen = ":8080"
+	bad.Admin.TokenFile = "/etc/rota/token"
 	err := bad.Validate()
 	want := strings.Join([]string{
 		`listeners[0].name: must not be empty`,
@@ -697,8 +702,15 @@ func TestExampleFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(cfg.Listeners) != 2 || cfg.Registries.Etcd == nil || cfg.Registries.Consul == nil {
+	if len(cfg.Listeners) != 3 || cfg.Registries.Etcd == nil || cfg.Registries.Consul == nil {
 		t.Fatalf("example lost a section: %+v", cfg)
+	}
+	// The routed listener: names defaulted, the listener's health given
+	// to routes that set none.
+	edge := cfg.Listeners[1]
+	if !edge.Routed() || edge.Routes[0].Name != "api" || edge.Routes[1].Name != "route-1" ||
+		edge.Routes[1].Health.Interval != 5*time.Second {
+		t.Fatalf("edge listener = %+v", edge)
 	}
 	// It lists every key, but starts nothing: the embedded etcd block,
 	// whose presence starts a server, is there commented out.
@@ -709,7 +721,7 @@ func TestExampleFile(t *testing.T) {
 	for _, typ := range []reflect.Type{
 		reflect.TypeFor[Config](), reflect.TypeFor[Admin](), reflect.TypeFor[Registries](),
 		reflect.TypeFor[Consul](), reflect.TypeFor[Etcd](), reflect.TypeFor[TLS](), reflect.TypeFor[Embedded](),
-		reflect.TypeFor[Listener](), reflect.TypeFor[Health](),
+		reflect.TypeFor[Listener](), reflect.TypeFor[Health](), reflect.TypeFor[Route](),
 	} {
 		for _, k := range fieldKeys(typ) {
 			if !strings.Contains(string(text), k+":") {

@@ -320,14 +320,14 @@ func (d *decoder) object(n *yaml.Node, at position, path string, v reflect.Value
 		}
 		field := joinPath(path, p.name)
 		i := fieldIndex(v.Type(), p.name)
-		if i < 0 {
+		if i == nil {
 			d.errs = append(d.errs, &Error{
 				File: d.file, Line: p.key.Line, Column: p.key.Column, Field: field,
 				Msg: "unknown key" + suggest(p.name, keys),
 			})
 			continue
 		}
-		d.value(p.val, posOf(p.key), field, v.Field(i))
+		d.value(p.val, posOf(p.key), field, v.FieldByIndex(i))
 		if d.tooBig {
 			return
 		}
@@ -433,6 +433,8 @@ func defaultFor(t reflect.Type) reflect.Value {
 	switch t {
 	case reflect.TypeFor[Listener]():
 		v.Set(reflect.ValueOf(DefaultListener()))
+	case reflect.TypeFor[Route]():
+		v.Set(reflect.ValueOf(Route{Pool: DefaultPool()}))
 	case reflect.TypeFor[Etcd]():
 		v.Set(reflect.ValueOf(DefaultEtcd()))
 	case reflect.TypeFor[Embedded]():
@@ -441,29 +443,46 @@ func defaultFor(t reflect.Type) reflect.Value {
 	return v
 }
 
-// fieldKeys lists the YAML keys of struct type t in declaration order.
+// fieldKeys lists the YAML keys of struct type t in declaration order,
+// those of inline structs (`yaml:",inline"`) in their place.
 func fieldKeys(t reflect.Type) []string {
 	keys := make([]string, 0, t.NumField())
 	for i := range t.NumField() {
-		if k := yamlKey(t.Field(i)); k != "" {
+		f := t.Field(i)
+		if isInline(f) {
+			keys = append(keys, fieldKeys(f.Type)...)
+		} else if k := yamlKey(f); k != "" {
 			keys = append(keys, k)
 		}
 	}
 	return keys
 }
 
-// fieldIndex returns the index of the field of t with YAML key key, -1 when
+// fieldIndex returns the index path (for reflect.Value.FieldByIndex) of
+// the field of t with YAML key key, looking into inline structs; nil when
 // there is none.
-func fieldIndex(t reflect.Type, key string) int {
+func fieldIndex(t reflect.Type, key string) []int {
 	if key == "" {
-		return -1 // untagged and `yaml:"-"` fields have no key
+		return nil // untagged and `yaml:"-"` fields have no key
 	}
 	for i := range t.NumField() {
-		if yamlKey(t.Field(i)) == key {
-			return i
+		f := t.Field(i)
+		if isInline(f) {
+			if sub := fieldIndex(f.Type, key); sub != nil {
+				return append([]int{i}, sub...)
+			}
+		} else if yamlKey(f) == key {
+			return []int{i}
 		}
 	}
-	return -1
+	return nil
+}
+
+// isInline reports whether f is a struct whose keys are written at its
+// parent's level.
+func isInline(f reflect.StructField) bool {
+	_, opts, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+	return opts == "inline" && f.Type.Kind() == reflect.Struct
 }
 
 func yamlKey(f reflect.StructField) string {
@@ -542,6 +561,7 @@ func (d *decoder) applyDefaults(cfg *Config) {
 		if !set && l.Health.Interval > l.Health.BackoffMax {
 			l.Health.BackoffMax = l.Health.Interval
 		}
+		d.routeDefaults(i, l)
 	}
 	if e := cfg.Registries.Etcd; e != nil && e.Embedded != nil && len(e.Endpoints) == 0 {
 		e.Endpoints = e.ClientEndpoints()
@@ -554,6 +574,51 @@ func (d *decoder) applyDefaults(cfg *Config) {
 				cfg.Registries.Consul = &Consul{}
 				break
 			}
+		}
+	}
+}
+
+// routeDefaults names a listener's routes that have no name (after their
+// service, else "route-N") and gives each route the listener's health,
+// balance, slow_start and panic where the route does not set its own, so
+// that settings common to every route are written once.
+func (d *decoder) routeDefaults(i int, l *Listener) {
+	lp := fmt.Sprintf("listeners[%d]", i)
+	taken := map[string]bool{}
+	for _, r := range l.Routes {
+		if r.Name != "" {
+			taken[r.Name] = true
+		}
+	}
+	for j := range l.Routes {
+		r := &l.Routes[j]
+		rp := fmt.Sprintf("%s.routes[%d]", lp, j)
+		if r.Name == "" {
+			base := r.Service
+			if base == "" {
+				base = fmt.Sprintf("route-%d", j)
+			}
+			name := base
+			for n := j; taken[name]; n++ {
+				name = fmt.Sprintf("%s-%d", base, n)
+			}
+			r.Name = name
+			taken[name] = true
+		}
+		inherit := func(key string, set func()) {
+			_, onListener := d.pos[lp+"."+key]
+			_, onRoute := d.pos[rp+"."+key]
+			if onListener && !onRoute {
+				set()
+			}
+		}
+		inherit("health", func() { r.Health = l.Health })
+		inherit("balance", func() { r.Balance = l.Balance })
+		inherit("slow_start", func() { r.SlowStart = l.SlowStart })
+		inherit("panic", func() { r.Panic = l.Panic })
+		_, set := d.pos[rp+".health.backoff_max"]
+		if !set && r.Health.Interval > r.Health.BackoffMax {
+			r.Health.BackoffMax = r.Health.Interval
 		}
 	}
 }

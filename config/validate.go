@@ -23,6 +23,8 @@ func (c *Config) problems() []*Error {
 	if c.Admin.Listen != "" {
 		if err := checkAddr(c.Admin.Listen, listenAddr); err != nil {
 			ck.add("admin.listen", "%v", err)
+		} else if c.Admin.TokenFile == "" && !loopbackListen(c.Admin.Listen) {
+			ck.add("admin.token_file", "required when admin.listen (%q) is not a loopback address: anyone who reaches it could reload the configuration and drain targets", c.Admin.Listen)
 		}
 	}
 	if r := c.Registries.Consul; r != nil && r.Address != "" {
@@ -107,64 +109,11 @@ func (ck *checker) listener(c *Config, i int, names map[string]int) {
 		}
 	}
 
-	switch l.Discovery {
-	case "consul", "etcd":
-		configured := c.Registries.Consul != nil
-		if l.Discovery == "etcd" {
-			configured = c.Registries.Etcd != nil
-		}
-		switch {
-		case configured:
-		case l.Discovery == "consul":
-			ck.add(p+".discovery", "consul needs registries.consul (or CONSUL_HTTP_ADDR in the environment), which is not configured")
-		default:
-			ck.add(p+".discovery", "%s needs registries.%s, which is not configured", l.Discovery, l.Discovery)
-		}
-		if l.Service == "" {
-			ck.add(p+".service", "required with discovery: %s", l.Discovery)
-		} else if l.Discovery == "etcd" && strings.Contains(l.Service, "/") {
-			// Keys are <prefix><service>/<addr>: a "/" in the service
-			// would make "a/b" also list the instances of "a".
-			ck.add(p+".service", `must not contain "/" with discovery: etcd; got %q`, l.Service)
-		}
-		if len(l.Static) > 0 {
-			ck.add(p+".static", "only valid with discovery: static")
-		}
-	case "static":
-		if len(l.Static) == 0 {
-			ck.add(p+".static", "at least one host:port is required with discovery: static")
-		}
-		seen := make(map[string]int)
-		for k, t := range l.Static {
-			f := fmt.Sprintf("%s.static[%d]", p, k)
-			if t.Weight < 0 || t.Weight > 1000 {
-				ck.add(f+".weight", "must be 1-1000; got %d", t.Weight)
-			}
-			if t.Addr == "" {
-				ck.add(f+".addr", "required")
-			} else if err := checkAddr(t.Addr, targetAddr); err != nil {
-				ck.add(f, "%v", err)
-			} else if first, dup := seen[t.Addr]; dup {
-				ck.add(f, "duplicate target %q (static[%d] has it too)", t.Addr, first)
-			} else {
-				seen[t.Addr] = k
-			}
-		}
-	case "":
-		ck.add(p+".discovery", "required: one of consul, etcd, static")
-	default:
-		ck.add(p+".discovery", "must be one of consul, etcd, static; got %q", l.Discovery)
+	if l.Routed() {
+		ck.routes(c, p, l)
+	} else {
+		ck.pool(c, p, &l.Pool)
 	}
-	if len(l.Tags) > 0 && (l.Discovery == "etcd" || l.Discovery == "static") {
-		ck.add(p+".tags", "only valid with discovery: consul")
-	}
-	for k, t := range l.Tags {
-		if t == "" {
-			ck.add(fmt.Sprintf("%s.tags[%d]", p, k), "must not be empty")
-		}
-	}
-
-	ck.health(p+".health", &l.Health)
 
 	if l.DialTimeout <= 0 {
 		ck.add(p+".dial_timeout", "must be greater than 0")
@@ -194,13 +143,21 @@ func (ck *checker) listener(c *Config, i int, names map[string]int) {
 	if l.ProxyHeaderTimeout <= 0 {
 		ck.add(p+".proxy_header_timeout", "must be greater than 0")
 	}
-	switch l.Balance {
-	case "", BalanceRoundRobin, BalanceLeastConn, BalanceRandomTwo:
-	default:
-		ck.add(p+".balance", "must be round_robin, least_conn or random_two; got %q", l.Balance)
+	if l.SNITimeout <= 0 && l.Routed() {
+		ck.add(p+".sni_timeout", "must be greater than 0")
 	}
-	if l.SlowStart < 0 {
-		ck.add(p+".slow_start", "must not be negative (0 turns it off)")
+	for _, list := range []struct {
+		key string
+		in  []string
+	}{{"allow", l.Allow}, {"deny", l.Deny}} {
+		for k, s := range list.in {
+			if _, err := parsePrefix(s); err != nil {
+				ck.add(fmt.Sprintf("%s.%s[%d]", p, list.key, k), "%v", err)
+			}
+		}
+	}
+	if l.MaxConnsPerClient < 0 {
+		ck.add(p+".max_conns_per_client", "must not be negative (0 means unlimited)")
 	}
 	if l.RemovedConnGrace < 0 && l.RemovedConnGrace != Never {
 		ck.add(p+".removed_conn_grace", `must be "never" or a duration that is not negative (0 closes at once)`)
@@ -208,6 +165,141 @@ func (ck *checker) listener(c *Config, i int, names map[string]int) {
 	if l.MaxConnAge < 0 {
 		ck.add(p+".max_conn_age", "must not be negative (0 turns it off)")
 	}
+}
+
+// pool checks the keys of a listener's or a route's pool, at path p.
+func (ck *checker) pool(c *Config, p string, pl *Pool) {
+	switch pl.Discovery {
+	case "consul", "etcd":
+		configured := c.Registries.Consul != nil
+		if pl.Discovery == "etcd" {
+			configured = c.Registries.Etcd != nil
+		}
+		switch {
+		case configured:
+		case pl.Discovery == "consul":
+			ck.add(p+".discovery", "consul needs registries.consul (or CONSUL_HTTP_ADDR in the environment), which is not configured")
+		default:
+			ck.add(p+".discovery", "%s needs registries.%s, which is not configured", pl.Discovery, pl.Discovery)
+		}
+		if pl.Service == "" {
+			ck.add(p+".service", "required with discovery: %s", pl.Discovery)
+		} else if pl.Discovery == "etcd" && strings.Contains(pl.Service, "/") {
+			// Keys are <prefix><service>/<addr>: a "/" in the service
+			// would make "a/b" also list the instances of "a".
+			ck.add(p+".service", `must not contain "/" with discovery: etcd; got %q`, pl.Service)
+		}
+		if len(pl.Static) > 0 {
+			ck.add(p+".static", "only valid with discovery: static")
+		}
+	case "static":
+		if len(pl.Static) == 0 {
+			ck.add(p+".static", "at least one host:port is required with discovery: static")
+		}
+		seen := make(map[string]int)
+		for k, t := range pl.Static {
+			f := fmt.Sprintf("%s.static[%d]", p, k)
+			if t.Weight < 0 || t.Weight > 1000 {
+				ck.add(f+".weight", "must be 1-1000; got %d", t.Weight)
+			}
+			if t.Addr == "" {
+				ck.add(f+".addr", "required")
+			} else if err := checkAddr(t.Addr, targetAddr); err != nil {
+				ck.add(f, "%v", err)
+			} else if first, dup := seen[t.Addr]; dup {
+				ck.add(f, "duplicate target %q (static[%d] has it too)", t.Addr, first)
+			} else {
+				seen[t.Addr] = k
+			}
+		}
+	case "":
+		ck.add(p+".discovery", "required: one of consul, etcd, static")
+	default:
+		ck.add(p+".discovery", "must be one of consul, etcd, static; got %q", pl.Discovery)
+	}
+	if len(pl.Tags) > 0 && (pl.Discovery == "etcd" || pl.Discovery == "static") {
+		ck.add(p+".tags", "only valid with discovery: consul")
+	}
+	for k, t := range pl.Tags {
+		if t == "" {
+			ck.add(fmt.Sprintf("%s.tags[%d]", p, k), "must not be empty")
+		}
+	}
+
+	ck.health(p+".health", &pl.Health)
+	switch pl.Balance {
+	case "", BalanceRoundRobin, BalanceLeastConn, BalanceRandomTwo:
+	default:
+		ck.add(p+".balance", "must be round_robin, least_conn or random_two; got %q", pl.Balance)
+	}
+	if pl.SlowStart < 0 {
+		ck.add(p+".slow_start", "must not be negative (0 turns it off)")
+	}
+}
+
+// routes checks a routed listener: its routes, each a pool, and the
+// server names they match.
+func (ck *checker) routes(c *Config, p string, l *Listener) {
+	if l.Service != "" || l.Discovery != "" || len(l.Static) > 0 || len(l.Tags) > 0 {
+		ck.add(p+".routes", "a listener has either routes or its own service/discovery/static, not both: move them into a route")
+	}
+	names := map[string]int{}
+	patterns := map[string]string{}
+	for j := range l.Routes {
+		r := &l.Routes[j]
+		rp := fmt.Sprintf("%s.routes[%d]", p, j)
+		switch k, dup := names[r.Name]; {
+		case r.Name == "":
+			ck.add(rp+".name", "must not be empty")
+		case dup:
+			ck.add(rp+".name", "duplicate route name %q (routes[%d] has it too)", r.Name, k)
+		default:
+			names[r.Name] = j
+		}
+		if len(r.SNI) == 0 {
+			ck.add(rp+".sni", `required: the server names this route serves, like [api.example.com, "*.example.com"], or ["*"] for anything else`)
+		}
+		for k, pat := range r.SNI {
+			f := fmt.Sprintf("%s.sni[%d]", rp, k)
+			if err := checkSNIPattern(pat); err != nil {
+				ck.add(f, "%v", err)
+				continue
+			}
+			key := strings.ToLower(strings.TrimSuffix(pat, "."))
+			if other, dup := patterns[key]; dup {
+				ck.add(f, "%q is matched by %s already", pat, other)
+				continue
+			}
+			patterns[key] = fmt.Sprintf("routes[%d].sni[%d]", j, k)
+		}
+		ck.pool(c, rp, &r.Pool)
+	}
+}
+
+// checkSNIPattern accepts "*", "*.domain" and host names.
+func checkSNIPattern(s string) error {
+	if s == "*" {
+		return nil
+	}
+	name := strings.TrimPrefix(s, "*.")
+	if strings.Contains(name, "*") {
+		return fmt.Errorf(`%q: a wildcard is "*" or a "*." prefix, like "*.example.com"`, s)
+	}
+	name = strings.TrimSuffix(name, ".")
+	if name == "" || len(name) > 253 {
+		return fmt.Errorf("%q is not a host name", s)
+	}
+	for _, label := range strings.Split(name, ".") {
+		if label == "" || len(label) > 63 || strings.HasPrefix(label, "-") || strings.HasSuffix(label, "-") {
+			return fmt.Errorf("%q is not a host name", s)
+		}
+		for _, r := range label {
+			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
+				return fmt.Errorf("%q is not a host name (%q)", s, r)
+			}
+		}
+	}
+	return nil
 }
 
 func (ck *checker) health(p string, h *Health) {
@@ -239,6 +331,20 @@ func (ck *checker) health(p string, h *Health) {
 	if h.Interval > 0 && h.BackoffMax < h.Interval {
 		ck.add(p+".backoff_max", "must be at least interval (%s)", h.Interval)
 	}
+}
+
+// loopbackListen reports whether a listen address only accepts
+// connections from this host.
+func loopbackListen(addr string) bool {
+	host, _, err := splitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsLoopback()
 }
 
 // addrKind says what an address is for: a listen address may leave the host
