@@ -8,13 +8,19 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
+	"log"
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"sync/atomic"
 	"time"
+
+	"golang.org/x/net/netutil"
 
 	"go.uber.org/zap"
 
+	"github.com/rota-proxy/rota/discovery"
 	"github.com/rota-proxy/rota/server"
 )
 
@@ -39,10 +45,18 @@ type Handler struct {
 	Version string
 	// Pprof serves Go's profiler under /debug/pprof/ (rota serve --pprof).
 	Pprof bool
+	// MaxConns bounds the admin connections open at once (default 64);
+	// IdleTimeout closes idle keep-alive ones (default 30s).
+	MaxConns    int
+	IdleTimeout time.Duration
+
+	token atomic.Pointer[string] // the bearer token; nil: none (loopback only)
 }
 
-// Routes returns the admin mux.
-func (h *Handler) Routes() http.Handler {
+// Routes returns the admin mux, behind the access checks (see guard).
+func (h *Handler) Routes() http.Handler { return h.guard(h.mux()) }
+
+func (h *Handler) mux() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
@@ -100,13 +114,39 @@ type ListenerJSON struct {
 	DiscoveryUpdates  uint64        `json:"discovery_updates"`
 	DiscoveryErrors   uint64        `json:"discovery_errors"`
 	Panic             bool          `json:"panic"`
-	ActiveConns       int64         `json:"active_conns"`
-	TotalConns        uint64        `json:"total_conns"`
-	Rejected          uint64        `json:"rejected_conns"`
-	NoTarget          uint64        `json:"no_target_conns"`
-	DialErrors        uint64        `json:"dial_errors"`
+	// Routes are the pools of a listener that routes by TLS server name;
+	// its own Targets are then empty.
+	Routes      []RouteJSON `json:"routes,omitempty"`
+	ActiveConns int64       `json:"active_conns"`
+	TotalConns  uint64      `json:"total_conns"`
+	Rejected    uint64      `json:"rejected_conns"`
+	NoTarget    uint64      `json:"no_target_conns"`
+	DialErrors  uint64      `json:"dial_errors"`
 	// Closed counts connections rota wound down, by reason.
 	Closed map[string]uint64 `json:"closed_conns"`
+	// Denied counts clients refused by allow, deny and
+	// max_conns_per_client, by reason; NoRoute those no route matched.
+	Denied  map[string]uint64 `json:"denied_conns"`
+	NoRoute uint64            `json:"no_route_conns"`
+}
+
+// RouteJSON is one route of a routed listener: the server names it
+// serves and its pool.
+type RouteJSON struct {
+	Name              string        `json:"name"`
+	SNI               []string      `json:"sni"`
+	Service           string        `json:"service"`
+	Discovery         string        `json:"discovery"`
+	Targets           []TargetJSON  `json:"targets"`
+	Synced            bool          `json:"synced"`
+	LastSync          *time.Time    `json:"last_sync"`
+	DiscoveryOK       bool          `json:"discovery_ok"`
+	DiscoveryStale    bool          `json:"discovery_stale"`
+	DiscoveryError    string        `json:"discovery_error"`
+	DiscoveryWarnings []WarningJSON `json:"discovery_warnings"`
+	DiscoveryUpdates  uint64        `json:"discovery_updates"`
+	DiscoveryErrors   uint64        `json:"discovery_errors"`
+	Panic             bool          `json:"panic"`
 }
 
 // WarningJSON is a registry entry skipped as malformed.
@@ -147,31 +187,50 @@ func Targets(ls []server.ListenerStatus) TargetsResponse {
 	for _, l := range ls {
 		lj := ListenerJSON{
 			Name: l.Name, Listen: l.Listen, Service: l.Service, Discovery: l.Discovery,
-			Targets: make([]TargetJSON, 0, len(l.Targets)),
+			Targets: targetsJSON(l.Targets),
 			Addr:    l.Addr, Synced: l.Synced, LastSync: timePtr(l.LastSync),
 			DiscoveryOK: l.DiscoveryOK, DiscoveryStale: l.DiscoveryStale, DiscoveryError: l.LastError,
-			DiscoveryWarnings: make([]WarningJSON, 0, len(l.Warnings)),
+			DiscoveryWarnings: warningsJSON(l.Warnings),
 			DiscoveryUpdates:  l.DiscoveryUpdates, DiscoveryErrors: l.DiscoveryErrors,
 			Panic: l.Panic, ActiveConns: l.Active, TotalConns: l.Accepted,
 			Rejected: l.Rejected, NoTarget: l.NoTarget, DialErrors: l.DialErrors,
-			Closed: l.Closed,
+			Closed: l.Closed, Denied: l.Denied, NoRoute: l.NoRoute,
 		}
-		for _, w := range l.Warnings {
-			lj.DiscoveryWarnings = append(lj.DiscoveryWarnings, WarningJSON{Key: w.Key, Reason: w.Reason})
-		}
-		for _, t := range l.Targets {
-			lj.Targets = append(lj.Targets, TargetJSON{
-				Addr: t.Addr, State: t.State.String(), Weight: max(t.Weight, 1),
-				EffectiveWeight: t.EffectiveWeight, Draining: t.Draining,
-				RecentConns: sum(t.History), History: nonNil(t.History),
-				ConsecutiveSuccesses: t.ConsecutiveSuccesses, ConsecutiveFailures: t.ConsecutiveFailures,
-				LastCheck: timePtr(t.LastCheck), LastError: t.LastError,
-				ActiveConns: t.Active, TotalConns: t.Total,
-				Since: t.Since.UTC(), DialErrors: t.DialErrors, BytesIn: t.BytesIn, BytesOut: t.BytesOut,
-				NextCheckMS: t.NextCheckIn.Milliseconds(),
+		for _, r := range l.Routes {
+			lj.Routes = append(lj.Routes, RouteJSON{
+				Name: r.Name, SNI: r.SNI, Service: r.Service, Discovery: r.Discovery,
+				Targets: targetsJSON(r.Targets), Synced: r.Synced, LastSync: timePtr(r.LastSync),
+				DiscoveryOK: r.DiscoveryOK, DiscoveryStale: r.DiscoveryStale, DiscoveryError: r.LastError,
+				DiscoveryWarnings: warningsJSON(r.Warnings),
+				DiscoveryUpdates:  r.DiscoveryUpdates, DiscoveryErrors: r.DiscoveryErrors, Panic: r.Panic,
 			})
 		}
 		out.Listeners = append(out.Listeners, lj)
+	}
+	return out
+}
+
+func warningsJSON(ws []discovery.Warning) []WarningJSON {
+	out := make([]WarningJSON, 0, len(ws))
+	for _, w := range ws {
+		out = append(out, WarningJSON{Key: w.Key, Reason: w.Reason})
+	}
+	return out
+}
+
+func targetsJSON(ts []server.TargetStatus) []TargetJSON {
+	out := make([]TargetJSON, 0, len(ts))
+	for _, t := range ts {
+		out = append(out, TargetJSON{
+			Addr: t.Addr, State: t.State.String(), Weight: max(t.Weight, 1),
+			EffectiveWeight: t.EffectiveWeight, Draining: t.Draining,
+			RecentConns: sum(t.History), History: nonNil(t.History),
+			ConsecutiveSuccesses: t.ConsecutiveSuccesses, ConsecutiveFailures: t.ConsecutiveFailures,
+			LastCheck: timePtr(t.LastCheck), LastError: t.LastError,
+			ActiveConns: t.Active, TotalConns: t.Total,
+			Since: t.Since.UTC(), DialErrors: t.DialErrors, BytesIn: t.BytesIn, BytesOut: t.BytesOut,
+			NextCheckMS: t.NextCheckIn.Milliseconds(),
+		})
 	}
 	return out
 }
@@ -262,11 +321,25 @@ func Listen(addr string, h *Handler) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	maxConns, idle := h.MaxConns, h.IdleTimeout
+	if maxConns <= 0 {
+		maxConns = 64
+	}
+	if idle <= 0 {
+		idle = 30 * time.Second
+	}
+	// Past the cap, connections wait in the kernel's accept queue: the
+	// admin port cannot take the proxy's descriptors and memory.
+	ln = netutil.LimitListener(ln, maxConns)
 	s := &Server{
 		srv: &http.Server{
 			Handler:           h.Routes(),
 			ReadHeaderTimeout: 5 * time.Second,
-			ErrorLog:          nil,
+			ReadTimeout:       10 * time.Second,
+			WriteTimeout:      time.Minute, // a CPU profile takes 30 s
+			IdleTimeout:       idle,
+			MaxHeaderBytes:    16 << 10,
+			ErrorLog:          log.New(io.Discard, "", 0),
 		},
 		ln:   ln,
 		done: make(chan error, 1),

@@ -44,7 +44,9 @@ func backend(t *testing.T) string {
 func get(t *testing.T, h http.Handler, path string) (int, string) {
 	t.Helper()
 	rec := httptest.NewRecorder()
-	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
+	req := httptest.NewRequest(http.MethodGet, path, nil)
+	req.Host = "127.0.0.1:9090" // the admin API answers a loopback host only, without a token
+	h.ServeHTTP(rec, req)
 	return rec.Code, rec.Body.String()
 }
 
@@ -65,8 +67,8 @@ func TestMetricsFollowTargets(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		_, body := get(t, h, "/metrics")
-		if strings.Contains(body, `rota_target_up{listener="web",target="`+a+`"} 1`) &&
-			strings.Contains(body, `rota_target_up{listener="web",target="`+b+`"} 1`) {
+		if strings.Contains(body, `rota_target_up{listener="web",route="",target="`+a+`"} 1`) &&
+			strings.Contains(body, `rota_target_up{listener="web",route="",target="`+b+`"} 1`) {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -88,15 +90,15 @@ func TestMetricsFollowTargets(t *testing.T) {
 	for _, want := range []string{
 		`rota_connections_total{listener="web"} 1`,
 		`rota_connections_active{listener="web"}`,
-		`rota_dial_errors_total{listener="web",target="` + a + `"} 0`,
+		`rota_dial_errors_total{listener="web",route="",target="` + a + `"} 0`,
 		`rota_bytes_total{direction="in",listener="web"} 1`,
 		`rota_bytes_total{direction="out",listener="web"} 0`,
-		`rota_health_checks_total{listener="web",result="success",target="` + a + `"}`,
-		`rota_health_checks_total{listener="web",result="failure",target="` + a + `"} 0`,
-		`rota_discovery_updates_total{listener="web"} 1`,
-		`rota_discovery_errors_total{listener="web"} 0`,
-		`rota_discovery_last_sync_timestamp_seconds{listener="web"}`,
-		`rota_panic_mode{listener="web"} 0`,
+		`rota_health_checks_total{listener="web",result="success",route="",target="` + a + `"}`,
+		`rota_health_checks_total{listener="web",result="failure",route="",target="` + a + `"} 0`,
+		`rota_discovery_updates_total{listener="web",route=""} 1`,
+		`rota_discovery_errors_total{listener="web",route=""} 0`,
+		`rota_discovery_last_sync_timestamp_seconds{listener="web",route=""}`,
+		`rota_panic_mode{listener="web",route=""} 0`,
 		`rota_proxy_protocol_errors_total{listener="web"} 0`,
 		`rota_relay_panics_total{listener="web"} 0`,
 		`rota_build_info{version="test"} 1`,

@@ -23,7 +23,7 @@ func openConsul(cfg config.Consul, _ *zap.Logger) (*consulRegistry, error) {
 	return &consulRegistry{client: c}, nil
 }
 
-func (c *consulRegistry) watcher(lc config.Listener, log *zap.Logger) (discovery.Watcher, error) {
+func (c *consulRegistry) watcher(lc config.Pool, log *zap.Logger) (discovery.Watcher, error) {
 	return consul.NewWatcher(c.client.API, lc.Service, lc.Tags, log)
 }
 

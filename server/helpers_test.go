@@ -304,9 +304,15 @@ func liveCount(srv *server.Server, listener string) int {
 	for _, l := range srv.Status() {
 		if l.Name == listener {
 			n := 0
-			for _, t := range l.Targets {
-				if t.State.String() == "up" {
-					n++
+			pools := []server.PoolStatus{l.PoolStatus}
+			for _, r := range l.Routes {
+				pools = append(pools, r.PoolStatus)
+			}
+			for _, p := range pools {
+				for _, t := range p.Targets {
+					if t.State.String() == "up" {
+						n++
+					}
 				}
 			}
 			return n

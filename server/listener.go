@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"net"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -17,40 +19,90 @@ import (
 	"github.com/rota-proxy/rota/proxy"
 )
 
-// listener is one configured listener: a socket, its proxy, and the pool of
-// targets (discovery, health, picker) the proxy picks from.
+// listener is one configured listener: a socket, its proxy, and its pools
+// of targets (discovery, health, picker): one of its own, or one per route
+// when it routes by TLS server name.
 type listener struct {
 	log   *zap.Logger
 	proxy *proxy.Proxy
-	pool  *pool.Pool
 
 	serveWG sync.WaitGroup // Serve goroutines, one per bound socket
+
+	// main is the pool of an unrouted listener, which the proxy picks
+	// from (nil while it routes: the proxy's Router picks then).
+	main atomic.Pointer[pool.Pool]
+
+	mu     sync.Mutex
+	cfg    config.Listener
+	ln     net.Listener
+	routes []*route // in configuration order; one named "" when unrouted
+}
+
+// route is one pool of a listener and the watch that feeds it.
+type route struct {
+	name string
+	sni  []string
+	src  config.Pool // where its instances come from, as configured
+	pool *pool.Pool
 
 	// watch is the running discovery watcher; replaced when the source of
 	// instances changes on reload.
 	watchMu     sync.Mutex
 	watchCancel context.CancelFunc
 	watchDone   chan struct{}
-
-	mu  sync.Mutex
-	cfg config.Listener
-	ln  net.Listener
 }
 
-func newListener(cfg config.Listener, regs config.Registries, engine *proxy.Engine, logger *zap.Logger) *listener {
-	log := logger.With(zap.String("listener", cfg.Name))
-	l := &listener{
-		log: log,
-		cfg: cfg,
+// routeSpec is a route as the configuration describes it: an unrouted
+// listener is one route named "" that matches nothing by name.
+type routeSpec struct {
+	name string
+	sni  []string
+	pool config.Pool
+}
+
+func routeSpecs(cfg config.Listener) []routeSpec {
+	if !cfg.Routed() {
+		return []routeSpec{{pool: cfg.Pool}}
 	}
-	l.pool = pool.New(l.poolConfig(cfg, regs), log)
-	l.proxy = &proxy.Proxy{Picker: l.pool, ReportFailure: l.pool.ReportFailure, Logger: log.Named("proxy"), Engine: engine}
-	l.proxy.Configure(proxySettings(cfg))
+	out := make([]routeSpec, len(cfg.Routes))
+	for i, r := range cfg.Routes {
+		out[i] = routeSpec{name: r.Name, sni: r.SNI, pool: r.Pool}
+	}
+	return out
+}
+
+func newListener(cfg config.Listener, logger *zap.Logger, engine *proxy.Engine) *listener {
+	log := logger.With(zap.String("listener", cfg.Name))
+	l := &listener{log: log, cfg: cfg}
+	l.proxy = &proxy.Proxy{Picker: l, ReportFailure: l.reportFailure, Logger: log.Named("proxy"), Engine: engine}
 	return l
 }
 
-func (l *listener) poolConfig(cfg config.Listener, regs config.Registries) pool.Config {
-	h := cfg.Health
+// Pick picks from the unrouted listener's pool.
+func (l *listener) Pick() balancer.Cursor {
+	if p := l.main.Load(); p != nil {
+		return p.Pick()
+	}
+	return balancer.Cursor{}
+}
+
+// reportFailure tells every pool of the listener that a target could not
+// be reached (routes may share a target).
+func (l *listener) reportFailure(addr string, err error) {
+	if p := l.main.Load(); p != nil {
+		p.ReportFailure(addr, err)
+		return
+	}
+	l.mu.Lock()
+	rs := l.routes
+	l.mu.Unlock()
+	for _, r := range rs {
+		r.pool.ReportFailure(addr, err)
+	}
+}
+
+func (l *listener) poolConfig(p config.Pool, cfg config.Listener, regs config.Registries) pool.Config {
+	h := p.Health
 	return pool.Config{
 		// The pool tells the proxy of targets that stop taking connections,
 		// so that their open ones are wound down after removed_conn_grace.
@@ -59,10 +111,10 @@ func (l *listener) poolConfig(cfg config.Listener, regs config.Registries) pool.
 			Check: h.Check, Path: h.Path, Interval: h.Interval, Timeout: h.Timeout,
 			Rise: h.Rise, Fall: h.Fall, BackoffMax: h.BackoffMax,
 		},
-		Panic:     cfg.Panic,
+		Panic:     p.Panic,
 		EmptyHold: regs.EmptyHold,
-		Balance:   balancer.Policy(cfg.Balance),
-		SlowStart: cfg.SlowStart,
+		Balance:   balancer.Policy(p.Balance),
+		SlowStart: p.SlowStart,
 	}
 }
 
@@ -76,6 +128,8 @@ func proxySettings(cfg config.Listener) proxy.Settings {
 		ReplayOnReset:      cfg.ReplayOnReset,
 		RetireGrace:        time.Duration(cfg.RemovedConnGrace),
 		MaxConnAge:         cfg.MaxConnAge,
+		MaxConnsPerClient:  cfg.MaxConnsPerClient,
+		SNITimeout:         cfg.SNITimeout,
 	}
 	switch cfg.ProxyProtocol {
 	case "v1":
@@ -83,11 +137,89 @@ func proxySettings(cfg config.Listener) proxy.Settings {
 	case "v2":
 		s.SendProxy = 2
 	}
+	// Validated with the config; errors cannot happen here.
 	if len(cfg.AcceptProxyProtocol) > 0 {
-		// Validated with the config; an error cannot happen here.
 		s.AcceptProxyFrom, _ = cfg.TrustedProxies()
 	}
+	s.Allow, s.Deny, _ = cfg.ClientRules()
 	return s
+}
+
+// routesFor builds the pools of cfg's routes, keeping the pools of routes
+// that exist already (by name) with their targets, health and drain marks.
+// It returns the routes, those of the old ones not kept, and for each
+// route whether it needs a new watcher (its source is new or changed).
+func (l *listener) routesFor(cfg config.Listener, regs config.Registries, regsChanged bool) (next, gone []*route, rewatch map[*route]bool) {
+	l.mu.Lock()
+	old := l.routes
+	l.mu.Unlock()
+	byName := map[string]*route{}
+	for _, r := range old {
+		byName[r.name] = r
+	}
+	rewatch = map[*route]bool{}
+	kept := map[*route]bool{}
+	for _, spec := range routeSpecs(cfg) {
+		r, ok := byName[spec.name]
+		if !ok {
+			r = &route{name: spec.name, sni: spec.sni, src: spec.pool,
+				pool: pool.New(l.poolConfig(spec.pool, cfg, regs), l.routeLog(spec.name))}
+			rewatch[r] = true
+		} else {
+			kept[r] = true
+			if regsChanged || !sameSource(r.src, spec.pool) {
+				rewatch[r] = true
+			}
+		}
+		next = append(next, r)
+	}
+	for _, r := range old {
+		if !kept[r] {
+			gone = append(gone, r)
+		}
+	}
+	return next, gone, rewatch
+}
+
+func (l *listener) routeLog(name string) *zap.Logger {
+	if name == "" {
+		return l.log
+	}
+	return l.log.With(zap.String("route", name))
+}
+
+// install makes next the listener's routes: each kept route takes its
+// new settings, the proxy its new settings and router. New watchers are
+// started by the caller.
+func (l *listener) install(cfg config.Listener, regs config.Registries, next []*route) {
+	specs := routeSpecs(cfg)
+	for i, r := range next {
+		r.sni = specs[i].sni
+		r.src = specs[i].pool
+		r.pool.Configure(l.poolConfig(specs[i].pool, cfg, regs))
+	}
+	set := proxySettings(cfg)
+	if cfg.Routed() {
+		patterns := make([][]string, len(next))
+		pickers := make([]proxy.Picker, len(next))
+		for i, r := range next {
+			patterns[i], pickers[i] = r.sni, r.pool
+		}
+		set.Router = proxy.NewRouter(patterns, pickers)
+	}
+	l.mu.Lock()
+	l.cfg = cfg
+	l.routes = next
+	l.mu.Unlock()
+	if cfg.Routed() {
+		l.main.Store(nil)
+	} else {
+		l.main.Store(next[0].pool)
+	}
+	l.proxy.Configure(set)
+	for _, r := range next {
+		r.pool.Flush() // a reload is in force when it returns
+	}
 }
 
 // serve runs the proxy on ln until ln is closed or the proxy shuts down.
@@ -117,42 +249,39 @@ func (l *listener) rebind(ln net.Listener) {
 
 // startWatch runs w until stopWatch or the next startWatch. The pool
 // ignores what a replaced watcher still pushes.
-func (l *listener) startWatch(w discovery.Watcher, wg *sync.WaitGroup) {
-	l.stopWatch()
-	sink := l.pool.NewSink()
+func (r *route) startWatch(w discovery.Watcher, wg *sync.WaitGroup, log *zap.Logger) {
+	r.stopWatch()
+	sink := r.pool.NewSink()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	l.watchMu.Lock()
-	l.watchCancel, l.watchDone = cancel, done
-	l.watchMu.Unlock()
+	r.watchMu.Lock()
+	r.watchCancel, r.watchDone = cancel, done
+	r.watchMu.Unlock()
 	wg.Go(func() {
 		defer close(done)
 		if err := w.Watch(ctx, sink); err != nil && ctx.Err() == nil {
 			sink.Error(err)
-			l.log.Error("discovery stopped", zap.Error(err))
+			log.Error("discovery stopped", zap.Error(err))
 		}
 	})
 }
 
-func (l *listener) stopWatch() {
-	l.watchMu.Lock()
-	cancel, done := l.watchCancel, l.watchDone
-	l.watchCancel, l.watchDone = nil, nil
-	l.watchMu.Unlock()
+func (r *route) stopWatch() {
+	r.watchMu.Lock()
+	cancel, done := r.watchCancel, r.watchDone
+	r.watchCancel, r.watchDone = nil, nil
+	r.watchMu.Unlock()
 	if cancel != nil {
 		cancel()
 		<-done
 	}
 }
 
-// apply takes the new settings of a reloaded listener.
-func (l *listener) apply(cfg config.Listener, regs config.Registries) {
-	l.mu.Lock()
-	l.cfg = cfg
-	l.mu.Unlock()
-	l.proxy.Configure(proxySettings(cfg))
-	l.pool.Configure(l.poolConfig(cfg, regs))
-	l.pool.Flush() // a reload is in force when it returns
+// close stops the route's discovery and health checking. Open
+// connections to its targets carry on.
+func (r *route) close() {
+	r.stopWatch()
+	r.pool.Close()
 }
 
 // shutdown stops accepting, drains open connections for the drain timeout,
@@ -165,8 +294,12 @@ func (l *listener) shutdown(ctx context.Context) error {
 	defer cancel()
 	err := l.proxy.Shutdown(dctx)
 	l.serveWG.Wait()
-	l.stopWatch()
-	l.pool.Close()
+	l.mu.Lock()
+	rs := l.routes
+	l.mu.Unlock()
+	for _, r := range rs {
+		r.close()
+	}
 	if err != nil {
 		return errors.New("drain timeout reached; open connections were closed")
 	}
@@ -177,4 +310,27 @@ func (l *listener) config() config.Listener {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.cfg
+}
+
+func (l *listener) routeList() []*route {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.routes)
+}
+
+// synced reports whether every route has had its first discovery sync.
+func (l *listener) synced() bool {
+	for _, r := range l.routeList() {
+		if !r.pool.Discovery().Synced {
+			return false
+		}
+	}
+	return true
+}
+
+// sameSource reports whether two pools discover the same instances, so
+// that the running watcher can stay.
+func sameSource(a, b config.Pool) bool {
+	return a.Discovery == b.Discovery && a.Service == b.Service &&
+		slices.Equal(a.Tags, b.Tags) && slices.Equal(a.Static, b.Static)
 }

@@ -96,9 +96,10 @@ func embeddedDefault(e *config.Etcd) []string {
 	return cp.ClientEndpoints()
 }
 
-// watcher builds the discovery watcher of one listener.
-func (r *registries) watcher(lc config.Listener, logger *zap.Logger) (discovery.Watcher, error) {
-	log := logger.With(zap.String("listener", lc.Name)).Named("discovery")
+// watcher builds the discovery watcher of one pool; log names its
+// listener (and route).
+func (r *registries) watcher(lc config.Pool, log *zap.Logger) (discovery.Watcher, error) {
+	log = log.Named("discovery")
 	switch lc.Discovery {
 	case "static":
 		ins := make([]discovery.Instance, len(lc.Static))

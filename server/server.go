@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"net"
 	"reflect"
-	"slices"
 	"sync"
 
 	"go.uber.org/zap"
@@ -64,8 +63,8 @@ func Start(ctx context.Context, cfg *config.Config, logger *zap.Logger) (*Server
 	}
 	s.regs = regs
 	for i, lc := range cfg.Listeners {
-		l := newListener(lc, cfg.Registries, s.engine, logger)
-		w, err := regs.watcher(lc, logger)
+		l := newListener(lc, logger, s.engine)
+		pl, err := s.plan(l, lc, cfg.Registries, regs, false)
 		if err != nil {
 			for _, ln := range lns[i:] {
 				ln.Close()
@@ -74,10 +73,10 @@ func Start(ctx context.Context, cfg *config.Config, logger *zap.Logger) (*Server
 			return nil, fmt.Errorf("listener %q: %w", lc.Name, err)
 		}
 		s.listeners = append(s.listeners, l)
-		l.startWatch(w, &s.wg)
+		pl.commit(&s.wg)
 		l.serve(lns[i])
 		logger.Info("listening", zap.String("listener", lc.Name), zap.String("addr", lns[i].Addr().String()),
-			zap.String("discovery", lc.Discovery), zap.String("service", lc.Service))
+			zap.String("discovery", lc.Discovery), zap.String("service", lc.Service), zap.Int("routes", len(lc.Routes)))
 	}
 	return s, nil
 }
@@ -139,7 +138,7 @@ func (s *Server) Ready() bool {
 		return false
 	}
 	for _, l := range s.listeners {
-		if !l.pool.Discovery().Synced {
+		if !l.synced() {
 			return false
 		}
 	}
@@ -206,19 +205,26 @@ func (s *Server) Reload(ctx context.Context, cfg *config.Config) error {
 		}
 		newSockets[lc.Name] = ln
 	}
-	// Build every watcher that will change before touching anything.
-	watchers := map[string]discovery.Watcher{}
+	// Build every pool and watcher that will change before touching
+	// anything running.
+	plans := map[string]*plan{}
+	abortPlans := func(err error) error {
+		for _, pl := range plans {
+			pl.abort()
+		}
+		closeSockets()
+		return abort(err)
+	}
 	for _, lc := range cfg.Listeners {
 		l, ok := current[lc.Name]
-		if ok && !regsChanged && sameSource(l.config(), lc) {
-			continue
+		if !ok {
+			l = newListener(lc, s.log, s.engine)
 		}
-		w, err := regs.watcher(lc, s.log)
+		pl, err := s.plan(l, lc, cfg.Registries, regs, regsChanged)
 		if err != nil {
-			closeSockets()
-			return abort(fmt.Errorf("listener %q: %w", lc.Name, err))
+			return abortPlans(fmt.Errorf("listener %q: %w", lc.Name, err))
 		}
-		watchers[lc.Name] = w
+		plans[lc.Name] = pl
 	}
 
 	// Commit.
@@ -227,30 +233,25 @@ func (s *Server) Reload(ctx context.Context, cfg *config.Config) error {
 	keep := map[string]bool{}
 	for _, lc := range cfg.Listeners {
 		keep[lc.Name] = true
-		l, ok := current[lc.Name]
-		if !ok {
-			l = newListener(lc, cfg.Registries, s.engine, s.log)
-			if w, ok := watchers[lc.Name]; ok {
-				l.startWatch(w, &s.wg)
-			}
+		pl := plans[lc.Name]
+		l := pl.l
+		if _, ok := current[lc.Name]; !ok {
+			pl.commit(&s.wg)
 			l.serve(newSockets[lc.Name])
 			s.log.Info("listener added", zap.String("listener", lc.Name), zap.String("addr", lc.Listen))
 			next = append(next, l)
 			continue
 		}
 		prev := l.config()
-		l.apply(lc, cfg.Registries)
+		pl.commit(&s.wg)
 		if ln, ok := newSockets[lc.Name]; ok {
 			l.rebind(ln)
 			s.log.Info("listener moved", zap.String("listener", lc.Name),
 				zap.String("from", prev.Listen), zap.String("to", lc.Listen))
 		}
-		if w, ok := watchers[lc.Name]; ok {
-			l.startWatch(w, &s.wg)
-			if !sameSource(prev, lc) {
-				s.log.Info("listener discovery changed", zap.String("listener", lc.Name),
-					zap.String("discovery", lc.Discovery), zap.String("service", lc.Service))
-			}
+		if pl.changedSource {
+			s.log.Info("listener discovery changed", zap.String("listener", lc.Name),
+				zap.String("discovery", lc.Discovery), zap.String("service", lc.Service), zap.Int("routes", len(lc.Routes)))
 		}
 		next = append(next, l)
 	}
@@ -277,11 +278,75 @@ func (s *Server) Reload(ctx context.Context, cfg *config.Config) error {
 	return nil
 }
 
-// sameSource reports whether two listener configs discover the same
-// instances, so that the running watcher can stay.
-func sameSource(a, b config.Listener) bool {
-	return a.Discovery == b.Discovery && a.Service == b.Service &&
-		slices.Equal(a.Tags, b.Tags) && slices.Equal(a.Static, b.Static)
+// plan is what applying a listener's configuration takes, built before
+// anything running changes: its routes' pools (new ones started, idle
+// until committed) and a watcher for each route whose source is new or
+// changed.
+type plan struct {
+	l             *listener
+	cfg           config.Listener
+	regs          config.Registries
+	routes, gone  []*route
+	created       []*route
+	watchers      map[*route]discovery.Watcher
+	changedSource bool // a kept route's source changed, or routes came or went
+}
+
+func (s *Server) plan(l *listener, lc config.Listener, rc config.Registries, regs *registries, regsChanged bool) (*plan, error) {
+	next, gone, rewatch := l.routesFor(lc, rc, regsChanged)
+	pl := &plan{l: l, cfg: lc, regs: rc, routes: next, gone: gone, watchers: map[*route]discovery.Watcher{}}
+	old := map[*route]bool{}
+	for _, r := range l.routeList() {
+		old[r] = true
+	}
+	for _, r := range next {
+		if !old[r] {
+			pl.created = append(pl.created, r)
+		}
+	}
+	pl.changedSource = len(gone) > 0 || (len(old) > 0 && len(pl.created) > 0)
+	specs := routeSpecs(lc)
+	for i, r := range next {
+		if !rewatch[r] {
+			continue
+		}
+		if old[r] && !regsChanged {
+			pl.changedSource = true
+		}
+		w, err := regs.watcher(specs[i].pool, l.routeLog(r.name))
+		if err != nil {
+			pl.abort()
+			if r.name != "" {
+				err = fmt.Errorf("route %q: %w", r.name, err)
+			}
+			return nil, err
+		}
+		pl.watchers[r] = w
+	}
+	return pl, nil
+}
+
+// commit applies the plan: settings, router and pools, then the new
+// watchers; routes no longer configured stop (their open connections
+// carry on).
+func (pl *plan) commit(wg *sync.WaitGroup) {
+	pl.l.install(pl.cfg, pl.regs, pl.routes)
+	for _, r := range pl.routes {
+		if w, ok := pl.watchers[r]; ok {
+			r.startWatch(w, wg, pl.l.routeLog(r.name))
+		}
+	}
+	for _, r := range pl.gone {
+		r.close()
+	}
+}
+
+// abort undoes a plan that will not be committed: the pools it started.
+func (pl *plan) abort() {
+	for _, r := range pl.created {
+		r.pool.Close()
+	}
+	pl.created = nil
 }
 
 // Shutdown stops every listener: no new connections are accepted, open ones

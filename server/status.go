@@ -7,27 +7,19 @@ import (
 
 	"github.com/rota-proxy/rota/discovery"
 	"github.com/rota-proxy/rota/health"
+	"github.com/rota-proxy/rota/pool"
 )
 
 // ListenerStatus is a point-in-time view of one listener, for the admin API
-// and metrics.
+// and metrics. An unrouted listener's pool is in PoolStatus; a routed one
+// has its pools in Routes, and PoolStatus sums them up (synced and OK when
+// every route is, stale when one is, no targets).
 type ListenerStatus struct {
-	Name      string
-	Listen    string // as configured
-	Addr      string // as bound
-	Service   string
-	Discovery string
-
-	Synced             bool      // the first discovery sync happened
-	LastSync           time.Time // of the last answer from the registry; zero before the first
-	LastError          string    // the current registry error; cleared when discovery recovers
-	DiscoveryOK        bool      // no registry error since the last answer
-	DiscoveryStale     bool      // the watch stopped hearing from its registry
-	DiscoveryUpdates   uint64
-	DiscoveryErrors    uint64
-	DiscoveryMalformed uint64              // registry entries skipped as malformed, once each
-	Warnings           []discovery.Warning // the malformed entries now in the registry
-	Panic              bool                // routing over all discovered targets (panic mode)
+	Name   string
+	Listen string // as configured
+	Addr   string // as bound
+	PoolStatus
+	Routes []RouteStatus // routed listeners only, in configuration order
 
 	Accepted   uint64
 	Rejected   uint64
@@ -44,6 +36,35 @@ type ListenerStatus struct {
 	// Closed counts connections rota wound down, by reason: "removed",
 	// "down", "drained" (removed_conn_grace), "max_age".
 	Closed map[string]uint64
+	// Denied counts clients refused by reason: "deny", "not_allowed",
+	// "per_client"; NoRoute those whose server name no route matched.
+	Denied  map[string]uint64
+	NoRoute uint64
+}
+
+// RouteStatus is one route of a routed listener.
+type RouteStatus struct {
+	Name string
+	SNI  []string
+	PoolStatus
+}
+
+// PoolStatus is one pool: where its targets come from, how discovery
+// fares, and the targets.
+type PoolStatus struct {
+	Service   string
+	Discovery string
+
+	Synced             bool      // the first discovery sync happened
+	LastSync           time.Time // of the last answer from the registry; zero before the first
+	LastError          string    // the current registry error; cleared when discovery recovers
+	DiscoveryOK        bool      // no registry error since the last answer
+	DiscoveryStale     bool      // the watch stopped hearing from its registry
+	DiscoveryUpdates   uint64
+	DiscoveryErrors    uint64
+	DiscoveryMalformed uint64              // registry entries skipped as malformed, once each
+	Warnings           []discovery.Warning // the malformed entries now in the registry
+	Panic              bool                // routing over all discovered targets (panic mode)
 
 	Targets []TargetStatus // sorted by address
 }
@@ -68,9 +89,9 @@ type TargetStatus struct {
 var ErrNotFound = errors.New("not found")
 
 // Drain stops (on) or resumes new connections to target addr of listener
-// name; its open connections stay (until removed_conn_grace, if set). The
-// mark is kept across discovery churn and reloads. It returns once the
-// picker reflects it.
+// name (in every route that has it); its open connections stay (until
+// removed_conn_grace, if set). The mark is kept across discovery churn and
+// reloads. It returns once the picker reflects it.
 func (s *Server) Drain(name, addr string, on bool) error {
 	s.mu.Lock()
 	var l *listener
@@ -83,14 +104,21 @@ func (s *Server) Drain(name, addr string, on bool) error {
 	if l == nil {
 		return fmt.Errorf("listener %q: %w", name, ErrNotFound)
 	}
-	known := false
-	for _, tv := range l.pool.View().Targets {
-		known = known || tv.Addr == addr
+	var pools []*pool.Pool
+	for _, r := range l.routeList() {
+		for _, tv := range r.pool.View().Targets {
+			if tv.Addr == addr {
+				pools = append(pools, r.pool)
+				break
+			}
+		}
 	}
-	if !known {
+	if len(pools) == 0 {
 		return fmt.Errorf("listener %q has no target %q: %w", name, addr, ErrNotFound)
 	}
-	l.pool.Drain(addr, on)
+	for _, p := range pools {
+		p.Drain(addr, on)
+	}
 	return nil
 }
 
@@ -108,21 +136,64 @@ func (s *Server) Status() []ListenerStatus {
 
 func (l *listener) status() ListenerStatus {
 	cfg := l.config()
-	v := l.pool.View()
-	d := l.pool.Discovery()
-	st := ListenerStatus{
-		Name: cfg.Name, Listen: cfg.Listen, Service: cfg.Service, Discovery: cfg.Discovery,
-		Panic: v.Panic, Warnings: v.Warnings,
-		Synced: d.Synced, LastSync: d.LastSync, LastError: d.LastError, DiscoveryOK: d.OK,
-		DiscoveryStale: d.Stale, DiscoveryUpdates: d.Updates, DiscoveryErrors: d.Errors,
-		DiscoveryMalformed: d.Malformed,
+	st := ListenerStatus{Name: cfg.Name, Listen: cfg.Listen}
+	rs := l.routeList()
+	if !cfg.Routed() && len(rs) == 1 {
+		st.PoolStatus = rs[0].status()
+	} else {
+		st.Synced, st.DiscoveryOK = true, true
+		for _, r := range rs {
+			rst := RouteStatus{Name: r.name, SNI: r.sni, PoolStatus: r.status()}
+			st.Routes = append(st.Routes, rst)
+			st.Synced = st.Synced && rst.Synced
+			st.DiscoveryOK = st.DiscoveryOK && rst.DiscoveryOK
+			st.DiscoveryStale = st.DiscoveryStale || rst.DiscoveryStale
+			if rst.LastError != "" && st.LastError == "" {
+				st.LastError = "route " + r.name + ": " + rst.LastError
+			}
+			if rst.LastSync.After(st.LastSync) {
+				st.LastSync = rst.LastSync
+			}
+		}
 	}
 	l.mu.Lock()
 	if l.ln != nil {
 		st.Addr = l.ln.Addr().String()
 	}
 	l.mu.Unlock()
-	hs := l.pool.Health()
+	ps := &l.proxy.Stats
+	st.Accepted = ps.Accepted.Load()
+	st.Rejected = ps.Rejected.Load()
+	st.NoTarget = ps.NoTarget.Load()
+	st.DialErrors = ps.DialErrors.Load()
+	st.Active = ps.Active.Load()
+	st.BytesIn = ps.BytesIn.Load()
+	st.BytesOut = ps.BytesOut.Load()
+	st.ProxyHeaderErrors = ps.HeaderErrors.Load()
+	st.RelayPanics = ps.Panics.Load()
+	st.NoRoute = ps.NoRoute.Load()
+	st.Closed = make(map[string]uint64, 4)
+	for _, r := range []string{"removed", "down", "drained", "max_age"} {
+		st.Closed[r] = l.proxy.Closed(r)
+	}
+	st.Denied = make(map[string]uint64, 3)
+	for _, r := range []string{"deny", "not_allowed", "per_client"} {
+		st.Denied[r] = l.proxy.Denied(r)
+	}
+	return st
+}
+
+func (r *route) status() PoolStatus {
+	v := r.pool.View()
+	d := r.pool.Discovery()
+	st := PoolStatus{
+		Service: r.src.Service, Discovery: r.src.Discovery,
+		Panic: v.Panic, Warnings: v.Warnings,
+		Synced: d.Synced, LastSync: d.LastSync, LastError: d.LastError, DiscoveryOK: d.OK,
+		DiscoveryStale: d.Stale, DiscoveryUpdates: d.Updates, DiscoveryErrors: d.Errors,
+		DiscoveryMalformed: d.Malformed,
+	}
+	hs := r.pool.Health()
 	st.Targets = make([]TargetStatus, 0, len(v.Targets))
 	i := 0
 	for _, tv := range v.Targets {
@@ -147,20 +218,6 @@ func (l *listener) status() ListenerStatus {
 			BytesIn:         t.BytesIn.Load(),
 			BytesOut:        t.BytesOut.Load(),
 		})
-	}
-	ps := &l.proxy.Stats
-	st.Accepted = ps.Accepted.Load()
-	st.Rejected = ps.Rejected.Load()
-	st.NoTarget = ps.NoTarget.Load()
-	st.DialErrors = ps.DialErrors.Load()
-	st.Active = ps.Active.Load()
-	st.BytesIn = ps.BytesIn.Load()
-	st.BytesOut = ps.BytesOut.Load()
-	st.ProxyHeaderErrors = ps.HeaderErrors.Load()
-	st.RelayPanics = ps.Panics.Load()
-	st.Closed = make(map[string]uint64, 4)
-	for _, r := range []string{"removed", "down", "drained", "max_age"} {
-		st.Closed[r] = l.proxy.Closed(r)
 	}
 	return st
 }

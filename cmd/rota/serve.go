@@ -52,6 +52,8 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	fs.IntVar(&q.retries, "retries", config.DefaultRetries, "quick form: further targets to try when a dial fails")
 	fs.DurationVar(&q.dialTimeout, "dial-timeout", config.DefaultDialTimeout, "quick form: timeout of one dial to a target")
 	fs.StringVar(&adminAt, "admin", config.DefaultAdminListen, `admin HTTP address; "" disables it (overrides admin.listen of --config)`)
+	var tokenFile string
+	fs.StringVar(&tokenFile, "admin-token-file", "", "file holding the admin API's bearer token; required when --admin is not a loopback address (overrides admin.token_file of --config)")
 	var pprofOn bool
 	fs.BoolVar(&pprofOn, "pprof", false, "serve Go's profiler at /debug/pprof/ on the admin address")
 	lf.register(fs, "auto")
@@ -80,12 +82,18 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	if set["admin"] || cfgPath == "" {
 		cfg.Admin.Listen = adminAt
 	}
+	if set["admin-token-file"] {
+		cfg.Admin.TokenFile = tokenFile
+	}
+	if err := cfg.Validate(); err != nil {
+		return usagef("%v", flagNames(err))
+	}
 	logger, err := lf.logger(stderr)
 	if err != nil {
 		return err
 	}
 	defer logger.Sync()
-	return serve(cfg, cfgPath, logger, hooks{pprof: pprofOn})
+	return serve(cfg, cfgPath, logger, hooks{pprof: pprofOn, tokenFile: tokenFile})
 }
 
 // quickConfig builds the config of the quick form.
@@ -146,7 +154,7 @@ func flagNames(err error) string {
 		"registries.consul.address", "--consul", "listeners[0].health.interval", "--health-interval",
 		"listeners[0].health.rise", "--rise", "listeners[0].health.fall", "--fall",
 		"listeners[0].retries", "--retries", "listeners[0].dial_timeout", "--dial-timeout",
-		"admin.listen", "--admin",
+		"admin.listen", "--admin", "admin.token_file", "--admin-token-file",
 	}
 	msg := err.Error()
 	for i := 0; i < len(r); i += 2 {
@@ -161,6 +169,8 @@ type hooks struct {
 	ready    func(*server.Server) error // once everything listens
 	stopping func()                     // on the shutdown signal, before draining
 	pprof    bool                       // serve /debug/pprof/ on the admin address
+	// tokenFile is --admin-token-file: it stands over reloads.
+	tokenFile string
 }
 
 // serve runs cfg until SIGINT or SIGTERM, then drains and returns nil. With a
@@ -196,8 +206,16 @@ func serve(cfg *config.Config, cfgPath string, logger *zap.Logger, h hooks) erro
 		}
 	}
 	var adm *admin.Server
+	ah := &admin.Handler{State: srv, Reload: reload, Logger: logger.Named("admin"), Version: version, Pprof: h.pprof}
 	if cfg.Admin.Listen != "" {
-		ah := &admin.Handler{State: srv, Reload: reload, Logger: logger.Named("admin"), Version: version, Pprof: h.pprof}
+		if cfg.Admin.TokenFile != "" {
+			tok, err := admin.ReadToken(cfg.Admin.TokenFile)
+			if err != nil {
+				srv.Shutdown(context.Background())
+				return err
+			}
+			ah.SetToken(tok)
+		}
 		if adm, err = admin.Listen(cfg.Admin.Listen, ah); err != nil {
 			srv.Shutdown(context.Background())
 			return fmt.Errorf("admin: %w", err)
@@ -223,9 +241,23 @@ func serve(cfg *config.Config, cfgPath string, logger *zap.Logger, h hooks) erro
 			return err
 		}
 		next.Admin.Listen = cfg.Admin.Listen // the admin socket stays where it is
+		if h.tokenFile != "" {
+			next.Admin.TokenFile = h.tokenFile
+		}
+		if err := next.Validate(); err != nil {
+			return err
+		}
+		// The token file is read again: a reload rotates the token.
+		tok := ""
+		if next.Admin.Listen != "" && next.Admin.TokenFile != "" {
+			if tok, err = admin.ReadToken(next.Admin.TokenFile); err != nil {
+				return err
+			}
+		}
 		if err := srv.Reload(context.Background(), next); err != nil {
 			return err
 		}
+		ah.SetToken(tok)
 		cfg = next
 		return nil
 	}

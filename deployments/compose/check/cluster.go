@@ -125,6 +125,7 @@ func checkCluster(ctx context.Context, c *compose, r *report) error {
 
 	// The majority recovers: the cut members are back on their network.
 	name = "majority recovers: cut members connected again, a new leader each"
+	m = ld.mark()
 	start = time.Now()
 	for _, rc := range reconnect {
 		if err := rc(ctx); err != nil {
@@ -156,11 +157,13 @@ func checkCluster(ctx context.Context, c *compose, r *report) error {
 	}); err != nil {
 		return r.fail(name, time.Since(start), err)
 	}
-	r.record(name, time.Since(start), true, "etcd answers a quorum read after %v; Consul reports a raft leader after %v and answers a consistent read after %v",
-		etcdBack.Round(time.Millisecond), raftLeader.Round(time.Millisecond), time.Since(start).Round(time.Millisecond))
+	ok, failed = ld.since(m)
+	r.record(name, time.Since(start), failed == 0, "etcd answers a quorum read after %v; Consul reports a raft leader after %v and answers a consistent read after %v; %d failed client connections of %d",
+		etcdBack.Round(time.Millisecond), raftLeader.Round(time.Millisecond), time.Since(start).Round(time.Millisecond), failed, ok+failed)
 
 	// Changes are routed again: one more backend of each kind.
 	name = "after recovery: new instances of both services routed"
+	m = ld.mark()
 	start = time.Now()
 	sc.etcd, sc.consul = 3, 3
 	if err := c.scale(ctx, sc.m()); err != nil {
@@ -176,10 +179,13 @@ func checkCluster(ctx context.Context, c *compose, r *report) error {
 			return r.fail(name, time.Since(start), err)
 		}
 	}
-	r.record(name, time.Since(start), true, "3 + 3 instances routed %v after the scale-up", time.Since(scaledAt).Round(time.Millisecond))
+	ok, failed = ld.since(m)
+	r.record(name, time.Since(start), failed == 0, "3 + 3 instances routed %v after the scale-up; %d failed client connections of %d",
+		time.Since(scaledAt).Round(time.Millisecond), failed, ok+failed)
 
 	// The killed leaders start again and rejoin.
 	name = "killed leaders started again: every container healthy"
+	m = ld.mark()
 	start = time.Now()
 	for _, ct := range []container{etcdLeader, consulLeader} {
 		if _, err := docker(ctx, "start", ct.ID); err != nil {
@@ -189,12 +195,31 @@ func checkCluster(ctx context.Context, c *compose, r *report) error {
 	if _, err := c.waitHealthy(ctx, healthTimeout); err != nil {
 		return r.fail(name, time.Since(start), err)
 	}
+	// Load on for a while after the rejoin: a member that rejoins behind
+	// the others must not make rota route less.
+	for _, addr := range []string{webAddr, webConsulAddr} {
+		if err := ld.waitRequests(ctx, addr, 500, routeTimeout); err != nil {
+			return r.fail(name, time.Since(start), err)
+		}
+	}
 	closeWindow()
 	ld.stop()
-	r.record(name, time.Since(start), true, "rejoined")
+	ok, failed = ld.since(m)
+	r.record(name, time.Since(start), failed == 0, "rejoined; %d failed client connections of %d", failed, ok+failed)
 	total, failedAll := ld.ok.Load()+ld.failed.Load(), ld.failed.Load()
+	if failedAll > 0 {
+		// What rota saw of its pools, to tell why clients failed.
+		if out, err := c.run(ctx, "logs", "--no-color", "rota"); err == nil {
+			for _, line := range strings.Split(out, "\n") {
+				if strings.Contains(line, `"level":"warn"`) || strings.Contains(line, "instances changed") ||
+					strings.Contains(line, "empty") || strings.Contains(line, "refusing") || strings.Contains(line, "served again") {
+					logf("rota: %s", line)
+				}
+			}
+		}
+	}
 	r.record("client load through the partition, the lost majority and the recovery", 0, failedAll == 0,
-		"%d requests from the host (a new connection each), %d failed", total, failedAll)
+		"%d requests from the host (a new connection each), %d failed%s", total, failedAll, ld.firstErrors())
 	return finalChecks(ctx, c, r, f)
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -20,6 +21,15 @@ import (
 // request costs no pooled connections.
 func do(req *http.Request) (*http.Response, error) {
 	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	if req.URL.Host == adminAddr && req.URL.Path != "/healthz" && req.URL.Path != "/readyz" {
+		// rota's admin API wants the token rota.yaml names (the file the
+		// compose files mount), as any operator's client would send it.
+		tok, err := os.ReadFile(adminTokenFile)
+		if err != nil {
+			return nil, err
+		}
+		req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
+	}
 	return c.Do(req)
 }
 
@@ -187,6 +197,16 @@ func (l *load) note(e string) {
 		l.errs = append(l.errs, e)
 		logf("client error: %s", e)
 	}
+}
+
+// firstErrors lists the first failures, for a report row ("" if none).
+func (l *load) firstErrors() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.errs) == 0 {
+		return ""
+	}
+	return "; first: " + strings.Join(l.errs, "; ")
 }
 
 // mark is a point in the load's counts, to tell what happened since.

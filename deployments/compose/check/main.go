@@ -106,13 +106,19 @@ const (
 	webAddr       = "127.0.0.1:8080" // etcd-registered backends
 	webConsulAddr = "127.0.0.1:8081" // Consul-registered backends
 	adminAddr     = "127.0.0.1:9090"
-	consulAddr    = "127.0.0.1:8500"
+	// adminTokenFile is the admin token the compose files mount into rota,
+	// relative to the repository root (the check's working directory).
+	adminTokenFile = "deployments/compose/admin-token"
+	consulAddr     = "127.0.0.1:8500"
 )
 
 func run(ctx context.Context, cluster, imagesOnly, keep bool) error {
 	begin := time.Now()
 	root, err := repoRoot()
 	if err != nil {
+		return err
+	}
+	if err := os.Chdir(root); err != nil { // the compose files' paths are the root's
 		return err
 	}
 	engine, err := docker(ctx, "info", "--format", "{{.ServerVersion}}")
