@@ -89,10 +89,12 @@ compose-tests-if-docker:
 		$(MAKE) --no-print-directory compose-test && $(MAKE) --no-print-directory compose-test CLUSTER=1; \
 	fi
 
-# Short fuzzing passes of the config loader and the PROXY header path.
+# Short fuzzing passes of the config loader, the PROXY header path and the
+# ClientHello reader (checked against crypto/tls's own).
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 30s ./config/
 	$(GO) test -run '^$$' -fuzz '^FuzzProxyHeader$$' -fuzztime 30s ./proxy/internal/relay/
+	$(GO) test -run '^$$' -fuzz '^FuzzClientHello$$' -fuzztime 30s ./proxy/internal/sni/
 
 clean:
 	rm -rf bin

@@ -231,3 +231,63 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// TestStatusPageRoutes renders a listener that routes by TLS server name:
+// listener -> route -> targets, each route with its names and its own
+// table.
+func TestStatusPageRoutes(t *testing.T) {
+	bin := chromium(t)
+	api, rest := backend(t), backend(t)
+	cfg := config.Default()
+	l := config.DefaultListener()
+	l.Name, l.Listen = "edge", "127.0.0.1:0"
+	l.Discovery = ""
+	l.Routes = []config.Route{
+		{Name: "api", SNI: []string{"api.example.com", "*.api.example.com"}, Pool: config.DefaultPool()},
+		{Name: "rest", SNI: []string{"*"}, Pool: config.DefaultPool()},
+	}
+	l.Routes[0].Discovery, l.Routes[0].Static = "static", config.Statics(api)
+	l.Routes[1].Discovery, l.Routes[1].Static = "static", config.Statics(rest)
+	for i := range l.Routes {
+		l.Routes[i].Health.Interval = 100 * time.Millisecond
+	}
+	cfg.Listeners = []config.Listener{l}
+	srv, err := server.Start(context.Background(), cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Shutdown(context.Background())
+	hs := httptest.NewServer((&admin.Handler{State: srv, Version: "test"}).Routes())
+	defer hs.Close()
+
+	actx, acancel := chromedp.NewExecAllocator(context.Background(),
+		chromedp.ExecPath(bin), chromedp.Headless, chromedp.NoSandbox, chromedp.DisableGPU,
+		chromedp.NoFirstRun, chromedp.NoDefaultBrowserCheck, chromedp.WindowSize(1100, 420))
+	defer acancel()
+	ctx, cancel := chromedp.NewContext(actx)
+	defer cancel()
+	ctx, tcancel := context.WithTimeout(ctx, 60*time.Second)
+	defer tcancel()
+	route := func(name string) string { return `section[data-listener="edge"] .route[data-route="` + name + `"]` }
+	err = chromedp.Do(ctx,
+		chromedp.Navigate(hs.URL+"/"),
+		chromedp.WaitVisible(chromedp.CSS(route("api")+` tr[data-target="`+api+`"] .state.up`)),
+		chromedp.WaitVisible(chromedp.CSS(route("rest")+` tr[data-target="`+rest+`"] .state.up`)),
+	)
+	if err != nil {
+		t.Fatalf("the page never showed each route with its target up: %v", err)
+	}
+	head, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(route("api")+` .rhead`)))
+	if err != nil || !strings.Contains(head, "api.example.com, *.api.example.com") {
+		t.Fatalf("route header %q (%v) does not list its server names", head, err)
+	}
+	if *updateScreenshot {
+		png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join("..", "docs", "status-page-routes.png"), png, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

@@ -1,0 +1,122 @@
+package proxy_test
+
+import (
+	"bytes"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/rota-proxy/rota/balancer"
+	"github.com/rota-proxy/rota/proxy"
+)
+
+// helloFor is the ClientHello crypto/tls sends for serverName.
+func helloFor(t *testing.T, serverName string) []byte {
+	t.Helper()
+	a, b := net.Pipe()
+	defer a.Close()
+	go func() {
+		tls.Client(b, &tls.Config{ServerName: serverName}).Handshake()
+		b.Close()
+	}()
+	buf := make([]byte, 16<<10)
+	a.SetDeadline(time.Now().Add(5 * time.Second))
+	n, err := a.Read(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return buf[:n]
+}
+
+// digestHandler answers with its name and the length and first bytes of
+// what the client sent, once the client half-closes.
+func digestHandler(name string) func(net.Conn) {
+	return func(c net.Conn) {
+		b, _ := io.ReadAll(c)
+		fmt.Fprintf(c, "%s %d %x", name, len(b), b[:min(len(b), 8)])
+	}
+}
+
+func TestRouterBothRelays(t *testing.T) {
+	bothRelays(t, func(t *testing.T) {
+		api := startBackend(t, digestHandler("api"))
+		rest := startBackend(t, digestHandler("rest"))
+		restTarget := balancer.NewTarget(rest.addr())
+		pick := func(t *balancer.Target) proxy.Picker {
+			rr := &balancer.RoundRobinBalancer{}
+			rr.Update([]*balancer.Target{t})
+			return rr
+		}
+		router := proxy.NewRouter([][]string{{"api.example.com", "*.api.example.com"}, {"*"}},
+			[]proxy.Picker{pick(balancer.NewTarget(api.addr())), pick(restTarget)})
+		s := startProxy(t, proxy.Settings{Router: router, SNITimeout: 200 * time.Millisecond})
+		for _, tc := range []struct {
+			send []byte
+			want string
+		}{
+			{helloFor(t, "api.example.com"), "api"},
+			{helloFor(t, "v2.api.example.com"), "api"},
+			{helloFor(t, "www.example.com"), "rest"},
+			{[]byte("SSH-2.0-client\r\n"), "rest"},
+		} {
+			got, err := roundTrip(s.addr, tc.send)
+			want := fmt.Sprintf("%s %d %x", tc.want, len(tc.send), tc.send[:8])
+			if err != nil || string(got) != want {
+				t.Fatalf("sent %d bytes: got %q, %v; want %q", len(tc.send), got, err, want)
+			}
+		}
+		// A client that sends nothing (the server speaks first) is routed
+		// as no server name after sni_timeout.
+		before := restTarget.Total.Load()
+		c := dial(t, s.addr)
+		start := time.Now()
+		eventually(t, "the silent client routed", func() bool { return restTarget.Total.Load() == before+1 })
+		if d := time.Since(start); d < 200*time.Millisecond {
+			t.Fatalf("routed after %v, before sni_timeout", d)
+		}
+		c.CloseWrite()
+		if got, err := io.ReadAll(c); err != nil || string(got) != "rest 0 " {
+			t.Fatalf("silent client: %q %v", got, err)
+		}
+		c.Close()
+	})
+}
+
+func TestAccessBothRelays(t *testing.T) {
+	bothRelays(t, func(t *testing.T) {
+		b := startBackend(t, nameHandler("b"))
+		denied := startProxy(t, proxy.Settings{Deny: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}, b.addr())
+		// Refused before anything is read: a FIN, or a reset for the
+		// bytes it sent unread; never an answer.
+		if got, _ := roundTrip(denied.addr, []byte("x")); len(got) != 0 {
+			t.Fatalf("denied client got %q", got)
+		}
+		if n := denied.p.Denied("deny"); n != 1 {
+			t.Fatalf("deny counted %d", n)
+		}
+		limited := startProxy(t, proxy.Settings{MaxConnsPerClient: 1, Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}}, b.addr())
+		first := dial(t, limited.addr)
+		eventually(t, "first connection counted", func() bool { return limited.p.ClientConns(netip.MustParseAddr("127.0.0.1")) == 1 })
+		if got, _ := roundTrip(limited.addr, []byte("x")); len(got) != 0 {
+			t.Fatalf("second connection from the same client got %q", got)
+		}
+		first.CloseWrite()
+		if got, _ := io.ReadAll(first); !bytes.Equal(got, []byte("b")) {
+			t.Fatalf("first connection got %q", got)
+		}
+		first.Close()
+		eventually(t, "place given back", func() bool { return limited.p.ClientConns(netip.MustParseAddr("127.0.0.1")) == 0 })
+		// (The backend answers without reading: its close may reset
+		// after the answer.)
+		if got, err := roundTrip(limited.addr, []byte("x")); string(got) != "b" {
+			t.Fatalf("after the first closed: %q, %v", got, err)
+		}
+		if n := limited.p.Denied("per_client"); n != 1 {
+			t.Fatalf("per_client counted %d", n)
+		}
+	})
+}
