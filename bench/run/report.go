@@ -126,6 +126,21 @@ func renderReport(o *options, res results, took time.Duration) string {
 		}
 		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key("targets", n, "rota"), key("targets", n, "haproxy"), false))
 	}
+	b.WriteString("\n## TLS passthrough routed by SNI (1 thread each; a full handshake per connection, 32 clients)\n\nrota with `routes:`; HAProxy `mode tcp`, `tcp-request inspect-delay`, `req.ssl_sni`; nginx `ssl_preread` and a `map`. The handshakes (client and backend, ECDSA P-256, X25519MLKEM768) take most of the CPU; CPU per connection is the proxy's own.\n\n| | direct |")
+	for _, px := range o.proxies[1:] {
+		fmt.Fprintf(&b, " %s |", proxyTitle[px])
+	}
+	b.WriteString(" rota/HAProxy |\n|---|" + strings.Repeat("---:|", len(o.proxies)+1) + "\n")
+	for _, row := range []struct {
+		name, k, f string
+		lower      bool
+	}{{"new TLS connections/s", "tls_rps", "%.0f", false}, {"p99 (ms)", "tls_p99", "%.2f", true}, {"proxy CPU per connection (µs)", "tls_cpu", "%.1f", true}} {
+		fmt.Fprintf(&b, "| %s |", row.name)
+		for _, px := range o.proxies {
+			fmt.Fprintf(&b, " %s |", cell(res, key(row.k, px), row.f))
+		}
+		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key(row.k, "rota"), key(row.k, "haproxy"), row.lower))
+	}
 	b.WriteString("\n## Health checking (CPU of the idle proxy, % of one core, TCP checks every 2 s, 1 thread each)\n\nThe proxy's user and system time while it only probes its targets, over a quiet window; on loopback the kernel's work for both ends of each probe's handshake runs in the prober's context, so this is an upper bound of what the same probing costs against remote targets.\n\n| targets |")
 	hpx := []string{}
 	for _, px := range o.proxies[1:] {

@@ -1,0 +1,294 @@
+package main
+
+// TLS passthrough routed by SNI: rota with routes beside HAProxy's
+// `mode tcp` + `tcp-request inspect-delay` + `req.ssl_sni`, one thread
+// each. The client makes a full TLS handshake per connection through the
+// proxy (no session resumption) and reads the backend's answer; so most
+// of the CPU is the handshakes' (client and backend), and what the
+// proxies differ in is reading the ClientHello, choosing, and relaying.
+
+import (
+	"bufio"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// sniNames are the server names the routes match; the client asks for the
+// first.
+var sniNames = [...]string{"api.example.com", "www.example.com"}
+
+// runTLSBackends is the child mode -tls-backend-mode: one TLS server per
+// name, each with a self-signed certificate of its own, answering "ok"
+// after the handshake. It prints the ports, then "ready".
+func runTLSBackends() error {
+	for _, name := range sniNames {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return err
+		}
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name}, DNSNames: []string{name},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour)}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+		if err != nil {
+			return err
+		}
+		ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}})
+		if err != nil {
+			return err
+		}
+		fmt.Println(ln.Addr().(*net.TCPAddr).Port)
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				go func() {
+					defer c.Close()
+					c.SetDeadline(time.Now().Add(10 * time.Second))
+					if c.(*tls.Conn).Handshake() == nil {
+						io.WriteString(c, "ok")
+					}
+				}()
+			}
+		}()
+	}
+	fmt.Println("ready")
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	<-sig
+	return nil
+}
+
+type tlsResult struct {
+	RPS, P50, P99, N, Errors float64
+}
+
+// runTLSClient is the child mode -tls-client-mode ADDR SECONDS CONNS: CONNS
+// loops of new TLS connections for SECONDS; it prints a tlsResult as JSON.
+func runTLSClient(addr string, secs, conns int) error {
+	var n, errs atomic.Int64
+	var mu sync.Mutex
+	var lat []time.Duration
+	stop := time.Now().Add(time.Duration(secs) * time.Second)
+	var wg sync.WaitGroup
+	for range conns {
+		wg.Go(func() {
+			var mine []time.Duration
+			for time.Now().Before(stop) {
+				t0 := time.Now()
+				if err := tlsOnce(addr); err != nil {
+					errs.Add(1)
+					continue
+				}
+				mine = append(mine, time.Since(t0))
+				n.Add(1)
+			}
+			mu.Lock()
+			lat = append(lat, mine...)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	slices.Sort(lat)
+	r := tlsResult{RPS: float64(n.Load()) / float64(secs), N: float64(n.Load()), Errors: float64(errs.Load())}
+	if len(lat) > 0 {
+		r.P50 = float64(lat[len(lat)/2].Microseconds()) / 1000
+		r.P99 = float64(lat[len(lat)*99/100].Microseconds()) / 1000
+	}
+	return json.NewEncoder(os.Stdout).Encode(r)
+}
+
+func tlsOnce(addr string) error {
+	raw, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	defer raw.Close()
+	raw.SetDeadline(time.Now().Add(5 * time.Second))
+	c := tls.Client(raw, &tls.Config{ServerName: sniNames[0], InsecureSkipVerify: true})
+	if err := c.Handshake(); err != nil {
+		return err
+	}
+	b := make([]byte, 2)
+	if _, err := io.ReadFull(c, b); err != nil || string(b) != "ok" {
+		return fmt.Errorf("answer %q: %v", b, err)
+	}
+	return nil
+}
+
+// tlsBackends starts the TLS backends' child process.
+func tlsBackends() (*backendSet, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(self, "-tls-backend-mode")
+	cmd.Env = append(os.Environ(), "GOMAXPROCS=2")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	bs := &backendSet{cmd: cmd}
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		if sc.Text() == "ready" {
+			return bs, nil
+		}
+		bs.addrs = append(bs.addrs, "127.0.0.1:"+sc.Text())
+	}
+	cmd.Process.Kill()
+	return nil, fmt.Errorf("TLS backends exited early")
+}
+
+// tlsClient runs the load client (one thread, like wrk -t1).
+func tlsClient(addr string, d time.Duration, conns int) (tlsResult, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return tlsResult{}, err
+	}
+	cmd := exec.Command(self, "-tls-client-mode", addr, strconv.Itoa(int(d.Seconds())), strconv.Itoa(conns))
+	cmd.Env = append(os.Environ(), "GOMAXPROCS=1")
+	out, err := cmd.Output()
+	if err != nil {
+		return tlsResult{}, fmt.Errorf("TLS client: %w", err)
+	}
+	var r tlsResult
+	if err := json.Unmarshal(out, &r); err != nil {
+		return r, fmt.Errorf("TLS client: %w: %s", err, out)
+	}
+	if r.Errors > 0 {
+		logf("  TLS client: %v failed connections", r.Errors)
+	}
+	return r, nil
+}
+
+// startSNIProxy starts kind routing sniNames[i] to backends[i], one
+// thread. direct is the first backend itself.
+func startSNIProxy(kind string, backends []string, o *options) (*proc, error) {
+	if kind == "direct" {
+		return &proc{name: kind, addr: backends[0], pidFn: func() []int { return nil }}, nil
+	}
+	port := freePort()
+	p := &proc{name: kind, addr: fmt.Sprintf("127.0.0.1:%d", port)}
+	p.dir = filepath.Join(o.tmp, fmt.Sprintf("%s-sni-%d", kind, port))
+	os.MkdirAll(p.dir, 0o755)
+	var b strings.Builder
+	var err error
+	switch kind {
+	case "rota", "baseline":
+		bin := o.rotaBin
+		if kind == "baseline" {
+			bin = o.baseline
+		}
+		fmt.Fprintf(&b, "admin: {listen: \"\"}\nlisteners:\n  - listen: %q\n    health: {interval: 2s}\n    routes:\n", p.addr)
+		fmt.Fprintf(&b, "      - {sni: [%s], discovery: static, static: [%s]}\n", sniNames[0], backends[0])
+		fmt.Fprintf(&b, "      - {sni: [\"*\"], discovery: static, static: [%s]}\n", backends[1])
+		cfg := filepath.Join(p.dir, "rota.yaml")
+		os.WriteFile(cfg, []byte(b.String()), 0o644)
+		err = startCmd(p, bin, []string{"serve", "--config", cfg, "--log-format", "json", "--log-level", "error"}, []string{"GOMAXPROCS=1"})
+		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
+	case "haproxy":
+		b.WriteString("global\n  nbthread 1\n  maxconn 7000\n  tune.maxaccept 64\n")
+		b.WriteString("defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  option splice-auto\n")
+		fmt.Fprintf(&b, "frontend fe\n  bind %s\n  tcp-request inspect-delay 5s\n  tcp-request content accept if { req_ssl_hello_type 1 }\n", p.addr)
+		fmt.Fprintf(&b, "  use_backend api if { req.ssl_sni -i %s }\n  default_backend rest\n", sniNames[0])
+		fmt.Fprintf(&b, "backend api\n  server a %s check inter 2s\nbackend rest\n  server b %s check inter 2s\n", backends[0], backends[1])
+		cfg := filepath.Join(p.dir, "haproxy.cfg")
+		os.WriteFile(cfg, []byte(b.String()), 0o644)
+		err = startCmd(p, "haproxy", []string{"-db", "-f", cfg}, nil)
+		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
+	case "nginx":
+		b.WriteString("load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n")
+		fmt.Fprintf(&b, "worker_processes 1;\ndaemon off;\npid %s/nginx.pid;\nerror_log %s/error.log error;\nworker_rlimit_nofile 20000;\n", p.dir, p.dir)
+		b.WriteString("events { worker_connections 18000; multi_accept on; }\nstream {\n")
+		fmt.Fprintf(&b, "  map $ssl_preread_server_name $up { %s api; default rest; }\n", sniNames[0])
+		fmt.Fprintf(&b, "  upstream api { server %s; }\n  upstream rest { server %s; }\n", backends[0], backends[1])
+		fmt.Fprintf(&b, "  server { listen %s reuseport; ssl_preread on; proxy_pass $up; proxy_connect_timeout 2s; proxy_timeout 1h; }\n}\n", p.addr)
+		cfg := filepath.Join(p.dir, "nginx.conf")
+		os.WriteFile(cfg, []byte(b.String()), 0o644)
+		err = startCmd(p, "nginx", []string{"-p", p.dir, "-c", cfg, "-e", filepath.Join(p.dir, "error.log")}, nil)
+		p.pidFn = func() []int { return childPIDs(p.cmd.Process.Pid) }
+	default:
+		return nil, fmt.Errorf("no SNI routing for %q", kind)
+	}
+	if err != nil {
+		return nil, err
+	}
+	// Ready once a handshake through it reaches the api backend.
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		select {
+		case err := <-p.waitCh:
+			p.waitCh <- err
+			log, _ := os.ReadFile(filepath.Join(p.dir, "proxy.log"))
+			return nil, fmt.Errorf("%s exited: %v\n%s", kind, err, log)
+		default:
+		}
+		if tlsOnce(p.addr) == nil {
+			return p, nil
+		}
+	}
+	p.stop()
+	return nil, fmt.Errorf("%s: no TLS handshake through it", kind)
+}
+
+// benchTLS measures new TLS connections per second and p99 through each
+// proxy that routes by SNI, interleaved over the repetitions.
+func benchTLS(o *options, res results) error {
+	bs, err := tlsBackends()
+	if err != nil {
+		return err
+	}
+	defer bs.stop()
+	kinds := o.proxies
+	for rep := range o.reps {
+		order := slices.Clone(kinds)
+		for i := 0; i < rep%len(order); i++ {
+			order = append(order[1:], order[0])
+		}
+		for _, px := range order {
+			logf("TLS passthrough by SNI, rep %d: %s", rep+1, px)
+			p, err := startSNIProxy(px, bs.addrs, o)
+			if err != nil {
+				logf("  %v", err)
+				continue
+			}
+			cpu0 := p.cpu()
+			if r, err := tlsClient(p.addr, o.dur, 32); err == nil {
+				res.add(key("tls_rps", px), r.RPS)
+				res.add(key("tls_p99", px), r.P99)
+				if px != "direct" && r.N > 0 {
+					res.add(key("tls_cpu", px), (p.cpu()-cpu0)*1e6/r.N)
+				}
+			} else {
+				logf("  %v", err)
+			}
+			p.stop()
+		}
+	}
+	return nil
+}
