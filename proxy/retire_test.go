@@ -361,3 +361,66 @@ func mustEcho(t *testing.T, c net.Conn, msg string) {
 	}
 	c.SetDeadline(time.Time{})
 }
+
+func TestMaxConnAgeBusy(t *testing.T) { bothRelays(t, testMaxConnAgeBusy) }
+
+// A busy connection past max_conn_age is wound down without losing a byte:
+// everything the target echoed reaches the client, in order, then a clean
+// EOF; a younger connection is left alone.
+func testMaxConnAgeBusy(t *testing.T) {
+	const age = 500 * time.Millisecond
+	be := startBackend(t, echoHandler)
+	s := startProxy(t, proxy.Settings{MaxConnAge: age}, be.addr())
+	busy := dial(t, s.addr)
+	defer busy.Close()
+	opened := time.Now()
+	var sent bytes.Buffer
+	received := make(chan []byte, 1)
+	readErr := make(chan error, 1)
+	go func() {
+		b, err := io.ReadAll(busy)
+		received <- b
+		readErr <- err
+	}()
+	var young *net.TCPConn
+	chunk := bytes.Repeat([]byte("0123456789abcdef"), 256) // 4 KiB
+	for i := 0; ; i++ {
+		if young == nil && time.Since(opened) > age/2 {
+			young = dial(t, s.addr)
+			defer young.Close()
+			mustEcho(t, young, "y")
+		}
+		chunk[0] = byte(i)
+		if _, err := busy.Write(chunk); err != nil {
+			break // rota closed its side after the wind-down
+		}
+		sent.Write(chunk)
+		select {
+		case b := <-received:
+			received <- b
+		default:
+			if time.Since(opened) < 5*time.Second {
+				time.Sleep(time.Millisecond) // paces the stream; synchronises nothing
+				continue
+			}
+			t.Fatal("the busy connection was not wound down within 5s")
+		}
+		break
+	}
+	got := <-received
+	if err := <-readErr; err != nil {
+		t.Fatalf("busy connection ended with %v, want a clean EOF", err)
+	}
+	life := time.Since(opened)
+	if life < age*9/10 {
+		t.Fatalf("wound down after %v, before max_conn_age", life)
+	}
+	if len(got) == 0 || !bytes.Equal(got, sent.Bytes()[:min(len(got), sent.Len())]) || len(got) > sent.Len() {
+		t.Fatalf("received %d bytes that are not a prefix of the %d sent", len(got), sent.Len())
+	}
+	// The younger connection still works.
+	mustEcho(t, young, "still here")
+	if n := s.p.Closed("max_age"); n != 1 {
+		t.Fatalf("closed for max_age: %d, want 1", n)
+	}
+}

@@ -294,3 +294,64 @@ func TestRemovedConnGrace(t *testing.T) {
 		t.Fatalf("the other connection: %q, %v", ans, err)
 	}
 }
+
+// least_conn through the whole server: new connections go to the target
+// with the fewest open ones, counted from connections really held open.
+func TestLeastConnFollowsHeldConnections(t *testing.T) {
+	bs := []*backend{startBackend(t, "a"), startBackend(t, "b"), startBackend(t, "c")}
+	cfg := config.Default()
+	cfg.Admin.Listen = ""
+	l := fastListener("web", names(bs...)...)
+	l.Balance = config.BalanceLeastConn
+	cfg.Listeners = []config.Listener{l}
+	srv := startServer(t, cfg)
+	addr := proxyAddr(t, srv, "web")
+	waitFor(t, "targets live", 5*time.Second, func() bool { return liveCount(srv, "web") == 3 })
+	active := func() map[string]int64 {
+		out := map[string]int64{}
+		for _, tg := range status(t, srv, "web").Targets {
+			out[tg.Addr] = tg.Active
+		}
+		return out
+	}
+	// hold opens a silent connection and returns the target it went to.
+	hold := func() (net.Conn, string) {
+		before := active()
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		var to string
+		waitFor(t, "the held connection counted", 5*time.Second, func() bool {
+			for a, n := range active() {
+				if n == before[a]+1 {
+					to = a
+					return true
+				}
+			}
+			return false
+		})
+		return c, to
+	}
+	byTarget := map[string][]net.Conn{}
+	for range 6 {
+		c, to := hold()
+		byTarget[to] = append(byTarget[to], c)
+	}
+	for _, b := range bs {
+		if n := len(byTarget[b.addr]); n != 2 {
+			t.Fatalf("6 held connections over 3 targets: %s has %d, want 2 each (%v)", b.name, n, active())
+		}
+	}
+	// Free target a: the next two connections both go to it.
+	for _, c := range byTarget[bs[0].addr] {
+		c.Close()
+	}
+	waitFor(t, "a's connections closed", 5*time.Second, func() bool { return active()[bs[0].addr] == 0 })
+	for i := range 2 {
+		if _, to := hold(); to != bs[0].addr {
+			t.Fatalf("new connection %d went to %s; want %s, the one with the fewest open (%v)", i, to, bs[0].addr, active())
+		}
+	}
+}

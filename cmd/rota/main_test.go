@@ -86,6 +86,9 @@ func TestQuickFormErrors(t *testing.T) {
 		{[]string{"serve", "--log-format", "xml", "--backend", "127.0.0.1:1"}, "--log-format"},
 		{[]string{"register", "--etcd", "127.0.0.1:2379", "--service", "web"}, "--addr is required"},
 		{[]string{"nope"}, "unknown command"},
+		// A public admin address without a token: refused before anything
+		// listens, naming the flag that fixes it.
+		{[]string{"serve", "--backend", "127.0.0.1:1", "--admin", "0.0.0.0:0"}, "--admin-token-file: required when --admin"},
 	}
 	for _, c := range cases {
 		code, _, errOut := runCLI(c.args...)

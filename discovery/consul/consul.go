@@ -157,6 +157,7 @@ func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 		synced  bool
 		failing bool
 		lastAt  time.Time
+		warned  = map[discovery.Warning]bool{} // malformed entries logged, while they last
 	)
 	for {
 		// Rate limit: successive queries at least minBetween apart.
@@ -199,12 +200,33 @@ func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 			failing = false
 		}
 		index = nextIndex(index, newIndex)
+		w.logWarnings(snap.Warnings, warned)
 		if snap.Resync || !snap.Equal(last) {
 			synced, last = true, snap
 			sink.Update(snap)
 		} else {
 			sink.Synced()
 		}
+	}
+}
+
+// logWarnings logs each malformed entry once while it stays malformed
+// (warned holds those logged; entries fixed or gone are forgotten).
+func (w *Watcher) logWarnings(ws []discovery.Warning, warned map[discovery.Warning]bool) {
+	now := make(map[discovery.Warning]bool, len(ws))
+	for _, x := range ws {
+		now[x] = true
+		if !warned[x] {
+			w.log.Warn("malformed registry entry skipped", zap.String("service_id", x.Key), zap.String("reason", x.Reason))
+		}
+	}
+	for x := range warned {
+		if !now[x] {
+			delete(warned, x)
+		}
+	}
+	for x := range now {
+		warned[x] = true
 	}
 }
 

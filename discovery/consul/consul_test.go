@@ -3,6 +3,8 @@ package consul_test
 import (
 	"context"
 	"fmt"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -66,14 +68,7 @@ func (r *recorder) errors() []error {
 
 func waitFor(t *testing.T, what string, cond func() bool) time.Duration {
 	t.Helper()
-	start := time.Now()
-	for !cond() {
-		if time.Since(start) > 20*time.Second {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-	return time.Since(start)
+	return testenv.Eventually(t, what, 20*time.Second, cond)
 }
 
 func (r *recorder) waitAddrs(t *testing.T, what string, want ...string) time.Duration {
@@ -300,5 +295,61 @@ func TestErrorsKeepLastSetAndNeverLeakToken(t *testing.T) {
 	r.mu.Unlock()
 	if !resync {
 		t.Fatal("the first answer after recovery was not marked as a resync")
+	}
+}
+
+// A malformed entry (here a port of 0) is a warning, logged once while it
+// lasts, never a failure: the good instances are routed, and the warning
+// goes when the entry does. Removing the last instance from a healthy
+// agent applies at once (no hold: the watch never failed).
+func TestMalformedEntriesAreWarningsLoggedOnce(t *testing.T) {
+	agent := testenv.StartConsul(t)
+	c := agent.Client(t)
+	register(t, c, "good", 9101, api.HealthPassing)
+	if err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: "bad", Name: "web", Port: 0, Address: "127.0.0.1"}); err != nil {
+		t.Fatal(err)
+	}
+	core, logs := observer.New(zap.WarnLevel)
+	cc, err := consul.NewClient(consul.ClientConfig{Address: agent.Addr()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cc.Close)
+	w, err := consul.NewWatcher(cc.API, "web", nil, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.MinBetween = 5 * time.Millisecond
+	r := watch(t, w)
+	r.waitAddrs(t, "the good instance routed", "127.0.0.1:9101")
+	warned := func() []discovery.Warning {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return r.snaps[len(r.snaps)-1].Warnings
+	}
+	if ws := warned(); len(ws) != 1 || ws[0].Key != "bad" || !strings.Contains(ws[0].Reason, "port 0") {
+		t.Fatalf("warnings = %+v", ws)
+	}
+	// More answers (another instance's check flapping) log nothing new.
+	register(t, c, "other", 9102, api.HealthPassing)
+	r.waitAddrs(t, "another instance routed", "127.0.0.1:9101", "127.0.0.1:9102")
+	if n := logs.FilterMessage("malformed registry entry skipped").Len(); n != 1 {
+		t.Fatalf("malformed entry logged %d times, want once", n)
+	}
+	if err := c.Agent().ServiceDeregister("bad"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the warning gone with its entry", func() bool { return len(warned()) == 0 })
+	for _, id := range []string{"good", "other"} {
+		if err := c.Agent().ServiceDeregister(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.waitAddrs(t, "the last instance removed at once")
+	r.mu.Lock()
+	last := r.snaps[len(r.snaps)-1]
+	r.mu.Unlock()
+	if last.Resync {
+		t.Fatal("an empty answer on a healthy watch was marked as a resync (it would be held)")
 	}
 }

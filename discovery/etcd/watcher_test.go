@@ -507,3 +507,33 @@ func mustGet(t *testing.T, c *clientv3.Client, key string) []byte {
 	}
 	return resp.Kvs[0].Value
 }
+
+// Two keys naming one address are one instance (gRPC's endpoints.Manager
+// and rota register may both have written it), and the value's Metadata is
+// kept as written, for what reads it beyond the weight.
+func TestOneInstancePerAddressMetadataKept(t *testing.T) {
+	env := startEtcd(t)
+	direct := env.Client(t)
+	p := DefaultPrefix
+	for key, val := range map[string]string{
+		p + "web/127.0.0.1:9001": instanceValue("127.0.0.1:9001"),
+		p + "web/instance-1":     `{"Op":0,"Addr":"127.0.0.1:9001","Metadata":null}`,
+		p + "web/zone-a":         `{"Op":0,"Addr":"127.0.0.1:9002","Metadata":{"weight":2,"zone":"a"}}`,
+	} {
+		if _, err := direct.Put(ctxT(t), key, val); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w := newWatcher(t, newClient(t, env.Endpoints()), "web", zap.NewNop())
+	rec := startWatch(t, w)
+	rec.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9002")
+	u, _ := rec.last()
+	if len(u.snap.Instances) != 2 {
+		t.Fatalf("instances %+v, want one per address", u.snap.Instances)
+	}
+	for _, in := range u.snap.Instances {
+		if in.Addr == "127.0.0.1:9002" && (in.Weight != 2 || !strings.Contains(string(in.Metadata), `"zone":"a"`)) {
+			t.Fatalf("zone-a: weight %d, metadata %s; want 2 and the zone kept", in.Weight, in.Metadata)
+		}
+	}
+}
