@@ -18,6 +18,8 @@ import (
 	"github.com/rota-proxy/rota/admin"
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/server"
+
+	"github.com/rota-proxy/rota/internal/testenv"
 )
 
 var updateScreenshot = flag.Bool("update-screenshot", false, "rewrite docs/status-page.png")
@@ -223,13 +225,7 @@ func TestStatusPageBalance(t *testing.T) {
 
 func waitUntil(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testenv.Eventually(t, what, 15*time.Second, cond)
 }
 
 // TestStatusPageRoutes renders a listener that routes by TLS server name:

@@ -9,9 +9,10 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/cenkalti/backoff/v4"
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
+
+	"github.com/rota-proxy/rota/internal/retry"
 )
 
 // Timings of a Consul registration. The check interval lets Consul (and so
@@ -105,11 +106,7 @@ func registerConsul(ctx context.Context, client *api.Client, service, addr strin
 	}
 	log := logger.Named("consul").With(zap.String("service", service), zap.String("service_id", reg.ID))
 	agent := client.Agent()
-	b := backoff.NewExponentialBackOff(
-		backoff.WithInitialInterval(consulRetryInitial),
-		backoff.WithMaxInterval(consulRetryMax),
-		backoff.WithMaxElapsedTime(0),
-	)
+	b := retry.New(consulRetryInitial, consulRetryMax)
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	defer timer.Stop()
@@ -128,7 +125,7 @@ func registerConsul(ctx context.Context, client *api.Client, service, addr strin
 				b.Reset()
 				log.Info("registered in consul", zap.String("check", reg.Check.HTTP))
 			case ctx.Err() == nil:
-				wait = b.NextBackOff()
+				wait = b.Next()
 				log.Warn("consul registration failed; retrying", zap.Error(err), zap.Duration("retry_in", wait))
 			}
 		} else if lost, err := consulLost(ctx, agent, reg.ID); lost {

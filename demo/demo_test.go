@@ -48,13 +48,7 @@ func get(t *testing.T, method, url string) (int, string, string) {
 
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(wait)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", wait, what)
-		}
-		time.Sleep(5 * time.Millisecond) // polling interval, not synchronisation
-	}
+	testenv.Eventually(t, what, wait, cond)
 }
 
 func refused(addr string) bool {

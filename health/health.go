@@ -25,7 +25,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/cenkalti/backoff/v4"
+	"github.com/cenkalti/backoff/v5"
 	"go.uber.org/zap"
 
 	"github.com/rota-proxy/rota/internal/neterr"
@@ -151,6 +151,9 @@ type Checker struct {
 	// observe, when set (by tests), sees every probe result and the delay
 	// chosen before the next probe.
 	observe func(addr string, err error, next time.Duration)
+	// probeFn, when set (by tests), replaces the network probe, so that
+	// timing tests run in a synctest bubble on virtual time.
+	probeFn func(ctx context.Context, addr string) error
 }
 
 // target is the state of one address, guarded by Checker.mu; the rise/fall
@@ -515,7 +518,6 @@ func (c *Checker) tune(b *backoff.ExponentialBackOff) {
 	b.MaxInterval = c.cfg.BackoffMax
 	b.Multiplier = 2
 	b.RandomizationFactor = 0.2
-	b.MaxElapsedTime = 0 // never give up on a target that is still discovered
 }
 
 // backoffDelay is the next delay for a down target. The library's jitter may
@@ -531,9 +533,13 @@ func (c *Checker) backoffDelay(t *target) time.Duration {
 func (c *Checker) probe(ctx context.Context, cfg Config, addr string) error {
 	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	defer cancel()
-	switch cfg.Check {
-	case CheckNone:
+	switch {
+	case cfg.Check == CheckNone:
 		return nil
+	case c.probeFn != nil:
+		return c.probeFn(ctx, addr)
+	}
+	switch cfg.Check {
 	case CheckHTTP:
 		return c.probeHTTP(ctx, cfg, addr)
 	default:

@@ -22,6 +22,8 @@ import (
 
 	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/proxy"
+
+	"github.com/rota-proxy/rota/internal/testenv"
 )
 
 func TestMain(m *testing.M) {
@@ -187,13 +189,7 @@ func bothRelays(t *testing.T, f func(t *testing.T)) {
 
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	testenv.Eventually(t, what, 10*time.Second, cond)
 }
 
 func TestSequentialConnectionsSpreadExactlyEvenly(t *testing.T) {

@@ -20,6 +20,8 @@ import (
 	"github.com/rota-proxy/rota/admin"
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/server"
+
+	"github.com/rota-proxy/rota/internal/testenv"
 )
 
 func TestMain(m *testing.M) {
@@ -221,14 +223,7 @@ func (l *load) assertNoFailures(t *testing.T) {
 // waitFor polls cond until it holds or the deadline passes.
 func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool) time.Duration {
 	t.Helper()
-	start := time.Now()
-	for !cond() {
-		if time.Since(start) > timeout {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-	return time.Since(start)
+	return testenv.Eventually(t, what, timeout, cond)
 }
 
 // fastListener is a static listener on an ephemeral port with quick checks.

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/rota-proxy/rota/internal/testenv"
 )
 
 // syncBuffer is a bytes.Buffer safe for the process's writer and the test.
@@ -37,13 +39,7 @@ func (s *syncBuffer) String() string {
 
 func waitUntil(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testenv.Eventually(t, what, 15*time.Second, cond)
 }
 
 func listenerNames(t *testing.T, admin string) []string {

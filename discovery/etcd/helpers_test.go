@@ -106,16 +106,7 @@ func (r *recorder) waitErr(t *testing.T, timeout time.Duration, what string, mat
 // waitFor polls cond until it holds or the deadline passes.
 func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.After(timeout)
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-deadline:
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		case <-tick.C:
-		}
-	}
+	testenv.Eventually(t, what, timeout, cond)
 }
 
 // startWatch runs w.Watch until the test ends; cleanup stops it and checks

@@ -8,7 +8,7 @@ import (
 	"context"
 	"time"
 
-	"github.com/cenkalti/backoff/v4"
+	"github.com/cenkalti/backoff/v5"
 )
 
 // Backoff yields the delays between attempts. It is not safe for
@@ -22,7 +22,6 @@ func New(initial, max time.Duration) *Backoff {
 	b := backoff.NewExponentialBackOff()
 	b.InitialInterval = initial
 	b.MaxInterval = max
-	b.MaxElapsedTime = 0 // never give up
 	b.Reset()
 	return &Backoff{b: b}
 }

@@ -1,0 +1,40 @@
+package testenv
+
+import (
+	"fmt"
+	"time"
+)
+
+// Waiter is what Eventually needs of its caller (a testing.TB has it).
+type Waiter interface {
+	Helper()
+	Fatalf(format string, args ...any)
+}
+
+// Eventually polls cond every 2 ms until it holds, and fails the test
+// naming what it waited for once timeout passes. It returns how long the
+// wait took. Tests wait for a condition with a deadline, never for a
+// fixed time.
+func Eventually(t Waiter, what string, timeout time.Duration, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for !cond() {
+		if time.Since(start) > timeout {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	return time.Since(start)
+}
+
+// FreeAddr returns a 127.0.0.1 address nothing listens on now (a port the
+// kernel just handed out and took back): for a server a test starts
+// itself, or a target that must refuse.
+func FreeAddr(t Waiter) string {
+	t.Helper()
+	addrs, err := freePorts(1)
+	if err != nil {
+		t.Fatalf("%v", fmt.Errorf("free port: %w", err))
+	}
+	return addrs[0]
+}
