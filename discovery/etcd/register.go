@@ -124,7 +124,7 @@ type registration struct {
 }
 
 // register grants, puts and holds the lease until it is lost or ctx is
-// done. It returns the lease ID once the key was put (else 0), how long
+// done. It returns the lease ID once one was granted (else 0), how long
 // the registration held, and why it stopped.
 func (r *registration) register(ctx context.Context) (clientv3.LeaseID, time.Duration, error) {
 	// Everything below ends when ctx is done or the client is closed,
@@ -139,9 +139,11 @@ func (r *registration) register(ctx context.Context) (clientv3.LeaseID, time.Dur
 	if err != nil {
 		return 0, 0, fmt.Errorf("grant lease: %w", err)
 	}
-	// A failed put leaves the lease to expire on its own.
+	// A put that failed may still have been applied (its answer lost to a
+	// cancelled ctx): the lease is returned, so that a caller that is done
+	// revokes it, and the key with it, instead of leaving it to its TTL.
 	if err := r.put(rctx, g.ID); err != nil {
-		return 0, 0, err
+		return g.ID, 0, err
 	}
 	start := time.Now()
 	ka, err := r.lease.KeepAlive(kctx, g.ID)

@@ -3,6 +3,7 @@ package etcd
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/url"
 	"os"
 	"runtime/pprof"
@@ -534,6 +535,35 @@ func TestOneInstancePerAddressMetadataKept(t *testing.T) {
 	for _, in := range u.snap.Instances {
 		if in.Addr == "127.0.0.1:9002" && (in.Weight != 2 || !strings.Contains(string(in.Metadata), `"zone":"a"`)) {
 			t.Fatalf("zone-a: weight %d, metadata %s; want 2 and the zone kept", in.Weight, in.Metadata)
+		}
+	}
+}
+
+// A registration cancelled the moment its key appears, while the put's
+// answer may still be on its way, still removes the key at once instead of
+// leaving it to its lease's TTL (which a demo backend's deregister wait
+// caught: the key outlived the backend).
+func TestCancelRightAfterTheKeyAppears(t *testing.T) {
+	env := startEtcd(t)
+	c := newClient(t, env.Endpoints())
+	direct := env.Client(t)
+	for i := range 20 {
+		addr := fmt.Sprintf("127.0.0.1:%d", 9300+i)
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- Register(ctx, c, "", "web", addr, time.Minute, zap.NewNop()) }()
+		key := DefaultPrefix + "web/" + addr
+		present := func() bool {
+			gr, err := direct.Get(ctxT(t), key)
+			return err == nil && gr.Count == 1
+		}
+		waitFor(t, wait, "the key put", present)
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatalf("Register = %v", err)
+		}
+		if present() {
+			t.Fatalf("round %d: the key outlived its cancelled registration (a 1-minute lease)", i)
 		}
 	}
 }
