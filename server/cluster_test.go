@@ -2,12 +2,14 @@ package server_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/url"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/rota-proxy/rota/internal/testenv"
@@ -86,7 +88,18 @@ func TestEtcdClusterFaults(t *testing.T) {
 		want := []string{"b0", "b1", b.name}
 		f.do()
 		at := time.Now()
-		putRetrying(t, writer, b.addr)
+		// On a lease: a put that timed out while there was no leader may
+		// still be applied later (the frozen leader proposes it once it
+		// runs again), after the delete below; revoking the lease leaves
+		// such a late put nothing to attach to.
+		lease := retrying(t, "grant a lease", func(ctx context.Context) (clientv3.LeaseID, error) {
+			g, err := writer.Grant(ctx, 60)
+			if err != nil {
+				return 0, err
+			}
+			return g.ID, nil
+		})
+		putRetrying(t, writer, b.addr, lease)
 		took := exactly(t, srv, "the change routed after: "+f.name, want...)
 		since := time.Since(at)
 		t.Logf("%s: a change written to the majority routed %v after the fault", f.name, since.Round(time.Millisecond))
@@ -94,7 +107,13 @@ func TestEtcdClusterFaults(t *testing.T) {
 			t.Errorf("%s: change routed %v after the fault, want within 3s (waited %v)", f.name, since, took)
 		}
 		f.undo()
-		del(t, writer, b.addr)
+		retrying(t, "revoke the lease", func(ctx context.Context) (struct{}, error) {
+			_, err := writer.Revoke(ctx, lease)
+			if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+				err = nil // an earlier attempt did it
+			}
+			return struct{}{}, err
+		})
 		exactly(t, srv, "back to b0 and b1", "b0", "b1")
 	}
 	ld.stop()
@@ -102,20 +121,30 @@ func TestEtcdClusterFaults(t *testing.T) {
 	t.Logf("%d client connections through the faults, none failed", ld.ok.Load())
 }
 
-// putRetrying registers addr, retrying while the cluster has no leader.
-func putRetrying(t *testing.T, c *clientv3.Client, addr string) {
+// putRetrying registers addr on lease, retrying while the cluster has no
+// leader.
+func putRetrying(t *testing.T, c *clientv3.Client, addr string, lease clientv3.LeaseID) {
+	t.Helper()
+	retrying(t, "put "+addr, func(ctx context.Context) (struct{}, error) {
+		_, err := c.Put(ctx, "services/web/"+addr, `{"Op":0,"Addr":"`+addr+`","Metadata":null}`, clientv3.WithLease(lease))
+		return struct{}{}, err
+	})
+}
+
+// retrying runs op until it succeeds, each attempt bounded, for 10 s at
+// most: the cluster may have no leader for a while.
+func retrying[T any](t *testing.T, what string, op func(context.Context) (T, error)) T {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
-		key := "services/web/" + addr
-		_, err := c.Put(ctx, key, `{"Op":0,"Addr":"`+addr+`","Metadata":null}`)
+		v, err := op(ctx)
 		cancel()
 		if err == nil {
-			return
+			return v
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("put %s: %v", addr, err)
+			t.Fatalf("%s: %v", what, err)
 		}
 	}
 }
