@@ -48,6 +48,8 @@ func ReadToken(path string) (string, error) {
 //     CrossOriginProtection). No CORS header is ever sent, so a browser
 //     never lets another site send anything else;
 //   - with a token, the token (see SetToken); without, a loopback Host.
+//     /healthz and /readyz are always open: they tell nothing and
+//     orchestrators probe them by the pod's address.
 func (h *Handler) guard(next http.Handler) http.Handler {
 	cop := http.NewCrossOriginProtection()
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -55,7 +57,7 @@ func (h *Handler) guard(next http.Handler) http.Handler {
 		changes := r.Method != http.MethodGet && r.Method != http.MethodHead && r.Method != http.MethodOptions
 		tok := h.token.Load()
 		switch {
-		case tok == nil && !loopbackHost(r.Host):
+		case tok == nil && !probe && !loopbackHost(r.Host):
 			deny(w, http.StatusForbidden, "the admin API answers requests for a loopback host only (127.0.0.1, [::1], localhost) unless admin.token_file is set")
 			return
 		case tok != nil && (changes || !probe) && !authorized(r, *tok):

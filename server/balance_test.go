@@ -133,7 +133,7 @@ func weightOf(t *testing.T, srv *server.Server, addr string) int {
 func post(t *testing.T, h http.Handler, path string) (int, string) {
 	t.Helper()
 	rec := httptest.NewRecorder()
-	h.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, path, nil))
+	h.ServeHTTP(rec, loopbackRequest(http.MethodPost, path, nil))
 	return rec.Code, rec.Body.String()
 }
 
@@ -199,7 +199,7 @@ func TestDrainThroughAdminSurvivesReload(t *testing.T) {
 		}
 	}
 	rec := httptest.NewRecorder()
-	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/api/v1/listeners/web/targets/"+b2.addr+"/drain", nil))
+	h.ServeHTTP(rec, loopbackRequest(http.MethodGet, "/api/v1/listeners/web/targets/"+b2.addr+"/drain", nil))
 	if rec.Code != http.StatusMethodNotAllowed {
 		t.Fatalf("GET drain: %d, want 405", rec.Code)
 	}

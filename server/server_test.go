@@ -118,11 +118,11 @@ func TestReadyAfterFirstSync(t *testing.T) {
 	h := (&admin.Handler{State: srv}).Routes()
 	waitFor(t, "/readyz 200", 5*time.Second, func() bool {
 		rec := httptest.NewRecorder()
-		h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/readyz", nil))
+		h.ServeHTTP(rec, loopbackRequest(http.MethodGet, "/readyz", nil))
 		return rec.Code == http.StatusOK
 	})
 	rec := httptest.NewRecorder()
-	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/healthz", nil))
+	h.ServeHTTP(rec, loopbackRequest(http.MethodGet, "/healthz", nil))
 	if rec.Code != http.StatusOK || rec.Body.String() != "ok\n" {
 		t.Fatalf("/healthz: %d %q", rec.Code, rec.Body)
 	}
