@@ -195,6 +195,20 @@ func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 		// went backwards (restarted, restored), is a resync: an empty one
 		// may be an agent that lost its data.
 		snap.Resync = !synced || failing || newIndex < index
+		if len(snap.Instances) == 0 && len(last.Instances) > 0 && !snap.Resync {
+			// An answer that empties the pool is confirmed with the leader
+			// before it is believed: an agent's streamed view can briefly
+			// come from a server that rejoined behind the others. If the
+			// leader cannot say (no leader), the answer is held like any
+			// doubtful one.
+			if confirmed, err := w.confirmEmpty(ctx); err != nil {
+				w.log.Warn("an answer with no instances could not be confirmed with the leader; holding it", zap.Error(err))
+				snap.Resync = true
+			} else if len(confirmed.Instances) > 0 {
+				w.log.Warn("the agent answered no instances but the leader knows some; keeping the leader's", zap.Int("instances", len(confirmed.Instances)))
+				snap = confirmed
+			}
+		}
 		if failing {
 			w.log.Info("consul reachable again")
 			failing = false
@@ -245,12 +259,23 @@ func nextIndex(prev, got uint64) uint64 {
 	return got
 }
 
+// confirmEmpty asks again, consistently (the leader answers, having
+// checked it still leads), without blocking.
+func (w *Watcher) confirmEmpty(ctx context.Context) (discovery.Snapshot, error) {
+	snap, _, err := w.queryOpts(ctx, &api.QueryOptions{RequireConsistent: true}, 10*time.Second)
+	return snap, err
+}
+
 func (w *Watcher) query(ctx context.Context, index uint64, wait time.Duration) (discovery.Snapshot, uint64, error) {
 	// The server adds up to wait/16 of jitter to the wait; the deadline
 	// leaves room for it and for the answer to travel.
-	rctx, cancel := context.WithTimeout(ctx, wait+wait/16+10*time.Second)
+	return w.queryOpts(ctx, &api.QueryOptions{WaitIndex: index, WaitTime: wait}, wait+wait/16+10*time.Second)
+}
+
+func (w *Watcher) queryOpts(ctx context.Context, opts *api.QueryOptions, timeout time.Duration) (discovery.Snapshot, uint64, error) {
+	rctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	q := (&api.QueryOptions{WaitIndex: index, WaitTime: wait}).WithContext(rctx)
+	q := opts.WithContext(rctx)
 	w.queries.Add(1)
 	entries, meta, err := w.client.Health().ServiceMultipleTags(w.service, w.tags, true, q)
 	if err != nil {
