@@ -6,7 +6,7 @@ LDFLAGS := -s -w -X main.version=$(VERSION)
 # Well under CI's limit; the whole suite takes a few minutes on two cores.
 TEST_TIMEOUT ?= 15m
 
-.PHONY: all build test demo deps tools vet cross fuzz bench e2e compose-test compose-images compose-tests-if-docker clean FORCE
+.PHONY: all build test demo deps tools vet lint cross fuzz bench e2e compose-test compose-images compose-tests-if-docker clean FORCE
 
 all: build
 
@@ -21,11 +21,18 @@ deps:
 	$(GO) mod download
 
 tools: deps
-	@[ "$$ROTA_SKIP_CONSUL" = 1 ] || scripts/consul-bin >/dev/null
-	@[ "$$ROTA_SKIP_BROWSER" = 1 ] || scripts/chromium-bin >/dev/null
+	@[ "$$ROTA_SKIP_CONSUL" = 1 ] || { echo "make: the Consul binary the tests run (scripts/consul-bin)"; scripts/consul-bin >/dev/null; }
+	@[ "$$ROTA_SKIP_BROWSER" = 1 ] || { echo "make: Chromium for the status-page test (scripts/chromium-bin)"; scripts/chromium-bin >/dev/null; }
+	@scripts/staticcheck-bin >/dev/null
 
 vet:
 	$(GO) vet ./...
+
+# staticcheck at a pinned version (scripts/staticcheck-bin installs it once
+# into ~/.cache/rota).
+lint:
+	@echo "make: staticcheck ./..."
+	@"$$(scripts/staticcheck-bin)" ./...
 
 # rota builds and vets off Linux too (macOS, Windows: goroutine relays).
 cross:
@@ -33,7 +40,8 @@ cross:
 	GOOS=windows GOARCH=amd64 $(GO) build -o /dev/null ./cmd/rota
 	GOOS=freebsd GOARCH=amd64 $(GO) build -o /dev/null ./cmd/rota
 
-test: tools vet cross
+test: tools vet lint cross
+	@echo "make: go test -race ./... (a few minutes)"
 	$(GO) test -race -timeout $(TEST_TIMEOUT) ./...
 	@$(MAKE) --no-print-directory compose-tests-if-docker
 

@@ -104,7 +104,6 @@ type entry struct {
 	// connections at the last rebuild ("" while it took them).
 	followed bool
 	why      string
-	retired  string   // why it takes no new connections ("" while it does)
 	history  *History // new connections, second by second
 }
 
@@ -112,7 +111,6 @@ type entry struct {
 // target, and the old ones serve until a new one is live or the deadline.
 type bridge struct {
 	timer *time.Timer
-	gen   uint64
 }
 
 // New starts a pool with no targets.

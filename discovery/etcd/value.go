@@ -75,7 +75,7 @@ func metadataWeight(md json.RawMessage) (int, error) {
 	}
 	var f float64 // a JSON number: "3" (a string) is not one
 	if err := json.Unmarshal(raw, &f); err != nil || f != math.Trunc(f) || f < 1 || f > 1000 {
-		return 0, fmt.Errorf("Metadata.weight %s: want an integer 1-1000", truncate(raw, 40))
+		return 0, fmt.Errorf("weight (Metadata.weight) %s: want an integer 1-1000", truncate(raw, 40))
 	}
 	return int(f), nil
 }

@@ -119,7 +119,6 @@ type Poller struct {
 	stop     bool
 	logged   bool // a panic stack has been logged
 	pollFn   func(uintptr) bool
-	running  bool
 }
 
 // New creates a poller. log may be nil.

@@ -248,12 +248,6 @@ func (l *load) stop() {
 	l.wg.Wait()
 }
 
-func (l *load) errors() []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return slices.Clone(l.errs)
-}
-
 // discoveryErrors reads rota_discovery_errors_total of a listener from
 // rota's /metrics: it grows while rota cannot reach that listener's
 // registry and serves the last good set.
