@@ -547,11 +547,19 @@ func (c *Checker) probe(ctx context.Context, cfg Config, addr string) error {
 	}
 }
 
+// probeTCP connects and closes with a reset, as HAProxy's checks do: the
+// handshake is the answer, and a reset spares both ends the FIN exchange
+// and the prober a TIME_WAIT socket per probe (10,000 targets every 2 s
+// are 5,000 connections a second). No keep-alive is set on a socket that
+// lives a round trip.
 func probeTCP(ctx context.Context, addr string) error {
-	var d net.Dialer
+	d := net.Dialer{KeepAlive: -1}
 	conn, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return fmt.Errorf("tcp check: %w", unwrapOp(err))
+	}
+	if tc, ok := conn.(*net.TCPConn); ok {
+		tc.SetLinger(0)
 	}
 	return conn.Close()
 }
