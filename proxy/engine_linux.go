@@ -161,8 +161,8 @@ const (
 	loopBufSize = 64 << 10 // one read per turn, shared by the loop's connections
 	// turnBytes bounds what one direction moves before the loop turns to
 	// other connections (and its timers), so bulk transfers cannot starve
-	// them: four reads of the loop buffer, or one splice.
-	turnBytes = 256 << 10
+	// them: sixteen reads of the loop buffer, or one splice of a full pipe.
+	turnBytes = maxSplice
 	// maxSplice is the size of a pipe, and the most one splice moves.
 	maxSplice = 1 << 20
 	// maxIdlePipes bounds the pipes a loop keeps for the next bulk transfer.
