@@ -3,7 +3,7 @@
 // in one run on one machine. See bench/README.md.
 //
 //	go run ./bench/run            # full run (~10 min)
-//	go run ./bench/run -quick     # under two minutes
+//	go run ./bench/run -quick     # about six minutes
 package main
 
 import (
@@ -70,7 +70,7 @@ func main() {
 		return
 	}
 	var o options
-	flag.BoolVar(&o.quick, "quick", false, "short run (under two minutes)")
+	flag.BoolVar(&o.quick, "quick", false, "short run (about six minutes)")
 	flag.StringVar(&o.rotaBin, "rota", "bin/rota", "rota binary")
 	flag.StringVar(&o.baseline, "baseline", "", "an earlier rota binary to measure beside rota (before/after a change)")
 	flag.StringVar(&o.out, "out", "bench/results", "directory for the report and chart")
