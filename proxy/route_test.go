@@ -2,7 +2,6 @@ package proxy_test
 
 import (
 	"bytes"
-	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -12,25 +11,9 @@ import (
 
 	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/proxy"
-)
 
-// helloFor is the ClientHello crypto/tls sends for serverName.
-func helloFor(t *testing.T, serverName string) []byte {
-	t.Helper()
-	a, b := net.Pipe()
-	defer a.Close()
-	go func() {
-		tls.Client(b, &tls.Config{ServerName: serverName}).Handshake()
-		b.Close()
-	}()
-	buf := make([]byte, 16<<10)
-	a.SetDeadline(time.Now().Add(5 * time.Second))
-	n, err := a.Read(buf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return buf[:n]
-}
+	"github.com/rota-proxy/rota/internal/testenv"
+)
 
 // digestHandler answers with its name and the length and first bytes of
 // what the client sent, once the client half-closes.
@@ -58,9 +41,9 @@ func TestRouterBothRelays(t *testing.T) {
 			send []byte
 			want string
 		}{
-			{helloFor(t, "api.example.com"), "api"},
-			{helloFor(t, "v2.api.example.com"), "api"},
-			{helloFor(t, "www.example.com"), "rest"},
+			{testenv.ClientHello(t, "api.example.com"), "api"},
+			{testenv.ClientHello(t, "v2.api.example.com"), "api"},
+			{testenv.ClientHello(t, "www.example.com"), "rest"},
 			{[]byte("SSH-2.0-client\r\n"), "rest"},
 		} {
 			got, err := roundTrip(s.addr, tc.send)

@@ -25,6 +25,8 @@ import (
 
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/server"
+
+	"github.com/rota-proxy/rota/internal/testenv"
 )
 
 // tlsBackend is a real TLS server with a self-signed certificate of its
@@ -219,24 +221,6 @@ func rawExchange(addr string, b []byte) (string, error) {
 	return string(got), err
 }
 
-// helloBytes is the ClientHello crypto/tls sends for serverName.
-func helloBytes(t *testing.T, serverName string) []byte {
-	t.Helper()
-	a, b := net.Pipe()
-	defer a.Close()
-	go func() {
-		tls.Client(b, &tls.Config{ServerName: serverName}).Handshake()
-		b.Close()
-	}()
-	buf := make([]byte, 16<<10)
-	a.SetDeadline(time.Now().Add(5 * time.Second))
-	n, err := a.Read(buf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return buf[:n]
-}
-
 func TestSNIRoutesTLSPassthrough(t *testing.T) {
 	api := startTLSBackend(t, "api", "api.example.com")
 	wild := startTLSBackend(t, "wild", "*.example.com", "x.example.com", "a.b.example.com")
@@ -344,7 +328,7 @@ func TestSNIRouteEdgeCases(t *testing.T) {
 	}
 	// A truncated ClientHello: the client sends half and waits; after
 	// sni_timeout it is routed as no SNI, the half forwarded.
-	hello := helloBytes(t, "api.example.com")
+	hello := testenv.ClientHello(t, "api.example.com")
 	half := hello[:len(hello)/2]
 	c, err := net.Dial("tcp", fbAddr)
 	if err != nil {

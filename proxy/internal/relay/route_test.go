@@ -2,33 +2,15 @@ package relay
 
 import (
 	"bytes"
-	"crypto/tls"
 	"errors"
-	"net"
 	"net/netip"
 	"testing"
 	"time"
 
 	"github.com/rota-proxy/rota/proxy/internal/sni"
-)
 
-// clientHello is what crypto/tls sends first for serverName.
-func clientHello(t *testing.T, serverName string) []byte {
-	t.Helper()
-	a, b := net.Pipe()
-	defer a.Close()
-	go func() {
-		tls.Client(b, &tls.Config{ServerName: serverName}).Handshake()
-		b.Close()
-	}()
-	buf := make([]byte, 16<<10)
-	a.SetDeadline(time.Now().Add(5 * time.Second))
-	n, err := a.Read(buf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return buf[:n]
-}
+	"github.com/rota-proxy/rota/internal/testenv"
+)
 
 // routed is a harness whose connection routes "api.example.com" to route
 // 0 (target a) and, with star, anything else to route 1 (target b).
@@ -51,7 +33,7 @@ func routed(t *testing.T, star bool, cfg Config) (*harness, *[]string) {
 }
 
 func TestRouteBySNI(t *testing.T) {
-	hello := clientHello(t, "API.example.com")
+	hello := testenv.ClientHello(t, "API.example.com")
 	h, asked := routed(t, true, Config{})
 	h.want(h.c.Start(0), ReadPrelude)
 	// The hello arrives in three pieces; rota asks for more until it has
@@ -94,7 +76,7 @@ func TestRouteFallbacks(t *testing.T) {
 	}
 
 	// Part of a hello, then the client's FIN: closed, nothing dialled.
-	hello := clientHello(t, "api.example.com")
+	hello := testenv.ClientHello(t, "api.example.com")
 	h, asked = routed(t, true, Config{})
 	h.want(h.c.Start(0), ReadPrelude)
 	h.want(h.c.Prelude(hello[:10], 1), ReadPrelude)
@@ -106,7 +88,7 @@ func TestRouteFallbacks(t *testing.T) {
 	// No route matches: closed and counted.
 	h, _ = routed(t, false, Config{})
 	h.want(h.c.Start(0), ReadPrelude)
-	h.want(h.c.Prelude(clientHello(t, "other.org"), 1), Close)
+	h.want(h.c.Prelude(testenv.ClientHello(t, "other.org"), 1), Close)
 	if h.stats.NoRoute.Load() != 1 || !errors.Is(h.c.Err, ErrNoRoute) {
 		t.Fatalf("no route: counted %d, err %v", h.stats.NoRoute.Load(), h.c.Err)
 	}
@@ -115,7 +97,7 @@ func TestRouteFallbacks(t *testing.T) {
 func errNotTLS() error { return sni.ErrNotTLS }
 
 func TestRouteAfterPROXYHeader(t *testing.T) {
-	hello := clientHello(t, "api.example.com")
+	hello := testenv.ClientHello(t, "api.example.com")
 	h, _ := routed(t, true, Config{AcceptProxy: func(netip.Addr) bool { return true }})
 	h.want(h.c.Start(0), ReadPrelude)
 	// The header and the hello in one read.
