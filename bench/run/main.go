@@ -283,11 +283,17 @@ type backendSet struct {
 }
 
 func startBackends(n int) (*backendSet, error) {
+	return startBackendChild("-backend-mode", strconv.Itoa(n))
+}
+
+// startBackendChild runs this program again in a backend mode (args) and
+// collects the ports it prints until "ready".
+func startBackendChild(args ...string) (*backendSet, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(self, "-backend-mode", strconv.Itoa(n))
+	cmd := exec.Command(self, args...)
 	// The backends get their own CPU budget like any upstream service.
 	cmd.Env = append(os.Environ(), "GOMAXPROCS=2")
 	out, err := cmd.StdoutPipe()
@@ -307,7 +313,7 @@ func startBackends(n int) (*backendSet, error) {
 		bs.addrs = append(bs.addrs, "127.0.0.1:"+sc.Text())
 	}
 	cmd.Process.Kill()
-	return nil, fmt.Errorf("backends exited early")
+	return nil, fmt.Errorf("backends (%s) exited early", args[0])
 }
 
 func (b *backendSet) stop() {

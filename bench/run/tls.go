@@ -8,7 +8,6 @@ package main
 // proxies differ in is reading the ClientHello, choosing, and relaying.
 
 import (
-	"bufio"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -138,32 +137,7 @@ func tlsOnce(addr string) error {
 }
 
 // tlsBackends starts the TLS backends' child process.
-func tlsBackends() (*backendSet, error) {
-	self, err := os.Executable()
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(self, "-tls-backend-mode")
-	cmd.Env = append(os.Environ(), "GOMAXPROCS=2")
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		return nil, err
-	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		return nil, err
-	}
-	bs := &backendSet{cmd: cmd}
-	sc := bufio.NewScanner(out)
-	for sc.Scan() {
-		if sc.Text() == "ready" {
-			return bs, nil
-		}
-		bs.addrs = append(bs.addrs, "127.0.0.1:"+sc.Text())
-	}
-	cmd.Process.Kill()
-	return nil, fmt.Errorf("TLS backends exited early")
-}
+func tlsBackends() (*backendSet, error) { return startBackendChild("-tls-backend-mode") }
 
 // tlsClient runs the load client (one thread, like wrk -t1).
 func tlsClient(addr string, d time.Duration, conns int) (tlsResult, error) {
