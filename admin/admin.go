@@ -94,28 +94,16 @@ type TargetsResponse struct {
 	Listeners []ListenerJSON `json:"listeners"`
 }
 
-// ListenerJSON is one listener in TargetsResponse. The first five fields
-// and Targets are the documented contract; the rest are extras for the
-// status page.
+// ListenerJSON is one listener in TargetsResponse. Name, listen, service,
+// discovery and targets are the documented contract; the rest are extras
+// for the status page. A routed listener's own pool is empty and its
+// pools are in Routes.
 type ListenerJSON struct {
-	Name      string       `json:"name"`
-	Listen    string       `json:"listen"`
-	Service   string       `json:"service"`
-	Discovery string       `json:"discovery"`
-	Targets   []TargetJSON `json:"targets"`
-
-	Addr              string        `json:"addr"`
-	Synced            bool          `json:"synced"`
-	LastSync          *time.Time    `json:"last_sync"`
-	DiscoveryOK       bool          `json:"discovery_ok"`
-	DiscoveryStale    bool          `json:"discovery_stale"`
-	DiscoveryError    string        `json:"discovery_error"`
-	DiscoveryWarnings []WarningJSON `json:"discovery_warnings"`
-	DiscoveryUpdates  uint64        `json:"discovery_updates"`
-	DiscoveryErrors   uint64        `json:"discovery_errors"`
-	Panic             bool          `json:"panic"`
-	// Routes are the pools of a listener that routes by TLS server name;
-	// its own Targets are then empty.
+	Name   string `json:"name"`
+	Listen string `json:"listen"`
+	PoolJSON
+	Addr string `json:"addr"`
+	// Routes are the pools of a listener that routes by TLS server name.
 	Routes      []RouteJSON `json:"routes,omitempty"`
 	ActiveConns int64       `json:"active_conns"`
 	TotalConns  uint64      `json:"total_conns"`
@@ -133,8 +121,14 @@ type ListenerJSON struct {
 // RouteJSON is one route of a routed listener: the server names it
 // serves and its pool.
 type RouteJSON struct {
-	Name              string        `json:"name"`
-	SNI               []string      `json:"sni"`
+	Name string   `json:"name"`
+	SNI  []string `json:"sni"`
+	PoolJSON
+}
+
+// PoolJSON is one pool, a listener's own or a route's: where its targets
+// come from, how discovery fares, and the targets.
+type PoolJSON struct {
 	Service           string        `json:"service"`
 	Discovery         string        `json:"discovery"`
 	Targets           []TargetJSON  `json:"targets"`
@@ -186,28 +180,27 @@ func Targets(ls []server.ListenerStatus) TargetsResponse {
 	out := TargetsResponse{Listeners: make([]ListenerJSON, 0, len(ls))}
 	for _, l := range ls {
 		lj := ListenerJSON{
-			Name: l.Name, Listen: l.Listen, Service: l.Service, Discovery: l.Discovery,
-			Targets: targetsJSON(l.Targets),
-			Addr:    l.Addr, Synced: l.Synced, LastSync: timePtr(l.LastSync),
-			DiscoveryOK: l.DiscoveryOK, DiscoveryStale: l.DiscoveryStale, DiscoveryError: l.LastError,
-			DiscoveryWarnings: warningsJSON(l.Warnings),
-			DiscoveryUpdates:  l.DiscoveryUpdates, DiscoveryErrors: l.DiscoveryErrors,
-			Panic: l.Panic, ActiveConns: l.Active, TotalConns: l.Accepted,
+			Name: l.Name, Listen: l.Listen, PoolJSON: poolJSON(l.PoolStatus), Addr: l.Addr,
+			ActiveConns: l.Active, TotalConns: l.Accepted,
 			Rejected: l.Rejected, NoTarget: l.NoTarget, DialErrors: l.DialErrors,
 			Closed: l.Closed, Denied: l.Denied, NoRoute: l.NoRoute,
 		}
 		for _, r := range l.Routes {
-			lj.Routes = append(lj.Routes, RouteJSON{
-				Name: r.Name, SNI: r.SNI, Service: r.Service, Discovery: r.Discovery,
-				Targets: targetsJSON(r.Targets), Synced: r.Synced, LastSync: timePtr(r.LastSync),
-				DiscoveryOK: r.DiscoveryOK, DiscoveryStale: r.DiscoveryStale, DiscoveryError: r.LastError,
-				DiscoveryWarnings: warningsJSON(r.Warnings),
-				DiscoveryUpdates:  r.DiscoveryUpdates, DiscoveryErrors: r.DiscoveryErrors, Panic: r.Panic,
-			})
+			lj.Routes = append(lj.Routes, RouteJSON{Name: r.Name, SNI: r.SNI, PoolJSON: poolJSON(r.PoolStatus)})
 		}
 		out.Listeners = append(out.Listeners, lj)
 	}
 	return out
+}
+
+func poolJSON(p server.PoolStatus) PoolJSON {
+	return PoolJSON{
+		Service: p.Service, Discovery: p.Discovery,
+		Targets: targetsJSON(p.Targets), Synced: p.Synced, LastSync: timePtr(p.LastSync),
+		DiscoveryOK: p.DiscoveryOK, DiscoveryStale: p.DiscoveryStale, DiscoveryError: p.LastError,
+		DiscoveryWarnings: warningsJSON(p.Warnings),
+		DiscoveryUpdates:  p.DiscoveryUpdates, DiscoveryErrors: p.DiscoveryErrors, Panic: p.Panic,
+	}
 }
 
 func warningsJSON(ws []discovery.Warning) []WarningJSON {
