@@ -350,33 +350,31 @@ func (e *Etcd) ClientEndpoints() []string {
 // a remote address should Unmap it first, since IPv4 clients of a dual-stack
 // socket arrive as ::ffff:a.b.c.d.
 func (l *Listener) TrustedProxies() ([]netip.Prefix, error) {
-	out := make([]netip.Prefix, 0, len(l.AcceptProxyProtocol))
-	for i, s := range l.AcceptProxyProtocol {
-		p, err := parsePrefix(s)
-		if err != nil {
-			return nil, fmt.Errorf("accept_proxy_protocol[%d]: %w", i, err)
-		}
-		out = append(out, p)
-	}
-	return out, nil
+	return parsePrefixes("accept_proxy_protocol", l.AcceptProxyProtocol)
 }
 
 // ClientRules parses Allow and Deny (see TrustedProxies for the forms).
 func (l *Listener) ClientRules() (allow, deny []netip.Prefix, err error) {
-	for _, list := range []struct {
-		key string
-		in  []string
-		out *[]netip.Prefix
-	}{{"allow", l.Allow, &allow}, {"deny", l.Deny, &deny}} {
-		for i, s := range list.in {
-			p, err := parsePrefix(s)
-			if err != nil {
-				return nil, nil, fmt.Errorf("%s[%d]: %w", list.key, i, err)
-			}
-			*list.out = append(*list.out, p)
-		}
+	if allow, err = parsePrefixes("allow", l.Allow); err != nil {
+		return nil, nil, err
+	}
+	if deny, err = parsePrefixes("deny", l.Deny); err != nil {
+		return nil, nil, err
 	}
 	return allow, deny, nil
+}
+
+// parsePrefixes parses the list of key (see parsePrefix).
+func parsePrefixes(key string, in []string) ([]netip.Prefix, error) {
+	out := make([]netip.Prefix, 0, len(in))
+	for i, s := range in {
+		p, err := parsePrefix(s)
+		if err != nil {
+			return nil, fmt.Errorf("%s[%d]: %w", key, i, err)
+		}
+		out = append(out, p)
+	}
+	return out, nil
 }
 
 // Load reads the file at path and parses it with Parse.

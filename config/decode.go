@@ -546,21 +546,9 @@ func (d *decoder) applyDefaults(cfg *Config) {
 	for i := range cfg.Listeners {
 		l := &cfg.Listeners[i]
 		if l.Name == "" {
-			base := l.Service
-			if base == "" {
-				base = fmt.Sprintf("listener-%d", i)
-			}
-			name := base
-			for n := i; taken[name]; n++ {
-				name = fmt.Sprintf("%s-%d", base, n)
-			}
-			l.Name = name
-			taken[name] = true
+			l.Name = defaultName(taken, l.Service, "listener", i)
 		}
-		_, set := d.pos[fmt.Sprintf("listeners[%d].health.backoff_max", i)]
-		if !set && l.Health.Interval > l.Health.BackoffMax {
-			l.Health.BackoffMax = l.Health.Interval
-		}
+		d.backoffFollowsInterval(fmt.Sprintf("listeners[%d].health", i), &l.Health)
 		d.routeDefaults(i, l)
 	}
 	if e := cfg.Registries.Etcd; e != nil && e.Embedded != nil && len(e.Endpoints) == 0 {
@@ -594,16 +582,7 @@ func (d *decoder) routeDefaults(i int, l *Listener) {
 		r := &l.Routes[j]
 		rp := fmt.Sprintf("%s.routes[%d]", lp, j)
 		if r.Name == "" {
-			base := r.Service
-			if base == "" {
-				base = fmt.Sprintf("route-%d", j)
-			}
-			name := base
-			for n := j; taken[name]; n++ {
-				name = fmt.Sprintf("%s-%d", base, n)
-			}
-			r.Name = name
-			taken[name] = true
+			r.Name = defaultName(taken, r.Service, "route", j)
 		}
 		inherit := func(key string, set func()) {
 			_, onListener := d.pos[lp+"."+key]
@@ -616,10 +595,31 @@ func (d *decoder) routeDefaults(i int, l *Listener) {
 		inherit("balance", func() { r.Balance = l.Balance })
 		inherit("slow_start", func() { r.SlowStart = l.SlowStart })
 		inherit("panic", func() { r.Panic = l.Panic })
-		_, set := d.pos[rp+".health.backoff_max"]
-		if !set && r.Health.Interval > r.Health.BackoffMax {
-			r.Health.BackoffMax = r.Health.Interval
-		}
+		d.backoffFollowsInterval(rp+".health", &r.Health)
+	}
+}
+
+// defaultName names item i of a list after its service, else "kind-i",
+// with "-N" appended while the name is taken; it takes the name.
+func defaultName(taken map[string]bool, service, kind string, i int) string {
+	base := service
+	if base == "" {
+		base = fmt.Sprintf("%s-%d", kind, i)
+	}
+	name := base
+	for n := i; taken[name]; n++ {
+		name = fmt.Sprintf("%s-%d", base, n)
+	}
+	taken[name] = true
+	return name
+}
+
+// backoffFollowsInterval raises a health section's backoff_max to its
+// interval when the interval is above it and backoff_max is not written
+// (see the package doc).
+func (d *decoder) backoffFollowsInterval(path string, h *Health) {
+	if _, set := d.pos[path+".backoff_max"]; !set && h.Interval > h.BackoffMax {
+		h.BackoffMax = h.Interval
 	}
 }
 

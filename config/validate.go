@@ -135,27 +135,15 @@ func (ck *checker) listener(c *Config, i int, names map[string]int) {
 	default:
 		ck.add(p+".proxy_protocol", `must be v1, v2 or empty; got %q`, l.ProxyProtocol)
 	}
-	for k, s := range l.AcceptProxyProtocol {
-		if _, err := parsePrefix(s); err != nil {
-			ck.add(fmt.Sprintf("%s.accept_proxy_protocol[%d]", p, k), "%v", err)
-		}
-	}
+	ck.prefixes(p, "accept_proxy_protocol", l.AcceptProxyProtocol)
 	if l.ProxyHeaderTimeout <= 0 {
 		ck.add(p+".proxy_header_timeout", "must be greater than 0")
 	}
 	if l.SNITimeout <= 0 && l.Routed() {
 		ck.add(p+".sni_timeout", "must be greater than 0")
 	}
-	for _, list := range []struct {
-		key string
-		in  []string
-	}{{"allow", l.Allow}, {"deny", l.Deny}} {
-		for k, s := range list.in {
-			if _, err := parsePrefix(s); err != nil {
-				ck.add(fmt.Sprintf("%s.%s[%d]", p, list.key, k), "%v", err)
-			}
-		}
-	}
+	ck.prefixes(p, "allow", l.Allow)
+	ck.prefixes(p, "deny", l.Deny)
 	if l.MaxConnsPerClient < 0 {
 		ck.add(p+".max_conns_per_client", "must not be negative (0 means unlimited)")
 	}
@@ -164,6 +152,15 @@ func (ck *checker) listener(c *Config, i int, names map[string]int) {
 	}
 	if l.MaxConnAge < 0 {
 		ck.add(p+".max_conn_age", "must not be negative (0 turns it off)")
+	}
+}
+
+// prefixes checks each CIDR (or IP) of the list key of listener p.
+func (ck *checker) prefixes(p, key string, in []string) {
+	for k, s := range in {
+		if _, err := parsePrefix(s); err != nil {
+			ck.add(fmt.Sprintf("%s.%s[%d]", p, key, k), "%v", err)
+		}
 	}
 }
 
