@@ -65,28 +65,15 @@ func TestStatusPageInBrowser(t *testing.T) {
 	db := config.DefaultListener()
 	db.Name, db.Listen, db.Discovery, db.Static = "db", "127.0.0.1:0", "static", config.Statics(backend(t))
 	cfg.Listeners = []config.Listener{l, db}
-	srv, err := server.Start(context.Background(), cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Shutdown(context.Background())
-	hs := httptest.NewServer((&admin.Handler{State: srv, Version: "test"}).Routes())
-	defer hs.Close()
+	_, pageURL := statusPage(t, cfg)
 
-	actx, acancel := chromedp.NewExecAllocator(context.Background(),
-		chromedp.ExecPath(bin), chromedp.Headless, chromedp.NoSandbox, chromedp.DisableGPU,
-		chromedp.NoFirstRun, chromedp.NoDefaultBrowserCheck, chromedp.WindowSize(1100, 560))
-	defer acancel()
-	ctx, cancel := chromedp.NewContext(actx)
-	defer cancel()
-	ctx, tcancel := context.WithTimeout(ctx, 60*time.Second)
-	defer tcancel()
+	ctx := browser(t, bin, 1100, 560)
 
 	row := func(addr, state string) string {
 		return `section[data-listener="web"] tr[data-target="` + addr + `"] .state.` + state
 	}
 	err = chromedp.Do(ctx,
-		chromedp.Navigate(hs.URL+"/"),
+		chromedp.Navigate(pageURL),
 		chromedp.WaitVisible(chromedp.CSS(row(live, "up"))),
 		chromedp.WaitVisible(chromedp.CSS(row(dyingAddr, "up"))),
 		chromedp.WaitVisible(chromedp.CSS(`section[data-listener="db"]`)),
@@ -105,15 +92,7 @@ func TestStatusPageInBrowser(t *testing.T) {
 	if !strings.Contains(text, "refused") {
 		t.Errorf("the down target's row does not show its last error: %q", text)
 	}
-	if *updateScreenshot {
-		png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join("..", "docs", "status-page.png"), png, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	saveScreenshot(t, ctx, "status-page.png")
 }
 
 // TestStatusPageBalance renders a weighted listener in Chromium: each row
@@ -129,13 +108,7 @@ func TestStatusPageBalance(t *testing.T) {
 	l.Static = []config.StaticTarget{{Addr: light, Weight: 1}, {Addr: heavy, Weight: 3}}
 	l.Health.Interval = 100 * time.Millisecond
 	cfg.Listeners = []config.Listener{l}
-	srv, err := server.Start(context.Background(), cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Shutdown(context.Background())
-	hs := httptest.NewServer((&admin.Handler{State: srv, Version: "test"}).Routes())
-	defer hs.Close()
+	srv, pageURL := statusPage(t, cfg)
 
 	// 40 connections: 10 and 30, sampled into the history within a second.
 	proxyAddr := srv.Status()[0].Addr
@@ -161,17 +134,10 @@ func TestStatusPageBalance(t *testing.T) {
 		return n == 40
 	})
 
-	actx, acancel := chromedp.NewExecAllocator(context.Background(),
-		chromedp.ExecPath(bin), chromedp.Headless, chromedp.NoSandbox, chromedp.DisableGPU,
-		chromedp.NoFirstRun, chromedp.NoDefaultBrowserCheck, chromedp.WindowSize(1300, 400))
-	defer acancel()
-	ctx, cancel := chromedp.NewContext(actx)
-	defer cancel()
-	ctx, tcancel := context.WithTimeout(ctx, 60*time.Second)
-	defer tcancel()
+	ctx := browser(t, bin, 1300, 400)
 
 	row := func(addr string) string { return `section[data-listener="web"] tr[data-target="` + addr + `"]` }
-	if err := chromedp.Do(ctx, chromedp.Navigate(hs.URL+"/"), chromedp.WaitVisible(chromedp.CSS(row(heavy)+` svg.spark polyline`))); err != nil {
+	if err := chromedp.Do(ctx, chromedp.Navigate(pageURL), chromedp.WaitVisible(chromedp.CSS(row(heavy)+` svg.spark polyline`))); err != nil {
 		t.Fatalf("page never showed the heavy target with its rate line: %v", err)
 	}
 	share := func(addr, which string) string {
@@ -212,14 +178,50 @@ func TestStatusPageBalance(t *testing.T) {
 			t.Fatalf("%s still draining after the undrain button", tg.Addr)
 		}
 	}
-	if *updateScreenshot {
-		png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join("..", "docs", "status-page-balance.png"), png, 0o644); err != nil {
-			t.Fatal(err)
-		}
+	saveScreenshot(t, ctx, "status-page-balance.png")
+}
+
+// statusPage starts a server for cfg and the admin handler over it, both
+// stopped when the test ends, and returns the page's URL.
+func statusPage(t *testing.T, cfg *config.Config) (*server.Server, string) {
+	t.Helper()
+	srv, err := server.Start(context.Background(), cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Shutdown(context.Background()) })
+	hs := httptest.NewServer((&admin.Handler{State: srv, Version: "test"}).Routes())
+	t.Cleanup(hs.Close)
+	return srv, hs.URL + "/"
+}
+
+// browser opens headless Chromium with a w x h window, closed when the
+// test ends; what runs in it must finish within a minute.
+func browser(t *testing.T, bin string, w, h int) context.Context {
+	t.Helper()
+	actx, acancel := chromedp.NewExecAllocator(context.Background(),
+		chromedp.ExecPath(bin), chromedp.Headless, chromedp.NoSandbox, chromedp.DisableGPU,
+		chromedp.NoFirstRun, chromedp.NoDefaultBrowserCheck, chromedp.WindowSize(w, h))
+	t.Cleanup(acancel)
+	ctx, cancel := chromedp.NewContext(actx)
+	t.Cleanup(cancel)
+	ctx, tcancel := context.WithTimeout(ctx, 60*time.Second)
+	t.Cleanup(tcancel)
+	return ctx
+}
+
+// saveScreenshot writes the page to docs/name with -update-screenshot.
+func saveScreenshot(t *testing.T, ctx context.Context, name string) {
+	t.Helper()
+	if !*updateScreenshot {
+		return
+	}
+	png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join("..", "docs", name), png, 0o644); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -248,25 +250,12 @@ func TestStatusPageRoutes(t *testing.T) {
 		l.Routes[i].Health.Interval = 100 * time.Millisecond
 	}
 	cfg.Listeners = []config.Listener{l}
-	srv, err := server.Start(context.Background(), cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Shutdown(context.Background())
-	hs := httptest.NewServer((&admin.Handler{State: srv, Version: "test"}).Routes())
-	defer hs.Close()
+	_, pageURL := statusPage(t, cfg)
 
-	actx, acancel := chromedp.NewExecAllocator(context.Background(),
-		chromedp.ExecPath(bin), chromedp.Headless, chromedp.NoSandbox, chromedp.DisableGPU,
-		chromedp.NoFirstRun, chromedp.NoDefaultBrowserCheck, chromedp.WindowSize(1100, 420))
-	defer acancel()
-	ctx, cancel := chromedp.NewContext(actx)
-	defer cancel()
-	ctx, tcancel := context.WithTimeout(ctx, 60*time.Second)
-	defer tcancel()
+	ctx := browser(t, bin, 1100, 420)
 	route := func(name string) string { return `section[data-listener="edge"] .route[data-route="` + name + `"]` }
-	err = chromedp.Do(ctx,
-		chromedp.Navigate(hs.URL+"/"),
+	err := chromedp.Do(ctx,
+		chromedp.Navigate(pageURL),
 		chromedp.WaitVisible(chromedp.CSS(route("api")+` tr[data-target="`+api+`"] .state.up`)),
 		chromedp.WaitVisible(chromedp.CSS(route("rest")+` tr[data-target="`+rest+`"] .state.up`)),
 	)
@@ -277,13 +266,5 @@ func TestStatusPageRoutes(t *testing.T) {
 	if err != nil || !strings.Contains(head, "api.example.com, *.api.example.com") {
 		t.Fatalf("route header %q (%v) does not list its server names", head, err)
 	}
-	if *updateScreenshot {
-		png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join("..", "docs", "status-page-routes.png"), png, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	saveScreenshot(t, ctx, "status-page-routes.png")
 }
