@@ -147,9 +147,11 @@ func proxySettings(cfg config.Listener) proxy.Settings {
 
 // routesFor builds the pools of cfg's routes, keeping the pools of routes
 // that exist already (by name) with their targets, health and drain marks.
-// It returns the routes, those of the old ones not kept, and for each
-// route whether it needs a new watcher (its source is new or changed).
-func (l *listener) routesFor(cfg config.Listener, regs config.Registries, regsChanged bool) (next, gone []*route, rewatch map[*route]bool) {
+// It returns the routes, those it started (to be closed if the change is
+// not committed), the old ones not kept, which routes need a new watcher
+// (a source that is new, changed, or on changed registries), and whether
+// where the listener's instances come from changed (for the log).
+func (l *listener) routesFor(cfg config.Listener, regs config.Registries, regsChanged bool) (c routeChange) {
 	l.mu.Lock()
 	old := l.routes
 	l.mu.Unlock()
@@ -157,28 +159,40 @@ func (l *listener) routesFor(cfg config.Listener, regs config.Registries, regsCh
 	for _, r := range old {
 		byName[r.name] = r
 	}
-	rewatch = map[*route]bool{}
+	c.rewatch = map[*route]bool{}
 	kept := map[*route]bool{}
 	for _, spec := range routeSpecs(cfg) {
 		r, ok := byName[spec.name]
-		if !ok {
+		switch {
+		case !ok:
 			r = &route{name: spec.name, sni: spec.sni, src: spec.pool,
 				pool: pool.New(l.poolConfig(spec.pool, cfg, regs), l.routeLog(spec.name))}
-			rewatch[r] = true
-		} else {
-			kept[r] = true
-			if regsChanged || !sameSource(r.src, spec.pool) {
-				rewatch[r] = true
-			}
+			c.created = append(c.created, r)
+			c.rewatch[r] = true
+			c.sourceChanged = c.sourceChanged || len(old) > 0
+		case !sameSource(r.src, spec.pool):
+			c.rewatch[r] = true
+			c.sourceChanged = true
+		case regsChanged:
+			c.rewatch[r] = true
 		}
-		next = append(next, r)
+		kept[r] = true
+		c.next = append(c.next, r)
 	}
 	for _, r := range old {
 		if !kept[r] {
-			gone = append(gone, r)
+			c.gone = append(c.gone, r)
+			c.sourceChanged = true
 		}
 	}
-	return next, gone, rewatch
+	return c
+}
+
+// routeChange is what routesFor found.
+type routeChange struct {
+	next, created, gone []*route
+	rewatch             map[*route]bool
+	sourceChanged       bool
 }
 
 func (l *listener) routeLog(name string) *zap.Logger {

@@ -293,25 +293,13 @@ type plan struct {
 }
 
 func (s *Server) plan(l *listener, lc config.Listener, rc config.Registries, regs *registries, regsChanged bool) (*plan, error) {
-	next, gone, rewatch := l.routesFor(lc, rc, regsChanged)
-	pl := &plan{l: l, cfg: lc, regs: rc, routes: next, gone: gone, watchers: map[*route]discovery.Watcher{}}
-	old := map[*route]bool{}
-	for _, r := range l.routeList() {
-		old[r] = true
-	}
-	for _, r := range next {
-		if !old[r] {
-			pl.created = append(pl.created, r)
-		}
-	}
-	pl.changedSource = len(gone) > 0 || (len(old) > 0 && len(pl.created) > 0)
+	c := l.routesFor(lc, rc, regsChanged)
+	pl := &plan{l: l, cfg: lc, regs: rc, routes: c.next, gone: c.gone, created: c.created,
+		changedSource: c.sourceChanged, watchers: map[*route]discovery.Watcher{}}
 	specs := routeSpecs(lc)
-	for i, r := range next {
-		if !rewatch[r] {
+	for i, r := range c.next {
+		if !c.rewatch[r] {
 			continue
-		}
-		if old[r] && !regsChanged {
-			pl.changedSource = true
 		}
 		w, err := regs.watcher(specs[i].pool, l.routeLog(r.name))
 		if err != nil {
