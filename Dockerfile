@@ -4,7 +4,9 @@
 # Consul-registered). Offline, deployments/compose/scratch/rota.Dockerfile
 # builds the same binary into a FROM-scratch image instead.
 #   docker build -t rota .
-#   docker run --rm -p 8080:8080 rota serve --listen :8080 --backend host.docker.internal:9000 --admin 0.0.0.0:9090
+#   docker run --rm -p 8080:8080 -p 127.0.0.1:9090:9090 -v "$PWD/admin-token:/run/secrets/rota-admin:ro" rota \
+#     serve --listen :8080 --backend host.docker.internal:9000 --admin 0.0.0.0:9090 --admin-token-file /run/secrets/rota-admin
+#   (a non-loopback admin address needs a token: a file with one line, e.g. head -c 32 /dev/urandom | base64)
 FROM golang:1.26-bookworm AS build
 WORKDIR /src
 COPY go.mod go.sum ./
