@@ -38,13 +38,14 @@ type conn struct {
 	conns *sync.WaitGroup // its Serve's
 	c, t  side            // client, target
 	timer poller.Timer
-	// Until start registers it, the client's descriptor and addresses.
-	cfd      int
-	src, dst netip.AddrPort
-	// attempt numbers the dials, so that a late name resolution for an
-	// attempt given up is dropped; cancel stops the one in flight.
-	attempt uint32
+	// Until start registers it, the client's descriptor. (Its addresses
+	// wait in m.Src and m.Dst: an idle connection is this struct, so every
+	// word counts.)
+	cfd int
+	// cancel stops the dial in flight; attempt numbers the dials, so that
+	// a late name resolution for an attempt given up is dropped.
 	cancel  context.CancelFunc
+	attempt uint32
 	// The machine asked to pass on a FIN, once the queue is written.
 	shutT, shutC bool
 	queued       bool // the timer is set to now: more to move after others had a turn
@@ -60,6 +61,9 @@ type side struct {
 	hup  bool // the peer closed or errored: read until EOF, not just a short read
 	eof  bool // read EOF from this side
 	shut bool // sent this side a FIN
+	// hasPipe: pipe is the loop's, held while this side sends a bulk
+	// transfer (below).
+	hasPipe bool
 	// dropping: winding down, this side had nothing more to send when it
 	// was sent a FIN (eof is set as if it had sent one); what it sends
 	// from here on is read and dropped until it closes, so that closing
@@ -74,10 +78,9 @@ type side struct {
 	// A pipe from the loop's pool while this side sends a bulk transfer:
 	// its bytes go to the other side by splice(2), never through user
 	// space. Returned when the transfer pauses.
-	pipe    pipe
-	piped   int // bytes in the pipe
-	hasPipe bool
-	moved   uint64 // bytes read from this side
+	pipe  pipe
+	piped int    // bytes in the pipe
+	moved uint64 // bytes read from this side
 }
 
 func (l *loop) link(c *conn) {
@@ -102,7 +105,7 @@ func (l *loop) start(c *conn) {
 	c.l = l
 	l.link(c)
 	now := l.p.Clock()
-	c.m.Init(&c.set.relay, &c.p.Stats.Stats, c.p.Picker, c.p.ReportFailure, c.src, c.dst, now)
+	c.m.Init(&c.set.relay, &c.p.Stats.Stats, c.p.Picker, c.p.ReportFailure, c.m.Src, c.m.Dst, now)
 	if c.p.aborting.Load() {
 		closeFD(c.cfd)
 		c.finish(false, errors.New("shutting down"))

@@ -357,7 +357,7 @@ func (l *loop) accepted(li *listening, fd int, peer netip.AddrPort) {
 	to := l.e.pick()
 	c := &conn{p: p, set: set, conns: li.conns}
 	c.cfd = fd
-	c.src, c.dst = peer, local
+	c.m.Src, c.m.Dst = peer, local // Init takes them from here
 	if to == l {
 		to.start(c)
 		return

@@ -238,7 +238,6 @@ type Conn struct {
 	picker Picker
 	report func(addr string, err error)
 
-	state  State
 	cursor balancer.Cursor
 	tries  int
 	target *balancer.Target
@@ -255,32 +254,34 @@ type Conn struct {
 	// current one.
 	hdr     []byte
 	hdrSent int
+	// lingerUntil: while lingering (below), until when the target, closed
+	// after taking bytes, may still turn out to have reset.
+	lingerUntil int64
+	// Winding down: when it is due (0: not), and once begun (winding), the
+	// bound on the peers' closing; retireWhy says why.
+	expireAt  int64 // max_conn_age, jittered
+	retireAt  int64
+	windUntil int64
+	helloBy   int64
+	Hello     string // the server name the client asked for, once read
+	HelloErr  error  // why none was read (not TLS, too large, late)
+
+	// The flags sit together: an idle connection is mostly this struct,
+	// and a bool between two words costs a word.
+	state     State
+	retireWhy Reason
 	// resetOnWrite: a write to the target found it reset. Linux reports a
 	// reset once, so the target's next read sees a plain EOF.
 	resetOnWrite bool
-	// spoke: a client byte reached the current target.
-	spoke bool
-	// lingering: the target closed after taking bytes; until lingerUntil
-	// it may still turn out to have reset.
-	lingering   bool
-	lingerUntil int64
-	clientEOF   bool
-	closing     bool // the driver's proxy is shutting down: failures are not the target's
-	// Winding down: when it is due (0: not), why, and once begun, the
-	// bound on the peers' closing.
-	expireAt  int64 // max_conn_age, jittered
-	retireAt  int64
-	retireWhy Reason
-	winding   bool
-	windUntil int64
-
+	spoke        bool // a client byte reached the current target
+	lingering    bool
+	clientEOF    bool
+	closing      bool // the driver's proxy is shutting down: failures are not the target's
+	winding      bool
 	// header: the PROXY header is still to be read (in Prelude; else the
 	// ClientHello is). slot: the client holds a place in cfg.Clients.
-	header   bool
-	slot     bool
-	helloBy  int64
-	Hello    string // the server name the client asked for, once read
-	HelloErr error  // why none was read (not TLS, too large, late)
+	header bool
+	slot   bool
 
 	start, last, dialBy int64 // clock readings, nanoseconds
 	// Err says why the connection closed, or why the last attempt failed.
