@@ -14,6 +14,7 @@ import (
 
 	"github.com/rota-proxy/rota/internal/neterr"
 	"github.com/rota-proxy/rota/internal/poller"
+	"github.com/rota-proxy/rota/internal/sock"
 	"github.com/rota-proxy/rota/proxy/internal/relay"
 )
 
@@ -695,7 +696,7 @@ func (c *conn) finish(reset bool, err error) {
 	c.queued = false
 	c.dropTarget()
 	if reset && c.c.fd.Valid() {
-		setLinger0(c.c.fd.Num())
+		sock.ResetOnClose(c.c.fd.Num())
 	}
 	c.dropSide(&c.c)
 	l.unlink(c)

@@ -8,10 +8,11 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"syscall"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/rota-proxy/rota/internal/sock"
 )
 
 // The socket calls of the relay loops. Like the poller's, they are raw
@@ -72,62 +73,17 @@ func sockname(fd int) netip.AddrPort {
 
 // startConnect opens a non-blocking socket and starts connecting it to ap.
 func startConnect(ap netip.AddrPort) (int, error) {
-	a, port := ap.Addr(), ap.Port()
-	var (
-		domain = unix.AF_INET
-		sa     unsafe.Pointer
-		salen  uintptr
-		sa4    unix.RawSockaddrInet4
-		sa6    unix.RawSockaddrInet6
-	)
-	if a.Is4() || a.Is4In6() {
-		sa4.Family, sa4.Addr = unix.AF_INET, a.Unmap().As4()
-		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa4.Port))[:], port)
-		sa, salen = unsafe.Pointer(&sa4), unsafe.Sizeof(sa4)
-	} else {
-		domain = unix.AF_INET6
-		sa6.Family, sa6.Addr = unix.AF_INET6, a.As16()
-		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa6.Port))[:], port)
-		sa, salen = unsafe.Pointer(&sa6), unsafe.Sizeof(sa6)
+	fd, err := sock.Connect(ap)
+	if err == nil {
+		sock.SetNoDelay(fd) // like net.Dial
 	}
-	r, _, e := unix.RawSyscall(unix.SYS_SOCKET, uintptr(domain), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
-	if e != 0 {
-		return -1, fmt.Errorf("socket: %w", e)
-	}
-	fd := int(r)
-	setNoDelay(fd) // like net.Dial
-	if _, _, e := unix.RawSyscall(unix.SYS_CONNECT, r, uintptr(sa), salen); e != 0 && e != unix.EINPROGRESS {
-		closeFD(fd)
-		return -1, fmt.Errorf("connect: %w", e)
-	}
-	return fd, nil
+	return fd, err
 }
 
-// setNoDelay makes small messages go out at once, as Go does for its TCP
-// connections.
-func setNoDelay(fd int) {
-	one := int32(1)
-	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0)
-}
-
-// setLinger0 makes closing fd send a reset instead of a FIN.
-func setLinger0(fd int) {
-	l := unix.Linger{Onoff: 1, Linger: 0}
-	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_LINGER, uintptr(unsafe.Pointer(&l)), unsafe.Sizeof(l), 0)
-}
+func setNoDelay(fd int) { sock.SetNoDelay(fd) }
 
 // soError is a socket's pending error (a failed connect), nil when none.
-func soError(fd int) error {
-	var v int32
-	n := uint32(4)
-	if _, _, e := unix.RawSyscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_ERROR, uintptr(unsafe.Pointer(&v)), uintptr(unsafe.Pointer(&n)), 0); e != 0 {
-		return e
-	}
-	if v != 0 {
-		return syscall.Errno(v)
-	}
-	return nil
-}
+func soError(fd int) error { return sock.Error(fd) }
 
 func closeFD(fd int) { unix.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0) }
 

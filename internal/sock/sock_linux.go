@@ -1,0 +1,82 @@
+//go:build linux
+
+// Package sock holds the few socket system calls that the relay loops and
+// the health prober make on descriptors driven by a poller. They are raw
+// system calls: every descriptor is non-blocking, so none of them blocks,
+// and the Go scheduler need not hand the thread's P to another thread
+// (which a plain syscall.Syscall offers to do, at a cost, on every call).
+package sock
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Connect opens a non-blocking TCP socket and starts connecting it to ap.
+// The caller owns the descriptor it returns; the connect completes (or
+// fails: see Error) when the socket turns writable.
+func Connect(ap netip.AddrPort) (int, error) {
+	a, port := ap.Addr(), ap.Port()
+	var (
+		domain = unix.AF_INET
+		sa     unsafe.Pointer
+		salen  uintptr
+		sa4    unix.RawSockaddrInet4
+		sa6    unix.RawSockaddrInet6
+	)
+	if a.Is4() || a.Is4In6() {
+		sa4.Family, sa4.Addr = unix.AF_INET, a.Unmap().As4()
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa4.Port))[:], port)
+		sa, salen = unsafe.Pointer(&sa4), unsafe.Sizeof(sa4)
+	} else {
+		domain = unix.AF_INET6
+		sa6.Family, sa6.Addr = unix.AF_INET6, a.As16()
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa6.Port))[:], port)
+		sa, salen = unsafe.Pointer(&sa6), unsafe.Sizeof(sa6)
+	}
+	r, _, e := unix.RawSyscall(unix.SYS_SOCKET, uintptr(domain), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if e != 0 {
+		return -1, fmt.Errorf("socket: %w", e)
+	}
+	fd := int(r)
+	if _, _, e := unix.RawSyscall(unix.SYS_CONNECT, r, uintptr(sa), salen); e != 0 && e != unix.EINPROGRESS {
+		Close(fd)
+		return -1, fmt.Errorf("connect: %w", e)
+	}
+	return fd, nil
+}
+
+// Error is a socket's pending error (a failed connect), nil when none.
+func Error(fd int) error {
+	var v int32
+	n := uint32(4)
+	if _, _, e := unix.RawSyscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_ERROR, uintptr(unsafe.Pointer(&v)), uintptr(unsafe.Pointer(&n)), 0); e != 0 {
+		return e
+	}
+	if v != 0 {
+		return syscall.Errno(v)
+	}
+	return nil
+}
+
+// SetNoDelay makes small messages go out at once, as Go does for its TCP
+// connections.
+func SetNoDelay(fd int) {
+	one := int32(1)
+	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0)
+}
+
+// ResetOnClose makes closing fd send a reset instead of a FIN (SO_LINGER
+// with a zero timeout): no FIN exchange, and no TIME_WAIT socket left here.
+func ResetOnClose(fd int) {
+	l := unix.Linger{Onoff: 1, Linger: 0}
+	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_LINGER, uintptr(unsafe.Pointer(&l)), unsafe.Sizeof(l), 0)
+}
+
+// Close closes fd. Its owner calls it once.
+func Close(fd int) { unix.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0) }
