@@ -1,7 +1,9 @@
 // Package health decides which discovered targets are live.
 //
 // A Checker probes every target from one scheduler (a heap of jittered
-// deadlines, probes in short-lived goroutines, at most maxInflight at once).
+// deadlines, at most maxInflight probes at once). On Linux, TCP checks of IP
+// addresses run on one event loop (probe_linux.go); HTTP checks, names and
+// other systems' probes run in short-lived goroutines.
 // A new target is probed at once and becomes live on its first success. A live target goes down after
 // Fall consecutive failed probes, or at once when the proxy reports a failed
 // dial; a down target is re-probed on exponential backoff with jitter (from
@@ -20,6 +22,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -154,6 +157,12 @@ type Checker struct {
 	// probeFn, when set (by tests), replaces the network probe, so that
 	// timing tests run in a synctest bubble on virtual time.
 	probeFn func(ctx context.Context, addr string) error
+	// tcp runs the TCP checks of IP addresses on a poller (Linux). The
+	// scheduler starts it for its first such probe (a checker that never
+	// makes one, or whose tests probe on virtual time, runs no loop);
+	// noTCP: it could not start, and every probe runs in a goroutine.
+	tcp   *tcpProber
+	noTCP bool
 }
 
 // target is the state of one address, guarded by Checker.mu; the rise/fall
@@ -355,6 +364,9 @@ func (c *Checker) Close() {
 	c.mu.Unlock()
 	c.cancel()
 	c.wg.Wait()
+	if c.tcp != nil {
+		c.tcp.close() // after the scheduler: nothing starts probes now
+	}
 	c.client.CloseIdleConnections()
 }
 
@@ -379,11 +391,18 @@ func (c *Checker) reschedule(t *target) {
 	c.poke()
 }
 
+// batchWindow is the least the scheduler sleeps, so that it wakes once for
+// all the probes that came due meanwhile: 10,000 targets every 2 s would
+// otherwise wake it 5,000 times a second, and a wake-up costs about what a
+// probe's own work does. A probe is never early, and late by at most this.
+const batchWindow = 5 * time.Millisecond
+
 // schedule is the scheduler goroutine: it starts the probes that are due
 // and sleeps until the next one is.
 func (c *Checker) schedule() {
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	var jobs []tcpJob
 	for {
 		c.mu.Lock()
 		now := time.Now()
@@ -392,13 +411,27 @@ func (c *Checker) schedule() {
 			t.probing = true
 			c.inflight++
 			cfg := c.cfg
-			c.wg.Go(func() { c.probeOnce(t, cfg) })
+			if ap, ok := c.onLoop(cfg, t.addr); ok {
+				jobs = append(jobs, tcpJob{addr: ap, timeout: cfg.Timeout, done: func(err error) { c.finish(t, cfg, err) }})
+				continue
+			}
+			c.wg.Go(func() { c.finish(t, cfg, c.probe(c.ctx, cfg, t.addr)) })
 		}
 		wait := time.Hour
 		if c.due.len() > 0 && c.inflight < maxInflight {
-			wait = c.due.top().nextAt.Sub(now)
+			wait = max(c.due.top().nextAt.Sub(now), batchWindow)
 		}
 		c.mu.Unlock()
+		if len(jobs) > 0 {
+			// Started outside the lock: the prober's loop takes it to
+			// record results.
+			if !c.tcp.start(jobs) {
+				for _, j := range jobs {
+					j.done(errors.New("tcp check: prober closed"))
+				}
+			}
+			jobs = nil
+		}
 		timer.Reset(wait)
 		select {
 		case <-c.ctx.Done():
@@ -409,14 +442,40 @@ func (c *Checker) schedule() {
 	}
 }
 
-// probeOnce probes t and records the result.
-func (c *Checker) probeOnce(t *target, cfg Config) {
-	err := c.probe(c.ctx, cfg, t.addr)
+// onLoop reports whether a probe of addr runs on the prober's loop: a TCP
+// check of an IP address, with the prober running and no test hook.
+// Caller holds c.mu.
+func (c *Checker) onLoop(cfg Config, addr string) (netip.AddrPort, bool) {
+	if c.noTCP || c.probeFn != nil || cfg.Check != CheckTCP {
+		return netip.AddrPort{}, false
+	}
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return netip.AddrPort{}, false
+	}
+	if c.tcp == nil {
+		tcp, err := newTCPProber(c.logger)
+		if tcp == nil {
+			c.noTCP = true
+			if err != nil {
+				c.logger.Warn("tcp checks run in goroutines: no event loop", zap.Error(err))
+			}
+			return netip.AddrPort{}, false
+		}
+		c.tcp = tcp
+	}
+	return ap, true
+}
+
+// finish records the result of a probe of t.
+func (c *Checker) finish(t *target, cfg Config, err error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.inflight == maxInflight {
+		c.poke() // the scheduler waits for a free place, not a deadline
+	}
 	c.inflight--
 	t.probing = false
-	c.poke()
 	if c.ctx.Err() != nil || t.removed {
 		return // removed or closed mid-probe: the result means nothing
 	}
@@ -424,7 +483,7 @@ func (c *Checker) probeOnce(t *target, cfg Config) {
 		// Out of descriptors or memory here says nothing about the
 		// target; taking every target down would make it worse.
 		t.nextAt = time.Now().Add(c.jitter(cfg.Interval))
-		c.due.push(t)
+		c.requeue(t)
 		return
 	}
 	next := c.record(t, err)
@@ -434,7 +493,17 @@ func (c *Checker) probeOnce(t *target, cfg Config) {
 	if cfg.Check == CheckNone && t.state == Up {
 		return // trusted: no routine probes
 	}
+	c.requeue(t)
+}
+
+// requeue puts t back in the heap, and wakes the scheduler only when t is
+// due before what it sleeps for: a wake-up per probe would cost as much as
+// the probe. Caller holds c.mu.
+func (c *Checker) requeue(t *target) {
 	c.due.push(t)
+	if c.due.top() == t {
+		c.poke()
+	}
 }
 
 // jitter spreads d by up to ±10%, so that targets discovered together are
