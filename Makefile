@@ -57,16 +57,19 @@ demo: build
 bench: build
 	bench/setup.sh
 	$(GO) build -o bin/benchrun ./bench/run
-	bin/benchrun -rota bin/rota $(if $(QUICK),-quick) $(if $(BASELINE),-baseline $(BASELINE))
+	bench/isolated bin/benchrun -rota bin/rota $(if $(QUICK),-quick) $(if $(BASELINE),-baseline $(BASELINE)) $(if $(ONLY),-only $(ONLY))
+ifeq ($(ONLY),)
 	$(GO) test -run '^$$' -bench 'PickPolicies' -benchtime $(if $(QUICK),20000x,200000x) ./balancer/ \
 	  | tee bench/results/$$(date +%F)$(if $(QUICK),-quick)-pick.txt
 	$(GO) build -o bin/convergence ./bench/convergence
-	{ bin/convergence $(if $(QUICK),-changes 50) && \
+	bench/isolated sh -c '\
+	  bin/convergence $(if $(QUICK),-changes 50) && \
 	  bin/convergence -registry consul -goal 250ms $(if $(QUICK),-changes 50) && \
 	  bin/convergence -registry etcd-cluster $(if $(QUICK),-changes 50) && \
 	  bin/convergence -registry consul-cluster -goal 250ms $(if $(QUICK),-changes 50) && \
-	  bin/convergence -scale 10000 -rate 1000 -churn $(if $(QUICK),3s,10s); } \
+	  bin/convergence -scale 10000 -rate 1000 -churn $(if $(QUICK),3s,10s)' \
 	  | tee bench/results/$$(date +%F)$(if $(QUICK),-quick)-convergence.md
+endif
 
 # The docker-compose topology as native processes: real Consul and etcd,
 # self-registering backends, two rota instances; prints what it checked.

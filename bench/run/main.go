@@ -38,6 +38,7 @@ type options struct {
 	idleWindow time.Duration
 	rotaBin    string
 	baseline   string   // an earlier rota binary, measured beside rota
+	only       string   // "targets": only the health-checking phase
 	proxies    []string // what is measured, in order
 	out        string
 	tmp        string
@@ -48,6 +49,13 @@ func main() {
 	if len(os.Args) > 2 && os.Args[1] == "-backend-mode" {
 		n, _ := strconv.Atoi(os.Args[2])
 		if err := runBackends(n); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		return
+	}
+	if len(os.Args) > 3 && os.Args[1] == "-probe-floor-mode" {
+		if err := runProbeFloor(os.Args[2], os.Args[3]); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
@@ -74,6 +82,7 @@ func main() {
 	flag.StringVar(&o.rotaBin, "rota", "bin/rota", "rota binary")
 	flag.StringVar(&o.baseline, "baseline", "", "an earlier rota binary to measure beside rota (before/after a change)")
 	flag.StringVar(&o.out, "out", "bench/results", "directory for the report and chart")
+	flag.StringVar(&o.only, "only", "", `"targets": run only the health-checking phase (new connections and probe CPU at 3 to 10,000 targets)`)
 	flag.Parse()
 	o.proxies = proxyKinds
 	if o.baseline != "" {
@@ -141,6 +150,9 @@ func run(o *options) error {
 
 	res := results{}
 	three := bs.addrs[:3]
+	if o.only == "targets" {
+		o.threads, o.conc = nil, nil
+	}
 	for _, th := range o.threads {
 		for rep := range o.reps {
 			// Interleave: each repetition starts with a different proxy.
@@ -204,8 +216,10 @@ func run(o *options) error {
 			}
 		}
 	}
-	if err := benchTLS(o, res); err != nil {
-		logf("TLS passthrough: %v", err) // one missing table, not a lost run
+	if o.only != "targets" {
+		if err := benchTLS(o, res); err != nil {
+			logf("TLS passthrough: %v", err) // one missing table, not a lost run
+		}
 	}
 	// Scaling, one thread each: concurrency, then number of targets.
 	for _, c := range o.conc {
@@ -225,6 +239,15 @@ func run(o *options) error {
 		}
 	}
 	for _, n := range o.targets {
+		if n >= 1000 {
+			// The same probes with nothing but the system calls: what
+			// the kernel charges whoever sends them.
+			if v, err := probeFloor(bs.addrs[:n], o.idleWindow); err == nil {
+				res.add(key("healthcpu", n, "floor"), v)
+			} else {
+				logf("  probe floor: %v", err)
+			}
+		}
 		for _, px := range o.proxies[1:] {
 			logf("targets %d: %s", n, px)
 			p, err := startProxy(px, 1, bs.addrs[:n], o, true)
@@ -256,6 +279,9 @@ func run(o *options) error {
 	date := time.Now().Format("2006-01-02")
 	if o.quick {
 		date += "-quick"
+	}
+	if o.only != "" {
+		date += "-" + o.only // a part, beside the day's full run
 	}
 	md := filepath.Join(o.out, date+".md")
 	png := filepath.Join(o.out, date+".png")

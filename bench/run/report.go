@@ -149,7 +149,7 @@ func renderReport(o *options, res results, took time.Duration) string {
 			fmt.Fprintf(&b, " %s |", proxyTitle[px])
 		}
 	}
-	b.WriteString(" rota/HAProxy |\n|---:|" + strings.Repeat("---:|", len(hpx)+1) + "\n")
+	b.WriteString(" kernel floor | rota/HAProxy | rota cost / floor |\n|---:|" + strings.Repeat("---:|", len(hpx)+3) + "\n")
 	for _, n := range o.targets {
 		if n < 1000 {
 			continue
@@ -158,8 +158,11 @@ func renderReport(o *options, res results, took time.Duration) string {
 		for _, px := range hpx {
 			fmt.Fprintf(&b, " %s |", cell(res, key("healthcpu", n, px), "%.1f"))
 		}
-		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key("healthcpu", n, "rota"), key("healthcpu", n, "haproxy"), true))
+		fmt.Fprintf(&b, " %s |", cell(res, key("healthcpu", n, "floor"), "%.1f"))
+		fmt.Fprintf(&b, " %s |", ratioCell(res, key("healthcpu", n, "rota"), key("healthcpu", n, "haproxy"), true))
+		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key("healthcpu", n, "rota"), key("healthcpu", n, "floor"), false))
 	}
+	b.WriteString("\nThe kernel floor is the same probes sent by a bare program (a raw non-blocking connect, its error, a reset on close; no scheduler, no state, no event loop): what any prober pays on this machine.\n")
 	b.WriteString("\nLoad: `wrk -t1` (one thread, so the proxy keeps a core), small HTTP responses from Go backends in a separate process; bulk: `iperf3` single stream; idle memory: RSS growth of the proxy's processes (nginx: its workers) per idle proxied connection; CPU per request: user and system time of the proxy's processes (including the kernel's TCP work on their sockets) during the wrk run, divided by the requests served, which is steadier than the rates on a shared two-core machine.\n")
 	return b.String()
 }

@@ -1,0 +1,109 @@
+package main
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/rota-proxy/rota/internal/sock"
+)
+
+// probeFloor runs this program as a bare prober of addrs (every one every
+// 2 s, like the proxies' checks) for window and returns its CPU, % of one
+// core: the kernel's price of the probes themselves, against which the
+// proxies' figures are read.
+func probeFloor(addrs []string, window time.Duration) (float64, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return 0, err
+	}
+	f, err := os.CreateTemp("", "rota-bench-floor-")
+	if err != nil {
+		return 0, err
+	}
+	defer os.Remove(f.Name())
+	f.WriteString(strings.Join(addrs, "\n"))
+	f.Close()
+	cmd := exec.Command(self, "-probe-floor-mode", f.Name(), window.String())
+	cmd.Env = append(os.Environ(), "GOMAXPROCS=1")
+	cmd.Stderr = os.Stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return 0, fmt.Errorf("probe floor: %w", err)
+	}
+	return strconv.ParseFloat(strings.TrimSpace(string(out)), 64)
+}
+
+// runProbeFloor is the bare prober: a non-blocking connect, its error, a
+// reset on close, one probe after the other from one goroutine, woken every
+// 5 ms for the probes due. It prints its CPU over the window after a
+// first full round.
+func runProbeFloor(file, window string) error {
+	w, err := time.ParseDuration(window)
+	if err != nil {
+		return err
+	}
+	raw, err := os.ReadFile(file)
+	if err != nil {
+		return err
+	}
+	var aps []netip.AddrPort
+	for _, a := range strings.Fields(string(raw)) {
+		ap, err := netip.ParseAddrPort(a)
+		if err != nil {
+			return err
+		}
+		aps = append(aps, ap)
+	}
+	gap := 2 * time.Second / time.Duration(len(aps))
+	// Raw system calls, as rota's loops make them. On loopback the whole
+	// handshake runs inside connect(2), so SO_ERROR right after it is the
+	// answer, with no wait for writability.
+	probe := func(ap netip.AddrPort) error {
+		fd, err := sock.Connect(ap)
+		if err != nil {
+			return err
+		}
+		err = sock.Error(fd)
+		sock.ResetOnClose(fd)
+		sock.Close(fd)
+		return err
+	}
+	cpu := func() time.Duration {
+		var ru unix.Rusage
+		unix.Getrusage(unix.RUSAGE_SELF, &ru)
+		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	start := time.Now()
+	next, i, fails := start, 0, 0
+	var c0 time.Duration
+	var t0 time.Time
+	for {
+		now := time.Now()
+		if t0.IsZero() && now.Sub(start) >= 2*time.Second {
+			c0, t0 = cpu(), now
+		}
+		if !t0.IsZero() && now.Sub(t0) >= w {
+			break
+		}
+		for !next.After(now) {
+			if probe(aps[i%len(aps)]) != nil {
+				fails++
+			}
+			i++
+			next = next.Add(gap)
+		}
+		time.Sleep(max(time.Until(next), 5*time.Millisecond))
+	}
+	if fails > 0 {
+		fmt.Fprintf(os.Stderr, "probe floor: %d of %d probes failed\n", fails, i)
+	}
+	fmt.Printf("%.2f\n", 100*(cpu()-c0).Seconds()/time.Since(t0).Seconds())
+	return nil
+}
