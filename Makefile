@@ -6,7 +6,7 @@ LDFLAGS := -s -w -X main.version=$(VERSION)
 # Well under CI's limit; the whole suite takes a few minutes on two cores.
 TEST_TIMEOUT ?= 15m
 
-.PHONY: all build test demo deps tools vet lint cross fuzz bench e2e compose-test compose-images compose-tests-if-docker clean FORCE
+.PHONY: all build test demo deps tools vet lint cross fuzz bench cover e2e compose-test compose-images compose-tests-if-docker clean FORCE
 
 all: build
 
@@ -70,6 +70,13 @@ ifeq ($(ONLY),)
 	  bin/convergence -scale 10000 -rate 1000 -churn $(if $(QUICK),3s,10s)' \
 	  | tee bench/results/$$(date +%F)$(if $(QUICK),-quick)-convergence.md
 endif
+
+# Coverage of cmd/rota counting the rota binaries its tests run as users do
+# (go test's own figure counts only the in-process tests).
+cover:
+	rm -rf bin/cover && mkdir -p bin/cover
+	$(GO) test -cover -count=1 ./cmd/rota -args -test.gocoverdir=$(CURDIR)/bin/cover
+	$(GO) tool covdata percent -i=bin/cover -pkg=github.com/rota-proxy/rota/cmd/rota
 
 # The docker-compose topology as native processes: real Consul and etcd,
 # self-registering backends, two rota instances; prints what it checked.

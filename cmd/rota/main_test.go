@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -29,7 +30,19 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	rotaBin = filepath.Join(dir, "rota")
-	out, err := exec.Command("go", "build", "-o", rotaBin, ".").CombinedOutput()
+	build := []string{"build", "-o", rotaBin}
+	flag.Parse()
+	if mode := testing.CoverMode(); mode != "" {
+		// go test -cover: the binary the tests run as users do counts too.
+		// It writes its counters where this test binary does; the figure
+		// go test prints is this process's alone, and make cover merges
+		// both (go tool covdata percent).
+		build = append(build, "-cover", "-covermode="+mode)
+		if f := flag.Lookup("test.gocoverdir"); f != nil && f.Value.String() != "" {
+			os.Setenv("GOCOVERDIR", f.Value.String())
+		}
+	}
+	out, err := exec.Command("go", append(build, ".")...).CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "build rota: %v\n%s", err, out)
 		os.Exit(1)
