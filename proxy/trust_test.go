@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/rota-proxy/rota/balancer"
+	"github.com/rota-proxy/rota/internal/testenv"
 	"github.com/rota-proxy/rota/proxy"
 )
 
@@ -407,5 +408,76 @@ func testSilentClientsDoNotFailTheTarget(t *testing.T) {
 	}
 	if r := s.reported(); len(r) != 0 || s.p.Stats.DialErrors.Load() != 0 {
 		t.Fatalf("the target was reported failing %d times", len(r))
+	}
+}
+
+// Shutdown of a routed proxy while a storm of clients sit in the middle of
+// their ClientHello (half of it sent, the rest never: sni_timeout far off)
+// ends within the drain budget and leaves no connection behind: the
+// prelude's clients are drained and cut like relayed ones.
+func TestShutdownUnderConnectStormMidClientHello(t *testing.T) {
+	bothRelays(t, testShutdownUnderConnectStormMidClientHello)
+}
+
+func testShutdownUnderConnectStormMidClientHello(t *testing.T) {
+	be := startBackend(t, echoHandler)
+	hello := testenv.ClientHello(t, "api.example.com")
+	half := hello[:len(hello)/2]
+	for trial := range 6 {
+		rr := &balancer.RoundRobinBalancer{}
+		rr.Update([]*balancer.Target{balancer.NewTarget(be.addr())})
+		router := proxy.NewRouter([][]string{{"api.example.com"}}, []proxy.Picker{rr})
+		p, addr := serveWith(t, nil, proxy.Settings{Router: router, SNITimeout: time.Minute}, isGoroutines(t))
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		var waiting atomic.Int64
+		for range 8 {
+			wg.Go(func() {
+				var held []net.Conn
+				defer func() {
+					for _, c := range held {
+						c.Close()
+					}
+				}()
+				for len(held) < 150 {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					c, err := net.DialTimeout("tcp", addr, time.Second)
+					if err != nil {
+						continue // refused once the listener closed
+					}
+					held = append(held, c)
+					if _, err := c.Write(half); err == nil {
+						waiting.Add(1)
+					}
+				}
+				<-stop
+			})
+		}
+		eventually(t, "clients waiting mid-ClientHello", func() bool { return waiting.Load() > 300 && p.ActiveConns() > 100 })
+		const drain = 500 * time.Millisecond
+		ctx, cancel := context.WithTimeout(context.Background(), drain)
+		began := time.Now()
+		shut := make(chan error, 1)
+		go func() { shut <- p.Shutdown(ctx) }()
+		var took time.Duration
+		select {
+		case <-shut:
+			took = time.Since(began)
+		case <-time.After(drain + time.Second):
+			took = time.Since(began)
+		}
+		close(stop)
+		wg.Wait()
+		cancel()
+		if took > drain+time.Second {
+			t.Fatalf("trial %d: Shutdown still running %v after it began, clients mid-ClientHello", trial, took)
+		}
+		if n := p.ActiveConns(); n != 0 {
+			t.Fatalf("trial %d: %d connections left after Shutdown", trial, n)
+		}
 	}
 }
