@@ -27,6 +27,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/rota-proxy/rota/embedetcd"
+	"github.com/rota-proxy/rota/internal/testenv"
 )
 
 type check struct {
@@ -57,14 +58,16 @@ func logf(format string, a ...any) {
 	fmt.Fprintf(os.Stderr, "[%s] %s\n", time.Now().Format("15:04:05.000"), fmt.Sprintf(format, a...))
 }
 
-func freePort() string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		panic(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
+// setup fails the program for testenv's helpers: what they cannot set up
+// (a free port) leaves nothing to check.
+type setup struct{}
+
+func (setup) Helper() {}
+func (setup) Fatalf(format string, args ...any) {
+	panic(fmt.Sprintf(format, args...))
 }
+
+func freePort() string { return testenv.FreeAddr(setup{}) }
 
 func run() error {
 	e := &env{rota: "bin/rota", backend: map[string]*exec.Cmd{}}
@@ -387,22 +390,22 @@ func get(addr string) (string, error) {
 
 // waitAll waits until requests through addr reach every name in want.
 func waitAll(addr string, want []string, timeout time.Duration) (time.Duration, error) {
-	start := time.Now()
 	seen := map[string]bool{}
-	for time.Since(start) < timeout {
+	took, ok := testenv.Poll(timeout, func() bool {
 		if name, err := get(addr); err == nil {
 			seen[name] = true
 		}
-		all := true
 		for _, w := range want {
-			all = all && seen[w]
+			if !seen[w] {
+				return false
+			}
 		}
-		if all {
-			return time.Since(start), nil
-		}
-		time.Sleep(5 * time.Millisecond)
+		return true
+	})
+	if !ok {
+		return 0, fmt.Errorf("%s: saw %v, want %v", addr, seen, want)
 	}
-	return 0, fmt.Errorf("%s: saw %v, want %v", addr, seen, want)
+	return took, nil
 }
 
 func waitAny(addr, name string, timeout time.Duration) (time.Duration, error) {

@@ -17,14 +17,25 @@ type Waiter interface {
 // fixed time.
 func Eventually(t Waiter, what string, timeout time.Duration, cond func() bool) time.Duration {
 	t.Helper()
+	took, ok := Poll(timeout, cond)
+	if !ok {
+		t.Fatalf("timed out after %v waiting for %s", timeout, what)
+	}
+	return took
+}
+
+// Poll is Eventually for a caller that reports a timeout itself (e2e, a
+// program): it polls cond every 2 ms until it holds (true) or timeout
+// passes (false), and says how long it waited.
+func Poll(timeout time.Duration, cond func() bool) (time.Duration, bool) {
 	start := time.Now()
 	for !cond() {
 		if time.Since(start) > timeout {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+			return time.Since(start), false
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
-	return time.Since(start)
+	return time.Since(start), true
 }
 
 // FreeAddr returns a 127.0.0.1 address nothing listens on now (a port the
