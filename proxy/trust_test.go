@@ -341,27 +341,8 @@ func testShutdownUnderConnectStorm(t *testing.T) {
 		}
 		rr.Update(ts)
 		p, addr := serveWith(t, rr, proxy.Settings{}, isGoroutines(t))
-		stop := make(chan struct{})
-		var wg sync.WaitGroup
-		var attempts atomic.Int64
-		for range 8 {
-			wg.Go(func() {
-				for i := 0; i < 100_000; i++ {
-					select {
-					case <-stop:
-						return
-					default:
-					}
-					c, err := net.DialTimeout("tcp", addr, time.Second)
-					attempts.Add(1)
-					if err == nil {
-						c.Write([]byte("x"))
-						c.Close()
-					}
-				}
-			})
-		}
-		eventually(t, "the storm under way", func() bool { return attempts.Load() > 200 })
+		storm := testenv.StartStorm(addr, 8, []byte("x"))
+		eventually(t, "the storm under way", func() bool { return storm.Attempts() > 200 })
 		const drain = 500 * time.Millisecond
 		ctx, cancel := context.WithTimeout(context.Background(), drain)
 		began := time.Now()
@@ -370,14 +351,12 @@ func testShutdownUnderConnectStorm(t *testing.T) {
 		select {
 		case <-shut:
 		case <-time.After(drain + time.Second):
-			close(stop)
-			wg.Wait()
+			storm.Stop()
 			cancel()
 			t.Fatalf("trial %d: Shutdown still running %v after SIGTERM under a connect storm", trial, time.Since(began))
 		}
 		took := time.Since(began)
-		close(stop)
-		wg.Wait()
+		storm.Stop()
 		cancel()
 		if took > drain+time.Second {
 			t.Fatalf("trial %d: Shutdown took %v", trial, took)

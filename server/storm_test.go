@@ -2,13 +2,11 @@ package server_test
 
 import (
 	"context"
-	"net"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/internal/testenv"
 	"github.com/rota-proxy/rota/server"
 )
 
@@ -33,27 +31,8 @@ func TestReloadRemovingBusyListenerEnds(t *testing.T) {
 			t.Fatal(err)
 		}
 		busyAddr := proxyAddr(t, srv, "busy")
-		stop := make(chan struct{})
-		var storm sync.WaitGroup
-		var attempts atomic.Int64
-		for range 8 {
-			storm.Go(func() {
-				for i := 0; i < 100_000; i++ {
-					select {
-					case <-stop:
-						return
-					default:
-					}
-					c, err := net.DialTimeout("tcp", busyAddr, time.Second)
-					attempts.Add(1)
-					if err == nil {
-						c.Write([]byte("hello\n"))
-						c.Close()
-					}
-				}
-			})
-		}
-		waitFor(t, "the storm under way", 10*time.Second, func() bool { return attempts.Load() > 300 })
+		storm := testenv.StartStorm(busyAddr, 8, []byte("hello\n"))
+		waitFor(t, "the storm under way", 10*time.Second, func() bool { return storm.Attempts() > 300 })
 
 		next := config.Default()
 		next.Admin.Listen = ""
@@ -85,8 +64,7 @@ func TestReloadRemovingBusyListenerEnds(t *testing.T) {
 		case <-time.After(drain + time.Second):
 			t.Errorf("trial %d: a reload removing a busy listener did not end within %v", trial, drain+time.Second)
 		}
-		close(stop)
-		storm.Wait()
+		storm.Stop()
 		if !waited {
 			<-shut
 		}

@@ -6,11 +6,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/rota-proxy/rota/internal/testenv"
 )
 
 // SIGTERM while clients connect as fast as they can (with a live target,
@@ -72,34 +72,14 @@ listeners:
 			return err == nil
 		})
 
-		stop := make(chan struct{})
-		var storm sync.WaitGroup
-		var attempts atomic.Int64
-		for range 8 {
-			storm.Go(func() {
-				for i := 0; i < 100_000; i++ {
-					select {
-					case <-stop:
-						return
-					default:
-					}
-					c, err := net.DialTimeout("tcp", listen, time.Second)
-					attempts.Add(1)
-					if err == nil {
-						c.Write([]byte("x"))
-						c.Close()
-					}
-				}
-			})
-		}
-		waitUntil(t, "the storm under way", func() bool { return attempts.Load() > 300 })
+		storm := testenv.StartStorm(listen, 8, []byte("x"))
+		waitUntil(t, "the storm under way", func() bool { return storm.Attempts() > 300 })
 		began := time.Now()
 		cmd.Process.Signal(syscall.SIGTERM)
 		select {
 		case err := <-done:
 			took := time.Since(began)
-			close(stop)
-			storm.Wait()
+			storm.Stop()
 			if err != nil {
 				t.Fatalf("trial %d: exit after SIGTERM: %v\n%s", trial, err, stderr.String())
 			}
@@ -107,8 +87,7 @@ listeners:
 				t.Fatalf("trial %d: exit %v after SIGTERM, want within drain_timeout (%v) + 1s", trial, took, drain)
 			}
 		case <-time.After(drain + time.Second):
-			close(stop)
-			storm.Wait()
+			storm.Stop()
 			cmd.Process.Signal(syscall.SIGQUIT) // its goroutine dump shows where it hung
 			<-done
 			t.Fatalf("trial %d: still running %v after SIGTERM under a connect storm\n%s", trial, drain+time.Second, stderr.String())
