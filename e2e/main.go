@@ -20,7 +20,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -151,20 +150,20 @@ func run() error {
 	}
 
 	// Scale in: graceful stops (deregister, then exit) cost no client.
-	before := ld.failed.Load()
+	before := ld.Failed.Load()
 	e.stopBackend("etcd-1", syscall.SIGTERM)
 	e.stopBackend("consul-1", syscall.SIGTERM)
 	time.Sleep(2 * time.Second) // keep the load running across the change
-	e.record("scale in (SIGTERM etcd-1, consul-1) under load", fmt.Sprintf("%d failed client connections", ld.failed.Load()-before), ld.failed.Load() == before)
+	e.record("scale in (SIGTERM etcd-1, consul-1) under load", fmt.Sprintf("%d failed client connections", ld.Failed.Load()-before), ld.Failed.Load() == before)
 
 	// A backend killed with SIGKILL under load: retries cover it.
-	before = ld.failed.Load()
+	before = ld.Failed.Load()
 	e.stopBackend("etcd-2", syscall.SIGKILL)
 	time.Sleep(2 * time.Second)
-	e.record("SIGKILL etcd-2 under load", fmt.Sprintf("%d failed client connections", ld.failed.Load()-before), ld.failed.Load() == before)
+	e.record("SIGKILL etcd-2 under load", fmt.Sprintf("%d failed client connections", ld.Failed.Load()-before), ld.Failed.Load() == before)
 
 	// Restart one rota: the other keeps serving without a failure.
-	ld.stop()
+	ld.Stop()
 	ldB := startLoad([]string{b.web, b.webConsul}, 6)
 	if err := a.stop(); err != nil {
 		e.record("rota a drains on SIGTERM", err.Error(), false)
@@ -174,10 +173,10 @@ func run() error {
 		return err
 	}
 	_, err = waitAll(a2.web, []string{"etcd-3", "etcd-4"}, 15*time.Second)
-	ldB.stop()
-	e.record("restart rota a: rota b keeps serving", fmt.Sprintf("%d of %d client connections failed", ldB.failed.Load(), ldB.ok.Load()+ldB.failed.Load()), ldB.failed.Load() == 0 && ldB.ok.Load() > 0)
+	ldB.Stop()
+	e.record("restart rota a: rota b keeps serving", fmt.Sprintf("%d of %d client connections failed", ldB.Failed.Load(), ldB.OK.Load()+ldB.Failed.Load()), ldB.Failed.Load() == 0 && ldB.OK.Load() > 0)
 	e.record("restarted rota a routes again", fmt.Sprint(errOr(err, "ok")), err == nil)
-	e.record("load during scale out/in/kill", fmt.Sprintf("%d requests, %d failed", ld.ok.Load()+ld.failed.Load(), ld.failed.Load()), ld.failed.Load() == 0)
+	e.record("load during scale out/in/kill", fmt.Sprintf("%d requests, %d failed", ld.OK.Load()+ld.Failed.Load(), ld.Failed.Load()), ld.Failed.Load() == 0)
 
 	return e.summary()
 }
@@ -412,41 +411,15 @@ func waitAny(addr, name string, timeout time.Duration) (time.Duration, error) {
 	return waitAll(addr, []string{name}, timeout)
 }
 
-// load makes back-to-back requests (a new connection each) through addrs.
-type load struct {
-	ok, failed atomic.Int64
-	stopCh     chan struct{}
-	wg         sync.WaitGroup
-}
-
-func startLoad(addrs []string, workers int) *load {
-	l := &load{stopCh: make(chan struct{})}
-	for i := range workers {
-		addr := addrs[i%len(addrs)]
-		l.wg.Go(func() {
-			for range 100000 {
-				select {
-				case <-l.stopCh:
-					return
-				default:
-				}
-				if _, err := get(addr); err != nil {
-					l.failed.Add(1)
-					logf("client error via %s: %v", addr, err)
-				} else {
-					l.ok.Add(1)
-				}
-			}
-		})
-	}
-	return l
-}
-
-func (l *load) stop() {
-	select {
-	case <-l.stopCh:
-	default:
-		close(l.stopCh)
-	}
-	l.wg.Wait()
+// startLoad makes back-to-back requests (a new connection each) through
+// addrs, worker i through addrs[i % len(addrs)], logging each failure.
+func startLoad(addrs []string, workers int) *testenv.Load {
+	return testenv.StartLoad(workers, 100000, func(w int) (string, error) {
+		addr := addrs[w%len(addrs)]
+		ans, err := get(addr)
+		if err != nil {
+			logf("client error via %s: %v", addr, err)
+		}
+		return ans, err
+	})
 }

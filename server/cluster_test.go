@@ -116,9 +116,9 @@ func TestEtcdClusterFaults(t *testing.T) {
 		})
 		exactly(t, srv, "back to b0 and b1", "b0", "b1")
 	}
-	ld.stop()
-	ld.assertNoFailures(t)
-	t.Logf("%d client connections through the faults, none failed", ld.ok.Load())
+	ld.Stop()
+	ld.AssertNoFailures(t)
+	t.Logf("%d client connections through the faults, none failed", ld.OK.Load())
 }
 
 // putRetrying registers addr on lease, retrying while the cluster has no
@@ -192,7 +192,7 @@ func TestConsulClusterLeaderLoss(t *testing.T) {
 		}
 		exactly(t, srv, "back to b0 and b1", "b0", "b1")
 	}
-	ld.stop()
-	ld.assertNoFailures(t)
-	t.Logf("%d client connections through two leader losses, none failed", ld.ok.Load())
+	ld.Stop()
+	ld.AssertNoFailures(t)
+	t.Logf("%d client connections through two leader losses, none failed", ld.OK.Load())
 }

@@ -59,8 +59,8 @@ func TestConsulDrivesRoutingAndSurvivesAgentLoss(t *testing.T) {
 	ld := startLoad(t, proxyAddr(t, srv, "web"), 6)
 	agent.Kill()
 	waitFor(t, "the outage seen", 20*time.Second, func() bool { return srv.Status()[0].DiscoveryErrors > 0 })
-	before := ld.ok.Load()
-	waitFor(t, "traffic during the outage", 10*time.Second, func() bool { return ld.ok.Load() > before+200 })
+	before := ld.OK.Load()
+	waitFor(t, "traffic during the outage", 10*time.Second, func() bool { return ld.OK.Load() > before+200 })
 	if n := liveCount(srv, "web"); n != 2 {
 		t.Fatalf("%d live targets during the outage, want the last good 2", n)
 	}
@@ -69,7 +69,7 @@ func TestConsulDrivesRoutingAndSurvivesAgentLoss(t *testing.T) {
 	c = agent.Client(t)
 	consulRegister(t, c, b3, api.HealthPassing)
 	t.Logf("new agent's set routed in %v", exactly(t, srv, "b3 only, from the new agent", "b3"))
-	ld.stop()
-	ld.assertNoFailures(t)
-	t.Logf("%d client connections across the agent loss, none failed", ld.ok.Load())
+	ld.Stop()
+	ld.AssertNoFailures(t)
+	t.Logf("%d client connections across the agent loss, none failed", ld.OK.Load())
 }

@@ -147,12 +147,12 @@ func TestEtcdOutageUnderLoadKeepsRouting(t *testing.T) {
 	waitFor(t, "the outage seen by discovery", 30*time.Second, func() bool {
 		return srv.Status()[0].DiscoveryErrors > 0 || !srv.Status()[0].DiscoveryOK
 	})
-	before := ld.ok.Load()
-	waitFor(t, "traffic during the outage", 10*time.Second, func() bool { return ld.ok.Load() > before+200 })
+	before := ld.OK.Load()
+	waitFor(t, "traffic during the outage", 10*time.Second, func() bool { return ld.OK.Load() > before+200 })
 	if n := liveCount(srv, "web"); n != 2 {
 		t.Fatalf("%d live targets during the outage, want the last good 2", n)
 	}
-	if ld.count("b1") == 0 || ld.count("b2") == 0 {
+	if ld.Count("b1") == 0 || ld.Count("b2") == 0 {
 		t.Fatal("the last good set is not routed during the outage")
 	}
 
@@ -161,9 +161,9 @@ func TestEtcdOutageUnderLoadKeepsRouting(t *testing.T) {
 	put(t, c2, b3.addr, 0)
 	del(t, c2, b1.addr)
 	t.Logf("changes after the outage routed in %v", exactly(t, srv, "b2 and b3 after etcd is back", "b2", "b3"))
-	ld.stop()
-	ld.assertNoFailures(t)
-	t.Logf("%d client connections across the outage, none failed", ld.ok.Load())
+	ld.Stop()
+	ld.AssertNoFailures(t)
+	t.Logf("%d client connections across the outage, none failed", ld.OK.Load())
 }
 
 // Deleting the last instance on a healthy watch is believed at once: the

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -149,75 +148,13 @@ func request(addr string) (string, error) {
 	return string(b), nil
 }
 
-// load runs workers making back-to-back requests until stop is called, and
-// records every failure. It is bounded by maxPerWorker requests per worker.
-type load struct {
-	ok, failed atomic.Int64
-	mu         sync.Mutex
-	errs       []string
-	seen       sync.Map // answer -> *atomic.Int64
-	stopCh     chan struct{}
-	wg         sync.WaitGroup
-}
-
-func startLoad(t *testing.T, addr string, workers int) *load {
+// startLoad runs workers making back-to-back requests through addr until
+// the test ends (or Stop), at most 20,000 each.
+func startLoad(t *testing.T, addr string, workers int) *testenv.Load {
 	t.Helper()
-	const maxPerWorker = 20000
-	l := &load{stopCh: make(chan struct{})}
-	for range workers {
-		l.wg.Go(func() {
-			for range maxPerWorker {
-				select {
-				case <-l.stopCh:
-					return
-				default:
-				}
-				ans, err := request(addr)
-				if err != nil {
-					l.failed.Add(1)
-					l.mu.Lock()
-					if len(l.errs) < 10 {
-						l.errs = append(l.errs, err.Error())
-					}
-					l.mu.Unlock()
-					continue
-				}
-				l.ok.Add(1)
-				v, _ := l.seen.LoadOrStore(ans, new(atomic.Int64))
-				v.(*atomic.Int64).Add(1)
-			}
-		})
-	}
-	t.Cleanup(l.stop)
+	l := testenv.StartLoad(workers, 20000, func(int) (string, error) { return request(addr) })
+	t.Cleanup(l.Stop)
 	return l
-}
-
-func (l *load) stop() {
-	select {
-	case <-l.stopCh:
-	default:
-		close(l.stopCh)
-	}
-	l.wg.Wait()
-}
-
-func (l *load) count(answer string) int64 {
-	if v, ok := l.seen.Load(answer); ok {
-		return v.(*atomic.Int64).Load()
-	}
-	return 0
-}
-
-func (l *load) assertNoFailures(t *testing.T) {
-	t.Helper()
-	if n := l.failed.Load(); n > 0 {
-		l.mu.Lock()
-		defer l.mu.Unlock()
-		t.Fatalf("%d of %d client connections failed; first errors: %s", n, n+l.ok.Load(), strings.Join(l.errs, "; "))
-	}
-	if l.ok.Load() == 0 {
-		t.Fatal("no client connection completed; the test proves nothing")
-	}
 }
 
 // waitFor polls cond until it holds or the deadline passes.

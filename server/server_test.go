@@ -48,15 +48,15 @@ func TestBackendKilledUnderLoad(t *testing.T) {
 	addr := proxyAddr(t, srv, "web")
 
 	ld := startLoad(t, addr, 8)
-	waitFor(t, "traffic on b2", 10*time.Second, func() bool { return ld.count("b2") > 50 })
+	waitFor(t, "traffic on b2", 10*time.Second, func() bool { return ld.Count("b2") > 50 })
 	b2.kill()
 	took := waitFor(t, "b2 down in /api/v1/targets", 5*time.Second, func() bool {
 		return targetState(t, srv, "web", b2.addr) == "down"
 	})
 	t.Logf("killed backend shown down after %v", took)
 	// Traffic keeps flowing over the survivors.
-	before := ld.ok.Load()
-	waitFor(t, "more traffic after the kill", 10*time.Second, func() bool { return ld.ok.Load() > before+200 })
+	before := ld.OK.Load()
+	waitFor(t, "more traffic after the kill", 10*time.Second, func() bool { return ld.OK.Load() > before+200 })
 
 	hitsWhileDown := b2.hits.Load()
 	b2.revive(t)
@@ -68,9 +68,9 @@ func TestBackendKilledUnderLoad(t *testing.T) {
 		}
 	}
 	waitFor(t, "traffic on the revived b2", 10*time.Second, func() bool { return b2.hits.Load() > hitsWhileDown+20 })
-	ld.stop()
-	ld.assertNoFailures(t)
-	t.Logf("%d client connections, none failed", ld.ok.Load())
+	ld.Stop()
+	ld.AssertNoFailures(t)
+	t.Logf("%d client connections, none failed", ld.OK.Load())
 }
 
 func TestPanicModeRoutesWhenEveryCheckFails(t *testing.T) {
@@ -170,14 +170,14 @@ func TestReloadUnderLoadLosesNothing(t *testing.T) {
 		if i%3 == 0 && i < 9 {
 			next.Listeners = append(next.Listeners, fastListener(fmt.Sprintf("extra-%d", i), b3.addr))
 		}
-		before := ld.ok.Load()
+		before := ld.OK.Load()
 		if err := srv.Reload(context.Background(), &next); err != nil {
 			t.Fatalf("reload %d: %v", i, err)
 		}
-		waitFor(t, "traffic after reload", 10*time.Second, func() bool { return ld.ok.Load() > before+20 })
+		waitFor(t, "traffic after reload", 10*time.Second, func() bool { return ld.OK.Load() > before+20 })
 	}
-	ld.stop()
-	ld.assertNoFailures(t)
+	ld.Stop()
+	ld.AssertNoFailures(t)
 	st := srv.Status()
 	if len(st) != 1 || st[0].Name != "web" {
 		t.Fatalf("listeners after reloads: %+v", st)
@@ -185,7 +185,7 @@ func TestReloadUnderLoadLosesNothing(t *testing.T) {
 	if got := targetSince(srv, b1.addr); !got.Equal(since) {
 		t.Fatalf("health state of an unchanged target was reset (up since %v, was %v)", got, since)
 	}
-	t.Logf("%d client connections across 10 reloads, none failed", ld.ok.Load())
+	t.Logf("%d client connections across 10 reloads, none failed", ld.OK.Load())
 }
 
 func targetSince(srv *server.Server, addr string) time.Time {
