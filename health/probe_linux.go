@@ -65,6 +65,18 @@ func (pr *tcpProber) connect(j tcpJob) {
 		j.done(fmt.Errorf("tcp check: dial: %w", err))
 		return
 	}
+	// Answered already (loopback, a local target): no registration needed.
+	if err := sock.Error(fd); err != nil {
+		sock.Close(fd)
+		j.done(fmt.Errorf("tcp check: dial: %w", os.NewSyscallError("connect", err)))
+		return
+	}
+	if sock.Connected(fd) {
+		sock.ResetOnClose(fd)
+		sock.Close(fd)
+		j.done(nil)
+		return
+	}
 	pb := &tcpProbe{p: pr.p, done: j.done}
 	if err := pr.p.Add(&pb.fd, fd, poller.Out|poller.Edge, pb, 0); err != nil {
 		j.done(fmt.Errorf("tcp check: %w", err)) // Add closed fd
