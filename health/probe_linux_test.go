@@ -10,9 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/rota-proxy/rota/health"
+	"github.com/rota-proxy/rota/internal/testenv"
 )
 
 // results collects each address's probe results, as the observer sees them.
@@ -87,47 +86,10 @@ func TestTCPCheckOnTheLoop(t *testing.T) {
 	}
 }
 
-// unanswering returns the address of a listener whose accept queue is full,
-// so that the kernel drops the SYNs sent to it: a connect to it neither
-// succeeds nor fails until its timeout.
-func unanswering(t *testing.T) string {
-	t.Helper()
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Close(fd) })
-	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Listen(fd, 0); err != nil {
-		t.Fatal(err)
-	}
-	sa, err := unix.Getsockname(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := (&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: sa.(*unix.SockaddrInet4).Port}).String()
-	// Fill the queue until a connect goes unanswered.
-	for i := 0; ; i++ {
-		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
-		if err != nil {
-			if !os.IsTimeout(err) {
-				t.Fatalf("filling the accept queue: %v", err)
-			}
-			return addr
-		}
-		t.Cleanup(func() { c.Close() })
-		if i == 16 {
-			t.Fatal("the accept queue never filled")
-		}
-	}
-}
-
 // A target that never answers the handshake fails its check on the loop's
 // deadline, with net.Dial's "i/o timeout".
 func TestTCPCheckTimesOutOnTheLoop(t *testing.T) {
-	addr := unanswering(t)
+	addr := testenv.StuckListener(t)
 	cfg := fast()
 	cfg.Interval = time.Hour
 	cfg.Timeout = 300 * time.Millisecond
@@ -161,7 +123,7 @@ func openFDs(t *testing.T) int {
 func TestCloseEndsProbesInFlight(t *testing.T) {
 	var addrs []string
 	for range 3 {
-		addrs = append(addrs, unanswering(t))
+		addrs = append(addrs, testenv.StuckListener(t))
 	}
 	before := openFDs(t)
 	cfg := fast()

@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rota-proxy/rota/balancer"
+	"github.com/rota-proxy/rota/internal/testenv"
 	"github.com/rota-proxy/rota/proxy"
 )
 
@@ -114,7 +115,7 @@ func TestTimersKeepTimeUnderBulkLoad(t *testing.T) {
 	defer engine.Close()
 	p := &proxy.Proxy{Picker: newOrderedPicker(helper.backend), Engine: engine}
 	p.Configure(proxy.Settings{IdleTimeout: idle})
-	stuck := stuckListener(t)
+	stuck := testenv.StuckListener(t)
 	pd := &proxy.Proxy{Picker: newOrderedPicker(stuck), Engine: engine}
 	pd.Configure(proxy.Settings{DialTimeout: 200 * time.Millisecond, Retries: 0})
 	var serving sync.WaitGroup

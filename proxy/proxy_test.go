@@ -436,38 +436,10 @@ func testIPv6(t *testing.T) {
 	}
 }
 
-// stuckListener is a loopback listener whose accept queue is full: the
-// kernel drops further SYNs, so a connect to it hangs.
-func stuckListener(t *testing.T) string {
-	t.Helper()
-	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { syscall.Close(fd) })
-	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Listen(fd, 0); err != nil {
-		t.Fatal(err)
-	}
-	sa, _ := syscall.Getsockname(fd)
-	addr := fmt.Sprintf("127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port)
-	// Fill the queue (backlog 0 holds one) without ever accepting.
-	for range 2 {
-		c, err := net.DialTimeout("tcp", addr, 300*time.Millisecond)
-		if err != nil {
-			break
-		}
-		t.Cleanup(func() { c.Close() })
-	}
-	return addr
-}
-
 func TestDialTimeoutTriesNextTarget(t *testing.T) { bothRelays(t, testDialTimeoutTriesNextTarget) }
 
 func testDialTimeoutTriesNextTarget(t *testing.T) {
-	stuck := stuckListener(t)
+	stuck := testenv.StuckListener(t)
 	good := startBackend(t, echoHandler)
 	s := startProxy(t, proxy.Settings{Retries: 1, DialTimeout: 150 * time.Millisecond}, stuck, good.addr())
 	// Round-robin starts each client at the next target: two clients
