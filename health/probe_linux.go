@@ -65,16 +65,11 @@ func (pr *tcpProber) connect(j tcpJob) {
 		j.done(fmt.Errorf("tcp check: dial: %w", err))
 		return
 	}
-	// Answered already (loopback, a local target): no registration needed.
-	if err := sock.Error(fd); err != nil {
-		sock.Close(fd)
-		j.done(fmt.Errorf("tcp check: dial: %w", os.NewSyscallError("connect", err)))
-		return
-	}
-	if sock.Connected(fd) {
+	if err := sock.Error(fd); err != nil || sock.Connected(fd) {
+		// Answered already (loopback, a local target): no registration needed.
 		sock.ResetOnClose(fd)
 		sock.Close(fd)
-		j.done(nil)
+		j.done(connectErr(err))
 		return
 	}
 	pb := &tcpProbe{p: pr.p, done: j.done}
@@ -100,11 +95,15 @@ func (pb *tcpProbe) Ready(uint8, uint32) {
 	// Writable: the connect is done, well or not. (EPOLLERR and EPOLLHUP
 	// come with the error in SO_ERROR; none means the handshake was
 	// answered, which is all a TCP check asks.)
-	if err := sock.Error(pb.fd.Num()); err != nil {
-		pb.end(fmt.Errorf("tcp check: dial: %w", os.NewSyscallError("connect", err)))
-		return
+	pb.end(connectErr(sock.Error(pb.fd.Num())))
+}
+
+// connectErr words a failed connect's error as net.Dial does; nil stays nil.
+func connectErr(err error) error {
+	if err == nil {
+		return nil
 	}
-	pb.end(nil)
+	return fmt.Errorf("tcp check: dial: %w", os.NewSyscallError("connect", err))
 }
 
 func (pb *tcpProbe) Expired() { pb.end(fmt.Errorf("tcp check: %w", errProbeTimeout)) }
