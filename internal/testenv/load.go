@@ -11,54 +11,34 @@ import (
 // failures with their first errors, and how often each answer came. It is
 // bounded (perWorker requests per worker) and ends at Stop.
 type Load struct {
+	crew
 	OK, Failed atomic.Int64
 
 	mu   sync.Mutex
 	errs []string // the first ten
 	seen sync.Map // answer -> *atomic.Int64
-	stop chan struct{}
-	wg   sync.WaitGroup
 }
 
 // StartLoad starts workers, each calling request (with its number) until
 // Stop, at most perWorker times.
 func StartLoad(workers, perWorker int, request func(worker int) (answer string, err error)) *Load {
-	l := &Load{stop: make(chan struct{})}
-	for w := range workers {
-		l.wg.Go(func() {
-			for range perWorker {
-				select {
-				case <-l.stop:
-					return
-				default:
-				}
-				ans, err := request(w)
-				if err != nil {
-					l.Failed.Add(1)
-					l.mu.Lock()
-					if len(l.errs) < 10 {
-						l.errs = append(l.errs, err.Error())
-					}
-					l.mu.Unlock()
-					continue
-				}
-				l.OK.Add(1)
-				v, _ := l.seen.LoadOrStore(ans, new(atomic.Int64))
-				v.(*atomic.Int64).Add(1)
+	l := &Load{}
+	l.start(workers, perWorker, func(w int) {
+		ans, err := request(w)
+		if err != nil {
+			l.Failed.Add(1)
+			l.mu.Lock()
+			if len(l.errs) < 10 {
+				l.errs = append(l.errs, err.Error())
 			}
-		})
-	}
+			l.mu.Unlock()
+			return
+		}
+		l.OK.Add(1)
+		v, _ := l.seen.LoadOrStore(ans, new(atomic.Int64))
+		v.(*atomic.Int64).Add(1)
+	})
 	return l
-}
-
-// Stop ends the load and waits for its workers. It may be called twice.
-func (l *Load) Stop() {
-	select {
-	case <-l.stop:
-	default:
-		close(l.stop)
-	}
-	l.wg.Wait()
 }
 
 // Count is how many requests got answer.

@@ -2,7 +2,6 @@ package testenv
 
 import (
 	"net"
-	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -12,43 +11,23 @@ import (
 // impatient clients do. It is bounded: 100,000 connections per worker at
 // most, and it ends at Stop. Shutdown and reload tests run under it.
 type Storm struct {
+	crew
 	attempts atomic.Int64
-	stop     chan struct{}
-	wg       sync.WaitGroup
 }
 
 // StartStorm starts workers connecting to addr, each sending msg.
 func StartStorm(addr string, workers int, msg []byte) *Storm {
-	s := &Storm{stop: make(chan struct{})}
-	for range workers {
-		s.wg.Go(func() {
-			for range 100_000 {
-				select {
-				case <-s.stop:
-					return
-				default:
-				}
-				c, err := net.DialTimeout("tcp", addr, time.Second)
-				s.attempts.Add(1)
-				if err == nil {
-					c.Write(msg)
-					c.Close()
-				}
-			}
-		})
-	}
+	s := &Storm{}
+	s.start(workers, 100_000, func(int) {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		s.attempts.Add(1)
+		if err == nil {
+			c.Write(msg)
+			c.Close()
+		}
+	})
 	return s
 }
 
 // Attempts is how many connections the storm has tried so far.
 func (s *Storm) Attempts() int64 { return s.attempts.Load() }
-
-// Stop ends the storm and waits for its workers. It may be called twice.
-func (s *Storm) Stop() {
-	select {
-	case <-s.stop:
-	default:
-		close(s.stop)
-	}
-	s.wg.Wait()
-}
