@@ -108,7 +108,7 @@ func (l *loop) start(c *conn) {
 	now := l.p.Clock()
 	c.m.Init(&c.set.relay, &c.p.Stats.Stats, c.p.Picker, c.p.ReportFailure, c.m.Src, c.m.Dst, now)
 	if c.p.aborting.Load() {
-		closeFD(c.cfd)
+		sock.Close(c.cfd)
 		c.finish(false, errors.New("shutting down"))
 		return
 	}
@@ -157,7 +157,7 @@ func (c *conn) Ready(tag uint8, ev uint32) {
 
 // targetReset reports whether the target's socket has a reset pending.
 func (c *conn) targetReset() bool {
-	return c.t.fd.Valid() && neterr.IsReset(soError(c.t.fd.Num()))
+	return c.t.fd.Valid() && neterr.IsReset(sock.Error(c.t.fd.Num()))
 }
 
 // Expired runs when c's timer comes due: a deadline of the machine's, or
@@ -192,8 +192,8 @@ func (c *conn) Abort(cause any) {
 	l.p.Close(&c.c.fd)
 	for _, s := range []*side{&c.c, &c.t} {
 		if s.hasPipe {
-			closeFD(s.pipe.r)
-			closeFD(s.pipe.w)
+			sock.Close(s.pipe.r)
+			sock.Close(s.pipe.w)
 			s.hasPipe = false
 		}
 	}
@@ -352,7 +352,7 @@ func (c *conn) connected(ev uint32) {
 		return // resolving
 	}
 	if ev&(poller.Err|poller.Hup) != 0 {
-		if err := soError(c.t.fd.Num()); err != nil {
+		if err := sock.Error(c.t.fd.Num()); err != nil {
 			c.run(c.m.DialFailed(err, c.l.p.Now()))
 			return
 		}
@@ -663,8 +663,8 @@ func (c *conn) dropSide(s *side) {
 		if s.piped == 0 {
 			c.l.putPipe(s.pipe)
 		} else {
-			closeFD(s.pipe.r)
-			closeFD(s.pipe.w)
+			sock.Close(s.pipe.r)
+			sock.Close(s.pipe.w)
 		}
 	}
 	*s = side{}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/internal/poller"
+	"github.com/rota-proxy/rota/internal/sock"
 	"github.com/rota-proxy/rota/proxy/internal/relay"
 )
 
@@ -205,8 +206,8 @@ func (l *loop) putPipe(pp pipe) {
 		l.pipes = append(l.pipes, pp)
 		return
 	}
-	closeFD(pp.r)
-	closeFD(pp.w)
+	sock.Close(pp.r)
+	sock.Close(pp.w)
 }
 
 // listening is one Serve of a *Listener: shared by the loops that accept
@@ -227,7 +228,7 @@ type listening struct {
 // unref drops one loop's hold on fd; the last closes it.
 func (li *listening) unref() {
 	if li.refs.Add(-1) == 0 {
-		closeFD(li.fd)
+		sock.Close(li.fd)
 		close(li.done)
 	}
 }
@@ -345,11 +346,11 @@ func (l *loop) accepted(li *listening, fd int, peer netip.AddrPort) {
 	}
 	set := p.currentSettings()
 	if !p.admit(set) {
-		closeFD(fd)
+		sock.Close(fd)
 		return
 	}
 	li.conns.Add(1)
-	setNoDelay(fd) // like net.Listen
+	sock.SetNoDelay(fd) // like net.Listen
 	local := li.local
 	if set.SendProxy != 0 && (!local.Addr().IsValid() || local.Addr().IsUnspecified()) {
 		local = sockname(fd)
@@ -363,7 +364,7 @@ func (l *loop) accepted(li *listening, fd int, peer netip.AddrPort) {
 		return
 	}
 	if !to.p.Post(func() { to.start(c) }) {
-		closeFD(fd)
+		sock.Close(fd)
 		p.release(li.conns)
 	}
 }
@@ -463,7 +464,7 @@ func (l *Listener) Close() error {
 	}
 	li := l.serving
 	if li == nil {
-		closeFD(l.fd)
+		sock.Close(l.fd)
 		close(l.done)
 		l.mu.Unlock()
 		return nil

@@ -80,13 +80,6 @@ func startConnect(ap netip.AddrPort) (int, error) {
 	return fd, err
 }
 
-func setNoDelay(fd int) { sock.SetNoDelay(fd) }
-
-// soError is a socket's pending error (a failed connect), nil when none.
-func soError(fd int) error { return sock.Error(fd) }
-
-func closeFD(fd int) { unix.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0) }
-
 func shutdownWrite(fd int) error {
 	if _, _, e := unix.RawSyscall(unix.SYS_SHUTDOWN, uintptr(fd), unix.SHUT_WR, 0); e != 0 {
 		return e

@@ -35,6 +35,8 @@ import (
 
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
+
+	"github.com/rota-proxy/rota/internal/sock"
 )
 
 // Event bits, as epoll reports them.
@@ -176,7 +178,7 @@ func (p *Poller) Time(t int64) time.Time { return p.base.Add(time.Duration(t)) }
 // fd is closed and f stays none.
 func (p *Poller) Add(f *FD, fd int, events uint32, h Handler, tag uint8) error {
 	if err := p.add(f, fd, events, h, tag); err != nil {
-		closeFD(fd)
+		sock.Close(fd)
 		return err
 	}
 	return nil
@@ -222,7 +224,7 @@ func (p *Poller) Close(f *FD) {
 	}
 	fd := int(f.n)
 	p.forget(f)
-	closeFD(fd)
+	sock.Close(fd)
 }
 
 // Forget takes a shared descriptor out of this poller without closing it.
