@@ -442,6 +442,14 @@ func (c *Checker) schedule() {
 	}
 }
 
+// tcpJob is one probe for the TCP prober to start: its result goes to
+// done, once, on the prober's goroutine.
+type tcpJob struct {
+	addr    netip.AddrPort
+	timeout time.Duration
+	done    func(error)
+}
+
 // onLoop reports whether a probe of addr runs on the prober's loop: a TCP
 // check of an IP address, with the prober running and no test hook.
 // Caller holds c.mu.

@@ -4,9 +4,7 @@ package health
 
 import (
 	"fmt"
-	"net/netip"
 	"os"
-	"time"
 
 	"go.uber.org/zap"
 
@@ -22,14 +20,6 @@ import (
 // that are IP literals; names go through the resolver on the goroutine path.
 type tcpProber struct {
 	p *poller.Poller
-}
-
-// tcpJob is one probe to start: its result goes to done, once, on the
-// prober's goroutine.
-type tcpJob struct {
-	addr    netip.AddrPort
-	timeout time.Duration
-	done    func(error)
 }
 
 // newTCPProber starts a prober whose loop runs until close.

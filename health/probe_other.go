@@ -3,20 +3,11 @@
 package health
 
 import (
-	"net/netip"
-	"time"
-
 	"go.uber.org/zap"
 )
 
 // tcpProber is Linux's; elsewhere every probe takes the goroutine path.
 type tcpProber struct{}
-
-type tcpJob struct {
-	addr    netip.AddrPort
-	timeout time.Duration
-	done    func(error)
-}
 
 func newTCPProber(*zap.Logger) (*tcpProber, error) { return nil, nil }
 
