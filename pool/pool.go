@@ -90,6 +90,7 @@ type Pool struct {
 	sampler   *time.Timer        // samples the targets' new connections every second
 	serving   bool               // some target has been live: later ones ramp
 	gone      []*balancer.Target // followed targets dropped since the last rebuild: "removed"
+	flushers  []chan struct{}    // Flush calls waiting for the queue to run dry
 }
 
 // entry is one target and what the pool knows of it.
@@ -174,22 +175,12 @@ func (p *Pool) Configure(cfg Config) {
 // Health is every known target's health, sorted by address.
 func (p *Pool) Health() []health.Status { return p.checker.Status() }
 
-// Flush waits until every input queued before it has been applied and the
-// picker rebuilt. Tests and benchmarks use it; the proxy never waits.
+// Flush waits until every input queued before it, and every input those
+// caused, has been applied and the picker rebuilt. Tests and benchmarks use
+// it; the proxy never waits.
 func (p *Pool) Flush() {
 	ch := make(chan struct{})
-	// Inputs cause inputs (a snapshot makes the checker report health
-	// changes): the marker goes to the back of the queue again until it
-	// finds the queue empty behind it.
-	var marker func()
-	marker = func() {
-		if p.inputs.pending() && p.inputs.push(marker) {
-			return
-		}
-		p.rebuild()
-		close(ch)
-	}
-	if !p.inputs.push(marker) {
+	if !p.inputs.push(func() { p.flushers = append(p.flushers, ch) }) {
 		return
 	}
 	select {
@@ -221,8 +212,18 @@ func (p *Pool) run() {
 			fn()
 			batch[i] = nil
 		}
-		if p.dirty {
+		// Inputs cause inputs (a snapshot makes the checker report health
+		// changes, queued behind this batch): a flusher is released only
+		// after a batch that left nothing queued, so that it sees them.
+		release := len(p.flushers) > 0 && !p.inputs.pending()
+		if p.dirty || release {
 			p.rebuild()
+		}
+		if release {
+			for _, ch := range p.flushers {
+				close(ch)
+			}
+			p.flushers = p.flushers[:0]
 		}
 	}
 }
