@@ -33,8 +33,8 @@ func TestMain(m *testing.M) {
 
 // backend is a real TCP server on 127.0.0.1 that answers every connection
 // with its name once it has read the client's request line. Kill closes it
-// the way a crashed process goes: the listener and every open connection at
-// once, with resets.
+// the way a crashed process goes: the listener and every connection not yet
+// answered at once, with resets.
 type backend struct {
 	name string
 	addr string
@@ -71,6 +71,11 @@ func (b *backend) listen(addr string) error {
 				return
 			}
 			b.mu.Lock()
+			if b.ln != ln { // killed meanwhile
+				b.mu.Unlock()
+				reset(c)
+				return
+			}
 			b.conns[c] = struct{}{}
 			b.mu.Unlock()
 			b.wg.Go(func() {
@@ -85,6 +90,18 @@ func (b *backend) listen(addr string) error {
 				if _, err := c.Read(buf); err != nil {
 					return // a health probe: connect and close
 				}
+				// The answer is written under mu, so that a kill comes
+				// before it (the connection is reset: the request is
+				// the proxy's to retry) or after it, never between the
+				// read and the write: there a crash closes with a plain
+				// FIN, an empty answer no proxy can tell from a real one
+				// (TestBackendKilledUnderLoad failed once on that).
+				b.mu.Lock()
+				defer b.mu.Unlock()
+				if _, live := b.conns[c]; !live {
+					return // killed: reset already
+				}
+				delete(b.conns, c) // answered: a kill from now on closes nothing of it
 				b.hits.Add(1)
 				io.WriteString(c, b.name)
 			})
@@ -93,10 +110,9 @@ func (b *backend) listen(addr string) error {
 	return nil
 }
 
-// kill stops the backend abruptly, as SIGKILL does: every socket is closed
-// at once, whatever its handler was doing, and the kernel resets those with
-// bytes left unread (connections waiting in the accept queue, requests not
-// yet read) and sends a FIN on the others.
+// kill stops the backend abruptly, as a crash does: the listener closes
+// (the kernel resets the connections waiting in its accept queue) and every
+// connection not yet answered is reset, whatever its handler was doing.
 func (b *backend) kill() {
 	b.mu.Lock()
 	if b.ln != nil {
@@ -104,10 +120,17 @@ func (b *backend) kill() {
 		b.ln = nil
 	}
 	for c := range b.conns {
-		c.Close()
+		reset(c)
 	}
+	clear(b.conns)
 	b.mu.Unlock()
 	b.wg.Wait()
+}
+
+// reset closes c with a reset instead of a FIN.
+func reset(c net.Conn) {
+	c.(*net.TCPConn).SetLinger(0)
+	c.Close()
 }
 
 // revive listens again on the same address.
