@@ -299,3 +299,65 @@ func TestPanicIsContained(t *testing.T) {
 	}
 	on(t, p, func() { p.Close(&fa); p.Close(&fb) })
 }
+
+// Registrations live in slots of a table as dense as the loop's own: more
+// than a chunk of them each reach their own handler, and closing them all
+// and registering as many again reuses the slots instead of growing the
+// table (a table by descriptor number spanned the whole process's).
+func TestSlotsAreDenseAndReused(t *testing.T) {
+	p := start(t)
+	const n = chunkSize + chunkSize/2
+	fds := make([]FD, n)
+	peers := make([]int, n)
+	hs := make([]*recorder, n)
+	register := func() {
+		on(t, p, func() {
+			for i := range fds {
+				a, b := socketpair(t)
+				peers[i], hs[i] = b, &recorder{}
+				if err := p.Add(&fds[i], a, In|Edge, hs[i], 0); err != nil {
+					t.Fatal(err)
+				}
+			}
+		})
+	}
+	closeAll := func() {
+		on(t, p, func() {
+			for i := range fds {
+				p.Close(&fds[i])
+				unix.Close(peers[i])
+			}
+		})
+	}
+	register()
+	var chunks int
+	on(t, p, func() { chunks = len(p.regs) })
+	if chunks != 2 {
+		t.Fatalf("%d registrations took %d chunks, want 2", n, chunks)
+	}
+	written := map[int]bool{}
+	for _, i := range []int{0, chunkSize - 1, chunkSize, n - 1} {
+		written[i] = true
+		unix.Write(peers[i], []byte("x"))
+		deadline := time.Now().Add(5 * time.Second)
+		for hs[i].readyCount() == 0 && time.Now().Before(deadline) {
+			on(t, p, func() {})
+		}
+		for j, h := range hs {
+			want := 0
+			if written[j] {
+				want = 1
+			}
+			if got := h.readyCount(); got != want {
+				t.Fatalf("after writes to %v: handler %d got %d events, want %d", written, j, got, want)
+			}
+		}
+	}
+	closeAll()
+	register()
+	on(t, p, func() { chunks = len(p.regs) })
+	if chunks != 2 {
+		t.Fatalf("registering again grew the table to %d chunks", chunks)
+	}
+	closeAll()
+}
