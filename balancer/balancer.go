@@ -98,30 +98,36 @@ func (b *Balancer) Pick() Cursor {
 	if p == nil || len(p.set) == 0 {
 		return Cursor{}
 	}
-	return Cursor{set: p.set, start: uint64(p.pick(&b.seq))}
+	return Cursor{p: p, start: uint32(p.pick(&b.seq))}
 }
 
 // Cursor walks a picker's targets from its choice on. The zero Cursor
-// yields nothing.
+// yields nothing. It is small (16 bytes): every connection holds one.
 type Cursor struct {
-	set   []*Target
-	start uint64
-	i     int
+	p     *picker // immutable
+	start uint32
+	i     uint32
 }
 
 // Next returns the next target to try, or nil when every target of the set
 // has been offered once.
 func (c *Cursor) Next() *Target {
-	if c.i >= len(c.set) {
+	if c.p == nil || int(c.i) >= len(c.p.set) {
 		return nil
 	}
-	t := c.set[(c.start+uint64(c.i))%uint64(len(c.set))]
+	n := uint64(len(c.p.set))
+	t := c.p.set[(uint64(c.start)+uint64(c.i))%n]
 	c.i++
 	return t
 }
 
 // Len is the number of targets the cursor can offer in all.
-func (c *Cursor) Len() int { return len(c.set) }
+func (c *Cursor) Len() int {
+	if c.p == nil {
+		return 0
+	}
+	return len(c.p.set)
+}
 
 // RoundRobinBalancer is a balancer over equally weighted targets, for callers with
 // no weights: Update(targets) is Balancer.Update(RoundRobin, weight 1 each).

@@ -62,9 +62,6 @@ type side struct {
 	hup  bool // the peer closed or errored: read until EOF, not just a short read
 	eof  bool // read EOF from this side
 	shut bool // sent this side a FIN
-	// hasPipe: pipe is the loop's, held while this side sends a bulk
-	// transfer (below).
-	hasPipe bool
 	// dropping: winding down, this side had nothing more to send when it
 	// was sent a FIN (eof is set as if it had sent one); what it sends
 	// from here on is read and dropped until it closes, so that closing
@@ -79,8 +76,7 @@ type side struct {
 	// A pipe from the loop's pool while this side sends a bulk transfer:
 	// its bytes go to the other side by splice(2), never through user
 	// space. Returned when the transfer pauses.
-	pipe  pipe
-	piped int    // bytes in the pipe
+	pipe  *pipe
 	moved uint64 // bytes read from this side
 }
 
@@ -191,10 +187,10 @@ func (c *conn) Abort(cause any) {
 	l.p.Close(&c.t.fd)
 	l.p.Close(&c.c.fd)
 	for _, s := range []*side{&c.c, &c.t} {
-		if s.hasPipe {
+		if s.pipe != nil {
 			sock.Close(s.pipe.r)
 			sock.Close(s.pipe.w)
-			s.hasPipe = false
+			s.pipe = nil
 		}
 	}
 	l.unlink(c)
@@ -402,7 +398,7 @@ func (c *conn) flow(src, dst *side, toTarget bool) bool {
 		if !c.flush(dst, toTarget) {
 			return false
 		}
-		if src.piped > 0 && !c.pump(src, dst, toTarget) {
+		if src.pipe != nil && src.pipe.n > 0 && !c.pump(src, dst, toTarget) {
 			return false
 		}
 		if src.eof {
@@ -429,7 +425,7 @@ func (c *conn) flow(src, dst *side, toTarget bool) bool {
 		if c.moved(src)-start >= turnBytes {
 			return true
 		}
-		if src.hasPipe {
+		if src.pipe != nil {
 			if !c.drain(src, toTarget) {
 				return false
 			}
@@ -596,7 +592,7 @@ func (c *conn) read(src, dst *side, toTarget bool) bool {
 			// A full read: a bulk transfer. The rest goes by splice.
 			// (Small messages stay with read and write, which beat a
 			// pipe's round trip.)
-			src.pipe, src.hasPipe = c.l.getPipe()
+			src.pipe = c.l.getPipe()
 		}
 		return true
 	case relay.Flush:
@@ -626,7 +622,7 @@ func (c *conn) drain(src *side, toTarget bool) bool {
 		}
 		return c.act(c.m.TargetEOF(c.l.p.Now()))
 	}
-	src.piped = n
+	src.pipe.n = n
 	src.moved += uint64(n)
 	c.m.Spliced(toTarget, n, c.l.p.Now())
 	return true
@@ -634,24 +630,24 @@ func (c *conn) drain(src *side, toTarget bool) bool {
 
 // pump splices src's pipe into dst and reports whether it emptied.
 func (c *conn) pump(src, dst *side, toTarget bool) bool {
-	for src.piped > 0 {
-		n, err := splice(src.pipe.r, dst.fd.Num(), src.piped)
+	for src.pipe.n > 0 {
+		n, err := splice(src.pipe.r, dst.fd.Num(), src.pipe.n)
 		switch {
 		case err == errEAGAIN:
 			return false // dst is full; its EPOLLOUT edge resumes
 		case err != nil:
 			return c.writeFailed(err, toTarget)
 		}
-		src.piped -= n
+		src.pipe.n -= n
 	}
 	return true
 }
 
 // putPipe returns src's pipe to the loop once the transfer pauses.
 func (c *conn) putPipe(src *side) {
-	if src.hasPipe && src.piped == 0 {
+	if src.pipe != nil && src.pipe.n == 0 {
 		c.l.putPipe(src.pipe)
-		src.hasPipe = false
+		src.pipe = nil
 	}
 }
 
@@ -659,8 +655,8 @@ func (c *conn) putPipe(src *side) {
 func (c *conn) dropSide(s *side) {
 	c.l.p.Close(&s.fd)
 	putPend(s)
-	if s.hasPipe {
-		if s.piped == 0 {
+	if s.pipe != nil {
+		if s.pipe.n == 0 {
 			c.l.putPipe(s.pipe)
 		} else {
 			sock.Close(s.pipe.r)

@@ -180,28 +180,32 @@ type loop struct {
 	e     *Engine
 	p     *poller.Poller
 	buf   []byte
-	pipes []pipe // idle pipes
+	pipes []*pipe // idle pipes, empty
 	conns conn   // list head: the loop's connections (for abort)
 }
 
-// pipe is a kernel pipe a bulk transfer splices through.
-type pipe struct{ r, w int }
+// pipe is a kernel pipe a bulk transfer splices through, and the bytes in
+// it. A side holds one only while it sends a bulk transfer, so an idle
+// connection pays a pointer for it, not the pipe.
+type pipe struct{ r, w, n int }
 
-func (l *loop) getPipe() (pipe, bool) {
+// getPipe lends an empty pipe; nil if none can be made (the transfer goes
+// on with read and write).
+func (l *loop) getPipe() *pipe {
 	if n := len(l.pipes); n > 0 {
 		pp := l.pipes[n-1]
 		l.pipes = l.pipes[:n-1]
-		return pp, true
+		return pp
 	}
 	r, w, err := newPipe()
 	if err != nil {
-		return pipe{}, false
+		return nil
 	}
-	return pipe{r, w}, true
+	return &pipe{r: r, w: w}
 }
 
 // putPipe takes back an empty pipe.
-func (l *loop) putPipe(pp pipe) {
+func (l *loop) putPipe(pp *pipe) {
 	if len(l.pipes) < maxIdlePipes {
 		l.pipes = append(l.pipes, pp)
 		return

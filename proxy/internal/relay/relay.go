@@ -239,7 +239,6 @@ type Conn struct {
 	report func(addr string, err error)
 
 	cursor balancer.Cursor
-	tries  int
 	target *balancer.Target
 	// Src is the client, Dst the address it connected to: the socket's, or
 	// those a PROXY header named.
@@ -250,10 +249,9 @@ type Conn struct {
 	// target answers, also those it took.
 	held []byte
 	sent int
-	// hdr is the PROXY header for targets; hdrSent of it went to the
-	// current one.
-	hdr     []byte
-	hdrSent int
+	// x holds what only some connections need (a PROXY header to send, a
+	// ClientHello read): an idle connection is mostly this struct.
+	x *extra
 	// lingerUntil: while lingering (below), until when the target, closed
 	// after taking bytes, may still turn out to have reset.
 	lingerUntil int64
@@ -262,9 +260,6 @@ type Conn struct {
 	expireAt  int64 // max_conn_age, jittered
 	retireAt  int64
 	windUntil int64
-	helloBy   int64
-	Hello     string // the server name the client asked for, once read
-	HelloErr  error  // why none was read (not TLS, too large, late)
 
 	// The flags sit together: an idle connection is mostly this struct,
 	// and a bool between two words costs a word.
@@ -282,10 +277,47 @@ type Conn struct {
 	// ClientHello is). slot: the client holds a place in cfg.Clients.
 	header bool
 	slot   bool
+	tries  int32 // targets still to try
 
-	start, last, dialBy int64 // clock readings, nanoseconds
+	// Clock readings, nanoseconds. due is the deadline of the phase: the
+	// ClientHello's in Prelude, the dial's in Dialing.
+	start, last, due int64
 	// Err says why the connection closed, or why the last attempt failed.
 	Err error
+}
+
+// extra is the part of a Conn that only some connections need.
+type extra struct {
+	// hdr is the PROXY header for targets; hdrSent of it went to the
+	// current one.
+	hdr      []byte
+	hdrSent  int
+	hello    string // the server name the client asked for, once read
+	helloErr error  // why none was read (not TLS, too large, late)
+}
+
+// more is c's extra part, made on first use.
+func (c *Conn) more() *extra {
+	if c.x == nil {
+		c.x = new(extra)
+	}
+	return c.x
+}
+
+// Hello is the server name the client asked for, once read.
+func (c *Conn) Hello() string {
+	if c.x == nil {
+		return ""
+	}
+	return c.x.hello
+}
+
+// HelloErr is why no server name was read (not TLS, too large, late).
+func (c *Conn) HelloErr() error {
+	if c.x == nil {
+		return nil
+	}
+	return c.x.helloErr
 }
 
 // Init prepares c for a client from src that connected to dst, at now.
@@ -337,7 +369,7 @@ func (c *Conn) client(now int64) Action {
 		return c.pick(now)
 	}
 	c.state = Prelude
-	c.helloBy = now + int64(durationOr(c.cfg.SNITimeout, 5*time.Second))
+	c.due = now + int64(durationOr(c.cfg.SNITimeout, 5*time.Second))
 	if len(c.held) > 0 {
 		return c.hello(now, false)
 	}
@@ -367,18 +399,18 @@ func (c *Conn) hello(now int64, final bool) Action {
 	name, done, err := sni.Parse(c.held)
 	switch {
 	case err != nil:
-		c.HelloErr = err
+		c.more().helloErr = err
 	case done:
-		c.Hello = name
+		c.more().hello = name
 	case final:
-		c.HelloErr = errHelloLate
+		c.more().helloErr = errHelloLate
 	default:
 		return ReadPrelude
 	}
-	p := c.cfg.Route(c.Hello)
+	p := c.cfg.Route(c.Hello())
 	if p == nil {
 		c.stats.NoRoute.Add(1)
-		c.Err = fmt.Errorf("%w %q (from %s)", ErrNoRoute, c.Hello, c.Src)
+		c.Err = fmt.Errorf("%w %q (from %s)", ErrNoRoute, c.Hello(), c.Src)
 		return c.end(Close)
 	}
 	c.picker = p
@@ -513,7 +545,7 @@ func tcpAddrPort(a *net.TCPAddr) netip.AddrPort {
 // pick starts the attempts: the picker's cursor, 1 + Retries targets at most.
 func (c *Conn) pick(now int64) Action {
 	c.cursor = c.picker.Pick()
-	c.tries = min(1+max(c.cfg.Retries, 0), c.cursor.Len())
+	c.tries = int32(min(1+max(c.cfg.Retries, 0), c.cursor.Len()))
 	return c.next(now, nil)
 }
 
@@ -529,8 +561,11 @@ func (c *Conn) next(now int64, lastErr error) Action {
 			c.tries--
 			c.target = t
 			c.state = Dialing
-			c.dialBy = now + int64(c.dialTimeout())
-			c.hdrSent, c.sent = 0, 0
+			c.due = now + int64(c.dialTimeout())
+			c.sent = 0
+			if c.x != nil {
+				c.x.hdrSent = 0
+			}
 			c.resetOnWrite, c.spoke, c.lingering = false, false, false
 			c.retireAt, c.retireWhy = 0, NotRetired // that was the last target's
 			return Dial
@@ -567,13 +602,13 @@ func (c *Conn) Dialed(now int64) Action {
 	t.Total.Add(1)
 	c.state = Open
 	c.last = now
-	if c.cfg.SendProxy != 0 && c.hdr == nil {
+	if c.cfg.SendProxy != 0 && (c.x == nil || c.x.hdr == nil) {
 		h := proxyproto.HeaderProxyFromAddrs(c.cfg.SendProxy, net.TCPAddrFromAddrPort(c.Src), net.TCPAddrFromAddrPort(c.Dst))
 		b, err := h.Format()
 		if err != nil {
 			return c.close(fmt.Errorf("PROXY header: %w", err))
 		}
-		c.hdr = b
+		c.more().hdr = b
 	}
 	if c.clientEOF {
 		return ShutTarget // after Pending, like every FIN
@@ -610,17 +645,17 @@ func (c *Conn) Pending() []byte {
 	if c.state != Open && c.state != Committed {
 		return nil
 	}
-	if c.hdrSent < len(c.hdr) {
-		return c.hdr[c.hdrSent:]
+	if x := c.x; x != nil && x.hdrSent < len(x.hdr) {
+		return x.hdr[x.hdrSent:]
 	}
 	return c.held[c.sent:]
 }
 
 // Wrote reports that n bytes of Pending() were written to the target.
 func (c *Conn) Wrote(n int) {
-	if h := len(c.hdr) - c.hdrSent; h > 0 {
-		d := min(n, h)
-		c.hdrSent += d
+	if x := c.x; x != nil && len(x.hdr) > x.hdrSent {
+		d := min(n, len(x.hdr)-x.hdrSent)
+		x.hdrSent += d
 		n -= d
 	}
 	if n == 0 {
@@ -802,11 +837,11 @@ func (c *Conn) Deadline() int64 {
 	switch c.state {
 	case Prelude:
 		if !c.header {
-			return c.helloBy
+			return c.due
 		}
 		return c.start + int64(c.preludeTimeout())
 	case Dialing:
-		return c.dialBy
+		return c.due
 	case Open, Committed:
 		if c.lingering {
 			return c.lingerUntil

@@ -41,8 +41,8 @@ func TestRouteBySNI(t *testing.T) {
 	h.want(h.c.Prelude(hello[:3], 1), ReadPrelude)
 	h.want(h.c.Prelude(hello[3:100], 2), ReadPrelude)
 	h.want(h.c.Prelude(hello[100:], 3), Dial)
-	if h.c.Target() != h.targets[0] || h.c.Hello != "api.example.com" || len(*asked) != 1 {
-		t.Fatalf("routed to %v for %q (asked %q)", h.c.Target(), h.c.Hello, *asked)
+	if h.c.Target() != h.targets[0] || h.c.Hello() != "api.example.com" || len(*asked) != 1 {
+		t.Fatalf("routed to %v for %q (asked %q)", h.c.Target(), h.c.Hello(), *asked)
 	}
 	h.want(h.c.Dialed(4), Flush)
 	if got := h.flush(-1); !bytes.Equal(got, hello) {
@@ -58,8 +58,8 @@ func TestRouteFallbacks(t *testing.T) {
 	h, asked := routed(t, true, Config{})
 	h.want(h.c.Start(0), ReadPrelude)
 	h.want(h.c.Prelude([]byte("GET / HTTP/1.1\r\n"), 1), Dial)
-	if h.c.Target() != h.targets[1] || (*asked)[0] != "" || !errors.Is(h.c.HelloErr, errNotTLS()) {
-		t.Fatalf("non-TLS: target %v, asked %q, err %v", h.c.Target(), *asked, h.c.HelloErr)
+	if h.c.Target() != h.targets[1] || (*asked)[0] != "" || !errors.Is(h.c.HelloErr(), errNotTLS()) {
+		t.Fatalf("non-TLS: target %v, asked %q, err %v", h.c.Target(), *asked, h.c.HelloErr())
 	}
 
 	// Nothing within sni_timeout (a server-speaks-first protocol): routed
