@@ -181,7 +181,7 @@ type loop struct {
 	p     *poller.Poller
 	buf   []byte
 	pipes []*pipe // idle pipes, empty
-	conns conn   // list head: the loop's connections (for abort)
+	conns conn    // list head: the loop's connections (for abort)
 }
 
 // pipe is a kernel pipe a bulk transfer splices through, and the bytes in
