@@ -246,7 +246,9 @@ func (p *Poller) Close(f *FD) {
 	sock.Close(fd)
 }
 
-// Forget takes a shared descriptor out of this poller without closing it.
+// Forget takes a descriptor out of this poller without closing it: a shared
+// one, or one its owner takes back to use again (the health prober's
+// sockets). Events for it still in the current batch are dropped.
 func (p *Poller) Forget(f *FD) {
 	if !f.ok {
 		return

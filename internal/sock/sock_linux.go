@@ -21,34 +21,74 @@ import (
 // The caller owns the descriptor it returns; the connect completes (or
 // fails: see Error) when the socket turns writable.
 func Connect(ap netip.AddrPort) (int, error) {
+	fd, err := Socket(IPv6(ap))
+	if err != nil {
+		return -1, err
+	}
+	if err := ConnectOn(fd, ap); err != nil {
+		Close(fd)
+		return -1, err
+	}
+	return fd, nil
+}
+
+// IPv6 reports whether ap needs an IPv6 socket (an IPv4-mapped address
+// does not).
+func IPv6(ap netip.AddrPort) bool {
+	a := ap.Addr()
+	return !a.Is4() && !a.Is4In6()
+}
+
+// Socket opens a non-blocking TCP socket, IPv6 or IPv4. The caller owns it.
+func Socket(v6 bool) (int, error) {
+	domain := uintptr(unix.AF_INET)
+	if v6 {
+		domain = unix.AF_INET6
+	}
+	r, _, e := unix.RawSyscall(unix.SYS_SOCKET, domain, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if e != 0 {
+		return -1, fmt.Errorf("socket: %w", e)
+	}
+	return int(r), nil
+}
+
+// ConnectOn starts connecting fd, a new socket of ap's family or one
+// Disconnect made free, to ap.
+func ConnectOn(fd int, ap netip.AddrPort) error {
 	a, port := ap.Addr(), ap.Port()
 	var (
-		domain = unix.AF_INET
-		sa     unsafe.Pointer
-		salen  uintptr
-		sa4    unix.RawSockaddrInet4
-		sa6    unix.RawSockaddrInet6
+		sa    unsafe.Pointer
+		salen uintptr
+		sa4   unix.RawSockaddrInet4
+		sa6   unix.RawSockaddrInet6
 	)
-	if a.Is4() || a.Is4In6() {
+	if !IPv6(ap) {
 		sa4.Family, sa4.Addr = unix.AF_INET, a.Unmap().As4()
 		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa4.Port))[:], port)
 		sa, salen = unsafe.Pointer(&sa4), unsafe.Sizeof(sa4)
 	} else {
-		domain = unix.AF_INET6
 		sa6.Family, sa6.Addr = unix.AF_INET6, a.As16()
 		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa6.Port))[:], port)
 		sa, salen = unsafe.Pointer(&sa6), unsafe.Sizeof(sa6)
 	}
-	r, _, e := unix.RawSyscall(unix.SYS_SOCKET, uintptr(domain), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
-	if e != 0 {
-		return -1, fmt.Errorf("socket: %w", e)
+	if _, _, e := unix.RawSyscall(unix.SYS_CONNECT, uintptr(fd), uintptr(sa), salen); e != 0 && e != unix.EINPROGRESS {
+		return fmt.Errorf("connect: %w", e)
 	}
-	fd := int(r)
-	if _, _, e := unix.RawSyscall(unix.SYS_CONNECT, r, uintptr(sa), salen); e != 0 && e != unix.EINPROGRESS {
-		Close(fd)
-		return -1, fmt.Errorf("connect: %w", e)
+	return nil
+}
+
+// Disconnect dissolves fd's connection, connected or not, so that fd can
+// connect again (connect(2) to AF_UNSPEC): an established connection is
+// reset, as closing it after ResetOnClose would, and a connect in flight
+// is dropped. It clears the error the disconnect leaves. A socket used
+// again this way costs no socket(2) and no close(2).
+func Disconnect(fd int) error {
+	sa := unix.RawSockaddr{Family: unix.AF_UNSPEC}
+	if _, _, e := unix.RawSyscall(unix.SYS_CONNECT, uintptr(fd), uintptr(unsafe.Pointer(&sa)), unsafe.Sizeof(sa)); e != 0 {
+		return fmt.Errorf("disconnect: %w", e)
 	}
-	return fd, nil
+	Error(fd)
+	return nil
 }
 
 // Error is a socket's pending error (a failed connect), nil when none.
