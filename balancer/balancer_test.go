@@ -2,6 +2,7 @@ package balancer
 
 import (
 	"fmt"
+	"math"
 	"slices"
 	"sync"
 	"testing"
@@ -272,6 +273,35 @@ func TestLeastConn(t *testing.T) {
 	}
 	if len(seen) != 3 {
 		t.Fatalf("equal loads picked %d distinct targets in 3 picks, want rotation", len(seen))
+	}
+}
+
+// Beyond the window, least_conn still balances: connections that stay open
+// spread so that no target carries more than one above another, and a
+// target with many more open than the rest is never picked while they are
+// lighter.
+func TestLeastConnBeyondTheWindow(t *testing.T) {
+	var b Balancer
+	ts := targets(1000)
+	b.Update(LeastConn, weighted(ts, 1))
+	ts[500].Active.Store(1 << 20) // stuck with long connections
+	for range 50_000 {
+		c := b.Pick()
+		got := c.Next()
+		if got == ts[500] {
+			t.Fatal("picked the overloaded target")
+		}
+		got.Active.Add(1) // the connection stays open
+	}
+	lo, hi := int64(math.MaxInt64), int64(0)
+	for i, tg := range ts {
+		if i == 500 {
+			continue
+		}
+		lo, hi = min(lo, tg.Active.Load()), max(hi, tg.Active.Load())
+	}
+	if hi-lo > 1 {
+		t.Fatalf("open connections per target range from %d to %d, want within 1", lo, hi)
 	}
 }
 

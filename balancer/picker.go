@@ -14,8 +14,12 @@ const (
 	maxSchedule  = 8192
 	maxScheduled = 256
 	// window bounds the targets least_conn compares per pick: exact up to
-	// window targets, beyond that the least loaded of a rotating window.
-	window = 64
+	// window targets, beyond that the least loaded of a window that starts
+	// at the rotation's choice, so that a pick costs about the same at 3
+	// and at 10,000 targets (it was 64: 26 ns against 100). It still
+	// balances: at 1,000 targets open connections stay within one of each
+	// other (TestLeastConnBeyondTheWindow).
+	window = 8
 	// maxStride is the scale of the stride scheduler's weights.
 	maxStride = math.MaxUint16
 )
@@ -104,10 +108,17 @@ func (p *picker) lighter(i, j int) bool {
 func (p *picker) leastConn(start int) int {
 	n := len(p.set)
 	best := start
-	for k := 1; k < min(n, window); k++ {
-		i := (start + k) % n
-		if p.lighter(i, best) {
-			best = i
+	// The best's load is read once, and the index wraps without a
+	// division: the loop is one atomic load and two multiplications.
+	bestLoad, bestW := p.set[best].Active.Load(), int64(p.w[best])
+	i := start
+	for range min(n, window) - 1 {
+		if i++; i == n {
+			i = 0
+		}
+		load, w := p.set[i].Active.Load(), int64(p.w[i])
+		if load*bestW < bestLoad*w {
+			best, bestLoad, bestW = i, load, w
 		}
 	}
 	return best
