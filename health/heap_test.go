@@ -1,0 +1,53 @@
+package health
+
+import (
+	"math/rand/v2"
+	"testing"
+	"time"
+)
+
+// The heap yields targets in the order of their nextAt through pushes,
+// reschedules (fix after nextAt changes) and removals, with every target's
+// position kept in idx.
+func TestTargetHeapOrder(t *testing.T) {
+	var h targetHeap
+	base := time.Now()
+	ts := make([]*target, 500)
+	for i := range ts {
+		ts[i] = &target{nextAt: base.Add(time.Duration(rand.IntN(1e6)))}
+		h.push(ts[i])
+	}
+	for range 300 { // reschedule some
+		tg := ts[rand.IntN(len(ts))]
+		tg.nextAt = base.Add(time.Duration(rand.IntN(1e6)) - 5e5)
+		h.fix(tg.idx - 1)
+	}
+	removed := map[*target]bool{}
+	for range 100 {
+		tg := ts[rand.IntN(len(ts))]
+		if tg.idx > 0 {
+			h.remove(tg.idx - 1)
+			removed[tg] = true
+		}
+	}
+	for i, s := range h.ts {
+		if s.t.idx != i+1 {
+			t.Fatalf("slot %d holds a target whose idx is %d", i, s.t.idx)
+		}
+	}
+	var last time.Time
+	n := h.len()
+	for i := range n {
+		tg := h.pop()
+		if removed[tg] || tg.idx != 0 {
+			t.Fatalf("popped a removed target, or one still placed (idx %d)", tg.idx)
+		}
+		if i > 0 && tg.nextAt.Before(last) {
+			t.Fatalf("pop %d: %v before the previous %v", i, tg.nextAt, last)
+		}
+		last = tg.nextAt
+	}
+	if n+len(removed) != len(ts) {
+		t.Fatalf("popped %d and removed %d of %d", n, len(removed), len(ts))
+	}
+}
