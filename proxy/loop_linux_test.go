@@ -212,6 +212,14 @@ func TestSlowClientsCostLittleMemory(t *testing.T) {
 	if per > 2048 {
 		t.Fatalf("%d bytes per connection, want at most 2 KiB", per)
 	}
+	// What it holds is its conn (a 512-byte size class) and its two
+	// registrations in the poller's slot table. The tighter bound catches
+	// a table that spans every descriptor of the process in every loop
+	// (912 bytes a connection at two loops) or a struct that outgrows its
+	// class; measured 557.
+	if per > 640 {
+		t.Fatalf("%d bytes per connection, want at most 640: more than the conn and its registrations", per)
+	}
 }
 
 // goMemory is the Go heap and stacks in use after a collection.
