@@ -11,9 +11,10 @@ import (
 )
 
 // runBackends is the child-process mode: n HTTP servers on ephemeral
-// loopback ports answering a small fixed body with keep-alive. It prints the
-// ports, one per line, then "ready", and serves until SIGTERM.
-func runBackends(n int) error {
+// ports of host (loopback unless told) answering a small fixed body with
+// keep-alive. It prints the ports, one per line, then "ready", and serves
+// until SIGTERM.
+func runBackends(n int, host string) error {
 	raiseNoFile()
 	body := []byte("hello from the bench backend\n")
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -22,7 +23,7 @@ func runBackends(n int) error {
 		w.Write(body)
 	})
 	for range n {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		ln, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 		if err != nil {
 			return err
 		}

@@ -48,7 +48,11 @@ type options struct {
 func main() {
 	if len(os.Args) > 2 && os.Args[1] == "-backend-mode" {
 		n, _ := strconv.Atoi(os.Args[2])
-		if err := runBackends(n); err != nil {
+		host := "127.0.0.1"
+		if len(os.Args) > 3 {
+			host = os.Args[3] // bench/probe-cpu: an address in another namespace
+		}
+		if err := runBackends(n, host); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
