@@ -4,7 +4,6 @@ package health
 
 import (
 	"fmt"
-	"net/netip"
 	"os"
 
 	"go.uber.org/zap"
@@ -14,20 +13,20 @@ import (
 )
 
 // tcpProber runs TCP checks on one poller, as HAProxy runs its checks in
-// its event loop: a probe is a non-blocking connect, a registration and a
-// deadline, not a goroutine, a netpoller registration, a context and a
-// timer. At 10,000 targets every 2 s that halves what a probe costs the
-// proxy beyond the kernel's own work (bench/README.md). It takes addresses
-// that are IP literals; names go through the resolver on the goroutine path.
+// its event loop: a probe is a non-blocking connect and a deadline, not a
+// goroutine, a netpoller registration, a context and a timer. At 10,000
+// targets every 2 s that halves what a probe costs the proxy beyond the
+// kernel's own work (bench/README.md). It takes addresses that are IP
+// literals; names go through the resolver on the goroutine path.
 //
-// A probe's socket is used again: when it ends, connect(2) to AF_UNSPEC
-// resets the connection as closing would, and the socket waits for the
-// next probe of its family, which then needs no socket(2) and the last no
-// close(2). At 10,000 targets every 2 s that is a sixth of what a probe
-// costs the kernel (bench/README.md).
+// A probe's socket, and its registration in the poller, serve the next
+// probe: when a probe ends, connect(2) to AF_UNSPEC resets the connection
+// as closing would, and the socket waits for the next probe of its family,
+// which then needs no socket(2) and no epoll_ctl(2), and the last no
+// close(2) (bench/README.md).
 type tcpProber struct {
 	p    *poller.Poller
-	idle [2][]int // the loop's: disconnected sockets, IPv4 and IPv6
+	idle [2][]*probeSocket // the loop's: disconnected sockets, IPv4 and IPv6
 }
 
 // maxIdleSockets bounds the sockets kept per family: probes in flight at
@@ -56,92 +55,89 @@ func (pr *tcpProber) start(jobs []tcpJob) bool {
 }
 
 // close stops the loop and waits for it: probes still in flight end with
-// an error (their owner is closing and ignores it).
+// an error (their owner is closing and ignores it), and every socket, idle
+// or not, is closed as the loop aborts its registrations.
 func (pr *tcpProber) close() {
 	pr.p.Stop()
 	pr.p.Wait()
-	for _, fds := range pr.idle { // the loop has ended: they are ours
-		for _, fd := range fds {
-			sock.Close(fd)
-		}
-	}
-	pr.idle = [2][]int{}
+	pr.idle = [2][]*probeSocket{}
 }
 
-// socket is an idle socket of ap's family, or a new one.
-func (pr *tcpProber) socket(ap netip.AddrPort) (int, error) {
-	v6 := sock.IPv6(ap)
+// socket is an idle socket of the family, or a new one, registered.
+func (pr *tcpProber) socket(v6 bool) (*probeSocket, error) {
 	f := pr.family(v6)
 	if n := len(*f); n > 0 {
-		fd := (*f)[n-1]
+		s := (*f)[n-1]
+		(*f)[n-1] = nil
 		*f = (*f)[:n-1]
-		return fd, nil
+		return s, nil
 	}
-	return sock.Socket(v6)
+	fd, err := sock.Socket(v6)
+	if err != nil {
+		return nil, err
+	}
+	s := &probeSocket{pr: pr, v6: v6}
+	// Registered once, for the socket's life: every connect it makes
+	// ends in an edge of Out (or Err, Hup). Events that come while it is
+	// idle, or that an earlier probe left, are told from a probe's end
+	// by asking the socket (Ready).
+	if err := pr.p.Add(&s.fd, fd, poller.Out|poller.Edge, s, 0); err != nil {
+		return nil, err // Add closed fd
+	}
+	return s, nil
 }
 
-func (pr *tcpProber) family(v6 bool) *[]int {
+func (pr *tcpProber) family(v6 bool) *[]*probeSocket {
 	if v6 {
 		return &pr.idle[1]
 	}
 	return &pr.idle[0]
 }
 
-// recycle ends fd's probe with a reset and keeps fd for another, or closes
-// it if enough are kept (or it cannot be disconnected).
-func (pr *tcpProber) recycle(fd int, v6 bool) {
-	f := pr.family(v6)
-	if len(*f) < maxIdleSockets && sock.Disconnect(fd) == nil {
-		*f = append(*f, fd)
-		return
-	}
-	sock.ResetOnClose(fd)
-	sock.Close(fd)
-}
-
 func (pr *tcpProber) connect(j tcpJob) {
-	fd, err := pr.socket(j.addr)
+	s, err := pr.socket(sock.IPv6(j.addr))
 	if err == nil {
-		if err = sock.ConnectOn(fd, j.addr); err != nil {
-			sock.Close(fd)
+		if err = sock.ConnectOn(s.fd.Num(), j.addr); err != nil {
+			s.drop()
 		}
 	}
 	if err != nil {
 		j.done(fmt.Errorf("tcp check: dial: %w", err))
 		return
 	}
-	v6 := sock.IPv6(j.addr)
-	if err := sock.Error(fd); err != nil || sock.Connected(fd) {
-		// Answered already (loopback, a local target): no registration needed.
-		pr.recycle(fd, v6)
-		j.done(connectErr(err))
+	s.done = j.done
+	if err := sock.Error(s.fd.Num()); err != nil || sock.Connected(s.fd.Num()) {
+		// Answered already (loopback, a local target): no wait.
+		s.end(connectErr(err))
 		return
 	}
-	pb := &tcpProbe{pr: pr, v6: v6, done: j.done}
-	if err := pr.p.Add(&pb.fd, fd, poller.Out|poller.Edge, pb, 0); err != nil {
-		j.done(fmt.Errorf("tcp check: %w", err)) // Add closed fd
-		return
-	}
-	pr.p.Set(&pb.timer, pr.p.Now()+int64(j.timeout), pb)
+	pr.p.Set(&s.timer, pr.p.Now()+int64(j.timeout), s)
 }
 
-// tcpProbe is one connect in flight. It owns its descriptor (handed back
-// to the prober by end, reset) and its timer.
-type tcpProbe struct {
+// probeSocket is one socket of the prober and the probe it runs, if any.
+// It owns its descriptor and registration (closed by drop) and its timer.
+type probeSocket struct {
 	pr    *tcpProber
 	fd    poller.FD
 	timer poller.Timer
 	v6    bool
-	done  func(error)
+	done  func(error) // the probe in flight; nil while idle
 }
 
 var errProbeTimeout = fmt.Errorf("dial: %w", os.ErrDeadlineExceeded) // "dial: i/o timeout", as net.Dial says
 
-func (pb *tcpProbe) Ready(uint8, uint32) {
-	// Writable: the connect is done, well or not. (EPOLLERR and EPOLLHUP
-	// come with the error in SO_ERROR; none means the handshake was
-	// answered, which is all a TCP check asks.)
-	pb.end(connectErr(sock.Error(pb.fd.Num())), true)
+func (s *probeSocket) Ready(uint8, uint32) {
+	if s.done == nil {
+		return // idle: the reset of the last probe's disconnect
+	}
+	// A connect ends with the socket connected or with its error; an
+	// event with neither is an earlier one's (the disconnect, or the
+	// registration of a new socket) and the connect goes on.
+	err := sock.Error(s.fd.Num())
+	if err == nil && !sock.Connected(s.fd.Num()) {
+		return
+	}
+	s.end(connectErr(err))
 }
 
 // connectErr words a failed connect's error as net.Dial does; nil stays nil.
@@ -152,28 +148,38 @@ func connectErr(err error) error {
 	return fmt.Errorf("tcp check: dial: %w", os.NewSyscallError("connect", err))
 }
 
-func (pb *tcpProbe) Expired() { pb.end(fmt.Errorf("tcp check: %w", errProbeTimeout), true) }
+func (s *probeSocket) Expired() { s.end(fmt.Errorf("tcp check: %w", errProbeTimeout)) }
 
 // Abort closes the socket instead of keeping it: its state is unknown.
-func (pb *tcpProbe) Abort(cause any) { pb.end(fmt.Errorf("tcp check: %v", cause), false) }
+func (s *probeSocket) Abort(cause any) {
+	done := s.done
+	s.done = nil
+	s.drop()
+	if done != nil {
+		done(fmt.Errorf("tcp check: %v", cause))
+	}
+}
 
-func (pb *tcpProbe) end(err error, keep bool) {
-	if pb.done == nil {
-		return
+// end reports the probe's result and makes the socket idle again, reset
+// and disconnected, or closes it if enough are idle.
+func (s *probeSocket) end(err error) {
+	done := s.done
+	s.done = nil
+	s.pr.p.Cancel(&s.timer)
+	f := s.pr.family(s.v6)
+	if len(*f) < maxIdleSockets && sock.Disconnect(s.fd.Num()) == nil {
+		*f = append(*f, s)
+	} else {
+		s.drop()
 	}
-	p := pb.pr.p
-	p.Cancel(&pb.timer)
-	if pb.fd.Valid() {
-		if keep {
-			fd := pb.fd.Num()
-			p.Forget(&pb.fd) // ours again
-			pb.pr.recycle(fd, pb.v6)
-		} else {
-			sock.ResetOnClose(pb.fd.Num())
-			p.Close(&pb.fd)
-		}
-	}
-	done := pb.done
-	pb.done = nil
 	done(err)
+}
+
+// drop closes the socket with a reset.
+func (s *probeSocket) drop() {
+	s.pr.p.Cancel(&s.timer)
+	if s.fd.Valid() {
+		sock.ResetOnClose(s.fd.Num())
+		s.pr.p.Close(&s.fd)
+	}
 }
