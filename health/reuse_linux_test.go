@@ -8,7 +8,55 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/rota-proxy/rota/internal/testenv"
 )
+
+// startProbe hands pr one probe of ap; its result comes on the channel.
+func startProbe(t *testing.T, pr *tcpProber, ap netip.AddrPort, timeout time.Duration) <-chan error {
+	t.Helper()
+	errc := make(chan error, 1)
+	if !pr.start([]tcpJob{{addr: ap, timeout: timeout, done: func(err error) { errc <- err }}}) {
+		t.Fatal("prober closed")
+	}
+	return errc
+}
+
+// result waits for a probe's result.
+func result(t *testing.T, errc <-chan error) error {
+	t.Helper()
+	select {
+	case err := <-errc:
+		return err
+	case <-time.After(10 * time.Second):
+		t.Fatal("probe did not end")
+		return nil
+	}
+}
+
+// idleSockets is the descriptors of pr's idle IPv4 sockets, read on its
+// loop (which runs posts in order, so after every probe started before).
+func idleSockets(pr *tcpProber) []int {
+	got := make(chan []int, 1)
+	pr.p.Post(func() {
+		var fds []int
+		for _, s := range pr.idle[0] {
+			fds = append(fds, s.fd.Num())
+		}
+		got <- fds
+	})
+	return <-got
+}
+
+func startProber(t *testing.T) *tcpProber {
+	t.Helper()
+	pr, err := newTCPProber(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pr.close)
+	return pr
+}
 
 // A probe's socket serves the next probe of its family: it is kept after a
 // probe ends, disconnected (the target reads a reset, as from a closed
@@ -20,42 +68,14 @@ func TestProbeSocketsAreUsedAgain(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	pr, err := newTCPProber(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pr.close()
+	pr := startProber(t)
 	ap := netip.MustParseAddrPort(ln.Addr().String())
-	probe := func() {
-		t.Helper()
-		errc := make(chan error, 1)
-		if !pr.start([]tcpJob{{addr: ap, timeout: 5 * time.Second, done: func(err error) { errc <- err }}}) {
-			t.Fatal("prober closed")
-		}
-		select {
-		case err := <-errc:
-			if err != nil {
-				t.Fatalf("probe: %v", err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatal("probe did not end")
-		}
-	}
-	idle := func() []int {
-		got := make(chan []int, 1)
-		pr.p.Post(func() {
-			var fds []int
-			for _, s := range pr.idle[0] {
-				fds = append(fds, s.fd.Num())
-			}
-			got <- fds
-		})
-		return <-got
-	}
 	var kept []int
 	for i := range 5 {
-		probe()
-		now := idle()
+		if err := result(t, startProbe(t, pr, ap, 5*time.Second)); err != nil {
+			t.Fatalf("probe: %v", err)
+		}
+		now := idleSockets(pr)
 		if len(now) != 1 || (i > 0 && now[0] != kept[0]) {
 			t.Fatalf("after probe %d the idle sockets are %v, want the one kept before (%v)", i+1, now, kept)
 		}
@@ -79,61 +99,19 @@ func TestProbeSocketsAreUsedAgain(t *testing.T) {
 // room, ends through the same registration, connected, not on an event the
 // timed-out connect or its disconnect left behind.
 func TestProbeSocketUsedAgainWaitsForItsOwnAnswer(t *testing.T) {
-	lfd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer syscall.Close(lfd)
-	if err := syscall.Bind(lfd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Listen(lfd, 0); err != nil { // room for one
-		t.Fatal(err)
-	}
-	sa, _ := syscall.Getsockname(lfd)
-	ap := netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(sa.(*syscall.SockaddrInet4).Port))
-	filler, err := net.Dial("tcp", ap.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer filler.Close()
-
-	pr, err := newTCPProber(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pr.close()
-	probe := func(timeout time.Duration) chan error {
-		errc := make(chan error, 1)
-		if !pr.start([]tcpJob{{addr: ap, timeout: timeout, done: func(err error) { errc <- err }}}) {
-			t.Fatal("prober closed")
-		}
-		return errc
-	}
-	wait := func(errc chan error) error {
-		select {
-		case err := <-errc:
-			return err
-		case <-time.After(10 * time.Second):
-			t.Fatal("probe did not end")
-			return nil
-		}
-	}
-	if err := wait(probe(300 * time.Millisecond)); !errors.Is(err, os.ErrDeadlineExceeded) {
+	addr, makeRoom := testenv.StuckListenerWithRoom(t)
+	ap := netip.MustParseAddrPort(addr)
+	pr := startProber(t)
+	if err := result(t, startProbe(t, pr, ap, 300*time.Millisecond)); !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("a probe of a full queue: %v, want a timeout", err)
 	}
-	errc := probe(5 * time.Second) // the idle socket, its SYN dropped
-	started := make(chan struct{})
-	pr.p.Post(func() { close(started) }) // after the connect: the loop runs posts in order
-	<-started
-	// Room for the retried SYN: the filler leaves the queue.
-	nfd, _, err := syscall.Accept(lfd)
-	if err != nil {
-		t.Fatal(err)
+	errc := startProbe(t, pr, ap, 5*time.Second) // the idle socket, its SYN dropped
+	if n := len(idleSockets(pr)); n != 0 {       // read after the connect started
+		t.Fatalf("%d idle sockets while the second probe runs, want its one in use", n)
 	}
-	syscall.Close(nfd)
+	makeRoom() // for the retried SYN
 	start := time.Now()
-	if err := wait(errc); err != nil {
+	if err := result(t, errc); err != nil {
 		t.Fatalf("the second probe: %v", err)
 	}
 	took := time.Since(start)
@@ -141,11 +119,7 @@ func TestProbeSocketUsedAgainWaitsForItsOwnAnswer(t *testing.T) {
 	if took < 100*time.Millisecond {
 		t.Fatalf("answered after %v: the connect did not wait for the retried SYN", took)
 	}
-	var idle int
-	done := make(chan struct{})
-	pr.p.Post(func() { idle = len(pr.idle[0]); close(done) })
-	<-done
-	if idle != 1 {
-		t.Fatalf("%d idle sockets after two probes in turn, want the one used twice", idle)
+	if n := len(idleSockets(pr)); n != 1 {
+		t.Fatalf("%d idle sockets after two probes in turn, want the one used twice", n)
 	}
 }

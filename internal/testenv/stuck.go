@@ -15,6 +15,16 @@ import (
 // the test ends.
 func StuckListener(t testing.TB) string {
 	t.Helper()
+	addr, _ := StuckListenerWithRoom(t)
+	return addr
+}
+
+// StuckListenerWithRoom is StuckListener, and a function that makes room in
+// its queue for one more connection (it accepts and closes one queued), so
+// that a connect waiting on the listener is answered when the kernel
+// retries its SYN.
+func StuckListenerWithRoom(t testing.TB) (addr string, makeRoom func()) {
+	t.Helper()
 	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -30,7 +40,15 @@ func StuckListener(t testing.TB) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := fmt.Sprintf("127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port)
+	addr = fmt.Sprintf("127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port)
+	makeRoom = func() {
+		t.Helper()
+		nfd, _, err := syscall.Accept(fd)
+		if err != nil {
+			t.Fatalf("making room in the accept queue: %v", err)
+		}
+		syscall.Close(nfd)
+	}
 	// Fill the queue (backlog 0 holds one), never accepting, until a
 	// connect goes unanswered.
 	for i := 0; ; i++ {
@@ -39,7 +57,7 @@ func StuckListener(t testing.TB) string {
 			if !os.IsTimeout(err) {
 				t.Fatalf("filling the accept queue: %v", err)
 			}
-			return addr
+			return addr, makeRoom
 		}
 		t.Cleanup(func() { c.Close() })
 		if i == 16 {
