@@ -74,20 +74,19 @@ type Handler interface {
 type FD struct {
 	n    int32
 	slot uint32 // the registration's place in the poller's table
-	gen  uint32
-	ok   bool
+	gen  uint32 // its generation; 0, which none has, for none
 }
 
 // Num is the descriptor number, for system calls; -1 for none.
 func (f *FD) Num() int {
-	if !f.ok {
+	if f.gen == 0 {
 		return -1
 	}
 	return int(f.n)
 }
 
 // Valid reports whether f holds a descriptor.
-func (f *FD) Valid() bool { return f.ok }
+func (f *FD) Valid() bool { return f.gen != 0 }
 
 // registration is one slot of the table: its handler while in use, and
 // the last generation given out in it, which outlives the use.
@@ -230,7 +229,7 @@ func (p *Poller) add(f *FD, fd int, events uint32, h Handler, tag uint8) error {
 	}
 	p.free = p.free[:len(p.free)-1]
 	*r = registration{h: h, gen: gen, tag: tag}
-	*f = FD{n: int32(fd), slot: slot, gen: gen, ok: true}
+	*f = FD{n: int32(fd), slot: slot, gen: gen}
 	return nil
 }
 
@@ -238,7 +237,7 @@ func (p *Poller) add(f *FD, fd int, events uint32, h Handler, tag uint8) error {
 // Events for it still in the current batch are dropped. Closing none does
 // nothing.
 func (p *Poller) Close(f *FD) {
-	if !f.ok {
+	if f.gen == 0 {
 		return
 	}
 	fd := int(f.n)
@@ -250,7 +249,7 @@ func (p *Poller) Close(f *FD) {
 // one, or one its owner takes back to use again (the health prober's
 // sockets). Events for it still in the current batch are dropped.
 func (p *Poller) Forget(f *FD) {
-	if !f.ok {
+	if f.gen == 0 {
 		return
 	}
 	fd := int(f.n)
