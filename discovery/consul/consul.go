@@ -207,6 +207,20 @@ func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 			} else if len(confirmed.Instances) > 0 {
 				w.log.Warn("the agent answered no instances but the leader knows some; keeping the leader's", zap.Int("instances", len(confirmed.Instances)))
 				snap = confirmed
+			} else if n, err := w.unreachableOnly(ctx); err != nil {
+				w.log.Warn("the leader answered no passing instances but could not say why; holding it", zap.Error(err))
+				snap.Resync = true
+			} else if n > 0 {
+				// A leader just elected re-checks every member and
+				// reports those it was cut off from as failed until
+				// gossip catches up (tens of milliseconds after a
+				// partition heals): a verdict on the cluster's
+				// membership, not on the instances, which rota probes
+				// itself. Held like a resync; a deregistration or a
+				// failing service check still applies at once.
+				w.log.Warn("the leader answered no passing instances only because it cannot reach their nodes by gossip (serfHealth); holding it",
+					zap.Int("instances", n))
+				snap.Resync = true
 			}
 		}
 		if failing {
@@ -264,6 +278,45 @@ func nextIndex(prev, got uint64) uint64 {
 func (w *Watcher) confirmEmpty(ctx context.Context) (discovery.Snapshot, error) {
 	snap, _, err := w.queryOpts(ctx, &api.QueryOptions{RequireConsistent: true}, 10*time.Second)
 	return snap, err
+}
+
+// serfHealth is the check of a node's membership that Consul's leader keeps:
+// critical while the leader cannot reach the node's agent by gossip.
+const serfHealth = "serfHealth"
+
+// unreachableOnly asks the leader (consistently) how many of the service's
+// instances fail nothing but their node's serfHealth check.
+func (w *Watcher) unreachableOnly(ctx context.Context) (int, error) {
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	w.queries.Add(1)
+	entries, _, err := w.client.Health().ServiceMultipleTags(w.service, w.tags, false, (&api.QueryOptions{RequireConsistent: true}).WithContext(rctx))
+	if err != nil {
+		return 0, discovery.TruncateError(fmt.Errorf("consul: health of %q (all states): %w", w.service, scrub(err, "")))
+	}
+	n := 0
+	for _, e := range entries {
+		if e != nil && failsOnlySerfHealth(e.Checks) {
+			n++
+		}
+	}
+	return n, nil
+}
+
+// failsOnlySerfHealth reports whether serfHealth is the one check of cs not
+// passing (?passing drops an entry with any check not passing, warning too).
+func failsOnlySerfHealth(cs api.HealthChecks) bool {
+	serf := false
+	for _, c := range cs {
+		switch {
+		case c == nil || c.Status == api.HealthPassing:
+		case c.CheckID == serfHealth:
+			serf = true
+		default:
+			return false
+		}
+	}
+	return serf
 }
 
 func (w *Watcher) query(ctx context.Context, index uint64, wait time.Duration) (discovery.Snapshot, uint64, error) {

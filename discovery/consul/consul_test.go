@@ -353,3 +353,41 @@ func TestMalformedEntriesAreWarningsLoggedOnce(t *testing.T) {
 		t.Fatal("an empty answer on a healthy watch was marked as a resync (it would be held)")
 	}
 }
+
+// A node whose agent the leader cannot reach by gossip fails its serfHealth
+// check, and every instance on it stops passing. When that empties the pool
+// it is held like a resync: a leader just elected reports the members it was
+// cut off from that way until gossip catches up (a compose check saw a pool
+// emptied for 40-140 ms after a Consul majority recovered), and rota probes
+// the instances itself. Here the node's agent is really killed; the answer
+// is held, not dropped, and stays empty.
+func TestEmptyBecauseNodeUnreachableIsHeld(t *testing.T) {
+	cl := testenv.StartConsulCluster(t, 1)
+	register(t, cl.Client(t), "a", 9301, api.HealthPassing)
+	core, logs := observer.New(zap.WarnLevel)
+	cc, err := consul.NewClient(consul.ClientConfig{Address: cl.ServerAddr(0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cc.Close)
+	w, err := consul.NewWatcher(cc.API, "web", nil, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := watch(t, w)
+	r.waitAddrs(t, "the instance on the client agent's node routed", "127.0.0.1:9301")
+	cl.KillClient()
+	testenv.Eventually(t, "the node failed by gossip and the instance gone", 60*time.Second, func() bool {
+		got, ok := r.last()
+		return ok && len(got) == 0
+	})
+	r.mu.Lock()
+	last := r.snaps[len(r.snaps)-1]
+	r.mu.Unlock()
+	if !last.Resync {
+		t.Fatal("an empty answer caused only by serfHealth was applied at once (not marked as a resync to hold)")
+	}
+	if n := logs.FilterMessageSnippet("cannot reach their nodes by gossip").Len(); n != 1 {
+		t.Fatalf("the hold logged %d times, want once", n)
+	}
+}

@@ -73,6 +73,13 @@ func StartConsulCluster(t T, n int) *ConsulCluster {
 // Addr is the client agent's HTTP address.
 func (c *ConsulCluster) Addr() string { return c.client.http }
 
+// ServerAddr is server i's HTTP address.
+func (c *ConsulCluster) ServerAddr(i int) string { return c.servers[i].http }
+
+// KillClient kills the client agent (SIGKILL: it does not leave, so the
+// servers see its node fail by gossip).
+func (c *ConsulCluster) KillClient() { c.kill(c.client) }
+
 // Client returns an API client of the client agent.
 func (c *ConsulCluster) Client(t T) *api.Client {
 	t.Helper()
