@@ -166,7 +166,7 @@ var policies = []Policy{RoundRobin, LeastConn, RandomTwo}
 // every policy splits by weight within 3%.
 func TestWeightedSplit(t *testing.T) {
 	for _, pol := range policies {
-		for _, n := range []int{3, 300} { // the smooth schedule, and the stride scheduler
+		for _, n := range []int{3, 300} { // the smooth schedule, and the alias table
 			t.Run(fmt.Sprintf("%s/%d", pol, n), func(t *testing.T) {
 				var b Balancer
 				ts := targets(n)
@@ -344,13 +344,30 @@ func TestPickAllocatesNothingForAnyPolicy(t *testing.T) {
 	}
 }
 
+type weights struct {
+	name string
+	w    []int
+}
+
+// skewed is one target of weight 1000 and n-1 of weight 1.
+func skewed(n int) []int {
+	w := make([]int, n)
+	for i := range w {
+		w[i] = 1
+	}
+	w[0] = 1000
+	return w
+}
+
 func BenchmarkPickPolicies(b *testing.B) {
 	for _, pol := range policies {
 		for _, n := range []int{3, 100, 10_000} {
-			for _, ws := range [][]int{{1}, {1, 2, 3}} {
-				b.Run(fmt.Sprintf("%s/targets=%d/weights=%v", pol, n, ws), func(b *testing.B) {
+			// One heavy target among light ones is the worst case for
+			// a scheduler that skips light targets' turns.
+			for _, ws := range []weights{{"1", []int{1}}, {"1:2:3", []int{1, 2, 3}}, {"1000:1...", skewed(n)}} {
+				b.Run(fmt.Sprintf("%s/targets=%d/weights=%s", pol, n, ws.name), func(b *testing.B) {
 					var bal Balancer
-					bal.Update(pol, weighted(targets(n), ws...))
+					bal.Update(pol, weighted(targets(n), ws.w...))
 					b.ReportAllocs()
 					b.ResetTimer()
 					b.RunParallel(func(pb *testing.PB) {
@@ -378,5 +395,81 @@ func BenchmarkPick(b *testing.B) {
 				}
 			})
 		})
+	}
+}
+
+// Beyond maxScheduled targets the weights go through an alias table: one
+// step of the shared counter (or one random point) per pick whatever the
+// weights. The stride scheduler it replaced skipped light targets' turns:
+// with one target of weight 1000 among 9,999 of weight 1, about 900 turns
+// (20 µs) a pick. Every policy still splits by weight (within 3% over
+// 300,000 picks: random_two's draws, all ties here, are binomial, and 3% is
+// then 5 standard deviations), and round-robin never picks a target three
+// times running.
+func TestLargeSetsPickInOneStep(t *testing.T) {
+	const n, picks = 10_000, 300_000
+	for _, pol := range policies {
+		t.Run(string(pol), func(t *testing.T) {
+			var b Balancer
+			ts := targets(n)
+			b.Update(pol, weighted(ts, skewed(n)...))
+			seq0 := b.seq.Load()
+			heavy, run, prev := 0, 0, (*Target)(nil)
+			for range picks {
+				c := b.Pick()
+				tg := c.Next()
+				if tg == ts[0] {
+					heavy++
+				}
+				if tg == prev {
+					run++
+				} else {
+					run = 1
+				}
+				prev = tg
+				if pol == RoundRobin && run >= 3 {
+					t.Fatalf("%s picked %d times in a row", tg.Addr, run)
+				}
+			}
+			want := float64(picks) * 1000 / (1000 + n - 1)
+			if d := (float64(heavy) - want) / want; d > 0.03 || d < -0.03 {
+				t.Errorf("the weight-1000 target got %d picks, want %.0f ±3%% (%+.1f%%)", heavy, want, 100*d)
+			}
+			steps := b.seq.Load() - seq0
+			if pol == RandomTwo {
+				if steps != 0 {
+					t.Errorf("random_two moved the rotation %d steps", steps)
+				}
+			} else if steps != picks {
+				t.Errorf("%d picks took %d steps of the rotation, want one each", picks, steps)
+			}
+		})
+	}
+}
+
+// An alias table gives each target its weight's share of [0, 2^64) (to
+// within the 2^-32 rounding of each column).
+func TestAliasTableShares(t *testing.T) {
+	for _, w := range [][]uint32{{1, 2, 3}, {1000, 1, 1, 1, 1}, {7}, {5, 5, 5, 5}, {1, 1000, 999, 3, 64, 2}} {
+		a := aliasTable(w)
+		share := make([]float64, len(w))
+		for c, col := range a {
+			own := float64(col.cut) / (1 << 32)
+			if col.other == uint32(c) {
+				own = 1
+			}
+			share[c] += own
+			share[col.other] += 1 - own
+		}
+		var total float64
+		for _, x := range w {
+			total += float64(x)
+		}
+		for i, x := range w {
+			want := float64(x) / total * float64(len(w))
+			if d := share[i] - want; d > 1e-6 || d < -1e-6 {
+				t.Errorf("weights %v: target %d has %.9f columns, want %.9f", w, i, share[i], want)
+			}
+		}
 	}
 }

@@ -2,6 +2,7 @@ package balancer
 
 import (
 	"math"
+	"math/bits"
 	"math/rand/v2"
 	"sync/atomic"
 )
@@ -10,7 +11,9 @@ const (
 	// maxSchedule bounds a smooth round-robin schedule (its period, the
 	// sum of the weights once reduced), and maxScheduled the targets
 	// that get one: building it costs period x targets. Larger sets use
-	// the stride scheduler, as smooth on average and O(1) to build.
+	// an alias table, O(targets) to build and O(1) to pick whatever the
+	// weights (a stride scheduler, which skips light targets' turns, took
+	// 900 turns a pick with one target of weight 1000 among 9,999 of 1).
 	maxSchedule  = 8192
 	maxScheduled = 256
 	// window bounds the targets least_conn compares per pick: exact up to
@@ -20,8 +23,10 @@ const (
 	// balances: at 1,000 targets open connections stay within one of each
 	// other (TestLeastConnBeyondTheWindow).
 	window = 8
-	// maxStride is the scale of the stride scheduler's weights.
-	maxStride = math.MaxUint16
+	// golden is 2^64 divided by the golden ratio: multiples of it mod
+	// 2^64 (a Weyl sequence) spread over [0, 2^64) as evenly as any
+	// sequence can, each new point in the largest gap left.
+	golden = 0x9E3779B97F4A7C15
 )
 
 // picker is an immutable selection over a set of weighted targets.
@@ -30,10 +35,15 @@ type picker struct {
 	set    []*Target
 	w      []uint32 // effective weights, by index in set
 	// Round-robin: nil both with equal weights (plain rotation); else a
-	// smooth schedule of indices (small sets) or stride weights.
+	// smooth schedule of indices (small sets) or an alias table.
 	schedule []uint32
-	stride   []uint32
+	alias    []column
 }
+
+// column is one column of Vose's alias table: a point u in the column
+// picks the column's own target if its position in the column is below
+// cut/2^32, else target other (a full column has other = itself).
+type column struct{ cut, other uint32 }
 
 func newPicker(policy Policy, entries []Entry) *picker {
 	p := &picker{policy: policy, set: make([]*Target, len(entries)), w: make([]uint32, len(entries))}
@@ -52,7 +62,7 @@ func newPicker(policy Policy, entries []Entry) *picker {
 		if len(p.w) <= maxScheduled {
 			p.schedule = smoothSchedule(p.w)
 		} else {
-			p.stride = strideWeights(p.w)
+			p.alias = aliasTable(p.w)
 		}
 	}
 	return p
@@ -75,8 +85,10 @@ func (p *picker) rotation(seq *atomic.Uint64) int {
 	switch {
 	case p.schedule != nil:
 		return int(p.schedule[(seq.Add(1)-1)%uint64(len(p.schedule))])
-	case p.stride != nil:
-		return p.strideNext(seq)
+	case p.alias != nil:
+		// The counter's Weyl point: deterministic and evenly spread, so
+		// each target's share of any run of picks is close to its weight.
+		return p.at((seq.Add(1) - 1) * golden)
 	}
 	return int((seq.Add(1) - 1) % uint64(len(p.set)))
 }
@@ -86,13 +98,8 @@ func (p *picker) draw() int {
 	switch {
 	case p.schedule != nil:
 		return int(p.schedule[rand.IntN(len(p.schedule))])
-	case p.stride != nil:
-		for { // rejection sampling: the heaviest is always taken
-			i := rand.IntN(len(p.stride))
-			if rand.Uint32N(maxStride) < p.stride[i] {
-				return i
-			}
-		}
+	case p.alias != nil:
+		return p.at(rand.Uint64())
 	}
 	return rand.IntN(len(p.set))
 }
@@ -180,33 +187,52 @@ func gcd(a, b uint32) uint32 {
 	return a
 }
 
-// strideWeights scales weights to maxStride for the stride scheduler.
-func strideWeights(w []uint32) []uint32 {
-	var top uint32
+// aliasTable builds Vose's alias table of weights w: column i's share of
+// [0, 2^64) goes to target i up to w[i]/mean of a column, the rest of the
+// column to a heavier target, so that every target's total is its weight.
+func aliasTable(w []uint32) []column {
+	n := len(w)
+	var total uint64
 	for _, x := range w {
-		top = max(top, x)
+		total += uint64(x)
 	}
-	out := make([]uint32, len(w))
+	// Scaled weights in units of a column's 2^32: the mean is one column.
+	scaled := make([]uint64, n)
+	var small, large []uint32
 	for i, x := range w {
-		out[i] = max(1, uint32(math.Round(float64(x)*maxStride/float64(top))))
+		scaled[i] = uint64(x) * uint64(n) << 32 / total
+		if scaled[i] < 1<<32 {
+			small = append(small, uint32(i))
+		} else {
+			large = append(large, uint32(i))
+		}
+	}
+	out := make([]column, n)
+	for len(small) > 0 && len(large) > 0 {
+		s, l := small[len(small)-1], large[len(large)-1]
+		small = small[:len(small)-1]
+		out[s] = column{cut: uint32(scaled[s]), other: l}
+		// The large target fills the rest of s's column.
+		scaled[l] -= 1<<32 - scaled[s]
+		if scaled[l] < 1<<32 {
+			large = large[:len(large)-1]
+			small = append(small, l)
+		}
+	}
+	// What is left is full columns (rounding leaves a column a hair off
+	// full either way).
+	for _, i := range append(small, large...) {
+		out[i] = column{cut: math.MaxUint32, other: i}
 	}
 	return out
 }
 
-// strideNext is grpc-go's static stride scheduler: the counter walks the
-// targets in turn, and target i takes its turn with probability
-// weight/maxStride, decided by a deterministic pattern (each target
-// offset differently) rather than a random draw. The heaviest target
-// never skips, so a pick loops maxStride/weight times on average at most.
-func (p *picker) strideNext(seq *atomic.Uint64) int {
-	const offset = 0x53AF // spreads the targets' patterns apart
-	n := uint64(len(p.stride))
-	for {
-		s := seq.Add(1) - 1
-		i := s % n
-		w := uint64(p.stride[i])
-		if (w*(s/n)+i*offset)%maxStride >= maxStride-w {
-			return int(i)
-		}
+// at is the target at point u of [0, 2^64): the column is u's share of n
+// (the high word of u*n), the place in the column the low word.
+func (p *picker) at(u uint64) int {
+	c, in := bits.Mul64(u, uint64(len(p.alias)))
+	if col := p.alias[c]; uint32(in>>32) >= col.cut {
+		return int(col.other)
 	}
+	return int(c)
 }
