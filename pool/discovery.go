@@ -89,11 +89,15 @@ func (p *Pool) apply(s discovery.Snapshot) {
 func (p *Pool) holdEmpty(s discovery.Snapshot) bool {
 	doubt := len(s.Instances) == 0 && s.Resync && p.cfg.EmptyHold > 0 && p.discovered() > 0
 	if !doubt {
+		if p.hold != nil {
+			// Said, since the answer may change nothing to log.
+			p.log.Info("registry reports instances again; the hold ends", zap.Int("instances", len(s.Instances)))
+		}
 		p.cancelHold()
 		return false
 	}
 	if p.hold == nil {
-		p.log.Warn("registry reports no instances right after an outage or restart; keeping the last known ones for a while",
+		p.log.Warn("registry reports no instances in an answer it doubts (right after an outage, a restart or a change of leader); keeping the last known ones for a while",
 			zap.Int("instances", p.discovered()), zap.Duration("hold", p.cfg.EmptyHold))
 		p.holdGen++
 		gen := p.holdGen

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/rota-proxy/rota/discovery"
 	"github.com/rota-proxy/rota/health"
@@ -67,7 +69,8 @@ func TestSnapshotsAreRouted(t *testing.T) {
 // non-empty answer meanwhile cancels it.
 func TestEmptyAnswers(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p := trusted(5 * time.Second)
+		core, logs := observer.New(zap.InfoLevel)
+		p := pool.New(pool.Config{Health: health.Config{Check: health.CheckNone}, EmptyHold: 5 * time.Second}, zap.New(core))
 		defer p.Close()
 		sink := p.NewSink()
 		sink.Update(snap(true, "10.0.0.1:1"))
@@ -98,7 +101,8 @@ func TestEmptyAnswers(t *testing.T) {
 			t.Fatalf("still %v after the hold", got)
 		}
 
-		// A non-empty answer during the hold cancels it.
+		// A non-empty answer during the hold cancels it, and says so:
+		// it may change nothing else worth a line.
 		sink.Update(snap(false, "10.0.0.1:1"))
 		sink.Update(snap(true))
 		sink.Update(snap(false, "10.0.0.2:1"))
@@ -107,6 +111,9 @@ func TestEmptyAnswers(t *testing.T) {
 		p.Flush()
 		if got := picked(p); !slices.Equal(got, []string{"10.0.0.2:1"}) {
 			t.Fatalf("after a cancelled hold: %v", got)
+		}
+		if n := logs.FilterMessage("registry reports instances again; the hold ends").Len(); n != 1 {
+			t.Fatalf("the hold's end logged %d times, want once", n)
 		}
 	})
 }
