@@ -105,12 +105,9 @@ func (pr *tcpProber) connect(j tcpJob) {
 		j.done(fmt.Errorf("tcp check: dial: %w", err))
 		return
 	}
+	// Even a connect that the kernel completed inside connect(2) (a
+	// loopback target) ends in an event: the socket is registered.
 	s.done = j.done
-	if err := sock.Error(s.fd.Num()); err != nil || sock.Connected(s.fd.Num()) {
-		// Answered already (loopback, a local target): no wait.
-		s.end(connectErr(err))
-		return
-	}
 	pr.p.Set(&s.timer, pr.p.Now()+int64(j.timeout), s)
 }
 
@@ -126,13 +123,21 @@ type probeSocket struct {
 
 var errProbeTimeout = fmt.Errorf("dial: %w", os.ErrDeadlineExceeded) // "dial: i/o timeout", as net.Dial says
 
-func (s *probeSocket) Ready(uint8, uint32) {
+func (s *probeSocket) Ready(_ uint8, events uint32) {
 	if s.done == nil {
 		return // idle: the reset of the last probe's disconnect
 	}
-	// A connect ends with the socket connected or with its error; an
-	// event with neither is an earlier one's (the disconnect, or the
-	// registration of a new socket) and the connect goes on.
+	// epoll computes events when it reports them: writable and neither
+	// hung up nor failed is only ever a connected socket (connecting
+	// reports nothing, disconnected Hup), so the connect succeeded.
+	if events&(poller.Out|poller.Hup|poller.Err) == poller.Out {
+		s.end(nil)
+		return
+	}
+	// Else the socket says: a connect ends with the socket connected or
+	// with its error; an event with neither is an earlier one's (the
+	// disconnect, or the registration of a new socket) reported while
+	// this connect goes on.
 	err := sock.Error(s.fd.Num())
 	if err == nil && !sock.Connected(s.fd.Num()) {
 		return

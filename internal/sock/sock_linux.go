@@ -104,10 +104,7 @@ func Error(fd int) error {
 	return nil
 }
 
-// Connected reports whether fd's connect has completed: on loopback the
-// whole handshake runs inside connect(2), so it usually has by the time
-// Connect returns, and waiting for the poller to say so costs two epoll
-// calls and an event for nothing.
+// Connected reports whether fd's connect has completed (fd has a peer).
 func Connected(fd int) bool {
 	var rsa unix.RawSockaddrAny
 	n := uint32(unix.SizeofSockaddrAny)
