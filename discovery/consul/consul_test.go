@@ -117,12 +117,19 @@ func setCheck(t *testing.T, c *api.Client, id, status string) {
 
 func newWatcher(t *testing.T, addr string, tags ...string) *consul.Watcher {
 	t.Helper()
+	return newLoggedWatcher(t, addr, zaptest.NewLogger(t), tags...)
+}
+
+// newLoggedWatcher is newWatcher logging to log (an observer, to count
+// what it says).
+func newLoggedWatcher(t *testing.T, addr string, log *zap.Logger, tags ...string) *consul.Watcher {
+	t.Helper()
 	c, err := consul.NewClient(consul.ClientConfig{Address: addr})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(c.Close)
-	w, err := consul.NewWatcher(c.API, "web", tags, zaptest.NewLogger(t))
+	w, err := consul.NewWatcher(c.API, "web", tags, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -310,15 +317,7 @@ func TestMalformedEntriesAreWarningsLoggedOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	core, logs := observer.New(zap.WarnLevel)
-	cc, err := consul.NewClient(consul.ClientConfig{Address: agent.Addr()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cc.Close)
-	w, err := consul.NewWatcher(cc.API, "web", nil, zap.New(core))
-	if err != nil {
-		t.Fatal(err)
-	}
+	w := newLoggedWatcher(t, agent.Addr(), zap.New(core))
 	w.MinBetween = 5 * time.Millisecond
 	r := watch(t, w)
 	r.waitAddrs(t, "the good instance routed", "127.0.0.1:9101")
@@ -365,15 +364,7 @@ func TestEmptyBecauseNodeUnreachableIsHeld(t *testing.T) {
 	cl := testenv.StartConsulCluster(t, 1)
 	register(t, cl.Client(t), "a", 9301, api.HealthPassing)
 	core, logs := observer.New(zap.WarnLevel)
-	cc, err := consul.NewClient(consul.ClientConfig{Address: cl.ServerAddr(0)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cc.Close)
-	w, err := consul.NewWatcher(cc.API, "web", nil, zap.New(core))
-	if err != nil {
-		t.Fatal(err)
-	}
+	w := newLoggedWatcher(t, cl.ServerAddr(0), zap.New(core))
 	r := watch(t, w)
 	r.waitAddrs(t, "the instance on the client agent's node routed", "127.0.0.1:9301")
 	cl.KillClient()
