@@ -168,7 +168,11 @@ type Checker struct {
 // target is the state of one address, guarded by Checker.mu; the rise/fall
 // counters sit next to the state they decide.
 type target struct {
-	addr    string
+	addr string
+	ap   netip.AddrPort // addr parsed once; not valid unless an IP literal
+	// done records a probe's result (c.finish), made once so that a
+	// probe on the loop allocates nothing.
+	done    func(error)
 	idx     int  // position in Checker.due + 1; 0 while probing or removed
 	probing bool // a probe is running
 	removed bool // no longer discovered: a probe in flight is discarded
@@ -236,6 +240,8 @@ func (c *Checker) Update(addrs []string) {
 			continue
 		}
 		t := &target{addr: a, state: Checking, since: now, bo: c.newBackoff(), nextAt: now}
+		t.ap, _ = netip.ParseAddrPort(a)
+		t.done = func(err error) { c.finish(t, err) }
 		c.targets[a] = t
 		if c.cfg.Check == CheckNone {
 			// The registry's word is enough: no probe. (Not logged one by
@@ -406,20 +412,20 @@ func (c *Checker) schedule() {
 	for {
 		c.mu.Lock()
 		now := time.Now()
-		for c.due.len() > 0 && c.inflight < maxInflight && !c.due.top().nextAt.After(now) {
+		for c.due.len() > 0 && c.inflight < maxInflight && c.due.untilTop(now) <= 0 {
 			t := c.due.pop()
 			t.probing = true
 			c.inflight++
-			cfg := c.cfg
-			if ap, ok := c.onLoop(cfg, t.addr); ok {
-				jobs = append(jobs, tcpJob{addr: ap, timeout: cfg.Timeout, done: func(err error) { c.finish(t, cfg, err) }})
+			if c.onLoop(t.ap) {
+				jobs = append(jobs, tcpJob{addr: t.ap, timeout: c.cfg.Timeout, done: t.done})
 				continue
 			}
-			c.wg.Go(func() { c.finish(t, cfg, c.probe(c.ctx, cfg, t.addr)) })
+			cfg := c.cfg
+			c.wg.Go(func() { t.done(c.probe(c.ctx, cfg, t.addr)) })
 		}
 		wait := time.Hour
 		if c.due.len() > 0 && c.inflight < maxInflight {
-			wait = max(c.due.top().nextAt.Sub(now), batchWindow)
+			wait = max(c.due.untilTop(now), batchWindow)
 		}
 		c.mu.Unlock()
 		if len(jobs) > 0 {
@@ -450,16 +456,12 @@ type tcpJob struct {
 	done    func(error)
 }
 
-// onLoop reports whether a probe of addr runs on the prober's loop: a TCP
+// onLoop reports whether a probe of ap runs on the prober's loop: a TCP
 // check of an IP address, with the prober running and no test hook.
 // Caller holds c.mu.
-func (c *Checker) onLoop(cfg Config, addr string) (netip.AddrPort, bool) {
-	if c.noTCP || c.probeFn != nil || cfg.Check != CheckTCP {
-		return netip.AddrPort{}, false
-	}
-	ap, err := netip.ParseAddrPort(addr)
-	if err != nil {
-		return netip.AddrPort{}, false
+func (c *Checker) onLoop(ap netip.AddrPort) bool {
+	if c.noTCP || c.probeFn != nil || c.cfg.Check != CheckTCP || !ap.IsValid() {
+		return false
 	}
 	if c.tcp == nil {
 		tcp, err := newTCPProber(c.logger)
@@ -468,15 +470,16 @@ func (c *Checker) onLoop(cfg Config, addr string) (netip.AddrPort, bool) {
 			if err != nil {
 				c.logger.Warn("tcp checks run in goroutines: no event loop", zap.Error(err))
 			}
-			return netip.AddrPort{}, false
+			return false
 		}
 		c.tcp = tcp
 	}
-	return ap, true
+	return true
 }
 
-// finish records the result of a probe of t.
-func (c *Checker) finish(t *target, cfg Config, err error) {
+// finish records the result of a probe of t, under the configuration in
+// force now (a reload during the probe applies to its result).
+func (c *Checker) finish(t *target, err error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.inflight == maxInflight {
@@ -490,7 +493,7 @@ func (c *Checker) finish(t *target, cfg Config, err error) {
 	if localFailure(err) {
 		// Out of descriptors or memory here says nothing about the
 		// target; taking every target down would make it worse.
-		t.nextAt = time.Now().Add(c.jitter(cfg.Interval))
+		t.nextAt = time.Now().Add(c.jitter(c.cfg.Interval))
 		c.requeue(t)
 		return
 	}
@@ -498,7 +501,7 @@ func (c *Checker) finish(t *target, cfg Config, err error) {
 	if c.observe != nil {
 		c.observe(t.addr, err, next)
 	}
-	if cfg.Check == CheckNone && t.state == Up {
+	if c.cfg.Check == CheckNone && t.state == Up {
 		return // trusted: no routine probes
 	}
 	c.requeue(t)

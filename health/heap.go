@@ -21,6 +21,12 @@ type heapSlot struct {
 func (h *targetHeap) len() int     { return len(h.ts) }
 func (h *targetHeap) top() *target { return h.ts[0].t }
 
+// untilTop is how long from now the first target is due (<= 0: due), read
+// from its slot, not its target.
+func (h *targetHeap) untilTop(now time.Time) time.Duration {
+	return time.Duration(h.ts[0].at - int64(now.Sub(h.base)))
+}
+
 func (h *targetHeap) key(t *target) int64 {
 	if h.base.IsZero() {
 		h.base = t.nextAt

@@ -8,7 +8,7 @@ import (
 
 // The heap yields targets in the order of their nextAt through pushes,
 // reschedules (fix after nextAt changes) and removals, with every target's
-// position kept in idx.
+// position kept in idx, and untilTop reads the first one's due time right.
 func TestTargetHeapOrder(t *testing.T) {
 	var h targetHeap
 	base := time.Now()
@@ -38,6 +38,9 @@ func TestTargetHeapOrder(t *testing.T) {
 	var last time.Time
 	n := h.len()
 	for i := range n {
+		if got, want := h.untilTop(base), h.top().nextAt.Sub(base); got != want {
+			t.Fatalf("pop %d: untilTop says %v, the target %v", i, got, want)
+		}
 		tg := h.pop()
 		if removed[tg] || tg.idx != 0 {
 			t.Fatalf("popped a removed target, or one still placed (idx %d)", tg.idx)
