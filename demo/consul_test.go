@@ -49,25 +49,12 @@ func agentService(t *testing.T, c *api.Client, id string) *api.AgentService {
 func TestServeBackendConsul(t *testing.T) {
 	agent := testenv.StartConsul(t)
 	direct := agent.Client(t)
-	ready := make(chan string, 1)
-	ctx, cancel := context.WithCancel(t.Context())
-	defer cancel()
-	done := make(chan error, 1)
-	go func() {
-		done <- ServeBackend(ctx, BackendOptions{
-			Name:    "backend-c",
-			Consul:  consul.ClientConfig{Address: agent.Addr()},
-			Service: "web-consul",
-			Ready:   func(addr string) { ready <- addr },
-			Logger:  zaptest.NewLogger(t),
-		})
-	}()
-	var addr string
-	select {
-	case addr = <-ready:
-	case err := <-done:
-		t.Fatalf("ServeBackend returned %v before ready", err)
-	}
+	b := startBackend(t, BackendOptions{
+		Name:    "backend-c",
+		Consul:  consul.ClientConfig{Address: agent.Addr()},
+		Service: "web-consul",
+	})
+	addr := b.addr
 	waitFor(t, "the backend passing in consul", func() bool {
 		return slices.Equal(passing(t, direct, "web-consul"), []string{addr})
 	})
@@ -98,8 +85,8 @@ func TestServeBackendConsul(t *testing.T) {
 		return slices.Equal(passing(t, direct, "web-consul"), []string{addr})
 	})
 
-	cancel()
-	if err := <-done; err != nil {
+	b.cancel()
+	if err := b.wait(); err != nil {
 		t.Fatalf("ServeBackend = %v, want nil", err)
 	}
 	if s := agentService(t, direct, id); s != nil {

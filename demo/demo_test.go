@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -295,39 +296,65 @@ func TestFleetRegistrationError(t *testing.T) {
 	}
 }
 
+// runningBackend is a ServeBackend that a test runs: cancel stops it, and
+// wait returns what it returned.
+type runningBackend struct {
+	addr   string
+	cancel context.CancelFunc
+	done   chan error
+	once   sync.Once
+	err    error
+}
+
+// startBackend runs ServeBackend with o (and a test logger) until the test
+// ends or cancel, and returns once the backend is ready, failing the test
+// if ServeBackend returns first.
+func startBackend(t *testing.T, o BackendOptions) *runningBackend {
+	t.Helper()
+	ready := make(chan string, 1)
+	o.Ready = func(addr string) { ready <- addr }
+	o.Logger = zaptest.NewLogger(t)
+	ctx, cancel := context.WithCancel(t.Context())
+	b := &runningBackend{cancel: cancel, done: make(chan error, 1)}
+	go func() { b.done <- ServeBackend(ctx, o) }()
+	t.Cleanup(func() {
+		b.cancel()
+		b.wait()
+	})
+	select {
+	case b.addr = <-ready:
+	case err := <-b.done:
+		b.once.Do(func() { b.err = err })
+		t.Fatalf("ServeBackend returned %v before ready", err)
+	}
+	return b
+}
+
+func (b *runningBackend) wait() error {
+	b.once.Do(func() { b.err = <-b.done })
+	return b.err
+}
+
 // TestServeBackendEtcd: `rota demo-backend --etcd`: registered while it
 // runs, deregistered (key deleted, lease revoked) on ctx cancel, then
 // returns nil.
 func TestServeBackendEtcd(t *testing.T) {
 	env := testenv.StartEtcd(t)
 	direct := env.Client(t)
-	ready := make(chan string, 1)
-	ctx, cancel := context.WithCancel(t.Context())
-	defer cancel()
-	done := make(chan error, 1)
-	go func() {
-		done <- ServeBackend(ctx, BackendOptions{
-			Name:    "backend-7",
-			Etcd:    etcd.Config{Endpoints: env.Endpoints()},
-			Service: "web",
-			TTL:     5 * time.Second,
-			Ready:   func(addr string) { ready <- addr },
-			Logger:  zaptest.NewLogger(t),
-		})
-	}()
-	var addr string
-	select {
-	case addr = <-ready:
-	case err := <-done:
-		t.Fatalf("ServeBackend returned %v before ready", err)
-	}
+	b := startBackend(t, BackendOptions{
+		Name:    "backend-7",
+		Etcd:    etcd.Config{Endpoints: env.Endpoints()},
+		Service: "web",
+		TTL:     5 * time.Second,
+	})
+	addr := b.addr
 	waitFor(t, "the backend registered", func() bool { return slices.Equal(instances(t, direct), []string{addr}) })
 	if _, body, _ := get(t, "GET", "http://"+addr+"/"); body != "backend-7\n" {
 		t.Errorf("body %q", body)
 	}
 
-	cancel()
-	if err := <-done; err != nil {
+	b.cancel()
+	if err := b.wait(); err != nil {
 		t.Fatalf("ServeBackend = %v, want nil", err)
 	}
 	if got := instances(t, direct); len(got) != 0 {
@@ -402,24 +429,16 @@ func TestServeBackendDeregisterWait(t *testing.T) {
 	const deregisterWait = 5 * time.Second
 	env := testenv.StartEtcd(t)
 	direct := env.Client(t)
-	ready := make(chan string, 1)
-	ctx, cancel := context.WithCancel(t.Context())
-	defer cancel()
-	done := make(chan error, 1)
-	go func() {
-		done <- ServeBackend(ctx, BackendOptions{
-			Name:           "backend-w",
-			Etcd:           etcd.Config{Endpoints: env.Endpoints()},
-			Service:        "web",
-			DeregisterWait: deregisterWait,
-			Ready:          func(addr string) { ready <- addr },
-			Logger:         zaptest.NewLogger(t),
-		})
-	}()
-	addr := <-ready
+	b := startBackend(t, BackendOptions{
+		Name:           "backend-w",
+		Etcd:           etcd.Config{Endpoints: env.Endpoints()},
+		Service:        "web",
+		DeregisterWait: deregisterWait,
+	})
+	addr := b.addr
 	waitFor(t, "the backend registered", func() bool { return slices.Equal(instances(t, direct), []string{addr}) })
 
-	cancel()
+	b.cancel()
 	stopped := time.Now()
 	waitFor(t, "the deregistration", func() bool { return len(instances(t, direct)) == 0 })
 	// Deregistered, and still answering: without the wait the listener
@@ -427,7 +446,7 @@ func TestServeBackendDeregisterWait(t *testing.T) {
 	if _, body, _ := get(t, "GET", "http://"+addr+"/"); body != "backend-w\n" {
 		t.Fatalf("%v after the stop, with the key deleted: body %q", time.Since(stopped), body)
 	}
-	if err := <-done; err != nil {
+	if err := b.wait(); err != nil {
 		t.Fatalf("ServeBackend = %v", err)
 	}
 	if !refused(addr) {
