@@ -59,25 +59,35 @@ func listenerNames(t *testing.T, admin string) []string {
 	return out
 }
 
-// TestServeReloads runs `rota serve --config` and reloads it by SIGHUP and by
-// the admin API, including an invalid file that must be rejected while the
-// running configuration stays; SIGTERM then exits 0.
-func TestServeReloads(t *testing.T) {
+// greeter is a backend on loopback that writes "hi" to each connection and
+// closes it, until the test ends.
+func greeter(t *testing.T) net.Listener {
+	t.Helper()
 	be, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer be.Close()
+	t.Cleanup(func() { be.Close() })
 	go func() {
 		for {
 			c, err := be.Accept()
 			if err != nil {
 				return
 			}
-			io.WriteString(c, "hi")
-			c.Close()
+			go func() {
+				io.WriteString(c, "hi")
+				c.Close()
+			}()
 		}
 	}()
+	return be
+}
+
+// TestServeReloads runs `rota serve --config` and reloads it by SIGHUP and by
+// the admin API, including an invalid file that must be rejected while the
+// running configuration stays; SIGTERM then exits 0.
+func TestServeReloads(t *testing.T) {
+	be := greeter(t)
 	dir := t.TempDir()
 	file := filepath.Join(dir, "rota.yaml")
 	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))

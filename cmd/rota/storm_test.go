@@ -17,23 +17,7 @@ import (
 // and with none) ends `rota serve` with exit 0 within drain_timeout plus a
 // second, every time.
 func TestSIGTERMUnderConnectStorm(t *testing.T) {
-	be, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer be.Close()
-	go func() {
-		for {
-			c, err := be.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				c.Write([]byte("hi"))
-				c.Close()
-			}()
-		}
-	}()
+	be := greeter(t)
 	dead, _ := net.Listen("tcp", "127.0.0.1:0")
 	deadAddr := dead.Addr().String()
 	dead.Close()
