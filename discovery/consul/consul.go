@@ -287,12 +287,9 @@ const serfHealth = "serfHealth"
 // unreachableOnly asks the leader (consistently) how many of the service's
 // instances fail nothing but their node's serfHealth check.
 func (w *Watcher) unreachableOnly(ctx context.Context) (int, error) {
-	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	w.queries.Add(1)
-	entries, _, err := w.client.Health().ServiceMultipleTags(w.service, w.tags, false, (&api.QueryOptions{RequireConsistent: true}).WithContext(rctx))
+	entries, _, err := w.entries(ctx, &api.QueryOptions{RequireConsistent: true}, 10*time.Second, false)
 	if err != nil {
-		return 0, discovery.TruncateError(fmt.Errorf("consul: health of %q (all states): %w", w.service, scrub(err, "")))
+		return 0, err
 	}
 	n := 0
 	for _, e := range entries {
@@ -325,14 +322,27 @@ func (w *Watcher) query(ctx context.Context, index uint64, wait time.Duration) (
 	return w.queryOpts(ctx, &api.QueryOptions{WaitIndex: index, WaitTime: wait}, wait+wait/16+10*time.Second)
 }
 
-func (w *Watcher) queryOpts(ctx context.Context, opts *api.QueryOptions, timeout time.Duration) (discovery.Snapshot, uint64, error) {
+// entries asks for the service's instances (only the passing ones, or all)
+// within timeout.
+func (w *Watcher) entries(ctx context.Context, opts *api.QueryOptions, timeout time.Duration, passing bool) ([]*api.ServiceEntry, *api.QueryMeta, error) {
 	rctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	q := opts.WithContext(rctx)
 	w.queries.Add(1)
-	entries, meta, err := w.client.Health().ServiceMultipleTags(w.service, w.tags, true, q)
+	entries, meta, err := w.client.Health().ServiceMultipleTags(w.service, w.tags, passing, opts.WithContext(rctx))
 	if err != nil {
-		return discovery.Snapshot{}, 0, discovery.TruncateError(fmt.Errorf("consul: health of %q: %w", w.service, scrub(err, "")))
+		states := ""
+		if !passing {
+			states = " (all states)"
+		}
+		return nil, nil, discovery.TruncateError(fmt.Errorf("consul: health of %q%s: %w", w.service, states, scrub(err, "")))
+	}
+	return entries, meta, nil
+}
+
+func (w *Watcher) queryOpts(ctx context.Context, opts *api.QueryOptions, timeout time.Duration) (discovery.Snapshot, uint64, error) {
+	entries, meta, err := w.entries(ctx, opts, timeout, true)
+	if err != nil {
+		return discovery.Snapshot{}, 0, err
 	}
 	if meta.ResultsFilteredByACLs {
 		// Some instances were hidden from this token: routing over the rest
