@@ -351,8 +351,18 @@ func testResettingBackendCostsNoClient(t *testing.T) {
 	if bad.accepts.Load() == 0 {
 		t.Fatal("the resetting backend was never tried; the test proves nothing")
 	}
-	if len(s.reported()) == 0 {
-		t.Fatal("resets were not reported to health")
+	// Each attempt on the resetting backend ended one of two ways: reset
+	// before the request reached it (a dying instance: reported, the next
+	// target tried) or after (replayed to the next target, not reported:
+	// the data path cannot tell a dead target from a refused request).
+	reported, replays := s.p.Stats.DialErrors.Load(), s.p.Stats.Replays.Load()
+	if reported+replays != uint64(bad.accepts.Load()) {
+		t.Fatalf("%d attempts on the resetting backend, %d reported + %d replayed", bad.accepts.Load(), reported, replays)
+	}
+	for _, a := range s.reported() {
+		if a != bad.addr() {
+			t.Fatalf("the good backend %s was reported", a)
+		}
 	}
 }
 

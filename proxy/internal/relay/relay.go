@@ -128,6 +128,17 @@ const WindLinger = 10 * time.Second
 // closes as if the target had answered.
 const ReplayLimit = 16 << 10
 
+// DyingWindow is how soon after its connect a target that closes or resets
+// before any client byte reached it is taken for a dying instance: the
+// kernel resetting its accept queue as the process exits, or the process
+// killed between accept and read. Such a target is reported to health
+// checking and the next one is tried. Later, the same close is the
+// target's own answer to a client that stayed silent (a server's header or
+// idle timeout: nginx client_header_timeout, Go's ReadHeaderTimeout, Redis
+// timeout, PostgreSQL authentication_timeout, the shortest of which is 1 s):
+// it is passed to the client and health checks alone judge the target.
+const DyingWindow = 250 * time.Millisecond
+
 // ResetGrace is how long a target that closed cleanly after taking client
 // bytes is watched for the reset its kernel sends when those bytes arrived
 // after it closed unread (a process killed between accept and read), with
@@ -157,6 +168,9 @@ type Stats struct {
 	// NoRoute counts clients closed because no route matched their
 	// server name.
 	NoRoute atomic.Uint64
+	// Replays counts connections whose bytes went to a second target
+	// after the first reset (replay_on_reset).
+	Replays atomic.Uint64
 }
 
 // State is where a connection stands.
@@ -273,6 +287,7 @@ type Conn struct {
 	clientEOF    bool
 	closing      bool // the driver's proxy is shutting down: failures are not the target's
 	winding      bool
+	replayed     bool // the client's bytes went to a second target once: never again
 	// header: the PROXY header is still to be read (in Prelude; else the
 	// ClientHello is). slot: the client holds a place in cfg.Clients.
 	header bool
@@ -280,7 +295,8 @@ type Conn struct {
 	tries  int32 // targets still to try
 
 	// Clock readings, nanoseconds. due is the deadline of the phase: the
-	// ClientHello's in Prelude, the dial's in Dialing.
+	// ClientHello's in Prelude, the dial's in Dialing, the end of the
+	// DyingWindow once connected.
 	start, last, due int64
 	// Err says why the connection closed, or why the last attempt failed.
 	Err error
@@ -602,6 +618,7 @@ func (c *Conn) Dialed(now int64) Action {
 	t.Total.Add(1)
 	c.state = Open
 	c.last = now
+	c.due = now + int64(DyingWindow)
 	if c.cfg.SendProxy != 0 && (c.x == nil || c.x.hdr == nil) {
 		h := proxyproto.HeaderProxyFromAddrs(c.cfg.SendProxy, net.TCPAddrFromAddrPort(c.Src), net.TCPAddrFromAddrPort(c.Dst))
 		b, err := h.Format()
@@ -762,19 +779,19 @@ func (c *Conn) FromTarget(n int, now int64) Action {
 
 // TargetEOF reports the target's FIN. A clean close is an answer (the
 // target may have acted on the request), so the client gets it; but a
-// target that closed before any client byte reached it was asked nothing,
-// so the next one is tried, and with replay on, one that took bytes is
-// watched for a reset first (Linger). After a write found the target reset,
-// the FIN is that reset, which Linux reports once.
+// target that closed within DyingWindow of its connect, before any client
+// byte reached it, is a dying instance: the next one is tried. With replay
+// on, one that took bytes is watched for a reset first (Linger). After a
+// write found the target reset, the FIN is that reset, which Linux reports
+// once.
 func (c *Conn) TargetEOF(now int64) Action {
 	if c.state == Open {
 		switch {
 		case c.resetOnWrite:
 			return c.TargetReset(errors.New("EOF after a reset"), now)
-		case !c.spoke && !c.clientEOF:
-			// (After the client's FIN, closing is the target's answer.)
+		case c.dying(now):
 			return c.TargetReset(errors.New("closed before it was asked anything"), now)
-		case c.cfg.ReplayOnReset:
+		case c.spoke && c.mayReplay():
 			c.lingering = true
 			c.lingerUntil = now + int64(ResetGrace)
 			return Linger
@@ -783,6 +800,22 @@ func (c *Conn) TargetEOF(now int64) Action {
 	c.commit()
 	return ShutClient
 }
+
+// dying reports whether the target's close or reset, now, is a dying
+// instance's rather than an answer: it came within DyingWindow of the
+// connect, and nothing of the client's reached the target: no byte, and no
+// FIN (a FIN goes after everything pending; a close in answer to it is the
+// target's answer to a client that left without a word).
+func (c *Conn) dying(now int64) bool {
+	finSent := c.clientEOF && len(c.Pending()) == 0
+	return c.state == Open && !c.spoke && !finSent && now < c.due
+}
+
+// mayReplay reports whether the client's bytes may go to another target
+// should this one reset: replay is on and has not been used. One replay a
+// connection: a request that makes every target reset (a query of death)
+// reaches two targets, not the whole fleet.
+func (c *Conn) mayReplay() bool { return c.cfg.ReplayOnReset && !c.replayed }
 
 // Lingering reports whether c waits to learn whether its target reset.
 func (c *Conn) Lingering() bool { return c.lingering }
@@ -811,19 +844,31 @@ func (c *Conn) WriteReset(err error) Action {
 	return c.reset(err)
 }
 
-// TargetReset reports that the target reset the connection. Inside the
-// window the next target is dialled (the bytes held are sent to it);
-// after it, the client sees the reset.
+// TargetReset reports that the target reset the connection. A dying
+// instance's reset (see dying) is reported and the next target dialled
+// (the bytes held are sent to it); with replay on, a reset after the target
+// took client bytes but before its first byte replays them to the next
+// target once, reporting nothing: the data path cannot tell a dead target
+// from a request it refused, so only health checks judge it. Otherwise the
+// client sees the reset.
 func (c *Conn) TargetReset(err error, now int64) Action {
 	c.lingering = false
-	if c.state != Open {
-		return c.reset(err)
-	}
 	t := c.target
-	err = fmt.Errorf("%s: reset before its first byte: %w", t.Addr, err)
-	t.Active.Add(-1)
-	c.fail(t, err)
-	return c.next(now, err)
+	switch {
+	case c.dying(now):
+		err = fmt.Errorf("%s: reset before it was asked anything: %w", t.Addr, err)
+		t.Active.Add(-1)
+		c.fail(t, err)
+		return c.next(now, err)
+	case c.state == Open && c.spoke && c.mayReplay():
+		c.replayed = true
+		err = fmt.Errorf("%s: reset before its first byte: %w", t.Addr, err)
+		t.Active.Add(-1)
+		c.stats.Replays.Add(1)
+		return c.next(now, err)
+	}
+	c.commit()
+	return c.reset(err)
 }
 
 func (c *Conn) reset(err error) Action {

@@ -159,8 +159,8 @@ func TestReplayOffResetAfterFirstByteIsTheClients(t *testing.T) {
 	}
 }
 
-// A reset before any client byte reached the target is a failed attempt,
-// replay or not.
+// A reset before any client byte reached the target, soon after its
+// connect, is a dying instance's: a failed attempt, replay or not.
 func TestResetBeforeAnyClientByteTriesNext(t *testing.T) {
 	h := newHarness(t, Config{Retries: 2}, 2)
 	h.connect()
@@ -252,6 +252,78 @@ func TestCloseBeforeAnyClientByteTriesNext(t *testing.T) {
 	}
 }
 
+// A target that closes or resets a connection whose client stayed silent
+// past DyingWindow (a server's header or idle timeout: nginx, Go, Redis,
+// PostgreSQL) answers that client: the client sees the close (FIN for FIN,
+// reset for reset), nothing is reported, nothing retried, replay or not.
+func TestCloseOfASilentClientAfterTheWindowIsAnAnswer(t *testing.T) {
+	for _, replay := range []bool{false, true} {
+		for _, reset := range []bool{false, true} {
+			h := newHarness(t, Config{Retries: 2, ReplayOnReset: replay}, 3)
+			h.connect()
+			h.want(h.c.Expired(int64(DyingWindow)), Continue)
+			now := int64(DyingWindow)
+			if reset {
+				h.want(h.c.TargetReset(syscall.ECONNRESET, now), Reset)
+			} else {
+				h.want(h.c.TargetEOF(now), ShutClient)
+				if !h.c.Committed() {
+					t.Fatalf("replay=%v: state %v after the target's FIN", replay, h.c.State())
+				}
+			}
+			if len(h.reports) != 0 || h.stats.DialErrors.Load() != 0 || h.c.Target() != h.targets[0] {
+				t.Fatalf("replay=%v reset=%v: reports %v, dial errors %d, target %v",
+					replay, reset, h.reports, h.stats.DialErrors.Load(), h.c.Target())
+			}
+		}
+	}
+	// One nanosecond earlier it is a dying instance's.
+	h := newHarness(t, Config{Retries: 2}, 3)
+	h.connect()
+	h.want(h.c.TargetEOF(int64(DyingWindow)-1), Dial)
+	if len(h.reports) != 1 {
+		t.Fatalf("reports %v inside the window", h.reports)
+	}
+}
+
+// A request that makes every target reset after taking it (a query of
+// death), with replay on: it is replayed once, to one more target, and the
+// client then sees the reset; no target is reported by the data path.
+func TestQueryOfDeathIsReplayedOnceAndReportsNothing(t *testing.T) {
+	h := newHarness(t, Config{Retries: 5, ReplayOnReset: true}, 4)
+	h.connect()
+	h.want(h.c.FromClient([]byte("KILL"), 1), Flush)
+	h.flush(-1)
+	h.want(h.c.TargetReset(syscall.ECONNRESET, 2), Dial)
+	h.want(h.c.Dialed(3), Flush)
+	if got := h.flush(-1); string(got) != "KILL" {
+		t.Fatalf("replayed %q", got)
+	}
+	// The second target closes after taking it: no linger, no replay.
+	h.want(h.c.TargetReset(syscall.ECONNRESET, 4), Reset)
+	if len(h.reports) != 0 || h.stats.DialErrors.Load() != 0 || h.stats.Replays.Load() != 1 {
+		t.Fatalf("reports %v, dial errors %d, replays %d", h.reports, h.stats.DialErrors.Load(), h.stats.Replays.Load())
+	}
+	for i, tg := range h.targets {
+		if tg.Active.Load() != 0 || (i >= 2 && tg.Total.Load() != 0) {
+			t.Fatalf("target %d: active %d, total %d", i, tg.Active.Load(), tg.Total.Load())
+		}
+	}
+	// The same through a FIN and the linger's reset.
+	h = newHarness(t, Config{Retries: 5, ReplayOnReset: true}, 4)
+	h.connect()
+	h.c.FromClient([]byte("KILL"), 1)
+	h.flush(-1)
+	h.want(h.c.TargetEOF(2), Linger)
+	h.want(h.c.Settled(true, 3), Dial)
+	h.want(h.c.Dialed(4), Flush)
+	h.flush(-1)
+	h.want(h.c.TargetEOF(5), ShutClient)
+	if len(h.reports) != 0 || h.stats.Replays.Load() != 1 {
+		t.Fatalf("reports %v, replays %d", h.reports, h.stats.Replays.Load())
+	}
+}
+
 // A client that connects and closes without a word: the target's close in
 // answer to the FIN is no failure.
 func TestCloseAfterTheClientsFINIsAnAnswer(t *testing.T) {
@@ -284,10 +356,11 @@ func TestCloseAfterBytesLingersForAReset(t *testing.T) {
 	}
 	h.c.FromClient([]byte("!"), 5)
 	h.flush(-1)
-	h.want(h.c.TargetEOF(6), Linger)
-	h.want(h.c.Settled(false, 7), ShutClient)
-	if !h.c.Committed() {
-		t.Fatal("a close without a reset is an answer")
+	// Replayed once already: the second target's close is its answer,
+	// not watched for a reset that could replay the bytes again.
+	h.want(h.c.TargetEOF(6), ShutClient)
+	if !h.c.Committed() || len(h.reports) != 0 {
+		t.Fatalf("state %v, reports %v: a reset after bytes is never reported", h.c.State(), h.reports)
 	}
 }
 
