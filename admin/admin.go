@@ -16,8 +16,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"golang.org/x/net/netutil"
-
 	"go.uber.org/zap"
 
 	"github.com/rota-proxy/rota/discovery"
@@ -45,7 +43,8 @@ type Handler struct {
 	Version string
 	// Pprof serves Go's profiler under /debug/pprof/ (rota serve --pprof).
 	Pprof bool
-	// MaxConns bounds the admin connections open at once (default 64);
+	// MaxConns bounds the admin connections open at once (default 64;
+	// at it, the longest idle is closed for a new one: see connGuard);
 	// IdleTimeout closes idle keep-alive ones (default 30s).
 	MaxConns    int
 	IdleTimeout time.Duration
@@ -305,6 +304,7 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 type Server struct {
 	srv  *http.Server
 	ln   net.Listener
+	g    *connGuard
 	done chan error
 }
 
@@ -321,20 +321,25 @@ func Listen(addr string, h *Handler) (*Server, error) {
 	if idle <= 0 {
 		idle = 30 * time.Second
 	}
-	// Past the cap, connections wait in the kernel's accept queue: the
-	// admin port cannot take the proxy's descriptors and memory.
-	ln = netutil.LimitListener(ln, maxConns)
+	// At the cap, room is made for new connections (see connGuard): the
+	// admin port cannot take the proxy's descriptors and memory, and its
+	// probes are never starved.
+	g := newConnGuard(maxConns)
+	ln = guardedListener{Listener: ln, g: g}
 	s := &Server{
 		srv: &http.Server{
-			Handler:           h.Routes(),
+			Handler:           g.serve(h.Routes()),
 			ReadHeaderTimeout: 5 * time.Second,
 			ReadTimeout:       10 * time.Second,
 			WriteTimeout:      time.Minute, // a CPU profile takes 30 s
 			IdleTimeout:       idle,
 			MaxHeaderBytes:    16 << 10,
 			ErrorLog:          log.New(io.Discard, "", 0),
+			ConnState:         g.connState,
+			ConnContext:       g.connContext,
 		},
 		ln:   ln,
+		g:    g,
 		done: make(chan error, 1),
 	}
 	go func() { s.done <- s.srv.Serve(ln) }()
@@ -346,6 +351,7 @@ func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 
 // Shutdown stops the server, waiting for requests in flight until ctx ends.
 func (s *Server) Shutdown(ctx context.Context) error {
+	s.g.close()
 	err := s.srv.Shutdown(ctx)
 	if serr := <-s.done; serr != nil && !errors.Is(serr, http.ErrServerClosed) {
 		return serr

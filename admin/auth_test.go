@@ -1,20 +1,14 @@
 package admin_test
 
 import (
-	"bufio"
 	"context"
 	"errors"
-	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/rota-proxy/rota/admin"
 	"github.com/rota-proxy/rota/server"
@@ -146,66 +140,5 @@ func TestReadToken(t *testing.T) {
 	}
 	if _, err := admin.ReadToken(filepath.Join(dir, "missing")); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("missing token file: %v", err)
-	}
-}
-
-// The admin server bounds what idle clients can hold: a connection cap
-// (the rest wait in the kernel's queue, holding no goroutine) and an idle
-// timeout for keep-alive connections.
-func TestAdminBoundsIdleConnections(t *testing.T) {
-	before := runtime.NumGoroutine()
-	srv, err := admin.Listen("127.0.0.1:0", &admin.Handler{State: idleState{}, MaxConns: 8, IdleTimeout: 300 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Shutdown(context.Background())
-	addr := srv.Addr().String()
-	var conns []net.Conn
-	defer func() {
-		for _, c := range conns {
-			c.Close()
-		}
-	}()
-	for range 200 {
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		conns = append(conns, c)
-	}
-	// The first few are served and kept alive; nothing more is taken on.
-	served := 0
-	for _, c := range conns[:8] {
-		c.SetDeadline(time.Now().Add(5 * time.Second))
-		fmt.Fprintf(c, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-		if err == nil && resp.StatusCode == 200 {
-			served++
-			io.Copy(io.Discard, resp.Body)
-		}
-	}
-	if served != 8 {
-		t.Fatalf("%d of the first 8 connections served", served)
-	}
-	if n := runtime.NumGoroutine() - before; n > 8+10 {
-		t.Fatalf("%d goroutines for 200 open admin connections (cap 8)", n)
-	}
-	// Idle keep-alive connections are closed after the idle timeout.
-	start := time.Now()
-	for _, c := range conns[:8] {
-		c.SetReadDeadline(time.Now().Add(5 * time.Second))
-		if _, err := c.Read(make([]byte, 1)); err != io.EOF {
-			t.Fatalf("idle connection: %v, want EOF from the server", err)
-		}
-	}
-	if d := time.Since(start); d < 250*time.Millisecond {
-		t.Fatalf("idle connections closed after %v, before the idle timeout", d)
-	}
-	// Their places go to the connections that waited.
-	c := conns[8]
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	fmt.Fprintf(c, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-	if resp, err := http.ReadResponse(bufio.NewReader(c), nil); err != nil || resp.StatusCode != 200 {
-		t.Fatalf("a waiting connection was not served once places freed: %v", err)
 	}
 }
