@@ -28,6 +28,12 @@ type Server struct {
 
 	wg sync.WaitGroup // watcher goroutines and draining listeners
 
+	// removedDrains bounds the drains of listeners a reload removed;
+	// cutRemoved ends them (Shutdown, when its own context ends: a second
+	// signal cuts every drain, not only the current listeners').
+	removedDrains context.Context
+	cutRemoved    context.CancelFunc
+
 	// reloadMu serialises Reload and Shutdown.
 	reloadMu  sync.Mutex
 	mu        sync.Mutex // guards the fields below
@@ -50,6 +56,7 @@ func Start(ctx context.Context, cfg *config.Config, logger *zap.Logger) (*Server
 		return nil, err
 	}
 	s := &Server{log: logger, cfg: cfg, engine: proxy.NewEngine(0, logger.Named("relay"))}
+	s.removedDrains, s.cutRemoved = context.WithCancel(context.Background())
 	regs, err := openRegistries(ctx, cfg.Registries, nil, logger)
 	if err != nil {
 		s.engine.Close()
@@ -266,7 +273,7 @@ func (s *Server) Reload(ctx context.Context, cfg *config.Config) error {
 	for _, l := range removed {
 		s.log.Info("listener removed; draining", zap.String("listener", l.config().Name))
 		s.wg.Go(func() {
-			if err := l.shutdown(context.Background()); err != nil {
+			if err := l.shutdown(s.removedDrains); err != nil {
 				l.log.Warn("listener drained", zap.Error(err))
 			}
 		})
@@ -344,6 +351,9 @@ func (pl *plan) abort() {
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.reloadMu.Lock()
 	defer s.reloadMu.Unlock()
+	// Listeners a reload removed drain on; when ctx ends, so do they.
+	stop := context.AfterFunc(ctx, s.cutRemoved)
+	defer stop()
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -369,6 +379,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	wg.Wait()
 	s.wg.Wait() // removed listeners still draining, watcher goroutines
+	s.cutRemoved()
 	s.engine.Close()
 	if regs != nil {
 		regs.close()

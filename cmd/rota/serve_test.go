@@ -156,3 +156,88 @@ func TestServeReloads(t *testing.T) {
 		t.Fatal("no exit within 20s of SIGTERM")
 	}
 }
+
+// A listener removed by a reload drains its open connections for its
+// drain_timeout; a shutdown's second signal cuts that drain too, as it
+// cuts the current listeners' (systemd and Kubernetes send SIGKILL next).
+func TestSecondSignalCutsRemovedListenersDrain(t *testing.T) {
+	echo, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { echo.Close() })
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	dir := t.TempDir()
+	file := filepath.Join(dir, "rota.yaml")
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	aAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listener := func(name, addr string) string {
+		return fmt.Sprintf("  - name: %s\n    listen: %s\n    discovery: static\n    static: [%s]\n    drain_timeout: 40s\n", name, addr, echo.Addr())
+	}
+	head := "admin:\n  listen: " + admin + "\nlisteners:\n"
+	os.WriteFile(file, []byte(head+listener("a", aAddr)+listener("b", fmt.Sprintf("127.0.0.1:%d", freePort(t)))), 0o600)
+
+	var stderr syncBuffer
+	cmd := exec.Command(rotaBin, "serve", "--config", file, "--log-format", "json")
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	defer func() {
+		cmd.Process.Kill()
+		<-done
+	}()
+	waitUntil(t, "listeners a and b", func() bool { return strings.Join(listenerNames(t, admin), ",") == "a,b" })
+	var c net.Conn
+	waitUntil(t, "an echo through listener a", func() bool {
+		if c, err = net.Dial("tcp", aAddr); err != nil {
+			return false
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, "x")
+		b := make([]byte, 1)
+		if _, err := io.ReadFull(c, b); err != nil {
+			c.Close()
+			return false
+		}
+		return true
+	})
+	defer c.Close()
+
+	os.WriteFile(file, []byte(head+listener("b", fmt.Sprintf("127.0.0.1:%d", freePort(t)))), 0o600)
+	cmd.Process.Signal(syscall.SIGHUP)
+	waitUntil(t, "listener a removed", func() bool { return strings.Join(listenerNames(t, admin), ",") == "b" })
+	waitUntil(t, "a draining", func() bool { return strings.Contains(stderr.String(), "listener removed; draining") })
+
+	began := time.Now()
+	cmd.Process.Signal(syscall.SIGTERM)
+	// (Two signals sent at once may reach the process as one.)
+	waitUntil(t, "the first signal taken", func() bool { return strings.Contains(stderr.String(), "shutting down") })
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-done:
+		done <- err
+		if err != nil {
+			t.Fatalf("exit after two SIGTERMs: %v\n%s", err, stderr.String())
+		}
+		if took := time.Since(began); took > 2*time.Second {
+			t.Fatalf("exit %v after two SIGTERMs, want within 2s", took)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatalf("still running 2s after two SIGTERMs (a removed listener drains for 40s)\n%s", stderr.String())
+	}
+	// The held connection was cut, not left to finish.
+	if _, err := c.Read(make([]byte, 1)); err == nil {
+		t.Fatal("the removed listener's connection still open after the exit")
+	}
+}
