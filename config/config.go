@@ -122,7 +122,24 @@ type TLS struct {
 type Embedded struct {
 	DataDir   string `yaml:"data_dir"`   // default "./rota-data"
 	ClientURL string `yaml:"client_url"` // default "http://127.0.0.1:2379"
+	// TLS serves clients over TLS (client_url https://); with a client CA,
+	// only clients holding a certificate it signed get in. Required, CA
+	// included, off loopback: whoever can write the registry receives the
+	// service's traffic.
+	TLS ServerTLS `yaml:"tls"`
 }
+
+// ServerTLS names the PEM files of a TLS server: its certificate and key,
+// and ClientCAFile, when set, the CA that must have signed every client's
+// certificate.
+type ServerTLS struct {
+	CertFile     string `yaml:"cert_file"`
+	KeyFile      string `yaml:"key_file"`
+	ClientCAFile string `yaml:"client_ca_file"`
+}
+
+// Enabled reports whether any file is named.
+func (t ServerTLS) Enabled() bool { return t != ServerTLS{} }
 
 // Listener is one proxied port and where its backends come from: one pool
 // of targets (the Pool keys on the listener), or Routes chosen by the TLS
@@ -343,6 +360,19 @@ func (e *Etcd) ClientEndpoints() []string {
 		return []string{ep}
 	}
 	return nil
+}
+
+// usesEmbedded reports whether rota's own client dials the embedded server:
+// there is one, and the endpoints are those Parse derives from it.
+func (e *Etcd) usesEmbedded() bool {
+	if e.Embedded == nil {
+		return false
+	}
+	if len(e.Endpoints) == 0 {
+		return true
+	}
+	ep, ok := embeddedEndpoint(e.Embedded.ClientURL)
+	return ok && len(e.Endpoints) == 1 && e.Endpoints[0] == ep
 }
 
 // TrustedProxies parses AcceptProxyProtocol. A bare IP is a single-host

@@ -437,11 +437,15 @@ func TestBackoffMaxFollowsInterval(t *testing.T) {
 }
 
 func TestEmbeddedEndpoints(t *testing.T) {
+	// Off loopback the server needs TLS with client certificates, and
+	// rota's own client a certificate.
+	const mtls = ", tls: {cert_file: s.pem, key_file: s-key.pem, client_ca_file: ca.pem}}\n    tls: {cert_file: c.pem, key_file: c-key.pem"
 	tests := []struct{ embedded, want string }{
 		{"{}", "127.0.0.1:2379"},
-		{"{client_url: 'http://0.0.0.0:23790'}", "127.0.0.1:23790"},
-		{"{client_url: 'http://[::]:2379'}", "[::1]:2379"},
-		{"{client_url: 'https://etcd.local:2379/'}", "etcd.local:2379"},
+		{"{client_url: 'https://0.0.0.0:23790'" + mtls + "}", "127.0.0.1:23790"},
+		{"{client_url: 'https://[::]:2379'" + mtls + "}", "[::1]:2379"},
+		{"{client_url: 'https://etcd.local:2379/'" + mtls + "}", "etcd.local:2379"},
+		{"{client_url: 'https://localhost:2379', tls: {cert_file: s.pem, key_file: s-key.pem}}", "localhost:2379"},
 		{"", "127.0.0.1:2379"}, // "embedded:" with no value is present
 	}
 	for _, tt := range tests {

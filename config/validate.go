@@ -74,10 +74,51 @@ func (ck *checker) etcd(e *Etcd) {
 		if em.DataDir == "" {
 			ck.add(p+".embedded.data_dir", "must not be empty")
 		}
-		if _, _, err := urlHostPort(em.ClientURL); err != nil {
-			ck.add(p+".embedded.client_url", "%v", err)
-		}
+		ck.embedded(e, em)
 	}
+}
+
+// embedded checks the embedded server's client URL against its TLS: https
+// with a certificate, and off loopback, client certificates too (the
+// registry decides where the traffic goes).
+func (ck *checker) embedded(e *Etcd, em *Embedded) {
+	const p = "registries.etcd.embedded"
+	host, _, err := urlHostPort(em.ClientURL)
+	if err != nil {
+		ck.add(p+".client_url", "%v", err)
+		return
+	}
+	https := strings.HasPrefix(em.ClientURL, "https://")
+	t := em.TLS
+	switch {
+	case t.CertFile != "" && t.KeyFile == "":
+		ck.add(p+".tls.key_file", "required when cert_file is set")
+	case t.KeyFile != "" && t.CertFile == "":
+		ck.add(p+".tls.cert_file", "required when key_file is set")
+	case https && t.CertFile == "":
+		ck.add(p+".tls.cert_file", "required: client_url %s is https", em.ClientURL)
+	case !https && t.Enabled():
+		ck.add(p+".client_url", "must be https://host:port when embedded.tls is set; got %q", em.ClientURL)
+	case t.ClientCAFile != "" && t.CertFile == "":
+		ck.add(p+".tls.cert_file", "required when client_ca_file is set")
+	case !loopbackHost(host) && (!https || t.ClientCAFile == ""):
+		ck.add(p+".client_url", "%q is not a loopback address: whoever reaches it could register an instance and receive the service's traffic. "+
+			"Serve it over https with client certificates (embedded.tls: cert_file, key_file, client_ca_file), or listen on 127.0.0.1", em.ClientURL)
+	}
+	if t.ClientCAFile != "" && e.TLS.CertFile == "" && e.usesEmbedded() {
+		ck.add("registries.etcd.tls.cert_file", "required: rota's own etcd client reaches the embedded server, which asks every client for a certificate (embedded.tls.client_ca_file)")
+	}
+}
+
+// loopbackHost reports whether host, from a URL, can only be reached from
+// this machine: localhost or a loopback address (not 0.0.0.0 or ::, which
+// listen on every interface).
+func loopbackHost(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Unmap().IsLoopback()
 }
 
 func (ck *checker) listener(c *Config, i int, names map[string]int) {

@@ -12,12 +12,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 	"net/url"
 	"os"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -39,9 +42,14 @@ type Config struct {
 	// DataDir holds the member's WAL and snapshots. It is created (0700)
 	// when missing; starting again on the same directory keeps the data.
 	DataDir string
-	// ClientURL is where clients connect, http://host:port (default
-	// DefaultClientURL). Port 0 picks a free port; Endpoints reports it.
+	// ClientURL is where clients connect, http://host:port, or
+	// https://host:port with TLS (default DefaultClientURL). Port 0 picks a
+	// free port; Endpoints reports it.
 	ClientURL string
+	// TLS serves clients over TLS: CertFile and KeyFile are the server's;
+	// ClientCAFile, when set, must have signed every client's certificate
+	// (clients without one are refused in the handshake).
+	TLS TLS
 	// PeerURL is the raft peer listener (default DefaultPeerURL: loopback,
 	// ephemeral port, so several embedded servers never collide). A
 	// single-member cluster never dials it, so its port only matters when
@@ -56,6 +64,11 @@ type Config struct {
 	// ReadyTimeout bounds the wait for the server to become ready
 	// (default DefaultReadyTimeout).
 	ReadyTimeout time.Duration
+}
+
+// TLS names the PEM files of the server's TLS.
+type TLS struct {
+	CertFile, KeyFile, ClientCAFile string
 }
 
 // Server is a running embedded etcd member. Its owner must call Close.
@@ -100,7 +113,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s := &Server{etcd: e, endStreams: endStreams, closing: closing}
 	for _, l := range e.Clients {
-		s.endpoints = append(s.endpoints, "http://"+l.Addr().String())
+		s.endpoints = append(s.endpoints, ecfg.ListenClientUrls[0].Scheme+"://"+dialable(l.Addr(), ecfg.ListenClientUrls[0].Hostname()))
 	}
 
 	timeout := cfg.ReadyTimeout
@@ -130,13 +143,28 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	}
 }
 
+// dialable is a listener's address as a client on this machine dials it:
+// an unspecified host (0.0.0.0, ::) becomes loopback of the family the
+// URL's host names (a "0.0.0.0" socket may report itself as [::]).
+func dialable(a net.Addr, urlHost string) string {
+	ap, err := netip.ParseAddrPort(a.String())
+	if err != nil || !ap.Addr().IsUnspecified() {
+		return a.String()
+	}
+	lo := netip.AddrFrom4([4]byte{127, 0, 0, 1})
+	if h, err := netip.ParseAddr(urlHost); err == nil && h.Is6() && !h.Is4In6() {
+		lo = netip.IPv6Loopback()
+	}
+	return netip.AddrPortFrom(lo, ap.Port()).String()
+}
+
 // etcdConfig maps Config onto etcd's own configuration.
 func etcdConfig(cfg Config, closing *atomic.Bool) (*embed.Config, error) {
-	clientURL, err := parseHTTPURL("client", cfg.ClientURL, DefaultClientURL)
+	clientURL, err := parseHTTPURL("client", cfg.ClientURL, DefaultClientURL, cfg.TLS.CertFile != "")
 	if err != nil {
 		return nil, err
 	}
-	peerURL, err := parseHTTPURL("peer", cfg.PeerURL, DefaultPeerURL)
+	peerURL, err := parseHTTPURL("peer", cfg.PeerURL, DefaultPeerURL, false)
 	if err != nil {
 		return nil, err
 	}
@@ -152,6 +180,12 @@ func etcdConfig(cfg Config, closing *atomic.Bool) (*embed.Config, error) {
 	ec.ListenPeerUrls = []url.URL{*peerURL}
 	ec.AdvertisePeerUrls = []url.URL{*peerURL}
 	ec.InitialCluster = ec.InitialClusterFromName(ec.Name)
+	if t := cfg.TLS; t.CertFile != "" {
+		ec.ClientTLSInfo = transport.TLSInfo{
+			CertFile: t.CertFile, KeyFile: t.KeyFile,
+			TrustedCAFile: t.ClientCAFile, ClientCertAuth: t.ClientCAFile != "",
+		}
+	}
 
 	// A registry only needs recent history: watchers resync from a Get
 	// after a compaction, so keep one hour and let the backend stay small.
@@ -168,7 +202,8 @@ func etcdConfig(cfg Config, closing *atomic.Bool) (*embed.Config, error) {
 	return ec, nil
 }
 
-func parseHTTPURL(what, raw, def string) (*url.URL, error) {
+// parseHTTPURL parses an http://host:port URL, or https:// with tls.
+func parseHTTPURL(what, raw, def string, tls bool) (*url.URL, error) {
 	if raw == "" {
 		raw = def
 	}
@@ -176,8 +211,12 @@ func parseHTTPURL(what, raw, def string) (*url.URL, error) {
 	if err != nil {
 		return nil, fmt.Errorf("embedetcd: %s url %q: %w", what, raw, err)
 	}
-	if u.Scheme != "http" || u.Host == "" || u.Port() == "" || u.Path != "" && u.Path != "/" {
-		return nil, fmt.Errorf("embedetcd: %s url %q: want http://host:port", what, raw)
+	scheme := "http"
+	if tls {
+		scheme = "https"
+	}
+	if u.Scheme != scheme || u.Host == "" || u.Port() == "" || u.Path != "" && u.Path != "/" {
+		return nil, fmt.Errorf("embedetcd: %s url %q: want %s://host:port", what, raw, scheme)
 	}
 	u.Path = ""
 	return u, nil

@@ -45,7 +45,9 @@ func openRegistries(ctx context.Context, cfg config.Registries, prev *registries
 			srv, err := embedetcd.Start(ctx, embedetcd.Config{
 				DataDir:   e.Embedded.DataDir,
 				ClientURL: e.Embedded.ClientURL,
-				Logger:    logger,
+				TLS: embedetcd.TLS{CertFile: e.Embedded.TLS.CertFile, KeyFile: e.Embedded.TLS.KeyFile,
+					ClientCAFile: e.Embedded.TLS.ClientCAFile},
+				Logger: logger,
 			})
 			if err != nil {
 				return nil, fmt.Errorf("embedded etcd: %w", err)
