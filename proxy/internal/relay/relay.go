@@ -308,8 +308,9 @@ type extra struct {
 	// current one.
 	hdr      []byte
 	hdrSent  int
-	hello    string // the server name the client asked for, once read
-	helloErr error  // why none was read (not TLS, too large, late)
+	hello    string     // the server name the client asked for, once read
+	helloErr error      // why none was read (not TLS, too large, late)
+	helloR   sni.Reader // the ClientHello read so far
 }
 
 // more is c's extra part, made on first use.
@@ -412,7 +413,7 @@ func (c *Conn) admit() Denial {
 // hello looks for the ClientHello in the bytes held, and routes once it is
 // read, or cannot be (not TLS, too large, late: final).
 func (c *Conn) hello(now int64, final bool) Action {
-	name, done, err := sni.Parse(c.held)
+	name, done, err := c.more().helloR.Parse(c.held)
 	switch {
 	case err != nil:
 		c.more().helloErr = err

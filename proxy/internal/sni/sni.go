@@ -41,13 +41,31 @@ const (
 // server name (lower case, no trailing dot; "" when the ClientHello has
 // none) once b holds a whole ClientHello, done false while more bytes are
 // needed, and an error when b cannot start one. It does not retain b.
+// Called again as bytes arrive, use a Reader: it goes on where it stopped.
 func Parse(b []byte) (name string, done bool, err error) {
-	// Reassemble the handshake message from the records' fragments. The
-	// common case, a ClientHello in one record, needs no copy.
-	var msg []byte
-	copied := false
-	rest := b
-	for {
+	var r Reader
+	return r.Parse(b)
+}
+
+// Reader reads a ClientHello as its bytes arrive. Each call to Parse is
+// given every byte so far (what the last call had, and more); the Reader
+// frames only the records it has not seen, without copying, and assembles
+// the message once, when it is whole. So the work is linear in the bytes
+// however the client cuts them into records and segments (a ClientHello
+// sent as thousands of one-byte records costs what one record does, give or
+// take the headers). The zero Reader is ready; a Reader is for one client.
+type Reader struct {
+	framed int     // bytes of b framed: whole records
+	have   int     // handshake bytes in those records
+	need   int     // 4 + the handshake body's length; 0 until known
+	head   [4]byte // the handshake header, which may span records
+}
+
+// Parse is the package's Parse, resumed: b must start with the bytes the
+// last call was given.
+func (r *Reader) Parse(b []byte) (name string, done bool, err error) {
+	for r.need == 0 || r.have < r.need {
+		rest := b[r.framed:]
 		if len(rest) < recordHeaderLen {
 			if len(rest) > 0 && rest[0] != recordHandshake {
 				return "", false, ErrNotTLS
@@ -68,32 +86,40 @@ func Parse(b []byte) (name string, done bool, err error) {
 			return "", false, tooLarge(b)
 		}
 		frag := rest[recordHeaderLen : recordHeaderLen+n]
-		rest = rest[recordHeaderLen+n:]
-		switch {
-		case msg == nil:
-			msg = frag
-		case !copied:
-			msg = append(append(make([]byte, 0, len(msg)+len(frag)), msg...), frag...)
-			copied = true
-		default:
-			msg = append(msg, frag...)
-		}
-		if len(msg) >= 1 && msg[0] != typeClientHello {
+		r.framed += recordHeaderLen + n
+		if r.have == 0 && frag[0] != typeClientHello {
 			return "", false, ErrNotTLS
 		}
-		if len(msg) < 4 {
-			continue
+		for i := 0; i < n && r.have+i < len(r.head); i++ {
+			r.head[r.have+i] = frag[i]
 		}
-		body := int(msg[1])<<16 | int(msg[2])<<8 | int(msg[3])
-		if 4+body > MaxHello {
-			return "", false, ErrTooLarge
+		r.have += n
+		if r.need == 0 && r.have >= len(r.head) {
+			r.need = 4 + (int(r.head[1])<<16 | int(r.head[2])<<8 | int(r.head[3]))
+			if r.need > MaxHello {
+				return "", false, ErrTooLarge
+			}
 		}
-		if len(msg) < 4+body {
-			continue
-		}
-		name, err := serverName(msg[4 : 4+body])
-		return name, err == nil, err
 	}
+	msg := assemble(b[:r.framed], r.have)
+	name, err = serverName(msg[4:r.need])
+	return name, err == nil, err
+}
+
+// assemble joins the fragments of the records in b, which are whole and
+// hold have bytes: the common case, one record, needs no copy.
+func assemble(b []byte, have int) []byte {
+	n := int(b[3])<<8 | int(b[4])
+	if n == have {
+		return b[recordHeaderLen : recordHeaderLen+n]
+	}
+	msg := make([]byte, 0, have)
+	for len(b) > 0 {
+		n := int(b[3])<<8 | int(b[4])
+		msg = append(msg, b[recordHeaderLen:recordHeaderLen+n]...)
+		b = b[recordHeaderLen+n:]
+	}
+	return msg
 }
 
 // tooLarge is the answer while more bytes are needed: none, unless b is

@@ -207,3 +207,53 @@ func FuzzClientHello(f *testing.F) {
 		}
 	})
 }
+
+// oneByteRecords is a real ClientHello cut into records of one byte each
+// (legal TLS framing, and the most work per byte a client can ask for).
+func oneByteRecords(t testing.TB) []byte {
+	b := hello(t, &tls.Config{ServerName: "api.example.com"})
+	payload := b[5:]
+	var out []byte
+	for _, c := range payload {
+		out = append(out, b[0], b[1], b[2], 0, 1, c)
+	}
+	return out
+}
+
+// A Reader fed a ClientHello as it arrives, one byte at a time and one
+// byte a record, does no work twice: no call copies anything until the
+// hello is whole (the old Parse reassembled every fragment on every call,
+// quadratic in the bytes), and the name comes out right.
+func TestReaderIsLinearInTheBytes(t *testing.T) {
+	b := oneByteRecords(t)
+	var r Reader
+	calls := 0
+	allocs := testing.AllocsPerRun(1, func() {
+		r = Reader{}
+		for i := 1; i < len(b); i++ {
+			calls++
+			if _, done, err := r.Parse(b[:i]); done || err != nil {
+				t.Fatalf("after %d bytes: done %v, %v", i, done, err)
+			}
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("%v allocations over %d calls before the hello was whole; want none", allocs, calls/2)
+	}
+	if name, done, err := r.Parse(b); !done || err != nil || name != "api.example.com" {
+		t.Fatalf("whole: %q, %v, %v", name, done, err)
+	}
+}
+
+// BenchmarkOneByteRecords reads a ClientHello of one-byte records as it
+// arrives, a byte at a time.
+func BenchmarkOneByteRecords(b *testing.B) {
+	h := oneByteRecords(b)
+	b.SetBytes(int64(len(h)))
+	for b.Loop() {
+		var r Reader
+		for i := 1; i <= len(h); i++ {
+			r.Parse(h[:i])
+		}
+	}
+}
