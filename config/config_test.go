@@ -640,7 +640,8 @@ func TestLoadMissingFile(t *testing.T) {
 }
 
 func TestTrustedProxies(t *testing.T) {
-	l := Listener{AcceptProxyProtocol: []string{"10.1.2.3/8", "192.168.0.7", "fd00::1", "2001:db8::/32"}}
+	l := Listener{AcceptProxyProtocol: []string{"10.1.2.3/8", "192.168.0.7", "fd00::1", "2001:db8::/32",
+		"::ffff:10.9.0.5", "::ffff:172.16.0.0/108", "::ffff:0:0/96", "::/80"}}
 	got, err := l.TrustedProxies()
 	if err != nil {
 		t.Fatal(err)
@@ -650,6 +651,11 @@ func TestTrustedProxies(t *testing.T) {
 		netip.MustParsePrefix("192.168.0.7/32"),
 		netip.MustParsePrefix("fd00::1/128"),
 		netip.MustParsePrefix("2001:db8::/32"),
+		// IPv4-mapped entries name IPv4 clients, which are matched unmapped.
+		netip.MustParsePrefix("10.9.0.5/32"),
+		netip.MustParsePrefix("172.16.0.0/12"),
+		netip.MustParsePrefix("0.0.0.0/0"),
+		netip.MustParsePrefix("::/80"),
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("got %v, want %v", got, want)

@@ -554,12 +554,20 @@ func wildcard(host string) bool {
 }
 
 // parsePrefix parses a CIDR, or a bare IP as a single-host prefix; the
-// result is masked so that "10.1.2.3/8" means 10.0.0.0/8.
+// result is masked so that "10.1.2.3/8" means 10.0.0.0/8. IPv4-mapped IPv6
+// ("::ffff:10.9.0.5", "::ffff:10.0.0.0/104") is unmapped to the IPv4 it
+// names: client addresses are unmapped before they are matched, so a
+// mapped entry would otherwise match nobody (a deny failing open).
 func parsePrefix(s string) (netip.Prefix, error) {
 	if p, err := netip.ParsePrefix(s); err == nil {
-		return p.Masked(), nil
+		p = p.Masked()
+		if a := p.Addr(); a.Is4In6() && p.Bits() >= 96 {
+			p = netip.PrefixFrom(a.Unmap(), p.Bits()-96)
+		}
+		return p, nil
 	}
 	if ip, err := netip.ParseAddr(s); err == nil && ip.Zone() == "" {
+		ip = ip.Unmap()
 		return netip.PrefixFrom(ip, ip.BitLen()), nil
 	}
 	return netip.Prefix{}, fmt.Errorf("%q is not a CIDR (like 10.0.0.0/8) or an IP address", s)

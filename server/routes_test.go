@@ -474,7 +474,7 @@ func TestAllowDenyAndPerClientLimits(t *testing.T) {
 	l := fastListener("guarded", b.addr)
 	l.Listen = "127.0.0.1:0"
 	l.Allow = []string{"127.0.0.0/24"}
-	l.Deny = []string{"127.0.0.3"}
+	l.Deny = []string{"127.0.0.5", "::ffff:127.0.0.3"} // written IPv4-mapped, as dual-stack logs show it
 	l.MaxConnsPerClient = 2
 	pp := fastListener("behind-lb", b.addr)
 	pp.AcceptProxyProtocol = []string{"127.0.0.1"}
