@@ -41,8 +41,10 @@ type listener struct {
 // route is one pool of a listener and the watch that feeds it.
 type route struct {
 	name string
-	sni  []string
-	src  config.Pool // where its instances come from, as configured
+	// spec is the route as configured: its server names and where its
+	// instances come from. Each reload stores a new one, never changes
+	// one: status reads it while a reload installs the next.
+	spec atomic.Pointer[routeSpec]
 	pool *pool.Pool
 
 	// watch is the running discovery watcher; replaced when the source of
@@ -165,12 +167,12 @@ func (l *listener) routesFor(cfg config.Listener, regs config.Registries, regsCh
 		r, ok := byName[spec.name]
 		switch {
 		case !ok:
-			r = &route{name: spec.name, sni: spec.sni, src: spec.pool,
-				pool: pool.New(l.poolConfig(spec.pool, cfg, regs), l.routeLog(spec.name))}
+			r = &route{name: spec.name, pool: pool.New(l.poolConfig(spec.pool, cfg, regs), l.routeLog(spec.name))}
+			r.spec.Store(&spec)
 			c.created = append(c.created, r)
 			c.rewatch[r] = true
 			c.sourceChanged = c.sourceChanged || len(old) > 0
-		case !sameSource(r.src, spec.pool):
+		case !sameSource(r.spec.Load().pool, spec.pool):
 			c.rewatch[r] = true
 			c.sourceChanged = true
 		case regsChanged:
@@ -208,8 +210,7 @@ func (l *listener) routeLog(name string) *zap.Logger {
 func (l *listener) install(cfg config.Listener, regs config.Registries, next []*route) {
 	specs := routeSpecs(cfg)
 	for i, r := range next {
-		r.sni = specs[i].sni
-		r.src = specs[i].pool
+		r.spec.Store(&specs[i])
 		r.pool.Configure(l.poolConfig(specs[i].pool, cfg, regs))
 	}
 	set := proxySettings(cfg)
@@ -217,7 +218,7 @@ func (l *listener) install(cfg config.Listener, regs config.Registries, next []*
 		patterns := make([][]string, len(next))
 		pickers := make([]proxy.Picker, len(next))
 		for i, r := range next {
-			patterns[i], pickers[i] = r.sni, r.pool
+			patterns[i], pickers[i] = specs[i].sni, r.pool
 		}
 		set.Router = proxy.NewRouter(patterns, pickers)
 	}

@@ -561,3 +561,54 @@ func TestAllowDenyAndPerClientLimits(t *testing.T) {
 		t.Fatalf("behind-lb denied = %d, want 1", n)
 	}
 }
+
+// The status (admin page, /api/v1/targets, metrics) is read while reloads
+// change the routes' names and sources: every read sees one configuration
+// or the next, never a half-written route (-race checks it).
+func TestStatusReadsDuringReloads(t *testing.T) {
+	b := startBackend(t, "b")
+	cfg := config.Default()
+	cfg.Listeners = []config.Listener{routedListener("edge",
+		staticRoute("api", []string{"api.example.com"}, b.addr),
+		staticRoute("rest", []string{"*"}, b.addr))}
+	srv := startServer(t, cfg)
+	stop := make(chan struct{})
+	reads := make(chan int)
+	go func() {
+		n := 0
+		for {
+			select {
+			case <-stop:
+				reads <- n
+				return
+			default:
+			}
+			for _, l := range srv.Status() {
+				for _, r := range l.Routes {
+					if len(r.SNI) == 0 || r.Service == "x" {
+						t.Errorf("route %s read half-written: sni %v", r.Name, r.SNI)
+					}
+				}
+			}
+			n++
+		}
+	}()
+	for i := range 40 {
+		next := *cfg
+		l := cfg.Listeners[0]
+		l.Routes = []config.Route{staticRoute("api", []string{fmt.Sprintf("api%d.example.com", i)}, b.addr),
+			staticRoute("rest", []string{"*"}, b.addr)}
+		if i%2 == 1 {
+			l.Routes[0].Pool.Static = config.Statics(b.addr, "127.0.0.1:1")
+		}
+		l = routedListener("edge", l.Routes...)
+		next.Listeners = []config.Listener{l}
+		if err := srv.Reload(context.Background(), &next); err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(stop)
+	if n := <-reads; n == 0 {
+		t.Fatal("no status read ran during the reloads")
+	}
+}

@@ -139,11 +139,12 @@ func (l *listener) status() ListenerStatus {
 	st := ListenerStatus{Name: cfg.Name, Listen: cfg.Listen}
 	rs := l.routeList()
 	if !cfg.Routed() && len(rs) == 1 {
-		st.PoolStatus = rs[0].status()
+		st.PoolStatus = rs[0].status(rs[0].spec.Load())
 	} else {
 		st.Synced, st.DiscoveryOK = true, true
 		for _, r := range rs {
-			rst := RouteStatus{Name: r.name, SNI: r.sni, PoolStatus: r.status()}
+			spec := r.spec.Load() // one configuration's, whatever a reload does meanwhile
+			rst := RouteStatus{Name: r.name, SNI: spec.sni, PoolStatus: r.status(spec)}
 			st.Routes = append(st.Routes, rst)
 			st.Synced = st.Synced && rst.Synced
 			st.DiscoveryOK = st.DiscoveryOK && rst.DiscoveryOK
@@ -183,11 +184,14 @@ func (l *listener) status() ListenerStatus {
 	return st
 }
 
-func (r *route) status() PoolStatus {
+// status is the route's pool's status; spec is the route's configuration
+// the caller read.
+func (r *route) status(spec *routeSpec) PoolStatus {
 	v := r.pool.View()
 	d := r.pool.Discovery()
+	src := spec.pool
 	st := PoolStatus{
-		Service: r.src.Service, Discovery: r.src.Discovery,
+		Service: src.Service, Discovery: src.Discovery,
 		Panic: v.Panic, Warnings: v.Warnings,
 		Synced: d.Synced, LastSync: d.LastSync, LastError: d.LastError, DiscoveryOK: d.OK,
 		DiscoveryStale: d.Stale, DiscoveryUpdates: d.Updates, DiscoveryErrors: d.Errors,
