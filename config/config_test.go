@@ -93,7 +93,7 @@ func TestParseErrors(t *testing.T) {
 		{"timeout zero", static + "    health: {timeout: 0s}\n",
 			[]string{"rota.yaml:6:23: listeners[0].health.timeout: must be greater than 0"}},
 		{"timeout above interval is fine", static + "    health: {timeout: 5s, interval: 1s, rise: 1}\n" + "    retries: -1\n",
-			[]string{"rota.yaml:7:14: listeners[0].retries: must not be negative"}},
+			[]string{"rota.yaml:7:14: listeners[0].retries: must be 0 to 100; got -1"}},
 		{"backoff_max below interval", static + "    health: {interval: 10s, backoff_max: 5s}\n",
 			[]string{"rota.yaml:6:42: listeners[0].health.backoff_max: must be at least interval (10s)"}},
 		{"bad check", static + "    health: {check: udp}\n",
@@ -174,6 +174,16 @@ func TestParseErrors(t *testing.T) {
 			[]string{"rota.yaml:2:3: registries.etcd.username: required when password_file is set"}},
 		{"embedded client_url", "registries:\n  etcd:\n    embedded: {client_url: '127.0.0.1:2379'}\n" + static,
 			[]string{`rota.yaml:3:28: registries.etcd.embedded.client_url: must be a URL like "http://127.0.0.1:2379"; got "127.0.0.1:2379" (not a URL)`}},
+		{"retries near the int's limit", static + "    retries: 9223372036854775807\n",
+			[]string{"rota.yaml:6:14: listeners[0].retries: must be 0 to 100; got 9223372036854775807"}},
+		{"durations near the type's limit", static + "    idle_timeout: 2540400h\n    health: {backoff_max: 2562047h}\n    removed_conn_grace: 100000h\n" +
+			"registries: {empty_hold: 87601h}\n",
+			[]string{
+				"rota.yaml:6:19: listeners[0].idle_timeout: must be at most 87600h0m0s (ten years); got 2540400h0m0s",
+				"rota.yaml:7:27: listeners[0].health.backoff_max: must be at most 87600h0m0s (ten years); got 2562047h0m0s",
+				"rota.yaml:8:25: listeners[0].removed_conn_grace: must be at most 87600h0m0s (ten years); got 100000h0m0s",
+				"rota.yaml:9:26: registries.empty_hold: must be at most 87600h0m0s (ten years); got 87601h0m0s",
+			}},
 		{"embedded data_dir", "registries:\n  etcd:\n    embedded: {data_dir: ''}\n" + static,
 			[]string{"rota.yaml:3:26: registries.etcd.embedded.data_dir: must not be empty"}},
 		{"registries is a list", "registries: [etcd]\n" + static,
@@ -196,7 +206,7 @@ func TestParseErrors(t *testing.T) {
 			[]string{"rota.yaml:7:1: only one YAML document is allowed (found another after ---)"}},
 		{"several problems, sorted by line", "listeners:\n  - listen: :1\n    discovery: static\n    static: [a:1]\n    retries: -1\n    health: {rise: 0}\n  - listen: :1\n",
 			[]string{
-				"rota.yaml:5:14: listeners[0].retries: must not be negative",
+				"rota.yaml:5:14: listeners[0].retries: must be 0 to 100; got -1",
 				"rota.yaml:6:20: listeners[0].health.rise: must be at least 1",
 				"rota.yaml:7:5: listeners[1].discovery: required: one of consul, etcd, static",
 				`rota.yaml:7:13: listeners[1].listen: ":1" conflicts with listeners[0].listen ":1"`,
@@ -623,7 +633,7 @@ func TestErrorsAs(t *testing.T) {
 	if !errors.As(err, &e) {
 		t.Fatalf("errors.As(%v) failed", err)
 	}
-	want := Error{File: "rota.yaml", Line: 6, Column: 14, Field: "listeners[0].retries", Msg: "must not be negative"}
+	want := Error{File: "rota.yaml", Line: 6, Column: 14, Field: "listeners[0].retries", Msg: "must be 0 to 100; got -1"}
 	if *e != want {
 		t.Errorf("first = %+v, want %+v", *e, want)
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"net/url"
+	"reflect"
 	"strconv"
 	"strings"
 )
@@ -41,6 +42,7 @@ func (c *Config) problems() []*Error {
 	if len(c.Listeners) == 0 {
 		ck.add("listeners", "no listeners defined")
 	}
+	ck.durations("", reflect.ValueOf(c).Elem())
 	names := make(map[string]int)
 	for i := range c.Listeners {
 		ck.listener(c, i, names)
@@ -159,8 +161,8 @@ func (ck *checker) listener(c *Config, i int, names map[string]int) {
 	if l.DialTimeout <= 0 {
 		ck.add(p+".dial_timeout", "must be greater than 0")
 	}
-	if l.Retries < 0 {
-		ck.add(p+".retries", "must not be negative")
+	if l.Retries < 0 || l.Retries > MaxRetries {
+		ck.add(p+".retries", "must be 0 to %d; got %d", MaxRetries, l.Retries)
 	}
 	if l.MaxConns < 0 {
 		ck.add(p+".max_conns", "must not be negative (0 means unlimited)")

@@ -562,7 +562,8 @@ func tcpAddrPort(a *net.TCPAddr) netip.AddrPort {
 // pick starts the attempts: the picker's cursor, 1 + Retries targets at most.
 func (c *Conn) pick(now int64) Action {
 	c.cursor = c.picker.Pick()
-	c.tries = int32(min(1+max(c.cfg.Retries, 0), c.cursor.Len()))
+	// (Retries is bounded by the config; min first, so no value wraps.)
+	c.tries = int32(min(max(c.cfg.Retries, 0), c.cursor.Len()-1) + 1)
 	return c.next(now, nil)
 }
 

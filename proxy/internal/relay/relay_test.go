@@ -3,6 +3,7 @@ package relay
 import (
 	"bytes"
 	"errors"
+	"math"
 	"net"
 	"net/netip"
 	"strings"
@@ -125,6 +126,19 @@ func TestFailedDialsTryEachTargetOnceUpToRetries(t *testing.T) {
 	h.want(h.c.DialFailed(syscall.ECONNREFUSED, 0), Refused)
 	if len(h.reports) != 2 {
 		t.Fatalf("%d attempts, want 1 + retries", len(h.reports))
+	}
+}
+
+// Retries at the int's limit try every target once; it does not wrap to
+// no tries at all.
+func TestRetriesAtTheLimitTryEveryTarget(t *testing.T) {
+	h := newHarness(t, Config{Retries: math.MaxInt}, 3)
+	h.want(h.c.Start(0), Dial)
+	h.want(h.c.DialFailed(syscall.ECONNREFUSED, 0), Dial)
+	h.want(h.c.DialFailed(syscall.ECONNREFUSED, 0), Dial)
+	h.want(h.c.DialFailed(syscall.ECONNREFUSED, 0), Refused)
+	if len(h.reports) != 3 {
+		t.Fatalf("%d attempts, want each of the 3 targets once", len(h.reports))
 	}
 }
 
