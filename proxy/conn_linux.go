@@ -97,10 +97,15 @@ func (l *loop) unlink(c *conn) {
 	c.prev, c.next = nil, nil
 }
 
-// start takes on c, an admitted client, on loop l.
+// start takes on c, an admitted client, on loop l. A panic in it is c's:
+// c is aborted and l goes on (whether it accepted c or was posted it).
 func (l *loop) start(c *conn) {
 	c.l = l
 	l.link(c)
+	l.p.Within(c, func() { l.startLinked(c) })
+}
+
+func (l *loop) startLinked(c *conn) {
 	now := l.p.Clock()
 	c.m.Init(&c.set.relay, &c.p.Stats.Stats, c.p.Picker, c.p.ReportFailure, c.m.Src, c.m.Dst, now)
 	if c.p.aborting.Load() {
@@ -185,7 +190,11 @@ func (c *conn) Abort(cause any) {
 		c.cancel()
 	}
 	l.p.Close(&c.t.fd)
-	l.p.Close(&c.c.fd)
+	if c.c.fd.Valid() {
+		l.p.Close(&c.c.fd)
+	} else {
+		sock.Close(c.cfd) // not registered yet: start panicked first
+	}
 	for _, s := range []*side{&c.c, &c.t} {
 		if s.pipe != nil {
 			sock.Close(s.pipe.r)

@@ -1,5 +1,7 @@
 package proxy
 
+import "net/netip"
+
 // RelayWithGoroutines makes p relay every connection with goroutines, the
 // path taken off Linux, so tests cover both drivers.
 func RelayWithGoroutines(p *Proxy) { p.goroutinesOnly = true }
@@ -7,3 +9,7 @@ func RelayWithGoroutines(p *Proxy) { p.goroutinesOnly = true }
 // PanicOn makes relaying panic when a client sends a chunk for which f is
 // true.
 func PanicOn(s *Settings, f func([]byte) bool) { s.panicOn = f }
+
+// PanicOnAccess makes starting a connection panic (where its access is
+// checked) for a client address for which f is true.
+func PanicOnAccess(s *Settings, f func(netip.Addr) bool) { s.panicOnAccess = f }

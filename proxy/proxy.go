@@ -77,7 +77,8 @@ type Settings struct {
 	// SNITimeout bounds the wait for that ClientHello; 0 means 5s.
 	SNITimeout time.Duration
 
-	panicOn func([]byte) bool // tests: panic on such a client chunk
+	panicOn       func([]byte) bool     // tests: panic on such a client chunk
+	panicOnAccess func(netip.Addr) bool // tests: panic starting such a client
 }
 
 // Stats are the listener-wide counters of a Proxy, updated atomically.
@@ -187,6 +188,18 @@ func (p *Proxy) Configure(s Settings) {
 			if f(b) {
 				panic("proxy: injected panic")
 			}
+		}
+	}
+	if f := s.panicOnAccess; f != nil {
+		access := set.relay.Access
+		set.relay.Access = func(a netip.Addr) relay.Denial {
+			if f(a) {
+				panic("proxy: injected panic at start")
+			}
+			if access == nil {
+				return relay.Admitted
+			}
+			return access(a)
 		}
 	}
 	p.settings.Store(set)

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -459,4 +461,39 @@ func testShutdownUnderConnectStormMidClientHello(t *testing.T) {
 			t.Fatalf("trial %d: %d connections left after Shutdown", trial, n)
 		}
 	}
+}
+
+// A panic while a connection starts (its access checked, in the loop that
+// accepted it or the one it was handed to) closes that connection only:
+// every loop goes on accepting, and the connection is released.
+func TestPanicAtStartClosesOnlyItsConnection(t *testing.T) {
+	bothRelays(t, testPanicAtStartClosesOnlyItsConnection)
+}
+
+func testPanicAtStartClosesOnlyItsConnection(t *testing.T) {
+	be := startBackend(t, echoHandler)
+	set := proxy.Settings{}
+	bad := netip.MustParseAddr("127.0.0.3")
+	proxy.PanicOnAccess(&set, func(a netip.Addr) bool { return a == bad })
+	s := startProxy(t, set, be.addr())
+	const n = 40 // enough to start some on each loop, accepted there or handed over
+	for i := range n {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: bad.AsSlice()}, Timeout: 5 * time.Second}
+		c, err := d.Dial("tcp", s.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		got, err := io.ReadAll(c)
+		c.Close()
+		if len(got) != 0 || errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("panicking client %d: read %q, %v; want its connection closed at once", i, got, err)
+		}
+		msg := []byte(fmt.Sprintf("after %d", i))
+		if got, err := roundTrip(s.addr, msg); err != nil || !bytes.Equal(got, msg) {
+			t.Fatalf("a client after %d panics: %q, %v", i+1, got, err)
+		}
+	}
+	eventually(t, "every panic counted", func() bool { return s.p.Stats.Panics.Load() == n })
+	eventually(t, "every connection released", func() bool { return s.p.ActiveConns() == 0 })
 }

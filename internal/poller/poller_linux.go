@@ -396,6 +396,15 @@ func (p *Poller) dispatch(h Handler, tag uint8, events uint32) {
 	h.Ready(tag, events)
 }
 
+// Within runs fn, on the loop, as h's work: a panic in it is contained as
+// h's (logged, h.Abort), not as that of the handler that called Within (an
+// acceptor starting a connection must not be aborted for the
+// connection's panic, nor the connection left half-started).
+func (p *Poller) Within(h Handler, fn func()) {
+	defer p.recover(h)
+	fn()
+}
+
 func (p *Poller) fire(h Handler) {
 	defer p.recover(h)
 	h.Expired()
