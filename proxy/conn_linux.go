@@ -197,8 +197,7 @@ func (c *conn) Abort(cause any) {
 	}
 	for _, s := range []*side{&c.c, &c.t} {
 		if s.pipe != nil {
-			sock.Close(s.pipe.r)
-			sock.Close(s.pipe.w)
+			l.closePipe(s.pipe)
 			s.pipe = nil
 		}
 	}
@@ -668,8 +667,7 @@ func (c *conn) dropSide(s *side) {
 		if s.pipe.n == 0 {
 			c.l.putPipe(s.pipe)
 		} else {
-			sock.Close(s.pipe.r)
-			sock.Close(s.pipe.w)
+			c.l.closePipe(s.pipe)
 		}
 	}
 	*s = side{}

@@ -35,7 +35,20 @@ type Engine struct {
 	next    atomic.Uint32
 	private bool
 	closed  atomic.Bool
+	// pipes counts the splice pipes open in every loop, lent or idle;
+	// maxPipes bounds it (see DefaultMaxPipes).
+	pipes    atomic.Int32
+	maxPipes int32
 }
+
+// DefaultMaxPipes bounds the splice pipes an Engine has open at once. A
+// pipe holds up to 1 MiB of kernel memory while its bytes wait for a slow
+// reader (a stalled download keeps its pipe full until the client reads),
+// so without a bound such clients could pin a MiB each; past it, bulk
+// transfers go by read and write through the loop's buffer (HAProxy's
+// maxpipes). 256 pipes: at most 256 MiB, and 256 bulk transfers at once at
+// splice's rate (bench/README.md).
+const DefaultMaxPipes = 256
 
 // NewEngine returns an engine of n loops (GOMAXPROCS when n <= 0). The
 // loops start on first use.
@@ -46,7 +59,7 @@ func NewEngine(n int, log *zap.Logger) *Engine {
 	if n <= 0 {
 		n = runtime.GOMAXPROCS(0)
 	}
-	e := &Engine{log: log}
+	e := &Engine{log: log, maxPipes: DefaultMaxPipes}
 	e.loops = make([]*loop, n)
 	return e
 }
@@ -78,6 +91,9 @@ func (e *Engine) start() bool {
 	return len(e.loops) > 0 && e.loops[0] != nil && !e.closed.Load()
 }
 
+func (e *Engine) limitPipes(n int) { e.maxPipes = int32(n) }
+func (e *Engine) pipesOpen() int   { return int(e.pipes.Load()) }
+
 // pick is the loop for the next connection: the loops take turns.
 func (e *Engine) pick() *loop {
 	return e.loops[int(e.next.Add(1))%len(e.loops)]
@@ -98,6 +114,10 @@ func (e *Engine) Close() {
 	for _, l := range e.loops {
 		if l != nil {
 			l.p.Wait()
+			for _, pp := range l.pipes { // the loop has ended: its pipes are ours
+				l.closePipe(pp)
+			}
+			l.pipes = nil
 		}
 	}
 }
@@ -189,16 +209,21 @@ type loop struct {
 // connection pays a pointer for it, not the pipe.
 type pipe struct{ r, w, n int }
 
-// getPipe lends an empty pipe; nil if none can be made (the transfer goes
-// on with read and write).
+// getPipe lends an empty pipe; nil if none can be made or the engine has
+// its DefaultMaxPipes open (the transfer goes on with read and write).
 func (l *loop) getPipe() *pipe {
 	if n := len(l.pipes); n > 0 {
 		pp := l.pipes[n-1]
 		l.pipes = l.pipes[:n-1]
 		return pp
 	}
+	if l.e.pipes.Add(1) > l.e.maxPipes {
+		l.e.pipes.Add(-1)
+		return nil
+	}
 	r, w, err := newPipe()
 	if err != nil {
+		l.e.pipes.Add(-1)
 		return nil
 	}
 	return &pipe{r: r, w: w}
@@ -210,8 +235,14 @@ func (l *loop) putPipe(pp *pipe) {
 		l.pipes = append(l.pipes, pp)
 		return
 	}
+	l.closePipe(pp)
+}
+
+// closePipe closes a pipe, empty or not, and gives its place back.
+func (l *loop) closePipe(pp *pipe) {
 	sock.Close(pp.r)
 	sock.Close(pp.w)
+	l.e.pipes.Add(-1)
 }
 
 // listening is one Serve of a *Listener: shared by the loops that accept

@@ -13,3 +13,9 @@ func PanicOn(s *Settings, f func([]byte) bool) { s.panicOn = f }
 // PanicOnAccess makes starting a connection panic (where its access is
 // checked) for a client address for which f is true.
 func PanicOnAccess(s *Settings, f func(netip.Addr) bool) { s.panicOnAccess = f }
+
+// LimitPipes sets how many splice pipes e may have open at once (Linux).
+func LimitPipes(e *Engine, n int) { e.limitPipes(n) }
+
+// PipesOpen is how many splice pipes e has open (Linux; 0 elsewhere).
+func PipesOpen(e *Engine) int { return e.pipesOpen() }

@@ -1,12 +1,14 @@
 package proxy_test
 
 import (
+	"bytes"
 	"errors"
 	"io"
 	"net"
 	"net/netip"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -281,5 +283,56 @@ func startLatencyProbe() func() time.Duration {
 	return func() time.Duration {
 		close(stop)
 		return <-done
+	}
+}
+
+// Downloads whose clients do not read hold their splice pipes full; the
+// engine keeps at most its bound of pipes open, and the transfers past it
+// go by read and write, every byte intact.
+func TestPipesBoundedUnderStalledDownloads(t *testing.T) {
+	const size, clients, limit = 4 << 20, 6, 2
+	payload := make([]byte, size)
+	for i := range payload {
+		payload[i] = byte(i * 7)
+	}
+	be := startBackend(t, func(c net.Conn) { c.Write(payload) })
+	e := proxy.NewEngine(0, nil)
+	t.Cleanup(e.Close) // after the proxy's (cleanups run last first)
+	proxy.LimitPipes(e, limit)
+	s := startProxyWith(t, &proxy.Proxy{Engine: e}, proxy.Settings{}, be.addr())
+	var peak atomic.Int64
+	stop := make(chan struct{})
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		for {
+			if n := int64(proxy.PipesOpen(e)); n > peak.Load() {
+				peak.Store(n)
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Millisecond):
+			}
+		}
+	}()
+	var cs []*net.TCPConn
+	for range clients {
+		c := dial(t, s.addr)
+		defer c.Close()
+		cs = append(cs, c)
+	}
+	eventually(t, "the bound's pipes taken by stalled downloads", func() bool { return proxy.PipesOpen(e) == limit })
+	for i, c := range cs {
+		c.SetReadDeadline(time.Now().Add(20 * time.Second))
+		got := make([]byte, size)
+		if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, payload) {
+			t.Fatalf("download %d: %v, bytes intact %v", i, err, bytes.Equal(got, payload))
+		}
+	}
+	close(stop)
+	<-sampled
+	if p := peak.Load(); p > limit {
+		t.Fatalf("%d pipes open at once, bound %d", p, limit)
 	}
 }

@@ -125,17 +125,30 @@ func startProxy(t *testing.T, set proxy.Settings, addrs ...string) *setup {
 // startProxyOn is startProxy listening on listen.
 func startProxyOn(t *testing.T, listen string, set proxy.Settings, addrs ...string) *setup {
 	t.Helper()
+	return startProxyAt(t, listen, &proxy.Proxy{}, set, addrs...)
+}
+
+// startProxyWith is startProxy serving p (an Engine of the test's, say).
+func startProxyWith(t *testing.T, p *proxy.Proxy, set proxy.Settings, addrs ...string) *setup {
+	t.Helper()
+	return startProxyAt(t, "127.0.0.1:0", p, set, addrs...)
+}
+
+func startProxyAt(t *testing.T, listen string, p *proxy.Proxy, set proxy.Settings, addrs ...string) *setup {
+	t.Helper()
 	s := &setup{rr: &balancer.RoundRobinBalancer{}, done: make(chan error, 1)}
 	ts := make([]*balancer.Target, len(addrs))
 	for i, a := range addrs {
 		ts[i] = balancer.NewTarget(a)
 	}
 	s.rr.Update(ts)
-	s.p = &proxy.Proxy{Picker: s.rr, ReportFailure: func(addr string, err error) {
+	s.p = p
+	p.Picker = s.rr
+	p.ReportFailure = func(addr string, err error) {
 		s.mu.Lock()
 		s.failures = append(s.failures, addr)
 		s.mu.Unlock()
-	}}
+	}
 	s.p.Configure(set)
 	if strings.HasSuffix(t.Name(), "/goroutines") {
 		proxy.RelayWithGoroutines(s.p)
