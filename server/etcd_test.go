@@ -3,11 +3,14 @@ package server_test
 import (
 	"context"
 	"fmt"
+	"net"
 	"slices"
 	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/discovery/etcd"
@@ -276,5 +279,48 @@ func TestTenThousandInstancesRoutedAtOnce(t *testing.T) {
 	t.Logf("10,000 instances routed %v after the last write", time.Since(last))
 	if took > time.Second {
 		t.Fatalf("10,000 instances routed %v after the last write, want within 1s", took)
+	}
+}
+
+// A reload that removes a listener and replaces the registry clients it
+// used stops that listener's discovery before closing the old clients: its
+// open connection drains, and no watcher reports the client it was reading
+// closed under it ("discovery stopped" was logged for each).
+func TestReloadRetiresRemovedListenersWatchersQuietly(t *testing.T) {
+	a, b := testenv.StartEtcd(t), testenv.StartEtcd(t)
+	b1 := startBackend(t, "b1")
+	put(t, a.Client(t), b1.addr, 0)
+	cfg := etcdConfig(a)
+	core, logs := observer.New(zap.InfoLevel)
+	srv, err := server.Start(context.Background(), cfg, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Shutdown(context.Background())
+	exactly(t, srv, "b1 from the first etcd", "b1")
+	held, err := net.Dial("tcp", proxyAddr(t, srv, "web"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	waitFor(t, "the held connection open", 5*time.Second, func() bool { return srv.Status()[0].Active == 1 })
+
+	next := etcdConfig(b) // other clients: the old ones are closed
+	other := fastListener("other", b1.addr)
+	next.Listeners = []config.Listener{other}
+	if err := srv.Reload(context.Background(), next); err != nil {
+		t.Fatal(err)
+	}
+	held.Close() // the drain ends
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil { // waits for the removed listener
+		t.Fatal(err)
+	}
+	if n := logs.FilterLevelExact(zap.ErrorLevel).Len(); n != 0 {
+		t.Fatalf("%d error lines, want none; the first: %v", n, logs.FilterLevelExact(zap.ErrorLevel).All()[0])
+	}
+	if logs.FilterMessage("listener removed; draining").Len() != 1 {
+		t.Fatal("the listener was not removed with its connection draining")
 	}
 }

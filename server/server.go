@@ -272,6 +272,12 @@ func (s *Server) Reload(ctx context.Context, cfg *config.Config) error {
 	s.mu.Unlock()
 	for _, l := range removed {
 		s.log.Info("listener removed; draining", zap.String("listener", l.config().Name))
+		// Its discovery stops now: the registry clients it reads may be
+		// closed below, and its pools keep their last instances for the
+		// connections that drain.
+		for _, r := range l.routeList() {
+			r.stopWatch()
+		}
 		s.wg.Go(func() {
 			if err := l.shutdown(s.removedDrains); err != nil {
 				l.log.Warn("listener drained", zap.Error(err))
