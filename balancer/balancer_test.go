@@ -450,7 +450,15 @@ func TestLargeSetsPickInOneStep(t *testing.T) {
 // An alias table gives each target its weight's share of [0, 2^64) (to
 // within the 2^-32 rounding of each column).
 func TestAliasTableShares(t *testing.T) {
-	for _, w := range [][]uint32{{1, 2, 3}, {1000, 1, 1, 1, 1}, {7}, {5, 5, 5, 5}, {1, 1000, 999, 3, 64, 2}} {
+	// Weights whose product with the count passes 2^32: the scaling is
+	// exact, not wrapped (x*n<<32 overflowed 64 bits).
+	huge := []uint32{math.MaxUint32, 1, 3_000_000_000, 2}
+	many := make([]uint32, 1<<20)
+	for i := range many {
+		many[i] = uint32(1 + i%3)
+	}
+	many[7] = 1 << 16 // 2^16 * 2^20 = 2^36
+	for _, w := range [][]uint32{{1, 2, 3}, {1000, 1, 1, 1, 1}, {7}, {5, 5, 5, 5}, {1, 1000, 999, 3, 64, 2}, huge, many} {
 		a := aliasTable(w)
 		share := make([]float64, len(w))
 		for c, col := range a {
@@ -468,7 +476,8 @@ func TestAliasTableShares(t *testing.T) {
 		for i, x := range w {
 			want := float64(x) / total * float64(len(w))
 			if d := share[i] - want; d > 1e-6 || d < -1e-6 {
-				t.Errorf("weights %v: target %d has %.9f columns, want %.9f", w, i, share[i], want)
+				t.Errorf("weights %v: target %d has %.9f columns, want %.9f", w[:min(len(w), 8)], i, share[i], want)
+				break
 			}
 		}
 	}

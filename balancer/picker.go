@@ -197,10 +197,30 @@ func aliasTable(w []uint32) []column {
 		total += uint64(x)
 	}
 	// Scaled weights in units of a column's 2^32: the mean is one column.
+	// x*n*2^32/total in 128 bits (x*n fits 64 bits, both being under 2^32;
+	// shifted it need not), and the units the quotients round off handed
+	// back one each to weights that lost some, so that they add up to
+	// exactly n columns: every target's share is then its weight's to a
+	// unit of 2^-32 of a column, however many targets and however heavy.
 	scaled := make([]uint64, n)
-	var small, large []uint32
+	short := uint64(n) << 32
 	for i, x := range w {
-		scaled[i] = uint64(x) * uint64(n) << 32 / total
+		hi, lo := bits.Mul64(uint64(x)*uint64(n), 1<<32)
+		scaled[i], _ = bits.Div64(hi, lo, total)
+		short -= scaled[i]
+	}
+	for i, x := range w {
+		if short == 0 {
+			break
+		}
+		hi, lo := bits.Mul64(uint64(x)*uint64(n), 1<<32)
+		if _, r := bits.Div64(hi, lo, total); r > 0 {
+			scaled[i]++
+			short--
+		}
+	}
+	var small, large []uint32
+	for i := range w {
 		if scaled[i] < 1<<32 {
 			small = append(small, uint32(i))
 		} else {
