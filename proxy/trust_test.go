@@ -497,3 +497,24 @@ func testPanicAtStartClosesOnlyItsConnection(t *testing.T) {
 	eventually(t, "every panic counted", func() bool { return s.p.Stats.Panics.Load() == n })
 	eventually(t, "every connection released", func() bool { return s.p.ActiveConns() == 0 })
 }
+
+// A backend killed under load (a crash: its listener and every connection
+// it has not answered reset at once) costs no client, with either driver:
+// attempts on the dying instance are retried, requests it took replayed.
+func TestBackendKilledUnderLoad(t *testing.T) { bothRelays(t, testBackendKilledUnderLoad) }
+
+func testBackendKilledUnderLoad(t *testing.T) {
+	b1, b2, b3 := testenv.StartBackend(t, "b1"), testenv.StartBackend(t, "b2"), testenv.StartBackend(t, "b3")
+	s := startProxy(t, proxy.Settings{Retries: 2, ReplayOnReset: true}, b1.Addr, b2.Addr, b3.Addr)
+	ld := testenv.StartLoad(8, 20000, func(int) (string, error) { return testenv.Request(s.addr) })
+	t.Cleanup(ld.Stop)
+	eventually(t, "traffic on b2", func() bool { return ld.Count("b2") > 50 })
+	b2.Kill()
+	before := ld.OK.Load()
+	eventually(t, "traffic after the kill", func() bool { return ld.OK.Load() > before+300 })
+	ld.Stop()
+	ld.AssertNoFailures(t)
+	if ld.Count("b1") == 0 || ld.Count("b3") == 0 {
+		t.Fatal("the survivors took no traffic")
+	}
+}

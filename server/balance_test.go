@@ -67,12 +67,12 @@ func TestConsulWeights(t *testing.T) {
 	c := agent.Client(t)
 	b1, b2 := startBackend(t, "b1"), startBackend(t, "b2")
 	register := func(b *backend, w int) {
-		host, port, _ := net.SplitHostPort(b.addr)
+		host, port, _ := net.SplitHostPort(b.Addr)
 		p, _ := strconv.Atoi(port)
 		err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{
-			ID: b.name, Name: "web", Address: host, Port: p,
+			ID: b.Name, Name: "web", Address: host, Port: p,
 			Weights: &api.AgentWeights{Passing: w, Warning: 1},
-			Check:   &api.AgentServiceCheck{CheckID: "check-" + b.name, TTL: "1h", Status: api.HealthPassing},
+			Check:   &api.AgentServiceCheck{CheckID: "check-" + b.Name, TTL: "1h", Status: api.HealthPassing},
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -82,7 +82,7 @@ func TestConsulWeights(t *testing.T) {
 	register(b2, 3)
 	srv := startServer(t, consulConfig(agent.Addr()))
 	waitSplit(t, srv, "a 1:3 split", 40, map[string]int{"b1": 10, "b2": 30})
-	if w := weightOf(t, srv, b2.addr); w != 3 {
+	if w := weightOf(t, srv, b2.Addr); w != 3 {
 		t.Fatalf("/api/v1/targets weight of b2 = %d, want 3", w)
 	}
 	register(b2, 1)
@@ -96,13 +96,13 @@ func TestEtcdWeights(t *testing.T) {
 	c := e.Client(t)
 	b1, b2 := startBackend(t, "b1"), startBackend(t, "b2")
 	putWeight := func(b *backend, w int) {
-		key, err := etcd.InstanceKey("", "web", b.addr)
+		key, err := etcd.InstanceKey("", "web", b.Addr)
 		if err != nil {
 			t.Fatal(err)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		val := fmt.Sprintf(`{"Op":0,"Addr":%q,"Metadata":{"weight":%d}}`, b.addr, w)
+		val := fmt.Sprintf(`{"Op":0,"Addr":%q,"Metadata":{"weight":%d}}`, b.Addr, w)
 		if _, err := c.Put(ctx, key, val); err != nil {
 			t.Fatal(err)
 		}
@@ -143,28 +143,28 @@ func post(t *testing.T, h http.Handler, path string) (int, string) {
 func TestDrainThroughAdminSurvivesReload(t *testing.T) {
 	b1, b2 := startBackend(t, "b1"), startBackend(t, "b2")
 	cfg := config.Default()
-	cfg.Listeners = []config.Listener{fastListener("web", b1.addr, b2.addr)}
+	cfg.Listeners = []config.Listener{fastListener("web", b1.Addr, b2.Addr)}
 	srv := startServer(t, cfg)
 	h := (&admin.Handler{State: srv}).Routes()
 	exactly(t, srv, "b1 and b2 routed", "b1", "b2")
 
 	// An open connection to b2, which the drain must leave alone.
-	open := openTo(t, srv, b2.addr)
+	open := openTo(t, srv, b2.Addr)
 	defer open.Close()
 
-	if code, body := post(t, h, "/api/v1/listeners/web/targets/"+b2.addr+"/drain"); code != http.StatusOK || !strings.Contains(body, `"draining": true`) {
+	if code, body := post(t, h, "/api/v1/listeners/web/targets/"+b2.Addr+"/drain"); code != http.StatusOK || !strings.Contains(body, `"draining": true`) {
 		t.Fatalf("drain: %d %s", code, body)
 	}
 	if got := splitOf(t, srv, 10); got["b1"] != 10 {
 		t.Fatalf("after the drain: %v, want every connection on b1", got)
 	}
-	if !draining(t, srv, b2.addr) {
+	if !draining(t, srv, b2.Addr) {
 		t.Fatal("/api/v1/targets does not show b2 draining")
 	}
 
 	// A reload (a changed setting) keeps the mark.
 	cfg2 := config.Default()
-	l := fastListener("web", b1.addr, b2.addr)
+	l := fastListener("web", b1.Addr, b2.Addr)
 	l.Retries = 1
 	cfg2.Listeners = []config.Listener{l}
 	if err := srv.Reload(context.Background(), cfg2); err != nil {
@@ -174,13 +174,13 @@ func TestDrainThroughAdminSurvivesReload(t *testing.T) {
 		t.Fatalf("after a reload: %v, want every connection on b1 still", got)
 	}
 
-	if code, _ := post(t, h, "/api/v1/listeners/web/targets/"+b2.addr+"/undrain"); code != http.StatusOK {
+	if code, _ := post(t, h, "/api/v1/listeners/web/targets/"+b2.Addr+"/undrain"); code != http.StatusOK {
 		t.Fatalf("undrain: %d", code)
 	}
 	if got := splitOf(t, srv, 10); got["b1"] != 5 || got["b2"] != 5 {
 		t.Fatalf("after undrain: %v, want 5 and 5", got)
 	}
-	if draining(t, srv, b2.addr) {
+	if draining(t, srv, b2.Addr) {
 		t.Fatal("still shown draining after undrain")
 	}
 	// The connection opened before the drain was served throughout.
@@ -191,7 +191,7 @@ func TestDrainThroughAdminSurvivesReload(t *testing.T) {
 	}
 
 	for _, path := range []string{
-		"/api/v1/listeners/nope/targets/" + b2.addr + "/drain",
+		"/api/v1/listeners/nope/targets/" + b2.Addr + "/drain",
 		"/api/v1/listeners/web/targets/127.0.0.1:1/drain",
 	} {
 		if code, body := post(t, h, path); code != http.StatusNotFound || !strings.Contains(body, "error") {
@@ -199,7 +199,7 @@ func TestDrainThroughAdminSurvivesReload(t *testing.T) {
 		}
 	}
 	rec := httptest.NewRecorder()
-	h.ServeHTTP(rec, loopbackRequest(http.MethodGet, "/api/v1/listeners/web/targets/"+b2.addr+"/drain", nil))
+	h.ServeHTTP(rec, loopbackRequest(http.MethodGet, "/api/v1/listeners/web/targets/"+b2.Addr+"/drain", nil))
 	if rec.Code != http.StatusMethodNotAllowed {
 		t.Fatalf("GET drain: %d, want 405", rec.Code)
 	}
@@ -259,19 +259,19 @@ func draining(t *testing.T, srv *server.Server, addr string) bool {
 func TestRemovedConnGrace(t *testing.T) {
 	b1, b2 := startBackend(t, "b1"), startBackend(t, "b2")
 	cfg := config.Default()
-	l := fastListener("web", b1.addr, b2.addr)
+	l := fastListener("web", b1.Addr, b2.Addr)
 	l.RemovedConnGrace = config.Grace(200 * time.Millisecond)
 	cfg.Listeners = []config.Listener{l}
 	srv := startServer(t, cfg)
 	exactly(t, srv, "b1 and b2 routed", "b1", "b2")
-	gone := openTo(t, srv, b2.addr)
+	gone := openTo(t, srv, b2.Addr)
 	defer gone.Close()
-	stays := openTo(t, srv, b1.addr)
+	stays := openTo(t, srv, b1.Addr)
 	defer stays.Close()
 
 	cfg2 := config.Default()
 	l2 := l
-	l2.Static = config.Statics(b1.addr)
+	l2.Static = config.Statics(b1.Addr)
 	cfg2.Listeners = []config.Listener{l2}
 	start := time.Now()
 	if err := srv.Reload(context.Background(), cfg2); err != nil {
@@ -340,18 +340,18 @@ func TestLeastConnFollowsHeldConnections(t *testing.T) {
 		byTarget[to] = append(byTarget[to], c)
 	}
 	for _, b := range bs {
-		if n := len(byTarget[b.addr]); n != 2 {
-			t.Fatalf("6 held connections over 3 targets: %s has %d, want 2 each (%v)", b.name, n, active())
+		if n := len(byTarget[b.Addr]); n != 2 {
+			t.Fatalf("6 held connections over 3 targets: %s has %d, want 2 each (%v)", b.Name, n, active())
 		}
 	}
 	// Free target a: the next two connections both go to it.
-	for _, c := range byTarget[bs[0].addr] {
+	for _, c := range byTarget[bs[0].Addr] {
 		c.Close()
 	}
-	waitFor(t, "a's connections closed", 5*time.Second, func() bool { return active()[bs[0].addr] == 0 })
+	waitFor(t, "a's connections closed", 5*time.Second, func() bool { return active()[bs[0].Addr] == 0 })
 	for i := range 2 {
-		if _, to := hold(); to != bs[0].addr {
-			t.Fatalf("new connection %d went to %s; want %s, the one with the fewest open (%v)", i, to, bs[0].addr, active())
+		if _, to := hold(); to != bs[0].Addr {
+			t.Fatalf("new connection %d went to %s; want %s, the one with the fewest open (%v)", i, to, bs[0].Addr, active())
 		}
 	}
 }

@@ -34,7 +34,7 @@ func TestEtcdClusterFaults(t *testing.T) {
 	writer := cl.Client(t)
 	backends := []*backend{startBackend(t, "b0"), startBackend(t, "b1")}
 	for _, b := range backends {
-		put(t, writer, b.addr, 0)
+		put(t, writer, b.Addr, 0)
 	}
 	cfg := etcdConfig(testenv.StartEtcd(t)) // a template; endpoints replaced below
 	cfg.Registries.Etcd.Endpoints = endpoints
@@ -85,7 +85,7 @@ func TestEtcdClusterFaults(t *testing.T) {
 		})
 	for n, f := range faults {
 		b := startBackend(t, fmt.Sprintf("b%d", n+2))
-		want := []string{"b0", "b1", b.name}
+		want := []string{"b0", "b1", b.Name}
 		f.do()
 		at := time.Now()
 		// On a lease: a put that timed out while there was no leader may
@@ -99,7 +99,7 @@ func TestEtcdClusterFaults(t *testing.T) {
 			}
 			return g.ID, nil
 		})
-		putRetrying(t, writer, b.addr, lease)
+		putRetrying(t, writer, b.Addr, lease)
 		took := exactly(t, srv, "the change routed after: "+f.name, want...)
 		since := time.Since(at)
 		t.Logf("%s: a change written to the majority routed %v after the fault", f.name, since.Round(time.Millisecond))
@@ -181,13 +181,13 @@ func TestConsulClusterLeaderLoss(t *testing.T) {
 			return l >= 0 && l != leader
 		})
 		consulRegister(t, c, b, api.HealthPassing)
-		took := exactly(t, srv, "the change routed after the leader loss", "b0", "b1", b.name)
+		took := exactly(t, srv, "the change routed after the leader loss", "b0", "b1", b.Name)
 		t.Logf("leader killed: a change registered once a new leader was elected routed %v after the kill", time.Since(killed).Round(time.Millisecond))
 		if errs := srv.Status()[0].DiscoveryErrors - errsBefore; errs > 40 {
 			t.Errorf("%d discovery errors in the %v without a leader: a hot loop", errs, took)
 		}
 		cl.Start(leader)
-		if err := c.Agent().ServiceDeregister(b.name); err != nil {
+		if err := c.Agent().ServiceDeregister(b.Name); err != nil {
 			t.Fatal(err)
 		}
 		exactly(t, srv, "back to b0 and b1", "b0", "b1")

@@ -14,11 +14,11 @@ import (
 
 func consulRegister(t *testing.T, c *api.Client, b *backend, status string) {
 	t.Helper()
-	host, port, _ := net.SplitHostPort(b.addr)
+	host, port, _ := net.SplitHostPort(b.Addr)
 	p, _ := strconv.Atoi(port)
 	err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{
-		ID: b.name, Name: "web", Address: host, Port: p,
-		Check: &api.AgentServiceCheck{CheckID: "check-" + b.name, TTL: "1h", Status: status},
+		ID: b.Name, Name: "web", Address: host, Port: p,
+		Check: &api.AgentServiceCheck{CheckID: "check-" + b.Name, TTL: "1h", Status: status},
 	})
 	if err != nil {
 		t.Fatal(err)

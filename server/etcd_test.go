@@ -102,14 +102,14 @@ func TestEtcdRegistryDrivesRouting(t *testing.T) {
 	e := testenv.StartEtcd(t)
 	c := e.Client(t)
 	b1, b2 := startBackend(t, "b1"), startBackend(t, "b2")
-	put(t, c, b1.addr, 0)
+	put(t, c, b1.Addr, 0)
 	srv := startServer(t, etcdConfig(e))
 	t.Logf("initial sync routed after %v", exactly(t, srv, "b1 routed", "b1"))
 
-	put(t, c, b2.addr, 0)
+	put(t, c, b2.Addr, 0)
 	t.Logf("register -> routed in %v", exactly(t, srv, "b2 routed after put", "b1", "b2"))
 
-	del(t, c, b1.addr)
+	del(t, c, b1.Addr)
 	t.Logf("deregister -> out of rotation in %v", exactly(t, srv, "b1 gone after delete", "b2"))
 
 	// A crashed registrant: its key is on a lease nobody keeps alive.
@@ -119,14 +119,14 @@ func TestEtcdRegistryDrivesRouting(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	put(t, c, b1.addr, lease.ID)
+	put(t, c, b1.Addr, lease.ID)
 	exactly(t, srv, "b1 back", "b1", "b2")
 	t.Logf("lease expiry -> out of rotation in %v", exactly(t, srv, "b1 gone after lease expiry", "b2"))
 
 	// rota register's code path: Register holds the key until cancelled.
 	rctx, rcancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- etcd.Register(rctx, c, "", "web", b1.addr, 5*time.Second, nil) }()
+	go func() { done <- etcd.Register(rctx, c, "", "web", b1.Addr, 5*time.Second, nil) }()
 	t.Logf("Register -> routed in %v", exactly(t, srv, "b1 registered", "b1", "b2"))
 	rcancel()
 	if err := <-done; err != nil {
@@ -139,8 +139,8 @@ func TestEtcdOutageUnderLoadKeepsRouting(t *testing.T) {
 	e := testenv.StartEtcd(t)
 	c := e.Client(t)
 	b1, b2, b3 := startBackend(t, "b1"), startBackend(t, "b2"), startBackend(t, "b3")
-	put(t, c, b1.addr, 0)
-	put(t, c, b2.addr, 0)
+	put(t, c, b1.Addr, 0)
+	put(t, c, b2.Addr, 0)
 	srv := startServer(t, etcdConfig(e))
 	exactly(t, srv, "b1 and b2 routed", "b1", "b2")
 	addr := proxyAddr(t, srv, "web")
@@ -161,8 +161,8 @@ func TestEtcdOutageUnderLoadKeepsRouting(t *testing.T) {
 
 	e.Restart()
 	c2 := e.Client(t)
-	put(t, c2, b3.addr, 0)
-	del(t, c2, b1.addr)
+	put(t, c2, b3.Addr, 0)
+	del(t, c2, b1.Addr)
 	t.Logf("changes after the outage routed in %v", exactly(t, srv, "b2 and b3 after etcd is back", "b2", "b3"))
 	ld.Stop()
 	ld.AssertNoFailures(t)
@@ -175,10 +175,10 @@ func TestDeregisteringTheLastInstanceAppliesAtOnce(t *testing.T) {
 	e := testenv.StartEtcd(t)
 	c := e.Client(t)
 	b1 := startBackend(t, "b1")
-	put(t, c, b1.addr, 0)
+	put(t, c, b1.Addr, 0)
 	srv := startServer(t, etcdConfig(e))
 	exactly(t, srv, "b1 routed", "b1")
-	del(t, c, b1.addr)
+	del(t, c, b1.Addr)
 	took := exactly(t, srv, "the pool emptied")
 	t.Logf("last instance removed %v after its key was deleted", took)
 	if took > time.Second {
@@ -193,7 +193,7 @@ func TestEmptyAnswerAfterRestartIsHeld(t *testing.T) {
 	e := testenv.StartEtcd(t)
 	c := e.Client(t)
 	b1 := startBackend(t, "b1")
-	put(t, c, b1.addr, 0)
+	put(t, c, b1.Addr, 0)
 	cfg := etcdConfig(e)
 	const hold = 2 * time.Second
 	cfg.Registries.EmptyHold = hold
@@ -221,8 +221,8 @@ func TestEmptyAnswerAfterRestartIsHeld(t *testing.T) {
 func TestReloadSwitchesRegistry(t *testing.T) {
 	a, b := testenv.StartEtcd(t), testenv.StartEtcd(t)
 	b1, b2 := startBackend(t, "b1"), startBackend(t, "b2")
-	put(t, a.Client(t), b1.addr, 0)
-	put(t, b.Client(t), b2.addr, 0)
+	put(t, a.Client(t), b1.Addr, 0)
+	put(t, b.Client(t), b2.Addr, 0)
 	cfg := etcdConfig(a)
 	srv := startServer(t, cfg)
 	exactly(t, srv, "b1 from the first etcd", "b1")
@@ -289,7 +289,7 @@ func TestTenThousandInstancesRoutedAtOnce(t *testing.T) {
 func TestReloadRetiresRemovedListenersWatchersQuietly(t *testing.T) {
 	a, b := testenv.StartEtcd(t), testenv.StartEtcd(t)
 	b1 := startBackend(t, "b1")
-	put(t, a.Client(t), b1.addr, 0)
+	put(t, a.Client(t), b1.Addr, 0)
 	cfg := etcdConfig(a)
 	core, logs := observer.New(zap.InfoLevel)
 	srv, err := server.Start(context.Background(), cfg, zap.New(core))
@@ -306,7 +306,7 @@ func TestReloadRetiresRemovedListenersWatchersQuietly(t *testing.T) {
 	waitFor(t, "the held connection open", 5*time.Second, func() bool { return srv.Status()[0].Active == 1 })
 
 	next := etcdConfig(b) // other clients: the old ones are closed
-	other := fastListener("other", b1.addr)
+	other := fastListener("other", b1.Addr)
 	next.Listeners = []config.Listener{other}
 	if err := srv.Reload(context.Background(), next); err != nil {
 		t.Fatal(err)

@@ -3,13 +3,9 @@ package server_test
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -31,145 +27,14 @@ func TestMain(m *testing.M) {
 	)
 }
 
-// backend is a real TCP server on 127.0.0.1 that answers every connection
-// with its name once it has read the client's request line. Kill closes it
-// the way a crashed process goes: the listener and every connection not yet
-// answered at once, with resets.
-type backend struct {
-	name string
-	addr string
+// backend is testenv's killable backend: it answers each request line with
+// its name.
+type backend = testenv.Backend
 
-	mu    sync.Mutex
-	ln    net.Listener
-	conns map[net.Conn]struct{}
-	wg    sync.WaitGroup
-	hits  atomic.Int64
-}
-
-func startBackend(t *testing.T, name string) *backend {
-	t.Helper()
-	b := &backend{name: name, conns: map[net.Conn]struct{}{}}
-	if err := b.listen("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(b.kill)
-	return b
-}
-
-func (b *backend) listen(addr string) error {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return err
-	}
-	b.mu.Lock()
-	b.ln, b.addr = ln, ln.Addr().String()
-	b.mu.Unlock()
-	b.wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			b.mu.Lock()
-			if b.ln != ln { // killed meanwhile
-				b.mu.Unlock()
-				reset(c)
-				return
-			}
-			b.conns[c] = struct{}{}
-			b.mu.Unlock()
-			b.wg.Go(func() {
-				defer func() {
-					b.mu.Lock()
-					delete(b.conns, c)
-					b.mu.Unlock()
-					c.Close()
-				}()
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				buf := make([]byte, 64)
-				if _, err := c.Read(buf); err != nil {
-					return // a health probe: connect and close
-				}
-				// The answer is written under mu, so that a kill comes
-				// before it (the connection is reset: the request is
-				// the proxy's to retry) or after it, never between the
-				// read and the write: there a crash closes with a plain
-				// FIN, an empty answer no proxy can tell from a real one
-				// (TestBackendKilledUnderLoad failed once on that).
-				b.mu.Lock()
-				defer b.mu.Unlock()
-				if _, live := b.conns[c]; !live {
-					return // killed: reset already
-				}
-				delete(b.conns, c) // answered: a kill from now on closes nothing of it
-				b.hits.Add(1)
-				io.WriteString(c, b.name)
-			})
-		}
-	})
-	return nil
-}
-
-// kill stops the backend abruptly, as a crash does: the listener closes
-// (the kernel resets the connections waiting in its accept queue) and every
-// connection not yet answered is reset, whatever its handler was doing.
-func (b *backend) kill() {
-	b.mu.Lock()
-	if b.ln != nil {
-		b.ln.Close()
-		b.ln = nil
-	}
-	for c := range b.conns {
-		reset(c)
-	}
-	clear(b.conns)
-	b.mu.Unlock()
-	b.wg.Wait()
-}
-
-// reset closes c with a reset instead of a FIN.
-func reset(c net.Conn) {
-	c.(*net.TCPConn).SetLinger(0)
-	c.Close()
-}
-
-// revive listens again on the same address.
-func (b *backend) revive(t *testing.T) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		err := b.listen(b.addr)
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("revive %s: %v", b.addr, err)
-		}
-		time.Sleep(10 * time.Millisecond) // the port may linger in the kernel briefly
-	}
-}
+func startBackend(t *testing.T, name string) *backend { return testenv.StartBackend(t, name) }
 
 // request makes one client connection through addr and returns the answer.
-func request(addr string) (string, error) {
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		return "", err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := io.WriteString(c, "hello\n"); err != nil {
-		return "", err
-	}
-	c.(*net.TCPConn).CloseWrite()
-	b, err := io.ReadAll(c)
-	if err != nil {
-		return string(b), err
-	}
-	if len(b) == 0 {
-		return "", errors.New("empty answer")
-	}
-	return string(b), nil
-}
+func request(addr string) (string, error) { return testenv.Request(addr) }
 
 // startLoad runs workers making back-to-back requests through addr until
 // the test ends (or Stop), at most 20,000 each.
@@ -279,7 +144,7 @@ func liveCount(srv *server.Server, listener string) int {
 func names(bs ...*backend) []string {
 	out := make([]string, len(bs))
 	for i, b := range bs {
-		out[i] = b.addr
+		out[i] = b.Addr
 	}
 	return out
 }

@@ -471,12 +471,12 @@ func TestAllowDenyAndPerClientLimits(t *testing.T) {
 	b := startBackend(t, "b")
 	cfg := config.Default()
 	cfg.Admin.Listen = ""
-	l := fastListener("guarded", b.addr)
+	l := fastListener("guarded", b.Addr)
 	l.Listen = "127.0.0.1:0"
 	l.Allow = []string{"127.0.0.0/24"}
 	l.Deny = []string{"127.0.0.5", "::ffff:127.0.0.3"} // written IPv4-mapped, as dual-stack logs show it
 	l.MaxConnsPerClient = 2
-	pp := fastListener("behind-lb", b.addr)
+	pp := fastListener("behind-lb", b.Addr)
 	pp.AcceptProxyProtocol = []string{"127.0.0.1"}
 	pp.Deny = []string{"10.0.0.0/8"}
 	cfg.Listeners = []config.Listener{l, pp}
@@ -536,7 +536,7 @@ func TestAllowDenyAndPerClientLimits(t *testing.T) {
 	if st.Denied["deny"] != 1 || st.Denied["not_allowed"] != 1 || st.Denied["per_client"] < 1 {
 		t.Fatalf("denied = %v; want deny 1, not_allowed 1, per_client >= 1", st.Denied)
 	}
-	if b.hits.Load() == 0 {
+	if b.Hits.Load() == 0 {
 		t.Fatal("the backend saw nobody")
 	}
 
@@ -569,8 +569,8 @@ func TestStatusReadsDuringReloads(t *testing.T) {
 	b := startBackend(t, "b")
 	cfg := config.Default()
 	cfg.Listeners = []config.Listener{routedListener("edge",
-		staticRoute("api", []string{"api.example.com"}, b.addr),
-		staticRoute("rest", []string{"*"}, b.addr))}
+		staticRoute("api", []string{"api.example.com"}, b.Addr),
+		staticRoute("rest", []string{"*"}, b.Addr))}
 	srv := startServer(t, cfg)
 	stop := make(chan struct{})
 	reads := make(chan int)
@@ -596,10 +596,10 @@ func TestStatusReadsDuringReloads(t *testing.T) {
 	for i := range 40 {
 		next := *cfg
 		l := cfg.Listeners[0]
-		l.Routes = []config.Route{staticRoute("api", []string{fmt.Sprintf("api%d.example.com", i)}, b.addr),
-			staticRoute("rest", []string{"*"}, b.addr)}
+		l.Routes = []config.Route{staticRoute("api", []string{fmt.Sprintf("api%d.example.com", i)}, b.Addr),
+			staticRoute("rest", []string{"*"}, b.Addr)}
 		if i%2 == 1 {
-			l.Routes[0].Pool.Static = config.Statics(b.addr, "127.0.0.1:1")
+			l.Routes[0].Pool.Static = config.Statics(b.Addr, "127.0.0.1:1")
 		}
 		l = routedListener("edge", l.Routes...)
 		next.Listeners = []config.Listener{l}

@@ -49,25 +49,25 @@ func TestBackendKilledUnderLoad(t *testing.T) {
 
 	ld := startLoad(t, addr, 8)
 	waitFor(t, "traffic on b2", 10*time.Second, func() bool { return ld.Count("b2") > 50 })
-	b2.kill()
+	b2.Kill()
 	took := waitFor(t, "b2 down in /api/v1/targets", 5*time.Second, func() bool {
-		return targetState(t, srv, "web", b2.addr) == "down"
+		return targetState(t, srv, "web", b2.Addr) == "down"
 	})
 	t.Logf("killed backend shown down after %v", took)
 	// Traffic keeps flowing over the survivors.
 	before := ld.OK.Load()
 	waitFor(t, "more traffic after the kill", 10*time.Second, func() bool { return ld.OK.Load() > before+200 })
 
-	hitsWhileDown := b2.hits.Load()
-	b2.revive(t)
-	took = waitFor(t, "b2 back up", 10*time.Second, func() bool { return targetState(t, srv, "web", b2.addr) == "up" })
+	hitsWhileDown := b2.Hits.Load()
+	b2.Revive(t)
+	took = waitFor(t, "b2 back up", 10*time.Second, func() bool { return targetState(t, srv, "web", b2.Addr) == "up" })
 	t.Logf("revived backend up again after %v", took)
 	for _, tg := range targets(t, srv).Listeners[0].Targets {
-		if tg.Addr == b2.addr && tg.ConsecutiveSuccesses < cfg.Listeners[0].Health.Rise {
+		if tg.Addr == b2.Addr && tg.ConsecutiveSuccesses < cfg.Listeners[0].Health.Rise {
 			t.Fatalf("b2 up after %d successes, want rise=%d", tg.ConsecutiveSuccesses, cfg.Listeners[0].Health.Rise)
 		}
 	}
-	waitFor(t, "traffic on the revived b2", 10*time.Second, func() bool { return b2.hits.Load() > hitsWhileDown+20 })
+	waitFor(t, "traffic on the revived b2", 10*time.Second, func() bool { return b2.Hits.Load() > hitsWhileDown+20 })
 	ld.Stop()
 	ld.AssertNoFailures(t)
 	t.Logf("%d client connections, none failed", ld.OK.Load())
@@ -84,7 +84,7 @@ func TestPanicModeRoutesWhenEveryCheckFails(t *testing.T) {
 	srv := startServer(t, cfg)
 	addr := proxyAddr(t, srv, "web")
 	waitFor(t, "both targets down", 5*time.Second, func() bool {
-		return targetState(t, srv, "web", b1.addr) == "down" && targetState(t, srv, "web", b2.addr) == "down"
+		return targetState(t, srv, "web", b1.Addr) == "down" && targetState(t, srv, "web", b2.Addr) == "down"
 	})
 	if _, err := request(addr); err == nil {
 		t.Fatal("a client was served with every target down and panic off")
@@ -113,7 +113,7 @@ func TestPanicModeRoutesWhenEveryCheckFails(t *testing.T) {
 func TestReadyAfterFirstSync(t *testing.T) {
 	b1 := startBackend(t, "b1")
 	cfg := config.Default()
-	cfg.Listeners = []config.Listener{fastListener("web", b1.addr)}
+	cfg.Listeners = []config.Listener{fastListener("web", b1.Addr)}
 	srv := startServer(t, cfg)
 	h := (&admin.Handler{State: srv}).Routes()
 	waitFor(t, "/readyz 200", 5*time.Second, func() bool {
@@ -153,7 +153,7 @@ func TestReloadUnderLoadLosesNothing(t *testing.T) {
 	srv := startServer(t, cfg)
 	addr := proxyAddr(t, srv, "web")
 	waitFor(t, "two live targets", 5*time.Second, func() bool { return liveCount(srv, "web") == 2 })
-	since := targetSince(srv, b1.addr)
+	since := targetSince(srv, b1.Addr)
 
 	ld := startLoad(t, addr, 6)
 	for i := range 10 {
@@ -168,7 +168,7 @@ func TestReloadUnderLoadLosesNothing(t *testing.T) {
 		}
 		next.Listeners = []config.Listener{w}
 		if i%3 == 0 && i < 9 {
-			next.Listeners = append(next.Listeners, fastListener(fmt.Sprintf("extra-%d", i), b3.addr))
+			next.Listeners = append(next.Listeners, fastListener(fmt.Sprintf("extra-%d", i), b3.Addr))
 		}
 		before := ld.OK.Load()
 		if err := srv.Reload(context.Background(), &next); err != nil {
@@ -182,7 +182,7 @@ func TestReloadUnderLoadLosesNothing(t *testing.T) {
 	if len(st) != 1 || st[0].Name != "web" {
 		t.Fatalf("listeners after reloads: %+v", st)
 	}
-	if got := targetSince(srv, b1.addr); !got.Equal(since) {
+	if got := targetSince(srv, b1.Addr); !got.Equal(since) {
 		t.Fatalf("health state of an unchanged target was reset (up since %v, was %v)", got, since)
 	}
 	t.Logf("%d client connections across 10 reloads, none failed", ld.OK.Load())
@@ -200,7 +200,7 @@ func targetSince(srv *server.Server, addr string) time.Time {
 func TestReloadRejectsUnbindableAndKeepsRunning(t *testing.T) {
 	b1 := startBackend(t, "b1")
 	cfg := config.Default()
-	cfg.Listeners = []config.Listener{fastListener("web", b1.addr)}
+	cfg.Listeners = []config.Listener{fastListener("web", b1.Addr)}
 	srv := startServer(t, cfg)
 	busy, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -208,7 +208,7 @@ func TestReloadRejectsUnbindableAndKeepsRunning(t *testing.T) {
 	}
 	defer busy.Close()
 	next := *cfg
-	extra := fastListener("extra", b1.addr)
+	extra := fastListener("extra", b1.Addr)
 	extra.Listen = busy.Addr().String()
 	next.Listeners = []config.Listener{cfg.Listeners[0], extra}
 	if err := srv.Reload(context.Background(), &next); err == nil {

@@ -17,8 +17,8 @@ func TestReloadRemovingBusyListenerEnds(t *testing.T) {
 	b1 := startBackend(t, "b1")
 	const drain = 500 * time.Millisecond
 	for trial := range 20 {
-		keep := fastListener("keep", b1.addr)
-		busy := fastListener("busy", b1.addr)
+		keep := fastListener("keep", b1.Addr)
+		busy := fastListener("busy", b1.Addr)
 		busy.DrainTimeout = drain
 		if trial%2 == 1 {
 			busy.Static = config.Statics("127.0.0.1:1") // nothing to reach

@@ -1,0 +1,152 @@
+package testenv
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Backend is a real TCP server on 127.0.0.1 that answers every connection
+// with its name once it has read the client's request line. Kill closes it
+// the way a crashed process goes: the listener and every connection not yet
+// answered at once, with resets.
+type Backend struct {
+	Name string
+	Addr string
+
+	mu    sync.Mutex
+	ln    net.Listener
+	conns map[net.Conn]struct{}
+	wg    sync.WaitGroup
+	// Hits counts the requests answered.
+	Hits atomic.Int64
+}
+
+// StartBackend starts a Backend named name; the test's end kills it.
+func StartBackend(t T, name string) *Backend {
+	t.Helper()
+	b := &Backend{Name: name, conns: map[net.Conn]struct{}{}}
+	if err := b.listen("127.0.0.1:0"); err != nil {
+		t.Fatalf("backend %s: %v", name, err)
+	}
+	t.Cleanup(b.Kill)
+	return b
+}
+
+func (b *Backend) listen(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	b.mu.Lock()
+	b.ln, b.Addr = ln, ln.Addr().String()
+	b.mu.Unlock()
+	b.wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			b.mu.Lock()
+			if b.ln != ln { // killed meanwhile
+				b.mu.Unlock()
+				reset(c)
+				return
+			}
+			b.conns[c] = struct{}{}
+			b.mu.Unlock()
+			b.wg.Go(func() {
+				defer func() {
+					b.mu.Lock()
+					delete(b.conns, c)
+					b.mu.Unlock()
+					c.Close()
+				}()
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				buf := make([]byte, 64)
+				if _, err := c.Read(buf); err != nil {
+					return // a health probe: connect and close
+				}
+				// The answer is written under mu, so that a kill comes
+				// before it (the connection is reset: the request is
+				// the proxy's to retry) or after it, never between the
+				// read and the write: there a crash closes with a plain
+				// FIN, an empty answer no proxy can tell from a real one
+				// (TestBackendKilledUnderLoad failed once on that).
+				b.mu.Lock()
+				defer b.mu.Unlock()
+				if _, live := b.conns[c]; !live {
+					return // killed: reset already
+				}
+				delete(b.conns, c) // answered: a kill from now on closes nothing of it
+				b.Hits.Add(1)
+				io.WriteString(c, b.Name)
+			})
+		}
+	})
+	return nil
+}
+
+// Kill stops the backend abruptly, as a crash does: the listener closes
+// (the kernel resets the connections waiting in its accept queue) and every
+// connection not yet answered is reset, whatever its handler was doing.
+func (b *Backend) Kill() {
+	b.mu.Lock()
+	if b.ln != nil {
+		b.ln.Close()
+		b.ln = nil
+	}
+	for c := range b.conns {
+		reset(c)
+	}
+	clear(b.conns)
+	b.mu.Unlock()
+	b.wg.Wait()
+}
+
+// reset closes c with a reset instead of a FIN.
+func reset(c net.Conn) {
+	c.(*net.TCPConn).SetLinger(0)
+	c.Close()
+}
+
+// Revive listens again on the same address.
+func (b *Backend) Revive(t T) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		err := b.listen(b.Addr)
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("revive %s: %v", b.Addr, err)
+		}
+		time.Sleep(10 * time.Millisecond) // the port may linger in the kernel briefly
+	}
+}
+
+// Request makes one client connection through addr and returns the answer.
+func Request(addr string) (string, error) {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, "hello\n"); err != nil {
+		return "", err
+	}
+	c.(*net.TCPConn).CloseWrite()
+	b, err := io.ReadAll(c)
+	if err != nil {
+		return string(b), err
+	}
+	if len(b) == 0 {
+		return "", errors.New("empty answer")
+	}
+	return string(b), nil
+}
