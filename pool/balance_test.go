@@ -124,9 +124,9 @@ type retirements struct {
 	got []string
 }
 
-func (r *retirements) note(t *balancer.Target, reason string) {
+func (r *retirements) note(t *balancer.Target, why balancer.Reason) {
 	r.mu.Lock()
-	r.got = append(r.got, t.Addr+" "+reason)
+	r.got = append(r.got, t.Addr+" "+why.String())
 	r.mu.Unlock()
 }
 

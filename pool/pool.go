@@ -41,10 +41,10 @@ type Config struct {
 	// small share to its full weight over this long; 0 disables it.
 	SlowStart time.Duration
 	// Retired, if set, is told on the pool's goroutine when a target stops
-	// taking new connections (reason "removed", "down" or "drained") and
-	// when it takes them again (reason ""), so that the proxy can close or
+	// taking new connections (balancer.Removed, Down or Drained) and when
+	// it takes them again (balancer.Kept), so that the proxy can close or
 	// spare its open connections. It must not block.
-	Retired func(t *balancer.Target, reason string)
+	Retired func(t *balancer.Target, why balancer.Reason)
 	// Published, if set, is called on the pool's goroutine with every view
 	// it publishes (benchmarks time the stages with it).
 	Published func(*View)
@@ -104,7 +104,7 @@ type entry struct {
 	// Retired's view: followed once it served; why it took no new
 	// connections at the last rebuild ("" while it took them).
 	followed bool
-	why      string
+	why      balancer.Reason
 	history  *History // new connections, second by second
 }
 

@@ -179,9 +179,9 @@ func (p *Pool) startRamp(e *entry) {
 }
 
 // retire tells Retired of every target whose reason to take no new
-// connections changed since the last rebuild: "removed" (no longer
-// discovered), "down" (failing its checks, outside panic mode), "drained",
-// or "" (taking them again). Only targets that have served are followed:
+// connections changed since the last rebuild: balancer.Removed (no longer
+// discovered), Down (failing its checks, outside panic mode), Drained, or
+// Kept (taking them again). Only targets that have served are followed:
 // one that never did has no connections to close.
 func (p *Pool) retire(panicking bool) {
 	if p.cfg.Retired == nil {
@@ -189,23 +189,23 @@ func (p *Pool) retire(panicking bool) {
 		return
 	}
 	for _, e := range p.order {
-		why := ""
+		why := balancer.Kept
 		switch {
 		case p.drained[e.t.Addr]:
-			why = "drained"
+			why = balancer.Drained
 		case !e.up && !panicking && !e.bridging:
-			why = "down"
+			why = balancer.Down
 		}
 		switch {
 		case e.followed && e.why != why:
 			p.cfg.Retired(e.t, why)
-		case !e.followed && why == "":
+		case !e.followed && why == balancer.Kept:
 			e.followed = true
 		}
 		e.why = why
 	}
 	for _, t := range p.gone {
-		p.cfg.Retired(t, "removed")
+		p.cfg.Retired(t, balancer.Removed)
 	}
 	p.gone = nil
 }

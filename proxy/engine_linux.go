@@ -18,7 +18,6 @@ import (
 	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/internal/poller"
 	"github.com/rota-proxy/rota/internal/sock"
-	"github.com/rota-proxy/rota/proxy/internal/relay"
 )
 
 // Engine is a process's relay loops: GOMAXPROCS event loops (package
@@ -142,7 +141,7 @@ func (e *Engine) abort(p *Proxy) {
 
 // retire schedules the wind-down of p's connections to t in every loop
 // (see Proxy.Retire).
-func (e *Engine) retire(p *Proxy, t *balancer.Target, why relay.Reason, grace time.Duration) {
+func (e *Engine) retire(p *Proxy, t *balancer.Target, why balancer.Reason, grace time.Duration) {
 	if !e.start() {
 		return
 	}

@@ -31,7 +31,7 @@ func (*Engine) Close() {}
 
 func (*Engine) abort(*Proxy) {}
 
-func (*Engine) retire(*Proxy, *balancer.Target, relay.Reason, time.Duration) {}
+func (*Engine) retire(*Proxy, *balancer.Target, balancer.Reason, time.Duration) {}
 
 func (*Engine) serve(*Proxy, *Listener, *sync.WaitGroup) bool { return false }
 

@@ -63,7 +63,7 @@ type gconn struct {
 // retireReq is a Proxy.Retire for one gconn.
 type retireReq struct {
 	t     *balancer.Target
-	why   relay.Reason
+	why   balancer.Reason
 	grace time.Duration
 }
 
@@ -306,7 +306,7 @@ func (g *gconn) dropUntilClosed(c net.Conn, buf []byte) {
 
 // retire queues a Retire for the goroutines and wakes their reads, which
 // apply it and set their deadlines again. It takes no lock but retMu.
-func (g *gconn) retire(t *balancer.Target, why relay.Reason, grace time.Duration) {
+func (g *gconn) retire(t *balancer.Target, why balancer.Reason, grace time.Duration) {
 	g.retMu.Lock()
 	g.rets = append(g.rets, retireReq{t: t, why: why, grace: grace})
 	g.retMu.Unlock()

@@ -393,24 +393,15 @@ func (p *Proxy) abortAll() {
 	}
 }
 
-// Retire says that t takes no new connections, because it was "removed"
-// from discovery, is "down" or "drained"; its open connections are wound
-// down (a FIN to both sides once each side's bytes are through, never a
-// reset) after the RetireGrace in force. Reason "" says it takes them
-// again: wind-downs not begun are called off. It never blocks: the pool
-// calls it from its serializer.
-func (p *Proxy) Retire(t *balancer.Target, reason string) {
-	why := relay.NotRetired
-	for _, r := range relay.Reasons() {
-		if r.String() == reason {
-			why = r
-		}
-	}
-	if reason != "" && why == relay.NotRetired {
-		panic("proxy: unknown retire reason " + reason)
-	}
+// Retire says that t takes no new connections, for why (balancer.Removed,
+// Down or Drained); its open connections are wound down (a FIN to both
+// sides once each side's bytes are through, never a reset) after the
+// RetireGrace in force. balancer.Kept says it takes them again: wind-downs
+// not begun are called off. It never blocks: the pool calls it from its
+// serializer.
+func (p *Proxy) Retire(t *balancer.Target, why balancer.Reason) {
 	grace := p.currentSettings().RetireGrace
-	if grace < 0 && why != relay.NotRetired {
+	if grace < 0 && why != balancer.Kept {
 		return
 	}
 	p.init()
@@ -424,17 +415,6 @@ func (p *Proxy) Retire(t *balancer.Target, reason string) {
 	for _, g := range gs {
 		g.retire(t, why, grace)
 	}
-}
-
-// Closed is the number of connections wound down for reason ("removed",
-// "down", "drained", "max_age").
-func (p *Proxy) Closed(reason string) uint64 {
-	for _, r := range relay.Reasons() {
-		if r.String() == reason {
-			return p.Stats.Closed[r].Load()
-		}
-	}
-	return 0
 }
 
 // Denied is the number of clients refused for reason ("deny",

@@ -196,8 +196,8 @@ func testRetireWindsDownAfterGrace(t *testing.T) {
 	})
 
 	start := time.Now()
-	s.p.Retire(tEcho, "removed")
-	s.p.Retire(tStreams, "removed")
+	s.p.Retire(tEcho, balancer.Removed)
+	s.p.Retire(tStreams, balancer.Removed)
 
 	// The idle client gets a FIN after the grace.
 	idle.SetReadDeadline(time.Now().Add(grace + 10*time.Second))
@@ -239,7 +239,7 @@ func testRetireWindsDownAfterGrace(t *testing.T) {
 	if h.got == 0 || h.got > sent.Load() {
 		t.Fatalf("held backend got %d bytes of the %d the client wrote", h.got, sent.Load())
 	}
-	if got := s.p.Closed("removed"); got != 3 {
+	if got := s.p.Stats.Closed[balancer.Removed].Load(); got != 3 {
 		t.Fatalf("rota_connections_closed_total{reason=removed} = %d, want 3", got)
 	}
 
@@ -280,17 +280,17 @@ func testRetireCalledOff(t *testing.T) {
 	defer cb.Close()
 	mustEcho(t, cb, "b")
 
-	s.p.Retire(ta, "drained")
-	s.p.Retire(ta, "") // undrained within the grace
-	s.p.Retire(tb, "down")
+	s.p.Retire(ta, balancer.Drained)
+	s.p.Retire(ta, balancer.Kept) // undrained within the grace
+	s.p.Retire(tb, balancer.Down)
 	// b's wind-down, due at the same time as a's was, is the clock.
 	cb.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if rest, err := io.ReadAll(cb); err != nil || len(rest) != 0 {
 		t.Fatalf("down target's connection: %q, %v; want EOF", rest, err)
 	}
 	mustEcho(t, ca, "still here")
-	if s.p.Closed("drained") != 0 || s.p.Closed("down") != 1 {
-		t.Fatalf("closed: drained %d, down %d; want 0 and 1", s.p.Closed("drained"), s.p.Closed("down"))
+	if s.p.Stats.Closed[balancer.Drained].Load() != 0 || s.p.Stats.Closed[balancer.Down].Load() != 1 {
+		t.Fatalf("closed: drained %d, down %d; want 0 and 1", s.p.Stats.Closed[balancer.Drained].Load(), s.p.Stats.Closed[balancer.Down].Load())
 	}
 }
 
@@ -343,7 +343,7 @@ func testMaxConnAge(t *testing.T) {
 	if last.Sub(first) < time.Millisecond {
 		t.Fatalf("%d connections closed within %v of each other: no jitter", n, last.Sub(first))
 	}
-	if got := s.p.Closed("max_age"); got != n {
+	if got := s.p.Stats.Closed[balancer.MaxAge].Load(); got != n {
 		t.Fatalf("closed for max_age: %d, want %d", got, n)
 	}
 }
@@ -425,13 +425,13 @@ func testMaxConnAgeBusy(t *testing.T) {
 	// later: then it must have been wound down for its own age.)
 	if time.Since(youngOpened) < age*9/10 {
 		mustEcho(t, young, "still here")
-		if n := s.p.Closed("max_age"); n != 1 {
+		if n := s.p.Stats.Closed[balancer.MaxAge].Load(); n != 1 {
 			t.Fatalf("closed for max_age: %d, want 1", n)
 		}
 		return
 	}
 	t.Logf("the check came %v after the young connection opened: it must have aged out too", time.Since(youngOpened))
-	eventually(t, "the young connection wound down for its own age", func() bool { return s.p.Closed("max_age") == 2 })
+	eventually(t, "the young connection wound down for its own age", func() bool { return s.p.Stats.Closed[balancer.MaxAge].Load() == 2 })
 	young.SetDeadline(time.Now().Add(10 * time.Second))
 	if got, err := io.ReadAll(young); err != nil || len(got) != 0 {
 		t.Fatalf("young connection after its max_conn_age: %q, %v; want a clean EOF", got, err)

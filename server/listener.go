@@ -108,7 +108,7 @@ func (l *listener) poolConfig(p config.Pool, cfg config.Listener, regs config.Re
 	return pool.Config{
 		// The pool tells the proxy of targets that stop taking connections,
 		// so that their open ones are wound down after removed_conn_grace.
-		Retired: func(t *balancer.Target, reason string) { l.proxy.Retire(t, reason) },
+		Retired: l.proxy.Retire,
 		Health: health.Config{
 			Check: h.Check, Path: h.Path, Interval: h.Interval, Timeout: h.Timeout,
 			Rise: h.Rise, Fall: h.Fall, BackoffMax: h.BackoffMax,

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/discovery"
 	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/pool"
@@ -174,8 +175,8 @@ func (l *listener) status() ListenerStatus {
 	st.RelayPanics = ps.Panics.Load()
 	st.NoRoute = ps.NoRoute.Load()
 	st.Closed = make(map[string]uint64, 4)
-	for _, r := range []string{"removed", "down", "drained", "max_age"} {
-		st.Closed[r] = l.proxy.Closed(r)
+	for _, r := range balancer.Reasons() {
+		st.Closed[r.String()] = ps.Closed[r].Load()
 	}
 	st.Denied = make(map[string]uint64, 3)
 	for _, r := range []string{"deny", "not_allowed", "per_client"} {

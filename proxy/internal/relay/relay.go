@@ -98,26 +98,6 @@ func (d Denial) String() string { return denialNames[d] }
 // Denials lists the reasons a client is refused for.
 func Denials() []Denial { return []Denial{Denied, NotAllowed, PerClient} }
 
-// Reason says why rota closed a connection that was still in use.
-type Reason uint8
-
-// Reasons, as the label of rota_connections_closed_total.
-const (
-	NotRetired Reason = iota
-	Removed           // its target left discovery
-	Down              // its target failed its checks
-	Drained           // its target was drained
-	MaxAge            // older than max_conn_age
-	numReasons
-)
-
-var reasonNames = [...]string{"", "removed", "down", "drained", "max_age"}
-
-func (r Reason) String() string { return reasonNames[r] }
-
-// Reasons lists the reasons a connection is wound down for.
-func Reasons() []Reason { return []Reason{Removed, Down, Drained, MaxAge} }
-
 // WindLinger bounds a wind-down: after the FIN to both sides, the peers
 // are given this long to close their ends (what they send meanwhile is
 // read and dropped, so that closing resets nothing in flight); then the
@@ -162,7 +142,7 @@ type Stats struct {
 	// was missing, malformed, late, or from an untrusted source.
 	HeaderErrors atomic.Uint64
 	// Closed counts connections wound down, by Reason.
-	Closed [numReasons]atomic.Uint64
+	Closed [balancer.NumReasons]atomic.Uint64
 	// Denied counts clients refused, by Denial.
 	Denied [numDenials]atomic.Uint64
 	// NoRoute counts clients closed because no route matched their
@@ -278,7 +258,7 @@ type Conn struct {
 	// The flags sit together: an idle connection is mostly this struct,
 	// and a bool between two words costs a word.
 	state     State
-	retireWhy Reason
+	retireWhy balancer.Reason
 	// resetOnWrite: a write to the target found it reset. Linux reports a
 	// reset once, so the target's next read sees a plain EOF.
 	resetOnWrite bool
@@ -585,7 +565,7 @@ func (c *Conn) next(now int64, lastErr error) Action {
 				c.x.hdrSent = 0
 			}
 			c.resetOnWrite, c.spoke, c.lingering = false, false, false
-			c.retireAt, c.retireWhy = 0, NotRetired // that was the last target's
+			c.retireAt, c.retireWhy = 0, balancer.Kept // that was the last target's
 			return Dial
 		}
 	}
@@ -939,26 +919,26 @@ func (c *Conn) Expired(now int64) Action {
 	case c.retireAt != 0 && now >= c.retireAt:
 		return c.windDown(c.retireWhy, now)
 	case c.expireAt != 0 && now >= c.expireAt:
-		return c.windDown(MaxAge, now)
+		return c.windDown(balancer.MaxAge, now)
 	}
 	return c.close(ErrIdle)
 }
 
 // Retire schedules a wind-down at at (a clock reading) because of why, or
-// with NotRetired, cancels one not yet begun. An earlier retirement
+// with balancer.Kept, cancels one not yet begun. An earlier retirement
 // stands. The driver then re-arms its timer from Deadline.
-func (c *Conn) Retire(at int64, why Reason) {
+func (c *Conn) Retire(at int64, why balancer.Reason) {
 	switch {
 	case c.winding:
-	case why == NotRetired:
-		c.retireAt, c.retireWhy = 0, NotRetired
+	case why == balancer.Kept:
+		c.retireAt, c.retireWhy = 0, balancer.Kept
 	case c.retireAt == 0 || at < c.retireAt:
 		c.retireAt, c.retireWhy = at, why
 	}
 }
 
 // windDown begins closing a connection that is in use: its target is final.
-func (c *Conn) windDown(why Reason, now int64) Action {
+func (c *Conn) windDown(why balancer.Reason, now int64) Action {
 	c.commit()
 	c.winding = true
 	c.windUntil = now + int64(WindLinger)

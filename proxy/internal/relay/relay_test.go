@@ -614,35 +614,35 @@ func FuzzProxyHeader(f *testing.F) {
 	})
 }
 
-// A retirement is a deadline: the earliest stands, NotRetired calls it
+// A retirement is a deadline: the earliest stands, balancer.Kept calls it
 // off, and it winds the connection down (once), then closes it if the
 // peers never close.
 func TestRetireWindsDown(t *testing.T) {
 	s := int64(time.Second)
 	h := newHarness(t, Config{IdleTimeout: time.Hour}, 1)
 	h.connect()
-	h.c.Retire(5*s, Drained)
-	h.c.Retire(7*s, Removed) // later: the drain stands
+	h.c.Retire(5*s, balancer.Drained)
+	h.c.Retire(7*s, balancer.Removed) // later: the drain stands
 	if d := h.c.Deadline(); d != 5*s {
 		t.Fatalf("deadline %v, want 5s", time.Duration(d))
 	}
-	h.c.Retire(0, NotRetired)
+	h.c.Retire(0, balancer.Kept)
 	if d := h.c.Deadline(); d != int64(time.Hour) {
 		t.Fatalf("called off: deadline %v, want the idle timeout", time.Duration(d))
 	}
-	h.c.Retire(2*s, Down)
+	h.c.Retire(2*s, balancer.Down)
 	h.want(h.c.Expired(2*s-1), Continue)
 	h.want(h.c.Expired(2*s), WindDown)
-	if !h.c.Winding() || !h.c.Committed() || h.stats.Closed[Down].Load() != 1 || !errors.Is(h.c.Err, ErrWound) {
-		t.Fatalf("winding %v committed %v closed(down) %d err %v", h.c.Winding(), h.c.Committed(), h.stats.Closed[Down].Load(), h.c.Err)
+	if !h.c.Winding() || !h.c.Committed() || h.stats.Closed[balancer.Down].Load() != 1 || !errors.Is(h.c.Err, ErrWound) {
+		t.Fatalf("winding %v committed %v closed(down) %d err %v", h.c.Winding(), h.c.Committed(), h.stats.Closed[balancer.Down].Load(), h.c.Err)
 	}
-	h.c.Retire(3*s, Removed) // too late to change anything
+	h.c.Retire(3*s, balancer.Removed) // too late to change anything
 	if d := h.c.Deadline(); d != 2*s+int64(WindLinger) {
 		t.Fatalf("winding: deadline %v, want WindLinger after", time.Duration(d))
 	}
 	h.want(h.c.Expired(2*s+int64(WindLinger)), Close)
-	if h.targets[0].Active.Load() != 0 || h.stats.Closed[Removed].Load() != 0 {
-		t.Fatalf("active %d, closed(removed) %d", h.targets[0].Active.Load(), h.stats.Closed[Removed].Load())
+	if h.targets[0].Active.Load() != 0 || h.stats.Closed[balancer.Removed].Load() != 0 {
+		t.Fatalf("active %d, closed(removed) %d", h.targets[0].Active.Load(), h.stats.Closed[balancer.Removed].Load())
 	}
 }
 
@@ -651,7 +651,7 @@ func TestRetireWindsDown(t *testing.T) {
 func TestRetireIsTheTargets(t *testing.T) {
 	h := newHarness(t, Config{Retries: 1}, 2)
 	h.want(h.c.Start(0), Dial)
-	h.c.Retire(int64(time.Second), Removed)
+	h.c.Retire(int64(time.Second), balancer.Removed)
 	h.want(h.c.DialFailed(errors.New("refused"), 0), Dial)
 	h.want(h.c.Dialed(0), Flush)
 	if d := h.c.Deadline(); d != 0 {
@@ -673,7 +673,7 @@ func TestMaxConnAgeJitter(t *testing.T) {
 		}
 		seen[d] = true
 		h.want(h.c.Expired(d), WindDown)
-		if h.stats.Closed[MaxAge].Load() != 1 {
+		if h.stats.Closed[balancer.MaxAge].Load() != 1 {
 			t.Fatal("not counted as max_age")
 		}
 	}
