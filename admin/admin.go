@@ -19,6 +19,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/rota-proxy/rota/discovery"
+	"github.com/rota-proxy/rota/proxy"
 	"github.com/rota-proxy/rota/server"
 )
 
@@ -96,25 +97,48 @@ type TargetsResponse struct {
 // ListenerJSON is one listener in TargetsResponse. Name, listen, service,
 // discovery and targets are the documented contract; the rest are extras
 // for the status page. A routed listener's own pool is empty and its
-// pools are in Routes.
+// pools are in Routes. The listener's counters (proxy.Counters: their JSON
+// fields, a number each, or an object by label) follow the fields below.
 type ListenerJSON struct {
 	Name   string `json:"name"`
 	Listen string `json:"listen"`
 	PoolJSON
 	Addr string `json:"addr"`
 	// Routes are the pools of a listener that routes by TLS server name.
-	Routes      []RouteJSON `json:"routes,omitempty"`
-	ActiveConns int64       `json:"active_conns"`
-	TotalConns  uint64      `json:"total_conns"`
-	Rejected    uint64      `json:"rejected_conns"`
-	NoTarget    uint64      `json:"no_target_conns"`
-	DialErrors  uint64      `json:"dial_errors"`
-	// Closed counts connections rota wound down, by reason.
-	Closed map[string]uint64 `json:"closed_conns"`
-	// Denied counts clients refused by allow, deny and
-	// max_conns_per_client, by reason; NoRoute those no route matched.
-	Denied  map[string]uint64 `json:"denied_conns"`
-	NoRoute uint64            `json:"no_route_conns"`
+	Routes []RouteJSON `json:"routes,omitempty"`
+
+	Counters []proxy.Reading `json:"-"`
+}
+
+// MarshalJSON writes l's fields, then its counters.
+func (l ListenerJSON) MarshalJSON() ([]byte, error) {
+	type fields ListenerJSON // without this method
+	b, err := json.Marshal(fields(l))
+	if err != nil {
+		return nil, err
+	}
+	b = b[:len(b)-1] // the closing brace
+	for _, r := range l.Counters {
+		if r.JSON == "" {
+			continue
+		}
+		var v any
+		if r.Label == "" {
+			v = r.Samples[0].Value
+		} else {
+			m := make(map[string]float64, len(r.Samples))
+			for _, s := range r.Samples {
+				m[s.Key] = s.Value
+			}
+			v = m
+		}
+		val, err := json.Marshal(v)
+		if err != nil {
+			return nil, err
+		}
+		b = append(append(append(append(b, ',', '"'), r.JSON...), '"', ':'), val...)
+	}
+	return append(b, '}'), nil
 }
 
 // RouteJSON is one route of a routed listener: the server names it
@@ -180,9 +204,7 @@ func Targets(ls []server.ListenerStatus) TargetsResponse {
 	for _, l := range ls {
 		lj := ListenerJSON{
 			Name: l.Name, Listen: l.Listen, PoolJSON: poolJSON(l.PoolStatus), Addr: l.Addr,
-			ActiveConns: l.Active, TotalConns: l.Accepted,
-			Rejected: l.Rejected, NoTarget: l.NoTarget, DialErrors: l.DialErrors,
-			Closed: l.Closed, Denied: l.Denied, NoRoute: l.NoRoute,
+			Counters: l.Counters,
 		}
 		for _, r := range l.Routes {
 			lj.Routes = append(lj.Routes, RouteJSON{Name: r.Name, SNI: r.SNI, PoolJSON: poolJSON(r.PoolStatus)})

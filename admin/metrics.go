@@ -7,6 +7,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/rota-proxy/rota/proxy"
 	"github.com/rota-proxy/rota/server"
 )
 
@@ -18,58 +19,60 @@ import (
 type collector struct {
 	state State
 
-	connections, active, rejected, noTarget, dialErrors, bytes *prometheus.Desc
-	up, checks, targetConns, targetActive                      *prometheus.Desc
-	targetBytes                                                *prometheus.Desc
-	updates, errors, lastSync, synced, panicMode, targets      *prometheus.Desc
-	headerErrors, relayPanics, malformed, stale                *prometheus.Desc
-	weight, effectiveWeight, draining, closed                  *prometheus.Desc
-	denied, noRoute                                            *prometheus.Desc
+	// listener is the listener-wide counters' families, one per row of
+	// proxy.Counters (nil where a row has no family).
+	listener []*prometheus.Desc
+
+	dialErrors                            *prometheus.Desc
+	up, checks, targetConns, targetActive *prometheus.Desc
+	targetBytes                           *prometheus.Desc
+	updates, errors, lastSync, synced     *prometheus.Desc
+	panicMode, targets, malformed, stale  *prometheus.Desc
+	weight, effectiveWeight, draining     *prometheus.Desc
 }
 
 func newCollector(state State) *collector {
 	// Per pool (discovery) and per target, a route label: "" for a
 	// listener's own pool, the route's name on a routed listener.
-	l := []string{"listener"}
 	lr := []string{"listener", "route"}
 	lt := []string{"listener", "route", "target"}
 	d := func(name, help string, labels []string) *prometheus.Desc {
 		return prometheus.NewDesc(name, help, labels, nil)
 	}
-	return &collector{
+	c := &collector{
 		state:       state,
-		connections: d("rota_connections_total", "Client connections accepted.", l),
-		active:      d("rota_connections_active", "Client connections open now.", l),
-		rejected:    d("rota_connections_rejected_total", "Client connections closed at once because max_conns was reached.", l),
-		noTarget:    d("rota_connections_no_target_total", "Client connections closed because no target could be reached.", l),
 		dialErrors:  d("rota_dial_errors_total", "Failed attempts to reach the target (refused, timed out, reset before answering).", lt),
-		bytes:       d("rota_bytes_total", "Bytes proxied; direction is in (target to client) or out (client to target).", []string{"listener", "direction"}),
 		up:          d("rota_target_up", "1 if the target passes its health checks, else 0.", lt),
 		checks:      d("rota_health_checks_total", "Health probes by result (success or failure).", []string{"listener", "route", "target", "result"}),
 		targetConns: d("rota_target_connections_total", "Client connections handed to the target.", lt),
 		targetActive: d("rota_target_connections_active",
 			"Client connections open to the target now.", lt),
-		targetBytes:  d("rota_target_bytes_total", "Bytes proxied through the target, by direction.", []string{"listener", "route", "target", "direction"}),
-		updates:      d("rota_discovery_updates_total", "Instance snapshots received from discovery.", lr),
-		errors:       d("rota_discovery_errors_total", "Registry errors seen by discovery (the last good instances stay routed).", lr),
-		lastSync:     d("rota_discovery_last_sync_timestamp_seconds", "Unix time of the last discovery snapshot.", lr),
-		synced:       d("rota_discovery_synced", "1 once the listener (or route) had its first discovery sync.", lr),
-		panicMode:    d("rota_panic_mode", "1 while the pool routes over all discovered targets because none passes its checks.", lr),
-		headerErrors: d("rota_proxy_protocol_errors_total", "Clients closed for a missing, malformed, late or untrusted PROXY protocol header.", l),
-		targets:      d("rota_targets", "Discovered targets by health state.", []string{"listener", "route", "state"}),
-		malformed:    d("rota_discovery_malformed_total", "Registry entries skipped as malformed (each counted once; listed in /api/v1/targets until fixed or deleted).", lr),
-		stale:        d("rota_discovery_stale", "1 while the watch has stopped hearing from its registry (and is moving to another member).", lr),
-		relayPanics:  d("rota_relay_panics_total", "Connections closed because relaying them panicked (the stack is logged); other connections carry on.", l),
-		weight:       d("rota_target_weight", "The target's weight, from the registry or the static list (1 when none is given).", lt),
+		targetBytes: d("rota_target_bytes_total", "Bytes proxied through the target, by direction.", []string{"listener", "route", "target", "direction"}),
+		updates:     d("rota_discovery_updates_total", "Instance snapshots received from discovery.", lr),
+		errors:      d("rota_discovery_errors_total", "Registry errors seen by discovery (the last good instances stay routed).", lr),
+		lastSync:    d("rota_discovery_last_sync_timestamp_seconds", "Unix time of the last discovery snapshot.", lr),
+		synced:      d("rota_discovery_synced", "1 once the listener (or route) had its first discovery sync.", lr),
+		panicMode:   d("rota_panic_mode", "1 while the pool routes over all discovered targets because none passes its checks.", lr),
+		targets:     d("rota_targets", "Discovered targets by health state.", []string{"listener", "route", "state"}),
+		malformed:   d("rota_discovery_malformed_total", "Registry entries skipped as malformed (each counted once; listed in /api/v1/targets until fixed or deleted).", lr),
+		stale:       d("rota_discovery_stale", "1 while the watch has stopped hearing from its registry (and is moving to another member).", lr),
+		weight:      d("rota_target_weight", "The target's weight, from the registry or the static list (1 when none is given).", lt),
 		effectiveWeight: d("rota_target_effective_weight",
 			"The weight the picker uses now: below rota_target_weight while the target ramps up (slow_start).", lt),
 		draining: d("rota_target_draining", "1 while the target is drained through the admin API (no new connections).", lt),
-		closed: d("rota_connections_closed_total",
-			"Connections rota closed while in use: their target was removed, went down or was drained (after removed_conn_grace), or they reached max_conn_age.", []string{"listener", "reason"}),
-		denied: d("rota_connections_denied_total",
-			"Clients closed at once, before any target was dialled: in deny, not in allow (not_allowed), or over max_conns_per_client (per_client).", []string{"listener", "reason"}),
-		noRoute: d("rota_connections_no_route_total", "Clients of a routed listener closed because no route matched their TLS server name.", l),
 	}
+	for _, k := range proxy.Counters() {
+		var desc *prometheus.Desc
+		if k.Metric != "" {
+			labels := []string{"listener"}
+			if k.Label != "" {
+				labels = append(labels, k.Label)
+			}
+			desc = d(k.Metric, k.Help, labels)
+		}
+		c.listener = append(c.listener, desc)
+	}
+	return c
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
@@ -77,33 +80,29 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
-	counter := func(d *prometheus.Desc, v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
-	}
-	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
-	}
 	for _, l := range c.state.Status() {
 		n := l.Name
-		counter(c.connections, float64(l.Accepted), n)
-		gauge(c.active, float64(l.Active), n)
-		counter(c.rejected, float64(l.Rejected), n)
-		counter(c.noTarget, float64(l.NoTarget), n)
-		counter(c.bytes, float64(l.BytesIn), n, "in")
-		counter(c.bytes, float64(l.BytesOut), n, "out")
-		counter(c.headerErrors, float64(l.ProxyHeaderErrors), n)
-		counter(c.relayPanics, float64(l.RelayPanics), n)
-		for reason, k := range l.Closed {
-			counter(c.closed, float64(k), n, reason)
-		}
-		for reason, k := range l.Denied {
-			counter(c.denied, float64(k), n, reason)
+		for i, r := range l.Counters {
+			desc := c.listener[i]
+			if desc == nil || r.Routed && len(l.Routes) == 0 {
+				continue
+			}
+			kind := prometheus.CounterValue
+			if r.Gauge {
+				kind = prometheus.GaugeValue
+			}
+			for _, s := range r.Samples {
+				labels := []string{n}
+				if r.Label != "" {
+					labels = append(labels, s.Key)
+				}
+				ch <- prometheus.MustNewConstMetric(desc, kind, s.Value, labels...)
+			}
 		}
 		if len(l.Routes) == 0 {
 			c.collectPool(ch, n, "", &l.PoolStatus)
 			continue
 		}
-		counter(c.noRoute, float64(l.NoRoute), n)
 		for i := range l.Routes {
 			c.collectPool(ch, n, l.Routes[i].Name, &l.Routes[i].PoolStatus)
 		}

@@ -81,13 +81,6 @@ type Settings struct {
 	panicOnAccess func(netip.Addr) bool // tests: panic starting such a client
 }
 
-// Stats are the listener-wide counters of a Proxy, updated atomically.
-type Stats struct {
-	relay.Stats
-	// Panics counts connections closed because relaying them panicked.
-	Panics atomic.Uint64
-}
-
 // ErrClosed is returned by Serve after Shutdown or Close.
 var ErrClosed = errors.New("proxy: closed")
 
@@ -415,17 +408,6 @@ func (p *Proxy) Retire(t *balancer.Target, why balancer.Reason) {
 	for _, g := range gs {
 		g.retire(t, why, grace)
 	}
-}
-
-// Denied is the number of clients refused for reason ("deny",
-// "not_allowed", "per_client").
-func (p *Proxy) Denied(reason string) uint64 {
-	for _, d := range relay.Denials() {
-		if d.String() == reason {
-			return p.Stats.Denied[d].Load()
-		}
-	}
-	return 0
 }
 
 // ClientConns is the number of connections open from client address a,

@@ -78,7 +78,7 @@ func TestAccessBothRelays(t *testing.T) {
 		if got, _ := roundTrip(denied.addr, []byte("x")); len(got) != 0 {
 			t.Fatalf("denied client got %q", got)
 		}
-		if n := denied.p.Denied("deny"); n != 1 {
+		if n := uint64(proxy.Count(denied.p.Stats.Read(), "denied_conns", "deny")); n != 1 {
 			t.Fatalf("deny counted %d", n)
 		}
 		limited := startProxy(t, proxy.Settings{MaxConnsPerClient: 1, Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}}, b.addr())
@@ -98,7 +98,7 @@ func TestAccessBothRelays(t *testing.T) {
 		if got, err := roundTrip(limited.addr, []byte("x")); string(got) != "b" {
 			t.Fatalf("after the first closed: %q, %v", got, err)
 		}
-		if n := limited.p.Denied("per_client"); n != 1 {
+		if n := uint64(proxy.Count(limited.p.Stats.Read(), "denied_conns", "per_client")); n != 1 {
 			t.Fatalf("per_client counted %d", n)
 		}
 	})

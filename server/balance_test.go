@@ -285,7 +285,7 @@ func TestRemovedConnGrace(t *testing.T) {
 		t.Fatalf("closed %v after the reload, before the grace", d)
 	}
 	gone.Close()
-	if n := srv.Status()[0].Closed["removed"]; n != 1 {
+	if n := srv.Status()[0].Count("closed_conns", "removed"); n != 1 {
 		t.Fatalf("closed for removed: %d, want 1", n)
 	}
 	stays.SetDeadline(time.Now().Add(10 * time.Second))

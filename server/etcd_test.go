@@ -303,7 +303,7 @@ func TestReloadRetiresRemovedListenersWatchersQuietly(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer held.Close()
-	waitFor(t, "the held connection open", 5*time.Second, func() bool { return srv.Status()[0].Active == 1 })
+	waitFor(t, "the held connection open", 5*time.Second, func() bool { return srv.Status()[0].Count("active_conns", "") == 1 })
 
 	next := etcdConfig(b) // other clients: the old ones are closed
 	other := fastListener("other", b1.Addr)

@@ -75,5 +75,5 @@ func TestProxyProtocolFromConfig(t *testing.T) {
 	c2.SetReadDeadline(time.Now().Add(5 * time.Second))
 	io.ReadAll(c2)
 	c2.Close()
-	waitFor(t, "header error counted", 5*time.Second, func() bool { return srv.Status()[0].ProxyHeaderErrors == 1 })
+	waitFor(t, "header error counted", 5*time.Second, func() bool { return srv.Status()[0].Count("rota_proxy_protocol_errors_total", "") == 1 })
 }

@@ -311,8 +311,8 @@ func TestSNIRouteEdgeCases(t *testing.T) {
 		t.Fatalf("strict listener, api: %q %v", got, err)
 	}
 	st := status(t, srv, "strict")
-	if st.NoRoute != 1 || st.Routes[0].Targets[0].Total != 1 {
-		t.Fatalf("no_route = %d, api total = %d; want 1 and 1", st.NoRoute, st.Routes[0].Targets[0].Total)
+	if st.Count("no_route_conns", "") != 1 || st.Routes[0].Targets[0].Total != 1 {
+		t.Fatalf("no_route = %d, api total = %d; want 1 and 1", st.Count("no_route_conns", ""), st.Routes[0].Targets[0].Total)
 	}
 
 	// Non-TLS bytes on a routed port go to "*", unchanged.
@@ -520,7 +520,7 @@ func TestAllowDenyAndPerClientLimits(t *testing.T) {
 		}
 		held = append(held, c)
 	}
-	waitFor(t, "two connections held", 5*time.Second, func() bool { return status(t, srv, "guarded").Active == 2 })
+	waitFor(t, "two connections held", 5*time.Second, func() bool { return status(t, srv, "guarded").Count("active_conns", "") == 2 })
 	if served("127.0.0.2") {
 		t.Fatal("a third connection from 127.0.0.2 was served (max_conns_per_client: 2)")
 	}
@@ -533,8 +533,8 @@ func TestAllowDenyAndPerClientLimits(t *testing.T) {
 	waitFor(t, "limit released", 5*time.Second, func() bool { return served("127.0.0.2") })
 
 	st := status(t, srv, "guarded")
-	if st.Denied["deny"] != 1 || st.Denied["not_allowed"] != 1 || st.Denied["per_client"] < 1 {
-		t.Fatalf("denied = %v; want deny 1, not_allowed 1, per_client >= 1", st.Denied)
+	if st.Count("denied_conns", "deny") != 1 || st.Count("denied_conns", "not_allowed") != 1 || st.Count("denied_conns", "per_client") < 1 {
+		t.Fatalf("denied = %v; want deny 1, not_allowed 1, per_client >= 1", st.Counters)
 	}
 	if b.Hits.Load() == 0 {
 		t.Fatal("the backend saw nobody")
@@ -557,7 +557,7 @@ func TestAllowDenyAndPerClientLimits(t *testing.T) {
 	if got := viaLB("10.1.2.3"); got != "" {
 		t.Fatalf("a client the header names as 10.1.2.3 (denied) was served: %q", got)
 	}
-	if n := status(t, srv, "behind-lb").Denied["deny"]; n != 1 {
+	if n := status(t, srv, "behind-lb").Count("denied_conns", "deny"); n != 1 {
 		t.Fatalf("behind-lb denied = %d, want 1", n)
 	}
 }

@@ -5,10 +5,10 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/discovery"
 	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/pool"
+	"github.com/rota-proxy/rota/proxy"
 )
 
 // ListenerStatus is a point-in-time view of one listener, for the admin API
@@ -22,25 +22,15 @@ type ListenerStatus struct {
 	PoolStatus
 	Routes []RouteStatus // routed listeners only, in configuration order
 
-	Accepted   uint64
-	Rejected   uint64
-	NoTarget   uint64
-	DialErrors uint64
-	Active     int64
-	BytesIn    uint64 // from targets to clients
-	BytesOut   uint64 // from clients to targets
-	// ProxyHeaderErrors counts clients closed for a bad or untrusted PROXY
-	// protocol header.
-	ProxyHeaderErrors uint64
-	// RelayPanics counts connections closed because relaying them panicked.
-	RelayPanics uint64
-	// Closed counts connections rota wound down, by reason: "removed",
-	// "down", "drained" (removed_conn_grace), "max_age".
-	Closed map[string]uint64
-	// Denied counts clients refused by reason: "deny", "not_allowed",
-	// "per_client"; NoRoute those whose server name no route matched.
-	Denied  map[string]uint64
-	NoRoute uint64
+	// Counters are the listener's counters (proxy.Counters), read when
+	// the status was taken.
+	Counters []proxy.Reading
+}
+
+// Count is the counter named name (its metric or JSON field, see
+// proxy.Counters) for key ("" for a counter without a label).
+func (l ListenerStatus) Count(name, key string) uint64 {
+	return uint64(proxy.Count(l.Counters, name, key))
 }
 
 // RouteStatus is one route of a routed listener.
@@ -163,25 +153,7 @@ func (l *listener) status() ListenerStatus {
 		st.Addr = l.ln.Addr().String()
 	}
 	l.mu.Unlock()
-	ps := &l.proxy.Stats
-	st.Accepted = ps.Accepted.Load()
-	st.Rejected = ps.Rejected.Load()
-	st.NoTarget = ps.NoTarget.Load()
-	st.DialErrors = ps.DialErrors.Load()
-	st.Active = ps.Active.Load()
-	st.BytesIn = ps.BytesIn.Load()
-	st.BytesOut = ps.BytesOut.Load()
-	st.ProxyHeaderErrors = ps.HeaderErrors.Load()
-	st.RelayPanics = ps.Panics.Load()
-	st.NoRoute = ps.NoRoute.Load()
-	st.Closed = make(map[string]uint64, 4)
-	for _, r := range balancer.Reasons() {
-		st.Closed[r.String()] = ps.Closed[r].Load()
-	}
-	st.Denied = make(map[string]uint64, 3)
-	for _, r := range []string{"deny", "not_allowed", "per_client"} {
-		st.Denied[r] = l.proxy.Denied(r)
-	}
+	st.Counters = l.proxy.Stats.Read()
 	return st
 }
 
