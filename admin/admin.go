@@ -235,15 +235,17 @@ func warningsJSON(ws []discovery.Warning) []WarningJSON {
 func targetsJSON(ts []server.TargetStatus) []TargetJSON {
 	out := make([]TargetJSON, 0, len(ts))
 	for _, t := range ts {
+		h := t.Health
+		history := t.History.Samples()
 		out = append(out, TargetJSON{
-			Addr: t.Addr, State: t.State.String(), Weight: max(t.Weight, 1),
+			Addr: t.Addr, State: h.State.String(), Weight: max(t.Weight, 1),
 			EffectiveWeight: t.EffectiveWeight, Draining: t.Draining,
-			RecentConns: sum(t.History), History: nonNil(t.History),
-			ConsecutiveSuccesses: t.ConsecutiveSuccesses, ConsecutiveFailures: t.ConsecutiveFailures,
-			LastCheck: timePtr(t.LastCheck), LastError: t.LastError,
-			ActiveConns: t.Active, TotalConns: t.Total,
-			Since: t.Since.UTC(), DialErrors: t.DialErrors, BytesIn: t.BytesIn, BytesOut: t.BytesOut,
-			NextCheckMS: t.NextCheckIn.Milliseconds(),
+			RecentConns: sum(history), History: nonNil(history),
+			ConsecutiveSuccesses: h.ConsecutiveSuccesses, ConsecutiveFailures: h.ConsecutiveFailures,
+			LastCheck: timePtr(h.LastCheck), LastError: h.LastError,
+			ActiveConns: t.Active.Load(), TotalConns: t.Total.Load(),
+			Since: h.Since.UTC(), DialErrors: t.DialErrors.Load(), BytesIn: t.BytesIn.Load(), BytesOut: t.BytesOut.Load(),
+			NextCheckMS: h.NextCheckIn.Milliseconds(),
 		})
 	}
 	return out

@@ -114,7 +114,7 @@ func TestStatusPageBalance(t *testing.T) {
 	proxyAddr := srv.Status()[0].Addr
 	waitUntil(t, "both targets up", func() bool {
 		st := srv.Status()[0]
-		return len(st.Targets) == 2 && st.Targets[0].State.String() == "up" && st.Targets[1].State.String() == "up"
+		return len(st.Targets) == 2 && st.Targets[0].Health.State.String() == "up" && st.Targets[1].Health.State.String() == "up"
 	})
 	for range 40 {
 		c, err := net.Dial("tcp", proxyAddr)
@@ -127,7 +127,7 @@ func TestStatusPageBalance(t *testing.T) {
 	waitUntil(t, "the minute's history to hold the 40 connections", func() bool {
 		var n uint64
 		for _, tg := range srv.Status()[0].Targets {
-			for _, k := range tg.History {
+			for _, k := range tg.History.Samples() {
 				n += uint64(k)
 			}
 		}

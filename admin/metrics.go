@@ -2,11 +2,13 @@ package admin
 
 import (
 	"net/http"
+	"slices"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/proxy"
 	"github.com/rota-proxy/rota/server"
 )
@@ -16,50 +18,94 @@ import (
 // are formatted here, once per scrape, never per connection. Targets that
 // are no longer discovered simply stop being reported, so their series go
 // away with them.
+//
+// Each family is declared once: the listener's in proxy.Counters, a pool's
+// and a target's in the tables below (name, help, kind, an extra label,
+// and how to read it).
 type collector struct {
-	state State
+	state    State
+	listener []*prometheus.Desc // one per proxy.Counters row; nil: not a metric
+	pool     []*prometheus.Desc // one per poolFamilies row
+	target   []*prometheus.Desc // one per targetFamilies row
+	targets  *prometheus.Desc   // rota_targets{state}
+}
 
-	// listener is the listener-wide counters' families, one per row of
-	// proxy.Counters (nil where a row has no family).
-	listener []*prometheus.Desc
+// family is a metric of a pool (labels listener, route) or of a target
+// (listener, route, target), and Label when it has one.
+type family[T any] struct {
+	name, help string
+	gauge      bool
+	label      string
+	read       func(T) []proxy.Sample
+}
 
-	dialErrors                            *prometheus.Desc
-	up, checks, targetConns, targetActive *prometheus.Desc
-	targetBytes                           *prometheus.Desc
-	updates, errors, lastSync, synced     *prometheus.Desc
-	panicMode, targets, malformed, stale  *prometheus.Desc
-	weight, effectiveWeight, draining     *prometheus.Desc
+func one(v float64) []proxy.Sample { return []proxy.Sample{{Value: v}} }
+
+var poolFamilies = []family[*server.PoolStatus]{
+	{name: "rota_discovery_updates_total", help: "Instance snapshots received from discovery.",
+		read: func(p *server.PoolStatus) []proxy.Sample { return one(float64(p.DiscoveryUpdates)) }},
+	{name: "rota_discovery_errors_total", help: "Registry errors seen by discovery (the last good instances stay routed).",
+		read: func(p *server.PoolStatus) []proxy.Sample { return one(float64(p.DiscoveryErrors)) }},
+	{name: "rota_discovery_last_sync_timestamp_seconds", help: "Unix time of the last discovery snapshot.", gauge: true,
+		read: func(p *server.PoolStatus) []proxy.Sample {
+			if p.LastSync.IsZero() {
+				return nil
+			}
+			return one(float64(p.LastSync.UnixNano()) / 1e9)
+		}},
+	{name: "rota_discovery_synced", help: "1 once the listener (or route) had its first discovery sync.", gauge: true,
+		read: func(p *server.PoolStatus) []proxy.Sample { return one(b2f(p.Synced)) }},
+	{name: "rota_discovery_malformed_total", help: "Registry entries skipped as malformed (each counted once; listed in /api/v1/targets until fixed or deleted).",
+		read: func(p *server.PoolStatus) []proxy.Sample { return one(float64(p.DiscoveryMalformed)) }},
+	{name: "rota_discovery_stale", help: "1 while the watch has stopped hearing from its registry (and is moving to another member).", gauge: true,
+		read: func(p *server.PoolStatus) []proxy.Sample { return one(b2f(p.DiscoveryStale)) }},
+	{name: "rota_panic_mode", help: "1 while the pool routes over all discovered targets because none passes its checks.", gauge: true,
+		read: func(p *server.PoolStatus) []proxy.Sample { return one(b2f(p.Panic)) }},
+}
+
+var targetFamilies = []family[*server.TargetStatus]{
+	{name: "rota_target_up", help: "1 if the target passes its health checks, else 0.", gauge: true,
+		read: func(t *server.TargetStatus) []proxy.Sample { return one(b2f(t.Health.State == health.Up)) }},
+	{name: "rota_health_checks_total", help: "Health probes by result (success or failure).", label: "result",
+		read: func(t *server.TargetStatus) []proxy.Sample {
+			return []proxy.Sample{{Key: "success", Value: float64(t.Health.ChecksOK)}, {Key: "failure", Value: float64(t.Health.ChecksFailed)}}
+		}},
+	{name: "rota_target_connections_total", help: "Client connections handed to the target.",
+		read: func(t *server.TargetStatus) []proxy.Sample { return one(float64(t.Total.Load())) }},
+	{name: "rota_target_connections_active", help: "Client connections open to the target now.", gauge: true,
+		read: func(t *server.TargetStatus) []proxy.Sample { return one(float64(t.Active.Load())) }},
+	{name: "rota_dial_errors_total", help: "Failed attempts to reach the target (refused, timed out, reset before answering).",
+		read: func(t *server.TargetStatus) []proxy.Sample { return one(float64(t.DialErrors.Load())) }},
+	{name: "rota_target_bytes_total", help: "Bytes proxied through the target, by direction.", label: "direction",
+		read: func(t *server.TargetStatus) []proxy.Sample {
+			return []proxy.Sample{{Key: "in", Value: float64(t.BytesIn.Load())}, {Key: "out", Value: float64(t.BytesOut.Load())}}
+		}},
+	{name: "rota_target_weight", help: "The target's weight, from the registry or the static list (1 when none is given).", gauge: true,
+		read: func(t *server.TargetStatus) []proxy.Sample { return one(float64(max(t.Weight, 1))) }},
+	{name: "rota_target_effective_weight", help: "The weight the picker uses now: below rota_target_weight while the target ramps up (slow_start).", gauge: true,
+		read: func(t *server.TargetStatus) []proxy.Sample { return one(t.EffectiveWeight) }},
+	{name: "rota_target_draining", help: "1 while the target is drained through the admin API (no new connections).", gauge: true,
+		read: func(t *server.TargetStatus) []proxy.Sample { return one(b2f(t.Draining)) }},
+}
+
+func descs[T any](fs []family[T], labels ...string) []*prometheus.Desc {
+	out := make([]*prometheus.Desc, len(fs))
+	for i, f := range fs {
+		ls := labels
+		if f.label != "" {
+			ls = append(slices.Clip(labels), f.label)
+		}
+		out[i] = prometheus.NewDesc(f.name, f.help, ls, nil)
+	}
+	return out
 }
 
 func newCollector(state State) *collector {
-	// Per pool (discovery) and per target, a route label: "" for a
-	// listener's own pool, the route's name on a routed listener.
-	lr := []string{"listener", "route"}
-	lt := []string{"listener", "route", "target"}
-	d := func(name, help string, labels []string) *prometheus.Desc {
-		return prometheus.NewDesc(name, help, labels, nil)
-	}
 	c := &collector{
-		state:       state,
-		dialErrors:  d("rota_dial_errors_total", "Failed attempts to reach the target (refused, timed out, reset before answering).", lt),
-		up:          d("rota_target_up", "1 if the target passes its health checks, else 0.", lt),
-		checks:      d("rota_health_checks_total", "Health probes by result (success or failure).", []string{"listener", "route", "target", "result"}),
-		targetConns: d("rota_target_connections_total", "Client connections handed to the target.", lt),
-		targetActive: d("rota_target_connections_active",
-			"Client connections open to the target now.", lt),
-		targetBytes: d("rota_target_bytes_total", "Bytes proxied through the target, by direction.", []string{"listener", "route", "target", "direction"}),
-		updates:     d("rota_discovery_updates_total", "Instance snapshots received from discovery.", lr),
-		errors:      d("rota_discovery_errors_total", "Registry errors seen by discovery (the last good instances stay routed).", lr),
-		lastSync:    d("rota_discovery_last_sync_timestamp_seconds", "Unix time of the last discovery snapshot.", lr),
-		synced:      d("rota_discovery_synced", "1 once the listener (or route) had its first discovery sync.", lr),
-		panicMode:   d("rota_panic_mode", "1 while the pool routes over all discovered targets because none passes its checks.", lr),
-		targets:     d("rota_targets", "Discovered targets by health state.", []string{"listener", "route", "state"}),
-		malformed:   d("rota_discovery_malformed_total", "Registry entries skipped as malformed (each counted once; listed in /api/v1/targets until fixed or deleted).", lr),
-		stale:       d("rota_discovery_stale", "1 while the watch has stopped hearing from its registry (and is moving to another member).", lr),
-		weight:      d("rota_target_weight", "The target's weight, from the registry or the static list (1 when none is given).", lt),
-		effectiveWeight: d("rota_target_effective_weight",
-			"The weight the picker uses now: below rota_target_weight while the target ramps up (slow_start).", lt),
-		draining: d("rota_target_draining", "1 while the target is drained through the admin API (no new connections).", lt),
+		state:   state,
+		pool:    descs(poolFamilies, "listener", "route"),
+		target:  descs(targetFamilies, "listener", "route", "target"),
+		targets: prometheus.NewDesc("rota_targets", "Discovered targets by health state.", []string{"listener", "route", "state"}, nil),
 	}
 	for _, k := range proxy.Counters() {
 		var desc *prometheus.Desc
@@ -68,7 +114,7 @@ func newCollector(state State) *collector {
 			if k.Label != "" {
 				labels = append(labels, k.Label)
 			}
-			desc = d(k.Metric, k.Help, labels)
+			desc = prometheus.NewDesc(k.Metric, k.Help, labels, nil)
 		}
 		c.listener = append(c.listener, desc)
 	}
@@ -79,24 +125,28 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	prometheus.DescribeByCollect(c, ch)
 }
 
+// emit sends one family's samples, labelled labels and, where the family
+// has a label, each sample's key.
+func emit(ch chan<- prometheus.Metric, d *prometheus.Desc, gauge, keyed bool, samples []proxy.Sample, labels ...string) {
+	kind := prometheus.CounterValue
+	if gauge {
+		kind = prometheus.GaugeValue
+	}
+	for _, s := range samples {
+		ls := labels
+		if keyed {
+			ls = append(slices.Clip(labels), s.Key)
+		}
+		ch <- prometheus.MustNewConstMetric(d, kind, s.Value, ls...)
+	}
+}
+
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	for _, l := range c.state.Status() {
 		n := l.Name
 		for i, r := range l.Counters {
-			desc := c.listener[i]
-			if desc == nil || r.Routed && len(l.Routes) == 0 {
-				continue
-			}
-			kind := prometheus.CounterValue
-			if r.Gauge {
-				kind = prometheus.GaugeValue
-			}
-			for _, s := range r.Samples {
-				labels := []string{n}
-				if r.Label != "" {
-					labels = append(labels, s.Key)
-				}
-				ch <- prometheus.MustNewConstMetric(desc, kind, s.Value, labels...)
+			if d := c.listener[i]; d != nil && (!r.Routed || len(l.Routes) > 0) {
+				emit(ch, d, r.Gauge, r.Label != "", r.Samples, n)
 			}
 		}
 		if len(l.Routes) == 0 {
@@ -111,39 +161,19 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 
 // collectPool reports one pool's discovery and targets.
 func (c *collector) collectPool(ch chan<- prometheus.Metric, n, r string, p *server.PoolStatus) {
-	counter := func(d *prometheus.Desc, v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
+	for i, f := range poolFamilies {
+		emit(ch, c.pool[i], f.gauge, f.label != "", f.read(p), n, r)
 	}
-	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
-	}
-	counter(c.updates, float64(p.DiscoveryUpdates), n, r)
-	counter(c.errors, float64(p.DiscoveryErrors), n, r)
-	if !p.LastSync.IsZero() {
-		gauge(c.lastSync, float64(p.LastSync.UnixNano())/1e9, n, r)
-	}
-	gauge(c.synced, b2f(p.Synced), n, r)
-	counter(c.malformed, float64(p.DiscoveryMalformed), n, r)
-	gauge(c.stale, b2f(p.DiscoveryStale), n, r)
-	gauge(c.panicMode, b2f(p.Panic), n, r)
 	states := map[string]int{"checking": 0, "up": 0, "down": 0}
-	for _, t := range p.Targets {
-		a := t.Addr
-		states[t.State.String()]++
-		gauge(c.up, b2f(t.State.String() == "up"), n, r, a)
-		counter(c.checks, float64(t.ChecksOK), n, r, a, "success")
-		counter(c.checks, float64(t.ChecksFailed), n, r, a, "failure")
-		counter(c.targetConns, float64(t.Total), n, r, a)
-		gauge(c.targetActive, float64(t.Active), n, r, a)
-		counter(c.dialErrors, float64(t.DialErrors), n, r, a)
-		counter(c.targetBytes, float64(t.BytesIn), n, r, a, "in")
-		counter(c.targetBytes, float64(t.BytesOut), n, r, a, "out")
-		gauge(c.weight, float64(max(t.Weight, 1)), n, r, a)
-		gauge(c.effectiveWeight, t.EffectiveWeight, n, r, a)
-		gauge(c.draining, b2f(t.Draining), n, r, a)
+	for j := range p.Targets {
+		t := &p.Targets[j]
+		states[t.Health.State.String()]++
+		for i, f := range targetFamilies {
+			emit(ch, c.target[i], f.gauge, f.label != "", f.read(t), n, r, t.Addr)
+		}
 	}
 	for s, k := range states {
-		gauge(c.targets, float64(k), n, r, s)
+		ch <- prometheus.MustNewConstMetric(c.targets, prometheus.GaugeValue, float64(k), n, r, s)
 	}
 }
 

@@ -310,7 +310,7 @@ func TestLeastConnFollowsHeldConnections(t *testing.T) {
 	active := func() map[string]int64 {
 		out := map[string]int64{}
 		for _, tg := range status(t, srv, "web").Targets {
-			out[tg.Addr] = tg.Active
+			out[tg.Addr] = tg.Active.Load()
 		}
 		return out
 	}

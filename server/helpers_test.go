@@ -130,7 +130,7 @@ func liveCount(srv *server.Server, listener string) int {
 			}
 			for _, p := range pools {
 				for _, t := range p.Targets {
-					if t.State.String() == "up" {
+					if t.Health.State.String() == "up" {
 						n++
 					}
 				}

@@ -239,7 +239,7 @@ func TestSNIRoutesTLSPassthrough(t *testing.T) {
 	waitFor(t, "every route live", 5*time.Second, func() bool {
 		st := srv.Status()[0]
 		for _, r := range st.Routes {
-			if len(r.Targets) != 1 || r.Targets[0].State.String() != "up" {
+			if len(r.Targets) != 1 || r.Targets[0].Health.State.String() != "up" {
 				return false
 			}
 		}
@@ -311,8 +311,8 @@ func TestSNIRouteEdgeCases(t *testing.T) {
 		t.Fatalf("strict listener, api: %q %v", got, err)
 	}
 	st := status(t, srv, "strict")
-	if st.Count("no_route_conns", "") != 1 || st.Routes[0].Targets[0].Total != 1 {
-		t.Fatalf("no_route = %d, api total = %d; want 1 and 1", st.Count("no_route_conns", ""), st.Routes[0].Targets[0].Total)
+	if st.Count("no_route_conns", "") != 1 || st.Routes[0].Targets[0].Total.Load() != 1 {
+		t.Fatalf("no_route = %d, api total = %d; want 1 and 1", st.Count("no_route_conns", ""), st.Routes[0].Targets[0].Total.Load())
 	}
 
 	// Non-TLS bytes on a routed port go to "*", unchanged.
@@ -337,7 +337,7 @@ func TestSNIRouteEdgeCases(t *testing.T) {
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	start := time.Now()
 	c.Write(half)
-	waitFor(t, "the half hello routed after sni_timeout", 5*time.Second, func() bool { return status(t, srv, "fallback").Routes[1].Targets[0].Active == 1 })
+	waitFor(t, "the half hello routed after sni_timeout", 5*time.Second, func() bool { return status(t, srv, "fallback").Routes[1].Targets[0].Active.Load() == 1 })
 	if waited := time.Since(start); waited < 300*time.Millisecond {
 		t.Fatalf("routed after %v, before sni_timeout (300ms)", waited)
 	}
@@ -348,7 +348,7 @@ func TestSNIRouteEdgeCases(t *testing.T) {
 	c.Close()
 	// A client that closes halfway through its hello is closed: nothing
 	// is dialled for it.
-	before := status(t, srv, "fallback").Routes[1].Targets[0].Total
+	before := status(t, srv, "fallback").Routes[1].Targets[0].Total.Load()
 	if got, err := rawExchange(fbAddr, half); err != nil || got != "" {
 		t.Fatalf("hello cut by the client's FIN: %q %v, want a plain close", got, err)
 	}
@@ -364,7 +364,7 @@ func TestSNIRouteEdgeCases(t *testing.T) {
 			t.Errorf("the target did not receive exchange %d unchanged (%d bytes)", i, len(want[i]))
 		}
 	}
-	if after := status(t, srv, "fallback").Routes[1].Targets[0].Total; after != before {
+	if after := status(t, srv, "fallback").Routes[1].Targets[0].Total.Load(); after != before {
 		t.Fatalf("a client that left mid-hello was dialled: total %d -> %d", before, after)
 	}
 }

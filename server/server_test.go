@@ -191,7 +191,7 @@ func TestReloadUnderLoadLosesNothing(t *testing.T) {
 func targetSince(srv *server.Server, addr string) time.Time {
 	for _, tg := range srv.Status()[0].Targets {
 		if tg.Addr == addr {
-			return tg.Since
+			return tg.Health.Since
 		}
 	}
 	return time.Time{}

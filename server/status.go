@@ -60,20 +60,12 @@ type PoolStatus struct {
 	Targets []TargetStatus // sorted by address
 }
 
-// TargetStatus is one discovered target: its health and its connections.
+// TargetStatus is one discovered target: the pool's view of it (its
+// weights, drain mark, and the live counters of its *balancer.Target) and
+// its health.
 type TargetStatus struct {
-	health.Status
-	Weight int // from the registry (at least 1)
-	// EffectiveWeight is what the picker uses now: below Weight while the
-	// target ramps up (slow start).
-	EffectiveWeight float64
-	Draining        bool     // an operator drained it
-	History         []uint32 // new connections per second, the last minute, oldest first
-	Active          int64
-	Total           uint64
-	DialErrors      uint64
-	BytesIn         uint64
-	BytesOut        uint64
+	pool.TargetView
+	Health health.Status
 }
 
 // ErrNotFound: no such listener or target.
@@ -182,19 +174,7 @@ func (r *route) status(spec *routeSpec) PoolStatus {
 		if i < len(hs) && hs[i].Addr == tv.Addr {
 			h = hs[i]
 		}
-		t := tv.Target
-		st.Targets = append(st.Targets, TargetStatus{
-			Status:          h,
-			Weight:          tv.Weight,
-			EffectiveWeight: tv.EffectiveWeight,
-			Draining:        tv.Draining,
-			History:         tv.History.Samples(),
-			Active:          t.Active.Load(),
-			Total:           t.Total.Load(),
-			DialErrors:      t.DialErrors.Load(),
-			BytesIn:         t.BytesIn.Load(),
-			BytesOut:        t.BytesOut.Load(),
-		})
+		st.Targets = append(st.Targets, TargetStatus{TargetView: tv, Health: h})
 	}
 	return st
 }

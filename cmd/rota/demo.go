@@ -119,7 +119,7 @@ func printDemoBanner(w io.Writer, srv *server.Server, n int, etcdAddr, adminAt s
 		st := srv.Status()
 		up := 0
 		for _, t := range st[0].Targets {
-			if t.State.String() == "up" {
+			if t.Health.State.String() == "up" {
 				up++
 			}
 		}
