@@ -51,6 +51,10 @@ import (
 	"net/netip"
 	"os"
 	"time"
+
+	"github.com/rota-proxy/rota/balancer"
+	"github.com/rota-proxy/rota/health"
+	"github.com/rota-proxy/rota/proxy"
 )
 
 // Config is the whole of rota.yaml.
@@ -153,47 +157,18 @@ type Listener struct {
 	// Routes, instead of a pool on the listener, route each client by the
 	// server name (SNI) of its TLS ClientHello, passed through unchanged.
 	Routes []Route `yaml:"routes"`
-	// SNITimeout bounds the wait for the ClientHello. Default 5s, > 0.
-	SNITimeout time.Duration `yaml:"sni_timeout"`
 
-	DialTimeout  time.Duration `yaml:"dial_timeout"`  // default 2s, > 0
-	Retries      int           `yaml:"retries"`       // default 2, extra targets tried after a failed dial
-	MaxConns     int           `yaml:"max_conns"`     // default 0 = unlimited
-	IdleTimeout  time.Duration `yaml:"idle_timeout"`  // default 1h, 0 = no idle timeout
-	DrainTimeout time.Duration `yaml:"drain_timeout"` // default 30s, 0 = close at once
+	// DrainTimeout bounds the wait for open connections on shutdown (and
+	// when a reload removes the listener); 0 closes them at once.
+	DrainTimeout time.Duration `yaml:"drain_timeout"`
 
-	// ProxyProtocol is "", "v1" or "v2": send a PROXY header to backends.
-	ProxyProtocol string `yaml:"proxy_protocol"`
-	// AcceptProxyProtocol lists the trusted source CIDRs (or bare IPs) of a
-	// load balancer in front; non-empty means every incoming connection
-	// must start with a PROXY header.
-	AcceptProxyProtocol []string `yaml:"accept_proxy_protocol"`
-	// ProxyHeaderTimeout bounds the wait for that header. Default 5s, > 0.
-	ProxyHeaderTimeout time.Duration `yaml:"proxy_header_timeout"`
-	// ReplayOnReset: a target that resets before its first byte has the
-	// client's bytes replayed to the next target (at-least-once delivery,
-	// for idempotent protocols). Off (the default), such a reset after the
-	// first client byte reached the target goes to the client.
-	ReplayOnReset bool `yaml:"replay_on_reset"`
-
-	// RemovedConnGrace: how long the open connections of a target that
-	// left discovery, went down or was drained may go on; Never (the
-	// default) leaves them alone.
-	RemovedConnGrace Grace `yaml:"removed_conn_grace"`
-	// MaxConnAge closes client connections older than this (+-10 %
-	// jitter), so long-lived ones spread onto targets added since; 0 is
-	// off.
-	MaxConnAge time.Duration `yaml:"max_conn_age"`
-
-	// Allow and Deny list client CIDRs (or bare IPs): a client in Deny,
-	// or, when Allow is not empty, one not in Allow, is closed at once.
-	// With accept_proxy_protocol the client is the address the header
-	// names.
-	Allow []string `yaml:"allow"`
-	Deny  []string `yaml:"deny"`
-	// MaxConnsPerClient bounds the connections open at once from one
-	// client address; 0 is unlimited.
-	MaxConnsPerClient int `yaml:"max_conns_per_client"`
+	// Settings are the connection settings, declared once in
+	// proxy.Settings (their keys are its yaml tags: dial_timeout,
+	// retries, max_conns, idle_timeout, replay_on_reset, proxy_protocol,
+	// accept_proxy_protocol, proxy_header_timeout, removed_conn_grace,
+	// max_conn_age, allow, deny, max_conns_per_client, sni_timeout),
+	// parsed into typed values as the file is read.
+	proxy.Settings `yaml:",inline"`
 }
 
 // Pool is where a listener's (or a route's) targets come from and how they
@@ -205,13 +180,15 @@ type Pool struct {
 	Tags   []string       `yaml:"tags"`   // consul only: every tag must match
 	Static []StaticTarget `yaml:"static"` // static only: host:port, or {addr: host:port, weight: 3}
 
-	Health Health `yaml:"health"`
+	// Health is how each target is probed (health.Config documents the
+	// keys, its yaml tags).
+	Health health.Config `yaml:"health"`
 
 	// Panic routes over all discovered targets when none is healthy.
 	Panic bool `yaml:"panic"`
 	// Balance is the picking policy: round_robin (weighted, smooth; the
 	// default), least_conn or random_two.
-	Balance string `yaml:"balance"`
+	Balance balancer.Policy `yaml:"balance"`
 	// SlowStart ramps a target that turns live while others serve from a
 	// small share to its full weight over this long; 0 is off.
 	SlowStart time.Duration `yaml:"slow_start"`
@@ -233,17 +210,13 @@ type Route struct {
 // Routed reports whether the listener routes by server name.
 func (l *Listener) Routed() bool { return len(l.Routes) > 0 }
 
-// Grace is a duration, or Never ("never" in the file).
-type Grace time.Duration
 
-// Never is the Grace that never runs out.
-const Never Grace = -1
 
-// Balance policies (the balance key).
+// Balance policies (the balance key): balancer's.
 const (
-	BalanceRoundRobin = "round_robin"
-	BalanceLeastConn  = "least_conn"
-	BalanceRandomTwo  = "random_two"
+	BalanceRoundRobin = balancer.RoundRobin
+	BalanceLeastConn  = balancer.LeastConn
+	BalanceRandomTwo  = balancer.RandomTwo
 )
 
 // StaticTarget is one entry of a static list: "host:port" in the file, or
@@ -265,16 +238,6 @@ func Statics(addrs ...string) []StaticTarget {
 	return out
 }
 
-// Health is how a listener probes its targets.
-type Health struct {
-	Check      string        `yaml:"check"`       // tcp | http | none, default tcp
-	Path       string        `yaml:"path"`        // http only, default /healthz
-	Interval   time.Duration `yaml:"interval"`    // default 2s
-	Timeout    time.Duration `yaml:"timeout"`     // default 1s (may exceed interval)
-	Rise       int           `yaml:"rise"`        // default 2
-	Fall       int           `yaml:"fall"`        // default 3
-	BackoffMax time.Duration `yaml:"backoff_max"` // default 30s, >= interval
-}
 
 // Defaults that are not zero values. They are constants so that documentation
 // and tests can name them.
@@ -309,14 +272,16 @@ func Default() *Config {
 // Listen, Service and Discovery are left empty for the caller.
 func DefaultListener() Listener {
 	return Listener{
-		Pool:               DefaultPool(),
-		DialTimeout:        DefaultDialTimeout,
-		Retries:            DefaultRetries,
-		IdleTimeout:        DefaultIdleTimeout,
-		DrainTimeout:       DefaultDrainTimeout,
-		ProxyHeaderTimeout: DefaultProxyHeaderTimeout,
-		SNITimeout:         DefaultSNITimeout,
-		RemovedConnGrace:   Never,
+		Pool:         DefaultPool(),
+		DrainTimeout: DefaultDrainTimeout,
+		Settings: proxy.Settings{
+			DialTimeout:        DefaultDialTimeout,
+			Retries:            DefaultRetries,
+			IdleTimeout:        DefaultIdleTimeout,
+			ProxyHeaderTimeout: DefaultProxyHeaderTimeout,
+			SNITimeout:         DefaultSNITimeout,
+			RemovedConnGrace:   proxy.Never,
+		},
 	}
 }
 
@@ -324,7 +289,7 @@ func DefaultListener() Listener {
 // empty for the caller.
 func DefaultPool() Pool {
 	return Pool{
-		Health: Health{
+		Health: health.Config{
 			Check:      DefaultCheck,
 			Path:       DefaultHealthPath,
 			Interval:   DefaultInterval,
@@ -373,38 +338,6 @@ func (e *Etcd) usesEmbedded() bool {
 	}
 	ep, ok := embeddedEndpoint(e.Embedded.ClientURL)
 	return ok && len(e.Endpoints) == 1 && e.Endpoints[0] == ep
-}
-
-// TrustedProxies parses AcceptProxyProtocol. A bare IP is a single-host
-// prefix; prefixes are masked ("10.1.2.3/8" is 10.0.0.0/8). Callers matching
-// a remote address should Unmap it first, since IPv4 clients of a dual-stack
-// socket arrive as ::ffff:a.b.c.d.
-func (l *Listener) TrustedProxies() ([]netip.Prefix, error) {
-	return parsePrefixes("accept_proxy_protocol", l.AcceptProxyProtocol)
-}
-
-// ClientRules parses Allow and Deny (see TrustedProxies for the forms).
-func (l *Listener) ClientRules() (allow, deny []netip.Prefix, err error) {
-	if allow, err = parsePrefixes("allow", l.Allow); err != nil {
-		return nil, nil, err
-	}
-	if deny, err = parsePrefixes("deny", l.Deny); err != nil {
-		return nil, nil, err
-	}
-	return allow, deny, nil
-}
-
-// parsePrefixes parses the list of key (see parsePrefix).
-func parsePrefixes(key string, in []string) ([]netip.Prefix, error) {
-	out := make([]netip.Prefix, 0, len(in))
-	for i, s := range in {
-		p, err := parsePrefix(s)
-		if err != nil {
-			return nil, fmt.Errorf("%s[%d]: %w", key, i, err)
-		}
-		out = append(out, p)
-	}
-	return out, nil
 }
 
 // Load reads the file at path and parses it with Parse.

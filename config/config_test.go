@@ -1,6 +1,7 @@
 package config
 
 import (
+	"encoding"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -13,6 +14,9 @@ import (
 	"time"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/rota-proxy/rota/health"
+	"github.com/rota-proxy/rota/proxy"
 )
 
 // parseErr parses src as "rota.yaml" and returns the error lines.
@@ -57,7 +61,7 @@ func TestParseErrors(t *testing.T) {
 		{"unknown top-level key", "lsteners: []\n" + static,
 			[]string{`rota.yaml:1:1: lsteners: unknown key (did you mean "listeners"?)`}},
 		{"unknown key without suggestion", static + "    weight: 3\n",
-			[]string{"rota.yaml:6:5: listeners[0].weight: unknown key; valid keys: name, listen, service, discovery, tags, static, health, panic, balance, slow_start, routes, sni_timeout, dial_timeout, retries, max_conns, idle_timeout, drain_timeout, proxy_protocol, accept_proxy_protocol, proxy_header_timeout, replay_on_reset, removed_conn_grace, max_conn_age, allow, deny, max_conns_per_client"}},
+			[]string{"rota.yaml:6:5: listeners[0].weight: unknown key; valid keys: name, listen, service, discovery, tags, static, health, panic, balance, slow_start, routes, drain_timeout, dial_timeout, retries, max_conns, idle_timeout, replay_on_reset, proxy_protocol, accept_proxy_protocol, proxy_header_timeout, removed_conn_grace, max_conn_age, allow, deny, max_conns_per_client, sni_timeout"}},
 		{"dashes for underscores", static + "    max-conns: 3\n",
 			[]string{`rota.yaml:6:5: listeners[0].max-conns: unknown key (did you mean "max_conns"?)`}},
 		{"unknown nested key", static + "    health:\n      intervl: 1s\n",
@@ -107,7 +111,7 @@ func TestParseErrors(t *testing.T) {
 		{"max_conns negative", static + "    max_conns: -1\n",
 			[]string{"rota.yaml:6:16: listeners[0].max_conns: must not be negative (0 means unlimited)"}},
 		{"proxy_protocol", static + "    proxy_protocol: v3\n",
-			[]string{`rota.yaml:6:21: listeners[0].proxy_protocol: must be v1, v2 or empty; got "v3"`}},
+			[]string{`rota.yaml:6:21: listeners[0].proxy_protocol: expected v1, v2 or empty, got the string "v3"`}},
 		{"accept_proxy_protocol", static + "    accept_proxy_protocol: [10.0.0.0/8, 10.0.0.0/40, lb.local]\n",
 			[]string{
 				`rota.yaml:6:41: listeners[0].accept_proxy_protocol[1]: "10.0.0.0/40" is not a CIDR (like 10.0.0.0/8) or an IP address`,
@@ -335,11 +339,9 @@ func encode(v reflect.Value) any {
 	if v.Type() == reflect.TypeFor[time.Duration]() {
 		return time.Duration(v.Int()).String()
 	}
-	if v.Type() == reflect.TypeFor[Grace]() {
-		if Grace(v.Int()) == Never {
-			return "never"
-		}
-		return time.Duration(v.Int()).String()
+	if m, ok := v.Interface().(encoding.TextMarshaler); ok {
+		b, _ := m.MarshalText() // a grace, a PROXY version, a prefix
+		return string(b)
 	}
 	switch v.Kind() {
 	case reflect.Pointer:
@@ -404,7 +406,7 @@ func TestDefaults(t *testing.T) {
 		l.ProxyProtocol, len(l.AcceptProxyProtocol), l.ProxyHeaderTimeout, l.Panic}
 	wantVals := []any{"tcp", "/healthz", 2 * time.Second, time.Second, 2, 3, 30 * time.Second,
 		2 * time.Second, 2, 0, time.Hour, 30 * time.Second,
-		"", 0, 5 * time.Second, false}
+		proxy.ProxyVersion(0), 0, 5 * time.Second, false}
 	if !reflect.DeepEqual(got, wantVals) {
 		t.Errorf("DefaultListener values\n got %v\nwant %v", got, wantVals)
 	}
@@ -649,10 +651,13 @@ func TestLoadMissingFile(t *testing.T) {
 	}
 }
 
-func TestTrustedProxies(t *testing.T) {
-	l := Listener{AcceptProxyProtocol: []string{"10.1.2.3/8", "192.168.0.7", "fd00::1", "2001:db8::/32",
-		"::ffff:10.9.0.5", "::ffff:172.16.0.0/108", "::ffff:0:0/96", "::/80"}}
-	got, err := l.TrustedProxies()
+// Prefixes (accept_proxy_protocol, allow, deny) are parsed as the file is
+// read: a bare IP is a single host, a prefix is masked, IPv4-mapped entries
+// name the IPv4 clients they are matched as.
+func TestPrefixesParsedAtLoad(t *testing.T) {
+	cfg, err := Parse([]byte(static+`    accept_proxy_protocol: [10.1.2.3/8, 192.168.0.7, "fd00::1", "2001:db8::/32",
+      "::ffff:10.9.0.5", "::ffff:172.16.0.0/108", "::ffff:0:0/96", "::/80"]
+`), "rota.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -667,11 +672,10 @@ func TestTrustedProxies(t *testing.T) {
 		netip.MustParsePrefix("0.0.0.0/0"),
 		netip.MustParsePrefix("::/80"),
 	}
-	if !reflect.DeepEqual(got, want) {
+	if got := cfg.Listeners[0].AcceptProxyProtocol; !reflect.DeepEqual(got, want) {
 		t.Errorf("got %v, want %v", got, want)
 	}
-	l.AcceptProxyProtocol = []string{"fe80::1%eth0"}
-	if _, err := l.TrustedProxies(); err == nil {
+	if _, err := Parse([]byte(static+"    deny: [\"fe80::1%eth0\"]\n"), "rota.yaml"); err == nil {
 		t.Errorf("zoned address accepted")
 	}
 }
@@ -741,7 +745,7 @@ func TestExampleFile(t *testing.T) {
 	for _, typ := range []reflect.Type{
 		reflect.TypeFor[Config](), reflect.TypeFor[Admin](), reflect.TypeFor[Registries](),
 		reflect.TypeFor[Consul](), reflect.TypeFor[Etcd](), reflect.TypeFor[TLS](), reflect.TypeFor[Embedded](),
-		reflect.TypeFor[Listener](), reflect.TypeFor[Health](), reflect.TypeFor[Route](),
+		reflect.TypeFor[Listener](), reflect.TypeFor[health.Config](), reflect.TypeFor[Route](), reflect.TypeFor[ServerTLS](),
 	} {
 		for _, k := range fieldKeys(typ) {
 			if !strings.Contains(string(text), k+":") {

@@ -2,10 +2,12 @@ package config
 
 import (
 	"bytes"
+	"encoding"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"reflect"
 	"strconv"
@@ -14,6 +16,8 @@ import (
 	"unicode/utf8"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/rota-proxy/rota/health"
 )
 
 // The decoder walks a yaml.Node tree itself instead of calling
@@ -205,17 +209,30 @@ func (d *decoder) value(orig *yaml.Node, at position, path string, v reflect.Val
 	}
 
 	switch {
-	case v.Type() == reflect.TypeFor[Grace]():
-		if n.Kind == yaml.ScalarNode && n.Value == "never" {
-			v.SetInt(int64(Never))
+	case v.Type() == reflect.TypeFor[netip.Prefix]():
+		if n.Kind != yaml.ScalarNode {
+			d.fail(path, at, "expected a CIDR or an IP address, got %s", describe(n))
 			return
 		}
-		dur, err := time.ParseDuration(n.Value)
+		p, err := parsePrefix(n.Value)
+		if err != nil {
+			d.fail(path, at, "%v", err)
+			return
+		}
+		v.Set(reflect.ValueOf(p))
+	case v.Addr().Type().Implements(reflect.TypeFor[encoding.TextUnmarshaler]()):
+		// A typed value its package parses (proxy_protocol, a grace).
+		var err error
+		if n.Kind == yaml.ScalarNode {
+			err = v.Addr().Interface().(encoding.TextUnmarshaler).UnmarshalText([]byte(n.Value))
+		}
 		if n.Kind != yaml.ScalarNode || err != nil {
-			d.fail(path, at, `expected "never" or a duration like 30s, got %s`, describe(n))
-			return
+			what := "a scalar"
+			if err != nil {
+				what = err.Error()
+			}
+			d.fail(path, at, "%s, got %s", what, describe(n))
 		}
-		v.SetInt(int64(dur))
 	case v.Type() == reflect.TypeFor[time.Duration]():
 		if n.Kind != yaml.ScalarNode {
 			d.fail(path, at, "expected a duration like 2s or 500ms, got %s", describe(n))
@@ -617,7 +634,7 @@ func defaultName(taken map[string]bool, service, kind string, i int) string {
 // backoffFollowsInterval raises a health section's backoff_max to its
 // interval when the interval is above it and backoff_max is not written
 // (see the package doc).
-func (d *decoder) backoffFollowsInterval(path string, h *Health) {
+func (d *decoder) backoffFollowsInterval(path string, h *health.Config) {
 	if _, set := d.pos[path+".backoff_max"]; !set && h.Interval > h.BackoffMax {
 		h.BackoffMax = h.Interval
 	}

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"reflect"
 	"time"
+
+	"github.com/rota-proxy/rota/proxy"
 )
 
 // Bounds on values that validate as numbers but would break every
@@ -43,7 +45,7 @@ func (ck *checker) durations(path string, v reflect.Value) {
 			ck.durations(fmt.Sprintf("%s[%d]", path, i), v.Index(i))
 		}
 	case reflect.Int64:
-		if t := v.Type(); (t == reflect.TypeFor[time.Duration]() || t == reflect.TypeFor[Grace]()) && time.Duration(v.Int()) > MaxDuration {
+		if t := v.Type(); (t == reflect.TypeFor[time.Duration]() || t == reflect.TypeFor[proxy.Grace]()) && time.Duration(v.Int()) > MaxDuration {
 			ck.add(path, "must be at most %v (ten years); got %v", MaxDuration, time.Duration(v.Int()))
 		}
 	}

@@ -8,6 +8,9 @@ import (
 	"reflect"
 	"strconv"
 	"strings"
+
+	"github.com/rota-proxy/rota/health"
+	"github.com/rota-proxy/rota/proxy"
 )
 
 // checker collects problems by field path; Parse adds positions afterwards,
@@ -173,37 +176,20 @@ func (ck *checker) listener(c *Config, i int, names map[string]int) {
 	if l.DrainTimeout < 0 {
 		ck.add(p+".drain_timeout", "must not be negative (0 closes connections at once)")
 	}
-	switch l.ProxyProtocol {
-	case "", "v1", "v2":
-	default:
-		ck.add(p+".proxy_protocol", `must be v1, v2 or empty; got %q`, l.ProxyProtocol)
-	}
-	ck.prefixes(p, "accept_proxy_protocol", l.AcceptProxyProtocol)
 	if l.ProxyHeaderTimeout <= 0 {
 		ck.add(p+".proxy_header_timeout", "must be greater than 0")
 	}
 	if l.SNITimeout <= 0 && l.Routed() {
 		ck.add(p+".sni_timeout", "must be greater than 0")
 	}
-	ck.prefixes(p, "allow", l.Allow)
-	ck.prefixes(p, "deny", l.Deny)
 	if l.MaxConnsPerClient < 0 {
 		ck.add(p+".max_conns_per_client", "must not be negative (0 means unlimited)")
 	}
-	if l.RemovedConnGrace < 0 && l.RemovedConnGrace != Never {
+	if l.RemovedConnGrace < 0 && l.RemovedConnGrace != proxy.Never {
 		ck.add(p+".removed_conn_grace", `must be "never" or a duration that is not negative (0 closes at once)`)
 	}
 	if l.MaxConnAge < 0 {
 		ck.add(p+".max_conn_age", "must not be negative (0 turns it off)")
-	}
-}
-
-// prefixes checks each CIDR (or IP) of the list key of listener p.
-func (ck *checker) prefixes(p, key string, in []string) {
-	for k, s := range in {
-		if _, err := parsePrefix(s); err != nil {
-			ck.add(fmt.Sprintf("%s.%s[%d]", p, key, k), "%v", err)
-		}
 	}
 }
 
@@ -342,7 +328,7 @@ func checkSNIPattern(s string) error {
 	return nil
 }
 
-func (ck *checker) health(p string, h *Health) {
+func (ck *checker) health(p string, h *health.Config) {
 	switch h.Check {
 	case "tcp", "none":
 	case "http":
@@ -554,6 +540,10 @@ func wildcard(host string) bool {
 	ip, err := netip.ParseAddr(host)
 	return err == nil && ip.IsUnspecified()
 }
+
+// ParsePrefix is how an allow, deny or accept_proxy_protocol entry is
+// read: see parsePrefix.
+func ParsePrefix(s string) (netip.Prefix, error) { return parsePrefix(s) }
 
 // parsePrefix parses a CIDR, or a bare IP as a single-host prefix; the
 // result is masked so that "10.1.2.3/8" means 10.0.0.0/8. IPv4-mapped IPv6

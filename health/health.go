@@ -41,46 +41,33 @@ const (
 	CheckNone = "none" // no active probe: only failed dials take a target down
 )
 
-// Config tunes a Checker. Zero fields take the defaults of DefaultConfig.
+// Config tunes a Checker: a listener's (or route's) health key in rota's
+// configuration, whose keys are the yaml tags. Values are taken as given,
+// the defaults are the configuration's: Interval and Timeout must be
+// positive unless Check is none; Rise and Fall count at least one probe,
+// and BackoffMax is at least Interval.
 type Config struct {
-	Check      string
-	Path       string
-	Interval   time.Duration
-	Timeout    time.Duration
-	Rise       int
-	Fall       int
-	BackoffMax time.Duration
+	Check      string        `yaml:"check"`       // tcp | http | none
+	Path       string        `yaml:"path"`        // http only
+	Interval   time.Duration `yaml:"interval"`    // between probes of a target that is up
+	Timeout    time.Duration `yaml:"timeout"`     // one probe's; may exceed the interval
+	Rise       int           `yaml:"rise"`        // successes that bring a target up
+	Fall       int           `yaml:"fall"`        // failures that take it down
+	BackoffMax time.Duration `yaml:"backoff_max"` // the longest wait between probes of a target that is down
 }
 
-// DefaultConfig is the contract's default health configuration.
-func DefaultConfig() Config {
-	return Config{Check: CheckTCP, Path: "/healthz", Interval: 2 * time.Second,
-		Timeout: time.Second, Rise: 2, Fall: 3, BackoffMax: 30 * time.Second}
-}
-
-func (c Config) withDefaults() Config {
-	d := DefaultConfig()
+// bounded is c with its bounds applied (no defaults: those are the
+// configuration's): no check is "none"; intervals and timeouts under a
+// millisecond, which would spin, are a millisecond; Rise and Fall count at
+// least one probe; BackoffMax is at least Interval.
+func (c Config) bounded() Config {
 	if c.Check == "" {
-		c.Check = d.Check
+		c.Check = CheckNone
 	}
-	if c.Path == "" {
-		c.Path = d.Path
-	}
-	if c.Interval <= 0 {
-		c.Interval = d.Interval
-	}
-	if c.Timeout <= 0 {
-		c.Timeout = d.Timeout
-	}
-	if c.Rise < 1 {
-		c.Rise = d.Rise
-	}
-	if c.Fall < 1 {
-		c.Fall = d.Fall
-	}
-	if c.BackoffMax < c.Interval {
-		c.BackoffMax = max(d.BackoffMax, c.Interval)
-	}
+	c.Interval = max(c.Interval, time.Millisecond)
+	c.Timeout = max(c.Timeout, time.Millisecond)
+	c.Rise, c.Fall = max(c.Rise, 1), max(c.Fall, 1)
+	c.BackoffMax = max(c.BackoffMax, c.Interval)
 	return c
 }
 
@@ -214,7 +201,7 @@ func New(cfg Config, logger *zap.Logger, onChange func(addr string, up bool)) *C
 		ctx:     ctx,
 		cancel:  cancel,
 		wake:    make(chan struct{}, 1),
-		cfg:     cfg.withDefaults(),
+		cfg:     cfg.bounded(),
 		targets: make(map[string]*target),
 		rand:    rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
 	}
@@ -300,7 +287,7 @@ func (c *Checker) ReportFailure(addr string, err error) {
 func (c *Checker) SetConfig(cfg Config) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.cfg = cfg.withDefaults()
+	c.cfg = cfg.bounded()
 	soon := time.Now().Add(c.cfg.Interval)
 	for _, t := range c.targets {
 		c.tune(t.bo)

@@ -107,7 +107,7 @@ func (l *loop) start(c *conn) {
 
 func (l *loop) startLinked(c *conn) {
 	now := l.p.Clock()
-	c.m.Init(&c.set.relay, &c.p.Stats.Stats, c.p.Picker, c.p.ReportFailure, c.m.Src, c.m.Dst, now)
+	c.m.Init(&c.set.relay, &c.p.Stats.Stats, c.p.ReportFailure, c.m.Src, c.m.Dst, now)
 	if c.p.aborting.Load() {
 		sock.Close(c.cfd)
 		c.finish(false, errors.New("shutting down"))
@@ -323,7 +323,10 @@ func (c *conn) resolve(addr string) {
 		c.run(c.m.DialFailed(errors.Join(err, perr), c.l.p.Now()))
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), c.m.DialTimeout())
+	ctx, cancel := context.WithCancel(context.Background())
+	if d := c.m.DialTimeout(); d > 0 { // 0: no bound
+		ctx, cancel = context.WithTimeout(context.Background(), d)
+	}
 	c.cancel = cancel
 	attempt, l := c.attempt, c.l
 	go func() {

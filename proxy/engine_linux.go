@@ -386,7 +386,7 @@ func (l *loop) accepted(li *listening, fd int, peer netip.AddrPort) {
 	li.conns.Add(1)
 	sock.SetNoDelay(fd) // like net.Listen
 	local := li.local
-	if set.SendProxy != 0 && (!local.Addr().IsValid() || local.Addr().IsUnspecified()) {
+	if set.relay.ProxyProtocol != 0 && (!local.Addr().IsValid() || local.Addr().IsUnspecified()) {
 		local = sockname(fd)
 	}
 	to := l.e.pick()

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/rota-proxy/rota/balancer"
-	"github.com/rota-proxy/rota/proxy/internal/relay"
 
 	"go.uber.org/zap"
 )

@@ -7,12 +7,12 @@ import "net/netip"
 func RelayWithGoroutines(p *Proxy) { p.goroutinesOnly = true }
 
 // PanicOn makes relaying panic when a client sends a chunk for which f is
-// true.
-func PanicOn(s *Settings, f func([]byte) bool) { s.panicOn = f }
+// true (from p's next Configure).
+func PanicOn(p *Proxy, f func([]byte) bool) { p.panicOn = f }
 
 // PanicOnAccess makes starting a connection panic (where its access is
 // checked) for a client address for which f is true.
-func PanicOnAccess(s *Settings, f func(netip.Addr) bool) { s.panicOnAccess = f }
+func PanicOnAccess(p *Proxy, f func(netip.Addr) bool) { p.panicOnAccess = f }
 
 // LimitPipes sets how many splice pipes e may have open at once (Linux).
 func LimitPipes(e *Engine, n int) { e.limitPipes(n) }

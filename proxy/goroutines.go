@@ -71,7 +71,7 @@ type retireReq struct {
 func (p *Proxy) relayWithGoroutines(c net.Conn, set *settings, conns *sync.WaitGroup) {
 	g := &gconn{p: p, conns: conns, client: c}
 	g.ctx, g.cancel = context.WithCancel(context.Background())
-	g.m.Init(&set.relay, &p.Stats.Stats, p.Picker, p.ReportFailure, addrPort(c.RemoteAddr()), addrPort(c.LocalAddr()), p.clock())
+	g.m.Init(&set.relay, &p.Stats.Stats, p.ReportFailure, addrPort(c.RemoteAddr()), addrPort(c.LocalAddr()), p.clock())
 	p.mu.Lock()
 	p.gconns[g] = struct{}{}
 	p.mu.Unlock()
@@ -353,7 +353,10 @@ func (g *gconn) connect(a relay.Action) relay.Action {
 			addr, timeout = g.m.Target().Addr, g.m.DialTimeout()
 			return relay.Continue
 		})
-		ctx, cancel := context.WithTimeout(g.ctx, timeout)
+		ctx, cancel := context.WithCancel(g.ctx)
+		if timeout > 0 { // 0: no bound
+			ctx, cancel = context.WithTimeout(g.ctx, timeout)
+		}
 		d := net.Dialer{KeepAlive: -1}
 		c, err := d.DialContext(ctx, "tcp", addr)
 		cancel()

@@ -64,7 +64,8 @@ func TestClosingListenerEndsServeKeepsConnections(t *testing.T) {
 	be := startBackend(t, echoHandler)
 	rr := &balancer.RoundRobinBalancer{}
 	rr.Update([]*balancer.Target{balancer.NewTarget(be.addr())})
-	p := &proxy.Proxy{Picker: rr}
+	p := &proxy.Proxy{}
+	p.Configure(proxy.Settings{}, proxy.Single(rr))
 	defer p.Close()
 	ln, err := proxy.Listen("127.0.0.1:0")
 	if err != nil {
@@ -115,11 +116,11 @@ func TestTimersKeepTimeUnderBulkLoad(t *testing.T) {
 	helper := startBulkHelper(t)
 	engine := proxy.NewEngine(1, nil)
 	defer engine.Close()
-	p := &proxy.Proxy{Picker: newOrderedPicker(helper.backend), Engine: engine}
-	p.Configure(proxy.Settings{IdleTimeout: idle})
+	p := &proxy.Proxy{Engine: engine}
+	p.Configure(proxy.Settings{IdleTimeout: idle}, proxy.Single(newOrderedPicker(helper.backend)))
 	stuck := testenv.StuckListener(t)
-	pd := &proxy.Proxy{Picker: newOrderedPicker(stuck), Engine: engine}
-	pd.Configure(proxy.Settings{DialTimeout: 200 * time.Millisecond, Retries: 0})
+	pd := &proxy.Proxy{Engine: engine}
+	pd.Configure(proxy.Settings{DialTimeout: 200 * time.Millisecond, Retries: 0}, proxy.Single(newOrderedPicker(stuck)))
 	var serving sync.WaitGroup
 	serve := func(px *proxy.Proxy) string {
 		ln, err := proxy.Listen("127.0.0.1:0")

@@ -29,65 +29,28 @@ import (
 )
 
 // Picker yields the targets to try for one connection, best first.
-type Picker interface {
-	Pick() balancer.Cursor
-}
+type Picker = relay.Picker
 
-// Settings tune a Proxy. They may be replaced while the proxy runs; each
-// connection uses the settings in force when it was accepted.
-type Settings struct {
-	DialTimeout time.Duration // per dial attempt; 0 means 2s
-	Retries     int           // further targets to try after a failed attempt
-	MaxConns    int           // concurrent client connections; 0 is unlimited
-	IdleTimeout time.Duration // close when neither side sent anything this long; 0 is never
-	// ReplayOnReset keeps a client's bytes until its target's first byte,
-	// and replays them to the next target when the target resets before
-	// that (at-least-once delivery: for idempotent protocols only). Off, a
-	// reset after the first client byte reached the target is passed to
-	// the client; failed connects are retried either way.
-	ReplayOnReset bool
-	// SendProxy, 1 or 2, sends a PROXY protocol header of that version to
-	// every target before any client byte, naming the client.
-	SendProxy byte
-	// AcceptProxyFrom, if not nil, makes every client connection start
-	// with a PROXY protocol header (v1 or v2) from one of these sources
-	// (load balancers in front); others are closed and counted in
-	// Stats.HeaderErrors, as are missing or malformed headers.
-	AcceptProxyFrom []netip.Prefix
-	// ProxyHeaderTimeout bounds the wait for that header; 0 means 5s.
-	ProxyHeaderTimeout time.Duration
-	// RetireGrace is how long the open connections of a target that
-	// stopped taking new ones (Retire) may go on before they are wound
-	// down; negative: never.
-	RetireGrace time.Duration
-	// MaxConnAge winds down client connections older than this, +-10 %;
-	// 0 never.
-	MaxConnAge time.Duration
-	// Deny and Allow say which clients may connect, by address (the one
-	// an accepted PROXY header names): Deny first, then, if Allow is not
-	// empty, only what it lists. Refused clients are closed before
-	// anything is read from them and counted (Denied).
-	Deny, Allow []netip.Prefix
-	// MaxConnsPerClient bounds the connections open at once from one
-	// client address; 0 is unlimited.
-	MaxConnsPerClient int
-	// Router, if set, chooses the targets by the TLS server name in the
-	// client's ClientHello instead of Picker (see NewRouter).
-	Router *Router
-	// SNITimeout bounds the wait for that ClientHello; 0 means 5s.
-	SNITimeout time.Duration
+// Settings tune a Proxy (relay.Settings documents each). They may be
+// replaced while the proxy runs; each connection uses the settings in
+// force when it was accepted.
+type Settings = relay.Settings
 
-	panicOn       func([]byte) bool     // tests: panic on such a client chunk
-	panicOnAccess func(netip.Addr) bool // tests: panic starting such a client
-}
+// ProxyVersion is a PROXY protocol version (Settings.ProxyProtocol).
+type ProxyVersion = relay.ProxyVersion
+
+// Grace is a duration or Never (Settings.RemovedConnGrace).
+type Grace = relay.Grace
+
+// Never is the Grace that never runs out.
+const Never = relay.Never
 
 // ErrClosed is returned by Serve after Shutdown or Close.
 var ErrClosed = errors.New("proxy: closed")
 
-// Proxy joins client connections to targets. Set Picker before use; the other
-// fields are optional. A Proxy must not be copied after first use.
+// Proxy joins client connections to targets. Configure it before Serve;
+// the fields are optional. A Proxy must not be copied after first use.
 type Proxy struct {
-	Picker Picker
 	// ReportFailure, if set, is told about every target that could not be
 	// reached, so health checking can take it out of rotation at once. It
 	// is called from the relay loops: it must not block.
@@ -115,6 +78,9 @@ type Proxy struct {
 	clientsOnce sync.Once
 	clients     *relay.ClientLimit // open connections by client address
 
+	panicOn       func([]byte) bool     // tests: panic on such a client chunk
+	panicOnAccess func(netip.Addr) bool // tests: panic starting such a client
+
 	mu        sync.Mutex // guards the fields below; never held across a wait
 	listeners map[net.Listener]struct{}
 	gconns    map[*gconn]struct{} // connections relayed by goroutines
@@ -122,7 +88,6 @@ type Proxy struct {
 
 // settings are a Settings with what the relays derive from it once.
 type settings struct {
-	Settings
 	relay relay.Config
 }
 
@@ -142,18 +107,17 @@ func (p *Proxy) init() {
 	})
 }
 
-// Configure replaces the settings; connections accepted from now on use them.
-func (p *Proxy) Configure(s Settings) {
-	set := &settings{Settings: s, relay: relay.Config{
-		DialTimeout:    s.DialTimeout,
-		IdleTimeout:    s.IdleTimeout,
-		Retries:        s.Retries,
-		ReplayOnReset:  s.ReplayOnReset,
-		SendProxy:      s.SendProxy,
-		PreludeTimeout: s.ProxyHeaderTimeout,
-		MaxConnAge:     s.MaxConnAge,
-		SNITimeout:     s.SNITimeout,
-	}}
+// Configure replaces the settings and the way targets are picked (a
+// Router: by server name, or Single); connections accepted from now on use
+// them.
+func (p *Proxy) Configure(s Settings, r *Router) {
+	set := &settings{relay: relay.Config{Settings: s}}
+	if r != nil {
+		set.relay.Picker = r.single
+		if r.single == nil {
+			set.relay.Route = r.route
+		}
+	}
 	if len(s.Deny) > 0 || len(s.Allow) > 0 {
 		deny, allow := s.Deny, s.Allow
 		set.relay.Access = func(a netip.Addr) relay.Denial {
@@ -167,23 +131,19 @@ func (p *Proxy) Configure(s Settings) {
 		}
 	}
 	if s.MaxConnsPerClient > 0 {
-		set.relay.Clients, set.relay.PerClient = p.clientLimit(), s.MaxConnsPerClient
+		set.relay.Clients = p.clientLimit()
 	}
-	if r := s.Router; r != nil {
-		set.relay.Route = r.route
-	}
-	if s.AcceptProxyFrom != nil {
-		trusted := s.AcceptProxyFrom
+	if trusted := s.AcceptProxyProtocol; len(trusted) > 0 {
 		set.relay.AcceptProxy = func(a netip.Addr) bool { return contains(trusted, a.Unmap()) }
 	}
-	if f := s.panicOn; f != nil {
+	if f := p.panicOn; f != nil {
 		set.relay.Inspect = func(b []byte) {
 			if f(b) {
 				panic("proxy: injected panic")
 			}
 		}
 	}
-	if f := s.panicOnAccess; f != nil {
+	if f := p.panicOnAccess; f != nil {
 		access := set.relay.Access
 		set.relay.Access = func(a netip.Addr) relay.Denial {
 			if f(a) {
@@ -211,7 +171,7 @@ func (p *Proxy) currentSettings() *settings {
 	if s := p.settings.Load(); s != nil {
 		return s
 	}
-	p.Configure(Settings{})
+	p.Configure(Settings{}, nil) // no picker: every client is refused
 	return p.settings.Load()
 }
 
@@ -301,7 +261,7 @@ func (p *Proxy) admit(set *settings) bool {
 	n := p.Stats.Active.Add(1)
 	switch {
 	case p.closing.Load():
-	case set.MaxConns > 0 && n > int64(set.MaxConns):
+	case set.relay.MaxConns > 0 && n > int64(set.relay.MaxConns):
 		p.Stats.Rejected.Add(1)
 	default:
 		return true
@@ -389,11 +349,11 @@ func (p *Proxy) abortAll() {
 // Retire says that t takes no new connections, for why (balancer.Removed,
 // Down or Drained); its open connections are wound down (a FIN to both
 // sides once each side's bytes are through, never a reset) after the
-// RetireGrace in force. balancer.Kept says it takes them again: wind-downs
+// RemovedConnGrace in force. balancer.Kept says it takes them again: wind-downs
 // not begun are called off. It never blocks: the pool calls it from its
 // serializer.
 func (p *Proxy) Retire(t *balancer.Target, why balancer.Reason) {
-	grace := p.currentSettings().RetireGrace
+	grace := time.Duration(p.currentSettings().relay.RemovedConnGrace)
 	if grace < 0 && why != balancer.Kept {
 		return
 	}

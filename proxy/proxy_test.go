@@ -125,16 +125,24 @@ func startProxy(t *testing.T, set proxy.Settings, addrs ...string) *setup {
 // startProxyOn is startProxy listening on listen.
 func startProxyOn(t *testing.T, listen string, set proxy.Settings, addrs ...string) *setup {
 	t.Helper()
-	return startProxyAt(t, listen, &proxy.Proxy{}, set, addrs...)
+	return startProxyAt(t, listen, &proxy.Proxy{}, set, nil, addrs...)
 }
 
 // startProxyWith is startProxy serving p (an Engine of the test's, say).
 func startProxyWith(t *testing.T, p *proxy.Proxy, set proxy.Settings, addrs ...string) *setup {
 	t.Helper()
-	return startProxyAt(t, "127.0.0.1:0", p, set, addrs...)
+	return startProxyAt(t, "127.0.0.1:0", p, set, nil, addrs...)
 }
 
-func startProxyAt(t *testing.T, listen string, p *proxy.Proxy, set proxy.Settings, addrs ...string) *setup {
+// startRoutedProxy is startProxy routing by server name with r.
+func startRoutedProxy(t *testing.T, set proxy.Settings, r *proxy.Router) *setup {
+	t.Helper()
+	return startProxyAt(t, "127.0.0.1:0", &proxy.Proxy{}, set, r)
+}
+
+// startProxyAt serves p on listen with set, picking with r, or when r is
+// nil from a rotation over addrs (s.rr).
+func startProxyAt(t *testing.T, listen string, p *proxy.Proxy, set proxy.Settings, r *proxy.Router, addrs ...string) *setup {
 	t.Helper()
 	s := &setup{rr: &balancer.RoundRobinBalancer{}, done: make(chan error, 1)}
 	ts := make([]*balancer.Target, len(addrs))
@@ -143,13 +151,15 @@ func startProxyAt(t *testing.T, listen string, p *proxy.Proxy, set proxy.Setting
 	}
 	s.rr.Update(ts)
 	s.p = p
-	p.Picker = s.rr
+	if r == nil {
+		r = proxy.Single(s.rr)
+	}
 	p.ReportFailure = func(addr string, err error) {
 		s.mu.Lock()
 		s.failures = append(s.failures, addr)
 		s.mu.Unlock()
 	}
-	s.p.Configure(set)
+	s.p.Configure(set, r)
 	if strings.HasSuffix(t.Name(), "/goroutines") {
 		proxy.RelayWithGoroutines(s.p)
 	}
@@ -440,7 +450,7 @@ func testIPv6(t *testing.T) {
 		c.Write([]byte("pong"))
 	}()
 	defer ln.Close()
-	s := startProxyOn(t, "[::1]:0", proxy.Settings{SendProxy: 1}, ln.Addr().String())
+	s := startProxyOn(t, "[::1]:0", proxy.Settings{ProxyProtocol: 1}, ln.Addr().String())
 	c, err := net.Dial("tcp", s.addr)
 	if err != nil {
 		t.Fatal(err)
@@ -563,7 +573,8 @@ func TestAcceptBacksOffOnEMFILE(t *testing.T) {
 	fl := &flakyListener{Listener: inner, fails: 6}
 	rr := &balancer.RoundRobinBalancer{}
 	rr.Update([]*balancer.Target{balancer.NewTarget(be.addr())})
-	p := &proxy.Proxy{Picker: rr}
+	p := &proxy.Proxy{}
+	p.Configure(proxy.Settings{}, proxy.Single(rr))
 	done := make(chan error, 1)
 	go func() { done <- p.Serve(fl) }()
 	got, err := roundTrip(inner.Addr().String(), []byte("hi"))
@@ -654,8 +665,8 @@ func TestNoGoroutineOutlivesServe(t *testing.T) {
 	be := startBackend(t, echoHandler)
 	rr := &balancer.RoundRobinBalancer{}
 	rr.Update([]*balancer.Target{balancer.NewTarget(be.addr())})
-	p := &proxy.Proxy{Picker: rr}
-	p.Configure(proxy.Settings{IdleTimeout: time.Minute})
+	p := &proxy.Proxy{}
+	p.Configure(proxy.Settings{IdleTimeout: time.Minute}, proxy.Single(rr))
 	ln, _ := net.Listen("tcp", "127.0.0.1:0")
 	done := make(chan error, 1)
 	go func() { done <- p.Serve(ln) }()

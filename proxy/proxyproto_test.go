@@ -27,9 +27,9 @@ func headerEcho(c net.Conn) {
 }
 
 func TestSendProxyHeader(t *testing.T) {
-	for _, v := range []byte{1, 2} {
+	for _, v := range []proxy.ProxyVersion{1, 2} {
 		be := startBackend(t, headerEcho)
-		s := startProxy(t, proxy.Settings{SendProxy: v}, be.addr())
+		s := startProxy(t, proxy.Settings{ProxyProtocol: v}, be.addr())
 		c := dial(t, s.addr)
 		c.Write([]byte("payload"))
 		c.CloseWrite()
@@ -43,15 +43,15 @@ func TestSendProxyHeader(t *testing.T) {
 }
 
 func TestAcceptProxyHeaderAndForwardIt(t *testing.T) {
-	for _, v := range []byte{1, 2} {
+	for _, v := range []proxy.ProxyVersion{1, 2} {
 		be := startBackend(t, headerEcho)
 		s := startProxy(t, proxy.Settings{
-			SendProxy:       2,
-			AcceptProxyFrom: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
+			ProxyProtocol:       2,
+			AcceptProxyProtocol: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
 		}, be.addr())
 		c := dial(t, s.addr)
 		client := &net.TCPAddr{IP: net.ParseIP("203.0.113.7"), Port: 5555}
-		hdr, err := proxyproto.HeaderProxyFromAddrs(v, client, c.RemoteAddr()).Format()
+		hdr, err := proxyproto.HeaderProxyFromAddrs(byte(v), client, c.RemoteAddr()).Format()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -84,8 +84,8 @@ func TestProxyHeaderRejections(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			be := startBackend(t, echoHandler)
 			s := startProxy(t, proxy.Settings{
-				AcceptProxyFrom:    []netip.Prefix{netip.MustParsePrefix(tc.trusted)},
-				ProxyHeaderTimeout: 100 * time.Millisecond,
+				AcceptProxyProtocol: []netip.Prefix{netip.MustParsePrefix(tc.trusted)},
+				ProxyHeaderTimeout:  100 * time.Millisecond,
 			}, be.addr())
 			c := dial(t, s.addr)
 			defer c.Close()

@@ -108,7 +108,7 @@ func testRetireWindsDownAfterGrace(t *testing.T) {
 		}
 	})
 	other := startBackend(t, echoHandler)
-	s := startProxy(t, proxy.Settings{RetireGrace: grace})
+	s := startProxy(t, proxy.Settings{RemovedConnGrace: proxy.Grace(grace)})
 	tEcho, tStreams, tOther := balancer.NewTarget(echo.addr()), balancer.NewTarget(streams.addr()), balancer.NewTarget(other.addr())
 
 	pin(s.rr, tEcho)
@@ -269,7 +269,7 @@ func testRetireCalledOff(t *testing.T) {
 	const grace = 200 * time.Millisecond
 	a := startBackend(t, echoHandler)
 	b := startBackend(t, echoHandler)
-	s := startProxy(t, proxy.Settings{RetireGrace: grace})
+	s := startProxy(t, proxy.Settings{RemovedConnGrace: proxy.Grace(grace)})
 	ta, tb := balancer.NewTarget(a.addr()), balancer.NewTarget(b.addr())
 	pin(s.rr, ta)
 	ca := dial(t, s.addr)

@@ -36,7 +36,7 @@ func TestRouterBothRelays(t *testing.T) {
 		}
 		router := proxy.NewRouter([][]string{{"api.example.com", "*.api.example.com"}, {"*"}},
 			[]proxy.Picker{pick(balancer.NewTarget(api.addr())), pick(restTarget)})
-		s := startProxy(t, proxy.Settings{Router: router, SNITimeout: 200 * time.Millisecond})
+		s := startRoutedProxy(t, proxy.Settings{SNITimeout: 200 * time.Millisecond}, router)
 		for _, tc := range []struct {
 			send []byte
 			want string

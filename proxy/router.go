@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"slices"
+
 	"github.com/rota-proxy/rota/proxy/internal/relay"
 	"github.com/rota-proxy/rota/proxy/internal/sni"
 )
@@ -13,7 +15,12 @@ import (
 type Router struct {
 	table   *sni.Table
 	pickers []relay.Picker
+	single  relay.Picker // Single's: every client, no ClientHello read
 }
+
+// Single is the Router of a listener without routes: every client goes to
+// p, and nothing is read from it first.
+func Single(p Picker) *Router { return &Router{single: p} }
 
 // NewRouter routes by patterns[i] to pickers[i]. A pattern is an exact
 // name ("api.example.com"), a wildcard for any name below a domain
@@ -26,11 +33,7 @@ func NewRouter(patterns [][]string, pickers []Picker) *Router {
 	if len(patterns) != len(pickers) {
 		panic("proxy: NewRouter needs one picker per pattern list")
 	}
-	r := &Router{table: sni.NewTable(patterns), pickers: make([]relay.Picker, len(pickers))}
-	for i, p := range pickers {
-		r.pickers[i] = p
-	}
-	return r
+	return &Router{table: sni.NewTable(patterns), pickers: slices.Clone(pickers)}
 }
 
 // Match returns the index of the route for a server name ("" for none),

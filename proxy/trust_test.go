@@ -133,10 +133,10 @@ func (p *orderedPicker) Pick() balancer.Cursor {
 }
 
 // serveWith runs a proxy with picker and settings on a fresh listener.
-func serveWith(t *testing.T, picker proxy.Picker, set proxy.Settings, goroutines bool) (*proxy.Proxy, string) {
+func serveWith(t *testing.T, r *proxy.Router, set proxy.Settings, goroutines bool) (*proxy.Proxy, string) {
 	t.Helper()
-	p := &proxy.Proxy{Picker: picker}
-	p.Configure(set)
+	p := &proxy.Proxy{}
+	p.Configure(set, r)
 	if goroutines {
 		proxy.RelayWithGoroutines(p)
 	}
@@ -189,7 +189,7 @@ func testResetAfterTheRequestReachedTheTarget(t *testing.T) {
 				acted.Add(1)
 				io.WriteString(c, "done "+string(line))
 			})
-			_, addr := serveWith(t, newOrderedPicker(actor.addr(), good.addr()),
+			_, addr := serveWith(t, proxy.Single(newOrderedPicker(actor.addr(), good.addr())),
 				proxy.Settings{Retries: 1, ReplayOnReset: replay}, isGoroutines(t))
 			c := dial(t, addr)
 			defer c.Close()
@@ -223,9 +223,9 @@ func TestPanicClosesOnlyItsConnection(t *testing.T) { bothRelays(t, testPanicClo
 
 func testPanicClosesOnlyItsConnection(t *testing.T) {
 	be := startBackend(t, echoHandler)
-	set := proxy.Settings{}
-	proxy.PanicOn(&set, func(b []byte) bool { return bytes.Contains(b, []byte("PANIC")) })
-	s := startProxy(t, set, be.addr())
+	p := &proxy.Proxy{}
+	proxy.PanicOn(p, func(b []byte) bool { return bytes.Contains(b, []byte("PANIC")) })
+	s := startProxyWith(t, p, proxy.Settings{}, be.addr())
 	var others []*net.TCPConn
 	for range 5 {
 		c := dial(t, s.addr)
@@ -283,8 +283,8 @@ func TestMaxConnsExactUnderConcurrency(t *testing.T) {
 	})
 	engine := proxy.NewEngine(8, nil)
 	defer engine.Close()
-	p := &proxy.Proxy{Picker: newOrderedPicker(be.addr()), Engine: engine}
-	p.Configure(proxy.Settings{MaxConns: max})
+	p := &proxy.Proxy{Engine: engine}
+	p.Configure(proxy.Settings{MaxConns: max}, proxy.Single(newOrderedPicker(be.addr())))
 	ln, err := proxy.Listen("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -342,7 +342,7 @@ func testShutdownUnderConnectStorm(t *testing.T) {
 			ts = append(ts, balancer.NewTarget(a))
 		}
 		rr.Update(ts)
-		p, addr := serveWith(t, rr, proxy.Settings{}, isGoroutines(t))
+		p, addr := serveWith(t, proxy.Single(rr), proxy.Settings{}, isGoroutines(t))
 		storm := testenv.StartStorm(addr, 8, []byte("x"))
 		eventually(t, "the storm under way", func() bool { return storm.Attempts() > 200 })
 		const drain = 500 * time.Millisecond
@@ -408,7 +408,7 @@ func testShutdownUnderConnectStormMidClientHello(t *testing.T) {
 		rr := &balancer.RoundRobinBalancer{}
 		rr.Update([]*balancer.Target{balancer.NewTarget(be.addr())})
 		router := proxy.NewRouter([][]string{{"api.example.com"}}, []proxy.Picker{rr})
-		p, addr := serveWith(t, nil, proxy.Settings{Router: router, SNITimeout: time.Minute}, isGoroutines(t))
+		p, addr := serveWith(t, router, proxy.Settings{SNITimeout: time.Minute}, isGoroutines(t))
 		stop := make(chan struct{})
 		var wg sync.WaitGroup
 		var waiting atomic.Int64
@@ -472,10 +472,10 @@ func TestPanicAtStartClosesOnlyItsConnection(t *testing.T) {
 
 func testPanicAtStartClosesOnlyItsConnection(t *testing.T) {
 	be := startBackend(t, echoHandler)
-	set := proxy.Settings{}
+	p := &proxy.Proxy{}
 	bad := netip.MustParseAddr("127.0.0.3")
-	proxy.PanicOnAccess(&set, func(a netip.Addr) bool { return a == bad })
-	s := startProxy(t, set, be.addr())
+	proxy.PanicOnAccess(p, func(a netip.Addr) bool { return a == bad })
+	s := startProxyWith(t, p, proxy.Settings{}, be.addr())
 	const n = 40 // enough to start some on each loop, accepted there or handed over
 	for i := range n {
 		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: bad.AsSlice()}, Timeout: 5 * time.Second}

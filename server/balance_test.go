@@ -16,6 +16,7 @@ import (
 
 	"github.com/rota-proxy/rota/admin"
 	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/proxy"
 	"github.com/rota-proxy/rota/discovery/etcd"
 	"github.com/rota-proxy/rota/internal/testenv"
 	"github.com/rota-proxy/rota/server"
@@ -260,7 +261,7 @@ func TestRemovedConnGrace(t *testing.T) {
 	b1, b2 := startBackend(t, "b1"), startBackend(t, "b2")
 	cfg := config.Default()
 	l := fastListener("web", b1.Addr, b2.Addr)
-	l.RemovedConnGrace = config.Grace(200 * time.Millisecond)
+	l.RemovedConnGrace = proxy.Grace(200 * time.Millisecond)
 	cfg.Listeners = []config.Listener{l}
 	srv := startServer(t, cfg)
 	exactly(t, srv, "b1 and b2 routed", "b1", "b2")

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"net/netip"
 	"net/http/httptest"
 	"testing"
 	"time"
@@ -163,4 +164,18 @@ func loopbackRequest(method, path string, body io.Reader) *http.Request {
 	r := httptest.NewRequest(method, path, body)
 	r.Host = "127.0.0.1:9090"
 	return r
+}
+
+// prefixes reads client CIDRs as the configuration file does.
+func prefixes(t *testing.T, s ...string) []netip.Prefix {
+	t.Helper()
+	out := make([]netip.Prefix, len(s))
+	for i, x := range s {
+		p, err := config.ParsePrefix(x)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[i] = p
+	}
+	return out
 }

@@ -7,14 +7,11 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"go.uber.org/zap"
 
-	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/discovery"
-	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/pool"
 	"github.com/rota-proxy/rota/proxy"
 )
@@ -27,10 +24,6 @@ type listener struct {
 	proxy *proxy.Proxy
 
 	serveWG sync.WaitGroup // Serve goroutines, one per bound socket
-
-	// main is the pool of an unrouted listener, which the proxy picks
-	// from (nil while it routes: the proxy's Router picks then).
-	main atomic.Pointer[pool.Pool]
 
 	mu     sync.Mutex
 	cfg    config.Listener
@@ -76,25 +69,13 @@ func routeSpecs(cfg config.Listener) []routeSpec {
 func newListener(cfg config.Listener, logger *zap.Logger, engine *proxy.Engine) *listener {
 	log := logger.With(zap.String("listener", cfg.Name))
 	l := &listener{log: log, cfg: cfg}
-	l.proxy = &proxy.Proxy{Picker: l, ReportFailure: l.reportFailure, Logger: log.Named("proxy"), Engine: engine}
+	l.proxy = &proxy.Proxy{ReportFailure: l.reportFailure, Logger: log.Named("proxy"), Engine: engine}
 	return l
-}
-
-// Pick picks from the unrouted listener's pool.
-func (l *listener) Pick() balancer.Cursor {
-	if p := l.main.Load(); p != nil {
-		return p.Pick()
-	}
-	return balancer.Cursor{}
 }
 
 // reportFailure tells every pool of the listener that a target could not
 // be reached (routes may share a target).
 func (l *listener) reportFailure(addr string, err error) {
-	if p := l.main.Load(); p != nil {
-		p.ReportFailure(addr, err)
-		return
-	}
 	l.mu.Lock()
 	rs := l.routes
 	l.mu.Unlock()
@@ -103,48 +84,17 @@ func (l *listener) reportFailure(addr string, err error) {
 	}
 }
 
-func (l *listener) poolConfig(p config.Pool, cfg config.Listener, regs config.Registries) pool.Config {
-	h := p.Health
+func (l *listener) poolConfig(p config.Pool, regs config.Registries) pool.Config {
 	return pool.Config{
 		// The pool tells the proxy of targets that stop taking connections,
 		// so that their open ones are wound down after removed_conn_grace.
-		Retired: l.proxy.Retire,
-		Health: health.Config{
-			Check: h.Check, Path: h.Path, Interval: h.Interval, Timeout: h.Timeout,
-			Rise: h.Rise, Fall: h.Fall, BackoffMax: h.BackoffMax,
-		},
+		Retired:   l.proxy.Retire,
+		Health:    p.Health,
 		Panic:     p.Panic,
 		EmptyHold: regs.EmptyHold,
-		Balance:   balancer.Policy(p.Balance),
+		Balance:   p.Balance,
 		SlowStart: p.SlowStart,
 	}
-}
-
-func proxySettings(cfg config.Listener) proxy.Settings {
-	s := proxy.Settings{
-		DialTimeout:        cfg.DialTimeout,
-		Retries:            cfg.Retries,
-		MaxConns:           cfg.MaxConns,
-		IdleTimeout:        cfg.IdleTimeout,
-		ProxyHeaderTimeout: cfg.ProxyHeaderTimeout,
-		ReplayOnReset:      cfg.ReplayOnReset,
-		RetireGrace:        time.Duration(cfg.RemovedConnGrace),
-		MaxConnAge:         cfg.MaxConnAge,
-		MaxConnsPerClient:  cfg.MaxConnsPerClient,
-		SNITimeout:         cfg.SNITimeout,
-	}
-	switch cfg.ProxyProtocol {
-	case "v1":
-		s.SendProxy = 1
-	case "v2":
-		s.SendProxy = 2
-	}
-	// Validated with the config; errors cannot happen here.
-	if len(cfg.AcceptProxyProtocol) > 0 {
-		s.AcceptProxyFrom, _ = cfg.TrustedProxies()
-	}
-	s.Allow, s.Deny, _ = cfg.ClientRules()
-	return s
 }
 
 // routesFor builds the pools of cfg's routes, keeping the pools of routes
@@ -167,7 +117,7 @@ func (l *listener) routesFor(cfg config.Listener, regs config.Registries, regsCh
 		r, ok := byName[spec.name]
 		switch {
 		case !ok:
-			r = &route{name: spec.name, pool: pool.New(l.poolConfig(spec.pool, cfg, regs), l.routeLog(spec.name))}
+			r = &route{name: spec.name, pool: pool.New(l.poolConfig(spec.pool, regs), l.routeLog(spec.name))}
 			r.spec.Store(&spec)
 			c.created = append(c.created, r)
 			c.rewatch[r] = true
@@ -211,27 +161,23 @@ func (l *listener) install(cfg config.Listener, regs config.Registries, next []*
 	specs := routeSpecs(cfg)
 	for i, r := range next {
 		r.spec.Store(&specs[i])
-		r.pool.Configure(l.poolConfig(specs[i].pool, cfg, regs))
+		r.pool.Configure(l.poolConfig(specs[i].pool, regs))
 	}
-	set := proxySettings(cfg)
+	// One way to pick: a router, by server name or, unrouted, Single.
+	router := proxy.Single(next[0].pool)
 	if cfg.Routed() {
 		patterns := make([][]string, len(next))
 		pickers := make([]proxy.Picker, len(next))
 		for i, r := range next {
 			patterns[i], pickers[i] = specs[i].sni, r.pool
 		}
-		set.Router = proxy.NewRouter(patterns, pickers)
+		router = proxy.NewRouter(patterns, pickers)
 	}
 	l.mu.Lock()
 	l.cfg = cfg
 	l.routes = next
 	l.mu.Unlock()
-	if cfg.Routed() {
-		l.main.Store(nil)
-	} else {
-		l.main.Store(next[0].pool)
-	}
-	l.proxy.Configure(set)
+	l.proxy.Configure(cfg.Settings, router)
 	for _, r := range next {
 		r.pool.Flush() // a reload is in force when it returns
 	}

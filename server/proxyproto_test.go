@@ -39,8 +39,8 @@ func TestProxyProtocolFromConfig(t *testing.T) {
 		}
 	}()
 	l := fastListener("web", be.Addr().String())
-	l.ProxyProtocol = "v1"
-	l.AcceptProxyProtocol = []string{"127.0.0.0/8"}
+	l.ProxyProtocol = 1
+	l.AcceptProxyProtocol = prefixes(t, "127.0.0.0/8")
 	l.ProxyHeaderTimeout = time.Second
 	cfg := config.Default()
 	cfg.Listeners = []config.Listener{l}

@@ -473,12 +473,12 @@ func TestAllowDenyAndPerClientLimits(t *testing.T) {
 	cfg.Admin.Listen = ""
 	l := fastListener("guarded", b.Addr)
 	l.Listen = "127.0.0.1:0"
-	l.Allow = []string{"127.0.0.0/24"}
-	l.Deny = []string{"127.0.0.5", "::ffff:127.0.0.3"} // written IPv4-mapped, as dual-stack logs show it
+	l.Allow = prefixes(t, "127.0.0.0/24")
+	l.Deny = prefixes(t, "127.0.0.5", "::ffff:127.0.0.3") // written IPv4-mapped, as dual-stack logs show it
 	l.MaxConnsPerClient = 2
 	pp := fastListener("behind-lb", b.Addr)
-	pp.AcceptProxyProtocol = []string{"127.0.0.1"}
-	pp.Deny = []string{"10.0.0.0/8"}
+	pp.AcceptProxyProtocol = prefixes(t, "127.0.0.1")
+	pp.Deny = prefixes(t, "10.0.0.0/8")
 	cfg.Listeners = []config.Listener{l, pp}
 	srv := startServer(t, cfg)
 	addr, ppAddr := proxyAddr(t, srv, "guarded"), proxyAddr(t, srv, "behind-lb")

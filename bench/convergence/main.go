@@ -34,6 +34,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/rota-proxy/rota/demo"
+	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/health"
 )
 
@@ -150,7 +151,7 @@ func run(ctx context.Context, o options) error {
 		backends = append(backends, b)
 	}
 
-	hc := health.DefaultConfig()
+	hc := config.DefaultPool().Health
 	hc.Check = o.check
 	rt, err := startRouter(reg.Watcher(), hc, log)
 	if err != nil {

@@ -50,8 +50,8 @@ func startRouter(w discovery.Watcher, hc health.Config, log *zap.Logger) (*route
 		serveDone: make(chan error, 1),
 	}
 	r.pool = pool.New(pool.Config{Health: hc, EmptyHold: 5 * time.Second, Published: r.published}, log)
-	r.proxy = &proxy.Proxy{Picker: r.pool, ReportFailure: r.pool.ReportFailure, Logger: log.Named("proxy")}
-	r.proxy.Configure(proxy.Settings{DialTimeout: 2 * time.Second, Retries: 2})
+	r.proxy = &proxy.Proxy{ReportFailure: r.pool.ReportFailure, Logger: log.Named("proxy")}
+	r.proxy.Configure(proxy.Settings{DialTimeout: 2 * time.Second, Retries: 2}, proxy.Single(r.pool))
 
 	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel = cancel

@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/rota-proxy/rota/discovery/etcd"
+	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/health"
 )
 
@@ -31,7 +32,7 @@ func runScale(ctx context.Context, o options, out io.Writer) error {
 		return err
 	}
 	defer reg.Close()
-	hc := health.DefaultConfig()
+	hc := config.DefaultPool().Health
 	hc.Check = health.CheckNone
 	rt, err := startRouter(reg.Watcher(), hc, log)
 	if err != nil {

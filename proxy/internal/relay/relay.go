@@ -34,49 +34,34 @@ type Picker interface {
 	Pick() balancer.Cursor
 }
 
-// Config is what a connection takes from its listener's settings when it is
-// accepted. A Config is shared by many connections and never modified.
+// Config is what a connection takes from its listener when it is accepted:
+// the listener's Settings and what is derived from them once. A Config is
+// shared by many connections and never modified.
 type Config struct {
-	DialTimeout time.Duration // per attempt; 0 means 2s
-	IdleTimeout time.Duration // no byte either way this long closes; 0 never
-	Retries     int           // further targets after a failed attempt
-	// ReplayOnReset keeps the client's bytes until the target's first byte,
-	// so that a target resetting before it answered is replaced by the next
-	// one with the bytes replayed (at-least-once: for idempotent protocols).
-	// Off, a reset after the first client byte reached the target is the
-	// client's to see, and no buffer is kept.
-	ReplayOnReset bool
-	// SendProxy, 1 or 2, sends a PROXY protocol header of that version to
-	// every target before any client byte, naming the client.
-	SendProxy byte
+	Settings
 	// AcceptProxy, if set, makes every client start with a PROXY protocol
 	// header, accepted only from sources it approves.
 	AcceptProxy func(src netip.Addr) bool
-	// PreludeTimeout bounds the wait for that header; 0 means 5s.
-	PreludeTimeout time.Duration
 	// Inspect, if set, sees every chunk a client sends (tests inject
 	// panics through it).
 	Inspect func(data []byte)
-	// MaxConnAge winds a connection down once it is this old, +-10 %
-	// (so that a client's pool does not reconnect all at once); 0 never.
-	MaxConnAge time.Duration
 	// Access, if set, says whether a client may connect, by its address
 	// (the one a PROXY header named, when one is read). It is asked before
 	// anything else is read from the client and before any target is
 	// dialled.
 	Access func(src netip.Addr) Denial
-	// Clients, with PerClient > 0, bounds the connections open at once
-	// from one client address.
-	Clients   *ClientLimit
-	PerClient int
+	// Clients counts the connections open from each client address, for
+	// MaxConnsPerClient.
+	Clients *ClientLimit
+	// Picker yields the targets of a listener without routes; nil when
+	// Route chooses.
+	Picker Picker
 	// Route, if set, chooses the picker by the TLS server name (SNI) in
 	// the ClientHello the client sends first; "" when the client sends
 	// none, no TLS, or nothing within SNITimeout. nil: no route, the
 	// client is closed and counted. Every byte read is forwarded to the
 	// target unchanged.
 	Route func(serverName string) Picker
-	// SNITimeout bounds the wait for the ClientHello; 0 means 5s.
-	SNITimeout time.Duration
 }
 
 // Denial says why a client was refused before anything was read from it.
@@ -318,8 +303,8 @@ func (c *Conn) HelloErr() error {
 }
 
 // Init prepares c for a client from src that connected to dst, at now.
-func (c *Conn) Init(cfg *Config, stats *Stats, picker Picker, report func(string, error), src, dst netip.AddrPort, now int64) {
-	*c = Conn{cfg: cfg, stats: stats, picker: picker, report: report, Src: src, Dst: dst, start: now, last: now}
+func (c *Conn) Init(cfg *Config, stats *Stats, report func(string, error), src, dst netip.AddrPort, now int64) {
+	*c = Conn{cfg: cfg, stats: stats, picker: cfg.Picker, report: report, Src: src, Dst: dst, start: now, last: now}
 	if age := cfg.MaxConnAge; age > 0 {
 		c.expireAt = now + int64(float64(age)*(0.9+0.2*rand.Float64()))
 	}
@@ -366,7 +351,7 @@ func (c *Conn) client(now int64) Action {
 		return c.pick(now)
 	}
 	c.state = Prelude
-	c.due = now + int64(durationOr(c.cfg.SNITimeout, 5*time.Second))
+	c.due = deadline(now, c.cfg.SNITimeout)
 	if len(c.held) > 0 {
 		return c.hello(now, false)
 	}
@@ -381,8 +366,8 @@ func (c *Conn) admit() Denial {
 			return d
 		}
 	}
-	if c.cfg.Clients != nil && c.cfg.PerClient > 0 {
-		if !c.cfg.Clients.acquire(a, c.cfg.PerClient) {
+	if c.cfg.Clients != nil && c.cfg.MaxConnsPerClient > 0 {
+		if !c.cfg.Clients.acquire(a, c.cfg.MaxConnsPerClient) {
 			return PerClient
 		}
 		c.slot = true
@@ -416,11 +401,12 @@ func (c *Conn) hello(now int64, final bool) Action {
 
 var errHelloLate = errors.New("no ClientHello within sni_timeout")
 
-func durationOr(d, def time.Duration) time.Duration {
-	if d > 0 {
-		return d
+// deadline is the clock reading d after now; 0 (none) when d is 0.
+func deadline(now int64, d time.Duration) int64 {
+	if d <= 0 {
+		return 0
 	}
-	return def
+	return now + int64(d)
 }
 
 // end settles what a closing connection holds outside itself (its place in
@@ -559,7 +545,7 @@ func (c *Conn) next(now int64, lastErr error) Action {
 			c.tries--
 			c.target = t
 			c.state = Dialing
-			c.due = now + int64(c.dialTimeout())
+			c.due = deadline(now, c.cfg.DialTimeout)
 			c.sent = 0
 			if c.x != nil {
 				c.x.hdrSent = 0
@@ -578,15 +564,8 @@ func (c *Conn) next(now int64, lastErr error) Action {
 	return c.end(Refused)
 }
 
-func (c *Conn) dialTimeout() time.Duration {
-	if c.cfg.DialTimeout > 0 {
-		return c.cfg.DialTimeout
-	}
-	return 2 * time.Second
-}
-
-// DialTimeout is the time an attempt may take.
-func (c *Conn) DialTimeout() time.Duration { return c.dialTimeout() }
+// DialTimeout is the time an attempt may take; 0: no bound.
+func (c *Conn) DialTimeout() time.Duration { return c.cfg.DialTimeout }
 
 // Dialed reports that the connection to Target() is established. The driver
 // then writes Pending() (the PROXY header and any bytes held) before
@@ -601,8 +580,8 @@ func (c *Conn) Dialed(now int64) Action {
 	c.state = Open
 	c.last = now
 	c.due = now + int64(DyingWindow)
-	if c.cfg.SendProxy != 0 && (c.x == nil || c.x.hdr == nil) {
-		h := proxyproto.HeaderProxyFromAddrs(c.cfg.SendProxy, net.TCPAddrFromAddrPort(c.Src), net.TCPAddrFromAddrPort(c.Dst))
+	if c.cfg.ProxyProtocol != 0 && (c.x == nil || c.x.hdr == nil) {
+		h := proxyproto.HeaderProxyFromAddrs(byte(c.cfg.ProxyProtocol), net.TCPAddrFromAddrPort(c.Src), net.TCPAddrFromAddrPort(c.Dst))
 		b, err := h.Format()
 		if err != nil {
 			return c.close(fmt.Errorf("PROXY header: %w", err))
@@ -866,7 +845,7 @@ func (c *Conn) Deadline() int64 {
 		if !c.header {
 			return c.due
 		}
-		return c.start + int64(c.preludeTimeout())
+		return deadline(c.start, c.cfg.ProxyHeaderTimeout)
 	case Dialing:
 		return c.due
 	case Open, Committed:
@@ -888,13 +867,6 @@ func (c *Conn) Deadline() int64 {
 	return 0
 }
 
-func (c *Conn) preludeTimeout() time.Duration {
-	if c.cfg.PreludeTimeout > 0 {
-		return c.cfg.PreludeTimeout
-	}
-	return 5 * time.Second
-}
-
 // Expired is called at or after Deadline: a late prelude or dial, an idle
 // connection, a wind-down due or overdue. Continue when nothing is due yet.
 func (c *Conn) Expired(now int64) Action {
@@ -907,9 +879,9 @@ func (c *Conn) Expired(now int64) Action {
 		if !c.header {
 			return c.hello(now, true) // what came is all there is: route on it
 		}
-		return c.headerError(fmt.Errorf("%w (%s, %v)", ErrPreludeLate, c.Src, c.preludeTimeout()))
+		return c.headerError(fmt.Errorf("%w (%s, %v)", ErrPreludeLate, c.Src, c.cfg.ProxyHeaderTimeout))
 	case Dialing:
-		return c.DialFailed(fmt.Errorf("dial timeout after %v", c.dialTimeout()), now)
+		return c.DialFailed(fmt.Errorf("dial timeout after %v", c.cfg.DialTimeout), now)
 	}
 	switch {
 	case c.lingering:

@@ -55,7 +55,10 @@ func newHarness(t *testing.T, cfg Config, n int) *harness {
 	for i := range n {
 		h.targets = append(h.targets, balancer.NewTarget(string(rune('a'+i))+":1"))
 	}
-	h.c.Init(&h.cfg, &h.stats, fixed(h.targets), func(addr string, err error) { h.reports = append(h.reports, addr) }, client, listen, 0)
+	if h.cfg.Route == nil {
+		h.cfg.Picker = fixed(h.targets)
+	}
+	h.c.Init(&h.cfg, &h.stats, func(addr string, err error) { h.reports = append(h.reports, addr) }, client, listen, 0)
 	return h
 }
 
@@ -101,7 +104,7 @@ func TestNoTargetRefuses(t *testing.T) {
 }
 
 func TestFailedDialsTryEachTargetOnceUpToRetries(t *testing.T) {
-	h := newHarness(t, Config{Retries: 5}, 3)
+	h := newHarness(t, Config{Settings: Settings{Retries: 5}}, 3)
 	h.want(h.c.Start(0), Dial)
 	var tried []string
 	for range 3 {
@@ -120,7 +123,7 @@ func TestFailedDialsTryEachTargetOnceUpToRetries(t *testing.T) {
 		t.Fatalf("err %v, dial errors %d", h.c.Err, h.stats.DialErrors.Load())
 	}
 
-	h = newHarness(t, Config{Retries: 1}, 3)
+	h = newHarness(t, Config{Settings: Settings{Retries: 1}}, 3)
 	h.want(h.c.Start(0), Dial)
 	h.want(h.c.DialFailed(syscall.ECONNREFUSED, 0), Dial)
 	h.want(h.c.DialFailed(syscall.ECONNREFUSED, 0), Refused)
@@ -132,7 +135,7 @@ func TestFailedDialsTryEachTargetOnceUpToRetries(t *testing.T) {
 // Retries at the int's limit try every target once; it does not wrap to
 // no tries at all.
 func TestRetriesAtTheLimitTryEveryTarget(t *testing.T) {
-	h := newHarness(t, Config{Retries: math.MaxInt}, 3)
+	h := newHarness(t, Config{Settings: Settings{Retries: math.MaxInt}}, 3)
 	h.want(h.c.Start(0), Dial)
 	h.want(h.c.DialFailed(syscall.ECONNREFUSED, 0), Dial)
 	h.want(h.c.DialFailed(syscall.ECONNREFUSED, 0), Dial)
@@ -143,7 +146,7 @@ func TestRetriesAtTheLimitTryEveryTarget(t *testing.T) {
 }
 
 func TestDialTimeout(t *testing.T) {
-	h := newHarness(t, Config{DialTimeout: time.Second, Retries: 1}, 2)
+	h := newHarness(t, Config{Settings: Settings{DialTimeout: time.Second, Retries: 1}}, 2)
 	h.want(h.c.Start(0), Dial)
 	if d := h.c.Deadline(); d != int64(time.Second) {
 		t.Fatalf("deadline %v", time.Duration(d))
@@ -161,7 +164,7 @@ func TestDialTimeout(t *testing.T) {
 // With replay off (the default) the first client byte to reach the target
 // ends the window: a later reset is the client's, and nothing is kept.
 func TestReplayOffResetAfterFirstByteIsTheClients(t *testing.T) {
-	h := newHarness(t, Config{Retries: 2}, 2)
+	h := newHarness(t, Config{Settings: Settings{Retries: 2}}, 2)
 	h.connect()
 	h.want(h.c.FromClient([]byte("GET /"), 1), Forward)
 	if !h.c.Committed() || h.c.held != nil {
@@ -176,7 +179,7 @@ func TestReplayOffResetAfterFirstByteIsTheClients(t *testing.T) {
 // A reset before any client byte reached the target, soon after its
 // connect, is a dying instance's: a failed attempt, replay or not.
 func TestResetBeforeAnyClientByteTriesNext(t *testing.T) {
-	h := newHarness(t, Config{Retries: 2}, 2)
+	h := newHarness(t, Config{Settings: Settings{Retries: 2}}, 2)
 	h.connect()
 	h.want(h.c.TargetReset(syscall.ECONNRESET, 1), Dial)
 	if h.c.Target().Addr != "b:1" || len(h.reports) != 1 || h.targets[0].Active.Load() != 0 {
@@ -185,7 +188,7 @@ func TestResetBeforeAnyClientByteTriesNext(t *testing.T) {
 }
 
 func TestReplayOnKeepsBytesUntilTheTargetAnswers(t *testing.T) {
-	h := newHarness(t, Config{Retries: 2, ReplayOnReset: true, SendProxy: 1}, 2)
+	h := newHarness(t, Config{Settings: Settings{Retries: 2, ReplayOnReset: true, ProxyProtocol: 1}}, 2)
 	h.connect()
 	h.want(h.c.FromClient([]byte("hello "), 1), Flush)
 	h.want(h.c.FromClient([]byte("world"), 1), Flush)
@@ -211,7 +214,7 @@ func TestReplayOnKeepsBytesUntilTheTargetAnswers(t *testing.T) {
 }
 
 func TestReplayBufferIsSizedToWhatIsHeld(t *testing.T) {
-	h := newHarness(t, Config{ReplayOnReset: true}, 1)
+	h := newHarness(t, Config{Settings: Settings{ReplayOnReset: true}}, 1)
 	h.connect()
 	h.c.FromClient([]byte("x"), 1)
 	h.flush(-1)
@@ -221,7 +224,7 @@ func TestReplayBufferIsSizedToWhatIsHeld(t *testing.T) {
 }
 
 func TestReplayLimitCommits(t *testing.T) {
-	h := newHarness(t, Config{Retries: 1, ReplayOnReset: true}, 2)
+	h := newHarness(t, Config{Settings: Settings{Retries: 1, ReplayOnReset: true}}, 2)
 	h.connect()
 	h.want(h.c.FromClient(make([]byte, ReplayLimit), 1), Flush)
 	h.flush(-1)
@@ -240,7 +243,7 @@ func TestReplayLimitCommits(t *testing.T) {
 
 // A clean close before the first byte is an answer: never replayed.
 func TestCleanCloseIsAnAnswer(t *testing.T) {
-	h := newHarness(t, Config{Retries: 1, ReplayOnReset: true}, 2)
+	h := newHarness(t, Config{Settings: Settings{Retries: 1, ReplayOnReset: true}}, 2)
 	h.connect()
 	h.c.FromClient([]byte("req"), 1)
 	h.flush(-1)
@@ -255,7 +258,7 @@ func TestCleanCloseIsAnAnswer(t *testing.T) {
 // nothing: the next one is tried, replay or not.
 func TestCloseBeforeAnyClientByteTriesNext(t *testing.T) {
 	for _, replay := range []bool{false, true} {
-		h := newHarness(t, Config{Retries: 1, ReplayOnReset: replay}, 2)
+		h := newHarness(t, Config{Settings: Settings{Retries: 1, ReplayOnReset: replay}}, 2)
 		h.connect()
 		h.want(h.c.TargetEOF(1), Dial)
 		h.want(h.c.Dialed(2), Flush)
@@ -273,7 +276,7 @@ func TestCloseBeforeAnyClientByteTriesNext(t *testing.T) {
 func TestCloseOfASilentClientAfterTheWindowIsAnAnswer(t *testing.T) {
 	for _, replay := range []bool{false, true} {
 		for _, reset := range []bool{false, true} {
-			h := newHarness(t, Config{Retries: 2, ReplayOnReset: replay}, 3)
+			h := newHarness(t, Config{Settings: Settings{Retries: 2, ReplayOnReset: replay}}, 3)
 			h.connect()
 			h.want(h.c.Expired(int64(DyingWindow)), Continue)
 			now := int64(DyingWindow)
@@ -292,7 +295,7 @@ func TestCloseOfASilentClientAfterTheWindowIsAnAnswer(t *testing.T) {
 		}
 	}
 	// One nanosecond earlier it is a dying instance's.
-	h := newHarness(t, Config{Retries: 2}, 3)
+	h := newHarness(t, Config{Settings: Settings{Retries: 2}}, 3)
 	h.connect()
 	h.want(h.c.TargetEOF(int64(DyingWindow)-1), Dial)
 	if len(h.reports) != 1 {
@@ -304,7 +307,7 @@ func TestCloseOfASilentClientAfterTheWindowIsAnAnswer(t *testing.T) {
 // death), with replay on: it is replayed once, to one more target, and the
 // client then sees the reset; no target is reported by the data path.
 func TestQueryOfDeathIsReplayedOnceAndReportsNothing(t *testing.T) {
-	h := newHarness(t, Config{Retries: 5, ReplayOnReset: true}, 4)
+	h := newHarness(t, Config{Settings: Settings{Retries: 5, ReplayOnReset: true}}, 4)
 	h.connect()
 	h.want(h.c.FromClient([]byte("KILL"), 1), Flush)
 	h.flush(-1)
@@ -324,7 +327,7 @@ func TestQueryOfDeathIsReplayedOnceAndReportsNothing(t *testing.T) {
 		}
 	}
 	// The same through a FIN and the linger's reset.
-	h = newHarness(t, Config{Retries: 5, ReplayOnReset: true}, 4)
+	h = newHarness(t, Config{Settings: Settings{Retries: 5, ReplayOnReset: true}}, 4)
 	h.connect()
 	h.c.FromClient([]byte("KILL"), 1)
 	h.flush(-1)
@@ -341,7 +344,7 @@ func TestQueryOfDeathIsReplayedOnceAndReportsNothing(t *testing.T) {
 // A client that connects and closes without a word: the target's close in
 // answer to the FIN is no failure.
 func TestCloseAfterTheClientsFINIsAnAnswer(t *testing.T) {
-	h := newHarness(t, Config{Retries: 1}, 2)
+	h := newHarness(t, Config{Settings: Settings{Retries: 1}}, 2)
 	h.connect()
 	h.want(h.c.ClientEOF(), ShutTarget)
 	h.want(h.c.TargetEOF(1), ShutClient)
@@ -353,7 +356,7 @@ func TestCloseAfterTheClientsFINIsAnAnswer(t *testing.T) {
 // With replay on, a target that closed after taking bytes is watched for
 // the reset that says it never read them.
 func TestCloseAfterBytesLingersForAReset(t *testing.T) {
-	h := newHarness(t, Config{Retries: 1, ReplayOnReset: true}, 2)
+	h := newHarness(t, Config{Settings: Settings{Retries: 1, ReplayOnReset: true}}, 2)
 	h.connect()
 	h.c.FromClient([]byte("req"), 1)
 	h.flush(-1)
@@ -380,7 +383,7 @@ func TestCloseAfterBytesLingersForAReset(t *testing.T) {
 
 // With replay off, a clean close after the request is the answer at once.
 func TestCleanCloseIsAnAnswerWithoutReplay(t *testing.T) {
-	h := newHarness(t, Config{Retries: 1}, 2)
+	h := newHarness(t, Config{Settings: Settings{Retries: 1}}, 2)
 	h.connect()
 	h.want(h.c.FromClient([]byte("req"), 1), Forward)
 	h.want(h.c.TargetEOF(2), ShutClient)
@@ -391,7 +394,7 @@ func TestCleanCloseIsAnAnswerWithoutReplay(t *testing.T) {
 
 // Linux reports a reset once: a write that saw it makes the next EOF a reset.
 func TestEOFAfterAWriteResetIsAReset(t *testing.T) {
-	h := newHarness(t, Config{Retries: 1, ReplayOnReset: true}, 2)
+	h := newHarness(t, Config{Settings: Settings{Retries: 1, ReplayOnReset: true}}, 2)
 	h.connect()
 	h.c.FromClient([]byte("req"), 1)
 	h.want(h.c.WriteReset(syscall.ECONNRESET), Continue)
@@ -403,7 +406,7 @@ func TestEOFAfterAWriteResetIsAReset(t *testing.T) {
 }
 
 func TestPartialWritesKeepOrder(t *testing.T) {
-	h := newHarness(t, Config{SendProxy: 2}, 1)
+	h := newHarness(t, Config{Settings: Settings{ProxyProtocol: 2}}, 1)
 	h.want(h.c.Start(0), Dial)
 	h.want(h.c.Dialed(0), Flush)
 	head := h.flush(5) // part of the header: the socket was full
@@ -431,7 +434,7 @@ func TestClientEOFWhileDialingShutsTargetAfterConnect(t *testing.T) {
 	h.want(h.c.ClientEOF(), ShutTarget)
 
 	// After a retry with bytes to replay, too: the FIN follows them.
-	h = newHarness(t, Config{ReplayOnReset: true, Retries: 1}, 2)
+	h = newHarness(t, Config{Settings: Settings{ReplayOnReset: true, Retries: 1}}, 2)
 	h.connect()
 	h.c.FromClient([]byte("req"), 1)
 	h.flush(-1)
@@ -444,7 +447,7 @@ func TestClientEOFWhileDialingShutsTargetAfterConnect(t *testing.T) {
 }
 
 func TestIdleDeadlineFollowsTraffic(t *testing.T) {
-	h := newHarness(t, Config{IdleTimeout: time.Second}, 1)
+	h := newHarness(t, Config{Settings: Settings{IdleTimeout: time.Second}}, 1)
 	h.connect()
 	h.c.FromClient([]byte("x"), int64(500*time.Millisecond))
 	h.want(h.c.Expired(int64(time.Second)), Continue)
@@ -460,7 +463,7 @@ func TestIdleDeadlineFollowsTraffic(t *testing.T) {
 }
 
 func TestShutdownIsNotTheTargetsFailure(t *testing.T) {
-	h := newHarness(t, Config{Retries: 2}, 2)
+	h := newHarness(t, Config{Settings: Settings{Retries: 2}}, 2)
 	h.want(h.c.Start(0), Dial)
 	h.c.Shutdown()
 	h.want(h.c.DialFailed(errors.New("cancelled"), 1), Close)
@@ -550,7 +553,7 @@ func TestPROXYHeaderErrors(t *testing.T) {
 		{name: "late", in: "PROX", late: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			h := newHarness(t, Config{AcceptProxy: trusted, PreludeTimeout: time.Second}, 1)
+			h := newHarness(t, Config{AcceptProxy: trusted, Settings: Settings{ProxyHeaderTimeout: time.Second}}, 1)
 			if tc.src.IsValid() {
 				h.c.Src = tc.src
 			}
@@ -619,7 +622,7 @@ func FuzzProxyHeader(f *testing.F) {
 // peers never close.
 func TestRetireWindsDown(t *testing.T) {
 	s := int64(time.Second)
-	h := newHarness(t, Config{IdleTimeout: time.Hour}, 1)
+	h := newHarness(t, Config{Settings: Settings{IdleTimeout: time.Hour}}, 1)
 	h.connect()
 	h.c.Retire(5*s, balancer.Drained)
 	h.c.Retire(7*s, balancer.Removed) // later: the drain stands
@@ -649,7 +652,7 @@ func TestRetireWindsDown(t *testing.T) {
 // A retirement is the target's: a connection that moves on to the next
 // target after a failed dial leaves it behind.
 func TestRetireIsTheTargets(t *testing.T) {
-	h := newHarness(t, Config{Retries: 1}, 2)
+	h := newHarness(t, Config{Settings: Settings{Retries: 1}}, 2)
 	h.want(h.c.Start(0), Dial)
 	h.c.Retire(int64(time.Second), balancer.Removed)
 	h.want(h.c.DialFailed(errors.New("refused"), 0), Dial)
@@ -665,7 +668,7 @@ func TestMaxConnAgeJitter(t *testing.T) {
 	age := 10 * time.Second
 	seen := map[int64]bool{}
 	for range 200 {
-		h := newHarness(t, Config{MaxConnAge: age}, 1)
+		h := newHarness(t, Config{Settings: Settings{MaxConnAge: age}}, 1)
 		h.connect()
 		d := h.c.Deadline()
 		if d < int64(age*9/10) || d > int64(age*11/10) {

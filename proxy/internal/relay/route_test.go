@@ -147,7 +147,7 @@ func TestAccess(t *testing.T) {
 
 func TestPerClientLimit(t *testing.T) {
 	limit := NewClientLimit()
-	cfg := Config{Clients: limit, PerClient: 2}
+	cfg := Config{Clients: limit, Settings: Settings{MaxConnsPerClient: 2}}
 	var conns []*harness
 	for range 2 {
 		h := newHarness(t, cfg, 1)
