@@ -10,7 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"reflect"
 	"sync"
 
 	"go.uber.org/zap"
@@ -44,7 +43,8 @@ type Server struct {
 }
 
 // Start brings up everything cfg describes: the embedded etcd server if any,
-// registry clients, then every listener. Sockets are all bound before any is
+// registry clients, then every listener. It is a reload from nothing (see
+// reload): sockets are all bound and every pool planned before any is
 // served, so a bad address fails the whole start and nothing is left
 // running. cfg must be valid (config.Load or Validate); Start does not modify
 // it. logger may be nil.
@@ -55,52 +55,14 @@ func Start(ctx context.Context, cfg *config.Config, logger *zap.Logger) (*Server
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{log: logger, cfg: cfg, engine: proxy.NewEngine(0, logger.Named("relay"))}
+	s := &Server{log: logger, engine: proxy.NewEngine(0, logger.Named("relay"))}
 	s.removedDrains, s.cutRemoved = context.WithCancel(context.Background())
-	regs, err := openRegistries(ctx, cfg.Registries, nil, logger)
-	if err != nil {
+	if err := s.apply(ctx, cfg); err != nil {
+		s.cutRemoved()
 		s.engine.Close()
 		return nil, err
-	}
-	lns, err := bindAll(cfg.Listeners)
-	if err != nil {
-		regs.close()
-		s.engine.Close()
-		return nil, err
-	}
-	s.regs = regs
-	for i, lc := range cfg.Listeners {
-		l := newListener(lc, logger, s.engine)
-		pl, err := s.plan(l, lc, cfg.Registries, regs, false)
-		if err != nil {
-			for _, ln := range lns[i:] {
-				ln.Close()
-			}
-			s.Shutdown(context.Background())
-			return nil, fmt.Errorf("listener %q: %w", lc.Name, err)
-		}
-		s.listeners = append(s.listeners, l)
-		pl.commit(&s.wg)
-		l.serve(lns[i])
-		logger.Info("listening", zap.String("listener", lc.Name), zap.String("addr", lns[i].Addr().String()),
-			zap.String("discovery", lc.Discovery), zap.String("service", lc.Service), zap.Int("routes", len(lc.Routes)))
 	}
 	return s, nil
-}
-
-func bindAll(lcs []config.Listener) ([]net.Listener, error) {
-	lns := make([]net.Listener, 0, len(lcs))
-	for _, lc := range lcs {
-		ln, err := listen(lc.Listen)
-		if err != nil {
-			for _, l := range lns {
-				l.Close()
-			}
-			return nil, fmt.Errorf("listener %q: %w", lc.Name, err)
-		}
-		lns = append(lns, ln)
-	}
-	return lns, nil
 }
 
 // listen binds a proxy socket, of the kind the proxy's relay loops accept
@@ -161,133 +123,31 @@ func (s *Server) Reload(ctx context.Context, cfg *config.Config) error {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
-	s.reloadMu.Lock()
-	defer s.reloadMu.Unlock()
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		return errors.New("server is shut down")
-	}
-	old, oldRegs := s.cfg, s.regs
-	current := make(map[string]*listener, len(s.listeners))
-	for _, l := range s.listeners {
-		current[l.config().Name] = l
-	}
-	s.mu.Unlock()
-
-	regs := oldRegs
-	regsChanged := !reflect.DeepEqual(old.Registries, cfg.Registries)
-	if regsChanged {
-		var err error
-		if regs, err = openRegistries(ctx, cfg.Registries, oldRegs, s.log); err != nil {
-			return fmt.Errorf("reload: %w", err)
-		}
-	}
-	abort := func(err error) error {
-		if regs != oldRegs {
-			regs.closeUnshared(oldRegs)
-		}
+	if err := s.apply(ctx, cfg); err != nil {
 		return fmt.Errorf("reload: %w", err)
 	}
+	return nil
+}
 
-	// Bind every new or moved socket first: failing here leaves the running
-	// configuration untouched.
-	newSockets := map[string]net.Listener{}
-	closeSockets := func() {
-		for _, ln := range newSockets {
-			ln.Close()
-		}
+// apply is the one way a configuration comes into force, the first one
+// (Start) and every later one (Reload): bind, plan, then commit, or abort
+// if anything failed before anything running changed. cfg is valid.
+func (s *Server) apply(ctx context.Context, cfg *config.Config) error {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
+	rl, err := s.newReload(cfg)
+	if err != nil {
+		return err
 	}
-	for _, lc := range cfg.Listeners {
-		if l, ok := current[lc.Name]; ok && l.config().Listen == lc.Listen {
-			continue
-		}
-		// Moving a listener onto an address that another listener gives
-		// up in this same reload fails here; rejecting it is the safe
-		// outcome (do it in two reloads).
-		ln, err := listen(lc.Listen)
-		if err != nil {
-			closeSockets()
-			return abort(fmt.Errorf("listener %q: %w", lc.Name, err))
-		}
-		newSockets[lc.Name] = ln
+	if err := rl.bind(ctx); err != nil {
+		rl.abort()
+		return err
 	}
-	// Build every pool and watcher that will change before touching
-	// anything running.
-	plans := map[string]*plan{}
-	abortPlans := func(err error) error {
-		for _, pl := range plans {
-			pl.abort()
-		}
-		closeSockets()
-		return abort(err)
+	if err := rl.plan(); err != nil {
+		rl.abort()
+		return err
 	}
-	for _, lc := range cfg.Listeners {
-		l, ok := current[lc.Name]
-		if !ok {
-			l = newListener(lc, s.log, s.engine)
-		}
-		pl, err := s.plan(l, lc, cfg.Registries, regs, regsChanged)
-		if err != nil {
-			return abortPlans(fmt.Errorf("listener %q: %w", lc.Name, err))
-		}
-		plans[lc.Name] = pl
-	}
-
-	// Commit.
-	var next []*listener
-	var removed []*listener
-	keep := map[string]bool{}
-	for _, lc := range cfg.Listeners {
-		keep[lc.Name] = true
-		pl := plans[lc.Name]
-		l := pl.l
-		if _, ok := current[lc.Name]; !ok {
-			pl.commit(&s.wg)
-			l.serve(newSockets[lc.Name])
-			s.log.Info("listener added", zap.String("listener", lc.Name), zap.String("addr", lc.Listen))
-			next = append(next, l)
-			continue
-		}
-		prev := l.config()
-		pl.commit(&s.wg)
-		if ln, ok := newSockets[lc.Name]; ok {
-			l.rebind(ln)
-			s.log.Info("listener moved", zap.String("listener", lc.Name),
-				zap.String("from", prev.Listen), zap.String("to", lc.Listen))
-		}
-		if pl.changedSource {
-			s.log.Info("listener discovery changed", zap.String("listener", lc.Name),
-				zap.String("discovery", lc.Discovery), zap.String("service", lc.Service), zap.Int("routes", len(lc.Routes)))
-		}
-		next = append(next, l)
-	}
-	for name, l := range current {
-		if !keep[name] {
-			removed = append(removed, l)
-		}
-	}
-	s.mu.Lock()
-	s.cfg, s.listeners, s.regs = cfg, next, regs
-	s.mu.Unlock()
-	for _, l := range removed {
-		s.log.Info("listener removed; draining", zap.String("listener", l.config().Name))
-		// Its discovery stops now: the registry clients it reads may be
-		// closed below, and its pools keep their last instances for the
-		// connections that drain.
-		for _, r := range l.routeList() {
-			r.stopWatch()
-		}
-		s.wg.Go(func() {
-			if err := l.shutdown(s.removedDrains); err != nil {
-				l.log.Warn("listener drained", zap.Error(err))
-			}
-		})
-	}
-	if regs != oldRegs {
-		// Watchers of the old clients have all been replaced above.
-		oldRegs.closeUnshared(regs)
-	}
+	rl.commit()
 	return nil
 }
 
