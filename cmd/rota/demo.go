@@ -14,6 +14,7 @@ import (
 	"github.com/rota-proxy/rota/demo"
 	"github.com/rota-proxy/rota/discovery/etcd"
 	"github.com/rota-proxy/rota/server"
+	"github.com/rota-proxy/rota/supervisor"
 )
 
 func cmdDemo(args []string, stdout, stderr io.Writer) error {
@@ -62,8 +63,8 @@ func cmdDemo(args []string, stdout, stderr io.Writer) error {
 		fleet  *demo.Fleet
 		client io.Closer
 	)
-	h := hooks{
-		ready: func(srv *server.Server) error {
+	o := supervisor.Options{Config: cfg, Logger: logger,
+		Ready: func(srv *server.Server) error {
 			endpoints := e.ClientEndpoints()
 			c, err := etcd.NewClient(etcd.Config{Endpoints: endpoints, Logger: logger.Named("etcd-client")})
 			if err != nil {
@@ -81,7 +82,7 @@ func cmdDemo(args []string, stdout, stderr io.Writer) error {
 			printDemoBanner(stdout, srv, n, endpoints[0], adminAt)
 			return nil
 		},
-		stopping: func() {
+		Stopping: func() {
 			if fleet != nil {
 				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 				fleet.Shutdown(ctx) // deregister first, so rota stops routing to them
@@ -92,7 +93,7 @@ func cmdDemo(args []string, stdout, stderr io.Writer) error {
 			}
 		},
 	}
-	if err := serve(cfg, "", logger, h); err != nil {
+	if err := serve(o); err != nil {
 		if isAddrInUse(err) {
 			return fmt.Errorf("%w (is another rota demo, etcd or proxy running? pick other ports with --listen, --admin, --etcd-url)", err)
 		}

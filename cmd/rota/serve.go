@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -11,11 +10,8 @@ import (
 	"syscall"
 	"time"
 
-	"go.uber.org/zap"
-
-	"github.com/rota-proxy/rota/admin"
 	"github.com/rota-proxy/rota/config"
-	"github.com/rota-proxy/rota/server"
+	"github.com/rota-proxy/rota/supervisor"
 )
 
 // quickFlags are the flags of the quick form of `rota serve`.
@@ -93,7 +89,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer logger.Sync()
-	return serve(cfg, cfgPath, logger, hooks{pprof: pprofOn, tokenFile: tokenFile})
+	return serve(supervisor.Options{Config: cfg, File: cfgPath, Logger: logger, Pprof: pprofOn, TokenFile: tokenFile})
 }
 
 // quickConfig builds the config of the quick form.
@@ -163,158 +159,15 @@ func flagNames(err error) string {
 	return msg
 }
 
-// hooks let a command add to serve's lifecycle (the demo starts its backends
-// once rota listens and stops them before rota drains).
-type hooks struct {
-	ready    func(*server.Server) error // once everything listens
-	stopping func()                     // on the shutdown signal, before draining
-	pprof    bool                       // serve /debug/pprof/ on the admin address
-	// tokenFile is --admin-token-file: it stands over reloads.
-	tokenFile string
-}
-
-// serve runs cfg until SIGINT or SIGTERM, then drains and returns nil. With a
-// config file, SIGHUP and POST /api/v1/reload re-read it.
-func serve(cfg *config.Config, cfgPath string, logger *zap.Logger, h hooks) error {
+// serve runs cfg until SIGINT or SIGTERM (supervisor.Run), the process's
+// signals delivered to it.
+func serve(o supervisor.Options) error {
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigs)
-
-	startCtx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	srv, err := server.Start(startCtx, cfg, logger)
-	cancel()
-	if err != nil {
-		return err
-	}
-
-	reloads := make(chan chan error)
-	var reload func(context.Context) error
-	if cfgPath != "" {
-		reload = func(ctx context.Context) error {
-			done := make(chan error, 1)
-			select {
-			case reloads <- done:
-			case <-ctx.Done():
-				return ctx.Err()
-			}
-			select {
-			case err := <-done:
-				return err
-			case <-ctx.Done():
-				return ctx.Err()
-			}
-		}
-	}
-	var adm *admin.Server
-	ah := &admin.Handler{State: srv, Reload: reload, Logger: logger.Named("admin"), Version: version, Pprof: h.pprof}
-	if cfg.Admin.Listen != "" {
-		if cfg.Admin.TokenFile != "" {
-			tok, err := admin.ReadToken(cfg.Admin.TokenFile)
-			if err != nil {
-				srv.Shutdown(context.Background())
-				return err
-			}
-			ah.SetToken(tok)
-		}
-		if adm, err = admin.Listen(cfg.Admin.Listen, ah); err != nil {
-			srv.Shutdown(context.Background())
-			return fmt.Errorf("admin: %w", err)
-		}
-		logger.Info("admin listening", zap.String("addr", adm.Addr().String()))
-	}
-	if h.ready != nil {
-		if err := h.ready(srv); err != nil {
-			if h.stopping != nil {
-				h.stopping()
-			}
-			srv.Shutdown(context.Background())
-			if adm != nil {
-				adm.Shutdown(context.Background())
-			}
-			return err
-		}
-	}
-
-	doReload := func() error {
-		next, err := config.Load(cfgPath)
-		if err != nil {
-			return err
-		}
-		next.Admin.Listen = cfg.Admin.Listen // the admin socket stays where it is
-		if h.tokenFile != "" {
-			next.Admin.TokenFile = h.tokenFile
-		}
-		if err := next.Validate(); err != nil {
-			return err
-		}
-		// The token file is read again: a reload rotates the token.
-		tok := ""
-		if next.Admin.Listen != "" && next.Admin.TokenFile != "" {
-			if tok, err = admin.ReadToken(next.Admin.TokenFile); err != nil {
-				return err
-			}
-		}
-		if err := srv.Reload(context.Background(), next); err != nil {
-			return err
-		}
-		ah.SetToken(tok)
-		cfg = next
-		return nil
-	}
-	for {
-		select {
-		case done := <-reloads:
-			err := doReload()
-			logReload(logger, "api", err)
-			done <- err
-			continue
-		case sig := <-sigs:
-			if sig == syscall.SIGHUP {
-				if cfgPath == "" {
-					logger.Warn("SIGHUP ignored: reload needs --config")
-					continue
-				}
-				logReload(logger, "SIGHUP", doReload())
-				continue
-			}
-			logger.Info("shutting down: draining connections", zap.String("signal", sig.String()))
-		}
-		break
-	}
-
-	if h.stopping != nil {
-		h.stopping()
-	}
-	// A second signal cuts the drain short.
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go func() {
-		for sig := range sigs {
-			if sig != syscall.SIGHUP {
-				logger.Warn("second signal: closing open connections now")
-				cancel()
-				return
-			}
-		}
-	}()
-	if err := srv.Shutdown(ctx); err != nil {
-		logger.Warn("drain incomplete", zap.Error(err))
-	}
-	if adm != nil {
-		actx, acancel := context.WithTimeout(context.Background(), 5*time.Second)
-		adm.Shutdown(actx)
-		acancel()
-	}
-	logger.Info("stopped")
-	return nil
-}
-
-func logReload(logger *zap.Logger, trigger string, err error) {
-	if err != nil {
-		logger.Error("reload rejected; the running configuration stays", zap.String("trigger", trigger), zap.Error(err))
-		return
-	}
-	logger.Info("configuration reloaded", zap.String("trigger", trigger))
+	o.Signals = sigs
+	o.Version = version
+	return supervisor.Run(o)
 }
 
 func cmdCheck(args []string, stdout, stderr io.Writer) error {

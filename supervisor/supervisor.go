@@ -1,0 +1,238 @@
+// Package supervisor runs the life of one rota process: the server and its
+// admin API started from a configuration; reloads (SIGHUP, POST
+// /api/v1/reload) applied one at a time, the admin token re-read with each;
+// and shutdown, where the first SIGINT or SIGTERM drains every listener
+// and a second cuts the drains short. Signals arrive on a channel, so tests
+// drive it without a process; cmd/rota only parses flags and wires.
+package supervisor
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/rota-proxy/rota/admin"
+	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/server"
+)
+
+// Options are what Run runs.
+type Options struct {
+	Config *config.Config // valid
+	// File is where Config was read; "" when it was built otherwise
+	// (reloads then have nothing to re-read).
+	File string
+	// TokenFile, if set, stands for admin.token_file over every reload
+	// (--admin-token-file).
+	TokenFile string
+	Logger    *zap.Logger
+	Version   string // shown by the admin API
+	Pprof     bool   // serve Go's profiler at /debug/pprof/ on the admin address
+	// Signals are the process's: SIGHUP reloads, SIGINT and SIGTERM shut
+	// down (a second one cuts the drains).
+	Signals <-chan os.Signal
+	// Ready, if set, runs once everything listens; an error stops Run.
+	Ready func(*server.Server) error
+	// Stopping, if set, runs on the shutdown signal, before the drain.
+	Stopping func()
+}
+
+// startTimeout bounds the start (an embedded etcd's first election).
+const startTimeout = time.Minute
+
+// Run starts what o describes and runs it until a shutdown signal, then
+// drains and returns nil; it returns an error only when the start failed.
+func Run(o Options) error {
+	if o.Logger == nil {
+		o.Logger = zap.NewNop()
+	}
+	s := &supervisor{o: o, cfg: o.Config, reloads: make(chan chan error)}
+	if err := s.start(); err != nil {
+		return err
+	}
+	for s.next() {
+	}
+	s.shutdown()
+	return nil
+}
+
+// supervisor is Run's state; its goroutine is the only one that touches it.
+type supervisor struct {
+	o       Options
+	cfg     *config.Config // in force
+	srv     *server.Server
+	ah      *admin.Handler
+	adm     *admin.Server
+	reloads chan chan error // POST /api/v1/reload's requests, answered here
+}
+
+// start starts the server, then the admin API, then Ready; what started is
+// stopped again if a later step fails.
+func (s *supervisor) start() error {
+	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+	srv, err := server.Start(ctx, s.cfg, s.o.Logger)
+	cancel()
+	if err != nil {
+		return err
+	}
+	s.srv = srv
+	s.ah = &admin.Handler{State: srv, Logger: s.o.Logger.Named("admin"), Version: s.o.Version, Pprof: s.o.Pprof}
+	if s.o.File != "" {
+		s.ah.Reload = s.requestReload
+	}
+	if err := s.startAdmin(); err != nil {
+		srv.Shutdown(context.Background())
+		return err
+	}
+	if s.o.Ready != nil {
+		if err := s.o.Ready(srv); err != nil {
+			if s.o.Stopping != nil {
+				s.o.Stopping()
+			}
+			s.stop(context.Background())
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *supervisor) startAdmin() error {
+	a := s.cfg.Admin
+	if a.Listen == "" {
+		return nil
+	}
+	if a.TokenFile != "" {
+		tok, err := admin.ReadToken(a.TokenFile)
+		if err != nil {
+			return err
+		}
+		s.ah.SetToken(tok)
+	}
+	adm, err := admin.Listen(a.Listen, s.ah)
+	if err != nil {
+		return fmt.Errorf("admin: %w", err)
+	}
+	s.adm = adm
+	s.o.Logger.Info("admin listening", zap.String("addr", adm.Addr().String()))
+	return nil
+}
+
+// requestReload is the admin API's reload: it asks Run's goroutine, which
+// applies reloads one at a time, and waits for the answer or ctx.
+func (s *supervisor) requestReload(ctx context.Context) error {
+	done := make(chan error, 1)
+	select {
+	case s.reloads <- done:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// next handles one event: a reload asked for by the API or SIGHUP, or a
+// shutdown signal (false).
+func (s *supervisor) next() bool {
+	select {
+	case done := <-s.reloads:
+		err := s.reload()
+		logReload(s.o.Logger, "api", err)
+		done <- err
+	case sig := <-s.o.Signals:
+		if sig != syscall.SIGHUP {
+			s.o.Logger.Info("shutting down: draining connections", zap.String("signal", sig.String()))
+			return false
+		}
+		if s.o.File == "" {
+			s.o.Logger.Warn("SIGHUP ignored: reload needs --config")
+			return true
+		}
+		logReload(s.o.Logger, "SIGHUP", s.reload())
+	}
+	return true
+}
+
+// reload re-reads the file and applies it; the admin socket stays where it
+// is, and the token file is read again (a reload rotates the token).
+func (s *supervisor) reload() error {
+	next, err := config.Load(s.o.File)
+	if err != nil {
+		return err
+	}
+	next.Admin.Listen = s.cfg.Admin.Listen
+	if s.o.TokenFile != "" {
+		next.Admin.TokenFile = s.o.TokenFile
+	}
+	if err := next.Validate(); err != nil {
+		return err
+	}
+	tok := ""
+	if next.Admin.Listen != "" && next.Admin.TokenFile != "" {
+		if tok, err = admin.ReadToken(next.Admin.TokenFile); err != nil {
+			return err
+		}
+	}
+	if err := s.srv.Reload(context.Background(), next); err != nil {
+		return err
+	}
+	s.ah.SetToken(tok)
+	s.cfg = next
+	return nil
+}
+
+// shutdown drains every listener, the ones reloads removed included; a
+// second shutdown signal meanwhile cuts the drains.
+func (s *supervisor) shutdown() {
+	if s.o.Stopping != nil {
+		s.o.Stopping()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	watching := make(chan struct{})
+	go func() {
+		defer close(watching)
+		for {
+			select {
+			case sig := <-s.o.Signals:
+				if sig != syscall.SIGHUP {
+					s.o.Logger.Warn("second signal: closing open connections now")
+					cancel()
+					return
+				}
+			case <-ctx.Done(): // the drain ended
+				return
+			}
+		}
+	}()
+	s.stop(ctx)
+	cancel()
+	<-watching
+	s.o.Logger.Info("stopped")
+}
+
+// stop shuts the server down (bounded by ctx), then the admin API.
+func (s *supervisor) stop(ctx context.Context) {
+	if err := s.srv.Shutdown(ctx); err != nil {
+		s.o.Logger.Warn("drain incomplete", zap.Error(err))
+	}
+	if s.adm != nil {
+		actx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		s.adm.Shutdown(actx)
+		cancel()
+	}
+}
+
+func logReload(logger *zap.Logger, trigger string, err error) {
+	if err != nil {
+		logger.Error("reload rejected; the running configuration stays", zap.String("trigger", trigger), zap.Error(err))
+		return
+	}
+	logger.Info("configuration reloaded", zap.String("trigger", trigger))
+}
