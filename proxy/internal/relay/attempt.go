@@ -1,0 +1,226 @@
+package relay
+
+// Attempts: the targets tried in turn, the dial, and the window in which a
+// target that closes or resets is replaced by the next one.
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	proxyproto "github.com/pires/go-proxyproto"
+	"github.com/rota-proxy/rota/balancer"
+)
+
+// ReplayLimit bounds the client bytes kept for replay: past it, the window
+// closes as if the target had answered.
+const ReplayLimit = 16 << 10
+
+// DyingWindow is how soon after its connect a target that closes or resets
+// before any client byte reached it is taken for a dying instance: the
+// kernel resetting its accept queue as the process exits, or the process
+// killed between accept and read. Such a target is reported to health
+// checking and the next one is tried. Later, the same close is the
+// target's own answer to a client that stayed silent (a server's header or
+// idle timeout: nginx client_header_timeout, Go's ReadHeaderTimeout, Redis
+// timeout, PostgreSQL authentication_timeout, the shortest of which is 1 s):
+// it is passed to the client and health checks alone judge the target.
+const DyingWindow = 250 * time.Millisecond
+
+// ResetGrace is how long a target that closed cleanly after taking client
+// bytes is watched for the reset its kernel sends when those bytes arrived
+// after it closed unread (a process killed between accept and read), with
+// ReplayOnReset on. A reset means the bytes were never read: they go to the
+// next target. No reset: the close was the target's answer.
+const ResetGrace = 50 * time.Millisecond
+
+// pick starts the attempts: the picker's cursor, 1 + Retries targets at most.
+func (c *Conn) pick(now int64) Action {
+	c.cursor = c.picker.Pick()
+	// (Retries is bounded by the config; min first, so no value wraps.)
+	c.tries = int32(min(max(c.cfg.Retries, 0), c.cursor.Len()-1) + 1)
+	return c.next(now, nil)
+}
+
+// next moves to the next target of the cursor, or gives up.
+func (c *Conn) next(now int64, lastErr error) Action {
+	c.target = nil
+	if c.closing {
+		c.Err = lastErr
+		return c.end(Close)
+	}
+	if c.tries > 0 {
+		if t := c.cursor.Next(); t != nil {
+			c.tries--
+			c.target = t
+			c.state = Dialing
+			c.due = deadline(now, c.cfg.DialTimeout)
+			c.sent = 0
+			if c.x != nil {
+				c.x.hdrSent = 0
+			}
+			c.resetOnWrite, c.spoke, c.lingering = false, false, false
+			c.retireAt, c.retireWhy = 0, balancer.Kept // that was the last target's
+			return Dial
+		}
+	}
+	c.stats.NoTarget.Add(1)
+	if lastErr == nil {
+		c.Err = ErrNoTarget
+	} else {
+		c.Err = fmt.Errorf("all attempts failed, last: %w", lastErr)
+	}
+	return c.end(Refused)
+}
+
+// DialTimeout is the time an attempt may take; 0: no bound.
+func (c *Conn) DialTimeout() time.Duration { return c.cfg.DialTimeout }
+
+// Dialed reports that the connection to Target() is established. The driver
+// then writes Pending() (the PROXY header and any bytes held) before
+// anything else.
+func (c *Conn) Dialed(now int64) Action {
+	if c.state != Dialing {
+		panic("relay: Dialed in state " + c.state.String())
+	}
+	t := c.target
+	t.Active.Add(1)
+	t.Total.Add(1)
+	c.state = Open
+	c.last = now
+	c.due = now + int64(DyingWindow)
+	if c.cfg.ProxyProtocol != 0 && (c.x == nil || c.x.hdr == nil) {
+		h := proxyproto.HeaderProxyFromAddrs(byte(c.cfg.ProxyProtocol), net.TCPAddrFromAddrPort(c.Src), net.TCPAddrFromAddrPort(c.Dst))
+		b, err := h.Format()
+		if err != nil {
+			return c.close(fmt.Errorf("PROXY header: %w", err))
+		}
+		c.more().hdr = b
+	}
+	if c.clientEOF {
+		return ShutTarget // after Pending, like every FIN
+	}
+	return Flush
+}
+
+// DialFailed reports that the attempt on Target() failed; the next target
+// is tried.
+func (c *Conn) DialFailed(err error, now int64) Action {
+	t := c.target
+	err = fmt.Errorf("%s: %w", t.Addr, err)
+	c.fail(t, err)
+	return c.next(now, err)
+}
+
+// fail counts a failed attempt on t and reports it to health checking,
+// unless the failure is the proxy's own (shutting down).
+func (c *Conn) fail(t *balancer.Target, err error) {
+	if c.closing {
+		return
+	}
+	t.DialErrors.Add(1)
+	c.stats.DialErrors.Add(1)
+	if c.report != nil {
+		c.report(t.Addr, err)
+	}
+}
+
+// TargetEOF reports the target's FIN. A clean close is an answer (the
+// target may have acted on the request), so the client gets it; but a
+// target that closed within DyingWindow of its connect, before any client
+// byte reached it, is a dying instance: the next one is tried. With replay
+// on, one that took bytes is watched for a reset first (Linger). After a
+// write found the target reset, the FIN is that reset, which Linux reports
+// once.
+func (c *Conn) TargetEOF(now int64) Action {
+	if c.state == Open {
+		switch {
+		case c.resetOnWrite:
+			return c.TargetReset(errors.New("EOF after a reset"), now)
+		case c.dying(now):
+			return c.TargetReset(errors.New("closed before it was asked anything"), now)
+		case c.spoke && c.mayReplay():
+			c.lingering = true
+			c.lingerUntil = now + int64(ResetGrace)
+			return Linger
+		}
+	}
+	c.commit()
+	return ShutClient
+}
+
+// dying reports whether the target's close or reset, now, is a dying
+// instance's rather than an answer: it came within DyingWindow of the
+// connect, and nothing of the client's reached the target: no byte, and no
+// FIN (a FIN goes after everything pending; a close in answer to it is the
+// target's answer to a client that left without a word).
+func (c *Conn) dying(now int64) bool {
+	finSent := c.clientEOF && len(c.Pending()) == 0
+	return c.state == Open && !c.spoke && !finSent && now < c.due
+}
+
+// mayReplay reports whether the client's bytes may go to another target
+// should this one reset: replay is on and has not been used. One replay a
+// connection: a request that makes every target reset (a query of death)
+// reaches two targets, not the whole fleet.
+func (c *Conn) mayReplay() bool { return c.cfg.ReplayOnReset && !c.replayed }
+
+// Lingering reports whether c waits to learn whether its target reset.
+func (c *Conn) Lingering() bool { return c.lingering }
+
+// Settled ends a Linger: reset says the target's socket reported a reset.
+func (c *Conn) Settled(reset bool, now int64) Action {
+	if !c.lingering {
+		return Continue
+	}
+	c.lingering = false
+	if reset {
+		return c.TargetReset(errors.New("reset after its FIN"), now)
+	}
+	c.commit()
+	return ShutClient
+}
+
+// WriteReset reports that a write to the target found it reset. Before
+// the window closes the driver keeps reading the target, which ends the
+// attempt (TargetEOF or TargetReset); after, the client sees the reset.
+func (c *Conn) WriteReset(err error) Action {
+	if c.state == Open {
+		c.resetOnWrite = true
+		return Continue
+	}
+	return c.reset(err)
+}
+
+// TargetReset reports that the target reset the connection. A dying
+// instance's reset (see dying) is reported and the next target dialled
+// (the bytes held are sent to it); with replay on, a reset after the target
+// took client bytes but before its first byte replays them to the next
+// target once, reporting nothing: the data path cannot tell a dead target
+// from a request it refused, so only health checks judge it. Otherwise the
+// client sees the reset.
+func (c *Conn) TargetReset(err error, now int64) Action {
+	c.lingering = false
+	t := c.target
+	switch {
+	case c.dying(now):
+		err = fmt.Errorf("%s: reset before it was asked anything: %w", t.Addr, err)
+		t.Active.Add(-1)
+		c.fail(t, err)
+		return c.next(now, err)
+	case c.state == Open && c.spoke && c.mayReplay():
+		c.replayed = true
+		err = fmt.Errorf("%s: reset before its first byte: %w", t.Addr, err)
+		t.Active.Add(-1)
+		c.stats.Replays.Add(1)
+		return c.next(now, err)
+	}
+	c.commit()
+	return c.reset(err)
+}
+
+func (c *Conn) reset(err error) Action {
+	c.close(err)
+	return Reset
+}
