@@ -273,17 +273,13 @@ func (li *listening) stop() {
 	hs := li.hs
 	li.hs = nil
 	li.mu.Unlock()
-	posted := 0
 	for _, h := range hs {
-		if h.l.p.Post(h.stop) {
-			posted++
-		} else {
+		if !h.l.p.Post(h.stop) {
 			li.unref()
 		}
 	}
 	// Loops that never registered (their listen is still queued) drop
 	// their reference there, seeing the listener closed.
-	_ = posted
 }
 
 // acceptor is one loop's registration of a listener.

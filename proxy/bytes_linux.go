@@ -1,0 +1,299 @@
+package proxy
+
+// A connection's bytes in the relay loops: read and write through the
+// loop's buffer, splice through a lent pipe for bulk, the FIN passed on
+// once everything before it went, and what a winding-down side still sends.
+
+import (
+	"github.com/rota-proxy/rota/internal/neterr"
+	"github.com/rota-proxy/rota/internal/poller"
+	"github.com/rota-proxy/rota/proxy/internal/relay"
+)
+
+// step moves whatever can move in both directions.
+func (c *conn) step() {
+	if c.done || !c.m.Connected() || c.m.Lingering() {
+		return
+	}
+	more := c.flow(&c.c, &c.t, true)
+	if c.done || !c.m.Connected() || c.m.Lingering() {
+		return
+	}
+	more = c.flow(&c.t, &c.c, false) || more
+	if c.done || !c.m.Connected() || c.m.Lingering() {
+		return
+	}
+	if c.m.Winding() {
+		c.drop(&c.c)
+		c.drop(&c.t)
+		if c.done {
+			return
+		}
+	}
+	if c.c.eof && c.t.eof && c.c.shut && c.t.shut && !c.c.dropping && !c.t.dropping {
+		c.finish(false, nil)
+		return
+	}
+	if more && !c.queued {
+		c.queued = true
+		c.l.p.Set(&c.timer, c.l.p.Now(), c)
+	}
+}
+
+// flow copies src to dst until src has nothing more, dst takes no more, or
+// the spin limit; it reports whether it stopped at the limit. toTarget says
+// src is the client.
+func (c *conn) flow(src, dst *side, toTarget bool) bool {
+	for start := src.moved; ; {
+		if !c.flush(dst, toTarget) {
+			return false
+		}
+		if src.pipe != nil && src.pipe.n > 0 && !c.pump(src, dst, toTarget) {
+			return false
+		}
+		if src.eof {
+			c.passEOF(src, dst, toTarget)
+			return false
+		}
+		if c.m.Winding() && (!src.in || src.moved >= src.windMark) {
+			// Winding down, and dst has all src had sent: pass dst a
+			// FIN as if src had sent one.
+			c.putPipe(src)
+			src.eof, src.dropping = true, true
+			if toTarget {
+				c.shutT = true
+			} else {
+				c.shutC = true
+			}
+			c.passEOF(src, dst, toTarget)
+			return false
+		}
+		if !src.in {
+			c.putPipe(src)
+			return false
+		}
+		if src.moved-start >= turnBytes {
+			return true
+		}
+		if src.pipe != nil {
+			if !c.drain(src, toTarget) {
+				return false
+			}
+			continue
+		}
+		if !c.read(src, dst, toTarget) {
+			return false
+		}
+	}
+}
+
+// drop reads and discards what s sends after its wind-down FIN, until it
+// closes.
+func (c *conn) drop(s *side) {
+	for s.dropping && s.in && !c.done {
+		n, err := poller.Read(s.fd.Num(), c.l.buf)
+		switch {
+		case err == errEAGAIN:
+			s.in = false
+		case err != nil:
+			c.finish(false, err)
+		case n == 0:
+			s.in, s.dropping = false, false
+		}
+	}
+}
+
+// passEOF sends dst the FIN the machine asked for, once dst has everything.
+func (c *conn) passEOF(src, dst *side, toTarget bool) {
+	due := c.shutC
+	if toTarget {
+		due = c.shutT
+	}
+	if !due || dst.shut {
+		return
+	}
+	dst.shut = true
+	if dst.eof && src.shut && !c.m.Winding() {
+		return // both directions are done: closing sends the FIN
+	}
+	if err := shutdownWrite(dst.fd.Num()); err != nil && err != errENOTCONN {
+		c.finish(false, err)
+	}
+}
+
+// flush writes what is queued for dst: toward the target, the machine's
+// pending bytes first. It reports whether the queue is empty.
+func (c *conn) flush(dst *side, toTarget bool) bool {
+	if toTarget {
+		for p := c.m.Pending(); len(p) > 0; p = c.m.Pending() {
+			n, err := poller.Write(dst.fd.Num(), p)
+			if err == errEAGAIN {
+				return false
+			}
+			if err != nil {
+				return c.writeFailed(err, toTarget)
+			}
+			c.m.Wrote(n)
+		}
+	}
+	if dst.pend == nil {
+		return true
+	}
+	p := *dst.pend
+	for dst.off < len(p) {
+		n, err := poller.Write(dst.fd.Num(), p[dst.off:])
+		if err == errEAGAIN {
+			return false
+		}
+		if err != nil {
+			return c.writeFailed(err, toTarget)
+		}
+		dst.off += n
+	}
+	putPend(dst)
+	return true
+}
+
+// writeFailed handles a failed write; it returns false (stop this
+// direction).
+func (c *conn) writeFailed(err error, toTarget bool) bool {
+	if toTarget && neterr.IsReset(err) {
+		// Inside the window the target's read decides what follows.
+		c.act(c.m.WriteReset(err))
+		return false
+	}
+	c.finish(false, err)
+	return false
+}
+
+// write writes data to dst, keeping what the socket does not take.
+func (c *conn) write(dst *side, data []byte, toTarget bool) bool {
+	for len(data) > 0 {
+		n, err := poller.Write(dst.fd.Num(), data)
+		if err == errEAGAIN {
+			break
+		}
+		if err != nil {
+			return c.writeFailed(err, toTarget)
+		}
+		data = data[n:]
+	}
+	if len(data) > 0 {
+		bp := pendPool.Get().(*[]byte)
+		*bp = append((*bp)[:0], data...)
+		dst.pend, dst.off = bp, 0
+	}
+	return true
+}
+
+func putPend(s *side) {
+	if s.pend != nil {
+		*s.pend = (*s.pend)[:0]
+		pendPool.Put(s.pend)
+		s.pend, s.off = nil, 0
+	}
+}
+
+// read reads src once and hands the bytes on as the machine says. It
+// reports whether the flow goes on.
+func (c *conn) read(src, dst *side, toTarget bool) bool {
+	buf := c.l.buf
+	n, err := poller.Read(src.fd.Num(), buf)
+	now := c.l.p.Now()
+	switch {
+	case err == errEAGAIN:
+		src.in = false
+		return true
+	case err != nil:
+		if !toTarget && neterr.IsReset(err) {
+			c.run(c.m.TargetReset(err, now))
+			return false
+		}
+		c.finish(false, err)
+		return false
+	case n == 0:
+		src.in, src.eof = false, true
+		if toTarget {
+			return c.act(c.m.ClientEOF())
+		}
+		return c.act(c.m.TargetEOF(now))
+	}
+	src.moved += uint64(n)
+	if n < len(buf) && !src.hup {
+		// Edge-triggered: bytes arriving after this read raise a new edge.
+		src.in = false
+	}
+	data := buf[:n]
+	var a relay.Action
+	if toTarget {
+		a = c.m.FromClient(data, now)
+	} else {
+		a = c.m.FromTarget(n, now)
+	}
+	switch a {
+	case relay.Forward:
+		if !c.write(dst, data, toTarget) {
+			return false
+		}
+		if n == len(buf) && c.m.Committed() {
+			// A full read: a bulk transfer. The rest goes by splice.
+			// (Small messages stay with read and write, which beat a
+			// pipe's round trip.)
+			src.pipe = c.l.getPipe()
+		}
+		return true
+	case relay.Flush:
+		return true // queued in the machine: flush writes it
+	}
+	return c.act(a)
+}
+
+// drain splices what src has into its empty pipe.
+func (c *conn) drain(src *side, toTarget bool) bool {
+	n, err := splice(src.fd.Num(), src.pipe.w, turnBytes)
+	switch {
+	case err == errEAGAIN:
+		src.in = false // the pipe was empty, so it is the socket
+		return true
+	case err != nil:
+		if !toTarget && neterr.IsReset(err) {
+			c.run(c.m.TargetReset(err, c.l.p.Now()))
+			return false
+		}
+		c.finish(false, err)
+		return false
+	case n == 0:
+		src.in, src.eof = false, true
+		if toTarget {
+			return c.act(c.m.ClientEOF())
+		}
+		return c.act(c.m.TargetEOF(c.l.p.Now()))
+	}
+	src.pipe.n = n
+	src.moved += uint64(n)
+	c.m.Spliced(toTarget, n, c.l.p.Now())
+	return true
+}
+
+// pump splices src's pipe into dst and reports whether it emptied.
+func (c *conn) pump(src, dst *side, toTarget bool) bool {
+	for src.pipe.n > 0 {
+		n, err := splice(src.pipe.r, dst.fd.Num(), src.pipe.n)
+		switch {
+		case err == errEAGAIN:
+			return false // dst is full; its EPOLLOUT edge resumes
+		case err != nil:
+			return c.writeFailed(err, toTarget)
+		}
+		src.pipe.n -= n
+	}
+	return true
+}
+
+// putPipe returns src's pipe to the loop once the transfer pauses.
+func (c *conn) putPipe(src *side) {
+	if src.pipe != nil && src.pipe.n == 0 {
+		c.l.putPipe(src.pipe)
+		src.pipe = nil
+	}
+}
