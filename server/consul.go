@@ -13,7 +13,7 @@ type consulRegistry struct {
 	client *consul.Client
 }
 
-func openConsul(cfg config.Consul, _ *zap.Logger) (*consulRegistry, error) {
+func openConsul(cfg config.Consul) (*consulRegistry, error) {
 	c, err := consul.NewClient(consul.ClientConfig{
 		Address: cfg.Address, Datacenter: cfg.Datacenter, TokenFile: cfg.TokenFile,
 	})

@@ -163,7 +163,6 @@ func (w *Watcher) session(ctx context.Context, sink discovery.Sink, st *watchSta
 	w.resync(st, resp)
 	st.synced = true
 	w.publish(sink, st, true)
-	lastPub := time.Now()
 
 	sctx, stop := context.WithCancelCause(ctx)
 	var wg sync.WaitGroup
@@ -177,119 +176,153 @@ func (w *Watcher) session(ctx context.Context, sink discovery.Sink, st *watchSta
 	// gRPC watch stream and its goroutines, whatever else shares the client.
 	watcher := clientv3.NewWatcher(w.client)
 	defer watcher.Close()
-	// The watch's context names its gRPC stream: progress requests must
-	// carry the same one (with its require-leader metadata) to reach it.
-	wctx := clientv3.WithRequireLeader(sctx)
-	// From the revision applied, not the next: etcd answers a progress
-	// request only for watches that started at or before its current
-	// revision, so a watch from rev+1 on a quiet cluster would never be
-	// answered. The events at rev itself are skipped by apply.
-	// Watch blocks until the member confirms the watch: a member that
-	// stopped answering must not hold this session there for ever.
+	f := &follow{w: w, sink: sink, st: st, watcher: watcher, lastPub: time.Now(),
+		// The watch's context names its gRPC stream: progress requests
+		// must carry the same one (with its require-leader metadata) to
+		// reach it.
+		wctx: clientv3.WithRequireLeader(sctx)}
+	if err := f.open(sctx, &wg); err != nil {
+		return err
+	}
+	return f.run(sctx)
+}
+
+// follow is a session's watch: the responses applied to its state, and
+// snapshots published no more often than their size allows. The session's
+// goroutine owns it.
+type follow struct {
+	w       *Watcher
+	sink    discovery.Sink
+	st      *watchState
+	watcher clientv3.Watcher
+	wctx    context.Context
+	wch     clientv3.WatchChan
+	heard   time.Time // the member's last answer
+	lastPub time.Time
+	dirty   bool // applied, not yet published
+}
+
+// open starts the watch from the revision applied, not the next: etcd
+// answers a progress request only for watches that started at or before
+// its current revision, so a watch from rev+1 on a quiet cluster would
+// never be answered (the events at rev itself are skipped by apply).
+// Watch blocks until the member confirms the watch: a member that stopped
+// answering must not hold the session there for ever.
+func (f *follow) open(ctx context.Context, wg *sync.WaitGroup) error {
 	created := make(chan clientv3.WatchChan, 1)
 	wg.Go(func() {
-		created <- watcher.Watch(wctx, w.keyPrefix,
-			clientv3.WithPrefix(), clientv3.WithRev(st.rev),
+		created <- f.watcher.Watch(f.wctx, f.w.keyPrefix,
+			clientv3.WithPrefix(), clientv3.WithRev(f.st.rev),
 			clientv3.WithPrevKV(), clientv3.WithProgressNotify())
 	})
-	var wch clientv3.WatchChan
 	select {
-	case wch = <-created:
-	case <-sctx.Done():
-		return context.Cause(sctx)
+	case f.wch = <-created:
+		f.heard = time.Now()
+		return nil
+	case <-ctx.Done():
+		return context.Cause(ctx)
 	case <-time.After(staleAfter):
-		if w.Steer != nil {
-			w.Steer.Refresh(st.member)
+		if f.w.Steer != nil {
+			f.w.Steer.Refresh(f.st.member)
 		}
-		return fmt.Errorf("etcd: watch %s: member %x did not start the watch within %v: %w", w.keyPrefix, st.member, staleAfter, ErrStale)
+		return fmt.Errorf("etcd: watch %s: member %x did not start the watch within %v: %w", f.w.keyPrefix, f.st.member, staleAfter, ErrStale)
 	}
+}
+
+// take applies one watch response; an error ends the session.
+func (f *follow) take(wr clientv3.WatchResponse, ok bool) error {
+	st := f.st
+	if !ok {
+		return fmt.Errorf("etcd: watch %s (applied up to revision %d): channel closed", f.w.keyPrefix, st.rev)
+	}
+	if err := wr.Err(); err != nil {
+		return fmt.Errorf("etcd: watch %s (applied up to revision %d): %w", f.w.keyPrefix, st.rev, err)
+	}
+	f.heard = time.Now()
+	st.member = wr.Header.MemberId
+	if wr.IsProgressNotify() {
+		// Every event up to the header revision has been delivered.
+		st.rev = max(st.rev, wr.Header.Revision)
+		if !f.dirty {
+			f.sink.Synced()
+		}
+		return nil
+	}
+	if f.w.apply(st, wr.Events) {
+		f.dirty = true
+	}
+	return nil
+}
+
+// takeArrived takes every response already here: a burst is applied, and
+// published, once.
+func (f *follow) takeArrived() error {
+	for {
+		select {
+		case wr, ok := <-f.wch:
+			if err := f.take(wr, ok); err != nil {
+				return err
+			}
+		default:
+			return nil
+		}
+	}
+}
+
+// publish publishes what was applied.
+func (f *follow) publish() {
+	f.w.publish(f.sink, f.st, false)
+	f.dirty, f.lastPub = false, time.Now()
+}
+
+// run follows the watch until it fails or ctx is done.
+func (f *follow) run(ctx context.Context) error {
 	progress := time.NewTicker(progressEvery)
 	defer progress.Stop()
 	flush := time.NewTimer(time.Hour)
 	flush.Stop()
 	defer flush.Stop()
-	heard, dirty, flushing := time.Now(), false, false
-
-	// take applies one watch response; false ends the session with err.
-	take := func(wr clientv3.WatchResponse, ok bool) (bool, error) {
-		if !ok {
-			return false, fmt.Errorf("etcd: watch %s (applied up to revision %d): channel closed", w.keyPrefix, st.rev)
-		}
-		if err := wr.Err(); err != nil {
-			return false, fmt.Errorf("etcd: watch %s (applied up to revision %d): %w", w.keyPrefix, st.rev, err)
-		}
-		heard = time.Now()
-		st.member = wr.Header.MemberId
-		if wr.IsProgressNotify() {
-			// Every event up to the header revision has been delivered.
-			st.rev = max(st.rev, wr.Header.Revision)
-			if !dirty {
-				sink.Synced()
-			}
-			return true, nil
-		}
-		if w.apply(st, wr.Events) {
-			dirty = true
-		}
-		return true, nil
-	}
+	flushing := false
 	for {
 		select {
-		case <-sctx.Done():
-			return context.Cause(sctx)
-		case wr, ok := <-wch:
-			if sctx.Err() != nil {
-				return context.Cause(sctx)
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		case wr, ok := <-f.wch:
+			if ctx.Err() != nil {
+				return context.Cause(ctx)
 			}
-			if more, err := take(wr, ok); !more {
+			if err := f.take(wr, ok); err != nil {
 				return err
 			}
-			// Take whatever else has arrived: a burst is published once.
-			for drained := false; !drained; {
-				select {
-				case wr, ok := <-wch:
-					if more, err := take(wr, ok); !more {
-						return err
-					}
-				default:
-					drained = true
-				}
+			if err := f.takeArrived(); err != nil {
+				return err
 			}
-			if dirty && !flushing {
-				if d := spacing(len(st.keys)) - time.Since(lastPub); d > 0 {
+			if f.dirty && !flushing {
+				if d := spacing(len(f.st.keys)) - time.Since(f.lastPub); d > 0 {
 					flush.Reset(d)
 					flushing = true
 				} else {
-					w.publish(sink, st, false)
-					dirty, lastPub = false, time.Now()
+					f.publish()
 				}
 			}
 		case <-flush.C:
 			flushing = false
-			if dirty {
-				w.publish(sink, st, false)
-				dirty, lastPub = false, time.Now()
+			if f.dirty {
+				f.publish()
 			}
 		case <-progress.C:
 			// Answers already here count, whichever case select took.
-			for drained := false; !drained; {
-				select {
-				case wr, ok := <-wch:
-					if more, err := take(wr, ok); !more {
-						return err
-					}
-				default:
-					drained = true
-				}
+			if err := f.takeArrived(); err != nil {
+				return err
 			}
-			if since := time.Since(heard); since > staleAfter {
-				member := st.member
-				if w.Steer != nil {
-					w.Steer.Refresh(member)
+			if since := time.Since(f.heard); since > staleAfter {
+				member := f.st.member
+				if f.w.Steer != nil {
+					f.w.Steer.Refresh(member)
 				}
-				return fmt.Errorf("etcd: watch %s: no answer from member %x for %v: %w", w.keyPrefix, member, since.Round(time.Millisecond), ErrStale)
+				return fmt.Errorf("etcd: watch %s: no answer from member %x for %v: %w", f.w.keyPrefix, member, since.Round(time.Millisecond), ErrStale)
 			}
-			watcher.RequestProgress(wctx)
+			f.watcher.RequestProgress(f.wctx)
 		}
 	}
 }
