@@ -112,7 +112,7 @@ func TestStatusPageBalance(t *testing.T) {
 
 	// 40 connections: 10 and 30, sampled into the history within a second.
 	proxyAddr := srv.Status()[0].Addr
-	waitUntil(t, "both targets up", func() bool {
+	testenv.Eventually(t, "both targets up", 15*time.Second, func() bool {
 		st := srv.Status()[0]
 		return len(st.Targets) == 2 && st.Targets[0].Health.State.String() == "up" && st.Targets[1].Health.State.String() == "up"
 	})
@@ -124,7 +124,7 @@ func TestStatusPageBalance(t *testing.T) {
 		io.ReadAll(c)
 		c.Close()
 	}
-	waitUntil(t, "the minute's history to hold the 40 connections", func() bool {
+	testenv.Eventually(t, "the minute's history to hold the 40 connections", 15*time.Second, func() bool {
 		var n uint64
 		for _, tg := range srv.Status()[0].Targets {
 			for _, k := range tg.History.Samples() {
@@ -223,11 +223,6 @@ func saveScreenshot(t *testing.T, ctx context.Context, name string) {
 	if err := os.WriteFile(filepath.Join("..", "docs", name), png, 0o644); err != nil {
 		t.Fatal(err)
 	}
-}
-
-func waitUntil(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	testenv.Eventually(t, what, 15*time.Second, cond)
 }
 
 // TestStatusPageRoutes renders a listener that routes by TLS server name:

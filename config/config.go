@@ -210,8 +210,6 @@ type Route struct {
 // Routed reports whether the listener routes by server name.
 func (l *Listener) Routed() bool { return len(l.Routes) > 0 }
 
-
-
 // Balance policies (the balance key): balancer's.
 const (
 	BalanceRoundRobin = balancer.RoundRobin
@@ -237,7 +235,6 @@ func Statics(addrs ...string) []StaticTarget {
 	}
 	return out
 }
-
 
 // Defaults that are not zero values. They are constants so that documentation
 // and tests can name them.

@@ -55,7 +55,7 @@ func TestServeBackendConsul(t *testing.T) {
 		Service: "web-consul",
 	})
 	addr := b.addr
-	waitFor(t, "the backend passing in consul", func() bool {
+	testenv.Eventually(t, "the backend passing in consul", wait, func() bool {
 		return slices.Equal(passing(t, direct, "web-consul"), []string{addr})
 	})
 	id := ConsulServiceID("web-consul", addr)
@@ -81,7 +81,7 @@ func TestServeBackendConsul(t *testing.T) {
 	agent.Kill()
 	agent.Start()
 	direct = agent.Client(t)
-	waitFor(t, "the backend registered again after the agent restart", func() bool {
+	testenv.Eventually(t, "the backend registered again after the agent restart", wait, func() bool {
 		return slices.Equal(passing(t, direct, "web-consul"), []string{addr})
 	})
 
@@ -115,7 +115,7 @@ func TestConsulRegistrarTwoBackends(t *testing.T) {
 	}
 	want := f.Addrs()
 	slices.Sort(want)
-	waitFor(t, "both backends passing", func() bool { return slices.Equal(passing(t, direct, "web"), want) })
+	testenv.Eventually(t, "both backends passing", wait, func() bool { return slices.Equal(passing(t, direct, "web"), want) })
 
 	// A backend that stops answering turns critical and leaves the
 	// passing set, while its registration stays until it deregisters.
@@ -124,7 +124,7 @@ func TestConsulRegistrarTwoBackends(t *testing.T) {
 		t.Fatal(err)
 	}
 	other := f.Backends()[1].Addr()
-	waitFor(t, "the closed backend's check critical", func() bool {
+	testenv.Eventually(t, "the closed backend's check critical", wait, func() bool {
 		return slices.Equal(passing(t, direct, "web"), []string{other})
 	})
 	if agentService(t, direct, ConsulServiceID("web", b.Addr())) == nil {

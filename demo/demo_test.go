@@ -47,11 +47,6 @@ func get(t *testing.T, method, url string) (int, string, string) {
 	return resp.StatusCode, string(body), resp.Header.Get("X-Backend")
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	testenv.Eventually(t, what, wait, cond)
-}
-
 func refused(addr string) bool {
 	c, err := net.DialTimeout("tcp", addr, time.Second)
 	if err != nil {
@@ -213,7 +208,7 @@ func TestFleetRegistersAndDeregisters(t *testing.T) {
 	if len(want) != DefaultFleetSize {
 		t.Fatalf("%d backends, want %d", len(want), DefaultFleetSize)
 	}
-	waitFor(t, "the fleet registered", func() bool { return slices.Equal(instances(t, direct), want) })
+	testenv.Eventually(t, "the fleet registered", wait, func() bool { return slices.Equal(instances(t, direct), want) })
 
 	names := map[string]bool{}
 	for _, b := range f.Backends() {
@@ -348,7 +343,7 @@ func TestServeBackendEtcd(t *testing.T) {
 		TTL:     5 * time.Second,
 	})
 	addr := b.addr
-	waitFor(t, "the backend registered", func() bool { return slices.Equal(instances(t, direct), []string{addr}) })
+	testenv.Eventually(t, "the backend registered", wait, func() bool { return slices.Equal(instances(t, direct), []string{addr}) })
 	if _, body, _ := get(t, "GET", "http://"+addr+"/"); body != "backend-7\n" {
 		t.Errorf("body %q", body)
 	}
@@ -436,11 +431,11 @@ func TestServeBackendDeregisterWait(t *testing.T) {
 		DeregisterWait: deregisterWait,
 	})
 	addr := b.addr
-	waitFor(t, "the backend registered", func() bool { return slices.Equal(instances(t, direct), []string{addr}) })
+	testenv.Eventually(t, "the backend registered", wait, func() bool { return slices.Equal(instances(t, direct), []string{addr}) })
 
 	b.cancel()
 	stopped := time.Now()
-	waitFor(t, "the deregistration", func() bool { return len(instances(t, direct)) == 0 })
+	testenv.Eventually(t, "the deregistration", wait, func() bool { return len(instances(t, direct)) == 0 })
 	// Deregistered, and still answering: without the wait the listener
 	// would close right after the deletion.
 	if _, body, _ := get(t, "GET", "http://"+addr+"/"); body != "backend-w\n" {

@@ -60,11 +60,6 @@ func (l *liveLog) last() []string {
 	return l.sets[len(l.sets)-1]
 }
 
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	testenv.Eventually(t, what, 10*time.Second, cond)
-}
-
 func listen(t *testing.T) net.Listener {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -83,18 +78,6 @@ func listen(t *testing.T) net.Listener {
 	})
 	t.Cleanup(func() { ln.Close(); wg.Wait() })
 	return ln
-}
-
-// freeAddr returns an address nothing listens on.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	a := ln.Addr().String()
-	ln.Close()
-	return a
 }
 
 func stateOf(c *health.Checker, addr string) health.Status {
@@ -120,13 +103,13 @@ func TestNewTargetUpOnFirstSuccessAndDownAfterFall(t *testing.T) {
 	defer c.Close()
 
 	c.Update([]string{addr})
-	eventually(t, "target up", func() bool { return slices.Equal(live.last(), []string{addr}) })
+	testenv.Eventually(t, "target up", 10*time.Second, func() bool { return slices.Equal(live.last(), []string{addr}) })
 	if s := stateOf(c, addr); s.State != health.Up || s.ConsecutiveSuccesses < 1 || s.LastCheck.IsZero() {
 		t.Fatalf("status after first success: %+v", s)
 	}
 
 	ln.Close()
-	eventually(t, "target down", func() bool { return len(live.last()) == 0 })
+	testenv.Eventually(t, "target down", 10*time.Second, func() bool { return len(live.last()) == 0 })
 	s := stateOf(c, addr)
 	if s.State != health.Down || s.ConsecutiveFailures < 3 || s.LastError == "" {
 		t.Fatalf("status after failures: %+v", s)
@@ -154,7 +137,7 @@ func TestDownTargetNeedsRiseSuccessesToReturn(t *testing.T) {
 		mu.Unlock()
 	})
 	c.Update([]string{addr})
-	eventually(t, "up", func() bool { return len(live.last()) == 1 })
+	testenv.Eventually(t, "up", 10*time.Second, func() bool { return len(live.last()) == 1 })
 	c.ReportFailure(addr, errors.New("connection refused"))
 	if s := stateOf(c, addr); s.State != health.Down {
 		t.Fatalf("ReportFailure did not take target down at once: %+v", s)
@@ -165,7 +148,7 @@ func TestDownTargetNeedsRiseSuccessesToReturn(t *testing.T) {
 	mu.Lock()
 	results = nil
 	mu.Unlock()
-	eventually(t, "back up", func() bool { return len(live.last()) == 1 })
+	testenv.Eventually(t, "back up", 10*time.Second, func() bool { return len(live.last()) == 1 })
 	mu.Lock()
 	defer mu.Unlock()
 	if len(results) < 2 || !results[0] || !results[1] {
@@ -177,7 +160,7 @@ func TestBackoffGrowsToCapAndNeverStops(t *testing.T) {
 	cfg := fast()
 	cfg.Interval = 5 * time.Millisecond
 	cfg.BackoffMax = 80 * time.Millisecond
-	addr := freeAddr(t)
+	addr := testenv.FreeAddr(t)
 	c := health.New(cfg, nil, nil)
 	defer c.Close()
 	var mu sync.Mutex
@@ -193,7 +176,7 @@ func TestBackoffGrowsToCapAndNeverStops(t *testing.T) {
 		mu.Unlock()
 	})
 	c.Update([]string{addr})
-	eventually(t, "ten probes", func() bool { mu.Lock(); defer mu.Unlock(); return len(delays) >= 10 })
+	testenv.Eventually(t, "ten probes", 10*time.Second, func() bool { mu.Lock(); defer mu.Unlock(); return len(delays) >= 10 })
 	mu.Lock()
 	defer mu.Unlock()
 	capped := false
@@ -248,12 +231,12 @@ func TestHTTPCheck(t *testing.T) {
 	c := health.New(cfg, nil, live.push)
 	defer c.Close()
 	c.Update([]string{addr})
-	eventually(t, "http target up", func() bool { return len(live.last()) == 1 })
+	testenv.Eventually(t, "http target up", 10*time.Second, func() bool { return len(live.last()) == 1 })
 	if _, ok := paths.Load("/elsewhere"); ok {
 		t.Fatal("health check followed a redirect")
 	}
 	healthy.Store(false)
-	eventually(t, "http target down on 503", func() bool { return len(live.last()) == 0 })
+	testenv.Eventually(t, "http target down on 503", 10*time.Second, func() bool { return len(live.last()) == 0 })
 	if s := stateOf(c, addr); s.LastError == "" || s.State != health.Down {
 		t.Fatalf("status: %+v", s)
 	}
@@ -262,17 +245,17 @@ func TestHTTPCheck(t *testing.T) {
 func TestCheckNoneIsLiveAtOnceAndReturnsAfterPassiveFailure(t *testing.T) {
 	cfg := fast()
 	cfg.Check = health.CheckNone
-	addr := freeAddr(t) // nothing listens: only passive marking can tell
+	addr := testenv.FreeAddr(t) // nothing listens: only passive marking can tell
 	var live liveLog
 	c := health.New(cfg, nil, live.push)
 	defer c.Close()
 	c.Update([]string{addr})
-	eventually(t, "up without probing", func() bool { return len(live.last()) == 1 })
+	testenv.Eventually(t, "up without probing", 10*time.Second, func() bool { return len(live.last()) == 1 })
 	c.ReportFailure(addr, errors.New("refused"))
 	if len(live.last()) != 0 {
 		t.Fatal("still live after a reported failure")
 	}
-	eventually(t, "readmitted after backoff", func() bool { return len(live.last()) == 1 })
+	testenv.Eventually(t, "readmitted after backoff", 10*time.Second, func() bool { return len(live.last()) == 1 })
 }
 
 // A dial that failed for lack of descriptors in rota itself says nothing
@@ -280,12 +263,12 @@ func TestCheckNoneIsLiveAtOnceAndReturnsAfterPassiveFailure(t *testing.T) {
 func TestLocalFailureLeavesTargetLive(t *testing.T) {
 	cfg := fast()
 	cfg.Check = health.CheckNone
-	addr := freeAddr(t)
+	addr := testenv.FreeAddr(t)
 	var live liveLog
 	c := health.New(cfg, nil, live.push)
 	defer c.Close()
 	c.Update([]string{addr})
-	eventually(t, "up without probing", func() bool { return len(live.last()) == 1 })
+	testenv.Eventually(t, "up without probing", 10*time.Second, func() bool { return len(live.last()) == 1 })
 	c.ReportFailure(addr, fmt.Errorf("socket: %w", syscall.EMFILE))
 	if s := stateOf(c, addr); s.State != health.Up || len(live.last()) != 1 {
 		t.Fatalf("target taken down by a local EMFILE: %+v", s)
@@ -304,13 +287,13 @@ func TestStateSurvivesReannouncementAndRemovalForgets(t *testing.T) {
 	c := health.New(fast(), nil, live.push)
 	defer c.Close()
 	c.Update([]string{addr})
-	eventually(t, "up", func() bool { return len(live.last()) == 1 })
+	testenv.Eventually(t, "up", 10*time.Second, func() bool { return len(live.last()) == 1 })
 	before := stateOf(c, addr)
 	c.Update([]string{addr, other.Addr().String()}) // churn: same address again
 	if s := stateOf(c, addr); s.State != health.Up || s.Since != before.Since {
 		t.Fatalf("re-announced target lost its state: %+v", s)
 	}
-	eventually(t, "both up", func() bool { return len(live.last()) == 2 })
+	testenv.Eventually(t, "both up", 10*time.Second, func() bool { return len(live.last()) == 2 })
 	c.Update([]string{other.Addr().String()})
 	if s := stateOf(c, addr); s.State != -1 {
 		t.Fatalf("removed target still tracked: %+v", s)
@@ -330,7 +313,7 @@ func TestSetConfigKeepsState(t *testing.T) {
 	c := health.New(fast(), nil, live.push)
 	defer c.Close()
 	c.Update([]string{addr})
-	eventually(t, "up", func() bool { return len(live.last()) == 1 })
+	testenv.Eventually(t, "up", 10*time.Second, func() bool { return len(live.last()) == 1 })
 	cfg := fast()
 	cfg.Rise, cfg.Fall = 5, 7
 	c.SetConfig(cfg)

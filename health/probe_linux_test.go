@@ -53,7 +53,7 @@ func TestTCPCheckOnTheLoop(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	closed := freeAddr(t)
+	closed := testenv.FreeAddr(t)
 	cfg := fast()
 	cfg.Interval = time.Hour // one probe each
 	c := health.New(cfg, nil, nil)
@@ -62,7 +62,7 @@ func TestTCPCheckOnTheLoop(t *testing.T) {
 	live := ln.Addr().String()
 	c.Update([]string{live, closed})
 
-	eventually(t, "both probed", func() bool {
+	testenv.Eventually(t, "both probed", 10*time.Second, func() bool {
 		_, a, _ := r.first(live)
 		_, b, _ := r.first(closed)
 		return a && b
@@ -98,7 +98,7 @@ func TestTCPCheckTimesOutOnTheLoop(t *testing.T) {
 	r := observe(c)
 	start := time.Now()
 	c.Update([]string{addr})
-	eventually(t, "probed", func() bool { _, ok, _ := r.first(addr); return ok })
+	testenv.Eventually(t, "probed", 10*time.Second, func() bool { _, ok, _ := r.first(addr); return ok })
 	at, _, err := r.first(addr)
 	if !errors.Is(err, os.ErrDeadlineExceeded) || err.Error() != "tcp check: dial: i/o timeout" {
 		t.Fatalf("unanswering target: %v", err)
@@ -131,7 +131,7 @@ func TestCloseEndsProbesInFlight(t *testing.T) {
 	c := health.New(cfg, nil, nil)
 	c.Update(addrs)
 	// The loop's two descriptors and one socket per probe.
-	eventually(t, "probes in flight", func() bool { return openFDs(t) >= before+2+len(addrs) })
+	testenv.Eventually(t, "probes in flight", 10*time.Second, func() bool { return openFDs(t) >= before+2+len(addrs) })
 	start := time.Now()
 	c.Close()
 	if took := time.Since(start); took > time.Second {
@@ -156,7 +156,7 @@ func TestTCPCheckOfAName(t *testing.T) {
 	defer c.Close()
 	r := observe(c)
 	c.Update([]string{addr})
-	eventually(t, "probed", func() bool { _, ok, _ := r.first(addr); return ok })
+	testenv.Eventually(t, "probed", 10*time.Second, func() bool { _, ok, _ := r.first(addr); return ok })
 	if _, _, err := r.first(addr); err != nil {
 		t.Fatalf("check of %s: %v", addr, err)
 	}

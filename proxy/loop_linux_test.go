@@ -50,10 +50,10 @@ func TestIdleConnectionsHoldNoGoroutines(t *testing.T) {
 			}
 		}
 	}
-	eventually(t, "all connections relayed", func() bool {
+	testenv.Eventually(t, "all connections relayed", 10*time.Second, func() bool {
 		return s.p.ActiveConns() == n+1 && be.accepts.Load() == n+1
 	})
-	eventually(t, "handler goroutines gone", func() bool {
+	testenv.Eventually(t, "handler goroutines gone", 10*time.Second, func() bool {
 		return runtime.NumGoroutine()-int(be.accepts.Load())-base < n/10
 	})
 }
@@ -203,12 +203,12 @@ func TestSlowClientsCostLittleMemory(t *testing.T) {
 	// Warm up: the loops and their tables exist before measuring.
 	warm := rawClients(t, proxyAddr, 50)
 	defer closeAll(warm)
-	eventually(t, "warm-up relayed", func() bool { return s.p.Stats.BytesOut.Load() == 50 })
+	testenv.Eventually(t, "warm-up relayed", 10*time.Second, func() bool { return s.p.Stats.BytesOut.Load() == 50 })
 
 	before := goMemory()
 	fds := rawClients(t, proxyAddr, n)
 	defer closeAll(fds)
-	eventually(t, "every byte relayed", func() bool { return s.p.Stats.BytesOut.Load() == 50+n })
+	testenv.Eventually(t, "every byte relayed", 10*time.Second, func() bool { return s.p.Stats.BytesOut.Load() == 50+n })
 	after := goMemory()
 	per := (int64(after) - int64(before)) / n
 	t.Logf("%d one-byte connections: %d bytes of Go memory each", n, per)
@@ -323,7 +323,7 @@ func TestPipesBoundedUnderStalledDownloads(t *testing.T) {
 		defer c.Close()
 		cs = append(cs, c)
 	}
-	eventually(t, "the bound's pipes taken by stalled downloads", func() bool { return proxy.PipesOpen(e) == limit })
+	testenv.Eventually(t, "the bound's pipes taken by stalled downloads", 10*time.Second, func() bool { return proxy.PipesOpen(e) == limit })
 	for i, c := range cs {
 		c.SetReadDeadline(time.Now().Add(20 * time.Second))
 		got := make([]byte, size)

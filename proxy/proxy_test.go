@@ -210,11 +210,6 @@ func bothRelays(t *testing.T, f func(t *testing.T)) {
 	t.Run("goroutines", f)
 }
 
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	testenv.Eventually(t, what, 10*time.Second, cond)
-}
-
 func TestSequentialConnectionsSpreadExactlyEvenly(t *testing.T) {
 	var addrs []string
 	for i := range 3 {
@@ -234,7 +229,7 @@ func TestSequentialConnectionsSpreadExactlyEvenly(t *testing.T) {
 			t.Fatalf("spread %v, want 100 each", count)
 		}
 	}
-	eventually(t, "no active conns", func() bool { return s.p.ActiveConns() == 0 })
+	testenv.Eventually(t, "no active conns", 10*time.Second, func() bool { return s.p.ActiveConns() == 0 })
 	if got := s.p.Stats.Accepted.Load(); got != 300 {
 		t.Fatalf("accepted %d, want 300", got)
 	}
@@ -271,7 +266,7 @@ func testHalfCloseClientFirst(t *testing.T) {
 	if len(got) != 32+len(reply) || !bytes.Equal(got[:32], sum[:]) || !bytes.Equal(got[32:], reply) {
 		t.Fatalf("got %d bytes, want %d with matching digest and body", len(got), 32+len(reply))
 	}
-	eventually(t, "byte counters", func() bool {
+	testenv.Eventually(t, "byte counters", 10*time.Second, func() bool {
 		return s.p.Stats.BytesOut.Load() == uint64(len(msg)) && s.p.Stats.BytesIn.Load() == uint64(32+len(reply))
 	})
 }
@@ -331,7 +326,7 @@ func testIdleTimeoutCutsSilentBackend(t *testing.T) {
 	if time.Since(start) < 200*time.Millisecond {
 		t.Fatalf("cut after %v, before the idle timeout", time.Since(start))
 	}
-	eventually(t, "connection released", func() bool { return s.p.ActiveConns() == 0 })
+	testenv.Eventually(t, "connection released", 10*time.Second, func() bool { return s.p.ActiveConns() == 0 })
 }
 
 func TestIdleTimeoutSparesBusyConnection(t *testing.T) {
@@ -611,12 +606,12 @@ func testShutdownDrainsOpenConnections(t *testing.T) {
 	c := dial(t, s.addr)
 	defer c.Close()
 	c.Write([]byte("hello"))
-	eventually(t, "connection open", func() bool { return s.p.ActiveConns() == 1 })
+	testenv.Eventually(t, "connection open", 10*time.Second, func() bool { return s.p.ActiveConns() == 1 })
 
 	shut := make(chan error, 1)
 	go func() { shut <- s.p.Shutdown(context.Background()) }()
 	// New clients are refused while the old one drains.
-	eventually(t, "listener closed", func() bool {
+	testenv.Eventually(t, "listener closed", 10*time.Second, func() bool {
 		c2, err := net.Dial("tcp", s.addr)
 		if err != nil {
 			return true
@@ -649,7 +644,7 @@ func testShutdownCutsAfterDeadline(t *testing.T) {
 	s := startProxy(t, proxy.Settings{}, be.addr())
 	c := dial(t, s.addr)
 	defer c.Close()
-	eventually(t, "connection open", func() bool { return s.p.ActiveConns() == 1 })
+	testenv.Eventually(t, "connection open", 10*time.Second, func() bool { return s.p.ActiveConns() == 1 })
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	if err := s.p.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rota-proxy/rota/internal/testenv"
+
 	proxyproto "github.com/pires/go-proxyproto"
 
 	"github.com/rota-proxy/rota/proxy"
@@ -96,7 +98,7 @@ func TestProxyHeaderRejections(t *testing.T) {
 			if len(got) != 0 {
 				t.Fatalf("got %q through a rejected connection", got)
 			}
-			eventually(t, "the rejection counted", func() bool { return s.p.Stats.HeaderErrors.Load() == 1 })
+			testenv.Eventually(t, "the rejection counted", 10*time.Second, func() bool { return s.p.Stats.HeaderErrors.Load() == 1 })
 			if be.accepts.Load() != 0 {
 				t.Fatal("a rejected client reached a backend")
 			}

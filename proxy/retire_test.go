@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rota-proxy/rota/internal/testenv"
+
 	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/proxy"
 )
@@ -191,7 +193,7 @@ func testRetireWindsDownAfterGrace(t *testing.T) {
 			}
 		}
 	}()
-	eventually(t, "the busy stream and the held one to flow", func() bool {
+	testenv.Eventually(t, "the busy stream and the held one to flow", 10*time.Second, func() bool {
 		return tStreams.BytesIn.Load() > 256<<10 && tStreams.BytesOut.Load() > 256<<10
 	})
 
@@ -431,7 +433,7 @@ func testMaxConnAgeBusy(t *testing.T) {
 		return
 	}
 	t.Logf("the check came %v after the young connection opened: it must have aged out too", time.Since(youngOpened))
-	eventually(t, "the young connection wound down for its own age", func() bool { return s.p.Stats.Closed[balancer.MaxAge].Load() == 2 })
+	testenv.Eventually(t, "the young connection wound down for its own age", 10*time.Second, func() bool { return s.p.Stats.Closed[balancer.MaxAge].Load() == 2 })
 	young.SetDeadline(time.Now().Add(10 * time.Second))
 	if got, err := io.ReadAll(young); err != nil || len(got) != 0 {
 		t.Fatalf("young connection after its max_conn_age: %q, %v; want a clean EOF", got, err)

@@ -57,7 +57,7 @@ func TestRouterBothRelays(t *testing.T) {
 		before := restTarget.Total.Load()
 		c := dial(t, s.addr)
 		start := time.Now()
-		eventually(t, "the silent client routed", func() bool { return restTarget.Total.Load() == before+1 })
+		testenv.Eventually(t, "the silent client routed", 10*time.Second, func() bool { return restTarget.Total.Load() == before+1 })
 		if d := time.Since(start); d < 200*time.Millisecond {
 			t.Fatalf("routed after %v, before sni_timeout", d)
 		}
@@ -83,7 +83,7 @@ func TestAccessBothRelays(t *testing.T) {
 		}
 		limited := startProxy(t, proxy.Settings{MaxConnsPerClient: 1, Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}}, b.addr())
 		first := dial(t, limited.addr)
-		eventually(t, "first connection counted", func() bool { return limited.p.ClientConns(netip.MustParseAddr("127.0.0.1")) == 1 })
+		testenv.Eventually(t, "first connection counted", 10*time.Second, func() bool { return limited.p.ClientConns(netip.MustParseAddr("127.0.0.1")) == 1 })
 		if got, _ := roundTrip(limited.addr, []byte("x")); len(got) != 0 {
 			t.Fatalf("second connection from the same client got %q", got)
 		}
@@ -92,7 +92,7 @@ func TestAccessBothRelays(t *testing.T) {
 			t.Fatalf("first connection got %q", got)
 		}
 		first.Close()
-		eventually(t, "place given back", func() bool { return limited.p.ClientConns(netip.MustParseAddr("127.0.0.1")) == 0 })
+		testenv.Eventually(t, "place given back", 10*time.Second, func() bool { return limited.p.ClientConns(netip.MustParseAddr("127.0.0.1")) == 0 })
 		// (The backend answers without reading: its close may reset
 		// after the answer.)
 		if got, err := roundTrip(limited.addr, []byte("x")); string(got) != "b" {

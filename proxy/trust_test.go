@@ -256,13 +256,13 @@ func testPanicClosesOnlyItsConnection(t *testing.T) {
 	if got, _ := io.ReadAll(bad); len(got) != 0 {
 		t.Fatalf("the panicking connection relayed %q", got)
 	}
-	eventually(t, "the panic counted", func() bool { return s.p.Stats.Panics.Load() == 1 })
+	testenv.Eventually(t, "the panic counted", 10*time.Second, func() bool { return s.p.Stats.Panics.Load() == 1 })
 	for i, c := range others {
 		if err := echo(c, fmt.Sprintf("after %d", i)); err != nil {
 			t.Fatalf("connection %d after another's panic: %v", i, err)
 		}
 	}
-	eventually(t, "the panicked connection released", func() bool { return s.p.ActiveConns() == int64(len(others)) })
+	testenv.Eventually(t, "the panicked connection released", 10*time.Second, func() bool { return s.p.ActiveConns() == int64(len(others)) })
 }
 
 // MaxConns holds exactly while many loops accept at once.
@@ -315,7 +315,7 @@ func TestMaxConnsExactUnderConcurrency(t *testing.T) {
 			c.Close()
 		}
 	}()
-	eventually(t, "every client admitted or rejected", func() bool {
+	testenv.Eventually(t, "every client admitted or rejected", 10*time.Second, func() bool {
 		return p.Stats.Accepted.Load() == clients && p.Stats.Rejected.Load()+uint64(be.accepts.Load()) == clients
 	})
 	if got := be.accepts.Load(); got != max {
@@ -344,7 +344,7 @@ func testShutdownUnderConnectStorm(t *testing.T) {
 		rr.Update(ts)
 		p, addr := serveWith(t, proxy.Single(rr), proxy.Settings{}, isGoroutines(t))
 		storm := testenv.StartStorm(addr, 8, []byte("x"))
-		eventually(t, "the storm under way", func() bool { return storm.Attempts() > 200 })
+		testenv.Eventually(t, "the storm under way", 10*time.Second, func() bool { return storm.Attempts() > 200 })
 		const drain = 500 * time.Millisecond
 		ctx, cancel := context.WithTimeout(context.Background(), drain)
 		began := time.Now()
@@ -438,7 +438,7 @@ func testShutdownUnderConnectStormMidClientHello(t *testing.T) {
 				<-stop
 			})
 		}
-		eventually(t, "clients waiting mid-ClientHello", func() bool { return waiting.Load() > 300 && p.ActiveConns() > 100 })
+		testenv.Eventually(t, "clients waiting mid-ClientHello", 10*time.Second, func() bool { return waiting.Load() > 300 && p.ActiveConns() > 100 })
 		const drain = 500 * time.Millisecond
 		ctx, cancel := context.WithTimeout(context.Background(), drain)
 		began := time.Now()
@@ -494,8 +494,8 @@ func testPanicAtStartClosesOnlyItsConnection(t *testing.T) {
 			t.Fatalf("a client after %d panics: %q, %v", i+1, got, err)
 		}
 	}
-	eventually(t, "every panic counted", func() bool { return s.p.Stats.Panics.Load() == n })
-	eventually(t, "every connection released", func() bool { return s.p.ActiveConns() == 0 })
+	testenv.Eventually(t, "every panic counted", 10*time.Second, func() bool { return s.p.Stats.Panics.Load() == n })
+	testenv.Eventually(t, "every connection released", 10*time.Second, func() bool { return s.p.ActiveConns() == 0 })
 }
 
 // A backend killed under load (a crash: its listener and every connection
@@ -508,10 +508,10 @@ func testBackendKilledUnderLoad(t *testing.T) {
 	s := startProxy(t, proxy.Settings{Retries: 2, ReplayOnReset: true}, b1.Addr, b2.Addr, b3.Addr)
 	ld := testenv.StartLoad(8, 20000, func(int) (string, error) { return testenv.Request(s.addr) })
 	t.Cleanup(ld.Stop)
-	eventually(t, "traffic on b2", func() bool { return ld.Count("b2") > 50 })
+	testenv.Eventually(t, "traffic on b2", 10*time.Second, func() bool { return ld.Count("b2") > 50 })
 	b2.Kill()
 	before := ld.OK.Load()
-	eventually(t, "traffic after the kill", func() bool { return ld.OK.Load() > before+300 })
+	testenv.Eventually(t, "traffic after the kill", 10*time.Second, func() bool { return ld.OK.Load() > before+300 })
 	ld.Stop()
 	ld.AssertNoFailures(t)
 	if ld.Count("b1") == 0 || ld.Count("b3") == 0 {

@@ -16,9 +16,9 @@ import (
 
 	"github.com/rota-proxy/rota/admin"
 	"github.com/rota-proxy/rota/config"
-	"github.com/rota-proxy/rota/proxy"
 	"github.com/rota-proxy/rota/discovery/etcd"
 	"github.com/rota-proxy/rota/internal/testenv"
+	"github.com/rota-proxy/rota/proxy"
 	"github.com/rota-proxy/rota/server"
 )
 
@@ -43,7 +43,7 @@ func waitSplit(t *testing.T, srv *server.Server, what string, n int, want map[st
 	t.Helper()
 	var last map[string]int
 	addr := proxyAddr(t, srv, "web")
-	waitFor(t, what, 10*time.Second, func() bool {
+	testenv.Eventually(t, what, 10*time.Second, func() bool {
 		last = map[string]int{}
 		for range n {
 			ans, err := request(addr)
@@ -224,7 +224,7 @@ func openTo(t *testing.T, srv *server.Server, addr string) net.Conn {
 			t.Fatal(err)
 		}
 		var got string
-		waitFor(t, "the connection to reach a target", 5*time.Second, func() bool {
+		testenv.Eventually(t, "the connection to reach a target", 5*time.Second, func() bool {
 			for a, n := range active() {
 				if n > before[a] {
 					got = a
@@ -236,7 +236,7 @@ func openTo(t *testing.T, srv *server.Server, addr string) net.Conn {
 			return c
 		}
 		c.Close()
-		waitFor(t, "the connection to close", 5*time.Second, func() bool { return active()[got] == before[got] })
+		testenv.Eventually(t, "the connection to close", 5*time.Second, func() bool { return active()[got] == before[got] })
 	}
 	t.Fatalf("no connection reached %s", addr)
 	return nil
@@ -307,7 +307,7 @@ func TestLeastConnFollowsHeldConnections(t *testing.T) {
 	cfg.Listeners = []config.Listener{l}
 	srv := startServer(t, cfg)
 	addr := proxyAddr(t, srv, "web")
-	waitFor(t, "targets live", 5*time.Second, func() bool { return liveCount(srv, "web") == 3 })
+	testenv.Eventually(t, "targets live", 5*time.Second, func() bool { return liveCount(srv, "web") == 3 })
 	active := func() map[string]int64 {
 		out := map[string]int64{}
 		for _, tg := range status(t, srv, "web").Targets {
@@ -324,7 +324,7 @@ func TestLeastConnFollowsHeldConnections(t *testing.T) {
 		}
 		t.Cleanup(func() { c.Close() })
 		var to string
-		waitFor(t, "the held connection counted", 5*time.Second, func() bool {
+		testenv.Eventually(t, "the held connection counted", 5*time.Second, func() bool {
 			for a, n := range active() {
 				if n == before[a]+1 {
 					to = a
@@ -349,7 +349,7 @@ func TestLeastConnFollowsHeldConnections(t *testing.T) {
 	for _, c := range byTarget[bs[0].Addr] {
 		c.Close()
 	}
-	waitFor(t, "a's connections closed", 5*time.Second, func() bool { return active()[bs[0].Addr] == 0 })
+	testenv.Eventually(t, "a's connections closed", 5*time.Second, func() bool { return active()[bs[0].Addr] == 0 })
 	for i := range 2 {
 		if _, to := hold(); to != bs[0].Addr {
 			t.Fatalf("new connection %d went to %s; want %s, the one with the fewest open (%v)", i, to, bs[0].Addr, active())

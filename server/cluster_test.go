@@ -176,7 +176,7 @@ func TestConsulClusterLeaderLoss(t *testing.T) {
 		// Registered once a new leader is elected: registered before, the
 		// agent's sync to the catalog fails and waits for its anti-entropy
 		// retry, which is Consul's pace, not rota's.
-		waitFor(t, "a new Consul leader", 30*time.Second, func() bool {
+		testenv.Eventually(t, "a new Consul leader", 30*time.Second, func() bool {
 			l := cl.Leader()
 			return l >= 0 && l != leader
 		})

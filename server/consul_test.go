@@ -58,9 +58,9 @@ func TestConsulDrivesRoutingAndSurvivesAgentLoss(t *testing.T) {
 
 	ld := startLoad(t, proxyAddr(t, srv, "web"), 6)
 	agent.Kill()
-	waitFor(t, "the outage seen", 20*time.Second, func() bool { return srv.Status()[0].DiscoveryErrors > 0 })
+	testenv.Eventually(t, "the outage seen", 20*time.Second, func() bool { return srv.Status()[0].DiscoveryErrors > 0 })
 	before := ld.OK.Load()
-	waitFor(t, "traffic during the outage", 10*time.Second, func() bool { return ld.OK.Load() > before+200 })
+	testenv.Eventually(t, "traffic during the outage", 10*time.Second, func() bool { return ld.OK.Load() > before+200 })
 	if n := liveCount(srv, "web"); n != 2 {
 		t.Fatalf("%d live targets during the outage, want the last good 2", n)
 	}

@@ -78,7 +78,7 @@ func exactly(t *testing.T, srv *server.Server, what string, want ...string) time
 	t.Helper()
 	addr := proxyAddr(t, srv, "web")
 	slices.Sort(want)
-	return waitFor(t, what, 10*time.Second, func() bool {
+	return testenv.Eventually(t, what, 10*time.Second, func() bool {
 		if liveCount(srv, "web") != len(want) {
 			return false
 		}
@@ -147,11 +147,11 @@ func TestEtcdOutageUnderLoadKeepsRouting(t *testing.T) {
 
 	ld := startLoad(t, addr, 6)
 	e.Stop()
-	waitFor(t, "the outage seen by discovery", 30*time.Second, func() bool {
+	testenv.Eventually(t, "the outage seen by discovery", 30*time.Second, func() bool {
 		return srv.Status()[0].DiscoveryErrors > 0 || !srv.Status()[0].DiscoveryOK
 	})
 	before := ld.OK.Load()
-	waitFor(t, "traffic during the outage", 10*time.Second, func() bool { return ld.OK.Load() > before+200 })
+	testenv.Eventually(t, "traffic during the outage", 10*time.Second, func() bool { return ld.OK.Load() > before+200 })
 	if n := liveCount(srv, "web"); n != 2 {
 		t.Fatalf("%d live targets during the outage, want the last good 2", n)
 	}
@@ -203,7 +203,7 @@ func TestEmptyAnswerAfterRestartIsHeld(t *testing.T) {
 
 	e.RestartFresh()
 	back := time.Now()
-	waitFor(t, "the empty answer after the restart", 20*time.Second, func() bool {
+	testenv.Eventually(t, "the empty answer after the restart", 20*time.Second, func() bool {
 		st := srv.Status()[0]
 		return st.DiscoveryOK && !st.LastSync.Before(back)
 	})
@@ -253,7 +253,7 @@ func TestTenThousandInstancesRoutedAtOnce(t *testing.T) {
 	cfg := etcdConfig(e)
 	cfg.Listeners[0].Health.Check = "none" // trust the registry: discovery alone is measured
 	srv := startServer(t, cfg)
-	waitFor(t, "the first sync", 10*time.Second, func() bool { return srv.Status()[0].Synced })
+	testenv.Eventually(t, "the first sync", 10*time.Second, func() bool { return srv.Status()[0].Synced })
 
 	const n = 10_000
 	ops := make([]clientv3.Op, 0, 128)
@@ -275,7 +275,7 @@ func TestTenThousandInstancesRoutedAtOnce(t *testing.T) {
 	}
 	flush()
 	last := time.Now()
-	took := waitFor(t, "10,000 instances routed", 30*time.Second, func() bool { return liveCount(srv, "web") == n })
+	took := testenv.Eventually(t, "10,000 instances routed", 30*time.Second, func() bool { return liveCount(srv, "web") == n })
 	t.Logf("10,000 instances routed %v after the last write", time.Since(last))
 	if took > time.Second {
 		t.Fatalf("10,000 instances routed %v after the last write, want within 1s", took)
@@ -303,7 +303,7 @@ func TestReloadRetiresRemovedListenersWatchersQuietly(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer held.Close()
-	waitFor(t, "the held connection open", 5*time.Second, func() bool { return srv.Status()[0].Count("active_conns", "") == 1 })
+	testenv.Eventually(t, "the held connection open", 5*time.Second, func() bool { return srv.Status()[0].Count("active_conns", "") == 1 })
 
 	next := etcdConfig(b) // other clients: the old ones are closed
 	other := fastListener("other", b1.Addr)

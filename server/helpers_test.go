@@ -5,8 +5,8 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
-	"net/netip"
 	"net/http/httptest"
+	"net/netip"
 	"testing"
 	"time"
 
@@ -44,12 +44,6 @@ func startLoad(t *testing.T, addr string, workers int) *testenv.Load {
 	l := testenv.StartLoad(workers, 20000, func(int) (string, error) { return request(addr) })
 	t.Cleanup(l.Stop)
 	return l
-}
-
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool) time.Duration {
-	t.Helper()
-	return testenv.Eventually(t, what, timeout, cond)
 }
 
 // fastListener is a static listener on an ephemeral port with quick checks.

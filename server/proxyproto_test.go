@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rota-proxy/rota/internal/testenv"
+
 	proxyproto "github.com/pires/go-proxyproto"
 
 	"github.com/rota-proxy/rota/config"
@@ -45,7 +47,7 @@ func TestProxyProtocolFromConfig(t *testing.T) {
 	cfg := config.Default()
 	cfg.Listeners = []config.Listener{l}
 	srv := startServer(t, cfg)
-	waitFor(t, "target up", 5*time.Second, func() bool { return liveCount(srv, "web") == 1 })
+	testenv.Eventually(t, "target up", 5*time.Second, func() bool { return liveCount(srv, "web") == 1 })
 
 	c, err := net.Dial("tcp", proxyAddr(t, srv, "web"))
 	if err != nil {
@@ -75,5 +77,5 @@ func TestProxyProtocolFromConfig(t *testing.T) {
 	c2.SetReadDeadline(time.Now().Add(5 * time.Second))
 	io.ReadAll(c2)
 	c2.Close()
-	waitFor(t, "header error counted", 5*time.Second, func() bool { return srv.Status()[0].Count("rota_proxy_protocol_errors_total", "") == 1 })
+	testenv.Eventually(t, "header error counted", 5*time.Second, func() bool { return srv.Status()[0].Count("rota_proxy_protocol_errors_total", "") == 1 })
 }

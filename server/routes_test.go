@@ -236,7 +236,7 @@ func TestSNIRoutesTLSPassthrough(t *testing.T) {
 	cfg.Listeners = []config.Listener{edge}
 	srv := startServer(t, cfg)
 	addr := proxyAddr(t, srv, "edge")
-	waitFor(t, "every route live", 5*time.Second, func() bool {
+	testenv.Eventually(t, "every route live", 5*time.Second, func() bool {
 		st := srv.Status()[0]
 		for _, r := range st.Routes {
 			if len(r.Targets) != 1 || r.Targets[0].Health.State.String() != "up" {
@@ -301,7 +301,7 @@ func TestSNIRouteEdgeCases(t *testing.T) {
 	cfg.Listeners = []config.Listener{strict, fallback}
 	srv := startServer(t, cfg)
 	strictAddr, fbAddr := proxyAddr(t, srv, "strict"), proxyAddr(t, srv, "fallback")
-	waitFor(t, "targets live", 5*time.Second, func() bool { return liveCount(srv, "strict") == 1 && liveCount(srv, "fallback") == 2 })
+	testenv.Eventually(t, "targets live", 5*time.Second, func() bool { return liveCount(srv, "strict") == 1 && liveCount(srv, "fallback") == 2 })
 
 	// No route for the name: closed, nothing dialled, counted.
 	if _, _, err := tlsGet(strictAddr, "unknown.example.com", nil, nil); err == nil {
@@ -337,7 +337,7 @@ func TestSNIRouteEdgeCases(t *testing.T) {
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	start := time.Now()
 	c.Write(half)
-	waitFor(t, "the half hello routed after sni_timeout", 5*time.Second, func() bool { return status(t, srv, "fallback").Routes[1].Targets[0].Active.Load() == 1 })
+	testenv.Eventually(t, "the half hello routed after sni_timeout", 5*time.Second, func() bool { return status(t, srv, "fallback").Routes[1].Targets[0].Active.Load() == 1 })
 	if waited := time.Since(start); waited < 300*time.Millisecond {
 		t.Fatalf("routed after %v, before sni_timeout (300ms)", waited)
 	}
@@ -352,7 +352,7 @@ func TestSNIRouteEdgeCases(t *testing.T) {
 	if got, err := rawExchange(fbAddr, half); err != nil || got != "" {
 		t.Fatalf("hello cut by the client's FIN: %q %v, want a plain close", got, err)
 	}
-	waitFor(t, "recorder saw every exchange", 5*time.Second, func() bool { return len(plain.received()) == 3 })
+	testenv.Eventually(t, "recorder saw every exchange", 5*time.Second, func() bool { return len(plain.received()) == 3 })
 	want := [][]byte{http, big, half}
 	got := plain.received()
 	for i := range want {
@@ -394,7 +394,7 @@ func TestReloadRoutesUnderLoad(t *testing.T) {
 	cfg.Listeners = []config.Listener{l}
 	srv := startServer(t, cfg)
 	addr := proxyAddr(t, srv, "edge")
-	waitFor(t, "targets live", 5*time.Second, func() bool { return liveCount(srv, "edge") == 2 })
+	testenv.Eventually(t, "targets live", 5*time.Second, func() bool { return liveCount(srv, "edge") == 2 })
 
 	// TLS clients of the web route throughout.
 	var ok, failed atomic.Int64
@@ -423,7 +423,7 @@ func TestReloadRoutesUnderLoad(t *testing.T) {
 	var once sync.Once
 	halt := func() { once.Do(func() { close(stop) }); wg.Wait() }
 	defer halt()
-	waitFor(t, "load running", 5*time.Second, func() bool { return ok.Load() > 20 })
+	testenv.Eventually(t, "load running", 5*time.Second, func() bool { return ok.Load() > 20 })
 
 	// Add db, remove api, keep web; twice over, and back.
 	for i := range 4 {
@@ -439,7 +439,7 @@ func TestReloadRoutesUnderLoad(t *testing.T) {
 			t.Fatal(err)
 		}
 		if i%2 == 0 {
-			waitFor(t, "db routed", 5*time.Second, func() bool {
+			testenv.Eventually(t, "db routed", 5*time.Second, func() bool {
 				got, _, err := tlsGet(addr, "db.example.com", db.pool, nil)
 				return err == nil && got == "db"
 			})
@@ -447,12 +447,12 @@ func TestReloadRoutesUnderLoad(t *testing.T) {
 				t.Fatal("api still routed after its route was removed")
 			}
 		} else {
-			waitFor(t, "api routed again", 5*time.Second, func() bool {
+			testenv.Eventually(t, "api routed again", 5*time.Second, func() bool {
 				got, _, err := tlsGet(addr, "api.example.com", api.pool, nil)
 				return err == nil && got == "api"
 			})
 		}
-		waitFor(t, "web served after the reload", 5*time.Second, func() bool { return ok.Load() > mark+20 })
+		testenv.Eventually(t, "web served after the reload", 5*time.Second, func() bool { return ok.Load() > mark+20 })
 	}
 	halt()
 	if n := failed.Load(); n > 0 {
@@ -482,7 +482,7 @@ func TestAllowDenyAndPerClientLimits(t *testing.T) {
 	cfg.Listeners = []config.Listener{l, pp}
 	srv := startServer(t, cfg)
 	addr, ppAddr := proxyAddr(t, srv, "guarded"), proxyAddr(t, srv, "behind-lb")
-	waitFor(t, "backend live", 5*time.Second, func() bool { return liveCount(srv, "guarded") == 1 && liveCount(srv, "behind-lb") == 1 })
+	testenv.Eventually(t, "backend live", 5*time.Second, func() bool { return liveCount(srv, "guarded") == 1 && liveCount(srv, "behind-lb") == 1 })
 
 	ask := func(c net.Conn) (string, error) {
 		defer c.Close()
@@ -520,7 +520,7 @@ func TestAllowDenyAndPerClientLimits(t *testing.T) {
 		}
 		held = append(held, c)
 	}
-	waitFor(t, "two connections held", 5*time.Second, func() bool { return status(t, srv, "guarded").Count("active_conns", "") == 2 })
+	testenv.Eventually(t, "two connections held", 5*time.Second, func() bool { return status(t, srv, "guarded").Count("active_conns", "") == 2 })
 	if served("127.0.0.2") {
 		t.Fatal("a third connection from 127.0.0.2 was served (max_conns_per_client: 2)")
 	}
@@ -530,7 +530,7 @@ func TestAllowDenyAndPerClientLimits(t *testing.T) {
 	for _, c := range held {
 		c.Close()
 	}
-	waitFor(t, "limit released", 5*time.Second, func() bool { return served("127.0.0.2") })
+	testenv.Eventually(t, "limit released", 5*time.Second, func() bool { return served("127.0.0.2") })
 
 	st := status(t, srv, "guarded")
 	if st.Count("denied_conns", "deny") != 1 || st.Count("denied_conns", "not_allowed") != 1 || st.Count("denied_conns", "per_client") < 1 {

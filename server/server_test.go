@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rota-proxy/rota/internal/testenv"
+
 	"github.com/rota-proxy/rota/admin"
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/server"
@@ -20,7 +22,7 @@ func TestSequentialSpreadThroughServer(t *testing.T) {
 	cfg := config.Default()
 	cfg.Listeners = []config.Listener{fastListener("web", names(b1, b2, b3)...)}
 	srv := startServer(t, cfg)
-	waitFor(t, "three live targets", 5*time.Second, func() bool { return liveCount(srv, "web") == 3 })
+	testenv.Eventually(t, "three live targets", 5*time.Second, func() bool { return liveCount(srv, "web") == 3 })
 	addr := proxyAddr(t, srv, "web")
 	count := map[string]int{}
 	for range 99 {
@@ -44,30 +46,30 @@ func TestBackendKilledUnderLoad(t *testing.T) {
 	l.ReplayOnReset = true
 	cfg.Listeners = []config.Listener{l}
 	srv := startServer(t, cfg)
-	waitFor(t, "three live targets", 5*time.Second, func() bool { return liveCount(srv, "web") == 3 })
+	testenv.Eventually(t, "three live targets", 5*time.Second, func() bool { return liveCount(srv, "web") == 3 })
 	addr := proxyAddr(t, srv, "web")
 
 	ld := startLoad(t, addr, 8)
-	waitFor(t, "traffic on b2", 10*time.Second, func() bool { return ld.Count("b2") > 50 })
+	testenv.Eventually(t, "traffic on b2", 10*time.Second, func() bool { return ld.Count("b2") > 50 })
 	b2.Kill()
-	took := waitFor(t, "b2 down in /api/v1/targets", 5*time.Second, func() bool {
+	took := testenv.Eventually(t, "b2 down in /api/v1/targets", 5*time.Second, func() bool {
 		return targetState(t, srv, "web", b2.Addr) == "down"
 	})
 	t.Logf("killed backend shown down after %v", took)
 	// Traffic keeps flowing over the survivors.
 	before := ld.OK.Load()
-	waitFor(t, "more traffic after the kill", 10*time.Second, func() bool { return ld.OK.Load() > before+200 })
+	testenv.Eventually(t, "more traffic after the kill", 10*time.Second, func() bool { return ld.OK.Load() > before+200 })
 
 	hitsWhileDown := b2.Hits.Load()
 	b2.Revive(t)
-	took = waitFor(t, "b2 back up", 10*time.Second, func() bool { return targetState(t, srv, "web", b2.Addr) == "up" })
+	took = testenv.Eventually(t, "b2 back up", 10*time.Second, func() bool { return targetState(t, srv, "web", b2.Addr) == "up" })
 	t.Logf("revived backend up again after %v", took)
 	for _, tg := range targets(t, srv).Listeners[0].Targets {
 		if tg.Addr == b2.Addr && tg.ConsecutiveSuccesses < cfg.Listeners[0].Health.Rise {
 			t.Fatalf("b2 up after %d successes, want rise=%d", tg.ConsecutiveSuccesses, cfg.Listeners[0].Health.Rise)
 		}
 	}
-	waitFor(t, "traffic on the revived b2", 10*time.Second, func() bool { return b2.Hits.Load() > hitsWhileDown+20 })
+	testenv.Eventually(t, "traffic on the revived b2", 10*time.Second, func() bool { return b2.Hits.Load() > hitsWhileDown+20 })
 	ld.Stop()
 	ld.AssertNoFailures(t)
 	t.Logf("%d client connections, none failed", ld.OK.Load())
@@ -83,7 +85,7 @@ func TestPanicModeRoutesWhenEveryCheckFails(t *testing.T) {
 	cfg.Listeners = []config.Listener{l}
 	srv := startServer(t, cfg)
 	addr := proxyAddr(t, srv, "web")
-	waitFor(t, "both targets down", 5*time.Second, func() bool {
+	testenv.Eventually(t, "both targets down", 5*time.Second, func() bool {
 		return targetState(t, srv, "web", b1.Addr) == "down" && targetState(t, srv, "web", b2.Addr) == "down"
 	})
 	if _, err := request(addr); err == nil {
@@ -116,7 +118,7 @@ func TestReadyAfterFirstSync(t *testing.T) {
 	cfg.Listeners = []config.Listener{fastListener("web", b1.Addr)}
 	srv := startServer(t, cfg)
 	h := (&admin.Handler{State: srv}).Routes()
-	waitFor(t, "/readyz 200", 5*time.Second, func() bool {
+	testenv.Eventually(t, "/readyz 200", 5*time.Second, func() bool {
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, loopbackRequest(http.MethodGet, "/readyz", nil))
 		return rec.Code == http.StatusOK
@@ -152,7 +154,7 @@ func TestReloadUnderLoadLosesNothing(t *testing.T) {
 	cfg.Listeners = []config.Listener{web}
 	srv := startServer(t, cfg)
 	addr := proxyAddr(t, srv, "web")
-	waitFor(t, "two live targets", 5*time.Second, func() bool { return liveCount(srv, "web") == 2 })
+	testenv.Eventually(t, "two live targets", 5*time.Second, func() bool { return liveCount(srv, "web") == 2 })
 	since := targetSince(srv, b1.Addr)
 
 	ld := startLoad(t, addr, 6)
@@ -174,7 +176,7 @@ func TestReloadUnderLoadLosesNothing(t *testing.T) {
 		if err := srv.Reload(context.Background(), &next); err != nil {
 			t.Fatalf("reload %d: %v", i, err)
 		}
-		waitFor(t, "traffic after reload", 10*time.Second, func() bool { return ld.OK.Load() > before+20 })
+		testenv.Eventually(t, "traffic after reload", 10*time.Second, func() bool { return ld.OK.Load() > before+20 })
 	}
 	ld.Stop()
 	ld.AssertNoFailures(t)
@@ -217,7 +219,7 @@ func TestReloadRejectsUnbindableAndKeepsRunning(t *testing.T) {
 	if st := srv.Status(); len(st) != 1 || srv.Config() != cfg {
 		t.Fatalf("running config changed after a rejected reload: %d listeners", len(st))
 	}
-	waitFor(t, "target up", 5*time.Second, func() bool { return liveCount(srv, "web") == 1 })
+	testenv.Eventually(t, "target up", 5*time.Second, func() bool { return liveCount(srv, "web") == 1 })
 	if _, err := request(proxyAddr(t, srv, "web")); err != nil {
 		t.Fatalf("listener broken after a rejected reload: %v", err)
 	}
@@ -241,7 +243,7 @@ func TestReloadMovesListenerKeepingOpenConnections(t *testing.T) {
 	cfg := config.Default()
 	cfg.Listeners = []config.Listener{fastListener("web", echo.Addr().String())}
 	srv := startServer(t, cfg)
-	waitFor(t, "target up", 5*time.Second, func() bool { return liveCount(srv, "web") == 1 })
+	testenv.Eventually(t, "target up", 5*time.Second, func() bool { return liveCount(srv, "web") == 1 })
 	oldAddr := proxyAddr(t, srv, "web")
 	open, err := net.Dial("tcp", oldAddr)
 	if err != nil {

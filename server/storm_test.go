@@ -32,7 +32,7 @@ func TestReloadRemovingBusyListenerEnds(t *testing.T) {
 		}
 		busyAddr := proxyAddr(t, srv, "busy")
 		storm := testenv.StartStorm(busyAddr, 8, []byte("hello\n"))
-		waitFor(t, "the storm under way", 10*time.Second, func() bool { return storm.Attempts() > 300 })
+		testenv.Eventually(t, "the storm under way", 10*time.Second, func() bool { return storm.Attempts() > 300 })
 
 		next := config.Default()
 		next.Admin.Listen = ""

@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rota-proxy/rota/internal/testenv"
+
 	"github.com/rota-proxy/rota/config"
 )
 
@@ -46,7 +48,7 @@ func TestSilentClientsKeepTargetsUp(t *testing.T) {
 	cfg := config.Default()
 	cfg.Listeners = []config.Listener{fastListener("web", addrs...)}
 	srv := startServer(t, cfg)
-	waitFor(t, "three live targets", 5*time.Second, func() bool { return liveCount(srv, "web") == 3 })
+	testenv.Eventually(t, "three live targets", 5*time.Second, func() bool { return liveCount(srv, "web") == 3 })
 	addr := proxyAddr(t, srv, "web")
 
 	const silent, held = 6, 4 * time.Second
@@ -150,7 +152,7 @@ func TestQueryOfDeathIsReplayedOnce(t *testing.T) {
 	l.Health.Rise = 1
 	cfg.Listeners = []config.Listener{l}
 	srv := startServer(t, cfg)
-	waitFor(t, "three live targets", 5*time.Second, func() bool { return liveCount(srv, "web") == 3 })
+	testenv.Eventually(t, "three live targets", 5*time.Second, func() bool { return liveCount(srv, "web") == 3 })
 	addr := proxyAddr(t, srv, "web")
 
 	for i := range 3 {

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"fmt"
 	"net"
 	"os/exec"
 	"strconv"
@@ -28,7 +27,7 @@ func TestDemoBackendFlagErrors(t *testing.T) {
 func TestDemoBackendConsul(t *testing.T) {
 	agent := testenv.StartConsul(t)
 	c := agent.Client(t)
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	addr := testenv.FreeAddr(t)
 	cmd := exec.Command(rotaBin, "demo-backend", "--name", "bc-1", "--listen", addr,
 		"--consul", agent.Addr(), "--service", "web-consul", "--log-format", "json")
 	var stderr bytes.Buffer

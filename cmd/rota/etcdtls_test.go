@@ -25,10 +25,11 @@ import (
 // handshake: nobody else can write the registry that steers the traffic.
 func TestEmbeddedEtcdOffLoopbackNeedsClientCertificates(t *testing.T) {
 	dir := t.TempDir()
-	etcdPort, listen, admin := freePort(t), fmt.Sprintf("127.0.0.1:%d", freePort(t)), fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	etcdAddr, listen, admin := testenv.FreeAddr(t), testenv.FreeAddr(t), testenv.FreeAddr(t)
+	_, etcdPort, _ := net.SplitHostPort(etcdAddr)
 	// 0.0.0.0 is every interface: not loopback. (Only loopback is dialled.)
 	cfg := func(scheme, embeddedTLS, etcdTLS string) string {
-		clientURL := fmt.Sprintf("%s://0.0.0.0:%d", scheme, etcdPort)
+		clientURL := fmt.Sprintf("%s://0.0.0.0:%s", scheme, etcdPort)
 		file := filepath.Join(dir, "rota.yaml")
 		os.WriteFile(file, []byte(fmt.Sprintf(`admin: {listen: %s}
 registries:
@@ -71,10 +72,10 @@ registries:
 	served := make(chan error, 1)
 	go func() { served <- serve.Wait() }()
 	defer func() { serve.Process.Kill(); <-served }()
-	waitUntil(t, "rota listening", func() bool { return strings.Contains(serveErr.String(), `"listening"`) })
+	testenv.Eventually(t, "rota listening", 15*time.Second, func() bool { return strings.Contains(serveErr.String(), `"listening"`) })
 
 	be := greeter(t)
-	endpoint := fmt.Sprintf("https://127.0.0.1:%d", etcdPort)
+	endpoint := "https://" + etcdAddr
 	var regErr syncBuffer
 	reg := exec.Command(rotaBin, "register", "--etcd", endpoint, "--etcd-ca", serverCA.File,
 		"--etcd-cert", regCert, "--etcd-key", regKey, "--service", "web", "--addr", be.Addr().String())
@@ -85,7 +86,7 @@ registries:
 	registered := make(chan error, 1)
 	go func() { registered <- reg.Wait() }()
 	defer func() { reg.Process.Kill(); <-registered }()
-	waitUntil(t, "the registered instance routed", func() bool {
+	testenv.Eventually(t, "the registered instance routed", 15*time.Second, func() bool {
 		c, err := net.DialTimeout("tcp", listen, time.Second)
 		if err != nil {
 			return false
@@ -110,7 +111,7 @@ registries:
 	}
 	// And at the TLS layer: the server asks for a certificate and refuses
 	// the handshake without one.
-	conn, err := tls.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", etcdPort), tc)
+	conn, err := tls.Dial("tcp", etcdAddr, tc)
 	if err == nil {
 		conn.SetDeadline(time.Now().Add(2 * time.Second))
 		_, err = conn.Read(make([]byte, 1)) // TLS 1.3: the refusal comes after the client's Finished

@@ -8,7 +8,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -18,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/rota-proxy/rota/internal/testenv"
 )
 
 // rotaBin is the rota binary built once for the tests that run it as users do.
@@ -144,8 +145,8 @@ func TestMakeDemoCtrlC(t *testing.T) {
 	if _, err := exec.LookPath("make"); err != nil {
 		t.Skip("no make")
 	}
-	flags := fmt.Sprintf("DEMO_FLAGS=--listen 127.0.0.1:%d --admin 127.0.0.1:%d --etcd-url http://127.0.0.1:%d",
-		freePort(t), freePort(t), freePort(t))
+	flags := fmt.Sprintf("DEMO_FLAGS=--listen %s --admin %s --etcd-url http://%s",
+		testenv.FreeAddr(t), testenv.FreeAddr(t), testenv.FreeAddr(t))
 	cmd := exec.Command("make", "-s", "-C", "../..", "demo", flags)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	out, err := cmd.StdoutPipe()
@@ -195,25 +196,12 @@ func TestMakeDemoCtrlC(t *testing.T) {
 	}
 }
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 // TestDemoEndToEnd runs `rota demo` as a user does (the README's first
 // command) and checks that three distinct backends answer through the proxy,
 // then that Ctrl-C stops everything with exit status 0.
 func TestDemoEndToEnd(t *testing.T) {
-	proxyPort, adminPort, etcdPort := freePort(t), freePort(t), freePort(t)
-	cmd := exec.Command(rotaBin, "demo",
-		"--listen", fmt.Sprintf("127.0.0.1:%d", proxyPort),
-		"--admin", fmt.Sprintf("127.0.0.1:%d", adminPort),
-		"--etcd-url", fmt.Sprintf("http://127.0.0.1:%d", etcdPort))
+	proxyAddr, adminAddr, etcdAddr := testenv.FreeAddr(t), testenv.FreeAddr(t), testenv.FreeAddr(t)
+	cmd := exec.Command(rotaBin, "demo", "--listen", proxyAddr, "--admin", adminAddr, "--etcd-url", "http://"+etcdAddr)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -262,7 +250,7 @@ func TestDemoEndToEnd(t *testing.T) {
 	}
 
 	// And a user's own requests spread over the three.
-	url := fmt.Sprintf("http://127.0.0.1:%d/", proxyPort)
+	url := "http://" + proxyAddr + "/"
 	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 	mine := map[string]int{}
 	for range 6 {
@@ -277,7 +265,7 @@ func TestDemoEndToEnd(t *testing.T) {
 	if len(mine) != 3 {
 		t.Fatalf("6 requests reached %v, want 3 distinct backends twice each", mine)
 	}
-	resp, err := hc.Get(fmt.Sprintf("http://127.0.0.1:%d/api/v1/targets", adminPort))
+	resp, err := hc.Get("http://" + adminAddr + "/api/v1/targets")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"net"
 	"os/exec"
@@ -42,7 +41,7 @@ func nameServer(t *testing.T, name string) string {
 // through the proxy is answered by want.
 func runServe(t *testing.T, want string, args ...string) {
 	t.Helper()
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listen := testenv.FreeAddr(t)
 	cmd := exec.Command(rotaBin, append([]string{"serve", "--listen", listen, "--admin", "", "--health-interval", "100ms"}, args...)...)
 	var stderr syncBuffer
 	cmd.Stderr = &stderr

@@ -37,11 +37,6 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-func waitUntil(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	testenv.Eventually(t, what, 15*time.Second, cond)
-}
-
 func listenerNames(t *testing.T, admin string) []string {
 	resp, err := http.Get("http://" + admin + "/api/v1/targets")
 	if err != nil {
@@ -90,9 +85,9 @@ func TestServeReloads(t *testing.T) {
 	be := greeter(t)
 	dir := t.TempDir()
 	file := filepath.Join(dir, "rota.yaml")
-	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	admin := testenv.FreeAddr(t)
 	listener := func(name string) string {
-		return fmt.Sprintf("  - name: %s\n    listen: 127.0.0.1:%d\n    discovery: static\n    static: [%s]\n    drain_timeout: 1s\n", name, freePort(t), be.Addr())
+		return fmt.Sprintf("  - name: %s\n    listen: %s\n    discovery: static\n    static: [%s]\n    drain_timeout: 1s\n", name, testenv.FreeAddr(t), be.Addr())
 	}
 	head := "admin:\n  listen: " + admin + "\nlisteners:\n"
 	one := head + listener("a")
@@ -110,15 +105,15 @@ func TestServeReloads(t *testing.T) {
 		cmd.Process.Kill()
 		<-done
 	}()
-	waitUntil(t, "listener a", func() bool { return strings.Join(listenerNames(t, admin), ",") == "a" })
+	testenv.Eventually(t, "listener a", 15*time.Second, func() bool { return strings.Join(listenerNames(t, admin), ",") == "a" })
 
 	os.WriteFile(file, []byte(one+listener("b")), 0o600)
 	cmd.Process.Signal(syscall.SIGHUP)
-	waitUntil(t, "listener b after SIGHUP", func() bool { return strings.Join(listenerNames(t, admin), ",") == "a,b" })
+	testenv.Eventually(t, "listener b after SIGHUP", 15*time.Second, func() bool { return strings.Join(listenerNames(t, admin), ",") == "a,b" })
 
 	os.WriteFile(file, []byte(head+"  - name: c\n    listen: nope\n"), 0o600)
 	cmd.Process.Signal(syscall.SIGHUP)
-	waitUntil(t, "the rejection logged", func() bool { return strings.Contains(stderr.String(), "reload rejected") })
+	testenv.Eventually(t, "the rejection logged", 15*time.Second, func() bool { return strings.Contains(stderr.String(), "reload rejected") })
 	if got := strings.Join(listenerNames(t, admin), ","); got != "a,b" {
 		t.Fatalf("listeners after an invalid reload: %s, want a,b kept", got)
 	}
@@ -177,13 +172,13 @@ func TestSecondSignalCutsRemovedListenersDrain(t *testing.T) {
 	}()
 	dir := t.TempDir()
 	file := filepath.Join(dir, "rota.yaml")
-	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	aAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	admin := testenv.FreeAddr(t)
+	aAddr := testenv.FreeAddr(t)
 	listener := func(name, addr string) string {
 		return fmt.Sprintf("  - name: %s\n    listen: %s\n    discovery: static\n    static: [%s]\n    drain_timeout: 40s\n", name, addr, echo.Addr())
 	}
 	head := "admin:\n  listen: " + admin + "\nlisteners:\n"
-	os.WriteFile(file, []byte(head+listener("a", aAddr)+listener("b", fmt.Sprintf("127.0.0.1:%d", freePort(t)))), 0o600)
+	os.WriteFile(file, []byte(head+listener("a", aAddr)+listener("b", testenv.FreeAddr(t))), 0o600)
 
 	var stderr syncBuffer
 	cmd := exec.Command(rotaBin, "serve", "--config", file, "--log-format", "json")
@@ -197,9 +192,9 @@ func TestSecondSignalCutsRemovedListenersDrain(t *testing.T) {
 		cmd.Process.Kill()
 		<-done
 	}()
-	waitUntil(t, "listeners a and b", func() bool { return strings.Join(listenerNames(t, admin), ",") == "a,b" })
+	testenv.Eventually(t, "listeners a and b", 15*time.Second, func() bool { return strings.Join(listenerNames(t, admin), ",") == "a,b" })
 	var c net.Conn
-	waitUntil(t, "an echo through listener a", func() bool {
+	testenv.Eventually(t, "an echo through listener a", 15*time.Second, func() bool {
 		if c, err = net.Dial("tcp", aAddr); err != nil {
 			return false
 		}
@@ -214,15 +209,15 @@ func TestSecondSignalCutsRemovedListenersDrain(t *testing.T) {
 	})
 	defer c.Close()
 
-	os.WriteFile(file, []byte(head+listener("b", fmt.Sprintf("127.0.0.1:%d", freePort(t)))), 0o600)
+	os.WriteFile(file, []byte(head+listener("b", testenv.FreeAddr(t))), 0o600)
 	cmd.Process.Signal(syscall.SIGHUP)
-	waitUntil(t, "listener a removed", func() bool { return strings.Join(listenerNames(t, admin), ",") == "b" })
-	waitUntil(t, "a draining", func() bool { return strings.Contains(stderr.String(), "listener removed; draining") })
+	testenv.Eventually(t, "listener a removed", 15*time.Second, func() bool { return strings.Join(listenerNames(t, admin), ",") == "b" })
+	testenv.Eventually(t, "a draining", 15*time.Second, func() bool { return strings.Contains(stderr.String(), "listener removed; draining") })
 
 	began := time.Now()
 	cmd.Process.Signal(syscall.SIGTERM)
 	// (Two signals sent at once may reach the process as one.)
-	waitUntil(t, "the first signal taken", func() bool { return strings.Contains(stderr.String(), "shutting down") })
+	testenv.Eventually(t, "the first signal taken", 15*time.Second, func() bool { return strings.Contains(stderr.String(), "shutting down") })
 	cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case err := <-done:

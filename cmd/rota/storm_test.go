@@ -29,7 +29,7 @@ func TestSIGTERMUnderConnectStorm(t *testing.T) {
 		if trial%2 == 1 {
 			target = deadAddr // nothing to reach: every client is refused
 		}
-		listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+		listen := testenv.FreeAddr(t)
 		file := filepath.Join(dir, fmt.Sprintf("rota-%d.yaml", trial))
 		os.WriteFile(file, []byte(fmt.Sprintf(`admin: {listen: ""}
 listeners:
@@ -48,7 +48,7 @@ listeners:
 		}
 		done := make(chan error, 1)
 		go func() { done <- cmd.Wait() }()
-		waitUntil(t, "rota listening", func() bool {
+		testenv.Eventually(t, "rota listening", 15*time.Second, func() bool {
 			c, err := net.Dial("tcp", listen)
 			if err == nil {
 				c.Close()
@@ -57,7 +57,7 @@ listeners:
 		})
 
 		storm := testenv.StartStorm(listen, 8, []byte("x"))
-		waitUntil(t, "the storm under way", func() bool { return storm.Attempts() > 300 })
+		testenv.Eventually(t, "the storm under way", 15*time.Second, func() bool { return storm.Attempts() > 300 })
 		began := time.Now()
 		cmd.Process.Signal(syscall.SIGTERM)
 		select {

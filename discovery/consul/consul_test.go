@@ -3,8 +3,6 @@ package consul_test
 import (
 	"context"
 	"fmt"
-	"go.uber.org/zap"
-	"go.uber.org/zap/zaptest/observer"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -15,6 +13,9 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/goleak"
@@ -66,15 +67,10 @@ func (r *recorder) errors() []error {
 	return append([]error(nil), r.errs...)
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) time.Duration {
-	t.Helper()
-	return testenv.Eventually(t, what, 20*time.Second, cond)
-}
-
 func (r *recorder) waitAddrs(t *testing.T, what string, want ...string) time.Duration {
 	t.Helper()
 	slices.Sort(want)
-	return waitFor(t, what, func() bool {
+	return testenv.Eventually(t, what, 20*time.Second, func() bool {
 		got, ok := r.last()
 		return ok && slices.Equal(got, want)
 	})
@@ -204,7 +200,7 @@ func TestAgentKilledKeepsLastSetThenFollowsNewAgent(t *testing.T) {
 	updates := r.updates.Load()
 
 	agent.Kill()
-	waitFor(t, "errors reported", func() bool { return len(r.errors()) >= 3 })
+	testenv.Eventually(t, "errors reported", 20*time.Second, func() bool { return len(r.errors()) >= 3 })
 	if got, _ := r.last(); len(got) != 2 || r.updates.Load() != updates {
 		t.Fatalf("an outage changed the routed set: %v", got)
 	}
@@ -272,7 +268,7 @@ func TestErrorsKeepLastSetAndNeverLeakToken(t *testing.T) {
 	for _, m := range []int32{1, 2} {
 		before := len(r.errors())
 		mode.Store(m)
-		waitFor(t, "errors reported", func() bool { return len(r.errors()) >= before+3 })
+		testenv.Eventually(t, "errors reported", 20*time.Second, func() bool { return len(r.errors()) >= before+3 })
 		if got, _ := r.last(); !slices.Equal(got, []string{"10.0.0.1:9001"}) {
 			t.Fatalf("after errors the routed set is %v", got)
 		}
@@ -292,8 +288,8 @@ func TestErrorsKeepLastSetAndNeverLeakToken(t *testing.T) {
 	synced := r.synced.Load()
 	h := hits.Load()
 	mode.Store(0)
-	waitFor(t, "three good queries after recovery", func() bool { return hits.Load() >= h+3 })
-	waitFor(t, "the answers reported", func() bool { return r.synced.Load() >= synced+2 })
+	testenv.Eventually(t, "three good queries after recovery", 20*time.Second, func() bool { return hits.Load() >= h+3 })
+	testenv.Eventually(t, "the answers reported", 20*time.Second, func() bool { return r.synced.Load() >= synced+2 })
 	if got := r.updates.Load(); got != n+1 {
 		t.Fatalf("%d snapshots delivered after recovery, want the one resync", got-n)
 	}
@@ -338,7 +334,7 @@ func TestMalformedEntriesAreWarningsLoggedOnce(t *testing.T) {
 	if err := c.Agent().ServiceDeregister("bad"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the warning gone with its entry", func() bool { return len(warned()) == 0 })
+	testenv.Eventually(t, "the warning gone with its entry", 20*time.Second, func() bool { return len(warned()) == 0 })
 	for _, id := range []string{"good", "other"} {
 		if err := c.Agent().ServiceDeregister(id); err != nil {
 			t.Fatal(err)

@@ -79,7 +79,7 @@ func (r *recorder) waitSnap(t *testing.T, timeout time.Duration, addrs ...string
 	t.Helper()
 	want := discovery.NewSnapshot(addrs...)
 	var at time.Time
-	waitFor(t, timeout, fmt.Sprintf("snapshot %v", want.Addrs()), func() bool {
+	testenv.Eventually(t, fmt.Sprintf("snapshot %v", want.Addrs()), timeout, func() bool {
 		u, ok := r.last()
 		at = u.at
 		return ok && slices.Equal(u.snap.Addrs(), want.Addrs())
@@ -91,7 +91,7 @@ func (r *recorder) waitSnap(t *testing.T, timeout time.Duration, addrs ...string
 func (r *recorder) waitErr(t *testing.T, timeout time.Duration, what string, match func(error) bool) error {
 	t.Helper()
 	var found error
-	waitFor(t, timeout, what, func() bool {
+	testenv.Eventually(t, what, timeout, func() bool {
 		for _, err := range r.allErrors() {
 			if match(err) {
 				found = err
@@ -101,12 +101,6 @@ func (r *recorder) waitErr(t *testing.T, timeout time.Duration, what string, mat
 		return false
 	})
 	return found
-}
-
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	testenv.Eventually(t, what, timeout, cond)
 }
 
 // startWatch runs w.Watch until the test ends; cleanup stops it and checks

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rota-proxy/rota/internal/testenv"
+
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -218,7 +220,7 @@ func TestEtcdStopped(t *testing.T) {
 	// Let the watcher retry against the dead server for a while: its
 	// failed Gets must not produce updates.
 	nErrs := len(rec.allErrors())
-	waitFor(t, wait, "a failed resync attempt", func() bool { return len(rec.allErrors()) > nErrs })
+	testenv.Eventually(t, "a failed resync attempt", wait, func() bool { return len(rec.allErrors()) > nErrs })
 	if n := len(rec.allUpdates()); n != before {
 		t.Fatalf("%d updates while etcd was down", n-before)
 	}
@@ -272,7 +274,7 @@ func TestMalformedAndForeignKeys(t *testing.T) {
 	w := newWatcher(t, newClient(t, env.Endpoints()), "web", lg)
 	rec := startWatch(t, w)
 	rec.waitSnap(t, wait, "127.0.0.1:9001", "127.0.0.1:9005")
-	waitFor(t, wait, "initial malformed values counted", func() bool { return w.Malformed() == uint64(initialBad) })
+	testenv.Eventually(t, "initial malformed values counted", wait, func() bool { return w.Malformed() == uint64(initialBad) })
 	u, _ := rec.last()
 	if len(u.snap.Warnings) != initialBad {
 		t.Fatalf("warnings %v, want the %d malformed keys", u.snap.Warnings, initialBad)
@@ -317,7 +319,7 @@ func TestMalformedAndForeignKeys(t *testing.T) {
 	if _, err := direct.Delete(ctxT(t), p+"web/127.0.0.1:9002"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, wait, "fixed and deleted keys leave the warnings", func() bool {
+	testenv.Eventually(t, "fixed and deleted keys leave the warnings", wait, func() bool {
 		u, _ := rec.last()
 		return len(u.snap.Warnings) == totalBad-2 && len(u.snap.Instances) == 5
 	})
@@ -371,7 +373,7 @@ func TestRegisterAfterFreshRestart(t *testing.T) {
 
 	start := time.Now()
 	env.RestartFresh()
-	waitFor(t, wait, "the key re-registered in the fresh etcd", func() bool {
+	testenv.Eventually(t, "the key re-registered in the fresh etcd", wait, func() bool {
 		resp, err := direct.Get(ctxT(t), DefaultPrefix+"web/127.0.0.1:9001")
 		return err == nil && len(resp.Kvs) == 1 && resp.Kvs[0].Lease != 0
 	})
@@ -419,7 +421,7 @@ func TestQuietWatchReportsSync(t *testing.T) {
 	rec := startWatch(t, w)
 	rec.waitSnap(t, wait)
 	before := rec.synced.Load()
-	waitFor(t, 5*time.Second, "answers on a quiet watch", func() bool { return rec.synced.Load() >= before+3 })
+	testenv.Eventually(t, "answers on a quiet watch", 5*time.Second, func() bool { return rec.synced.Load() >= before+3 })
 	if errs := rec.allErrors(); len(errs) != 0 {
 		t.Fatalf("errors on a healthy quiet watch: %v", errs)
 	}
@@ -475,7 +477,7 @@ func TestRegisterKeepsItsKey(t *testing.T) {
 	}()
 	key := DefaultPrefix + "web/127.0.0.1:9401"
 	var lease int64
-	waitFor(t, wait, "the registration", func() bool {
+	testenv.Eventually(t, "the registration", wait, func() bool {
 		resp, err := direct.Get(ctxT(t), key)
 		if err != nil || len(resp.Kvs) != 1 {
 			return false
@@ -492,7 +494,7 @@ func TestRegisterKeepsItsKey(t *testing.T) {
 			t.Fatal(err)
 		}
 		deleted := time.Now()
-		waitFor(t, wait, "the key put back", func() bool {
+		testenv.Eventually(t, "the key put back", wait, func() bool {
 			resp, err := direct.Get(ctxT(t), key)
 			return err == nil && len(resp.Kvs) == 1 && resp.Kvs[0].Lease == lease
 		})
@@ -557,7 +559,7 @@ func TestCancelRightAfterTheKeyAppears(t *testing.T) {
 			gr, err := direct.Get(ctxT(t), key)
 			return err == nil && gr.Count == 1
 		}
-		waitFor(t, wait, "the key put", present)
+		testenv.Eventually(t, "the key put", wait, present)
 		cancel()
 		if err := <-done; err != nil {
 			t.Fatalf("Register = %v", err)
