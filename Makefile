@@ -19,14 +19,20 @@ bin/rota: FORCE
 # ~/.cache/rota by scripts/consul-bin).
 deps:
 	$(GO) mod download
+	@for m in $(NESTED); do (cd $$m && $(GO) mod download) || exit 1; done
 
 tools: deps
 	@[ "$$ROTA_SKIP_CONSUL" = 1 ] || { echo "make: the Consul binary the tests run (scripts/consul-bin)"; scripts/consul-bin >/dev/null; }
 	@[ "$$ROTA_SKIP_BROWSER" = 1 ] || { echo "make: Chromium for the status-page test (scripts/chromium-bin)"; scripts/chromium-bin >/dev/null; }
 	@scripts/staticcheck-bin >/dev/null
 
+# The main module, and the two nested ones that keep their dependencies
+# out of it (the browser test's driver, the bench reports' charts).
+NESTED := admin/browser bench
+
 vet:
 	$(GO) vet ./...
+	@for m in $(NESTED); do (cd $$m && $(GO) vet ./...) || exit 1; done
 
 # staticcheck at a pinned version (scripts/staticcheck-bin installs it once
 # into ~/.cache/rota).
@@ -43,6 +49,7 @@ cross:
 test: tools vet lint cross
 	@echo "make: go test -race ./... (a few minutes)"
 	$(GO) test -race -timeout $(TEST_TIMEOUT) ./...
+	cd admin/browser && $(GO) test -race -timeout $(TEST_TIMEOUT) ./...
 	@$(MAKE) --no-print-directory compose-tests-if-docker
 
 # Runs rota on its embedded etcd with three self-registering demo backends:
@@ -56,12 +63,12 @@ demo: build
 # missing), then the registry convergence run. QUICK=1: about six minutes (10,000 targets included).
 bench: build
 	bench/setup.sh
-	$(GO) build -o bin/benchrun ./bench/run
+	cd bench && $(GO) build -o ../bin/benchrun ./run
 	bench/isolated bin/benchrun -rota bin/rota $(if $(QUICK),-quick) $(if $(BASELINE),-baseline $(BASELINE)) $(if $(ONLY),-only $(ONLY))
 ifeq ($(ONLY),)
 	$(GO) test -run '^$$' -bench 'PickPolicies' -benchtime $(if $(QUICK),20000x,200000x) ./balancer/ \
 	  | tee bench/results/$$(date +%F)$(if $(QUICK),-quick)-pick.txt
-	$(GO) build -o bin/convergence ./bench/convergence
+	cd bench && $(GO) build -o ../bin/convergence ./convergence
 	bench/isolated sh -c '\
 	  bin/convergence $(if $(QUICK),-changes 50) && \
 	  bin/convergence -registry consul -goal 250ms $(if $(QUICK),-changes 50) && \

@@ -14,32 +14,11 @@ import (
 
 	"github.com/rota-proxy/rota/admin"
 	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/internal/testenv"
 	"github.com/rota-proxy/rota/server"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
-
-func backend(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			io.WriteString(c, "x")
-			c.Close()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); <-done })
-	return ln.Addr().String()
-}
 
 func get(t *testing.T, h http.Handler, path string) (int, string) {
 	t.Helper()
@@ -51,7 +30,7 @@ func get(t *testing.T, h http.Handler, path string) (int, string) {
 }
 
 func TestMetricsFollowTargets(t *testing.T) {
-	a, b := backend(t), backend(t)
+	a, b := testenv.Greeter(t, "x"), testenv.Greeter(t, "x")
 	cfg := config.Default()
 	l := config.DefaultListener()
 	l.Name, l.Listen, l.Discovery, l.Static = "web", "127.0.0.1:0", "static", config.Statics(a, b)
@@ -137,7 +116,7 @@ func TestMetricsFollowTargets(t *testing.T) {
 func TestStatusPageIsSelfContained(t *testing.T) {
 	cfg := config.Default()
 	l := config.DefaultListener()
-	l.Name, l.Listen, l.Discovery, l.Static = "web", "127.0.0.1:0", "static", config.Statics(backend(t))
+	l.Name, l.Listen, l.Discovery, l.Static = "web", "127.0.0.1:0", "static", config.Statics(testenv.Greeter(t, "x"))
 	cfg.Listeners = []config.Listener{l}
 	srv, err := server.Start(context.Background(), cfg, nil)
 	if err != nil {

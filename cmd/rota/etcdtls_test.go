@@ -74,11 +74,11 @@ registries:
 	defer func() { serve.Process.Kill(); <-served }()
 	testenv.Eventually(t, "rota listening", 15*time.Second, func() bool { return strings.Contains(serveErr.String(), `"listening"`) })
 
-	be := greeter(t)
+	be := testenv.Greeter(t, "hi")
 	endpoint := "https://" + etcdAddr
 	var regErr syncBuffer
 	reg := exec.Command(rotaBin, "register", "--etcd", endpoint, "--etcd-ca", serverCA.File,
-		"--etcd-cert", regCert, "--etcd-key", regKey, "--service", "web", "--addr", be.Addr().String())
+		"--etcd-cert", regCert, "--etcd-key", regKey, "--service", "web", "--addr", be)
 	reg.Stderr = &regErr
 	if err := reg.Start(); err != nil {
 		t.Fatal(err)

@@ -54,40 +54,16 @@ func listenerNames(t *testing.T, admin string) []string {
 	return out
 }
 
-// greeter is a backend on loopback that writes "hi" to each connection and
-// closes it, until the test ends.
-func greeter(t *testing.T) net.Listener {
-	t.Helper()
-	be, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { be.Close() })
-	go func() {
-		for {
-			c, err := be.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				io.WriteString(c, "hi")
-				c.Close()
-			}()
-		}
-	}()
-	return be
-}
-
 // TestServeReloads runs `rota serve --config` and reloads it by SIGHUP and by
 // the admin API, including an invalid file that must be rejected while the
 // running configuration stays; SIGTERM then exits 0.
 func TestServeReloads(t *testing.T) {
-	be := greeter(t)
+	be := testenv.Greeter(t, "hi")
 	dir := t.TempDir()
 	file := filepath.Join(dir, "rota.yaml")
 	admin := testenv.FreeAddr(t)
 	listener := func(name string) string {
-		return fmt.Sprintf("  - name: %s\n    listen: %s\n    discovery: static\n    static: [%s]\n    drain_timeout: 1s\n", name, testenv.FreeAddr(t), be.Addr())
+		return fmt.Sprintf("  - name: %s\n    listen: %s\n    discovery: static\n    static: [%s]\n    drain_timeout: 1s\n", name, testenv.FreeAddr(t), be)
 	}
 	head := "admin:\n  listen: " + admin + "\nlisteners:\n"
 	one := head + listener("a")

@@ -17,7 +17,7 @@ import (
 // and with none) ends `rota serve` with exit 0 within drain_timeout plus a
 // second, every time.
 func TestSIGTERMUnderConnectStorm(t *testing.T) {
-	be := greeter(t)
+	be := testenv.Greeter(t, "hi")
 	dead, _ := net.Listen("tcp", "127.0.0.1:0")
 	deadAddr := dead.Addr().String()
 	dead.Close()
@@ -25,7 +25,7 @@ func TestSIGTERMUnderConnectStorm(t *testing.T) {
 	const drain = time.Second
 	dir := t.TempDir()
 	for trial := range 20 {
-		target := be.Addr().String()
+		target := be
 		if trial%2 == 1 {
 			target = deadAddr // nothing to reach: every client is refused
 		}

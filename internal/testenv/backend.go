@@ -150,3 +150,26 @@ func Request(addr string) (string, error) {
 	}
 	return string(b), nil
 }
+
+// Greeter starts a backend that writes msg to each connection at once and
+// closes it, until the test ends, and returns its address.
+func Greeter(t T, msg string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("greeter: %v", err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			io.WriteString(c, msg)
+			c.Close()
+		}
+	})
+	return ln.Addr().String()
+}

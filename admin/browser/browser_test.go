@@ -1,4 +1,4 @@
-package admin_test
+package browser_test
 
 import (
 	"context"
@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/chromedp/chromedp"
+	"go.uber.org/goleak"
 
 	"github.com/rota-proxy/rota/admin"
 	"github.com/rota-proxy/rota/config"
@@ -31,7 +32,7 @@ func chromium(t *testing.T) string {
 	if os.Getenv("ROTA_SKIP_BROWSER") == "1" {
 		t.Skip("ROTA_SKIP_BROWSER=1")
 	}
-	out, err := exec.Command("../scripts/chromium-bin").Output()
+	out, err := exec.Command("../../scripts/chromium-bin").Output()
 	if err != nil {
 		t.Fatalf("no browser for the status page test (scripts/chromium-bin: %v); set ROTA_SKIP_BROWSER=1 to skip", err)
 	}
@@ -43,7 +44,7 @@ func chromium(t *testing.T) string {
 // page by itself, without a reload.
 func TestStatusPageInBrowser(t *testing.T) {
 	bin := chromium(t)
-	live := backend(t)
+	live := testenv.Greeter(t, "x")
 	dying, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -63,7 +64,7 @@ func TestStatusPageInBrowser(t *testing.T) {
 	l.Name, l.Listen, l.Service, l.Discovery, l.Static = "web", "127.0.0.1:0", "web", "static", config.Statics(live, dyingAddr)
 	l.Health.Interval, l.Health.Fall = 100*time.Millisecond, 1
 	db := config.DefaultListener()
-	db.Name, db.Listen, db.Discovery, db.Static = "db", "127.0.0.1:0", "static", config.Statics(backend(t))
+	db.Name, db.Listen, db.Discovery, db.Static = "db", "127.0.0.1:0", "static", config.Statics(testenv.Greeter(t, "x"))
 	cfg.Listeners = []config.Listener{l, db}
 	_, pageURL := statusPage(t, cfg)
 
@@ -101,7 +102,7 @@ func TestStatusPageInBrowser(t *testing.T) {
 // (and then undrains) the target through the API.
 func TestStatusPageBalance(t *testing.T) {
 	bin := chromium(t)
-	light, heavy := backend(t), backend(t)
+	light, heavy := testenv.Greeter(t, "x"), testenv.Greeter(t, "x")
 	cfg := config.Default()
 	l := config.DefaultListener()
 	l.Name, l.Listen, l.Discovery = "web", "127.0.0.1:0", "static"
@@ -220,7 +221,7 @@ func saveScreenshot(t *testing.T, ctx context.Context, name string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join("..", "docs", name), png, 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join("..", "..", "docs", name), png, 0o644); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -230,7 +231,7 @@ func saveScreenshot(t *testing.T, ctx context.Context, name string) {
 // table.
 func TestStatusPageRoutes(t *testing.T) {
 	bin := chromium(t)
-	api, rest := backend(t), backend(t)
+	api, rest := testenv.Greeter(t, "x"), testenv.Greeter(t, "x")
 	cfg := config.Default()
 	l := config.DefaultListener()
 	l.Name, l.Listen = "edge", "127.0.0.1:0"
@@ -263,3 +264,5 @@ func TestStatusPageRoutes(t *testing.T) {
 	}
 	saveScreenshot(t, ctx, "status-page-routes.png")
 }
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
