@@ -1,8 +1,10 @@
 // Package server assembles rota's listeners from a configuration and applies
-// reloads: for each listener it binds the socket, starts the discovery
-// watcher, the health checker and the proxy, and wires them together
-// (watcher → checker → round-robin picker → proxy). It also owns the registry
-// clients and the embedded etcd server those listeners share.
+// reloads: for each listener it binds the socket, builds its pools (one, or
+// one per route: discovery, health checking and the picker) and their
+// watchers, and configures its proxy (watcher → pool → picker → proxy). The
+// first configuration and every later one take one path (reload.go). It
+// also owns the registry clients and the embedded etcd server those
+// listeners share.
 package server
 
 import (

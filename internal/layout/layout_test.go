@@ -1,0 +1,65 @@
+package layout
+
+import (
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+)
+
+const module = "github.com/rota-proxy/rota/"
+
+// allowed says which of rota's packages each may import (beyond
+// internal/ helpers, which any package may use); a package not listed may
+// import anything (the command, tests' helpers, programs).
+var allowed = map[string][]string{
+	"balancer":             {},
+	"discovery":            {},
+	"embedetcd":            {},
+	"health":               {},
+	"discovery/static":     {"discovery"},
+	"discovery/etcd":       {"discovery"},
+	"discovery/consul":     {"discovery"},
+	"pool":                 {"balancer", "discovery", "health"},
+	"proxy/internal/sni":   {},
+	"proxy/internal/relay": {"balancer", "proxy/internal/sni"},
+	"proxy":                {"balancer", "proxy/internal/relay", "proxy/internal/sni"},
+	// config declares the file; the settings types it embeds are their
+	// packages' (one declaration each).
+	"config":     {"balancer", "health", "proxy"},
+	"server":     {"config", "discovery", "discovery/consul", "discovery/etcd", "discovery/static", "embedetcd", "health", "pool", "proxy"},
+	"admin":      {"discovery", "health", "proxy", "server"},
+	"supervisor": {"admin", "config", "server"},
+	"demo":       {"discovery/consul", "discovery/etcd"},
+}
+
+func TestImportsPointOneWay(t *testing.T) {
+	out, err := exec.Command("go", "list", "-f", `{{.ImportPath}}{{range .Imports}} {{.}}{{end}}`, module+"...").Output()
+	if err != nil {
+		t.Fatalf("go list: %v", err)
+	}
+	seen := map[string]bool{}
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		f := strings.Fields(line)
+		pkg := strings.TrimPrefix(f[0], module)
+		seen[pkg] = true
+		ok, ruled := allowed[pkg]
+		if !ruled {
+			continue
+		}
+		for _, imp := range f[1:] {
+			dep, ours := strings.CutPrefix(imp, module)
+			if !ours || strings.HasPrefix(dep, "internal/") && !strings.HasPrefix(dep, "internal/testenv") {
+				continue
+			}
+			if !slices.Contains(ok, dep) {
+				t.Errorf("%s imports %s: against the layout (it may import %v)", pkg, dep, ok)
+			}
+		}
+	}
+	for pkg := range allowed {
+		if !seen[pkg] {
+			t.Errorf("the layout names %s, which no longer exists", pkg)
+		}
+	}
+}
