@@ -126,18 +126,24 @@ func loopbackHost(host string) bool {
 	return err == nil && ip.Unmap().IsLoopback()
 }
 
+// uniqueName checks the name of element i of list (at path p): not empty,
+// and not taken by an earlier element (names, which it records it in).
+func (ck *checker) uniqueName(p, list, what, name string, i int, names map[string]int) {
+	switch j, dup := names[name]; {
+	case name == "":
+		ck.add(p+".name", "must not be empty")
+	case dup:
+		ck.add(p+".name", "duplicate %s %q (%s[%d] has it too)", what, name, list, j)
+	default:
+		names[name] = i
+	}
+}
+
 func (ck *checker) listener(c *Config, i int, names map[string]int) {
 	l := &c.Listeners[i]
 	p := fmt.Sprintf("listeners[%d]", i)
 
-	switch j, dup := names[l.Name]; {
-	case l.Name == "":
-		ck.add(p+".name", "must not be empty")
-	case dup:
-		ck.add(p+".name", "duplicate name %q (listeners[%d] has it too)", l.Name, j)
-	default:
-		names[l.Name] = i
-	}
+	ck.uniqueName(p, "listeners", "name", l.Name, i, names)
 
 	if l.Listen == "" {
 		ck.add(p+".listen", `required: the address to listen on, like ":8080"`)
@@ -274,14 +280,7 @@ func (ck *checker) routes(c *Config, p string, l *Listener) {
 	for j := range l.Routes {
 		r := &l.Routes[j]
 		rp := fmt.Sprintf("%s.routes[%d]", p, j)
-		switch k, dup := names[r.Name]; {
-		case r.Name == "":
-			ck.add(rp+".name", "must not be empty")
-		case dup:
-			ck.add(rp+".name", "duplicate route name %q (routes[%d] has it too)", r.Name, k)
-		default:
-			names[r.Name] = j
-		}
+		ck.uniqueName(rp, "routes", "route name", r.Name, j, names)
 		if len(r.SNI) == 0 {
 			ck.add(rp+".sni", `required: the server names this route serves, like [api.example.com, "*.example.com"], or ["*"] for anything else`)
 		}

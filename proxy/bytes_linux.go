@@ -200,23 +200,8 @@ func (c *conn) read(src, dst *side, toTarget bool) bool {
 	buf := c.l.buf
 	n, err := poller.Read(src.fd.Num(), buf)
 	now := c.l.p.Now()
-	switch {
-	case err == errEAGAIN:
-		src.in = false
-		return true
-	case err != nil:
-		if !toTarget && neterr.IsReset(err) {
-			c.run(c.m.TargetReset(err, now))
-			return false
-		}
-		c.finish(false, err)
-		return false
-	case n == 0:
-		src.in, src.eof = false, true
-		if toTarget {
-			return c.act(c.m.ClientEOF())
-		}
-		return c.act(c.m.TargetEOF(now))
+	if stop, ok := c.took(src, n, err, toTarget, now); stop {
+		return ok
 	}
 	src.moved += uint64(n)
 	if n < len(buf) && !src.hup {
@@ -250,29 +235,42 @@ func (c *conn) read(src, dst *side, toTarget bool) bool {
 
 // drain splices what src has into its empty pipe.
 func (c *conn) drain(src *side, toTarget bool) bool {
+	// (EAGAIN: the pipe was empty, so it is the socket that is.)
 	n, err := splice(src.fd.Num(), src.pipe.w, turnBytes)
-	switch {
-	case err == errEAGAIN:
-		src.in = false // the pipe was empty, so it is the socket
-		return true
-	case err != nil:
-		if !toTarget && neterr.IsReset(err) {
-			c.run(c.m.TargetReset(err, c.l.p.Now()))
-			return false
-		}
-		c.finish(false, err)
-		return false
-	case n == 0:
-		src.in, src.eof = false, true
-		if toTarget {
-			return c.act(c.m.ClientEOF())
-		}
-		return c.act(c.m.TargetEOF(c.l.p.Now()))
+	now := c.l.p.Now()
+	if stop, ok := c.took(src, n, err, toTarget, now); stop {
+		return ok
 	}
 	src.pipe.n = n
 	src.moved += uint64(n)
-	c.m.Spliced(toTarget, n, c.l.p.Now())
+	c.m.Spliced(toTarget, n, now)
 	return true
+}
+
+// took handles what a read or a splice from src said besides bytes: the
+// socket has none now (EAGAIN), an error (a target's reset is the
+// machine's to judge), or the side's FIN. stop: it was one of those, and
+// ok says whether the flow goes on.
+func (c *conn) took(src *side, n int, err error, toTarget bool, now int64) (stop, ok bool) {
+	switch {
+	case err == errEAGAIN:
+		src.in = false
+		return true, true
+	case err != nil:
+		if !toTarget && neterr.IsReset(err) {
+			c.run(c.m.TargetReset(err, now))
+			return true, false
+		}
+		c.finish(false, err)
+		return true, false
+	case n == 0:
+		src.in, src.eof = false, true
+		if toTarget {
+			return true, c.act(c.m.ClientEOF())
+		}
+		return true, c.act(c.m.TargetEOF(now))
+	}
+	return false, true
 }
 
 // pump splices src's pipe into dst and reports whether it emptied.

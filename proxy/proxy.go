@@ -331,17 +331,22 @@ func (p *Proxy) Close() error {
 	return nil
 }
 
-// abortAll cuts every open connection.
-func (p *Proxy) abortAll() {
-	p.aborting.Store(true)
-	p.Engine.abort(p)
+// goroutineConns lists the connections relayed by goroutines now.
+func (p *Proxy) goroutineConns() []*gconn {
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	gs := make([]*gconn, 0, len(p.gconns))
 	for g := range p.gconns {
 		gs = append(gs, g)
 	}
-	p.mu.Unlock()
-	for _, g := range gs {
+	return gs
+}
+
+// abortAll cuts every open connection.
+func (p *Proxy) abortAll() {
+	p.aborting.Store(true)
+	p.Engine.abort(p)
+	for _, g := range p.goroutineConns() {
 		g.abort()
 	}
 }
@@ -359,13 +364,7 @@ func (p *Proxy) Retire(t *balancer.Target, why balancer.Reason) {
 	}
 	p.init()
 	p.Engine.retire(p, t, why, grace)
-	p.mu.Lock()
-	gs := make([]*gconn, 0, len(p.gconns))
-	for g := range p.gconns {
-		gs = append(gs, g)
-	}
-	p.mu.Unlock()
-	for _, g := range gs {
+	for _, g := range p.goroutineConns() {
 		g.retire(t, why, grace)
 	}
 }
