@@ -105,6 +105,26 @@ func (s *Server) Drain(name, addr string, on bool) error {
 	return nil
 }
 
+// Routed is how many targets the named listener's pickers offer now
+// (every route's), -1 when there is no such listener. Unlike Status it
+// reads only the published pickers: cheap at any number of targets.
+func (s *Server) Routed(name string) int {
+	s.mu.Lock()
+	lns := append([]*listener(nil), s.listeners...)
+	s.mu.Unlock()
+	for _, l := range lns {
+		if l.config().Name != name {
+			continue
+		}
+		n := 0
+		for _, r := range l.routeList() {
+			n += len(r.pool.View().Live)
+		}
+		return n
+	}
+	return -1
+}
+
 // Status returns the state of every listener, in configuration order.
 func (s *Server) Status() []ListenerStatus {
 	s.mu.Lock()
