@@ -18,6 +18,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/discovery"
 	"github.com/rota-proxy/rota/proxy"
 	"github.com/rota-proxy/rota/server"
@@ -107,6 +108,10 @@ type ListenerJSON struct {
 	// Routes are the pools of a listener that routes by TLS server name.
 	Routes []RouteJSON `json:"routes,omitempty"`
 
+	// LastConnections are the listener's last connections, as the access
+	// log records them.
+	LastConnections []json.RawMessage `json:"last_connections,omitempty"`
+
 	Counters []proxy.Reading `json:"-"`
 }
 
@@ -128,7 +133,7 @@ func (l ListenerJSON) MarshalJSON() ([]byte, error) {
 		} else {
 			m := make(map[string]float64, len(r.Samples))
 			for _, s := range r.Samples {
-				m[s.Key] = s.Value
+				m[s.Key] += s.Value // by route: their sum
 			}
 			v = m
 		}
@@ -205,6 +210,10 @@ func Targets(ls []server.ListenerStatus) TargetsResponse {
 		lj := ListenerJSON{
 			Name: l.Name, Listen: l.Listen, PoolJSON: poolJSON(l.PoolStatus), Addr: l.Addr,
 			Counters: l.Counters,
+		}
+		for i := range l.LastConnections {
+			b := accesslog.AppendJSON(nil, &l.LastConnections[i])
+			lj.LastConnections = append(lj.LastConnections, b[:len(b)-1]) // less its newline
 		}
 		for _, r := range l.Routes {
 			lj.Routes = append(lj.Routes, RouteJSON{Name: r.Name, SNI: r.SNI, PoolJSON: poolJSON(r.PoolStatus)})

@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/proxy"
 	"github.com/rota-proxy/rota/server"
@@ -28,6 +29,8 @@ type collector struct {
 	pool     []*prometheus.Desc // one per poolFamilies row
 	target   []*prometheus.Desc // one per targetFamilies row
 	targets  *prometheus.Desc   // rota_targets{state}
+	// logDropped is rota_access_log_dropped_total.
+	logDropped *prometheus.Desc
 }
 
 // family is a metric of a pool (labels listener, route) or of a target
@@ -106,11 +109,16 @@ func newCollector(state State) *collector {
 		pool:    descs(poolFamilies, "listener", "route"),
 		target:  descs(targetFamilies, "listener", "route", "target"),
 		targets: prometheus.NewDesc("rota_targets", "Discovered targets by health state.", []string{"listener", "route", "state"}, nil),
+		logDropped: prometheus.NewDesc("rota_access_log_dropped_total",
+			"Access log records dropped because the writer fell behind (the proxy is never slowed for it).", nil, nil),
 	}
 	for _, k := range proxy.Counters() {
 		var desc *prometheus.Desc
 		if k.Metric != "" {
 			labels := []string{"listener"}
+			if k.ByRoute {
+				labels = append(labels, "route")
+			}
 			if k.Label != "" {
 				labels = append(labels, k.Label)
 			}
@@ -142,10 +150,22 @@ func emit(ch chan<- prometheus.Metric, d *prometheus.Desc, gauge, keyed bool, sa
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	if s, ok := c.state.(interface{ AccessLog() *accesslog.Log }); ok {
+		if l := s.AccessLog(); l != nil {
+			ch <- prometheus.MustNewConstMetric(c.logDropped, prometheus.CounterValue, float64(l.Dropped()))
+		}
+	}
 	for _, l := range c.state.Status() {
 		n := l.Name
 		for i, r := range l.Counters {
-			if d := c.listener[i]; d != nil && (!r.Routed || len(l.Routes) > 0) {
+			d := c.listener[i]
+			switch {
+			case d == nil || r.Routed && len(l.Routes) == 0:
+			case r.ByRoute:
+				for _, s := range r.Samples {
+					emit(ch, d, r.Gauge, r.Label != "", []proxy.Sample{s}, n, s.Route)
+				}
+			default:
 				emit(ch, d, r.Gauge, r.Label != "", r.Samples, n)
 			}
 		}

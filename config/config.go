@@ -52,6 +52,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/proxy"
@@ -59,9 +60,12 @@ import (
 
 // Config is the whole of rota.yaml.
 type Config struct {
-	Admin      Admin      `yaml:"admin"`
-	Registries Registries `yaml:"registries"`
-	Listeners  []Listener `yaml:"listeners"`
+	Admin Admin `yaml:"admin"`
+	// AccessLog, when present, records every connection of the listeners
+	// (and routes) whose access_log is not false.
+	AccessLog  *accesslog.Config `yaml:"access_log"`
+	Registries Registries        `yaml:"registries"`
+	Listeners  []Listener        `yaml:"listeners"`
 
 	// File is the path the config was loaded from, "" when built in memory.
 	// It lets a reload re-read the same file and lets errors name it.
@@ -205,6 +209,8 @@ type Route struct {
 	// TLS). The most specific match wins; no two routes share a pattern.
 	SNI  []string `yaml:"sni"`
 	Pool `yaml:",inline"`
+	// AccessLog, set, overrides the listener's access_log for this route.
+	AccessLog *bool `yaml:"access_log"`
 }
 
 // Routed reports whether the listener routes by server name.
@@ -278,6 +284,7 @@ func DefaultListener() Listener {
 			ProxyHeaderTimeout: DefaultProxyHeaderTimeout,
 			SNITimeout:         DefaultSNITimeout,
 			RemovedConnGrace:   proxy.Never,
+			AccessLog:          true,
 		},
 	}
 }

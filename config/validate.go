@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/proxy"
 )
@@ -38,6 +39,14 @@ func (c *Config) problems() []*Error {
 	}
 	if e := c.Registries.Etcd; e != nil {
 		ck.etcd(e)
+	}
+	if a := c.AccessLog; a != nil {
+		if a.Format != accesslog.JSON && a.Format != accesslog.Text {
+			ck.add("access_log.format", "must be json or text; got %q", a.Format)
+		}
+		if a.Path == "" {
+			ck.add("access_log.path", "must be stdout, stderr or a file")
+		}
 	}
 	if c.Registries.EmptyHold < 0 {
 		ck.add("registries.empty_hold", "must not be negative (0 disables it)")

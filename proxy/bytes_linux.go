@@ -5,6 +5,7 @@ package proxy
 // once everything before it went, and what a winding-down side still sends.
 
 import (
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/internal/neterr"
 	"github.com/rota-proxy/rota/internal/poller"
 	"github.com/rota-proxy/rota/proxy/internal/relay"
@@ -31,7 +32,7 @@ func (c *conn) step() {
 		}
 	}
 	if c.c.eof && c.t.eof && c.c.shut && c.t.shut && !c.c.dropping && !c.t.dropping {
-		c.finish(false, nil)
+		c.finish(false, accesslog.NotEnded, nil)
 		return
 	}
 	if more && !c.queued {
@@ -96,7 +97,7 @@ func (c *conn) drop(s *side) {
 		case err == errEAGAIN:
 			s.in = false
 		case err != nil:
-			c.finish(false, err)
+			c.finish(false, c.resetOf(s), err)
 		case n == 0:
 			s.in, s.dropping = false, false
 		}
@@ -117,7 +118,7 @@ func (c *conn) passEOF(src, dst *side, toTarget bool) {
 		return // both directions are done: closing sends the FIN
 	}
 	if err := shutdownWrite(dst.fd.Num()); err != nil && err != errENOTCONN {
-		c.finish(false, err)
+		c.finish(false, c.resetOf(dst), err)
 	}
 }
 
@@ -162,7 +163,7 @@ func (c *conn) writeFailed(err error, toTarget bool) bool {
 		c.act(c.m.WriteReset(err))
 		return false
 	}
-	c.finish(false, err)
+	c.finish(false, c.resetOf(sideTo(c, toTarget)), err)
 	return false
 }
 
@@ -261,7 +262,7 @@ func (c *conn) took(src *side, n int, err error, toTarget bool, now int64) (stop
 			c.run(c.m.TargetReset(err, now))
 			return true, false
 		}
-		c.finish(false, err)
+		c.finish(false, c.resetOf(src), err)
 		return true, false
 	case n == 0:
 		src.in, src.eof = false, true
@@ -294,4 +295,20 @@ func (c *conn) putPipe(src *side) {
 		c.l.putPipe(src.pipe)
 		src.pipe = nil
 	}
+}
+
+// resetOf is the termination of an I/O failure on side s.
+func (c *conn) resetOf(s *side) accesslog.Termination {
+	if s == &c.c {
+		return accesslog.ClientReset
+	}
+	return accesslog.TargetReset
+}
+
+// sideTo is the side bytes go to: the target's when toTarget.
+func sideTo(c *conn, toTarget bool) *side {
+	if toTarget {
+		return &c.t
+	}
+	return &c.c
 }

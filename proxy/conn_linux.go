@@ -9,6 +9,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/internal/neterr"
 	"github.com/rota-proxy/rota/internal/poller"
 	"github.com/rota-proxy/rota/internal/sock"
@@ -107,11 +108,11 @@ func (l *loop) startLinked(c *conn) {
 	c.m.Init(&c.set.relay, &c.p.Stats.Stats, c.p.ReportFailure, c.m.Src, c.m.Dst, now)
 	if c.p.aborting.Load() {
 		sock.Close(c.cfd)
-		c.finish(false, errors.New("shutting down"))
+		c.finish(false, accesslog.Shutdown, errors.New("shutting down"))
 		return
 	}
 	if err := l.p.Add(&c.c.fd, c.cfd, connEvents, c, tagClient); err != nil {
-		c.finish(false, err)
+		c.finish(false, accesslog.ClientReset, err)
 		return
 	}
 	c.run(c.m.Start(now))
@@ -200,7 +201,8 @@ func (c *conn) Abort(cause any) {
 	}
 	l.unlink(c)
 	c.p.release(c.conns)
-	c.m.Close(errors.New("relay panicked")) // settles the target's count, if it can
+	c.m.End(accesslog.Panic, errors.New("relay panicked")) // settles the target's count, if it can
+	c.p.ended(c.set, &c.m, c.c.moved, c.t.moved, l.p.Clock())
 }
 
 // arm sets c's timer for the machine's next deadline. A deadline that moved
@@ -237,13 +239,13 @@ func (c *conn) act(a relay.Action) bool {
 		return false
 	case relay.Refused:
 		c.p.refuse(c.m.Src, c.m.Err)
-		c.finish(false, nil)
+		c.finish(false, accesslog.NotEnded, nil)
 		return false
 	case relay.Close:
-		c.finish(false, nil)
+		c.finish(false, accesslog.NotEnded, nil)
 		return false
 	case relay.Reset:
-		c.finish(true, nil)
+		c.finish(true, accesslog.NotEnded, nil)
 		return false
 	case relay.ReadPrelude, relay.Linger:
 		return false
@@ -294,12 +296,13 @@ func (c *conn) dropTarget() {
 
 // finish closes c: both sockets (the client's abortively with reset, so
 // that it sees the reset its target sent), and releases the connection.
-func (c *conn) finish(reset bool, err error) {
+func (c *conn) finish(reset bool, t accesslog.Termination, err error) {
 	if c.done {
 		return
 	}
 	c.done = true
-	c.m.Close(err)
+	c.m.End(t, err)
+	c.p.ended(c.set, &c.m, c.c.moved, c.t.moved, c.l.p.Clock())
 	if c.m.Err != nil {
 		c.p.Logger.Debug("connection closed", zap.Stringer("client", c.m.Src), zap.Error(c.m.Err))
 	}

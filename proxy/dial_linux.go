@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"strconv"
 
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/internal/poller"
 	"github.com/rota-proxy/rota/internal/sock"
 	"github.com/rota-proxy/rota/proxy/internal/relay"
@@ -23,11 +24,12 @@ func (c *conn) readPrelude() {
 		case err == errEAGAIN:
 			c.c.in = false
 		case err != nil:
-			c.finish(false, err)
+			c.finish(false, accesslog.ClientReset, err)
 		case n == 0:
 			c.c.in = false
 			c.run(c.m.PreludeEOF())
 		default:
+			c.c.moved += uint64(n)
 			c.run(c.m.Prelude(c.l.buf[:n], c.l.p.Now()))
 		}
 	}
@@ -112,5 +114,8 @@ func (c *conn) connected(ev uint32) {
 		return
 	}
 	c.p.served()
-	c.run(c.m.Dialed(c.l.p.Now()))
+	now := c.l.p.Now()
+	a := c.m.Dialed(now)
+	c.p.connected(c.set, &c.m, now)
+	c.run(a)
 }

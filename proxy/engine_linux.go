@@ -15,6 +15,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/internal/poller"
 	"github.com/rota-proxy/rota/internal/sock"
@@ -131,7 +132,7 @@ func (e *Engine) abort(p *Proxy) {
 			for c := l.conns.next; c != nil; {
 				next := c.next
 				if c.p == p {
-					c.finish(false, errors.New("shutting down: drain timeout reached"))
+					c.finish(false, accesslog.Shutdown, errors.New("shutting down: drain timeout reached"))
 				}
 				c = next
 			}
@@ -375,7 +376,7 @@ func (l *loop) accepted(li *listening, fd int, peer netip.AddrPort) {
 		li.errs.quiet(p.Logger, "accepting again")
 	}
 	set := p.currentSettings()
-	if !p.admit(set) {
+	if !p.admit(set, peer) {
 		sock.Close(fd)
 		return
 	}

@@ -14,6 +14,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/internal/neterr"
 	"github.com/rota-proxy/rota/proxy/internal/relay"
@@ -34,14 +35,16 @@ var gbufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b 
 // reach each target in order.
 type gconn struct {
 	p      *Proxy
+	set    *settings // in force when it was accepted
 	conns  *sync.WaitGroup
 	client net.Conn
 	ctx    context.Context // cancelled by abort: ends a dial in flight
 	cancel context.CancelFunc
 
-	mu     sync.Mutex
-	m      relay.Conn
-	target net.Conn
+	mu      sync.Mutex
+	m       relay.Conn
+	target  net.Conn
+	in, out uint64 // bytes from the client, and from the target
 
 	// cur is the target for abort, which must not wait for mu (a write
 	// under it may block).
@@ -69,7 +72,7 @@ type retireReq struct {
 
 // relayWithGoroutines relays c, an admitted client of Serve's.
 func (p *Proxy) relayWithGoroutines(c net.Conn, set *settings, conns *sync.WaitGroup) {
-	g := &gconn{p: p, conns: conns, client: c}
+	g := &gconn{p: p, set: set, conns: conns, client: c}
 	g.ctx, g.cancel = context.WithCancel(context.Background())
 	g.m.Init(&set.relay, &p.Stats.Stats, p.ReportFailure, addrPort(c.RemoteAddr()), addrPort(c.LocalAddr()), p.clock())
 	p.mu.Lock()
@@ -117,13 +120,14 @@ func (g *gconn) clientSide() {
 		a = g.locked(func() relay.Action {
 			switch {
 			case n > 0:
+				g.in += uint64(n)
 				return g.m.Prelude(buf[:n], p.clock())
 			case errors.Is(err, os.ErrDeadlineExceeded):
 				return g.m.Expired(p.clock())
 			case err == io.EOF:
 				return g.m.PreludeEOF()
 			case err != nil:
-				g.m.Close(err)
+				g.m.End(accesslog.ClientReset, err)
 				return relay.Close
 			}
 			return relay.ReadPrelude
@@ -164,6 +168,7 @@ func (g *gconn) clientSide() {
 			}
 			return
 		default:
+			g.ending(accesslog.ClientReset, err)
 			g.abort()
 			return
 		}
@@ -174,6 +179,7 @@ func (g *gconn) clientSide() {
 func (g *gconn) fromClient(data []byte) relay.Action {
 	var t net.Conn
 	a := g.locked(func() relay.Action {
+		g.in += uint64(len(data))
 		a := g.m.FromClient(data, g.p.clock())
 		t = g.target
 		if a == relay.Flush {
@@ -268,8 +274,9 @@ func (g *gconn) windClient(buf []byte) {
 func (g *gconn) windTarget(t net.Conn, buf []byte) {
 	g.client.SetReadDeadline(time.Now()) // the client side winds down its direction
 	eof, ok := g.windRead(t, buf, func(b []byte) bool {
-		g.locked(func() relay.Action { return g.m.FromTarget(len(b), g.p.clock()) })
+		g.locked(func() relay.Action { g.out += uint64(len(b)); return g.m.FromTarget(len(b), g.p.clock()) })
 		if _, err := g.client.Write(b); err != nil {
+			g.ending(accesslog.ClientReset, err)
 			g.abort()
 			return false
 		}
@@ -367,7 +374,7 @@ func (g *gconn) connect(a relay.Action) relay.Action {
 					c.Close()
 				}
 				g.m.Shutdown()
-				g.m.Close(errors.New("shutting down"))
+				g.m.End(accesslog.Shutdown, errors.New("shutting down"))
 				return relay.Close
 			case err != nil:
 				return g.m.DialFailed(err, g.p.clock())
@@ -377,7 +384,9 @@ func (g *gconn) connect(a relay.Action) relay.Action {
 			if g.aborted.Load() { // abort ran between the check and the Store
 				c.Close()
 			}
-			a := g.m.Dialed(g.p.clock())
+			now := g.p.clock()
+			a := g.m.Dialed(now)
+			g.p.connected(g.set, &g.m, now)
 			if fa := g.flushLocked(); fa != relay.Flush {
 				a = fa
 			}
@@ -423,7 +432,7 @@ func (g *gconn) flushLocked() relay.Action {
 			if neterr.IsReset(err) {
 				return g.m.WriteReset(err)
 			}
-			g.m.Close(err)
+			g.m.End(accesslog.TargetReset, err)
 			return relay.Close
 		}
 	}
@@ -434,7 +443,13 @@ func (g *gconn) writeFailed(err error) relay.Action {
 	if neterr.IsReset(err) {
 		return g.locked(func() relay.Action { return g.m.WriteReset(err) })
 	}
-	return relay.Close
+	return g.ending(accesslog.TargetReset, err)
+}
+
+// ending notes a failure of the driver's (see relay.Conn.End) and says
+// Close.
+func (g *gconn) ending(t accesslog.Termination, err error) relay.Action {
+	return g.locked(func() relay.Action { g.m.End(t, err); return relay.Close })
 }
 
 // targetSide copies the target to the client; after a reset inside the
@@ -451,8 +466,9 @@ func (g *gconn) targetSide() {
 		g.setDeadline(t)
 		n, err := t.Read(buf)
 		if n > 0 {
-			g.locked(func() relay.Action { return g.m.FromTarget(n, p.clock()) })
+			g.locked(func() relay.Action { g.out += uint64(n); return g.m.FromTarget(n, p.clock()) })
 			if _, werr := g.client.Write(buf[:n]); werr != nil {
+				g.ending(accesslog.ClientReset, werr)
 				g.abort()
 				return
 			}
@@ -479,7 +495,7 @@ func (g *gconn) targetSide() {
 			case neterr.IsReset(err):
 				return g.m.TargetReset(err, p.clock())
 			}
-			g.m.Close(err)
+			g.m.End(accesslog.TargetReset, err)
 			return relay.Close
 		})
 		if a == relay.Linger {
@@ -570,7 +586,19 @@ func (g *gconn) exit() {
 		}
 	}()
 	var err error
-	g.locked(func() relay.Action { g.m.Close(nil); err = g.m.Err; return relay.Close })
+	g.locked(func() relay.Action {
+		t := accesslog.NotEnded
+		switch {
+		case panicked:
+			t = accesslog.Panic
+		case g.p.aborting.Load():
+			t = accesslog.Shutdown
+		}
+		g.m.End(t, nil)
+		g.p.ended(g.set, &g.m, g.in, g.out, g.p.clock())
+		err = g.m.Err
+		return relay.Close
+	})
 	if err != nil && !panicked {
 		g.p.Logger.Debug("connection closed", zap.Stringer("client", g.m.Src), zap.Error(err))
 	}

@@ -24,6 +24,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/proxy/internal/relay"
 )
@@ -51,6 +52,8 @@ var ErrClosed = errors.New("proxy: closed")
 // Proxy joins client connections to targets. Configure it before Serve;
 // the fields are optional. A Proxy must not be copied after first use.
 type Proxy struct {
+	// Name is the listener's, in the access log.
+	Name string
 	// ReportFailure, if set, is told about every target that could not be
 	// reached, so health checking can take it out of rotation at once. It
 	// is called from the relay loops: it must not block.
@@ -63,7 +66,8 @@ type Proxy struct {
 	Engine *Engine
 
 	settings atomic.Pointer[settings]
-	refusing atomic.Bool // the last client found no target; logged once per episode
+	log      atomic.Pointer[accesslog.Log] // nil: no access log
+	refusing atomic.Bool                   // the last client found no target; logged once per episode
 
 	initOnce       sync.Once
 	epoch          time.Time // the goroutine driver's clock starts here
@@ -88,7 +92,8 @@ type Proxy struct {
 
 // settings are a Settings with what the relays derive from it once.
 type settings struct {
-	relay relay.Config
+	relay  relay.Config
+	router *Router
 }
 
 func (p *Proxy) init() {
@@ -111,7 +116,7 @@ func (p *Proxy) init() {
 // Router: by server name, or Single); connections accepted from now on use
 // them.
 func (p *Proxy) Configure(s Settings, r *Router) {
-	set := &settings{relay: relay.Config{Settings: s}}
+	set := &settings{relay: relay.Config{Settings: s}, router: r}
 	if r != nil {
 		set.relay.Picker = r.single
 		if r.single == nil {
@@ -243,7 +248,7 @@ func (p *Proxy) acceptLoop(ln net.Listener, conns *sync.WaitGroup) error {
 		delay = 0
 		errs.quiet(p.Logger, "accepting again")
 		set := p.currentSettings()
-		if !p.admit(set) {
+		if !p.admit(set, addrPort(c.RemoteAddr())) {
 			c.Close()
 			continue
 		}
@@ -256,17 +261,21 @@ func (p *Proxy) acceptLoop(ln net.Listener, conns *sync.WaitGroup) error {
 // already or the proxy is closing. A client taken on counts as active until
 // release. The count is raised before it is checked, so concurrent loops
 // can never take on more than MaxConns between them.
-func (p *Proxy) admit(set *settings) bool {
+func (p *Proxy) admit(set *settings, client netip.AddrPort) bool {
 	p.Stats.Accepted.Add(1)
 	n := p.Stats.Active.Add(1)
+	var t accesslog.Termination
 	switch {
 	case p.closing.Load():
+		t = accesslog.Shutdown
 	case set.relay.MaxConns > 0 && n > int64(set.relay.MaxConns):
 		p.Stats.Rejected.Add(1)
+		t = accesslog.MaxConns
 	default:
 		return true
 	}
 	p.release(nil)
+	p.refusedAtAccept(set, client, t)
 	return false
 }
 

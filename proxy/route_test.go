@@ -34,8 +34,9 @@ func TestRouterBothRelays(t *testing.T) {
 			rr.Update([]*balancer.Target{t})
 			return rr
 		}
-		router := proxy.NewRouter([][]string{{"api.example.com", "*.api.example.com"}, {"*"}},
-			[]proxy.Picker{pick(balancer.NewTarget(api.addr())), pick(restTarget)})
+		router := proxy.NewRouter([]proxy.Route{
+			{SNI: []string{"api.example.com", "*.api.example.com"}, Picker: pick(balancer.NewTarget(api.addr())), Name: "api"},
+			{SNI: []string{"*"}, Picker: pick(restTarget), Name: "rest"}})
 		s := startRoutedProxy(t, proxy.Settings{SNITimeout: 200 * time.Millisecond}, router)
 		for _, tc := range []struct {
 			send []byte

@@ -1,11 +1,21 @@
 package proxy
 
 import (
-	"slices"
-
 	"github.com/rota-proxy/rota/proxy/internal/relay"
 	"github.com/rota-proxy/rota/proxy/internal/sni"
 )
+
+// Route is one service of a listener that routes by server name.
+type Route struct {
+	// SNI are the server names it serves: exact ("api.example.com"), a
+	// wildcard for any name below a domain ("*.api.example.com", at any
+	// depth, not the domain itself) or "*" (anything else, a client that
+	// sends no server name, or no TLS).
+	SNI    []string
+	Picker Picker
+	Name   string // in the access log and the metrics
+	NoLog  bool   // its connections are not in the access log
+}
 
 // Router chooses a connection's targets by the TLS server name (SNI) its
 // client asks for, so that one port serves many services. rota reads the
@@ -13,36 +23,43 @@ import (
 // passed through, never terminated. A Router is immutable: a reload builds
 // a new one.
 type Router struct {
-	table   *sni.Table
-	pickers []relay.Picker
-	single  relay.Picker // Single's: every client, no ClientHello read
+	table  *sni.Table
+	routes []Route
+	single relay.Picker // Single's: every client, no ClientHello read
 }
 
 // Single is the Router of a listener without routes: every client goes to
 // p, and nothing is read from it first.
 func Single(p Picker) *Router { return &Router{single: p} }
 
-// NewRouter routes by patterns[i] to pickers[i]. A pattern is an exact
-// name ("api.example.com"), a wildcard for any name below a domain
-// ("*.api.example.com", at any depth, not the domain itself) or "*"
-// (anything else, a client that sends no server name, or no TLS). Names
-// match without regard to case; the most specific pattern wins: exact,
-// then the longest wildcard, then "*". A client no pattern matches is
-// closed and counted (Stats.NoRoute).
-func NewRouter(patterns [][]string, pickers []Picker) *Router {
-	if len(patterns) != len(pickers) {
-		panic("proxy: NewRouter needs one picker per pattern list")
+// NewRouter routes by the routes' server names. Names match without
+// regard to case; the most specific pattern wins: exact, then the longest
+// wildcard, then "*". A client no pattern matches is closed and counted
+// (Stats.NoRoute).
+func NewRouter(routes []Route) *Router {
+	patterns := make([][]string, len(routes))
+	for i, r := range routes {
+		patterns[i] = r.SNI
 	}
-	return &Router{table: sni.NewTable(patterns), pickers: slices.Clone(pickers)}
+	return &Router{table: sni.NewTable(patterns), routes: append([]Route(nil), routes...)}
 }
 
 // Match returns the index of the route for a server name ("" for none),
 // or -1.
 func (r *Router) Match(serverName string) int { return r.table.Match(serverName) }
 
-func (r *Router) route(serverName string) relay.Picker {
+func (r *Router) route(serverName string) (relay.Picker, int) {
 	if i := r.table.Match(serverName); i >= 0 {
-		return r.pickers[i]
+		return r.routes[i].Picker, i
 	}
-	return nil
+	return nil, -1
+}
+
+// named is route i's name and whether its connections are logged; ok
+// false when there is no such route (an unrouted connection).
+func (r *Router) named(i int) (name string, logged, ok bool) {
+	if r == nil || i < 0 || i >= len(r.routes) {
+		return "", false, false
+	}
+	return r.routes[i].Name, !r.routes[i].NoLog, true
 }

@@ -13,6 +13,8 @@ type Stats struct {
 	relay.Stats
 	// Panics counts connections closed because relaying them panicked.
 	Panics atomic.Uint64
+	// ended counts connections' ends by route and termination.
+	ended endedByRoute
 }
 
 // A Counter is one of a listener's counters as operators see it: its
@@ -27,12 +29,16 @@ type Counter struct {
 	Label  string // the label the samples' keys fill; "" for one sample
 	JSON   string // the listener's field in /api/v1/targets; "" for none
 	Routed bool   // only listeners with routes report it in /metrics
-	Read   func(*Stats) []Sample
+	// ByRoute: its samples are labelled by route too ("" for a
+	// listener's own pool); the JSON shows their sums by Key.
+	ByRoute bool
+	Read    func(*Stats) []Sample
 }
 
 // Sample is one value of a Counter: Key fills its Label ("" when it has
-// none).
+// none), Route the route label of a counter ByRoute.
 type Sample struct {
+	Route string
 	Key   string
 	Value float64
 }
@@ -60,11 +66,13 @@ func (s *Stats) Read() []Reading {
 func Count(rs []Reading, name, key string) float64 {
 	for _, r := range rs {
 		if r.Metric == name || r.JSON == name {
+			sum := 0.0 // a counter by route: every route's
 			for _, s := range r.Samples {
 				if s.Key == key {
-					return s.Value
+					sum += s.Value
 				}
 			}
+			return sum
 		}
 	}
 	return 0
@@ -86,7 +94,7 @@ var counters = []Counter{
 		Read: func(s *Stats) []Sample { return one(s.DialErrors.Load()) }},
 	{Metric: "rota_bytes_total", Help: "Bytes proxied; direction is in (target to client) or out (client to target).", Label: "direction",
 		Read: func(s *Stats) []Sample {
-			return []Sample{{"in", float64(s.BytesIn.Load())}, {"out", float64(s.BytesOut.Load())}}
+			return []Sample{{Key: "in", Value: float64(s.BytesIn.Load())}, {Key: "out", Value: float64(s.BytesOut.Load())}}
 		}},
 	{Metric: "rota_proxy_protocol_errors_total", Help: "Clients closed for a missing, malformed, late or untrusted PROXY protocol header.",
 		Read: func(s *Stats) []Sample { return one(s.HeaderErrors.Load()) }},
@@ -97,7 +105,7 @@ var counters = []Counter{
 		Read: func(s *Stats) []Sample {
 			out := make([]Sample, 0, balancer.NumReasons)
 			for _, r := range balancer.Reasons() {
-				out = append(out, Sample{r.String(), float64(s.Closed[r].Load())})
+				out = append(out, Sample{Key: r.String(), Value: float64(s.Closed[r].Load())})
 			}
 			return out
 		}},
@@ -106,13 +114,16 @@ var counters = []Counter{
 		Read: func(s *Stats) []Sample {
 			var out []Sample
 			for _, d := range relay.Denials() {
-				out = append(out, Sample{d.String(), float64(s.Denied[d].Load())})
+				out = append(out, Sample{Key: d.String(), Value: float64(s.Denied[d].Load())})
 			}
 			return out
 		}},
 	{Metric: "rota_connections_replayed_total", Help: "Connections whose bytes went to a second target after the first reset before answering (replay_on_reset).",
 		JSON: "replayed_conns",
 		Read: func(s *Stats) []Sample { return one(s.Replays.Load()) }},
+	{Metric: "rota_connections_ended_total", Label: "termination", ByRoute: true, JSON: "ended_conns",
+		Help: "Client connections ended, by how (the access log's termination codes).",
+		Read: func(s *Stats) []Sample { return s.ended.samples() }},
 	{Metric: "rota_connections_no_route_total", Help: "Clients of a routed listener closed because no route matched their TLS server name.",
 		JSON: "no_route_conns", Routed: true,
 		Read: func(s *Stats) []Sample { return one(s.NoRoute.Load()) }},

@@ -407,7 +407,7 @@ func testShutdownUnderConnectStormMidClientHello(t *testing.T) {
 	for trial := range 6 {
 		rr := &balancer.RoundRobinBalancer{}
 		rr.Update([]*balancer.Target{balancer.NewTarget(be.addr())})
-		router := proxy.NewRouter([][]string{{"api.example.com"}}, []proxy.Picker{rr})
+		router := proxy.NewRouter([]proxy.Route{{SNI: []string{"api.example.com"}, Picker: rr}})
 		p, addr := serveWith(t, router, proxy.Settings{SNITimeout: time.Minute}, isGoroutines(t))
 		stop := make(chan struct{})
 		var wg sync.WaitGroup

@@ -53,6 +53,7 @@ type routeSpec struct {
 	name string
 	sni  []string
 	pool config.Pool
+	log  bool // its connections go to the access log
 }
 
 func routeSpecs(cfg config.Listener) []routeSpec {
@@ -61,7 +62,7 @@ func routeSpecs(cfg config.Listener) []routeSpec {
 	}
 	out := make([]routeSpec, len(cfg.Routes))
 	for i, r := range cfg.Routes {
-		out[i] = routeSpec{name: r.Name, sni: r.SNI, pool: r.Pool}
+		out[i] = routeSpec{name: r.Name, sni: r.SNI, pool: r.Pool, log: r.AccessLog == nil && cfg.AccessLog || r.AccessLog != nil && *r.AccessLog}
 	}
 	return out
 }
@@ -69,7 +70,7 @@ func routeSpecs(cfg config.Listener) []routeSpec {
 func newListener(cfg config.Listener, logger *zap.Logger, engine *proxy.Engine) *listener {
 	log := logger.With(zap.String("listener", cfg.Name))
 	l := &listener{log: log, cfg: cfg}
-	l.proxy = &proxy.Proxy{ReportFailure: l.reportFailure, Logger: log.Named("proxy"), Engine: engine}
+	l.proxy = &proxy.Proxy{Name: cfg.Name, ReportFailure: l.reportFailure, Logger: log.Named("proxy"), Engine: engine}
 	return l
 }
 
@@ -166,12 +167,11 @@ func (l *listener) install(cfg config.Listener, regs config.Registries, next []*
 	// One way to pick: a router, by server name or, unrouted, Single.
 	router := proxy.Single(next[0].pool)
 	if cfg.Routed() {
-		patterns := make([][]string, len(next))
-		pickers := make([]proxy.Picker, len(next))
+		routes := make([]proxy.Route, len(next))
 		for i, r := range next {
-			patterns[i], pickers[i] = specs[i].sni, r.pool
+			routes[i] = proxy.Route{SNI: specs[i].sni, Picker: r.pool, Name: r.name, NoLog: !specs[i].log}
 		}
-		router = proxy.NewRouter(patterns, pickers)
+		router = proxy.NewRouter(routes)
 	}
 	l.mu.Lock()
 	l.cfg = cfg

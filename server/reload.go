@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"net"
 	"reflect"
+	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/config"
 )
 
@@ -26,6 +28,7 @@ type reload struct {
 
 	oldRegs, regs *registries
 	regsChanged   bool
+	oldLog, log   *accesslog.Log          // the access log before and after; nil: off
 	sockets       map[string]net.Listener // new or moved listeners'
 	plans         map[string]*plan
 }
@@ -44,12 +47,27 @@ func (s *Server) newReload(cfg *config.Config) (*reload, error) {
 	}
 	rl.regs = rl.oldRegs
 	rl.regsChanged = rl.first || !reflect.DeepEqual(s.cfg.Registries, cfg.Registries)
+	rl.oldLog, rl.log = s.alog, s.alog
 	return rl, nil
 }
 
 // bind opens the registry clients (when they changed) and binds every new
 // or moved listener's socket.
 func (rl *reload) bind(ctx context.Context) error {
+	var was *accesslog.Config
+	if !rl.first {
+		was = rl.s.cfg.AccessLog
+	}
+	if !reflect.DeepEqual(was, rl.cfg.AccessLog) {
+		rl.log = nil
+		if c := rl.cfg.AccessLog; c != nil {
+			l, err := accesslog.Open(*c)
+			if err != nil {
+				return err
+			}
+			rl.log = l
+		}
+	}
 	if rl.regsChanged {
 		regs, err := openRegistries(ctx, rl.cfg.Registries, rl.oldRegs, rl.s.log)
 		if err != nil {
@@ -102,6 +120,9 @@ func (rl *reload) abort() {
 	if rl.regs != rl.oldRegs {
 		rl.regs.closeUnshared(rl.oldRegs)
 	}
+	if rl.log != rl.oldLog && rl.log != nil {
+		closeLog(rl.log)
+	}
 }
 
 // commit puts the configuration in force: listeners are added, changed
@@ -145,9 +166,15 @@ func (rl *reload) commit() {
 			removed = append(removed, l)
 		}
 	}
+	for _, l := range next {
+		l.proxy.SetAccessLog(rl.log)
+	}
 	s.mu.Lock()
-	s.cfg, s.listeners, s.regs = rl.cfg, next, rl.regs
+	s.cfg, s.listeners, s.regs, s.alog = rl.cfg, next, rl.regs, rl.log
 	s.mu.Unlock()
+	if rl.oldLog != rl.log && rl.oldLog != nil {
+		closeLog(rl.oldLog) // its queued records are written first
+	}
 	for _, l := range removed {
 		log.Info("listener removed; draining", zap.String("listener", l.config().Name))
 		// Its discovery stops now: the registry clients it reads may be
@@ -166,4 +193,15 @@ func (rl *reload) commit() {
 		// Watchers of the old clients have all been replaced above.
 		rl.oldRegs.closeUnshared(rl.regs)
 	}
+}
+
+// logCloseWait bounds the wait for an access log's writer to write what
+// is queued when the log is replaced or rota stops (a writer stuck on a
+// full pipe is left behind).
+const logCloseWait = 2 * time.Second
+
+func closeLog(l *accesslog.Log) {
+	ctx, cancel := context.WithTimeout(context.Background(), logCloseWait)
+	defer cancel()
+	l.Close(ctx)
 }

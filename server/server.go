@@ -16,6 +16,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/discovery"
 	"github.com/rota-proxy/rota/proxy"
@@ -41,6 +42,7 @@ type Server struct {
 	cfg       *config.Config
 	listeners []*listener // in configuration order
 	regs      *registries
+	alog      *accesslog.Log // nil: no access log
 	closed    bool
 }
 
@@ -75,6 +77,13 @@ func listen(addr string) (net.Listener, error) {
 		return nil, err // not a nil *proxy.Listener in an interface
 	}
 	return ln, nil
+}
+
+// AccessLog is the access log in force; nil when there is none.
+func (s *Server) AccessLog() *accesslog.Log {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.alog
 }
 
 // Addr returns the bound address of the named listener, or nil. With port 0
@@ -230,7 +239,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.closed = true
 	lns := s.listeners
-	regs := s.regs
+	regs, alog := s.regs, s.alog
 	s.mu.Unlock()
 
 	var mu sync.Mutex
@@ -249,6 +258,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.wg.Wait() // removed listeners still draining, watcher goroutines
 	s.cutRemoved()
 	s.engine.Close()
+	if alog != nil {
+		closeLog(alog)
+	}
 	if regs != nil {
 		regs.close()
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/discovery"
 	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/pool"
@@ -25,6 +26,9 @@ type ListenerStatus struct {
 	// Counters are the listener's counters (proxy.Counters), read when
 	// the status was taken.
 	Counters []proxy.Reading
+	// LastConnections are the listener's last connections in the access
+	// log, oldest first (none without an access log).
+	LastConnections []accesslog.Record
 }
 
 // Count is the counter named name (its metric or JSON field, see
@@ -130,9 +134,14 @@ func (s *Server) Status() []ListenerStatus {
 	s.mu.Lock()
 	lns := append([]*listener(nil), s.listeners...)
 	s.mu.Unlock()
+	alog := s.AccessLog()
 	out := make([]ListenerStatus, 0, len(lns))
 	for _, l := range lns {
-		out = append(out, l.status())
+		st := l.status()
+		if alog != nil {
+			st.LastConnections = alog.Recent(st.Name)
+		}
+		out = append(out, st)
 	}
 	return out
 }

@@ -32,8 +32,9 @@ type Options struct {
 	Logger    *zap.Logger
 	Version   string // shown by the admin API
 	Pprof     bool   // serve Go's profiler at /debug/pprof/ on the admin address
-	// Signals are the process's: SIGHUP reloads, SIGINT and SIGTERM shut
-	// down (a second one cuts the drains).
+	// Signals are the process's: SIGHUP reloads, SIGUSR1 reopens the
+	// access log, SIGINT and SIGTERM shut down (a second one cuts the
+	// drains).
 	Signals <-chan os.Signal
 	// Ready, if set, runs once everything listens; an error stops Run.
 	Ready func(*server.Server) error
@@ -147,6 +148,10 @@ func (s *supervisor) next() bool {
 		logReload(s.o.Logger, "api", err)
 		done <- err
 	case sig := <-s.o.Signals:
+		if sig == ReopenSignal {
+			s.reopenAccessLog()
+			return true
+		}
 		if sig != syscall.SIGHUP {
 			s.o.Logger.Info("shutting down: draining connections", zap.String("signal", sig.String()))
 			return false
@@ -158,6 +163,22 @@ func (s *supervisor) next() bool {
 		logReload(s.o.Logger, "SIGHUP", s.reload())
 	}
 	return true
+}
+
+// reopenAccessLog reopens the access log's file (logrotate renamed it).
+func (s *supervisor) reopenAccessLog() {
+	l := s.srv.AccessLog()
+	if l == nil {
+		s.o.Logger.Warn("SIGUSR1 ignored: no access log")
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := l.Reopen(ctx); err != nil {
+		s.o.Logger.Error("access log not reopened", zap.Error(err))
+		return
+	}
+	s.o.Logger.Info("access log reopened", zap.String("path", l.Config().Path))
 }
 
 // reload re-reads the file and applies it; the admin socket stays where it
@@ -201,7 +222,7 @@ func (s *supervisor) shutdown() {
 		for {
 			select {
 			case sig := <-s.o.Signals:
-				if sig != syscall.SIGHUP {
+				if sig != syscall.SIGHUP && sig != ReopenSignal {
 					s.o.Logger.Warn("second signal: closing open connections now")
 					cancel()
 					return

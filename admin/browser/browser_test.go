@@ -16,6 +16,7 @@ import (
 	"github.com/chromedp/chromedp"
 	"go.uber.org/goleak"
 
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/admin"
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/server"
@@ -266,3 +267,38 @@ func TestStatusPageRoutes(t *testing.T) {
 }
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// TestStatusPageLastConnections: with an access log, each listener lists
+// its last connections on the page (client, target, bytes, how it ended),
+// so a user sees what happened without a log pipeline.
+func TestStatusPageLastConnections(t *testing.T) {
+	bin := chromium(t)
+	cfg := config.Default()
+	cfg.AccessLog = &accesslog.Config{Path: filepath.Join(t.TempDir(), "access.log"), Format: accesslog.JSON}
+	l := config.DefaultListener()
+	l.Name, l.Listen, l.Discovery, l.Static = "db", "127.0.0.1:0", "static", config.Statics(testenv.Greeter(t, "hello"))
+	l.Health.Interval = 100 * time.Millisecond
+	cfg.Listeners = []config.Listener{l}
+	srv, pageURL := statusPage(t, cfg)
+	testenv.Eventually(t, "db up", 15*time.Second, func() bool { return srv.Routed("db") == 1 })
+	c, err := net.Dial("tcp", srv.Status()[0].Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.ReadAll(c) // the target greets and closes
+	client := c.LocalAddr().String()
+	c.Close()
+
+	ctx := browser(t, bin, 1100, 560)
+	row := `section[data-listener="db"] table.last tr[data-termination="target_closed"]`
+	if err := chromedp.Do(ctx, chromedp.Navigate(pageURL), chromedp.WaitVisible(chromedp.CSS(row))); err != nil {
+		t.Fatalf("the page never listed the connection: %v", err)
+	}
+	text, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(row)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(text, client) || !strings.Contains(text, "target_closed") || !strings.Contains(text, "5") {
+		t.Errorf("the connection's row: %q; want its client %s, 5 bytes out, target_closed", text, client)
+	}
+}

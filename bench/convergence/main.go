@@ -33,8 +33,8 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
-	"github.com/rota-proxy/rota/demo"
 	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/demo"
 	"github.com/rota-proxy/rota/health"
 )
 

@@ -12,8 +12,8 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
-	"github.com/rota-proxy/rota/discovery/etcd"
 	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/discovery/etcd"
 	"github.com/rota-proxy/rota/health"
 )
 

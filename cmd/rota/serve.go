@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/signal"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/rota-proxy/rota/config"
@@ -163,7 +162,7 @@ func flagNames(err error) string {
 // signals delivered to it.
 func serve(o supervisor.Options) error {
 	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	signal.Notify(sigs, supervisor.Signals()...)
 	defer signal.Stop(sigs)
 	o.Signals = sigs
 	o.Version = version

@@ -13,6 +13,7 @@ const module = "github.com/rota-proxy/rota/"
 // internal/ helpers, which any package may use); a package not listed may
 // import anything (the command, tests' helpers, programs).
 var allowed = map[string][]string{
+	"accesslog":            {},
 	"balancer":             {},
 	"discovery":            {},
 	"embedetcd":            {},
@@ -22,13 +23,13 @@ var allowed = map[string][]string{
 	"discovery/consul":     {"discovery"},
 	"pool":                 {"balancer", "discovery", "health"},
 	"proxy/internal/sni":   {},
-	"proxy/internal/relay": {"balancer", "proxy/internal/sni"},
-	"proxy":                {"balancer", "proxy/internal/relay", "proxy/internal/sni"},
+	"proxy/internal/relay": {"accesslog", "balancer", "proxy/internal/sni"},
+	"proxy":                {"accesslog", "balancer", "proxy/internal/relay", "proxy/internal/sni"},
 	// config declares the file; the settings types it embeds are their
 	// packages' (one declaration each).
-	"config":     {"balancer", "health", "proxy"},
-	"server":     {"config", "discovery", "discovery/consul", "discovery/etcd", "discovery/static", "embedetcd", "health", "pool", "proxy"},
-	"admin":      {"discovery", "health", "proxy", "server"},
+	"config":     {"accesslog", "balancer", "health", "proxy"},
+	"server":     {"accesslog", "config", "discovery", "discovery/consul", "discovery/etcd", "discovery/static", "embedetcd", "health", "pool", "proxy"},
+	"admin":      {"accesslog", "discovery", "health", "proxy", "server"},
 	"supervisor": {"admin", "config", "server"},
 	"demo":       {"discovery/consul", "discovery/etcd"},
 }

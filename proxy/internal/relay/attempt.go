@@ -4,12 +4,16 @@ package relay
 // target that closes or resets is replaced by the next one.
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"syscall"
 	"time"
 
 	proxyproto "github.com/pires/go-proxyproto"
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/balancer"
 )
 
@@ -45,8 +49,9 @@ func (c *Conn) pick(now int64) Action {
 
 // next moves to the next target of the cursor, or gives up.
 func (c *Conn) next(now int64, lastErr error) Action {
-	c.target = nil
+	c.target, c.connected = nil, false
 	if c.closing {
+		c.ended(accesslog.Shutdown)
 		c.Err = lastErr
 		return c.end(Close)
 	}
@@ -67,8 +72,10 @@ func (c *Conn) next(now int64, lastErr error) Action {
 	}
 	c.stats.NoTarget.Add(1)
 	if lastErr == nil {
+		c.ended(accesslog.NoLiveTarget)
 		c.Err = ErrNoTarget
 	} else {
+		c.ended(accesslog.DialFailed)
 		c.Err = fmt.Errorf("all attempts failed, last: %w", lastErr)
 	}
 	return c.end(Refused)
@@ -87,7 +94,7 @@ func (c *Conn) Dialed(now int64) Action {
 	t := c.target
 	t.Active.Add(1)
 	t.Total.Add(1)
-	c.state = Open
+	c.state, c.connected = Open, true
 	c.last = now
 	c.due = now + int64(DyingWindow)
 	if c.cfg.ProxyProtocol != 0 && (c.x == nil || c.x.hdr == nil) {
@@ -119,6 +126,7 @@ func (c *Conn) fail(t *balancer.Target, err error) {
 	if c.closing {
 		return
 	}
+	c.tried(t, err)
 	t.DialErrors.Add(1)
 	c.stats.DialErrors.Add(1)
 	if c.report != nil {
@@ -137,9 +145,9 @@ func (c *Conn) TargetEOF(now int64) Action {
 	if c.state == Open {
 		switch {
 		case c.resetOnWrite:
-			return c.TargetReset(errors.New("EOF after a reset"), now)
+			return c.TargetReset(errEOFAfterReset, now)
 		case c.dying(now):
-			return c.TargetReset(errors.New("closed before it was asked anything"), now)
+			return c.TargetReset(errClosedUnasked, now)
 		case c.spoke && c.mayReplay():
 			c.lingering = true
 			c.lingerUntil = now + int64(ResetGrace)
@@ -147,6 +155,7 @@ func (c *Conn) TargetEOF(now int64) Action {
 		}
 	}
 	c.commit()
+	c.ended(accesslog.TargetClosed)
 	return ShutClient
 }
 
@@ -176,9 +185,10 @@ func (c *Conn) Settled(reset bool, now int64) Action {
 	}
 	c.lingering = false
 	if reset {
-		return c.TargetReset(errors.New("reset after its FIN"), now)
+		return c.TargetReset(errResetAfterFIN, now)
 	}
 	c.commit()
+	c.ended(accesslog.TargetClosed)
 	return ShutClient
 }
 
@@ -211,6 +221,7 @@ func (c *Conn) TargetReset(err error, now int64) Action {
 		return c.next(now, err)
 	case c.state == Open && c.spoke && c.mayReplay():
 		c.replayed = true
+		c.tried(t, err)
 		err = fmt.Errorf("%s: reset before its first byte: %w", t.Addr, err)
 		t.Active.Add(-1)
 		c.stats.Replays.Add(1)
@@ -221,6 +232,41 @@ func (c *Conn) TargetReset(err error, now int64) Action {
 }
 
 func (c *Conn) reset(err error) Action {
+	c.ended(accesslog.TargetReset)
 	c.close(err)
 	return Reset
+}
+
+// The failures the machine names itself.
+var (
+	errEOFAfterReset = errors.New("EOF after a reset")
+	errClosedUnasked = errors.New("closed before it was asked anything")
+	errResetAfterFIN = errors.New("reset after its FIN")
+	errDialTimeout   = errors.New("dial timeout")
+)
+
+// tried notes that t was tried and why it failed, for the access log.
+func (c *Conn) tried(t *balancer.Target, err error) {
+	x := c.more()
+	if x.ntried < accesslog.MaxTries {
+		x.tried[x.ntried] = accesslog.Try{Target: t.Addr, Why: why(err)}
+	}
+	x.ntried++
+}
+
+// why names the failure of an attempt in a word.
+func why(err error) string {
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "refused"
+	case errors.Is(err, errDialTimeout), errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, context.DeadlineExceeded):
+		return "timeout"
+	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
+		return "unreachable"
+	case errors.Is(err, errClosedUnasked):
+		return "closed"
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, errResetAfterFIN), errors.Is(err, errEOFAfterReset):
+		return "reset"
+	}
+	return "error"
 }

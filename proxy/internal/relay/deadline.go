@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/balancer"
 )
 
@@ -68,7 +69,7 @@ func (c *Conn) Expired(now int64) Action {
 		}
 		return c.headerError(fmt.Errorf("%w (%s, %v)", ErrPreludeLate, c.Src, c.cfg.ProxyHeaderTimeout))
 	case Dialing:
-		return c.DialFailed(fmt.Errorf("dial timeout after %v", c.cfg.DialTimeout), now)
+		return c.DialFailed(fmt.Errorf("%w after %v", errDialTimeout, c.cfg.DialTimeout), now)
 	}
 	switch {
 	case c.lingering:
@@ -80,6 +81,7 @@ func (c *Conn) Expired(now int64) Action {
 	case c.expireAt != 0 && now >= c.expireAt:
 		return c.windDown(balancer.MaxAge, now)
 	}
+	c.ended(accesslog.IdleTimeout)
 	return c.close(ErrIdle)
 }
 
@@ -98,6 +100,7 @@ func (c *Conn) Retire(at int64, why balancer.Reason) {
 
 // windDown begins closing a connection that is in use: its target is final.
 func (c *Conn) windDown(why balancer.Reason, now int64) Action {
+	c.ended(retiredTermination[why])
 	c.commit()
 	c.winding = true
 	c.windUntil = now + int64(WindLinger)
@@ -108,3 +111,9 @@ func (c *Conn) windDown(why balancer.Reason, now int64) Action {
 
 // Winding reports whether c is winding down.
 func (c *Conn) Winding() bool { return c.winding }
+
+// retiredTermination is a wind-down's termination, by its reason.
+var retiredTermination = [balancer.NumReasons]accesslog.Termination{
+	balancer.Removed: accesslog.Removed, balancer.Down: accesslog.Down,
+	balancer.Drained: accesslog.Drained, balancer.MaxAge: accesslog.MaxAge,
+}

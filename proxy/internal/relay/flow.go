@@ -1,5 +1,7 @@
 package relay
 
+import "github.com/rota-proxy/rota/accesslog"
+
 // The bytes: what the target must be sent first (Pending), the client's
 // bytes held for replay, and the counting of what moves either way.
 
@@ -109,6 +111,7 @@ func (c *Conn) Spliced(fromClient bool, n int, now int64) {
 // target's queue is written (after Dialed when still dialling).
 func (c *Conn) ClientEOF() Action {
 	c.clientEOF = true
+	c.ended(accesslog.ClientClosed)
 	if c.state == Open || c.state == Committed {
 		return ShutTarget
 	}

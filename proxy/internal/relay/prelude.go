@@ -13,6 +13,7 @@ import (
 	"net/netip"
 
 	proxyproto "github.com/pires/go-proxyproto"
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/proxy/internal/sni"
 )
 
@@ -62,6 +63,7 @@ func (c *Conn) Start(now int64) Action {
 func (c *Conn) client(now int64) Action {
 	if d := c.admit(); d != Admitted {
 		c.stats.Denied[d].Add(1)
+		c.ended(d.termination())
 		c.Err = fmt.Errorf("%w: %s: %s", ErrDenied, c.Src.Addr(), d)
 		return c.end(Close)
 	}
@@ -107,13 +109,14 @@ func (c *Conn) hello(now int64, final bool) Action {
 	default:
 		return ReadPrelude
 	}
-	p := c.cfg.Route(c.Hello())
+	p, i := c.cfg.Route(c.Hello())
 	if p == nil {
 		c.stats.NoRoute.Add(1)
+		c.ended(accesslog.NoRoute)
 		c.Err = fmt.Errorf("%w %q (from %s)", ErrNoRoute, c.Hello(), c.Src)
 		return c.end(Close)
 	}
-	c.picker = p
+	c.picker, c.x.route = p, i+1
 	return c.pick(now)
 }
 
@@ -147,6 +150,7 @@ func (c *Conn) Prelude(data []byte, now int64) Action {
 		// A LOCAL header (a balancer's own health check) names nobody:
 		// the socket's addresses stand.
 		if src, dst, ok := h.TCPAddrs(); ok {
+			c.more().peer = c.Src
 			c.Src, c.Dst = tcpAddrPort(src), tcpAddrPort(dst)
 		}
 	}
@@ -165,6 +169,7 @@ func (c *Conn) Prelude(data []byte, now int64) Action {
 // asked nothing a target could answer.
 func (c *Conn) PreludeEOF() Action {
 	if !c.header {
+		c.ended(accesslog.ClientClosed)
 		c.Err = fmt.Errorf("client closed before its ClientHello ended (%d bytes)", len(c.held))
 		return c.end(Close)
 	}
@@ -172,6 +177,7 @@ func (c *Conn) PreludeEOF() Action {
 }
 
 func (c *Conn) headerError(err error) Action {
+	c.ended(accesslog.ProxyHeaderError)
 	c.stats.HeaderErrors.Add(1)
 	c.Err = err
 	return c.end(Close)

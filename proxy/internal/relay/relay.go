@@ -22,7 +22,9 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"sync/atomic"
+	"time"
 
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/proxy/internal/sni"
 )
@@ -54,12 +56,12 @@ type Config struct {
 	// Picker yields the targets of a listener without routes; nil when
 	// Route chooses.
 	Picker Picker
-	// Route, if set, chooses the picker by the TLS server name (SNI) in
-	// the ClientHello the client sends first; "" when the client sends
-	// none, no TLS, or nothing within SNITimeout. nil: no route, the
-	// client is closed and counted. Every byte read is forwarded to the
-	// target unchanged.
-	Route func(serverName string) Picker
+	// Route, if set, chooses the route by the TLS server name (SNI) in
+	// the ClientHello the client sends first ("" when the client sends
+	// none, no TLS, or nothing within SNITimeout): its picker and index.
+	// A nil picker: no route, the client is closed and counted. Every
+	// byte read is forwarded to the target unchanged.
+	Route func(serverName string) (Picker, int)
 }
 
 // Denial says why a client was refused before anything was read from it.
@@ -77,6 +79,10 @@ const (
 var denialNames = [...]string{"", "deny", "not_allowed", "per_client"}
 
 func (d Denial) String() string { return denialNames[d] }
+
+func (d Denial) termination() accesslog.Termination {
+	return [...]accesslog.Termination{accesslog.NotEnded, accesslog.DeniedDeny, accesslog.DeniedNotAllowed, accesslog.DeniedPerClient}[d]
+}
 
 // Denials lists the reasons a client is refused for.
 func Denials() []Denial { return []Denial{Denied, NotAllowed, PerClient} }
@@ -220,11 +226,15 @@ type Conn struct {
 	closing      bool // the driver's proxy is shutting down: failures are not the target's
 	winding      bool
 	replayed     bool // the client's bytes went to a second target once: never again
+	connected    bool // Target() connected (it is the one that carried the bytes)
 	// header: the PROXY header is still to be read (in Prelude; else the
 	// ClientHello is). slot: the client holds a place in cfg.Clients.
 	header bool
 	slot   bool
 	tries  int32 // targets still to try
+	// term is how the connection ended (or, before, how it is ending:
+	// who closed first); see ended.
+	term accesslog.Termination
 
 	// Clock readings, nanoseconds. due is the deadline of the phase: the
 	// ClientHello's in Prelude, the dial's in Dialing, the end of the
@@ -236,6 +246,13 @@ type Conn struct {
 
 // extra is the part of a Conn that only some connections need.
 type extra struct {
+	// peer is the socket's client when a PROXY header named another.
+	peer netip.AddrPort
+	// route is 1 + the index of the route the ClientHello chose; 0 none.
+	route int
+	// tried are the targets tried before Target() and why each failed.
+	tried  [accesslog.MaxTries]accesslog.Try
+	ntried int
 	// hdr is the PROXY header for targets; hdrSent of it went to the
 	// current one.
 	hdr      []byte
@@ -289,6 +306,55 @@ func (c *Conn) Shutdown() { c.closing = true }
 func (c *Conn) Close(err error) {
 	c.close(err)
 }
+
+// ended notes how the connection ends: the first cause stands, except
+// that a reset or any other cause outranks a clean close seen first (the
+// client got the reset), and a panic outranks all.
+func (c *Conn) ended(t accesslog.Termination) {
+	if t == accesslog.NotEnded {
+		return
+	}
+	clean := c.term == accesslog.ClientClosed || c.term == accesslog.TargetClosed
+	if c.term == accesslog.NotEnded || clean && t != accesslog.ClientClosed && t != accesslog.TargetClosed || t == accesslog.Panic {
+		c.term = t
+	}
+}
+
+// End notes a cause of the driver's (a side's I/O error, shutdown, a
+// panic) as ended does, then closes c (Close).
+func (c *Conn) End(t accesslog.Termination, err error) {
+	c.ended(t)
+	c.close(err)
+}
+
+// Record fills in what the machine knows of the connection for the access
+// log, now (a clock reading): the client and the peer a PROXY header
+// replaced, the server name, the target that carried the bytes and those
+// tried before, the replay, the durations and the termination. The
+// driver adds the times, the names and the bytes.
+func (c *Conn) Record(r *accesslog.Record, now int64) {
+	r.Client, r.Replayed, r.Termination = c.Src, c.replayed, c.term
+	r.Duration = time.Duration(max(now-c.start, 0))
+	if c.connected {
+		r.Target = c.target.Addr
+		r.Connect = time.Duration(c.due - int64(DyingWindow) - c.start)
+	}
+	if x := c.x; x != nil {
+		r.Peer, r.SNI, r.NTries = x.peer, x.hello, x.ntried
+		r.Tries = x.tried
+	}
+}
+
+// RouteIndex is the index of the route the ClientHello chose; -1 none.
+func (c *Conn) RouteIndex() int {
+	if c.x == nil {
+		return -1
+	}
+	return c.x.route - 1
+}
+
+// Termination is how the connection ended (NotEnded while it runs).
+func (c *Conn) Termination() accesslog.Termination { return c.term }
 
 func (c *Conn) close(err error) Action {
 	if c.state == Closed {

@@ -19,15 +19,15 @@ func routed(t *testing.T, star bool, cfg Config) (*harness, *[]string) {
 	h := newHarness(t, cfg, 2)
 	api, rest := fixed(h.targets[:1]), fixed(h.targets[1:])
 	h.cfg.SNITimeout = time.Second
-	h.cfg.Route = func(name string) Picker {
+	h.cfg.Route = func(name string) (Picker, int) {
 		*asked = append(*asked, name)
 		switch {
 		case name == "api.example.com":
-			return api
+			return api, 0
 		case star:
-			return rest
+			return rest, 1
 		}
-		return nil
+		return nil, -1
 	}
 	return h, asked
 }

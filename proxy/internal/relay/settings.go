@@ -60,6 +60,9 @@ type Settings struct {
 	// SNITimeout bounds the wait for a routed listener's ClientHello; 0:
 	// none.
 	SNITimeout time.Duration `yaml:"sni_timeout"`
+	// AccessLog records the listener's connections in the access log
+	// (when one is configured).
+	AccessLog bool `yaml:"access_log"`
 }
 
 // ProxyVersion is a PROXY protocol version: 0 (none), 1 or 2. In a

@@ -1,0 +1,127 @@
+package accesslog
+
+import (
+	"strconv"
+	"time"
+)
+
+// AppendJSON appends r as one JSON object and a newline, the fields in the
+// order of the contract: time start listener route client peer sni target
+// tries replayed connect_ms duration_ms bytes_in bytes_out termination.
+func AppendJSON(b []byte, r *Record) []byte {
+	b = append(b, `{"time":`...)
+	b = appendTimeQuoted(b, r.Time)
+	b = append(b, `,"start":`...)
+	b = appendTimeQuoted(b, r.Start)
+	b = append(b, `,"listener":`...)
+	b = strconv.AppendQuote(b, r.Listener)
+	b = append(b, `,"route":`...)
+	b = strconv.AppendQuote(b, r.Route)
+	b = append(b, `,"client":`...)
+	b = appendAddrQuoted(b, r.Client)
+	b = append(b, `,"peer":`...)
+	b = appendAddrQuoted(b, r.Peer)
+	b = append(b, `,"sni":`...)
+	b = strconv.AppendQuote(b, r.SNI)
+	b = append(b, `,"target":`...)
+	b = strconv.AppendQuote(b, r.Target)
+	b = append(b, `,"tries":[`...)
+	for i, t := range r.TriesShown() {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, `{"target":`...)
+		b = strconv.AppendQuote(b, t.Target)
+		b = append(b, `,"why":`...)
+		b = strconv.AppendQuote(b, t.Why)
+		b = append(b, '}')
+	}
+	b = append(b, `],"replayed":`...)
+	b = strconv.AppendBool(b, r.Replayed)
+	b = append(b, `,"connect_ms":`...)
+	b = appendMillis(b, r.Connect)
+	b = append(b, `,"duration_ms":`...)
+	b = appendMillis(b, r.Duration)
+	b = append(b, `,"bytes_in":`...)
+	b = strconv.AppendUint(b, r.BytesIn, 10)
+	b = append(b, `,"bytes_out":`...)
+	b = strconv.AppendUint(b, r.BytesOut, 10)
+	b = append(b, `,"termination":`...)
+	b = strconv.AppendQuote(b, r.Termination.String())
+	return append(b, "}\n"...)
+}
+
+// AppendText appends r as one line of space-separated fields in the same
+// order as AppendJSON ("-" for an empty one; tries as
+// target/why,target/why), as HAProxy's tcplog does.
+func AppendText(b []byte, r *Record) []byte {
+	b = r.Time.UTC().AppendFormat(b, time.RFC3339Nano)
+	b = append(b, ' ')
+	b = r.Start.UTC().AppendFormat(b, time.RFC3339Nano)
+	for _, f := range [...]string{r.Listener, r.Route} {
+		b = appendField(b, f)
+	}
+	b = appendAddrField(b, r.Client.IsValid(), r.Client.String)
+	b = appendAddrField(b, r.Peer.IsValid(), r.Peer.String)
+	b = appendField(b, r.SNI)
+	b = appendField(b, r.Target)
+	b = append(b, ' ')
+	if r.NTries == 0 {
+		b = append(b, '-')
+	}
+	for i, t := range r.TriesShown() {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = append(append(append(b, t.Target...), '/'), t.Why...)
+	}
+	b = append(b, ' ')
+	b = strconv.AppendBool(b, r.Replayed)
+	b = append(b, ' ')
+	b = appendMillis(b, r.Connect)
+	b = append(b, ' ')
+	b = appendMillis(b, r.Duration)
+	b = append(b, ' ')
+	b = strconv.AppendUint(b, r.BytesIn, 10)
+	b = append(b, ' ')
+	b = strconv.AppendUint(b, r.BytesOut, 10)
+	b = appendField(b, r.Termination.String())
+	return append(b, '\n')
+}
+
+func appendField(b []byte, s string) []byte {
+	b = append(b, ' ')
+	if s == "" {
+		return append(b, '-')
+	}
+	return append(b, s...)
+}
+
+func appendAddrField(b []byte, valid bool, s func() string) []byte {
+	if !valid {
+		return append(b, " -"...)
+	}
+	return append(append(b, ' '), s()...)
+}
+
+func appendTimeQuoted(b []byte, t time.Time) []byte {
+	b = append(b, '"')
+	b = t.UTC().AppendFormat(b, time.RFC3339Nano)
+	return append(b, '"')
+}
+
+func appendAddrQuoted(b []byte, a interface {
+	IsValid() bool
+	AppendTo([]byte) []byte
+}) []byte {
+	b = append(b, '"')
+	if a.IsValid() {
+		b = a.AppendTo(b)
+	}
+	return append(b, '"')
+}
+
+// appendMillis writes d in milliseconds with three decimals.
+func appendMillis(b []byte, d time.Duration) []byte {
+	return strconv.AppendFloat(b, float64(d.Microseconds())/1000, 'f', 3, 64)
+}
