@@ -1,8 +1,10 @@
 package accesslog
 
 import (
+	"net/netip"
 	"strconv"
 	"time"
+	"unicode/utf8"
 )
 
 // AppendJSON appends r as one JSON object and a newline, the fields in the
@@ -14,26 +16,26 @@ func AppendJSON(b []byte, r *Record) []byte {
 	b = append(b, `,"start":`...)
 	b = appendTimeQuoted(b, r.Start)
 	b = append(b, `,"listener":`...)
-	b = strconv.AppendQuote(b, r.Listener)
+	b = appendString(b, r.Listener)
 	b = append(b, `,"route":`...)
-	b = strconv.AppendQuote(b, r.Route)
+	b = appendString(b, r.Route)
 	b = append(b, `,"client":`...)
 	b = appendAddrQuoted(b, r.Client)
 	b = append(b, `,"peer":`...)
 	b = appendAddrQuoted(b, r.Peer)
 	b = append(b, `,"sni":`...)
-	b = strconv.AppendQuote(b, r.SNI)
+	b = appendString(b, r.SNI)
 	b = append(b, `,"target":`...)
-	b = strconv.AppendQuote(b, r.Target)
+	b = appendString(b, r.Target)
 	b = append(b, `,"tries":[`...)
 	for i, t := range r.TriesShown() {
 		if i > 0 {
 			b = append(b, ',')
 		}
 		b = append(b, `{"target":`...)
-		b = strconv.AppendQuote(b, t.Target)
+		b = appendString(b, t.Target)
 		b = append(b, `,"why":`...)
-		b = strconv.AppendQuote(b, t.Why)
+		b = appendString(b, t.Why)
 		b = append(b, '}')
 	}
 	b = append(b, `],"replayed":`...)
@@ -47,7 +49,7 @@ func AppendJSON(b []byte, r *Record) []byte {
 	b = append(b, `,"bytes_out":`...)
 	b = strconv.AppendUint(b, r.BytesOut, 10)
 	b = append(b, `,"termination":`...)
-	b = strconv.AppendQuote(b, r.Termination.String())
+	b = appendString(b, r.Termination.String())
 	return append(b, "}\n"...)
 }
 
@@ -110,10 +112,7 @@ func appendTimeQuoted(b []byte, t time.Time) []byte {
 	return append(b, '"')
 }
 
-func appendAddrQuoted(b []byte, a interface {
-	IsValid() bool
-	AppendTo([]byte) []byte
-}) []byte {
+func appendAddrQuoted(b []byte, a netip.AddrPort) []byte {
 	b = append(b, '"')
 	if a.IsValid() {
 		b = a.AppendTo(b)
@@ -125,3 +124,44 @@ func appendAddrQuoted(b []byte, a interface {
 func appendMillis(b []byte, d time.Duration) []byte {
 	return strconv.AppendFloat(b, float64(d.Microseconds())/1000, 'f', 3, 64)
 }
+
+// appendString appends s as a JSON string: quotes, backslashes and control
+// characters escaped, the rest (names and addresses: ASCII, mostly) as is.
+// Invalid UTF-8 is replaced, as encoding/json does.
+func appendString(b []byte, s string) []byte {
+	b = append(b, '"')
+	start := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c >= 0x20 && c != '"' && c != '\\' && c < utf8.RuneSelf {
+			i++
+			continue
+		}
+		if c < utf8.RuneSelf {
+			b = append(b, s[start:i]...)
+			switch c {
+			case '"', '\\':
+				b = append(b, '\\', c)
+			default:
+				b = append(b, `\u00`...)
+				b = append(b, hex[c>>4], hex[c&0xf])
+			}
+			i++
+			start = i
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			b = append(b, s[start:i]...)
+			b = append(b, `\ufffd`...)
+			i += size
+			start = i
+			continue
+		}
+		i += size
+	}
+	b = append(b, s[start:]...)
+	return append(b, '"')
+}
+
+const hex = "0123456789abcdef"

@@ -190,3 +190,59 @@ func TestRecent(t *testing.T) {
 		t.Fatal("records for a listener that had none")
 	}
 }
+
+// BenchmarkAdd is what a relay loop pays per record: a copy into a shard.
+func BenchmarkAdd(b *testing.B) {
+	l, err := accesslog.Open(accesslog.Config{Path: os.DevNull, Format: accesslog.JSON})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close(context.Background())
+	r := sample()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			l.Add(&r)
+		}
+	})
+}
+
+// BenchmarkAppendJSON is what the writer pays per record to format it.
+func BenchmarkAppendJSON(b *testing.B) {
+	r := sample()
+	var line []byte
+	for b.Loop() {
+		line = accesslog.AppendJSON(line[:0], &r)
+	}
+}
+
+// BenchmarkWriteFile is the writer's whole cost per record, to a file:
+// records added as fast as the writer takes them.
+func BenchmarkWriteFile(b *testing.B) {
+	l, err := accesslog.Open(accesslog.Config{Path: filepath.Join(b.TempDir(), "a.log"), Format: accesslog.JSON})
+	if err != nil {
+		b.Fatal(err)
+	}
+	r := sample()
+	for b.Loop() {
+		l.Add(&r)
+	}
+	l.Close(context.Background())
+	if d := l.Dropped(); d > 0 {
+		b.ReportMetric(float64(d)/float64(b.N), "dropped/op")
+	}
+}
+
+// Names with quotes, backslashes, control characters, other scripts or
+// bytes that are not UTF-8 still make valid JSON, read back as written
+// (invalid bytes as U+FFFD, as encoding/json writes them).
+func TestJSONEscapes(t *testing.T) {
+	r := sample()
+	r.Listener, r.SNI = "a\"b\\c\x01d\n", "żółw.example\xff"
+	var got map[string]any
+	if err := json.Unmarshal(accesslog.AppendJSON(nil, &r), &got); err != nil {
+		t.Fatal(err)
+	}
+	if got["listener"] != r.Listener || got["sni"] != "żółw.example\ufffd" {
+		t.Fatalf("listener %q sni %q", got["listener"], got["sni"])
+	}
+}

@@ -71,10 +71,12 @@ func (e *endedByRoute) samples() []Sample {
 // the access log is on for its listener and route. m has ended; in and out
 // are the bytes from the client and from the target, now a clock reading
 // of m's.
-func (p *Proxy) ended(set *settings, m *relay.Conn, in, out uint64, now int64) {
+// buffer names the log's buffer the caller keeps to (a relay loop's
+// number; -1: any).
+func (p *Proxy) ended(set *settings, m *relay.Conn, in, out uint64, now int64, buffer int) {
 	route, logged := p.routeOf(set, m)
 	p.Stats.ended.count(route, m.Termination())
-	p.record(set, m, route, logged, in, out, now)
+	p.record(set, m, route, logged, in, out, now, buffer)
 }
 
 // routeOf is m's route and whether its connections are logged: the
@@ -87,14 +89,14 @@ func (p *Proxy) routeOf(set *settings, m *relay.Conn) (string, bool) {
 }
 
 // connected logs a connect record, when the access log asks for them.
-func (p *Proxy) connected(set *settings, m *relay.Conn, now int64) {
+func (p *Proxy) connected(set *settings, m *relay.Conn, now int64, buffer int) {
 	if l := p.log.Load(); l != nil && l.OnConnect() {
 		route, logged := p.routeOf(set, m)
-		p.record(set, m, route, logged, 0, 0, now)
+		p.record(set, m, route, logged, 0, 0, now, buffer)
 	}
 }
 
-func (p *Proxy) record(set *settings, m *relay.Conn, route string, logged bool, in, out uint64, now int64) {
+func (p *Proxy) record(set *settings, m *relay.Conn, route string, logged bool, in, out uint64, now int64, buffer int) {
 	l := p.log.Load()
 	if l == nil || !logged {
 		return
@@ -104,7 +106,11 @@ func (p *Proxy) record(set *settings, m *relay.Conn, route string, logged bool, 
 	r.Listener, r.Route, r.BytesIn, r.BytesOut = p.Name, route, in, out
 	r.Time = time.Now()
 	r.Start = r.Time.Add(-r.Duration)
-	l.Add(&r)
+	if buffer < 0 {
+		l.Add(&r)
+	} else {
+		l.AddFrom(buffer, &r)
+	}
 }
 
 // refused counts and logs a client closed before a connection was made of

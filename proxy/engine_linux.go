@@ -84,7 +84,7 @@ func (e *Engine) start() bool {
 				e.log.Warn("relay loops unavailable; relaying with goroutines", zap.Error(err))
 				return
 			}
-			e.loops[i] = &loop{e: e, p: p, buf: make([]byte, loopBufSize)}
+			e.loops[i] = &loop{id: i, e: e, p: p, buf: make([]byte, loopBufSize)}
 			go p.Run()
 		}
 	})
@@ -197,6 +197,7 @@ var pendPool = sync.Pool{New: func() any { b := make([]byte, 0, loopBufSize); re
 // loop is one event loop and what its connections share. Everything in it
 // belongs to the loop's goroutine.
 type loop struct {
+	id    int // its index in the engine
 	e     *Engine
 	p     *poller.Poller
 	buf   []byte

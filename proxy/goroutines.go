@@ -386,7 +386,7 @@ func (g *gconn) connect(a relay.Action) relay.Action {
 			}
 			now := g.p.clock()
 			a := g.m.Dialed(now)
-			g.p.connected(g.set, &g.m, now)
+			g.p.connected(g.set, &g.m, now, -1)
 			if fa := g.flushLocked(); fa != relay.Flush {
 				a = fa
 			}
@@ -595,7 +595,7 @@ func (g *gconn) exit() {
 			t = accesslog.Shutdown
 		}
 		g.m.End(t, nil)
-		g.p.ended(g.set, &g.m, g.in, g.out, g.p.clock())
+		g.p.ended(g.set, &g.m, g.in, g.out, g.p.clock(), -1)
 		err = g.m.Err
 		return relay.Close
 	})

@@ -6,12 +6,14 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"go.uber.org/goleak"
 
+	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/internal/testenv"
 	"github.com/rota-proxy/rota/server"
@@ -96,5 +98,54 @@ func TestReadyFailureStopsRun(t *testing.T) {
 	if c, err := net.DialTimeout("tcp", addr.String(), time.Second); err == nil {
 		c.Close()
 		t.Fatal("the listener still accepts after Run failed")
+	}
+}
+
+// logrotate renames the access log and sends SIGUSR1: the next records go
+// to a new file at the path.
+func TestReopenSignalReopensTheAccessLog(t *testing.T) {
+	be := testenv.StartBackend(t, "b")
+	dir := t.TempDir()
+	path := filepath.Join(dir, "access.log")
+	cfg := config.Default()
+	cfg.Admin.Listen = ""
+	cfg.AccessLog = &accesslog.Config{Path: path, Format: accesslog.Text}
+	l := config.DefaultListener()
+	l.Name, l.Listen, l.Discovery, l.Static = "a", "127.0.0.1:0", "static", config.Statics(be.Addr)
+	l.Health.Interval = 50 * time.Millisecond
+	cfg.Listeners = []config.Listener{l}
+	sigs := make(chan os.Signal, 1)
+	ready := make(chan *server.Server, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- supervisor.Run(supervisor.Options{Config: cfg, Signals: sigs,
+			Ready: func(s *server.Server) error { ready <- s; return nil }})
+	}()
+	srv := <-ready
+	testenv.Eventually(t, "a live", 5*time.Second, func() bool { return srv.Routed("a") == 1 })
+	lines := func(p string) int {
+		b, _ := os.ReadFile(p)
+		return strings.Count(string(b), "\n")
+	}
+	request := func() {
+		if got, err := testenv.Request(srv.Addr("a").String()); err != nil || got != "b" {
+			t.Fatalf("request: %q, %v", got, err)
+		}
+	}
+	request()
+	testenv.Eventually(t, "the first record", 5*time.Second, func() bool { return lines(path) == 1 })
+	if err := os.Rename(path, path+".1"); err != nil {
+		t.Fatal(err)
+	}
+	sigs <- supervisor.ReopenSignal
+	testenv.Eventually(t, "a new file at the path", 5*time.Second, func() bool { _, err := os.Stat(path); return err == nil })
+	request()
+	testenv.Eventually(t, "the next record in the new file", 5*time.Second, func() bool { return lines(path) == 1 })
+	if n := lines(path + ".1"); n != 1 {
+		t.Fatalf("the renamed file has %d records, want the first one only", n)
+	}
+	sigs <- syscall.SIGTERM
+	if err := <-done; err != nil {
+		t.Fatal(err)
 	}
 }

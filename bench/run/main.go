@@ -86,7 +86,7 @@ func main() {
 	flag.StringVar(&o.rotaBin, "rota", "bin/rota", "rota binary")
 	flag.StringVar(&o.baseline, "baseline", "", "an earlier rota binary to measure beside rota (before/after a change)")
 	flag.StringVar(&o.out, "out", "bench/results", "directory for the report and chart")
-	flag.StringVar(&o.only, "only", "", `"targets": run only the health-checking phase (new connections and probe CPU at 3 to 10,000 targets)`)
+	flag.StringVar(&o.only, "only", "", `"targets": run only the health-checking phase (new connections and probe CPU at 3 to 10,000 targets); "accesslog": only the access log's cost`)
 	flag.Parse()
 	o.proxies = proxyKinds
 	if o.baseline != "" {
@@ -154,8 +154,11 @@ func run(o *options) error {
 
 	res := results{}
 	three := bs.addrs[:3]
-	if o.only == "targets" {
+	if o.only == "targets" || o.only == "accesslog" {
 		o.threads, o.conc = nil, nil
+	}
+	if o.only == "accesslog" {
+		o.threads = nil
 	}
 	for _, th := range o.threads {
 		for rep := range o.reps {
@@ -220,7 +223,13 @@ func run(o *options) error {
 			}
 		}
 	}
-	if o.only != "targets" {
+	if o.only == "" || o.only == "accesslog" {
+		benchAccessLog(o, res, three)
+	}
+	if o.only == "accesslog" {
+		o.conc, o.targets = nil, nil
+	}
+	if o.only != "targets" && o.only != "accesslog" {
 		if err := benchTLS(o, res); err != nil {
 			logf("TLS passthrough: %v", err) // one missing table, not a lost run
 		}
@@ -453,4 +462,38 @@ func idleMemory(p *proc, n int) (float64, error) {
 		after = max(after, p.rss())
 	}
 	return float64(after-before) / float64(n) / 1024, nil
+}
+
+// benchAccessLog measures what the access log costs: rota and HAProxy,
+// each with its connection log off and on (rota: JSON to a file; HAProxy:
+// option tcplog to a file), new connection per request, 1 and 2 threads,
+// interleaved.
+func benchAccessLog(o *options, res results, targets []string) {
+	kinds := []string{"rota", "rota+log", "haproxy", "haproxy+log"}
+	for _, th := range []int{1, 2} {
+		for rep := range o.reps + 2 { // the figure is a 3 % one: more samples
+			order := slices.Clone(kinds)
+			for i := 0; i < rep%len(order); i++ {
+				order = append(order[1:], order[0])
+			}
+			for _, px := range order {
+				logf("access log, %d thread(s), rep %d: %s", th, rep+1, px)
+				p, err := startProxy(px, th, targets, o, true)
+				if err != nil {
+					logf("  %v", err)
+					continue
+				}
+				cpu0 := p.cpu()
+				if m, err := wrk(p.addr, 64, o.dur, true); err == nil {
+					res.add(key("alog", th, "rps", px), m.rps)
+					if m.n > 0 {
+						res.add(key("alog", th, "cpu", px), (p.cpu()-cpu0)*1e6/m.n)
+					}
+				} else {
+					logf("  %v", err)
+				}
+				p.stop()
+			}
+		}
+	}
 }

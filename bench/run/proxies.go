@@ -123,7 +123,7 @@ func startProxy(kind string, threads int, targets []string, o *options, http boo
 	var err error
 	adminAddr := ""
 	switch kind {
-	case "rota", "baseline":
+	case "rota", "baseline", "rota+log":
 		bin := o.rotaBin
 		if kind == "baseline" {
 			bin = o.baseline
@@ -131,6 +131,15 @@ func startProxy(kind string, threads int, targets []string, o *options, http boo
 		adminAddr = fmt.Sprintf("127.0.0.1:%d", freePort())
 		args := []string{"serve", "--listen", p.addr, "--backend", strings.Join(targets, ","),
 			"--admin", adminAddr, "--log-format", "json", "--log-level", "error", "--health-interval", "2s"}
+		if kind == "rota+log" {
+			// The access log on: JSON to a file.
+			var b strings.Builder
+			fmt.Fprintf(&b, "admin: {listen: %q}\naccess_log: {path: %q, format: json}\nlisteners:\n  - listen: %q\n    discovery: static\n    health: {interval: 2s}\n    static: [%s]\n",
+				adminAddr, filepath.Join(p.dir, "access.log"), p.addr, strings.Join(targets, ", "))
+			cfg := filepath.Join(p.dir, "rota.yaml")
+			os.WriteFile(cfg, []byte(b.String()), 0o644)
+			args = []string{"serve", "--config", cfg, "--log-format", "json", "--log-level", "error"}
+		}
 		if len(targets) > 1000 {
 			// Too long for one argument (Linux: 128 KiB): the same
 			// settings as a file.
@@ -145,10 +154,17 @@ func startProxy(kind string, threads int, targets []string, o *options, http boo
 		}
 		err = startCmd(p, bin, args, []string{fmt.Sprintf("GOMAXPROCS=%d", threads)})
 		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
-	case "haproxy":
+	case "haproxy", "haproxy+log":
 		var b strings.Builder
 		fmt.Fprintf(&b, "global\n  nbthread %d\n  maxconn 7000\n  tune.maxaccept 64\n", threads)
+		if kind == "haproxy+log" {
+			// option tcplog to stdout, which startCmd sends to a file.
+			b.WriteString("  log stdout format raw local0\n")
+		}
 		b.WriteString("defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  option splice-auto\n")
+		if kind == "haproxy+log" {
+			b.WriteString("  log global\n  option tcplog\n")
+		}
 		fmt.Fprintf(&b, "frontend fe\n  bind %s\n  default_backend be\nbackend be\n  balance roundrobin\n", p.addr)
 		for i, t := range targets {
 			fmt.Fprintf(&b, "  server s%d %s check inter 2s\n", i, t)

@@ -126,6 +126,26 @@ func renderReport(o *options, res results, took time.Duration) string {
 		}
 		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key("targets", n, "rota"), key("targets", n, "haproxy"), false))
 	}
+	if _, ok := res.median(key("alog", 1, "rps", "rota")); ok {
+		b.WriteString("\n## Access log (new connection per request, 64 clients; rota: JSON to a file, HAProxy: option tcplog to a file)\n\n")
+		b.WriteString("| threads | rota req/s off | on | on/off | rota CPU/conn off (µs) | on | on/off | HAProxy req/s off | on | on/off | HAProxy CPU/conn off | on | on/off |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		for _, th := range []int{1, 2} {
+			fmt.Fprintf(&b, "| %d |", th)
+			for _, px := range []string{"rota", "haproxy"} {
+				for _, m := range []string{"rps", "cpu"} {
+					off, on := key("alog", th, m, px), key("alog", th, m, px+"+log")
+					x, ok1 := res.median(off)
+					y, ok2 := res.median(on)
+					r := "–"
+					if ok1 && ok2 && x > 0 {
+						r = fmt.Sprintf("%.3f", y/x)
+					}
+					fmt.Fprintf(&b, " %s | %s | %s |", cell(res, off, "%.1f"), cell(res, on, "%.1f"), r)
+				}
+			}
+			b.WriteString("\n")
+		}
+	}
 	b.WriteString("\n## TLS passthrough routed by SNI (1 thread each; a full handshake per connection, 32 clients)\n\nrota with `routes:`; HAProxy `mode tcp`, `tcp-request inspect-delay`, `req.ssl_sni`; nginx `ssl_preread` and a `map`. The handshakes (client and backend, ECDSA P-256, X25519MLKEM768) take most of the CPU; CPU per connection is the proxy's own.\n\n| | direct |")
 	for _, px := range o.proxies[1:] {
 		fmt.Fprintf(&b, " %s |", proxyTitle[px])
