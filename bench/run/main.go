@@ -9,6 +9,7 @@ package main
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"net"
@@ -86,7 +87,7 @@ func main() {
 	flag.StringVar(&o.rotaBin, "rota", "bin/rota", "rota binary")
 	flag.StringVar(&o.baseline, "baseline", "", "an earlier rota binary to measure beside rota (before/after a change)")
 	flag.StringVar(&o.out, "out", "bench/results", "directory for the report and chart")
-	flag.StringVar(&o.only, "only", "", `"targets": run only the health-checking phase (new connections and probe CPU at 3 to 10,000 targets); "accesslog": only the access log's cost`)
+	flag.StringVar(&o.only, "only", "", `"targets": run only the health-checking phase (new connections and probe CPU at 3 to 10,000 targets); "accesslog": only the access log's cost; "ab": rota against -baseline only, many interleaved repetitions (a data-path change's before/after)`)
 	flag.Parse()
 	o.proxies = proxyKinds
 	if o.baseline != "" {
@@ -154,11 +155,11 @@ func run(o *options) error {
 
 	res := results{}
 	three := bs.addrs[:3]
-	if o.only == "targets" || o.only == "accesslog" {
-		o.threads, o.conc = nil, nil
+	if o.only != "" {
+		o.threads = nil // a part of the run only
 	}
-	if o.only == "accesslog" {
-		o.threads = nil
+	if o.only == "targets" {
+		o.conc = nil
 	}
 	for _, th := range o.threads {
 		for rep := range o.reps {
@@ -226,10 +227,16 @@ func run(o *options) error {
 	if o.only == "" || o.only == "accesslog" {
 		benchAccessLog(o, res, three)
 	}
-	if o.only == "accesslog" {
+	if o.only == "ab" {
+		if o.baseline == "" {
+			return errors.New("-only ab needs -baseline")
+		}
+		benchAB(o, res, three)
+	}
+	if o.only == "accesslog" || o.only == "ab" {
 		o.conc, o.targets = nil, nil
 	}
-	if o.only != "targets" && o.only != "accesslog" {
+	if o.only == "" || o.only == "tls" {
 		if err := benchTLS(o, res); err != nil {
 			logf("TLS passthrough: %v", err) // one missing table, not a lost run
 		}
@@ -494,6 +501,40 @@ func benchAccessLog(o *options, res results, targets []string) {
 				}
 				p.stop()
 			}
+		}
+	}
+}
+
+// benchAB measures rota against the baseline binary alone, one thread,
+// interleaved many times: the before/after of a change to the data path,
+// with the spread, since a two-core machine's noise is larger than most
+// such changes.
+func benchAB(o *options, res results, targets []string) {
+	for rep := range 8 {
+		order := []string{"rota", "baseline"}
+		if rep%2 == 1 {
+			order = []string{"baseline", "rota"}
+		}
+		for _, px := range order {
+			logf("a/b, rep %d: %s", rep+1, px)
+			p, err := startProxy(px, 1, targets, o, true)
+			if err != nil {
+				logf("  %v", err)
+				continue
+			}
+			for _, close := range []bool{false, true} {
+				mode := map[bool]string{false: "ka", true: "close"}[close]
+				cpu0 := p.cpu()
+				if m, err := wrk(p.addr, 64, o.dur, close); err == nil {
+					res.add(key("ab", mode, "rps", px), m.rps)
+					if m.n > 0 {
+						res.add(key("ab", mode, "cpu", px), (p.cpu()-cpu0)*1e6/m.n)
+					}
+				} else {
+					logf("  %v", err)
+				}
+			}
+			p.stop()
 		}
 	}
 }

@@ -84,13 +84,22 @@ func (p *proc) cpu() float64 {
 	return float64(ticks) / 100 // USER_HZ
 }
 
-func freePort() int {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		panic(err)
+func freePort() int { return freePorts(1)[0] }
+
+// freePorts returns n distinct free ports: each is held until all are
+// found, so that the kernel cannot hand the same one out twice (a proxy's
+// port and its admin port).
+func freePorts(n int) []int {
+	out := make([]int, n)
+	for i := range out {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			panic(err)
+		}
+		defer ln.Close()
+		out[i] = ln.Addr().(*net.TCPAddr).Port
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	return out
 }
 
 func startCmd(p *proc, name string, args []string, env []string) error {
@@ -116,7 +125,8 @@ func startProxy(kind string, threads int, targets []string, o *options, http boo
 	if kind == "direct" {
 		return &proc{name: kind, addr: targets[0], pidFn: func() []int { return nil }}, nil
 	}
-	port := freePort()
+	ports := freePorts(2) // the proxy's, and rota's admin
+	port := ports[0]
 	p := &proc{name: kind, addr: fmt.Sprintf("127.0.0.1:%d", port)}
 	p.dir = filepath.Join(tmp, fmt.Sprintf("%s-%d", kind, port))
 	os.MkdirAll(p.dir, 0o755)
@@ -128,7 +138,7 @@ func startProxy(kind string, threads int, targets []string, o *options, http boo
 		if kind == "baseline" {
 			bin = o.baseline
 		}
-		adminAddr = fmt.Sprintf("127.0.0.1:%d", freePort())
+		adminAddr = fmt.Sprintf("127.0.0.1:%d", ports[1])
 		args := []string{"serve", "--listen", p.addr, "--backend", strings.Join(targets, ","),
 			"--admin", adminAddr, "--log-format", "json", "--log-level", "error", "--health-interval", "2s"}
 		if kind == "rota+log" {

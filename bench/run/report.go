@@ -126,6 +126,19 @@ func renderReport(o *options, res results, took time.Duration) string {
 		}
 		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key("targets", n, "rota"), key("targets", n, "haproxy"), false))
 	}
+	if _, ok := res.median(key("ab", "close", "rps", "rota")); ok {
+		b.WriteString("\n## rota against the baseline (1 thread, 8 interleaved repetitions; median, and min-max)\n\n| | rota | baseline | rota/baseline |\n|---|---:|---:|---:|\n")
+		for _, m := range []struct {
+			mode, what, label string
+			lower             bool
+		}{
+			{"ka", "rps", "keep-alive req/s", false}, {"ka", "cpu", "CPU per keep-alive request (µs)", true},
+			{"close", "rps", "new connection per request, req/s", false}, {"close", "cpu", "CPU per new-connection request (µs)", true},
+		} {
+			a, bb := key("ab", m.mode, m.what, "rota"), key("ab", m.mode, m.what, "baseline")
+			fmt.Fprintf(&b, "| %s | %s (%s) | %s (%s) | %s |\n", m.label, cell(res, a, "%.1f"), spread(res, a), cell(res, bb, "%.1f"), spread(res, bb), ratioCell(res, a, bb, m.lower))
+		}
+	}
 	if _, ok := res.median(key("alog", 1, "rps", "rota")); ok {
 		b.WriteString("\n## Access log (new connection per request, 64 clients; rota: JSON to a file, HAProxy: option tcplog to a file)\n\n")
 		b.WriteString("| threads | rota req/s off | on | on/off | rota CPU/conn off (µs) | on | on/off | HAProxy req/s off | on | on/off | HAProxy CPU/conn off | on | on/off |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
@@ -242,4 +255,17 @@ func writeChart(path string, o *options, res results) error {
 	}
 	defer f.Close()
 	return png.Encode(f, img)
+}
+
+// spread is the min-max of a key's samples.
+func spread(res results, k string) string {
+	v := res[k]
+	if len(v) == 0 {
+		return "–"
+	}
+	lo, hi := v[0], v[0]
+	for _, x := range v {
+		lo, hi = min(lo, x), max(hi, x)
+	}
+	return fmt.Sprintf("%.1f-%.1f", lo, hi)
 }
