@@ -120,81 +120,37 @@ func (a *accessLog) check(name string, r logRecord, termination, target string, 
 // startEcho is a backend that echoes what it reads until EOF.
 func startEcho(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(20 * time.Second))
-				io.Copy(c, c)
-			})
-		}
+	return testenv.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		io.Copy(c, c)
 	})
-	return ln.Addr().String()
 }
 
 // startResetter answers hi and resets: a target reset after its first
 // byte.
 func startResetter(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				b := make([]byte, 1)
-				if _, err := c.Read(b); err != nil {
-					c.Close() // a health check
-					return
-				}
-				io.WriteString(c, "hi")
-				c.(*net.TCPConn).SetLinger(0)
-				c.Close()
-			})
+	return testenv.Serve(t, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); err != nil {
+			c.Close() // a health check
+			return
 		}
+		io.WriteString(c, "hi")
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
 	})
-	return ln.Addr().String()
 }
 
 // startSlammer accepts and resets at once: a dying process's accept queue
 // (health checks, which only connect, still pass).
 func startSlammer(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.(*net.TCPConn).SetLinger(0)
-			c.Close()
-		}
+	return testenv.Serve(t, func(c net.Conn) {
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
 	})
-	return ln.Addr().String()
 }
 
 func dialT(t *testing.T, addr string) *net.TCPConn {

@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -106,33 +105,18 @@ func TestSilentClientsKeepTargetsUp(t *testing.T) {
 // the connection (a crash on that request), counting the lines it saw.
 func startQueryOfDeathBackend(t *testing.T, seen *atomic.Int64) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				line, err := bufio.NewReader(c).ReadString('\n')
-				if err != nil {
-					return // a health check: connect and close
-				}
-				if strings.HasPrefix(line, "KILL") {
-					seen.Add(1)
-					c.(*net.TCPConn).SetLinger(0)
-				}
-			})
+	return testenv.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil {
+			return // a health check: connect and close
+		}
+		if strings.HasPrefix(line, "KILL") {
+			seen.Add(1)
+			c.(*net.TCPConn).SetLinger(0)
 		}
 	})
-	return ln.Addr().String()
 }
 
 // A request that makes every target reset (a query of death), with

@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -63,29 +62,13 @@ registries:
 		t.Fatalf("check with TLS and client certificates: exit %d\n%s%s", code, stdout, stderr)
 	}
 
-	var serveErr syncBuffer
-	serve := exec.Command(rotaBin, "serve", "--config", file, "--log-format", "json")
-	serve.Stderr = &serveErr
-	if err := serve.Start(); err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- serve.Wait() }()
-	defer func() { serve.Process.Kill(); <-served }()
-	testenv.Eventually(t, "rota listening", 15*time.Second, func() bool { return strings.Contains(serveErr.String(), `"listening"`) })
+	serve := startRota(t, "serve", "--config", file, "--log-format", "json")
+	testenv.Eventually(t, "rota listening", 15*time.Second, func() bool { return strings.Contains(serve.stderr.String(), `"listening"`) })
 
 	be := testenv.Greeter(t, "hi")
 	endpoint := "https://" + etcdAddr
-	var regErr syncBuffer
-	reg := exec.Command(rotaBin, "register", "--etcd", endpoint, "--etcd-ca", serverCA.File,
+	startRota(t, "register", "--etcd", endpoint, "--etcd-ca", serverCA.File,
 		"--etcd-cert", regCert, "--etcd-key", regKey, "--service", "web", "--addr", be)
-	reg.Stderr = &regErr
-	if err := reg.Start(); err != nil {
-		t.Fatal(err)
-	}
-	registered := make(chan error, 1)
-	go func() { registered <- reg.Wait() }()
-	defer func() { reg.Process.Kill(); <-registered }()
 	testenv.Eventually(t, "the registered instance routed", 15*time.Second, func() bool {
 		c, err := net.DialTimeout("tcp", listen, time.Second)
 		if err != nil {

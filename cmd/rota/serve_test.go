@@ -54,6 +54,38 @@ func listenerNames(t *testing.T, admin string) []string {
 	return out
 }
 
+// rotaProc is a rota process a test runs: what it logs, and its exit.
+type rotaProc struct {
+	cmd    *exec.Cmd
+	stderr syncBuffer
+	exited chan struct{} // closed once it has exited; err is then its status
+	err    error
+}
+
+// startRota runs the rota binary with args until it exits; when the test
+// ends it is killed if it has not.
+func startRota(t *testing.T, args ...string) *rotaProc {
+	t.Helper()
+	p := &rotaProc{cmd: exec.Command(rotaBin, args...), exited: make(chan struct{})}
+	p.cmd.Stderr = &p.stderr
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.err = p.cmd.Wait(); close(p.exited) }()
+	t.Cleanup(func() { p.cmd.Process.Kill(); <-p.exited })
+	return p
+}
+
+// wait is its exit status once it exits within d; false if it does not.
+func (p *rotaProc) wait(d time.Duration) (error, bool) {
+	select {
+	case <-p.exited:
+		return p.err, true
+	case <-time.After(d):
+		return nil, false
+	}
+}
+
 // TestServeReloads runs `rota serve --config` and reloads it by SIGHUP and by
 // the admin API, including an invalid file that must be rejected while the
 // running configuration stays; SIGTERM then exits 0.
@@ -69,18 +101,8 @@ func TestServeReloads(t *testing.T) {
 	one := head + listener("a")
 	os.WriteFile(file, []byte(one), 0o600)
 
-	var stderr syncBuffer
-	cmd := exec.Command(rotaBin, "serve", "--config", file, "--log-format", "json")
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	defer func() {
-		cmd.Process.Kill()
-		<-done
-	}()
+	rota := startRota(t, "serve", "--config", file, "--log-format", "json")
+	cmd, stderr := rota.cmd, &rota.stderr
 	testenv.Eventually(t, "listener a", 15*time.Second, func() bool { return strings.Join(listenerNames(t, admin), ",") == "a" })
 
 	os.WriteFile(file, []byte(one+listener("b")), 0o600)
@@ -117,14 +139,12 @@ func TestServeReloads(t *testing.T) {
 	}
 
 	cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-done:
-		done <- err
-		if err != nil {
-			t.Fatalf("exit after SIGTERM: %v\n%s", err, stderr.String())
-		}
-	case <-time.After(20 * time.Second):
+	err, exited := rota.wait(20 * time.Second)
+	switch {
+	case !exited:
 		t.Fatal("no exit within 20s of SIGTERM")
+	case err != nil:
+		t.Fatalf("exit after SIGTERM: %v\n%s", err, stderr.String())
 	}
 }
 
@@ -132,45 +152,23 @@ func TestServeReloads(t *testing.T) {
 // drain_timeout; a shutdown's second signal cuts that drain too, as it
 // cuts the current listeners' (systemd and Kubernetes send SIGKILL next).
 func TestSecondSignalCutsRemovedListenersDrain(t *testing.T) {
-	echo, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { echo.Close() })
-	go func() {
-		for {
-			c, err := echo.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
+	echo := testenv.Serve(t, func(c net.Conn) { io.Copy(c, c); c.Close() })
 	dir := t.TempDir()
 	file := filepath.Join(dir, "rota.yaml")
 	admin := testenv.FreeAddr(t)
 	aAddr := testenv.FreeAddr(t)
 	listener := func(name, addr string) string {
-		return fmt.Sprintf("  - name: %s\n    listen: %s\n    discovery: static\n    static: [%s]\n    drain_timeout: 40s\n", name, addr, echo.Addr())
+		return fmt.Sprintf("  - name: %s\n    listen: %s\n    discovery: static\n    static: [%s]\n    drain_timeout: 40s\n", name, addr, echo)
 	}
 	head := "admin:\n  listen: " + admin + "\nlisteners:\n"
 	os.WriteFile(file, []byte(head+listener("a", aAddr)+listener("b", testenv.FreeAddr(t))), 0o600)
 
-	var stderr syncBuffer
-	cmd := exec.Command(rotaBin, "serve", "--config", file, "--log-format", "json")
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	defer func() {
-		cmd.Process.Kill()
-		<-done
-	}()
+	rota := startRota(t, "serve", "--config", file, "--log-format", "json")
+	cmd, stderr := rota.cmd, &rota.stderr
 	testenv.Eventually(t, "listeners a and b", 15*time.Second, func() bool { return strings.Join(listenerNames(t, admin), ",") == "a,b" })
 	var c net.Conn
 	testenv.Eventually(t, "an echo through listener a", 15*time.Second, func() bool {
+		var err error
 		if c, err = net.Dial("tcp", aAddr); err != nil {
 			return false
 		}
@@ -195,17 +193,14 @@ func TestSecondSignalCutsRemovedListenersDrain(t *testing.T) {
 	// (Two signals sent at once may reach the process as one.)
 	testenv.Eventually(t, "the first signal taken", 15*time.Second, func() bool { return strings.Contains(stderr.String(), "shutting down") })
 	cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-done:
-		done <- err
-		if err != nil {
-			t.Fatalf("exit after two SIGTERMs: %v\n%s", err, stderr.String())
-		}
-		if took := time.Since(began); took > 2*time.Second {
-			t.Fatalf("exit %v after two SIGTERMs, want within 2s", took)
-		}
-	case <-time.After(2 * time.Second):
+	err, exited := rota.wait(2 * time.Second)
+	switch {
+	case !exited:
 		t.Fatalf("still running 2s after two SIGTERMs (a removed listener drains for 40s)\n%s", stderr.String())
+	case err != nil:
+		t.Fatalf("exit after two SIGTERMs: %v\n%s", err, stderr.String())
+	case time.Since(began) > 2*time.Second:
+		t.Fatalf("exit %v after two SIGTERMs, want within 2s", time.Since(began))
 	}
 	// The held connection was cut, not left to finish.
 	if _, err := c.Read(make([]byte, 1)); err == nil {

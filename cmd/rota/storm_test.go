@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"syscall"
 	"testing"
@@ -40,14 +39,7 @@ listeners:
     health: {check: none}
     drain_timeout: %v
 `, listen, target, drain)), 0o600)
-		var stderr syncBuffer
-		cmd := exec.Command(rotaBin, "serve", "--config", file, "--log-format", "json")
-		cmd.Stderr = &stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
+		rota := startRota(t, "serve", "--config", file, "--log-format", "json")
 		testenv.Eventually(t, "rota listening", 15*time.Second, func() bool {
 			c, err := net.Dial("tcp", listen)
 			if err == nil {
@@ -59,22 +51,19 @@ listeners:
 		storm := testenv.StartStorm(listen, 8, []byte("x"))
 		testenv.Eventually(t, "the storm under way", 15*time.Second, func() bool { return storm.Attempts() > 300 })
 		began := time.Now()
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case err := <-done:
-			took := time.Since(began)
-			storm.Stop()
-			if err != nil {
-				t.Fatalf("trial %d: exit after SIGTERM: %v\n%s", trial, err, stderr.String())
-			}
-			if took > drain+time.Second {
-				t.Fatalf("trial %d: exit %v after SIGTERM, want within drain_timeout (%v) + 1s", trial, took, drain)
-			}
-		case <-time.After(drain + time.Second):
-			storm.Stop()
-			cmd.Process.Signal(syscall.SIGQUIT) // its goroutine dump shows where it hung
-			<-done
-			t.Fatalf("trial %d: still running %v after SIGTERM under a connect storm\n%s", trial, drain+time.Second, stderr.String())
+		rota.cmd.Process.Signal(syscall.SIGTERM)
+		err, exited := rota.wait(drain + time.Second)
+		took := time.Since(began)
+		storm.Stop()
+		switch {
+		case !exited:
+			rota.cmd.Process.Signal(syscall.SIGQUIT) // its goroutine dump shows where it hung
+			<-rota.exited
+			t.Fatalf("trial %d: still running %v after SIGTERM under a connect storm\n%s", trial, drain+time.Second, rota.stderr.String())
+		case err != nil:
+			t.Fatalf("trial %d: exit after SIGTERM: %v\n%s", trial, err, rota.stderr.String())
+		case took > drain+time.Second:
+			t.Fatalf("trial %d: exit %v after SIGTERM, want within drain_timeout (%v) + 1s", trial, took, drain)
 		}
 	}
 }

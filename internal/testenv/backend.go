@@ -151,13 +151,16 @@ func Request(addr string) (string, error) {
 	return string(b), nil
 }
 
-// Greeter starts a backend that writes msg to each connection at once and
-// closes it, until the test ends, and returns its address.
-func Greeter(t T, msg string) string {
+// Serve starts a backend on loopback that runs handle for each
+// connection, in a goroutine of its own, until the test ends (then the
+// listener closes and Serve waits for the handlers: each must end once its
+// peer closes or its deadline passes). handle owns its connection and
+// closes it. It returns the address.
+func Serve(t T, handle func(net.Conn)) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		t.Fatalf("greeter: %v", err)
+		t.Fatalf("backend: %v", err)
 	}
 	var wg sync.WaitGroup
 	t.Cleanup(func() { ln.Close(); wg.Wait() })
@@ -167,9 +170,18 @@ func Greeter(t T, msg string) string {
 			if err != nil {
 				return
 			}
-			io.WriteString(c, msg)
-			c.Close()
+			wg.Go(func() { handle(c) })
 		}
 	})
 	return ln.Addr().String()
+}
+
+// Greeter starts a backend that writes msg to each connection at once and
+// closes it, until the test ends, and returns its address.
+func Greeter(t T, msg string) string {
+	t.Helper()
+	return Serve(t, func(c net.Conn) {
+		io.WriteString(c, msg)
+		c.Close()
+	})
 }
