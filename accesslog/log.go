@@ -18,11 +18,18 @@ type Config struct {
 	Path      string `yaml:"path"`       // stdout, stderr, or a file (appended to; reopened by Reopen)
 	Format    string `yaml:"format"`     // json or text
 	OnConnect bool   `yaml:"on_connect"` // also a record when the target connection is made
+	// Buffer is how many records wait for the writer at most (0:
+	// DefaultBuffer); past it, records are dropped and counted.
+	Buffer int `yaml:"buffer"`
 }
 
 // DefaultConfig is the section's defaults: JSON to stdout at the end of
 // each connection.
-func DefaultConfig() Config { return Config{Path: "stdout", Format: JSON} }
+func DefaultConfig() Config { return Config{Path: "stdout", Format: JSON, Buffer: DefaultBuffer} }
+
+// DefaultBuffer is Config.Buffer's default: about half a second of
+// records at 20,000 connections a second.
+const DefaultBuffer = 8192
 
 // Formats.
 const (
@@ -32,8 +39,7 @@ const (
 
 // Bounds of the buffers between the relay loops and the writer.
 const (
-	shards   = 8    // Add picks one in turn: the loops rarely meet on a lock
-	shardCap = 1024 // records a shard holds until the writer takes them
+	shards = 8 // Add picks one in turn: the loops rarely meet on a lock
 	// RecentPerListener is how many of a listener's last records Recent
 	// keeps (the status page's list).
 	RecentPerListener = 20
@@ -87,10 +93,14 @@ func Open(cfg Config) (*Log, error) {
 	}
 	l := &Log{cfg: cfg, wake: make(chan struct{}, 1), reopen: make(chan chan error),
 		stop: make(chan struct{}), done: make(chan struct{}), recent: map[string]*recentRing{}}
-	for i := range l.shard {
-		l.shard[i].recs = make([]Record, 0, shardCap)
+	perShard := max(cfg.Buffer, shards) / shards
+	if cfg.Buffer == 0 {
+		perShard = DefaultBuffer / shards
 	}
-	go l.write(out)
+	for i := range l.shard {
+		l.shard[i].recs = make([]Record, 0, perShard)
+	}
+	go l.write(out, perShard)
 	return l, nil
 }
 
@@ -184,10 +194,10 @@ func (l *Log) Close(ctx context.Context) error {
 
 // write is the writer goroutine: it takes the shards' records, formats
 // and writes them, and keeps the recent lists, until stop.
-func (l *Log) write(out *os.File) {
+func (l *Log) write(out *os.File, perShard int) {
 	defer close(l.done)
 	w := bufio.NewWriterSize(out, 64<<10)
-	spare := make([]Record, 0, shardCap)
+	spare := make([]Record, 0, perShard)
 	var batch []Record
 	var line []byte
 	tick := time.NewTicker(flushEvery)

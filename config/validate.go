@@ -47,6 +47,9 @@ func (c *Config) problems() []*Error {
 		if a.Path == "" {
 			ck.add("access_log.path", "must be stdout, stderr or a file")
 		}
+		if a.Buffer != 0 && (a.Buffer < 8 || a.Buffer > 1<<20) {
+			ck.add("access_log.buffer", "must be 8 to 1048576 records; got %d", a.Buffer)
+		}
 	}
 	if c.Registries.EmptyHold < 0 {
 		ck.add("registries.empty_hold", "must not be negative (0 disables it)")
