@@ -54,6 +54,7 @@ import (
 
 	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/balancer"
+	"github.com/rota-proxy/rota/discovery/dns"
 	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/proxy"
 )
@@ -91,8 +92,22 @@ type Registries struct {
 	// a registry that lost its data); 0 disables the hold. Default 5s. A
 	// deregistration seen on a healthy watch applies at once.
 	EmptyHold time.Duration `yaml:"empty_hold"`
-	Consul    *Consul       `yaml:"consul"`
-	Etcd      *Etcd         `yaml:"etcd"`
+	// DNS is how discovery: dns (and a static list's host names) resolve;
+	// always there, with the system's resolvers by default.
+	DNS dns.Config `yaml:"dns"`
+	// Docker is the engine discovery: docker follows.
+	Docker Docker  `yaml:"docker"`
+	Consul *Consul `yaml:"consul"`
+	Etcd   *Etcd   `yaml:"etcd"`
+}
+
+// Docker is a Docker engine's API. Empty fields take the Docker CLI's
+// environment (DOCKER_HOST, DOCKER_CERT_PATH, DOCKER_TLS_VERIFY), else the
+// local socket.
+type Docker struct {
+	// Host is unix:///path, tcp://host:port or http(s)://host:port.
+	Host string `yaml:"host"`
+	TLS  TLS    `yaml:"tls"`
 }
 
 // Consul is a Consul agent. Empty fields fall back to consul/api's own
@@ -178,10 +193,18 @@ type Listener struct {
 // Pool is where a listener's (or a route's) targets come from and how they
 // are checked and picked.
 type Pool struct {
-	Service   string `yaml:"service"`   // required for consul and etcd
-	Discovery string `yaml:"discovery"` // consul | etcd | static
+	Service   string `yaml:"service"`   // required but with static
+	Discovery string `yaml:"discovery"` // consul | etcd | static | dns | docker
 
-	Tags   []string       `yaml:"tags"`   // consul only: every tag must match
+	Tags []string `yaml:"tags"` // consul only: every tag must match
+	// Port is the instances' port where the registry gives none: a DNS
+	// host name's addresses, a container without a rota.port label.
+	Port int `yaml:"port"`
+	// Docker says which containers are the service's.
+	Docker DockerMatch `yaml:"docker"`
+	// Static is the static list; a host name is resolved every
+	// registries.dns.refresh with the system's resolver, each address a
+	// target.
 	Static []StaticTarget `yaml:"static"` // static only: host:port, or {addr: host:port, weight: 3}
 
 	// Health is how each target is probed (health.Config documents the
@@ -197,6 +220,23 @@ type Pool struct {
 	// small share to its full weight over this long; 0 is off.
 	SlowStart time.Duration `yaml:"slow_start"`
 }
+
+// DockerMatch selects a service's containers (discovery: docker).
+type DockerMatch struct {
+	// Match is "label" (the default: containers labelled
+	// rota.service=<service>) or "compose" (the compose service <service>
+	// of rota's own compose project).
+	Match string `yaml:"match"`
+	// Network names the network whose address is dialled; "" the one the
+	// container shares with rota, else its only one.
+	Network string `yaml:"network"`
+}
+
+// Docker match modes.
+const (
+	MatchLabel   = "label"
+	MatchCompose = "compose"
+)
 
 // Route is one service behind a routed listener, for the clients whose
 // TLS server name matches SNI.
@@ -268,7 +308,7 @@ const (
 // Default returns a config with the admin defaults and no registries or
 // listeners. It does not pass Validate until a listener is added.
 func Default() *Config {
-	return &Config{Admin: Admin{Listen: DefaultAdminListen}, Registries: Registries{EmptyHold: DefaultEmptyHold}}
+	return &Config{Admin: Admin{Listen: DefaultAdminListen}, Registries: Registries{EmptyHold: DefaultEmptyHold, DNS: dns.DefaultConfig()}}
 }
 
 // DefaultListener returns a listener with every default filled in; Name,

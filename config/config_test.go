@@ -15,6 +15,7 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/rota-proxy/rota/discovery/dns"
 	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/proxy"
 )
@@ -61,7 +62,7 @@ func TestParseErrors(t *testing.T) {
 		{"unknown top-level key", "lsteners: []\n" + static,
 			[]string{`rota.yaml:1:1: lsteners: unknown key (did you mean "listeners"?)`}},
 		{"unknown key without suggestion", static + "    weight: 3\n",
-			[]string{"rota.yaml:6:5: listeners[0].weight: unknown key; valid keys: name, listen, service, discovery, tags, static, health, panic, balance, slow_start, routes, drain_timeout, dial_timeout, retries, max_conns, idle_timeout, replay_on_reset, proxy_protocol, accept_proxy_protocol, proxy_header_timeout, removed_conn_grace, max_conn_age, allow, deny, max_conns_per_client, sni_timeout, access_log"}},
+			[]string{"rota.yaml:6:5: listeners[0].weight: unknown key; valid keys: name, listen, service, discovery, tags, port, docker, static, health, panic, balance, slow_start, routes, drain_timeout, dial_timeout, retries, max_conns, idle_timeout, replay_on_reset, proxy_protocol, accept_proxy_protocol, proxy_header_timeout, removed_conn_grace, max_conn_age, allow, deny, max_conns_per_client, sni_timeout, access_log"}},
 		{"dashes for underscores", static + "    max-conns: 3\n",
 			[]string{`rota.yaml:6:5: listeners[0].max-conns: unknown key (did you mean "max_conns"?)`}},
 		{"unknown nested key", static + "    health:\n      intervl: 1s\n",
@@ -135,9 +136,31 @@ func TestParseErrors(t *testing.T) {
 		{"duplicate name", static + "  - name: web\n    listen: :8081\n    discovery: static\n    static: [a:1]\n",
 			[]string{`rota.yaml:6:11: listeners[1].name: duplicate name "web" (listeners[0] has it too)`}},
 		{"discovery missing", "listeners:\n  - listen: :1\n    static: [a:1]\n",
-			[]string{"rota.yaml:2:5: listeners[0].discovery: required: one of consul, etcd, static"}},
-		{"discovery unknown", "listeners:\n  - listen: :1\n    discovery: dns\n",
-			[]string{`rota.yaml:3:16: listeners[0].discovery: must be one of consul, etcd, static; got "dns"`}},
+			[]string{"rota.yaml:2:5: listeners[0].discovery: required: one of consul, etcd, static, dns, docker"}},
+		{"discovery unknown", "listeners:\n  - listen: :1\n    discovery: mdns\n",
+			[]string{`rota.yaml:3:16: listeners[0].discovery: must be one of consul, etcd, static, dns, docker; got "mdns"`}},
+		{"dns without port", "listeners:\n  - listen: :1\n    discovery: dns\n    service: app\n",
+			[]string{"rota.yaml:2:5: listeners[0].port: required with discovery: dns and a host name: the port of its addresses"}},
+		{"dns srv with port", "listeners:\n  - listen: :1\n    discovery: dns\n    service: _app._tcp.example\n    port: 80\n",
+			[]string{"rota.yaml:5:11: listeners[0].port: not used with an SRV name (_app._tcp.example): its records carry the ports"}},
+		{"dns bad name", "listeners:\n  - listen: :1\n    discovery: dns\n    service: 'a b'\n    port: 80\n",
+			[]string{`rota.yaml:4:14: listeners[0].service: must be a DNS name (dot-separated labels of letters, digits, - and _); got "a b"`}},
+		{"port elsewhere", "listeners:\n  - listen: :1\n    discovery: static\n    static: [a:1]\n    port: 70000\n",
+			[]string{"rota.yaml:5:11: listeners[0].port: must be 1-65535; got 70000"}},
+		{"port on static", "listeners:\n  - listen: :1\n    discovery: static\n    static: [a:1]\n    port: 7\n",
+			[]string{"rota.yaml:5:11: listeners[0].port: only valid with discovery: dns or docker"}},
+		{"docker match", "listeners:\n  - listen: :1\n    discovery: docker\n    service: app\n    docker: {match: swarm}\n",
+			[]string{`rota.yaml:5:21: listeners[0].docker.match: must be label or compose; got "swarm"`}},
+		{"docker keys elsewhere", "listeners:\n  - listen: :1\n    discovery: dns\n    service: app\n    port: 80\n    docker: {network: x}\n",
+			[]string{"rota.yaml:6:13: listeners[0].docker: only valid with discovery: docker"}},
+		{"docker without service", "listeners:\n  - listen: :1\n    discovery: docker\n",
+			[]string{"rota.yaml:2:5: listeners[0].service: required with discovery: docker: the rota.service label's value (or, with docker.match: compose, the compose service)"}},
+		{"dns registry", "registries:\n  dns: {resolvers: [127.0.0.1, '[::1]:53'], refresh: 1s, min_refresh: 2s}\nlisteners:\n  - {listen: ':1', discovery: static, static: [a:1]}\n",
+			[]string{"rota.yaml:2:21: registries.dns.resolvers[0]: must be an IP address and port, like 127.0.0.53:53 or [::1]:53; got \"127.0.0.1\"",
+				"rota.yaml:2:71: registries.dns.min_refresh: must not be above refresh (1s); got 2s"}},
+		{"docker registry", "registries:\n  docker: {host: 'ssh://x', tls: {cert_file: c}}\nlisteners:\n  - {listen: ':1', discovery: static, static: [a:1]}\n",
+			[]string{`rota.yaml:2:18: registries.docker.host: must be unix:///path/to/docker.sock, tcp://host:port or http(s)://host:port; got "ssh://x"`,
+				"rota.yaml:2:34: registries.docker.tls.key_file: required when cert_file is set"}},
 		{"etcd not configured", "listeners:\n  - listen: :1\n    discovery: etcd\n    service: web\n",
 			[]string{"rota.yaml:3:16: listeners[0].discovery: etcd needs registries.etcd, which is not configured"}},
 		{"consul not configured", "listeners:\n  - {listen: ':1', discovery: consul, service: web}\n",
@@ -212,7 +235,7 @@ func TestParseErrors(t *testing.T) {
 			[]string{
 				"rota.yaml:5:14: listeners[0].retries: must be 0 to 100; got -1",
 				"rota.yaml:6:20: listeners[0].health.rise: must be at least 1",
-				"rota.yaml:7:5: listeners[1].discovery: required: one of consul, etcd, static",
+				"rota.yaml:7:5: listeners[1].discovery: required: one of consul, etcd, static, dns, docker",
 				`rota.yaml:7:13: listeners[1].listen: ":1" conflicts with listeners[0].listen ":1"`,
 			}},
 	}
@@ -293,6 +316,7 @@ func designConfig(file string) *Config {
 		Admin: Admin{Listen: "127.0.0.1:9090"},
 		Registries: Registries{
 			EmptyHold: DefaultEmptyHold,
+			DNS:       dns.DefaultConfig(),
 			Consul:    &Consul{Address: "127.0.0.1:8500"},
 			Etcd: &Etcd{
 				Endpoints: []string{"127.0.0.1:2379"},
@@ -746,6 +770,7 @@ func TestExampleFile(t *testing.T) {
 		reflect.TypeFor[Config](), reflect.TypeFor[Admin](), reflect.TypeFor[Registries](),
 		reflect.TypeFor[Consul](), reflect.TypeFor[Etcd](), reflect.TypeFor[TLS](), reflect.TypeFor[Embedded](),
 		reflect.TypeFor[Listener](), reflect.TypeFor[health.Config](), reflect.TypeFor[Route](), reflect.TypeFor[ServerTLS](),
+		reflect.TypeFor[dns.Config](), reflect.TypeFor[Docker](), reflect.TypeFor[DockerMatch](),
 	} {
 		for _, k := range fieldKeys(typ) {
 			if !strings.Contains(string(text), k+":") {
@@ -769,5 +794,25 @@ func TestConsulFromEnvironment(t *testing.T) {
 	}
 	if cfg.Registries.Consul == nil || *cfg.Registries.Consul != (Consul{}) {
 		t.Fatalf("registries.consul = %+v, want the defaults (consul/api reads the environment)", cfg.Registries.Consul)
+	}
+}
+
+// registries.dns is always there: absent, its defaults; partly written, the
+// rest keep theirs.
+func TestDNSDefaults(t *testing.T) {
+	cfg, err := Parse([]byte("listeners:\n  - {listen: ':1', discovery: dns, service: app, port: 80}\n"), "rota.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(cfg.Registries.DNS, dns.DefaultConfig()) {
+		t.Fatalf("dns = %+v, want the defaults", cfg.Registries.DNS)
+	}
+	cfg, err = Parse([]byte("registries: {dns: {refresh: 30s, resolvers: ['10.0.0.2:53']}}\nlisteners:\n  - {listen: ':1', discovery: dns, service: _app._tcp.x}\n"), "rota.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := dns.Config{Resolvers: []string{"10.0.0.2:53"}, Refresh: 30 * time.Second, MinRefresh: dns.DefaultMinRefresh, Timeout: dns.DefaultTimeout}
+	if !reflect.DeepEqual(cfg.Registries.DNS, want) {
+		t.Fatalf("dns = %+v, want %+v", cfg.Registries.DNS, want)
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/rota-proxy/rota/accesslog"
+	"github.com/rota-proxy/rota/discovery/dns"
 	"github.com/rota-proxy/rota/health"
 )
 
@@ -457,6 +458,8 @@ func defaultFor(t reflect.Type) reflect.Value {
 		v.Set(reflect.ValueOf(DefaultEtcd()))
 	case reflect.TypeFor[Embedded]():
 		v.Set(reflect.ValueOf(DefaultEmbedded()))
+	case reflect.TypeFor[dns.Config]():
+		v.Set(reflect.ValueOf(dns.DefaultConfig()))
 	case reflect.TypeFor[accesslog.Config]():
 		v.Set(reflect.ValueOf(accesslog.DefaultConfig()))
 	}

@@ -19,7 +19,7 @@ func TestRoutesAndAccessErrors(t *testing.T) {
 		{"route without sni", head + "    routes:\n      - {discovery: static, static: [b:1]}\n",
 			[]string{`rota.yaml:5:9: listeners[0].routes[0].sni: required: the server names this route serves, like [api.example.com, "*.example.com"], or ["*"] for anything else`}},
 		{"route without discovery", head + "    routes:\n      - {sni: [a.example.com]}\n",
-			[]string{"rota.yaml:5:9: listeners[0].routes[0].discovery: required: one of consul, etcd, static"}},
+			[]string{"rota.yaml:5:9: listeners[0].routes[0].discovery: required: one of consul, etcd, static, dns, docker"}},
 		{"duplicate names across routes", head + "    routes:\n      - {sni: [a.example.com, '*.example.com'], discovery: static, static: [b:1]}\n      - {sni: [A.Example.com.], discovery: static, static: [c:1]}\n",
 			[]string{`rota.yaml:6:16: listeners[0].routes[1].sni[0]: "A.Example.com." is matched by routes[0].sni[0] already`}},
 		{"bad patterns", head + "    routes:\n      - {sni: ['a.*.com', 'bad name', '', '-x.com'], discovery: static, static: [b:1]}\n",
@@ -37,7 +37,7 @@ func TestRoutesAndAccessErrors(t *testing.T) {
 				"rota.yaml:5:89: listeners[0].routes[0].health.rise: must be at least 1",
 			}},
 		{"unknown route key", head + "    routes:\n      - {sni: ['*'], discovery: static, static: [b:1], dial_timeout: 1s}\n",
-			[]string{`rota.yaml:5:56: listeners[0].routes[0].dial_timeout: unknown key; valid keys: name, sni, service, discovery, tags, static, health, panic, balance, slow_start, access_log`}},
+			[]string{`rota.yaml:5:56: listeners[0].routes[0].dial_timeout: unknown key; valid keys: name, sni, service, discovery, tags, port, docker, static, health, panic, balance, slow_start, access_log`}},
 		{"allow, deny, per client", head + "    discovery: static\n    static: [a:1]\n    allow: [10.0.0.0/33]\n    deny: [nope]\n    max_conns_per_client: -1\n",
 			[]string{
 				`rota.yaml:6:13: listeners[0].allow[0]: "10.0.0.0/33" is not a CIDR (like 10.0.0.0/8) or an IP address`,

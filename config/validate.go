@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/rota-proxy/rota/accesslog"
+	"github.com/rota-proxy/rota/discovery/dns"
 	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/proxy"
 )
@@ -51,6 +52,8 @@ func (c *Config) problems() []*Error {
 			ck.add("access_log.buffer", "must be 8 to 1048576 records; got %d", a.Buffer)
 		}
 	}
+	ck.dns(&c.Registries.DNS)
+	ck.docker(&c.Registries.Docker)
 	if c.Registries.EmptyHold < 0 {
 		ck.add("registries.empty_hold", "must not be negative (0 disables it)")
 	}
@@ -63,6 +66,47 @@ func (c *Config) problems() []*Error {
 		ck.listener(c, i, names)
 	}
 	return ck.errs
+}
+
+func (ck *checker) dns(d *dns.Config) {
+	const p = "registries.dns"
+	for i, r := range d.Resolvers {
+		if ap, err := netip.ParseAddrPort(r); err != nil || ap.Port() == 0 {
+			ck.add(fmt.Sprintf("%s.resolvers[%d]", p, i), "must be an IP address and port, like 127.0.0.53:53 or [::1]:53; got %q", r)
+		}
+	}
+	if d.Refresh <= 0 {
+		ck.add(p+".refresh", "must be greater than 0")
+	}
+	if d.MinRefresh <= 0 {
+		ck.add(p+".min_refresh", "must be greater than 0")
+	} else if d.MinRefresh > d.Refresh && d.Refresh > 0 {
+		ck.add(p+".min_refresh", "must not be above refresh (%s); got %s", d.Refresh, d.MinRefresh)
+	}
+	if d.Timeout <= 0 {
+		ck.add(p+".timeout", "must be greater than 0")
+	}
+}
+
+func (ck *checker) docker(d *Docker) {
+	const p = "registries.docker"
+	if d.Host != "" {
+		u, err := url.Parse(d.Host)
+		switch {
+		case err != nil:
+			ck.add(p+".host", "%v", err)
+		case u.Scheme == "unix" && u.Path != "":
+		case (u.Scheme == "tcp" || u.Scheme == "http" || u.Scheme == "https") && u.Host != "":
+		default:
+			ck.add(p+".host", "must be unix:///path/to/docker.sock, tcp://host:port or http(s)://host:port; got %q", d.Host)
+		}
+	}
+	switch {
+	case d.TLS.CertFile != "" && d.TLS.KeyFile == "":
+		ck.add(p+".tls.key_file", "required when cert_file is set")
+	case d.TLS.KeyFile != "" && d.TLS.CertFile == "":
+		ck.add(p+".tls.cert_file", "required when key_file is set")
+	}
 }
 
 func (ck *checker) etcd(e *Etcd) {
@@ -233,9 +277,6 @@ func (ck *checker) pool(c *Config, p string, pl *Pool) {
 			// would make "a/b" also list the instances of "a".
 			ck.add(p+".service", `must not contain "/" with discovery: etcd; got %q`, pl.Service)
 		}
-		if len(pl.Static) > 0 {
-			ck.add(p+".static", "only valid with discovery: static")
-		}
 	case "static":
 		if len(pl.Static) == 0 {
 			ck.add(p+".static", "at least one host:port is required with discovery: static")
@@ -256,12 +297,41 @@ func (ck *checker) pool(c *Config, p string, pl *Pool) {
 				seen[t.Addr] = k
 			}
 		}
+	case "dns":
+		switch {
+		case pl.Service == "":
+			ck.add(p+".service", "required with discovery: dns: a host name (its A and AAAA records) or an SRV name such as _web._tcp.example.com")
+		case !dns.ValidName(pl.Service):
+			ck.add(p+".service", "must be a DNS name (dot-separated labels of letters, digits, - and _); got %q", pl.Service)
+		case strings.HasPrefix(pl.Service, "_") && pl.Port != 0:
+			ck.add(p+".port", "not used with an SRV name (%s): its records carry the ports", pl.Service)
+		case !strings.HasPrefix(pl.Service, "_") && pl.Port == 0:
+			ck.add(p+".port", "required with discovery: dns and a host name: the port of its addresses")
+		}
+	case "docker":
+		if pl.Service == "" {
+			ck.add(p+".service", "required with discovery: docker: the rota.service label's value (or, with docker.match: compose, the compose service)")
+		}
+		if m := pl.Docker.Match; m != "" && m != MatchLabel && m != MatchCompose {
+			ck.add(p+".docker.match", "must be label or compose; got %q", m)
+		}
 	case "":
-		ck.add(p+".discovery", "required: one of consul, etcd, static")
+		ck.add(p+".discovery", "required: one of consul, etcd, static, dns, docker")
 	default:
-		ck.add(p+".discovery", "must be one of consul, etcd, static; got %q", pl.Discovery)
+		ck.add(p+".discovery", "must be one of consul, etcd, static, dns, docker; got %q", pl.Discovery)
 	}
-	if len(pl.Tags) > 0 && (pl.Discovery == "etcd" || pl.Discovery == "static") {
+	if pl.Discovery != "static" && pl.Discovery != "" && len(pl.Static) > 0 {
+		ck.add(p+".static", "only valid with discovery: static")
+	}
+	if pl.Port < 0 || pl.Port > 65535 {
+		ck.add(p+".port", "must be 1-65535; got %d", pl.Port)
+	} else if pl.Port != 0 && pl.Discovery != "dns" && pl.Discovery != "docker" {
+		ck.add(p+".port", "only valid with discovery: dns or docker")
+	}
+	if pl.Docker != (DockerMatch{}) && pl.Discovery != "docker" {
+		ck.add(p+".docker", "only valid with discovery: docker")
+	}
+	if len(pl.Tags) > 0 && pl.Discovery != "consul" && pl.Discovery != "" {
 		ck.add(p+".tags", "only valid with discovery: consul")
 	}
 	for k, t := range pl.Tags {

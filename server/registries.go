@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"reflect"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/discovery"
+	"github.com/rota-proxy/rota/discovery/dns"
 	"github.com/rota-proxy/rota/discovery/etcd"
 	"github.com/rota-proxy/rota/discovery/static"
 	"github.com/rota-proxy/rota/embedetcd"
@@ -105,10 +107,25 @@ func (r *registries) watcher(lc config.Pool, log *zap.Logger) (discovery.Watcher
 	switch lc.Discovery {
 	case "static":
 		ins := make([]discovery.Instance, len(lc.Static))
+		named := false
 		for i, st := range lc.Static {
 			ins[i] = discovery.Instance{Addr: st.Addr, Weight: st.Weight}
+			if _, err := netip.ParseAddrPort(st.Addr); err != nil {
+				named = true
+			}
 		}
-		return static.Watcher{Instances: ins}, nil
+		if !named {
+			return static.Watcher{Instances: ins}, nil
+		}
+		// A host name is every address it has, looked up again every
+		// refresh: five replicas behind one name are five targets.
+		ts := make([]dns.Target, len(lc.Static))
+		for i, st := range lc.Static {
+			ts[i] = dns.Target{Addr: st.Addr, Weight: st.Weight}
+		}
+		return dns.NewStatic(ts, r.cfg.DNS, log)
+	case "dns":
+		return dns.NewWatcher(lc.Service, lc.Port, r.cfg.DNS, log)
 	case "etcd":
 		if r.etcd == nil {
 			return nil, errors.New("discovery etcd needs registries.etcd")

@@ -21,14 +21,15 @@ var allowed = map[string][]string{
 	"discovery/static":     {"discovery"},
 	"discovery/etcd":       {"discovery"},
 	"discovery/consul":     {"discovery"},
+	"discovery/dns":        {"discovery"},
 	"pool":                 {"balancer", "discovery", "health"},
 	"proxy/internal/sni":   {},
 	"proxy/internal/relay": {"accesslog", "balancer", "proxy/internal/sni"},
 	"proxy":                {"accesslog", "balancer", "proxy/internal/relay", "proxy/internal/sni"},
 	// config declares the file; the settings types it embeds are their
 	// packages' (one declaration each).
-	"config":     {"accesslog", "balancer", "health", "proxy"},
-	"server":     {"accesslog", "config", "discovery", "discovery/consul", "discovery/etcd", "discovery/static", "embedetcd", "health", "pool", "proxy"},
+	"config":     {"accesslog", "balancer", "discovery/dns", "health", "proxy"},
+	"server":     {"accesslog", "config", "discovery", "discovery/consul", "discovery/dns", "discovery/etcd", "discovery/static", "embedetcd", "health", "pool", "proxy"},
 	"admin":      {"accesslog", "discovery", "health", "proxy", "server"},
 	"supervisor": {"admin", "config", "server"},
 	"demo":       {"discovery/consul", "discovery/etcd"},

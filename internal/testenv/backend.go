@@ -36,6 +36,18 @@ func StartBackend(t T, name string) *Backend {
 	return b
 }
 
+// StartBackendAt starts a Backend named name on addr (another loopback
+// address, a port shared with other backends); the test's end kills it.
+func StartBackendAt(t T, name, addr string) *Backend {
+	t.Helper()
+	b := &Backend{Name: name, conns: map[net.Conn]struct{}{}}
+	if err := b.listen(addr); err != nil {
+		t.Fatalf("backend %s: %v", name, err)
+	}
+	t.Cleanup(b.Kill)
+	return b
+}
+
 func (b *Backend) listen(addr string) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {

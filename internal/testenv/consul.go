@@ -26,10 +26,11 @@ type Consul struct {
 	bin      string
 	httpAddr string
 
-	mu   sync.Mutex
-	cmd  *exec.Cmd
-	done chan struct{}
-	logs *bytes.Buffer
+	mu      sync.Mutex
+	cmd     *exec.Cmd
+	done    chan struct{}
+	logs    *bytes.Buffer
+	dnsAddr string
 }
 
 // ConsulBinary returns the path of the consul binary the tests run, built
@@ -100,6 +101,14 @@ func StartConsul(t testing.TB) *Consul {
 // Addr is the agent's HTTP address, host:port.
 func (c *Consul) Addr() string { return c.httpAddr }
 
+// DNSAddr is the agent's DNS interface (UDP and TCP), host:port; it
+// changes when the agent is started again.
+func (c *Consul) DNSAddr() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.dnsAddr
+}
+
 // Client returns an API client for the agent.
 func (c *Consul) Client(t testing.TB) *api.Client {
 	t.Helper()
@@ -157,7 +166,7 @@ func (c *Consul) start() error {
 		"-bind", "127.0.0.1", "-client", "127.0.0.1", "-advertise", "127.0.0.1",
 		"-data-dir", dataDir,
 		"-http-port", port(c.httpAddr),
-		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1",
+		"-dns-port", port(ports[3]), "-grpc-port", "-1", "-grpc-tls-port", "-1",
 		"-serf-lan-port", port(ports[0]), "-serf-wan-port", port(ports[1]),
 		"-server-port", port(ports[2]),
 		"-log-level", "warn",
@@ -174,7 +183,7 @@ func (c *Consul) start() error {
 		close(done)
 	}()
 	c.mu.Lock()
-	c.cmd, c.done, c.logs = cmd, done, logs
+	c.cmd, c.done, c.logs, c.dnsAddr = cmd, done, logs, ports[3]
 	c.mu.Unlock()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
