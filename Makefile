@@ -30,9 +30,12 @@ tools: deps
 # out of it (the browser test's driver, the bench reports' charts).
 NESTED := admin/browser bench
 
+# A nested module replaces rota with ../..: a new dependency of rota is one of
+# theirs too, and an untidy go.sum there fails only on a clean clone.
 vet:
 	$(GO) vet ./...
-	@for m in $(NESTED); do (cd $$m && $(GO) vet ./...) || exit 1; done
+	@$(GO) mod tidy -diff >/dev/null || { echo "make: go.mod is not tidy (go mod tidy)"; exit 1; }
+	@for m in $(NESTED); do (cd $$m && { $(GO) mod tidy -diff >/dev/null || { echo "make: $$m/go.mod is not tidy (cd $$m && go mod tidy)"; exit 1; }; } && $(GO) vet ./...) || exit 1; done
 
 # staticcheck at a pinned version (scripts/staticcheck-bin installs it once
 # into ~/.cache/rota).
