@@ -61,6 +61,10 @@ type Config struct {
 	// Logger receives etcd's own log, named "embedetcd" and limited to warn
 	// and above. Nil discards it.
 	Logger *zap.Logger
+	// BcryptCost is the cost of hashing user passwords (0: etcd's
+	// default, 10). Tests lower it: under the race detector one hash at
+	// the default takes over a second.
+	BcryptCost uint
 	// ReadyTimeout bounds the wait for the server to become ready
 	// (default DefaultReadyTimeout).
 	ReadyTimeout time.Duration
@@ -180,6 +184,9 @@ func etcdConfig(cfg Config, closing *atomic.Bool) (*embed.Config, error) {
 	ec.ListenPeerUrls = []url.URL{*peerURL}
 	ec.AdvertisePeerUrls = []url.URL{*peerURL}
 	ec.InitialCluster = ec.InitialClusterFromName(ec.Name)
+	if cfg.BcryptCost != 0 {
+		ec.BcryptCost = cfg.BcryptCost
+	}
 	if t := cfg.TLS; t.CertFile != "" {
 		ec.ClientTLSInfo = transport.TLSInfo{
 			CertFile: t.CertFile, KeyFile: t.KeyFile,

@@ -144,6 +144,7 @@ func (e *Etcd) start() error {
 		ClientURL:    e.clientURL,
 		PeerURL:      e.peerURL,
 		Name:         "testenv",
+		BcryptCost:   4, // bcrypt's least: tests of etcd users hash and check passwords
 		ReadyTimeout: 20 * time.Second,
 	})
 	if err != nil {
