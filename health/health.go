@@ -4,7 +4,9 @@
 // deadlines, at most maxInflight probes at once). On Linux, TCP checks of IP
 // addresses run on one event loop (probe_linux.go); HTTP checks, names and
 // other systems' probes run in short-lived goroutines.
-// A new target is probed at once and becomes live on its first success. A live target goes down after
+// A new target is probed at once and becomes live on its first success; until
+// then, failed probes are repeated after 100 ms, doubling up to Interval (a
+// new instance is most likely still starting). A live target goes down after
 // Fall consecutive failed probes, or at once when the proxy reports a failed
 // dial; a down target is re-probed on exponential backoff with jitter (from
 // Interval up to BackoffMax, forever) and comes back after Rise consecutive
@@ -534,16 +536,23 @@ func (c *Checker) record(t *target, err error) time.Duration {
 		t.fail++
 		t.succ = 0
 		t.lastErr = err.Error()
+		// Never up: most likely still starting (a container's start event
+		// comes before its app listens). Asked again soon, on a doubling
+		// delay up to the interval, then on backoff.
+		starting := !t.everUp && startingDelay(t.fail) < cfg.Interval
 		switch {
 		case t.state == Checking,
 			t.state == Up && t.fail >= cfg.Fall:
 			c.setState(t, Down, t.lastErr)
 			t.bo.Reset()
 			t.next = c.backoffDelay(t)
-		case t.state == Down:
+		case t.state == Down && !starting:
 			t.next = c.backoffDelay(t)
 		default: // up, fewer than Fall failures: keep the normal pace
 			t.next = c.jitter(cfg.Interval)
+		}
+		if starting {
+			t.next = c.jitter(startingDelay(t.fail))
 		}
 	}
 	t.nextAt = t.lastCheck.Add(t.next)
@@ -585,6 +594,19 @@ func (c *Checker) tune(b *backoff.ExponentialBackOff) {
 	b.MaxInterval = c.cfg.BackoffMax
 	b.Multiplier = 2
 	b.RandomizationFactor = 0.2
+}
+
+// startingRetry is the first delay before a target that was never up is
+// probed again; it doubles with each failure (see record).
+const startingRetry = 100 * time.Millisecond
+
+// startingDelay is the delay after the fails-th consecutive failure of a
+// target that was never up.
+func startingDelay(fails int) time.Duration {
+	if fails > 16 {
+		return time.Hour // past any interval
+	}
+	return startingRetry << max(fails-1, 0)
 }
 
 // backoffDelay is the next delay for a down target. The library's jitter may

@@ -95,11 +95,23 @@ func TestBackoffOnVirtualTime(t *testing.T) {
 		for i := 1; i < len(times); i++ {
 			gaps = append(gaps, times[i].Sub(times[i-1]))
 		}
-		// Probed on: the first fall probes at the interval, then growing,
-		// capped at backoff_max, never stopping.
+		// Never up, so probably starting: asked again after 100 ms,
+		// doubling while below the interval; then on backoff from the
+		// interval, capped at backoff_max, never stopping.
 		if len(gaps) < 20 {
 			t.Fatalf("%d probes in 10 minutes: the backoff gave up or stalled (%v)", len(times), gaps)
 		}
+		starting := 0
+		for d := 100 * time.Millisecond; d < cfg.Interval; d *= 2 {
+			if g := gaps[starting]; g < d*9/10 || g > d*11/10 {
+				t.Fatalf("gap %d = %v, want %v ±10%% (a target never up is probed again soon): %v", starting, g, d, gaps)
+			}
+			starting++
+		}
+		if starting == 0 {
+			t.Fatalf("interval %v: no starting probes to test", cfg.Interval)
+		}
+		gaps = gaps[starting:]
 		capped := 0
 		for i, g := range gaps {
 			if g < cfg.Interval*8/10 || g > cfg.BackoffMax {
