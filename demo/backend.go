@@ -15,8 +15,10 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -36,6 +38,8 @@ type Backend struct {
 	name string
 	ln   net.Listener
 	srv  *http.Server
+
+	downFile atomic.Pointer[string] // /healthz answers 503 while this file exists
 
 	done     chan struct{} // closed once Serve has returned
 	serveErr error         // Serve's error other than http.ErrServerClosed; read after done
@@ -63,7 +67,14 @@ func StartBackend(ctx context.Context, name, addr string) (*Backend, error) {
 	}
 	b := &Backend{name: name, ln: ln, done: make(chan struct{})}
 	b.srv = &http.Server{
-		Handler:           Handler(name),
+		Handler: handler(name, func() bool {
+			p := b.downFile.Load()
+			if p == nil {
+				return false
+			}
+			_, err := os.Stat(*p)
+			return err == nil
+		}),
 		ReadHeaderTimeout: readHeaderTimeout,
 	}
 	go func() {
@@ -75,8 +86,22 @@ func StartBackend(ctx context.Context, name, addr string) (*Backend, error) {
 	return b, nil
 }
 
+// SetDownFile makes /healthz answer 503 while a file exists at path (a
+// maintenance switch an operator, or a test, can flip from outside the
+// process, even in a container with no shell: docker cp); "" turns it off.
+func (b *Backend) SetDownFile(path string) {
+	if path == "" {
+		b.downFile.Store(nil)
+		return
+	}
+	b.downFile.Store(&path)
+}
+
 // Handler returns the HTTP handler of a backend called name.
-func Handler(name string) http.Handler {
+func Handler(name string) http.Handler { return handler(name, func() bool { return false }) }
+
+// handler is Handler whose /healthz answers 503 while down says so.
+func handler(name string, down func() bool) http.Handler {
 	body := []byte(name + "\n")
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {
@@ -85,6 +110,11 @@ func Handler(name string) http.Handler {
 	})
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		if down() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			_, _ = w.Write([]byte("down\n"))
+			return
+		}
 		_, _ = w.Write([]byte("ok\n"))
 	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

@@ -7,6 +7,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -446,5 +448,37 @@ func TestServeBackendDeregisterWait(t *testing.T) {
 	}
 	if !refused(addr) {
 		t.Error("backend still accepts after ServeBackend returned")
+	}
+}
+
+// A down file turns /healthz to 503 while it exists, and back.
+func TestDownFile(t *testing.T) {
+	b, err := StartBackend(t.Context(), "x", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	path := filepath.Join(t.TempDir(), "down")
+	b.SetDownFile(path)
+	status := func() int {
+		resp, err := http.Get("http://" + b.Addr() + "/healthz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if s := status(); s != 200 {
+		t.Fatalf("no down file: %d", s)
+	}
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if s := status(); s != 503 {
+		t.Fatalf("down file present: %d", s)
+	}
+	os.Remove(path)
+	if s := status(); s != 200 {
+		t.Fatalf("down file removed: %d", s)
 	}
 }

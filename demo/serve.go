@@ -50,12 +50,16 @@ type BackendOptions struct {
 	// when that host is unspecified, as in ":9000", the first non-loopback
 	// address of an up interface, else 127.0.0.1).
 	Advertise string
+	// DownFile, set, makes /healthz answer 503 while that file exists.
+	DownFile string
 	// ShutdownTimeout bounds the graceful stop (default
 	// DefaultShutdownTimeout).
 	ShutdownTimeout time.Duration
 	// DeregisterWait is how long a registered backend keeps serving
 	// after it deregistered, before it stops accepting (default
-	// DefaultDeregisterWait; negative: not at all).
+	// DefaultDeregisterWait; negative: not at all). A backend that does
+	// not register keeps serving this long after ctx ends only when it is
+	// positive.
 	DeregisterWait time.Duration
 	// Ready, when set, is called once with the listen address (real port)
 	// as soon as the backend answers, before it registers.
@@ -108,6 +112,7 @@ func ServeBackend(ctx context.Context, opts BackendOptions) error {
 	if err != nil {
 		return err
 	}
+	b.SetDownFile(opts.DownFile)
 	log.Info("demo backend listening", zap.String("addr", b.Addr()))
 	if opts.Ready != nil {
 		opts.Ready(b.Addr())
@@ -121,6 +126,11 @@ func ServeBackend(ctx context.Context, opts BackendOptions) error {
 		}
 	} else {
 		<-ctx.Done()
+		if opts.DeregisterWait > 0 {
+			// Proxies that follow the container engine see the stop
+			// signal too; serve while they take this one out.
+			keepServing(opts.DeregisterWait, log)
+		}
 	}
 
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)

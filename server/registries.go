@@ -13,6 +13,7 @@ import (
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/discovery"
 	"github.com/rota-proxy/rota/discovery/dns"
+	"github.com/rota-proxy/rota/discovery/docker"
 	"github.com/rota-proxy/rota/discovery/etcd"
 	"github.com/rota-proxy/rota/discovery/static"
 	"github.com/rota-proxy/rota/embedetcd"
@@ -126,6 +127,12 @@ func (r *registries) watcher(lc config.Pool, log *zap.Logger) (discovery.Watcher
 		return dns.NewStatic(ts, r.cfg.DNS, log)
 	case "dns":
 		return dns.NewWatcher(lc.Service, lc.Port, r.cfg.DNS, log)
+	case "docker":
+		d := r.cfg.Docker
+		return docker.NewWatcher(
+			docker.Config{Host: d.Host, CAFile: d.TLS.CAFile, CertFile: d.TLS.CertFile, KeyFile: d.TLS.KeyFile},
+			docker.Match{Service: lc.Service, Compose: lc.Docker.Match == config.MatchCompose, Network: lc.Docker.Network, Port: lc.Port},
+			log)
 	case "etcd":
 		if r.etcd == nil {
 			return nil, errors.New("discovery etcd needs registries.etcd")

@@ -109,7 +109,8 @@ func cmdDemoBackend(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&opts.Consul.TokenFile, "consul-token-file", "", "file holding the Consul ACL token (default: CONSUL_HTTP_TOKEN)")
 	fs.StringVar(&opts.Advertise, "advertise", "", "address to register (default: the listen address, or this host's first IP when listening on all)")
 	fs.DurationVar(&opts.TTL, "ttl", etcd.DefaultTTL, "registration lease TTL")
-	fs.DurationVar(&opts.DeregisterWait, "deregister-wait", demo.DefaultDeregisterWait, "on SIGTERM, keep serving this long after deregistering, so proxies stop sending new connections first (negative: none)")
+	fs.StringVar(&opts.DownFile, "down-file", "", "/healthz answers 503 while this file exists (docker cp a file in to fail a container's healthcheck)")
+	fs.DurationVar(&opts.DeregisterWait, "deregister-wait", demo.DefaultDeregisterWait, "on SIGTERM, keep serving this long after deregistering (a plain backend: after the signal), so proxies stop sending new connections first (negative: none; a plain backend's default: none)")
 	ef.register(fs)
 	lf.register(fs, "auto")
 	if err := parseFlags(fs, args); err != nil {
@@ -118,8 +119,12 @@ func cmdDemoBackend(args []string, stdout, stderr io.Writer) error {
 	if len(ef.endpoints) > 0 && opts.Consul.Address != "" {
 		return usagef("--etcd and --consul are exclusive: a demo backend registers in one registry")
 	}
-	if opts.DeregisterWait == 0 {
-		opts.DeregisterWait = -1 // asked for none; 0 in the options means the default
+	waitSet := false
+	fs.Visit(func(f *flag.Flag) { waitSet = waitSet || f.Name == "deregister-wait" })
+	if opts.DeregisterWait == 0 || !waitSet && len(ef.endpoints) == 0 && opts.Consul.Address == "" {
+		// Asked for none (0 in the options means the default), or a
+		// plain backend that did not ask: it stops at once.
+		opts.DeregisterWait = -1
 	}
 	if opts.Name == "" {
 		opts.Name, _ = os.Hostname()

@@ -35,8 +35,8 @@ func TestConsulDNS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := watch(t, w)
-	s := r.waitAddrs(t, "both instances", "127.0.0.1:9001", "127.0.0.1:9002")
+	r := testenv.Watch(t, w)
+	s := r.WaitAddrs(t, "both instances", "127.0.0.1:9001", "127.0.0.1:9002")
 	for _, in := range s.Instances {
 		if want := map[string]int{"127.0.0.1:9001": 3, "127.0.0.1:9002": 1}[in.Addr]; in.Weight != want {
 			t.Errorf("%s: weight %d, want %d (its Weights.Passing)", in.Addr, in.Weight, want)
@@ -45,7 +45,7 @@ func TestConsulDNS(t *testing.T) {
 	if err := cl.Agent().UpdateTTL("check-b", "test", "critical"); err != nil {
 		t.Fatal(err)
 	}
-	r.waitAddrs(t, "b gone after its check failed", "127.0.0.1:9001")
+	r.WaitAddrs(t, "b gone after its check failed", "127.0.0.1:9001")
 	reg("c", 9003, 2)
-	r.waitAddrs(t, "c added", "127.0.0.1:9001", "127.0.0.1:9003")
+	r.WaitAddrs(t, "c added", "127.0.0.1:9001", "127.0.0.1:9003")
 }

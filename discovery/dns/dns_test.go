@@ -1,10 +1,8 @@
 package dns_test
 
 import (
-	"context"
 	"fmt"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -16,56 +14,6 @@ import (
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
-
-// recorder is a Sink that keeps what it was told.
-type recorder struct {
-	mu      sync.Mutex
-	updates []discovery.Snapshot
-	errs    []error
-	synced  int
-}
-
-func (r *recorder) Update(s discovery.Snapshot) {
-	r.mu.Lock()
-	r.updates = append(r.updates, s)
-	r.mu.Unlock()
-}
-func (r *recorder) Synced()         { r.mu.Lock(); r.synced++; r.mu.Unlock() }
-func (r *recorder) Error(err error) { r.mu.Lock(); r.errs = append(r.errs, err); r.mu.Unlock() }
-
-func (r *recorder) last() (discovery.Snapshot, int, int) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if len(r.updates) == 0 {
-		return discovery.Snapshot{}, 0, len(r.errs)
-	}
-	return r.updates[len(r.updates)-1], len(r.updates), len(r.errs)
-}
-
-func watch(t *testing.T, w *dns.Watcher) *recorder {
-	t.Helper()
-	r := &recorder{}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- w.Watch(ctx, r) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Watch: %v", err)
-		}
-	})
-	return r
-}
-
-func (r *recorder) waitAddrs(t *testing.T, what string, addrs ...string) discovery.Snapshot {
-	t.Helper()
-	var s discovery.Snapshot
-	testenv.Eventually(t, what, 10*time.Second, func() bool {
-		s, _, _ = r.last()
-		return strings.Join(s.Addrs(), " ") == strings.Join(addrs, " ")
-	})
-	return s
-}
 
 func quick(z *testenv.Zone) dns.Config {
 	return dns.Config{Resolvers: []string{z.Addr()}, Refresh: 5 * time.Second, MinRefresh: 50 * time.Millisecond, Timeout: 200 * time.Millisecond}
@@ -80,11 +28,11 @@ func TestHostRecordsFollowTheirTTL(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := watch(t, w)
-	r.waitAddrs(t, "the three addresses", "10.0.0.1:8080", "10.0.0.2:8080", "[fd00::3]:8080")
+	r := testenv.Watch(t, w)
+	r.WaitAddrs(t, "the three addresses", "10.0.0.1:8080", "10.0.0.2:8080", "[fd00::3]:8080")
 	changed := time.Now()
 	z.Set("app.test", "app.test. 1 IN A 10.0.0.1", "app.test. 1 IN A 10.0.0.9")
-	r.waitAddrs(t, "the change", "10.0.0.1:8080", "10.0.0.9:8080")
+	r.WaitAddrs(t, "the change", "10.0.0.1:8080", "10.0.0.9:8080")
 	if took := time.Since(changed); took > 2*time.Second {
 		t.Fatalf("a change with a 1 s TTL seen after %v", took)
 	}
@@ -100,40 +48,38 @@ func TestFailuresKeepTheLastSet(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := watch(t, w)
-	r.waitAddrs(t, "the set", "10.0.0.1:80")
+	r := testenv.Watch(t, w)
+	r.WaitAddrs(t, "the set", "10.0.0.1:80")
 	for _, mode := range []string{"servfail", "silent"} {
-		_, n0, e0 := r.last()
+		_, n0, e0 := r.Last()
 		z.SetMode(mode)
-		testenv.Eventually(t, mode+" reported", 10*time.Second, func() bool { _, _, e := r.last(); return e > e0 })
-		if s, n, _ := r.last(); n != n0 || len(s.Instances) != 1 {
+		testenv.Eventually(t, mode+" reported", 10*time.Second, func() bool { _, _, e := r.Last(); return e > e0 })
+		if s, n, _ := r.Last(); n != n0 || len(s.Instances) != 1 {
 			t.Fatalf("%s: %d updates (was %d), set %v: the last set must stay", mode, n, n0, s.Addrs())
 		}
-		r.mu.Lock()
-		msg := r.errs[len(r.errs)-1].Error()
-		r.mu.Unlock()
+		msg := r.LastError().Error()
 		want := map[string]string{"servfail": "SERVFAIL", "silent": "timeout"}[mode]
 		if !strings.Contains(msg, want) {
 			t.Errorf("%s: error %q does not say %s", mode, msg, want)
 		}
 		z.SetMode("")
-		testenv.Eventually(t, "recovered from "+mode, 10*time.Second, func() bool { s, n, _ := r.last(); return n > n0 && s.Resync })
+		testenv.Eventually(t, "recovered from "+mode, 10*time.Second, func() bool { s, n, _ := r.Last(); return n > n0 && s.Resync })
 	}
 	// NXDOMAIN after a failure: held, as a registry that lost its data.
 	z.SetMode("servfail")
-	_, _, e0 := r.last()
-	testenv.Eventually(t, "a failure", 10*time.Second, func() bool { _, _, e := r.last(); return e > e0 })
+	_, _, e0 := r.Last()
+	testenv.Eventually(t, "a failure", 10*time.Second, func() bool { _, _, e := r.Last(); return e > e0 })
 	z.Del("app.test")
 	z.SetMode("")
-	s := r.waitAddrs(t, "the empty answer")
+	s := r.WaitAddrs(t, "the empty answer")
 	if !s.Resync {
 		t.Fatal("an empty answer right after failures was not marked Resync")
 	}
 	// On a healthy watch: believed at once.
 	z.Set("app.test", "app.test. 1 IN A 10.0.0.5")
-	r.waitAddrs(t, "the name back", "10.0.0.5:80")
+	r.WaitAddrs(t, "the name back", "10.0.0.5:80")
 	z.Del("app.test")
-	if s := r.waitAddrs(t, "the name gone"); s.Resync {
+	if s := r.WaitAddrs(t, "the name gone"); s.Resync {
 		t.Fatal("an NXDOMAIN on a healthy watch was marked Resync")
 	}
 }
@@ -154,8 +100,8 @@ func TestSRVRecords(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := watch(t, w)
-	s := r.waitAddrs(t, "the SRV set", "10.0.1.1:9001", "10.0.1.2:9002", "[fd00::12]:9002")
+	r := testenv.Watch(t, w)
+	s := r.WaitAddrs(t, "the SRV set", "10.0.1.1:9001", "10.0.1.2:9002", "[fd00::12]:9002")
 	weights := map[string]int{}
 	for _, in := range s.Instances {
 		weights[in.Addr] = in.Weight
@@ -182,8 +128,8 @@ func TestThousandRecords(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		r := watch(t, w)
-		testenv.Eventually(t, name+" resolved", 30*time.Second, func() bool { s, _, _ := r.last(); return len(s.Instances) == 1000 })
+		r := testenv.Watch(t, w)
+		testenv.Eventually(t, name+" resolved", 30*time.Second, func() bool { s, _, _ := r.Last(); return len(s.Instances) == 1000 })
 	}
 }
 
@@ -209,9 +155,9 @@ func TestStaticNames(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := watch(t, w)
+	r := testenv.Watch(t, w)
 	var s discovery.Snapshot
-	testenv.Eventually(t, "a snapshot", 5*time.Second, func() bool { s, _, _ = r.last(); return len(s.Instances) > 0 })
+	testenv.Eventually(t, "a snapshot", 5*time.Second, func() bool { s, _, _ = r.Last(); return len(s.Instances) > 0 })
 	var loop int
 	for _, in := range s.Instances {
 		switch {

@@ -22,6 +22,7 @@ var allowed = map[string][]string{
 	"discovery/etcd":       {"discovery"},
 	"discovery/consul":     {"discovery"},
 	"discovery/dns":        {"discovery"},
+	"discovery/docker":     {"discovery"},
 	"pool":                 {"balancer", "discovery", "health"},
 	"proxy/internal/sni":   {},
 	"proxy/internal/relay": {"accesslog", "balancer", "proxy/internal/sni"},
@@ -29,7 +30,7 @@ var allowed = map[string][]string{
 	// config declares the file; the settings types it embeds are their
 	// packages' (one declaration each).
 	"config":     {"accesslog", "balancer", "discovery/dns", "health", "proxy"},
-	"server":     {"accesslog", "config", "discovery", "discovery/consul", "discovery/dns", "discovery/etcd", "discovery/static", "embedetcd", "health", "pool", "proxy"},
+	"server":     {"accesslog", "config", "discovery", "discovery/consul", "discovery/dns", "discovery/docker", "discovery/etcd", "discovery/static", "embedetcd", "health", "pool", "proxy"},
 	"admin":      {"accesslog", "discovery", "health", "proxy", "server"},
 	"supervisor": {"admin", "config", "server"},
 	"demo":       {"discovery/consul", "discovery/etcd"},

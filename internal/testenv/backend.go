@@ -2,8 +2,10 @@ package testenv
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -162,6 +164,32 @@ func Request(addr string) (string, error) {
 	}
 	return string(b), nil
 }
+
+// Get makes one HTTP/1.0 GET / through addr (a new connection) and returns
+// the body of a 200 answer without its final newline: a demo backend's name.
+func Get(addr string) (string, error) {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, "GET / HTTP/1.0\r\n\r\n"); err != nil {
+		return "", err
+	}
+	b, err := io.ReadAll(c)
+	if err != nil {
+		return "", err
+	}
+	head, body, ok := strings.Cut(string(b), "\r\n\r\n")
+	if !ok || !strings.HasPrefix(head, "HTTP/1.0 200 ") && !strings.HasPrefix(head, "HTTP/1.1 200 ") {
+		return "", fmt.Errorf("answer %q", Truncate(string(b), 80))
+	}
+	return strings.TrimSuffix(body, "\n"), nil
+}
+
+// Truncate cuts s to n bytes.
+func Truncate(s string, n int) string { return s[:min(n, len(s))] }
 
 // Serve starts a backend on loopback that runs handle for each
 // connection, in a goroutine of its own, until the test ends (then the
