@@ -27,7 +27,7 @@ func consulServers() []string {
 // started again.
 func checkCluster(ctx context.Context, c *compose, r *report) error {
 	f := &faults{}
-	sc := scaled{2, 2}
+	sc := scaled{2, 2, 1}
 	start := time.Now()
 	if err := c.up(ctx, sc.m()); err != nil {
 		return r.fail("up", time.Since(start), err)

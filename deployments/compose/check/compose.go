@@ -132,11 +132,12 @@ type container struct {
 		Labels   map[string]string
 	}
 	State struct {
-		Status    string
-		Running   bool
-		ExitCode  int
-		StartedAt time.Time
-		Health    *struct{ Status string }
+		Status     string
+		Running    bool
+		ExitCode   int
+		StartedAt  time.Time
+		FinishedAt time.Time
+		Health     *struct{ Status string }
 	}
 	NetworkSettings struct {
 		Networks map[string]struct {

@@ -147,7 +147,7 @@ func run(ctx context.Context, cluster, imagesOnly, keep bool) error {
 	if imagesOnly {
 		return nil
 	}
-	c.env = env
+	c.env = append(env, dockerGID()...)
 	if cluster {
 		subnet, err := freeSubnet(ctx)
 		if err != nil {
@@ -158,7 +158,7 @@ func run(ctx context.Context, cluster, imagesOnly, keep bool) error {
 			"ROTA_CONSUL_IMAGE="+imageRepo+"consul:"+envTag(env, "ROTA_LOCAL_CONSUL_TAG"))
 		logf("cluster network %s.0/24", subnet)
 	}
-	for _, a := range []string{webAddr, webConsulAddr, adminAddr, consulAddr} {
+	for _, a := range []string{webAddr, webConsulAddr, appDNSAddr, appDockerAddr, adminAddr, consulAddr} {
 		ln, err := net.Listen("tcp", a)
 		if err != nil {
 			return fmt.Errorf("%s is taken on this machine (docker-compose.yml publishes it): %w", a, err)
@@ -232,4 +232,20 @@ func repoRoot() (string, error) {
 		}
 		dir = parent
 	}
+}
+
+// dockerGID is DOCKER_GID for docker-compose.yml (rota's group_add): the
+// group of the engine's socket, unless the caller set it.
+func dockerGID() []string {
+	if os.Getenv("DOCKER_GID") != "" {
+		return nil
+	}
+	fi, err := os.Stat("/var/run/docker.sock")
+	if err != nil {
+		return nil
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return []string{fmt.Sprintf("DOCKER_GID=%d", st.Gid)}
+	}
+	return nil
 }

@@ -21,18 +21,18 @@ const (
 	recoverTimeout = 90 * time.Second
 )
 
-// scaled is the scale of the two backend services, given in full to every
-// `up`.
-type scaled struct{ etcd, consul int }
+// scaled is the scale of the backend services and the plain app, given in
+// full to every `up`.
+type scaled struct{ etcd, consul, app int }
 
 func (s scaled) m() map[string]int {
-	return map[string]int{"backend": s.etcd, "backend-consul": s.consul}
+	return map[string]int{"backend": s.etcd, "backend-consul": s.consul, "app": s.app}
 }
 
 // checkTopology runs the checks of docker-compose.yml with local.yml.
 func checkTopology(ctx context.Context, c *compose, r *report) error {
 	f := &faults{}
-	sc := scaled{2, 2}
+	sc := scaled{2, 2, 2}
 	start := time.Now()
 	if err := c.up(ctx, sc.m()); err != nil {
 		return r.fail("up", time.Since(start), err)
@@ -40,13 +40,18 @@ func checkTopology(ctx context.Context, c *compose, r *report) error {
 	if _, err := c.waitHealthy(ctx, upTimeout); err != nil {
 		return r.fail("up: every container healthy", time.Since(start), err)
 	}
-	r.record("up: every container healthy", time.Since(start), true, "backend=%d backend-consul=%d, consul, etcd, rota", sc.etcd, sc.consul)
+	r.record("up: every container healthy", time.Since(start), true, "backend=%d backend-consul=%d app=%d, consul, etcd, rota", sc.etcd, sc.consul, sc.app)
 
 	if err := roundRobin(ctx, c, r, "backend", webAddr, sc.etcd); err != nil {
 		return err
 	}
 	if err := roundRobin(ctx, c, r, "backend-consul", webConsulAddr, sc.consul); err != nil {
 		return err
+	}
+	for _, rt := range appRoutes { // the plain app, registered nowhere
+		if err := roundRobin(ctx, c, r, "app", rt.addr, sc.app); err != nil {
+			return err
+		}
 	}
 
 	// Scale out: the new instances are routed within seconds.
@@ -67,8 +72,12 @@ func checkTopology(ctx context.Context, c *compose, r *report) error {
 	r.record("scale out backend=5: all 5 routed", time.Since(start), true, "%d new instances answer through :8080 (compose up took %v)",
 		len(all)-len(before), upTook.Round(time.Millisecond))
 
+	if err := appScaleOut(ctx, c, r, &sc, 5); err != nil {
+		return err
+	}
+
 	// Client load from here on: every fault below happens under it.
-	ld := startLoad(ctx, []string{webAddr, webConsulAddr}, 2)
+	ld := startLoad(ctx, []string{webAddr, webConsulAddr, appDNSAddr, appDockerAddr}, 2)
 	defer ld.stop()
 
 	// Scale in under load: stopped backends deregister, then drain.
@@ -113,6 +122,14 @@ func checkTopology(ctx context.Context, c *compose, r *report) error {
 	// Back to two: compose starts the killed container again.
 	if err := c.scale(ctx, sc.m()); err != nil {
 		return r.fail("restore backend=2", 0, err)
+	}
+
+	// The same two steps for the plain app, through DNS and labels.
+	if err := appScaleIn(ctx, c, r, ld, &sc, 2); err != nil {
+		return err
+	}
+	if err := appKill(ctx, c, r, ld, &sc); err != nil {
+		return err
 	}
 
 	if err := registryOutage(ctx, c, r, ld, f, "etcd", "backend", webAddr, &sc, &sc.etcd); err != nil {
