@@ -77,8 +77,15 @@ ifeq ($(ONLY),)
 	  bin/convergence -registry consul -goal 250ms $(if $(QUICK),-changes 50) && \
 	  bin/convergence -registry etcd-cluster $(if $(QUICK),-changes 50) && \
 	  bin/convergence -registry consul-cluster -goal 250ms $(if $(QUICK),-changes 50) && \
-	  bin/convergence -scale 10000 -rate 1000 -churn $(if $(QUICK),3s,10s)' \
+	  bin/convergence -scale 10000 -rate 1000 -churn $(if $(QUICK),3s,10s) && \
+	  bin/convergence -registry dns -goal 1100ms -changes $(if $(QUICK),10,40) && \
+	  bin/convergence -registry dns -scale 1000 -churn $(if $(QUICK),5s,20s) && \
+	  bin/convergence -registry dns-srv -scale 1000 -churn $(if $(QUICK),5s,20s)' \
 	  | tee bench/results/$$(date +%F)$(if $(QUICK),-quick)-convergence.md
+	@# Docker discovery needs the engine's bridge network: not in bench/isolated.
+	@if docker info >/dev/null 2>&1; then \
+	  bin/convergence -registry docker -scale $(if $(QUICK),10,40) | tee -a bench/results/$$(date +%F)$(if $(QUICK),-quick)-convergence.md; \
+	else echo "make bench: no Docker engine answers; the Docker discovery figure is skipped"; fi
 endif
 
 # Coverage of cmd/rota counting the rota binaries its tests run as users do

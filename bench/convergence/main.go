@@ -55,7 +55,7 @@ type options struct {
 
 func main() {
 	var o options
-	flag.StringVar(&o.registry, "registry", "etcd", "registry to measure: etcd, consul, etcd-cluster (3 members) or consul-cluster (3 servers)")
+	flag.StringVar(&o.registry, "registry", "etcd", "registry to measure: etcd, consul, etcd-cluster (3 members), consul-cluster (3 servers) or dns (SRV records, 1 s TTL); with -scale: etcd, dns (A records), dns-srv or docker (this many containers on the local engine)")
 	flag.IntVar(&o.changes, "changes", 200, "registry changes to make (alternating register/deregister)")
 	flag.IntVar(&o.backends, "backends", 4, "demo backends in all")
 	flag.IntVar(&o.base, "base", 2, "backends registered throughout (the rest are registered and deregistered in turn)")
@@ -76,7 +76,14 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 	if o.scale > 0 {
-		if err := runScale(ctx, o, os.Stdout); err != nil {
+		run := runScale
+		switch o.registry {
+		case "dns", "dns-srv":
+			run = runDNSScale
+		case "docker":
+			run = runDockerScale
+		}
+		if err := run(ctx, o, os.Stdout); err != nil {
 			fmt.Fprintln(os.Stderr, "convergence:", err)
 			os.Exit(1)
 		}
@@ -90,8 +97,8 @@ func main() {
 
 func (o options) validate() error {
 	switch {
-	case !slices.Contains([]string{"etcd", "consul", "etcd-cluster", "consul-cluster"}, o.registry):
-		return fmt.Errorf("-registry %q: want etcd, consul, etcd-cluster or consul-cluster", o.registry)
+	case !slices.Contains([]string{"etcd", "consul", "etcd-cluster", "consul-cluster", "dns"}, o.registry) && (o.scale == 0 || !slices.Contains([]string{"dns-srv", "docker"}, o.registry)):
+		return fmt.Errorf("-registry %q: want etcd, consul, etcd-cluster, consul-cluster or dns", o.registry)
 	case o.changes < 1:
 		return errors.New("-changes must be at least 1")
 	case o.base < 1 || o.backends <= o.base:
@@ -129,6 +136,8 @@ func run(ctx context.Context, o options) error {
 		reg, err = startEtcdCluster(ctx, log)
 	case "consul-cluster":
 		reg, err = startConsulCluster(ctx, log)
+	case "dns":
+		reg, err = startDNS(log)
 	default:
 		reg, err = startEtcd(ctx, log)
 	}

@@ -1,6 +1,7 @@
 package testenv
 
 import (
+	"fmt"
 	"net"
 	"sync"
 	"testing"
@@ -13,9 +14,11 @@ import (
 // targets and truncates UDP answers as a real server does.
 type Zone struct {
 	addr string
+	stop func()
+	wg   sync.WaitGroup
 
 	mu      sync.Mutex
-	records map[string][]string // FQDN -> records in zone-file form
+	records map[string][]dns.RR // FQDN -> records, parsed once by Set
 	mode    string              // "", "servfail", "silent"
 	queries int
 }
@@ -23,7 +26,18 @@ type Zone struct {
 // StartZone starts a zone with no records; the test's cleanup stops it.
 func StartZone(t testing.TB) *Zone {
 	t.Helper()
-	z := &Zone{records: map[string][]string{}}
+	z, err := NewZone()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(z.Close)
+	return z
+}
+
+// NewZone starts a zone with no records, for programs that are not tests
+// (the bench); Close stops it.
+func NewZone() (*Zone, error) {
+	z := &Zone{records: map[string][]dns.RR{}}
 	// One port for both: a UDP port's twin may be taken over TCP; take
 	// another then.
 	var pc net.PacketConn
@@ -31,12 +45,12 @@ func StartZone(t testing.TB) *Zone {
 	for try := 0; ln == nil; try++ {
 		var err error
 		if pc, err = net.ListenPacket("udp", "127.0.0.1:0"); err != nil {
-			t.Fatal(err)
+			return nil, err
 		}
 		if ln, err = net.Listen("tcp", pc.LocalAddr().String()); err != nil {
 			pc.Close()
 			if try == 20 {
-				t.Fatal(err)
+				return nil, err
 			}
 		}
 	}
@@ -44,11 +58,16 @@ func StartZone(t testing.TB) *Zone {
 	h := dns.HandlerFunc(z.serve)
 	udp := &dns.Server{PacketConn: pc, Handler: h}
 	tcp := &dns.Server{Listener: ln, Handler: h}
-	var wg sync.WaitGroup
-	wg.Go(func() { udp.ActivateAndServe() })
-	wg.Go(func() { tcp.ActivateAndServe() })
-	t.Cleanup(func() { udp.Shutdown(); tcp.Shutdown(); wg.Wait() })
-	return z
+	z.wg.Go(func() { udp.ActivateAndServe() })
+	z.wg.Go(func() { tcp.ActivateAndServe() })
+	z.stop = func() { udp.Shutdown(); tcp.Shutdown() }
+	return z, nil
+}
+
+// Close stops the zone's servers and waits for them.
+func (z *Zone) Close() {
+	z.stop()
+	z.wg.Wait()
 }
 
 func (z *Zone) serve(w dns.ResponseWriter, q *dns.Msg) {
@@ -58,9 +77,8 @@ func (z *Zone) serve(w dns.ResponseWriter, q *dns.Msg) {
 	var rrs []dns.RR
 	name, qt := q.Question[0].Name, q.Question[0].Qtype
 	_, exists := z.records[name]
-	for _, s := range z.records[name] {
-		rr, err := dns.NewRR(s)
-		if err == nil && rr.Header().Rrtype == qt {
+	for _, rr := range z.records[name] {
+		if rr.Header().Rrtype == qt {
 			rrs = append(rrs, rr)
 		}
 	}
@@ -84,11 +102,7 @@ func (z *Zone) serve(w dns.ResponseWriter, q *dns.Msg) {
 	z.mu.Lock()
 	for _, rr := range rrs {
 		if srv, ok := rr.(*dns.SRV); ok {
-			for _, s := range z.records[srv.Target] {
-				if a, err := dns.NewRR(s); err == nil {
-					m.Extra = append(m.Extra, a)
-				}
-			}
+			m.Extra = append(m.Extra, z.records[srv.Target]...)
 		}
 	}
 	z.mu.Unlock()
@@ -108,11 +122,20 @@ func (z *Zone) serve(w dns.ResponseWriter, q *dns.Msg) {
 func (z *Zone) Addr() string { return z.addr }
 
 // Set replaces name's records, each in zone-file form
-// ("app.test. 5 IN A 10.0.0.1").
+// ("app.test. 5 IN A 10.0.0.1"); one that does not parse panics (a test's
+// own mistake).
 func (z *Zone) Set(name string, records ...string) {
+	rrs := make([]dns.RR, 0, len(records))
+	for _, r := range records {
+		rr, err := dns.NewRR(r)
+		if err != nil || rr == nil {
+			panic(fmt.Sprintf("testenv: zone record %q: %v", r, err))
+		}
+		rrs = append(rrs, rr)
+	}
 	z.mu.Lock()
 	defer z.mu.Unlock()
-	z.records[dns.Fqdn(name)] = records
+	z.records[dns.Fqdn(name)] = rrs
 }
 
 // Del removes name: it is NXDOMAIN.
@@ -128,4 +151,11 @@ func (z *Zone) SetMode(m string) {
 	z.mu.Lock()
 	defer z.mu.Unlock()
 	z.mode = m
+}
+
+// Queries is how many queries the zone has been asked (UDP and TCP).
+func (z *Zone) Queries() int {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	return z.queries
 }
