@@ -102,7 +102,7 @@ func TestParseErrors(t *testing.T) {
 		{"backoff_max below interval", static + "    health: {interval: 10s, backoff_max: 5s}\n",
 			[]string{"rota.yaml:6:42: listeners[0].health.backoff_max: must be at least interval (10s)"}},
 		{"bad check", static + "    health: {check: udp}\n",
-			[]string{`rota.yaml:6:21: listeners[0].health.check: must be one of tcp, http, none; got "udp"`}},
+			[]string{`rota.yaml:6:21: listeners[0].health.check: must be one of tcp, http, https, send_expect, tls, grpc, none; got "udp"`}},
 		{"http path without slash", static + "    health: {check: http, path: healthz}\n",
 			[]string{`rota.yaml:6:33: listeners[0].health.path: must start with "/", like "/healthz"; got "healthz"`}},
 		{"http path with space", static + "    health: {check: http, path: '/a b'}\n",
@@ -521,7 +521,7 @@ listeners:
 	if cfg.Registries.Consul == nil {
 		t.Errorf("consul: null should configure consul with defaults")
 	}
-	if l := cfg.Listeners[0]; l.Tags != nil || l.Health != DefaultListener().Health {
+	if l := cfg.Listeners[0]; l.Tags != nil || !reflect.DeepEqual(l.Health, DefaultListener().Health) {
 		t.Errorf("listener = %+v", l)
 	}
 	got := parseErr(t, static+"    retries:\n    health: {interval: }\n")

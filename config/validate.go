@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"net/url"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -410,9 +411,14 @@ func checkSNIPattern(s string) error {
 }
 
 func (ck *checker) health(p string, h *health.Config) {
+	uses := func(kinds ...string) bool { return slices.Contains(kinds, h.Check) }
+	only := func(key string, set bool, kinds ...string) {
+		if set && !uses(kinds...) {
+			ck.add(p+"."+key, "only for %s checks (this one is %s)", strings.Join(kinds, ", "), h.Check)
+		}
+	}
 	switch h.Check {
-	case "tcp", "none":
-	case "http":
+	case health.CheckHTTP, health.CheckHTTPS:
 		if !strings.HasPrefix(h.Path, "/") {
 			ck.add(p+".path", `must start with "/", like %q; got %q`, DefaultHealthPath, h.Path)
 		} else if strings.ContainsFunc(h.Path, func(r rune) bool { return r <= ' ' || r == 0x7f }) {
@@ -420,8 +426,67 @@ func (ck *checker) health(p string, h *health.Config) {
 		} else if _, err := url.ParseRequestURI(h.Path); err != nil {
 			ck.add(p+".path", "is not a valid URL path: %q", h.Path)
 		}
+		if h.Host != "" {
+			host := h.Host
+			if hp, port, err := splitHostPort(host); err == nil {
+				if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+					ck.add(p+".host", "port %q is not 1-65535", port)
+				}
+				host = hp
+			}
+			if err := checkHost(host); err != nil {
+				ck.add(p+".host", "%v", err)
+			}
+		}
+		for i, st := range h.ExpectStatus {
+			if _, _, err := health.ParseStatus(st); err != nil {
+				ck.add(fmt.Sprintf("%s.expect_status[%d]", p, i), "%v", err)
+			}
+		}
+	case health.CheckSendExpect:
+		expects := 0
+		for i, st := range h.Steps {
+			sp := fmt.Sprintf("%s.steps[%d]", p, i)
+			switch {
+			case st.Send != "" && st.Expect != "", st.Send == "" && st.Expect == "":
+				ck.add(sp, "must have one of send and expect")
+			case st.Send != "":
+				if _, err := health.ParseBytes(st.Send); err != nil {
+					ck.add(sp+".send", "%v", err)
+				}
+			default:
+				expects++
+				if _, err := health.ParseBytes(st.Expect); err != nil {
+					ck.add(sp+".expect", "%v", err)
+				}
+			}
+		}
+		if expects == 0 {
+			ck.add(p+".steps", `must have at least one expect (like [{send: "PING\r\n"}, {expect: "+PONG"}]): a check that sends without expecting judges nothing`)
+		}
+	case health.CheckTCP, health.CheckTLS, health.CheckGRPC, health.CheckNone:
 	default:
-		ck.add(p+".check", "must be one of tcp, http, none; got %q", h.Check)
+		ck.add(p+".check", "must be one of %s; got %q", strings.Join(health.Checks, ", "), h.Check)
+		only = func(string, bool, ...string) {} // which keys fit is unknown
+	}
+	only("host", h.Host != "", health.CheckHTTP, health.CheckHTTPS)
+	only("expect_status", len(h.ExpectStatus) > 0, health.CheckHTTP, health.CheckHTTPS)
+	only("expect_body", h.ExpectBody != "", health.CheckHTTP, health.CheckHTTPS)
+	only("steps", len(h.Steps) > 0, health.CheckSendExpect)
+	only("tls", h.TLS.Set(), health.CheckHTTPS, health.CheckTLS, health.CheckGRPC)
+	only("grpc_service", h.GRPCService != "", health.CheckGRPC)
+	if h.Port < 0 || h.Port > 65535 {
+		ck.add(p+".port", "must be 0 (the target's own port) to 65535; got %d", h.Port)
+	}
+	if h.TLS.Set() && uses(health.CheckHTTPS, health.CheckTLS, health.CheckGRPC) {
+		if _, err := h.TLS.ClientConfig(); err != nil {
+			var te *health.TLSError
+			if errors.As(err, &te) {
+				ck.add(p+".tls."+te.Key, "%v", te.Err)
+			} else {
+				ck.add(p+".tls", "%v", err)
+			}
+		}
 	}
 	if h.Interval <= 0 {
 		ck.add(p+".interval", "must be greater than 0")

@@ -23,7 +23,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
-	"net/http"
 	"net/netip"
 	"slices"
 	"strings"
@@ -38,10 +37,17 @@ import (
 
 // Check kinds.
 const (
-	CheckTCP  = "tcp"  // a TCP connect succeeds
-	CheckHTTP = "http" // GET Path answers 2xx or 3xx
-	CheckNone = "none" // no active probe: only failed dials take a target down
+	CheckTCP        = "tcp"         // a TCP connect succeeds
+	CheckHTTP       = "http"        // GET Path answers an expected status (and body)
+	CheckHTTPS      = "https"       // the same over TLS
+	CheckTLS        = "tls"         // a TLS handshake succeeds
+	CheckSendExpect = "send_expect" // Steps: bytes sent, substrings expected
+	CheckGRPC       = "grpc"        // grpc.health.v1 Check answers SERVING
+	CheckNone       = "none"        // no active probe: only failed dials take a target down
 )
+
+// Checks lists the check kinds, for the configuration's errors.
+var Checks = []string{CheckTCP, CheckHTTP, CheckHTTPS, CheckSendExpect, CheckTLS, CheckGRPC, CheckNone}
 
 // Config tunes a Checker: a listener's (or route's) health key in rota's
 // configuration, whose keys are the yaml tags. Values are taken as given,
@@ -49,13 +55,20 @@ const (
 // positive unless Check is none; Rise and Fall count at least one probe,
 // and BackoffMax is at least Interval.
 type Config struct {
-	Check      string        `yaml:"check"`       // tcp | http | none
-	Path       string        `yaml:"path"`        // http only
-	Interval   time.Duration `yaml:"interval"`    // between probes of a target that is up
-	Timeout    time.Duration `yaml:"timeout"`     // one probe's; may exceed the interval
-	Rise       int           `yaml:"rise"`        // successes that bring a target up
-	Fall       int           `yaml:"fall"`        // failures that take it down
-	BackoffMax time.Duration `yaml:"backoff_max"` // the longest wait between probes of a target that is down
+	Check        string        `yaml:"check"`         // one of Checks
+	Port         int           `yaml:"port"`          // probe this port of the target's host (0: the target's own)
+	Path         string        `yaml:"path"`          // http, https
+	Host         string        `yaml:"host"`          // http, https: the Host header (default: the target's address)
+	ExpectStatus []string      `yaml:"expect_status"` // http, https: codes and ranges (default DefaultExpectStatus)
+	ExpectBody   string        `yaml:"expect_body"`   // http, https: a substring the body must contain
+	Steps        []Step        `yaml:"steps"`         // send_expect
+	TLS          TLS           `yaml:"tls"`           // https, tls, grpc
+	GRPCService  string        `yaml:"grpc_service"`  // grpc: the service asked about ("": the server)
+	Interval     time.Duration `yaml:"interval"`      // between probes of a target that is up
+	Timeout      time.Duration `yaml:"timeout"`       // one probe's; may exceed the interval
+	Rise         int           `yaml:"rise"`          // successes that bring a target up
+	Fall         int           `yaml:"fall"`          // failures that take it down
+	BackoffMax   time.Duration `yaml:"backoff_max"`   // the longest wait between probes of a target that is down
 }
 
 // bounded is c with its bounds applied (no defaults: those are the
@@ -125,7 +138,6 @@ const maxInflight = 512
 type Checker struct {
 	logger   *zap.Logger
 	onChange func(addr string, up bool)
-	client   *http.Client
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -134,6 +146,7 @@ type Checker struct {
 
 	mu       sync.Mutex
 	cfg      Config
+	spec     *spec // cfg parsed, for the probes: replaced, never changed
 	targets  map[string]*target
 	due      targetHeap // targets waiting for their next probe
 	inflight int
@@ -194,18 +207,13 @@ func New(cfg Config, logger *zap.Logger, onChange func(addr string, up bool)) *C
 	c := &Checker{
 		logger:   logger,
 		onChange: onChange,
-		client: &http.Client{
-			// No keep-alive: a probe must prove a fresh connection works, and
-			// pooled connections would outlive the checker.
-			Transport:     &http.Transport{DisableKeepAlives: true, Proxy: nil},
-			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
-		},
-		ctx:     ctx,
-		cancel:  cancel,
-		wake:    make(chan struct{}, 1),
-		cfg:     cfg.bounded(),
-		targets: make(map[string]*target),
-		rand:    rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
+		ctx:      ctx,
+		cancel:   cancel,
+		wake:     make(chan struct{}, 1),
+		cfg:      cfg.bounded(),
+		spec:     compile(cfg.bounded()),
+		targets:  make(map[string]*target),
+		rand:     rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
 	}
 	c.wg.Go(c.schedule)
 	return c
@@ -290,6 +298,10 @@ func (c *Checker) SetConfig(cfg Config) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.cfg = cfg.bounded()
+	c.spec = compile(c.cfg)
+	if c.spec.err != nil {
+		c.logger.Error("health check configuration", zap.Error(c.spec.err))
+	}
 	soon := time.Now().Add(c.cfg.Interval)
 	for _, t := range c.targets {
 		c.tune(t.bo)
@@ -362,7 +374,6 @@ func (c *Checker) Close() {
 	if c.tcp != nil {
 		c.tcp.close() // after the scheduler: nothing starts probes now
 	}
-	c.client.CloseIdleConnections()
 }
 
 // poke wakes the scheduler. It never blocks.
@@ -406,11 +417,15 @@ func (c *Checker) schedule() {
 			t.probing = true
 			c.inflight++
 			if c.onLoop(t.ap) {
-				jobs = append(jobs, tcpJob{addr: t.ap, timeout: c.cfg.Timeout, done: t.done})
+				ap := t.ap
+				if c.cfg.Port != 0 {
+					ap = netip.AddrPortFrom(ap.Addr(), uint16(c.cfg.Port))
+				}
+				jobs = append(jobs, tcpJob{addr: ap, timeout: c.cfg.Timeout, done: t.done})
 				continue
 			}
-			cfg := c.cfg
-			c.wg.Go(func() { t.done(c.probe(c.ctx, cfg, t.addr)) })
+			sp := c.spec
+			c.wg.Go(func() { t.done(c.probe(c.ctx, sp, t.addr)) })
 		}
 		wait := time.Hour
 		if c.due.len() > 0 && c.inflight < maxInflight {
@@ -617,57 +632,6 @@ func (c *Checker) backoffDelay(t *target) time.Duration {
 		d = c.cfg.BackoffMax
 	}
 	return d
-}
-
-func (c *Checker) probe(ctx context.Context, cfg Config, addr string) error {
-	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
-	defer cancel()
-	switch {
-	case cfg.Check == CheckNone:
-		return nil
-	case c.probeFn != nil:
-		return c.probeFn(ctx, addr)
-	}
-	switch cfg.Check {
-	case CheckHTTP:
-		return c.probeHTTP(ctx, cfg, addr)
-	default:
-		return probeTCP(ctx, addr)
-	}
-}
-
-// probeTCP connects and closes with a reset, as HAProxy's checks do: the
-// handshake is the answer, and a reset spares both ends the FIN exchange
-// and the prober a TIME_WAIT socket per probe (10,000 targets every 2 s
-// are 5,000 connections a second). No keep-alive is set on a socket that
-// lives a round trip.
-func probeTCP(ctx context.Context, addr string) error {
-	d := net.Dialer{KeepAlive: -1}
-	conn, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return fmt.Errorf("tcp check: %w", unwrapOp(err))
-	}
-	if tc, ok := conn.(*net.TCPConn); ok {
-		tc.SetLinger(0)
-	}
-	return conn.Close()
-}
-
-func (c *Checker) probeHTTP(ctx context.Context, cfg Config, addr string) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+cfg.Path, nil)
-	if err != nil {
-		return fmt.Errorf("http check: %w", err)
-	}
-	req.Header.Set("User-Agent", "rota-health-check")
-	resp, err := c.client.Do(req)
-	if err != nil {
-		return fmt.Errorf("http check: %w", unwrapOp(err))
-	}
-	resp.Body.Close()
-	if resp.StatusCode < 200 || resp.StatusCode >= 400 {
-		return fmt.Errorf("http check: GET %s: status %d", cfg.Path, resp.StatusCode)
-	}
-	return nil
 }
 
 // unwrapOp keeps messages short ("connect: connection refused") by dropping

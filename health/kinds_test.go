@@ -1,0 +1,235 @@
+package health_test
+
+import (
+	"bufio"
+	"crypto/tls"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	grpchealth "google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/rota-proxy/rota/health"
+	"github.com/rota-proxy/rota/internal/testenv"
+)
+
+// watch starts a checker of one target with cfg and returns a function
+// that waits until the target is up (true) or down (false) and returns
+// its status.
+func watch(t *testing.T, cfg health.Config, addr string) func(what string, up bool) health.Status {
+	t.Helper()
+	c := health.New(cfg, nil, nil)
+	t.Cleanup(c.Close)
+	c.Update([]string{addr})
+	return func(what string, up bool) health.Status {
+		t.Helper()
+		want := health.Down
+		if up {
+			want = health.Up
+		}
+		var s health.Status
+		testenv.Eventually(t, what, 10*time.Second, func() bool { s = stateOf(c, addr); return s.State == want })
+		return s
+	}
+}
+
+// closedPort is a loopback address nothing listens on.
+func closedPort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+// A Patroni-like management port: the check asks port:, path:, host:,
+// expect_status: and expect_body:, not the target's own port.
+func TestHTTPCheckOnAManagementPort(t *testing.T) {
+	var status atomic.Int64
+	var body atomic.Value
+	status.Store(200)
+	body.Store(`{"role": "primary"}`)
+	var hosts sync.Map
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hosts.Store(r.Host, true)
+		if r.URL.Path != "/primary" {
+			w.WriteHeader(http.StatusNotFound)
+			return
+		}
+		w.WriteHeader(int(status.Load()))
+		w.Write([]byte(body.Load().(string)))
+	}))
+	defer srv.Close()
+	_, mgmtPort, _ := net.SplitHostPort(srv.Listener.Addr().String())
+	target := closedPort(t) // the traffic port: nothing listens, the check must not care
+	cfg := fast()
+	cfg.Check, cfg.Path, cfg.Host = health.CheckHTTP, "/primary", "db.internal"
+	cfg.Port = atoi(t, mgmtPort)
+	cfg.ExpectStatus, cfg.ExpectBody = []string{"200"}, `"primary"`
+	wait := watch(t, cfg, target)
+
+	wait("up through the management port", true)
+	if _, ok := hosts.Load("db.internal"); !ok {
+		t.Error("the Host header was not the configured host")
+	}
+	status.Store(204) // a 2xx, but not the 200 asked for
+	if s := wait("down on 204", false); !strings.Contains(s.LastError, "status 204 (want 200)") {
+		t.Errorf("last error %q", s.LastError)
+	}
+	status.Store(200)
+	wait("up again", true)
+	body.Store(`{"role": "replica"}`)
+	if s := wait("down on a replica's body", false); !strings.Contains(s.LastError, `body lacked "\"primary\""`) {
+		t.Errorf("last error %q", s.LastError)
+	}
+}
+
+func atoi(t *testing.T, s string) int {
+	t.Helper()
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// https and tls checks against a server with its own CA: up with that CA,
+// down with another one (and the reason), sessions resumed across probes.
+func TestHTTPSAndTLSChecksWithTheirOwnCA(t *testing.T) {
+	ca, other := testenv.NewCA(t, "service"), testenv.NewCA(t, "other")
+	certFile, keyFile := ca.Issue("server", "127.0.0.1")
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var requests, resumed atomic.Int64
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requests.Add(1)
+		if r.TLS != nil && r.TLS.DidResume {
+			resumed.Add(1)
+		}
+		w.Write([]byte("ok"))
+	}))
+	srv.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
+	srv.StartTLS()
+	defer srv.Close()
+	addr := srv.Listener.Addr().String()
+
+	for _, kind := range []string{health.CheckHTTPS, health.CheckTLS} {
+		t.Run(kind, func(t *testing.T) {
+			cfg := fast()
+			cfg.Check, cfg.Path = kind, "/healthz"
+			cfg.TLS.CAFile = ca.File
+			watch(t, cfg, addr)("up with the service's CA", true)
+			if kind == health.CheckHTTPS {
+				n := requests.Load()
+				testenv.Eventually(t, "more probes", 10*time.Second, func() bool { return requests.Load() >= n+3 })
+			}
+
+			cfg.TLS.CAFile = other.File
+			s := watch(t, cfg, addr)("down with another CA", false)
+			if !strings.Contains(s.LastError, "certificate signed by unknown authority") {
+				t.Errorf("last error %q", s.LastError)
+			}
+		})
+	}
+	if resumed.Load() == 0 {
+		t.Error("no https probe resumed a TLS session")
+	}
+}
+
+// send_expect: a Redis-like PING; a refusal says what came instead.
+func TestSendExpectCheck(t *testing.T) {
+	var auth atomic.Bool
+	addr := testenv.Serve(t, func(c net.Conn) {
+		r := bufio.NewReader(c)
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				return
+			}
+			switch {
+			case line != "PING\r\n":
+				c.Write([]byte("-ERR unknown command\r\n"))
+			case auth.Load():
+				c.Write([]byte("-NOAUTH Authentication required.\r\n"))
+			default:
+				c.Write([]byte("+PONG\r\n"))
+			}
+		}
+	})
+	cfg := fast()
+	cfg.Timeout = 200 * time.Millisecond // a refusal waits for "+PONG" until the timeout
+	cfg.Check = health.CheckSendExpect
+	cfg.Steps = []health.Step{{Send: `PING\r\n`}, {Expect: "+PONG"}}
+	wait := watch(t, cfg, addr)
+	wait("up on +PONG", true)
+	auth.Store(true)
+	s := wait("down on -NOAUTH", false)
+	if !strings.Contains(s.LastError, `expected "+PONG", got "-NOAUTH Authentication required.\r\n"`) {
+		t.Errorf("last error %q", s.LastError)
+	}
+
+	// hex: form and two exchanges on one connection.
+	auth.Store(false)
+	cfg.Steps = []health.Step{{Send: "hex:50494e470d0a"}, {Expect: "PONG"}, {Send: `PING\r\n`}, {Expect: `+PONG\r\n`}}
+	watch(t, cfg, addr)("up on two exchanges", true)
+}
+
+// grpc: grpc-go's own health server; SERVING and NOT_SERVING flip the
+// target, and a service the server does not know says so.
+func TestGRPCCheck(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := grpchealth.NewServer()
+	gs := grpc.NewServer()
+	healthpb.RegisterHealthServer(gs, hs)
+	var wg sync.WaitGroup
+	wg.Go(func() { gs.Serve(ln) })
+	defer wg.Wait()
+	defer gs.Stop()
+	addr := ln.Addr().String()
+	hs.SetServingStatus("db", healthpb.HealthCheckResponse_SERVING)
+
+	cfg := fast()
+	cfg.Check = health.CheckGRPC
+	wait := watch(t, cfg, addr)
+	wait("the server SERVING", true)
+	hs.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
+	if s := wait("the server NOT_SERVING", false); !strings.Contains(s.LastError, "is NOT_SERVING") {
+		t.Errorf("last error %q", s.LastError)
+	}
+
+	cfg.GRPCService = "db"
+	watch(t, cfg, addr)("service db SERVING", true)
+	cfg.GRPCService = "cache"
+	if s := watch(t, cfg, addr)("an unknown service", false); !strings.Contains(s.LastError, "NotFound") {
+		t.Errorf("last error %q", s.LastError)
+	}
+}
+
+// port: a tcp check (on the event loop: an IP target) probes the target's
+// host on that port.
+func TestTCPCheckPort(t *testing.T) {
+	ln := listen(t)
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	cfg := fast()
+	cfg.Port = atoi(t, port)
+	wait := watch(t, cfg, closedPort(t))
+	wait("up through the check port", true)
+	ln.Close()
+	wait("down once the check port closes", false)
+}
