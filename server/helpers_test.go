@@ -115,7 +115,20 @@ func targetState(t *testing.T, srv *server.Server, listener, addr string) string
 	return "absent"
 }
 
+// liveCount is how many of listener's targets pass their checks once the
+// published pickers agree (-1 while they do not yet: a target turns up in
+// the checker a moment before the pool publishes it, and a connection
+// made in between finds no live target), -1 too for no such listener.
 func liveCount(srv *server.Server, listener string) int {
+	n := healthUp(srv, listener)
+	if n != srv.Routed(listener) {
+		return -1
+	}
+	return n
+}
+
+// healthUp is how many of listener's targets pass their checks.
+func healthUp(srv *server.Server, listener string) int {
 	for _, l := range srv.Status() {
 		if l.Name == listener {
 			n := 0
