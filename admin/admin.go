@@ -184,6 +184,7 @@ type TargetJSON struct {
 	Weight               int        `json:"weight"`
 	EffectiveWeight      float64    `json:"effective_weight"`
 	Draining             bool       `json:"draining"`
+	Backup               bool       `json:"backup"` // new connections only while no primary is live
 	ConsecutiveSuccesses int        `json:"consecutive_successes"`
 	ConsecutiveFailures  int        `json:"consecutive_failures"`
 	LastCheck            *time.Time `json:"last_check"`
@@ -248,7 +249,7 @@ func targetsJSON(ts []server.TargetStatus) []TargetJSON {
 		history := t.History.Samples()
 		out = append(out, TargetJSON{
 			Addr: t.Addr, State: h.State.String(), Weight: max(t.Weight, 1),
-			EffectiveWeight: t.EffectiveWeight, Draining: t.Draining,
+			EffectiveWeight: t.EffectiveWeight, Draining: t.Draining, Backup: t.Backup,
 			RecentConns: sum(history), History: nonNil(history),
 			ConsecutiveSuccesses: h.ConsecutiveSuccesses, ConsecutiveFailures: h.ConsecutiveFailures,
 			LastCheck: timePtr(h.LastCheck), LastError: h.LastError,

@@ -89,6 +89,8 @@ var targetFamilies = []family[*server.TargetStatus]{
 		read: func(t *server.TargetStatus) []proxy.Sample { return one(t.EffectiveWeight) }},
 	{name: "rota_target_draining", help: "1 while the target is drained through the admin API (no new connections).", gauge: true,
 		read: func(t *server.TargetStatus) []proxy.Sample { return one(b2f(t.Draining)) }},
+	{name: "rota_target_backup", help: "1 if the target is a backup: it gets new connections only while no primary target is live.", gauge: true,
+		read: func(t *server.TargetStatus) []proxy.Sample { return one(b2f(t.Backup)) }},
 }
 
 func descs[T any](fs []family[T], labels ...string) []*prometheus.Desc {

@@ -72,13 +72,21 @@ type Balancer struct {
 // Update publishes a picker of policy over entries (a policy of "" is
 // round-robin). The entries are the balancer's from here on: callers must
 // not modify them. Building a picker costs O(n); picking from it, O(1).
-func (b *Balancer) Update(policy Policy, entries []Entry) {
+func (b *Balancer) Update(policy Policy, entries []Entry) { b.UpdateWithFallback(policy, entries, nil) }
+
+// UpdateWithFallback is Update with targets that a cursor offers after
+// every entry, in order, and that are never picked first: backups, tried
+// only by a connection whose every live target failed (its dial refused
+// before the pool heard of it). Callers must not modify either slice.
+func (b *Balancer) UpdateWithFallback(policy Policy, entries []Entry, fallback []*Target) {
 	if b.started.CompareAndSwap(false, true) {
 		// Random start: a fleet of proxies restarted together must not all
 		// send their first connection to the same instance.
 		b.seq.Store(rand.Uint64())
 	}
-	b.cur.Store(newPicker(policy, entries))
+	p := newPicker(policy, entries)
+	p.fallback = fallback
+	b.cur.Store(p)
 }
 
 // Live returns the targets of the current picker. Callers must not modify
@@ -110,12 +118,20 @@ type Cursor struct {
 }
 
 // Next returns the next target to try, or nil when every target of the set
-// has been offered once.
+// and of the fallback has been offered once.
 func (c *Cursor) Next() *Target {
-	if c.p == nil || int(c.i) >= len(c.p.set) {
+	if c.p == nil {
 		return nil
 	}
 	n := uint64(len(c.p.set))
+	if uint64(c.i) >= n {
+		f := uint64(c.i) - n
+		if f >= uint64(len(c.p.fallback)) {
+			return nil
+		}
+		c.i++
+		return c.p.fallback[f]
+	}
 	t := c.p.set[(uint64(c.start)+uint64(c.i))%n]
 	c.i++
 	return t
@@ -126,7 +142,7 @@ func (c *Cursor) Len() int {
 	if c.p == nil {
 		return 0
 	}
-	return len(c.p.set)
+	return len(c.p.set) + len(c.p.fallback)
 }
 
 // RoundRobinBalancer is a balancer over equally weighted targets, for callers with

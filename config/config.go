@@ -268,6 +268,7 @@ const (
 type StaticTarget struct {
 	Addr   string `yaml:"addr"`
 	Weight int    `yaml:"weight"` // 1-1000; 0 (absent) is 1
+	Backup bool   `yaml:"backup"` // only while no other target is live
 }
 
 // Statics makes a static list of addresses, each with no weight.

@@ -816,3 +816,22 @@ func TestDNSDefaults(t *testing.T) {
 		t.Fatalf("dns = %+v, want %+v", cfg.Registries.DNS, want)
 	}
 }
+
+// A static entry's backup flag, and a send_expect check's steps, decode as
+// written.
+func TestStaticBackupAndSteps(t *testing.T) {
+	src := "listeners:\n  - name: db\n    listen: ':1'\n    discovery: static\n" +
+		"    static: [10.0.0.1:5432, {addr: 10.0.0.2:5432, backup: true}]\n" +
+		"    health: {check: send_expect, steps: [{send: 'PING\\r\\n'}, {expect: '+PONG'}]}\n"
+	cfg, err := Parse([]byte(src), "rota.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := cfg.Listeners[0].Static
+	if len(st) != 2 || st[0].Backup || !st[1].Backup || st[1].Addr != "10.0.0.2:5432" {
+		t.Fatalf("static %+v", st)
+	}
+	if h := cfg.Listeners[0].Health; len(h.Steps) != 2 || h.Steps[0].Send != `PING\r\n` || h.Steps[1].Expect != "+PONG" {
+		t.Fatalf("steps %+v", h.Steps)
+	}
+}

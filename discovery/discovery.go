@@ -25,6 +25,11 @@ type Instance struct {
 	// Metadata is what the registry holds beside the address, as JSON
 	// (etcd's naming/endpoints Metadata); "" when none.
 	Metadata string
+	// Backup instances get new connections only while no other (primary)
+	// instance is live: a static entry's backup, etcd's Metadata.backup,
+	// Consul's service meta rota_backup, an SRV record of a higher
+	// priority than the lowest, Docker's rota.backup label.
+	Backup bool
 }
 
 // Warning is a registry entry that was skipped because it is not a valid

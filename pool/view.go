@@ -33,6 +33,9 @@ type TargetView struct {
 	EffectiveWeight float64
 	// Draining: an operator asked for no new connections to it.
 	Draining bool
+	// Backup: it gets new connections only while no primary is live
+	// (Instance.Backup, here for the admin API and metrics).
+	Backup bool
 	// History is its new connections per second over the last minute.
 	History *History
 }
@@ -83,9 +86,24 @@ func (p *Pool) rebuild() {
 		entries = append(entries, balancer.Entry{T: e.t, W: int(math.Round(w * weightScale))})
 		set = append(set, e.t)
 	}
+	// Backups serve only while no primary is live; a primary back takes
+	// the new connections again (open ones stay where they are). While
+	// primaries serve, live backups are the last resort of a connection
+	// whose every primary failed before the pool heard of it.
+	var fallback []*balancer.Target
 	for _, e := range p.order {
-		if e.up && !p.drained[e.t.Addr] {
+		if e.up && !p.drained[e.t.Addr] && !e.inst.Backup {
 			add(e)
+		}
+	}
+	primaries := len(set) > 0
+	for _, e := range p.order {
+		if e.up && !p.drained[e.t.Addr] && e.inst.Backup {
+			if primaries {
+				fallback = append(fallback, e.t)
+			} else {
+				add(e)
+			}
 		}
 	}
 	discovered := p.discovered()
@@ -109,7 +127,7 @@ func (p *Pool) rebuild() {
 	if len(set) > 0 {
 		p.serving = true
 	}
-	p.bal.Update(p.cfg.Balance, entries)
+	p.bal.UpdateWithFallback(p.cfg.Balance, entries, fallback)
 	p.retire(panicking)
 	if ramping && p.ramp == nil {
 		p.ramp = p.after(max(p.cfg.SlowStart/rampSteps, minRampStep), func() {
@@ -122,7 +140,7 @@ func (p *Pool) rebuild() {
 		v.Targets[i] = TargetView{
 			Target: e.t, Instance: e.inst, Bridging: e.bridging,
 			Weight: weightOf(e.inst), EffectiveWeight: math.Round(p.effective(e, now)*100) / 100,
-			Draining: p.drained[e.t.Addr], History: e.history,
+			Draining: p.drained[e.t.Addr], History: e.history, Backup: e.inst.Backup,
 		}
 	}
 	p.view.Store(v)

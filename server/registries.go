@@ -110,7 +110,7 @@ func (r *registries) watcher(lc config.Pool, log *zap.Logger) (discovery.Watcher
 		ins := make([]discovery.Instance, len(lc.Static))
 		named := false
 		for i, st := range lc.Static {
-			ins[i] = discovery.Instance{Addr: st.Addr, Weight: st.Weight}
+			ins[i] = discovery.Instance{Addr: st.Addr, Weight: st.Weight, Backup: st.Backup}
 			if _, err := netip.ParseAddrPort(st.Addr); err != nil {
 				named = true
 			}
@@ -122,7 +122,7 @@ func (r *registries) watcher(lc config.Pool, log *zap.Logger) (discovery.Watcher
 		// refresh: five replicas behind one name are five targets.
 		ts := make([]dns.Target, len(lc.Static))
 		for i, st := range lc.Static {
-			ts[i] = dns.Target{Addr: st.Addr, Weight: st.Weight}
+			ts[i] = dns.Target{Addr: st.Addr, Weight: st.Weight, Backup: st.Backup}
 		}
 		return dns.NewStatic(ts, r.cfg.DNS, log)
 	case "dns":

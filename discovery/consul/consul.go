@@ -366,6 +366,10 @@ func (w *Watcher) queryOpts(ctx context.Context, opts *api.QueryOptions, timeout
 	return discovery.Snapshot{Instances: discovery.SortInstances(ins), Warnings: discovery.SortWarnings(warns)}, meta.LastIndex, nil
 }
 
+// MetaBackup is the service meta key that makes an instance a backup
+// ("true").
+const MetaBackup = "rota_backup"
+
 // instance is an entry's address (Service.Address, else Node.Address, with
 // Service.Port) and weight (Service.Weights.Passing).
 func instance(e *api.ServiceEntry) (discovery.Instance, error) {
@@ -388,6 +392,7 @@ func instance(e *api.ServiceEntry) (discovery.Instance, error) {
 	if w := e.Service.Weights.Passing; w > 0 {
 		in.Weight = min(w, 1000)
 	}
+	in.Backup = e.Service.Meta[MetaBackup] == "true"
 	return in, nil
 }
 

@@ -100,8 +100,9 @@ type Watcher struct {
 type query struct {
 	name   string // as configured: an SRV name, a host name or an IP literal
 	srv    bool
-	port   int // host names: the instances' port
-	weight int // host names: the instances' weight (0: none given)
+	port   int  // host names: the instances' port
+	weight int  // host names: the instances' weight (0: none given)
+	backup bool // static entries: backup targets
 }
 
 // NewWatcher watches name: an SRV name (starting with "_"), or a host
@@ -137,6 +138,7 @@ func NewWatcher(name string, port int, cfg Config, log *zap.Logger) (*Watcher, e
 type Target struct {
 	Addr   string
 	Weight int
+	Backup bool
 }
 
 // NewStatic watches a static list whose entries may be host names: each
@@ -158,7 +160,7 @@ func NewStatic(targets []Target, cfg Config, log *zap.Logger) (*Watcher, error) 
 		if _, err := netip.ParseAddr(host); err != nil && !ValidName(host) {
 			return nil, fmt.Errorf("dns: %q: %q is not an IP address or DNS name", t.Addr, host)
 		}
-		qs = append(qs, query{name: host, port: int(port), weight: t.Weight})
+		qs = append(qs, query{name: host, port: int(port), weight: t.Weight, backup: t.Backup})
 	}
 	return newWatcher(cfg, log, qs...), nil
 }
@@ -226,7 +228,7 @@ func (w *Watcher) resolve(ctx context.Context) (discovery.Snapshot, time.Duratio
 			var addrs []netip.Addr
 			addrs, t, err = w.resolveHost(ctx, q.name)
 			for _, a := range addrs {
-				ins = append(ins, discovery.Instance{Addr: netip.AddrPortFrom(a, uint16(q.port)).String(), Weight: q.weight})
+				ins = append(ins, discovery.Instance{Addr: netip.AddrPortFrom(a, uint16(q.port)).String(), Weight: q.weight, Backup: q.backup})
 			}
 		}
 		if err != nil {
@@ -257,7 +259,7 @@ func (w *Watcher) resolveSRV(ctx context.Context, name string, ins []discovery.I
 		return ins, ttl, nil
 	}
 	// The lowest priority's records are the instances; higher priorities
-	// are for when those are gone (backups), not yet used.
+	// are backups, for when none of those is live.
 	best := slices.MinFunc(srvs, func(a, b *dns.SRV) int { return int(a.Priority) - int(b.Priority) }).Priority
 	extra := map[string][]netip.Addr{}
 	for _, rr := range resp.Extra {
@@ -266,7 +268,7 @@ func (w *Watcher) resolveSRV(ctx context.Context, name string, ins []discovery.I
 		}
 	}
 	for _, s := range srvs {
-		if s.Priority != best || s.Target == "." {
+		if s.Target == "." {
 			continue
 		}
 		addrs := extra[dns.CanonicalName(s.Target)]
@@ -279,7 +281,8 @@ func (w *Watcher) resolveSRV(ctx context.Context, name string, ins []discovery.I
 			ttl = min(ttl, t)
 		}
 		for _, a := range addrs {
-			ins = append(ins, discovery.Instance{Addr: netip.AddrPortFrom(a, s.Port).String(), Weight: min(max(int(s.Weight), 1), 1000)})
+			ins = append(ins, discovery.Instance{Addr: netip.AddrPortFrom(a, s.Port).String(), Weight: min(max(int(s.Weight), 1), 1000),
+				Backup: s.Priority != best})
 		}
 	}
 	return ins, ttl, nil

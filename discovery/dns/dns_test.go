@@ -101,13 +101,20 @@ func TestSRVRecords(t *testing.T) {
 		t.Fatal(err)
 	}
 	r := testenv.Watch(t, w)
-	s := r.WaitAddrs(t, "the SRV set", "10.0.1.1:9001", "10.0.1.2:9002", "[fd00::12]:9002")
+	s := r.WaitAddrs(t, "the SRV set", "10.0.1.1:9001", "10.0.1.2:9002", "10.0.1.3:9003", "[fd00::12]:9002")
 	weights := map[string]int{}
+	var backups []string
 	for _, in := range s.Instances {
 		weights[in.Addr] = in.Weight
+		if in.Backup {
+			backups = append(backups, in.Addr)
+		}
 	}
 	if weights["10.0.1.1:9001"] != 3 || weights["10.0.1.2:9002"] != 1 {
 		t.Fatalf("weights %v", weights)
+	}
+	if len(backups) != 1 || backups[0] != "10.0.1.3:9003" {
+		t.Fatalf("backups %v, want the priority 20 record's 10.0.1.3:9003", backups)
 	}
 }
 

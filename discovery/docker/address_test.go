@@ -43,3 +43,37 @@ func TestAddress(t *testing.T) {
 		}
 	}
 }
+
+// A container's labels: rota.port, rota.weight, rota.backup, and why a bad
+// one leaves it out.
+func TestInstanceLabels(t *testing.T) {
+	w := &Watcher{m: Match{Port: 8080}}
+	c := func(labels map[string]string) container.Summary {
+		return container.Summary{Labels: labels, NetworkSettings: &container.NetworkSettingsSummary{
+			Networks: map[string]*network.EndpointSettings{"n": {IPAddress: "172.18.0.2"}}}}
+	}
+	for _, tc := range []struct {
+		labels map[string]string
+		want   string // addr, or "" for a warning
+		weight int
+		backup bool
+	}{
+		{nil, "172.18.0.2:8080", 0, false},
+		{map[string]string{LabelPort: "9000", LabelWeight: "5", LabelBackup: "true"}, "172.18.0.2:9000", 5, true},
+		{map[string]string{LabelBackup: "false"}, "172.18.0.2:8080", 0, false},
+		{map[string]string{LabelBackup: "maybe"}, "", 0, false},
+		{map[string]string{LabelPort: "0"}, "", 0, false},
+		{map[string]string{LabelWeight: "1001"}, "", 0, false},
+	} {
+		in, reason := w.instance(c(tc.labels), &self{})
+		if tc.want == "" {
+			if reason == "" {
+				t.Errorf("%v: %+v, want a warning", tc.labels, in)
+			}
+			continue
+		}
+		if reason != "" || in.Addr != tc.want || in.Weight != tc.weight || in.Backup != tc.backup {
+			t.Errorf("%v: %+v %q, want %s weight %d backup %v", tc.labels, in, reason, tc.want, tc.weight, tc.backup)
+		}
+	}
+}

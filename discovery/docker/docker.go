@@ -44,6 +44,7 @@ const (
 	LabelService = "rota.service" // the service it is an instance of
 	LabelPort    = "rota.port"    // the port to dial
 	LabelWeight  = "rota.weight"  // 1-1000
+	LabelBackup  = "rota.backup"  // "true": only while no other instance is live
 
 	labelComposeService = "com.docker.compose.service"
 	labelComposeProject = "com.docker.compose.project"
@@ -359,11 +360,19 @@ func (w *Watcher) instance(c container.Summary, me *self) (discovery.Instance, s
 		}
 		weight = n
 	}
+	backup := false
+	if v, ok := c.Labels[LabelBackup]; ok {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return discovery.Instance{}, fmt.Sprintf("label %s=%q is not true or false", LabelBackup, v)
+		}
+		backup = b
+	}
 	ip, reason := w.address(c, me)
 	if reason != "" {
 		return discovery.Instance{}, reason
 	}
-	return discovery.Instance{Addr: net.JoinHostPort(ip.String(), strconv.Itoa(port)), Weight: weight}, ""
+	return discovery.Instance{Addr: net.JoinHostPort(ip.String(), strconv.Itoa(port)), Weight: weight, Backup: backup}, ""
 }
 
 // address picks the container's IP: on the configured network, else on a

@@ -28,6 +28,7 @@ func TestParseInstance(t *testing.T) {
 		key, val string
 		want     string // "" means malformed
 		weight   int
+		backup   bool
 	}{
 		{key: kp + "127.0.0.1:9000", val: `{"Op":0,"Addr":"127.0.0.1:9000","Metadata":null}`, want: "127.0.0.1:9000"},
 		{key: kp + "127.0.0.1:9000", val: `{"Addr":"127.0.0.1:9000"}`, want: "127.0.0.1:9000"}, // Op omitted is Add
@@ -45,6 +46,10 @@ func TestParseInstance(t *testing.T) {
 		{key: kp + "w1001", val: `{"Op":0,"Addr":"127.0.0.1:9000","Metadata":{"weight":1001}}`},
 		{key: kp + "w-half", val: `{"Op":0,"Addr":"127.0.0.1:9000","Metadata":{"weight":1.5}}`},
 		{key: kp + "w-text", val: `{"Op":0,"Addr":"127.0.0.1:9000","Metadata":{"weight":"3"}}`},
+		// Backups.
+		{key: kp + "b", val: `{"Op":0,"Addr":"127.0.0.1:9000","Metadata":{"backup":true,"weight":2}}`, want: "127.0.0.1:9000", weight: 2, backup: true},
+		{key: kp + "b-false", val: `{"Op":0,"Addr":"127.0.0.1:9000","Metadata":{"backup":false}}`, want: "127.0.0.1:9000"},
+		{key: kp + "b-text", val: `{"Op":0,"Addr":"127.0.0.1:9000","Metadata":{"backup":"yes"}}`},
 		// Malformed.
 		{key: kp + "127.0.0.1:9000", val: `not json`},
 		{key: kp + "127.0.0.1:9000", val: `{"Op":1,"Addr":"127.0.0.1:9000"}`},
@@ -58,8 +63,8 @@ func TestParseInstance(t *testing.T) {
 	}
 	for _, c := range cases {
 		got, err := parseInstance(kp, []byte(c.key), []byte(c.val))
-		if got.Addr != c.want || got.Weight != c.weight || (err == nil) != (c.want != "") {
-			t.Errorf("parseInstance(%s, %s) = %+v, %v; want %q weight %d", c.key, c.val, got, err, c.want, c.weight)
+		if got.Addr != c.want || got.Weight != c.weight || got.Backup != c.backup || (err == nil) != (c.want != "") {
+			t.Errorf("parseInstance(%s, %s) = %+v, %v; want %q weight %d backup %v", c.key, c.val, got, err, c.want, c.weight, c.backup)
 		}
 	}
 }

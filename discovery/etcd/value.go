@@ -56,9 +56,13 @@ func parseInstance(keyPrefix string, key, val []byte) (discovery.Instance, error
 		if err != nil {
 			return discovery.Instance{}, err
 		}
+		backup, err := metadataBackup(md)
+		if err != nil {
+			return discovery.Instance{}, err
+		}
 		var compact bytes.Buffer
 		json.Compact(&compact, md)
-		in.Weight, in.Metadata = w, compact.String()
+		in.Weight, in.Metadata, in.Backup = w, compact.String(), backup
 	}
 	return in, nil
 }
@@ -78,6 +82,23 @@ func metadataWeight(md json.RawMessage) (int, error) {
 		return 0, fmt.Errorf("weight (Metadata.weight) %s: want an integer 1-1000", truncate(raw, 40))
 	}
 	return int(f), nil
+}
+
+// metadataBackup reads Metadata.backup: true, false, or absent.
+func metadataBackup(md json.RawMessage) (bool, error) {
+	var obj map[string]json.RawMessage
+	if json.Unmarshal(md, &obj) != nil {
+		return false, nil
+	}
+	raw, ok := obj["backup"]
+	if !ok {
+		return false, nil
+	}
+	var b bool
+	if err := json.Unmarshal(raw, &b); err != nil {
+		return false, fmt.Errorf("backup (Metadata.backup) %s: want true or false", truncate(raw, 40))
+	}
+	return b, nil
 }
 
 // checkAddr accepts host:port with a non-empty host and a port in 1-65535.
