@@ -36,7 +36,7 @@ type picker struct {
 	// fallback is offered, in order, after every target of set: backups,
 	// for a connection whose every try of a live target failed.
 	fallback []*Target
-	w      []uint32 // effective weights, by index in set
+	w        []uint32 // effective weights, by index in set
 	// Round-robin: nil both with equal weights (plain rotation); else a
 	// smooth schedule of indices (small sets) or an alias table.
 	schedule []uint32
