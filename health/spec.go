@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"strconv"
 	"strings"
@@ -159,8 +158,7 @@ type spec struct {
 	cfg    Config
 	status []statusRange
 	steps  []step
-	tls    *tls.Config  // https, tls, grpc (when TLS is set)
-	client *http.Client // http, https
+	tls    *tls.Config // https, tls, grpc (when TLS is set)
 	// err is why cfg could not be parsed (a file that went away after the
 	// configuration was checked): every probe fails with it.
 	err error
@@ -214,18 +212,6 @@ func (s *spec) parse() error {
 			return fmt.Errorf("tls: %w", err)
 		}
 		s.tls = c
-	}
-	if cfg.Check == CheckHTTP || cfg.Check == CheckHTTPS {
-		s.client = &http.Client{
-			// No keep-alive: a probe must prove a fresh connection works,
-			// and pooled connections would outlive the checker. TLS
-			// sessions are resumed (the tls config's cache).
-			Transport: &http.Transport{
-				DisableKeepAlives: true, Proxy: nil, TLSClientConfig: s.tls,
-				MaxResponseHeaderBytes: 64 << 10,
-			},
-			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
-		}
 	}
 	return nil
 }
