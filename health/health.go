@@ -421,7 +421,11 @@ func (c *Checker) schedule() {
 				if c.cfg.Port != 0 {
 					ap = netip.AddrPortFrom(ap.Addr(), uint16(c.cfg.Port))
 				}
-				jobs = append(jobs, tcpJob{addr: ap, timeout: c.cfg.Timeout, done: t.done})
+				j := tcpJob{addr: ap, timeout: c.cfg.Timeout, done: t.done}
+				if c.cfg.Check == CheckSendExpect {
+					j.steps = c.spec.steps
+				}
+				jobs = append(jobs, j)
 				continue
 			}
 			sp := c.spec
@@ -457,14 +461,25 @@ func (c *Checker) schedule() {
 type tcpJob struct {
 	addr    netip.AddrPort
 	timeout time.Duration
+	steps   []step // a send_expect check's; nil for tcp
 	done    func(error)
 }
 
-// onLoop reports whether a probe of ap runs on the prober's loop: a TCP
-// check of an IP address, with the prober running and no test hook.
+// kind names the check in errors.
+func (j tcpJob) kind() string {
+	if j.steps != nil {
+		return CheckSendExpect
+	}
+	return CheckTCP
+}
+
+// onLoop reports whether a probe of ap runs on the prober's loop: a TCP or
+// send_expect check of an IP address, with the prober running and no test
+// hook.
 // Caller holds c.mu.
 func (c *Checker) onLoop(ap netip.AddrPort) bool {
-	if c.noTCP || c.probeFn != nil || c.cfg.Check != CheckTCP || !ap.IsValid() {
+	loopable := c.cfg.Check == CheckTCP || c.cfg.Check == CheckSendExpect && c.spec.err == nil && len(c.spec.steps) > 0
+	if c.noTCP || c.probeFn != nil || !loopable || !ap.IsValid() {
 		return false
 	}
 	if c.tcp == nil {

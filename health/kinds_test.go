@@ -185,6 +185,16 @@ func TestSendExpectCheck(t *testing.T) {
 	auth.Store(false)
 	cfg.Steps = []health.Step{{Send: "hex:50494e470d0a"}, {Expect: "PONG"}, {Send: `PING\r\n`}, {Expect: `+PONG\r\n`}}
 	watch(t, cfg, addr)("up on two exchanges", true)
+
+	// A host name is probed in a goroutine (the event loop takes IP
+	// addresses): the same verdicts.
+	_, port, _ := net.SplitHostPort(addr)
+	named := watch(t, cfg, "localhost:"+port)
+	named("a named target up", true)
+	auth.Store(true)
+	if s := named("a named target down", false); !strings.Contains(s.LastError, `expected "PONG", got "-NOAUTH`) {
+		t.Errorf("last error %q", s.LastError)
+	}
 }
 
 // grpc: grpc-go's own health server; SERVING and NOT_SERVING flip the

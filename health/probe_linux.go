@@ -3,8 +3,12 @@
 package health
 
 import (
+	"bytes"
 	"fmt"
+	"io"
 	"os"
+
+	"golang.org/x/sys/unix"
 
 	"go.uber.org/zap"
 
@@ -12,9 +16,11 @@ import (
 	"github.com/rota-proxy/rota/internal/sock"
 )
 
-// tcpProber runs TCP checks on one poller, as HAProxy runs its checks in
-// its event loop: a probe is a non-blocking connect and a deadline, not a
-// goroutine, a netpoller registration, a context and a timer. At 10,000
+// tcpProber runs TCP and send_expect checks on one poller, as HAProxy runs
+// its checks in its event loop: a probe is a non-blocking connect and a
+// deadline (and for send_expect, its steps' writes and reads as the socket
+// is ready), not a goroutine, a netpoller registration, a context and a
+// timer. At 10,000
 // targets every 2 s that halves what a probe costs the proxy beyond the
 // kernel's own work (bench/README.md). It takes addresses that are IP
 // literals; names go through the resolver on the goroutine path.
@@ -27,6 +33,7 @@ import (
 type tcpProber struct {
 	p    *poller.Poller
 	idle [2][]*probeSocket // the loop's: disconnected sockets, IPv4 and IPv6
+	buf  [4096]byte        // the loop's: what a send_expect read lands in first
 }
 
 // maxIdleSockets bounds the sockets kept per family: probes in flight at
@@ -81,7 +88,7 @@ func (pr *tcpProber) socket(v6 bool) (*probeSocket, error) {
 	// ends in an edge of Out (or Err, Hup). Events that come while it is
 	// idle, or that an earlier probe left, are told from a probe's end
 	// by asking the socket (Ready).
-	if err := pr.p.Add(&s.fd, fd, poller.Out|poller.Edge, s, 0); err != nil {
+	if err := pr.p.Add(&s.fd, fd, poller.Out|poller.In|poller.RdHup|poller.Edge, s, 0); err != nil {
 		return nil, err // Add closed fd
 	}
 	return s, nil
@@ -102,12 +109,12 @@ func (pr *tcpProber) connect(j tcpJob) {
 		}
 	}
 	if err != nil {
-		j.done(fmt.Errorf("tcp check: dial: %w", err))
+		j.done(fmt.Errorf("%s check: dial: %w", j.kind(), err))
 		return
 	}
 	// Even a connect that the kernel completed inside connect(2) (a
 	// loopback target) ends in an event: the socket is registered.
-	s.done = j.done
+	s.done, s.steps = j.done, j.steps
 	pr.p.Set(&s.timer, pr.p.Now()+int64(j.timeout), s)
 }
 
@@ -119,6 +126,13 @@ type probeSocket struct {
 	timer poller.Timer
 	v6    bool
 	done  func(error) // the probe in flight; nil while idle
+	// A send_expect probe's exchange, once connected: the steps left, the
+	// bytes of the current send written, what arrived since the last
+	// match.
+	steps     []step
+	connected bool
+	sent      int
+	got       []byte
 }
 
 var errProbeTimeout = fmt.Errorf("dial: %w", os.ErrDeadlineExceeded) // "dial: i/o timeout", as net.Dial says
@@ -127,11 +141,15 @@ func (s *probeSocket) Ready(_ uint8, events uint32) {
 	if s.done == nil {
 		return // idle: the reset of the last probe's disconnect
 	}
+	if s.connected {
+		s.exchange() // readable, writable or closed: the steps say
+		return
+	}
 	// epoll computes events when it reports them: writable and neither
 	// hung up nor failed is only ever a connected socket (connecting
 	// reports nothing, disconnected Hup), so the connect succeeded.
 	if events&(poller.Out|poller.Hup|poller.Err) == poller.Out {
-		s.end(nil)
+		s.connectedNow()
 		return
 	}
 	// Else the socket says: a connect ends with the socket connected or
@@ -142,27 +160,107 @@ func (s *probeSocket) Ready(_ uint8, events uint32) {
 	if err == nil && !sock.Connected(s.fd.Num()) {
 		return
 	}
-	s.end(connectErr(err))
-}
-
-// connectErr words a failed connect's error as net.Dial does; nil stays nil.
-func connectErr(err error) error {
-	if err == nil {
-		return nil
+	if err != nil {
+		s.end(fmt.Errorf("%s check: dial: %w", s.kind(), os.NewSyscallError("connect", err)))
+		return
 	}
-	return fmt.Errorf("tcp check: dial: %w", os.NewSyscallError("connect", err))
+	s.connectedNow()
 }
 
-func (s *probeSocket) Expired() { s.end(fmt.Errorf("tcp check: %w", errProbeTimeout)) }
+// kind names the check in errors.
+func (s *probeSocket) kind() string {
+	if s.steps != nil {
+		return CheckSendExpect
+	}
+	return CheckTCP
+}
+
+// connectedNow ends a tcp probe, or starts a send_expect probe's steps.
+func (s *probeSocket) connectedNow() {
+	if s.steps == nil {
+		s.end(nil)
+		return
+	}
+	s.connected = true
+	s.exchange()
+}
+
+// exchange runs the steps as far as the socket allows: a send writes until
+// it is all written, an expect reads until what arrived contains it; each
+// waits for the next edge when the socket would block.
+func (s *probeSocket) exchange() {
+	fd := s.fd.Num()
+	for len(s.steps) > 0 {
+		st := s.steps[0]
+		if st.send != nil {
+			n, err := poller.Write(fd, st.send[s.sent:])
+			if err == unix.EAGAIN {
+				return
+			}
+			if err != nil {
+				s.end(fmt.Errorf("send_expect check: send %q: %w", excerpt(st.send), os.NewSyscallError("write", err)))
+				return
+			}
+			if s.sent += n; s.sent == len(st.send) {
+				s.steps, s.sent = s.steps[1:], 0
+			}
+			continue
+		}
+		if i := bytes.Index(s.got, st.expect); i >= 0 {
+			s.got = s.got[i+len(st.expect):] // what follows is the next expect's
+			s.steps = s.steps[1:]
+			continue
+		}
+		if len(s.got) >= maxAnswer {
+			s.end(fmt.Errorf("send_expect check: expected %q, got %d bytes without it (%q)", excerpt(st.expect), len(s.got), excerpt(s.got)))
+			return
+		}
+		n, err := poller.Read(fd, s.pr.buf[:])
+		switch {
+		case err == unix.EAGAIN:
+			return
+		case err != nil:
+			s.end(s.expectErr(st.expect, os.NewSyscallError("read", err)))
+			return
+		case n == 0:
+			s.end(s.expectErr(st.expect, io.EOF))
+			return
+		}
+		s.got = append(s.got, s.pr.buf[:n]...)
+	}
+	s.end(nil)
+}
+
+// expectErr says what an expect got instead, and why it got no more.
+func (s *probeSocket) expectErr(expect []byte, why error) error {
+	if len(s.got) == 0 {
+		return fmt.Errorf("send_expect check: expected %q: %w", excerpt(expect), why)
+	}
+	return fmt.Errorf("send_expect check: expected %q, got %q (%v)", excerpt(expect), excerpt(s.got), why)
+}
+
+func (s *probeSocket) Expired() {
+	if s.connected && len(s.steps) > 0 && s.steps[0].expect != nil {
+		s.end(s.expectErr(s.steps[0].expect, os.ErrDeadlineExceeded))
+		return
+	}
+	s.end(fmt.Errorf("%s check: %w", s.kind(), errProbeTimeout))
+}
 
 // Abort closes the socket instead of keeping it: its state is unknown.
 func (s *probeSocket) Abort(cause any) {
-	done := s.done
+	done, kind := s.done, s.kind()
 	s.done = nil
+	s.reset()
 	s.drop()
 	if done != nil {
-		done(fmt.Errorf("tcp check: %v", cause))
+		done(fmt.Errorf("%s check: %v", kind, cause))
 	}
+}
+
+// reset forgets the probe's exchange.
+func (s *probeSocket) reset() {
+	s.steps, s.connected, s.sent, s.got = nil, false, 0, nil
 }
 
 // end reports the probe's result and makes the socket idle again, reset
@@ -170,6 +268,7 @@ func (s *probeSocket) Abort(cause any) {
 func (s *probeSocket) end(err error) {
 	done := s.done
 	s.done = nil
+	s.reset()
 	s.pr.p.Cancel(&s.timer)
 	f := s.pr.family(s.v6)
 	if len(*f) < maxIdleSockets && sock.Disconnect(s.fd.Num()) == nil {
