@@ -40,6 +40,7 @@ type Backend struct {
 	srv  *http.Server
 
 	downFile atomic.Pointer[string] // /healthz answers 503 while this file exists
+	draining atomic.Bool            // /healthz answers 503: shutting down
 
 	done     chan struct{} // closed once Serve has returned
 	serveErr error         // Serve's error other than http.ErrServerClosed; read after done
@@ -68,6 +69,9 @@ func StartBackend(ctx context.Context, name, addr string) (*Backend, error) {
 	b := &Backend{name: name, ln: ln, done: make(chan struct{})}
 	b.srv = &http.Server{
 		Handler: handler(name, func() bool {
+			if b.draining.Load() {
+				return true
+			}
 			p := b.downFile.Load()
 			if p == nil {
 				return false
@@ -96,6 +100,12 @@ func (b *Backend) SetDownFile(path string) {
 	}
 	b.downFile.Store(&path)
 }
+
+// SetDraining makes /healthz answer 503 from now on while the backend
+// still serves: a shutting-down app fails its health first, so that
+// proxies that learn of it only by checking (DNS-discovered targets) stop
+// sending it connections before it stops accepting them.
+func (b *Backend) SetDraining() { b.draining.Store(true) }
 
 // Handler returns the HTTP handler of a backend called name.
 func Handler(name string) http.Handler { return handler(name, func() bool { return false }) }

@@ -481,4 +481,14 @@ func TestDownFile(t *testing.T) {
 	if s := status(); s != 200 {
 		t.Fatalf("down file removed: %d", s)
 	}
+	// Shutting down: /healthz fails while / still answers.
+	b.SetDraining()
+	if s := status(); s != 503 {
+		t.Fatalf("draining: /healthz %d", s)
+	}
+	resp, err := http.Get("http://" + b.Addr() + "/")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("draining: / %v %v", resp, err)
+	}
+	resp.Body.Close()
 }

@@ -128,7 +128,9 @@ func ServeBackend(ctx context.Context, opts BackendOptions) error {
 		<-ctx.Done()
 		if opts.DeregisterWait > 0 {
 			// Proxies that follow the container engine see the stop
-			// signal too; serve while they take this one out.
+			// signal too; those that only check its health see /healthz
+			// fail. Serve while they take this one out.
+			b.SetDraining()
 			keepServing(opts.DeregisterWait, log)
 		}
 	}
