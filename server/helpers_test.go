@@ -100,7 +100,8 @@ func targets(t *testing.T, srv *server.Server) admin.TargetsResponse {
 	return resp
 }
 
-func targetState(t *testing.T, srv *server.Server, listener, addr string) string {
+// findTarget is listener's target addr in /api/v1/targets.
+func findTarget(t *testing.T, srv *server.Server, listener, addr string) (admin.TargetJSON, bool) {
 	t.Helper()
 	for _, l := range targets(t, srv).Listeners {
 		if l.Name != listener {
@@ -108,11 +109,28 @@ func targetState(t *testing.T, srv *server.Server, listener, addr string) string
 		}
 		for _, tg := range l.Targets {
 			if tg.Addr == addr {
-				return tg.State
+				return tg, true
 			}
 		}
 	}
+	return admin.TargetJSON{}, false
+}
+
+// targetState is a target's state, "absent" when it is not listed.
+func targetState(t *testing.T, srv *server.Server, listener, addr string) string {
+	t.Helper()
+	if tg, ok := findTarget(t, srv, listener, addr); ok {
+		return tg.State
+	}
 	return "absent"
+}
+
+// targetStatus is a target's last_error ("" when it has none or is
+// absent).
+func targetStatus(t *testing.T, srv *server.Server, listener, addr string) string {
+	t.Helper()
+	tg, _ := findTarget(t, srv, listener, addr)
+	return tg.LastError
 }
 
 // liveCount is how many of listener's targets pass their checks once the

@@ -9,7 +9,6 @@ import (
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/internal/testenv"
-	"github.com/rota-proxy/rota/server"
 )
 
 // The README's Redis recipe on Debian's redis-server: a master and a
@@ -56,21 +55,4 @@ func TestRedisMasterBySendExpect(t *testing.T) {
 		t.Fatalf("REPLICAOF: %q %v", got, err)
 	}
 	master(b.Addr, a.Addr)
-}
-
-// targetStatus is a target's last_error in /api/v1/targets ("" when it
-// has none or is absent).
-func targetStatus(t *testing.T, srv *server.Server, listener, addr string) string {
-	t.Helper()
-	for _, l := range targets(t, srv).Listeners {
-		if l.Name != listener {
-			continue
-		}
-		for _, tg := range l.Targets {
-			if tg.Addr == addr {
-				return tg.LastError
-			}
-		}
-	}
-	return ""
 }

@@ -44,16 +44,23 @@ func ConsulBinary(t T) string {
 		}
 		t.Fatalf("ROTA_SKIP_CONSUL=1")
 	}
+	return scriptPath(t, "consul-bin")
+}
+
+// scriptPath runs scripts/name, which installs or builds a program on first
+// use, and returns the path it prints.
+func scriptPath(t T, name string) string {
+	t.Helper()
 	root, err := repoRoot()
 	if err != nil {
 		t.Fatalf("testenv: %v", err)
 	}
 	var stderr bytes.Buffer
-	cmd := exec.Command(filepath.Join(root, "scripts", "consul-bin"))
+	cmd := exec.Command(filepath.Join(root, "scripts", name))
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("testenv: scripts/consul-bin failed (run `make tools`): %v\n%s", err, stderr.String())
+		t.Fatalf("testenv: scripts/%s failed (run `make tools`): %v\n%s", name, err, stderr.String())
 	}
 	return strings.TrimSpace(string(out))
 }

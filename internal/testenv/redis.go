@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"time"
 )
@@ -25,17 +24,7 @@ type Redis struct {
 // "port"), and waits until it answers PING.
 func StartRedis(t T, extra ...string) *Redis {
 	t.Helper()
-	root, err := repoRoot()
-	if err != nil {
-		t.Fatalf("testenv: %v", err)
-	}
-	var stderr bytes.Buffer
-	find := exec.Command(filepath.Join(root, "scripts", "redis-bin"))
-	find.Stderr = &stderr
-	out, err := find.Output()
-	if err != nil {
-		t.Fatalf("testenv: scripts/redis-bin failed: %v\n%s", err, stderr.String())
-	}
+	bin := scriptPath(t, "redis-bin")
 	for range 10 {
 		ports, err := freePorts(1)
 		if err != nil {
@@ -46,7 +35,7 @@ func StartRedis(t T, extra ...string) *Redis {
 		args := append([]string{"--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
 			"--dir", dir, "--logfile", "", "--daemonize", "no"}, extra...)
 		r := &Redis{Addr: ports[0], logs: &bytes.Buffer{}}
-		r.cmd = exec.Command(strings.TrimSpace(string(out)), args...)
+		r.cmd = exec.Command(bin, args...)
 		r.cmd.Stdout, r.cmd.Stderr = r.logs, r.logs
 		if err := r.cmd.Start(); err != nil {
 			t.Fatalf("testenv: redis-server: %v", err)
