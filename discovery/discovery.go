@@ -183,3 +183,32 @@ func (f SinkFuncs) Error(err error) {
 		f.OnError(err)
 	}
 }
+
+// Publisher is how a watcher that lists its registry from scratch (DNS,
+// Docker) delivers each list to a sink: the first, every one after a
+// failure (marked Resync, so that an empty answer is held), and every one
+// that changed, as Update; an unchanged one as Synced. Its zero value
+// needs Sink set; one watcher owns it.
+type Publisher struct {
+	Sink    Sink
+	last    Snapshot
+	sent    bool
+	failing bool
+}
+
+// Publish delivers snap.
+func (p *Publisher) Publish(snap Snapshot) {
+	snap.Resync = p.failing
+	if !p.sent || p.failing || !snap.Equal(p.last) {
+		p.Sink.Update(snap)
+	} else {
+		p.Sink.Synced()
+	}
+	p.last, p.sent, p.failing = snap, true, false
+}
+
+// Fail reports a failure (truncated); the next list is a resync.
+func (p *Publisher) Fail(err error) {
+	p.Sink.Error(TruncateError(err))
+	p.failing = true
+}

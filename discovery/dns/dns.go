@@ -181,8 +181,7 @@ func newWatcher(cfg Config, log *zap.Logger, qs ...query) *Watcher {
 // Watch implements discovery.Watcher.
 func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 	bo := retry.New(250*time.Millisecond, max(w.cfg.Refresh, time.Second))
-	var last discovery.Snapshot
-	first, failing := true, false
+	pub := discovery.Publisher{Sink: sink}
 	for {
 		snap, ttl, err := w.resolve(ctx)
 		if ctx.Err() != nil {
@@ -190,18 +189,11 @@ func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 		}
 		wait := w.clamp(ttl)
 		if err != nil {
-			sink.Error(discovery.TruncateError(err))
-			failing = true
+			pub.Fail(err)
 			wait = bo.Next()
 		} else {
 			bo.Reset()
-			snap.Resync = failing
-			if first || failing || !snap.Equal(last) {
-				sink.Update(snap)
-			} else {
-				sink.Synced()
-			}
-			last, first, failing = snap, false, false
+			pub.Publish(snap)
 		}
 		if !retry.Sleep(ctx, wait) {
 			return nil

@@ -136,18 +136,11 @@ type self struct {
 func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 	defer w.cl.Close()
 	bo := retry.New(250*time.Millisecond, 10*time.Second)
-	var last discovery.Snapshot
-	first, failing := true, false
+	pub := discovery.Publisher{Sink: sink}
 	leaving := map[string]bool{} // containers sent a stop signal, by ID
 	for ctx.Err() == nil {
 		err := w.follow(ctx, func(snap discovery.Snapshot) {
-			snap.Resync = failing
-			if first || failing || !snap.Equal(last) {
-				sink.Update(snap)
-			} else {
-				sink.Synced()
-			}
-			last, first, failing = snap, false, false
+			pub.Publish(snap)
 			bo.Reset()
 		}, leaving)
 		if ctx.Err() != nil {
@@ -157,8 +150,7 @@ func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 			// The engine's socket is root:docker 0660 on most hosts.
 			err = fmt.Errorf("%w (rota's user needs the socket's group: docker-compose group_add, see the README)", err)
 		}
-		sink.Error(discovery.TruncateError(fmt.Errorf("docker: %w", err)))
-		failing = true
+		pub.Fail(fmt.Errorf("docker: %w", err))
 		if !retry.Sleep(ctx, bo.Next()) {
 			return nil
 		}
