@@ -6,9 +6,6 @@ import (
 	"io"
 	"time"
 
-	"go.uber.org/zap"
-
-	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/discovery/dns"
 	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/internal/testenv"
@@ -65,18 +62,12 @@ func runDNSScale(ctx context.Context, o options, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	hc := config.DefaultPool().Health
-	hc.Check = health.CheckNone
 	start := time.Now()
-	rt, err := startRouter(w, hc, log)
+	rt, err := startRouter(w, health.CheckNone, log)
 	if err != nil {
 		return err
 	}
-	defer func() {
-		if err := rt.close(); err != nil {
-			log.Warn("stopping the router", zap.Error(err))
-		}
-	}()
+	defer rt.stop(log)
 	for rt.live() != n {
 		if time.Since(start) > time.Minute {
 			return fmt.Errorf("%d instances routed after a minute, want %d", rt.live(), n)

@@ -17,9 +17,6 @@ import (
 	"sync"
 	"time"
 
-	"go.uber.org/zap"
-
-	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/discovery/docker"
 	"github.com/rota-proxy/rota/health"
 )
@@ -60,17 +57,11 @@ func runDockerScale(ctx context.Context, o options, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	hc := config.DefaultPool().Health
-	hc.Check = health.CheckTCP
-	rt, err := startRouter(w, hc, log)
+	rt, err := startRouter(w, health.CheckTCP, log)
 	if err != nil {
 		return err
 	}
-	defer func() {
-		if err := rt.close(); err != nil {
-			log.Warn("stopping the router", zap.Error(err))
-		}
-	}()
+	defer rt.stop(log)
 
 	n := o.scale
 	each := func(f func(i int) error) error {

@@ -33,7 +33,6 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
-	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/demo"
 	"github.com/rota-proxy/rota/health"
 )
@@ -160,17 +159,11 @@ func run(ctx context.Context, o options) error {
 		backends = append(backends, b)
 	}
 
-	hc := config.DefaultPool().Health
-	hc.Check = o.check
-	rt, err := startRouter(reg.Watcher(), hc, log)
+	rt, err := startRouter(reg.Watcher(), o.check, log)
 	if err != nil {
 		return err
 	}
-	defer func() {
-		if err := rt.close(); err != nil {
-			log.Warn("stopping the router", zap.Error(err))
-		}
-	}()
+	defer rt.stop(log)
 
 	// The base set, registered before the clock starts.
 	for _, b := range backends[:o.base] {

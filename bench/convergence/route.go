@@ -9,8 +9,8 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/discovery"
-	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/pool"
 	"github.com/rota-proxy/rota/proxy"
 )
@@ -39,7 +39,11 @@ type event struct {
 	addrs []string // sorted
 }
 
-func startRouter(w discovery.Watcher, hc health.Config, log *zap.Logger) (*router, error) {
+// startRouter starts a router over w's instances with the configuration's
+// default health settings and the given check.
+func startRouter(w discovery.Watcher, check string, log *zap.Logger) (*router, error) {
+	hc := config.DefaultPool().Health
+	hc.Check = check
 	ln, err := proxy.Listen("127.0.0.1:0")
 	if err != nil {
 		return nil, fmt.Errorf("proxy listener: %w", err)
@@ -111,6 +115,13 @@ func (r *router) balancerHas(addr string) bool {
 
 // live is the number of targets the picker offers.
 func (r *router) live() int { return len(r.pool.View().Live) }
+
+// stop is close for a deferred call: a failure to stop is logged.
+func (r *router) stop(log *zap.Logger) {
+	if err := r.close(); err != nil {
+		log.Warn("stopping the router", zap.Error(err))
+	}
+}
 
 // close stops the watcher, the proxy and the pool, in that order.
 func (r *router) close() error {

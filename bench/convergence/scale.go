@@ -10,9 +10,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 
-	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/discovery/etcd"
 	"github.com/rota-proxy/rota/health"
 )
@@ -32,17 +30,11 @@ func runScale(ctx context.Context, o options, out io.Writer) error {
 		return err
 	}
 	defer reg.Close()
-	hc := config.DefaultPool().Health
-	hc.Check = health.CheckNone
-	rt, err := startRouter(reg.Watcher(), hc, log)
+	rt, err := startRouter(reg.Watcher(), health.CheckNone, log)
 	if err != nil {
 		return err
 	}
-	defer func() {
-		if err := rt.close(); err != nil {
-			log.Warn("stopping the router", zap.Error(err))
-		}
-	}()
+	defer rt.stop(log)
 	n := o.scale
 	addr := func(i int) string { return fmt.Sprintf("10.%d.%d.%d:80", i>>16&255, i>>8&255, i&255) }
 	put := func(i int) clientv3.Op {
