@@ -8,6 +8,7 @@ import (
 
 	"github.com/rota-proxy/rota/discovery/dns"
 	"github.com/rota-proxy/rota/health"
+	"github.com/rota-proxy/rota/internal/retry"
 	"github.com/rota-proxy/rota/internal/testenv"
 )
 
@@ -90,8 +91,8 @@ func runDNSScale(ctx context.Context, o options, out io.Writer) error {
 				set()
 				cpu0 += cpuTime() - c
 			}
-			if err := pause(ctx, time.Second); err != nil {
-				return 0, 0, err
+			if !retry.Sleep(ctx, time.Second) {
+				return 0, 0, ctx.Err()
 			}
 		}
 		if change {
@@ -127,16 +128,4 @@ func runDNSScale(ctx context.Context, o options, out io.Writer) error {
 	fmt.Fprintf(out, "| process CPU per refresh (one a second for %v), answer unchanged; the server's share included | **%.1f ms** (%.1f queries a refresh) |\n", o.dur, float64(same)/1e6, qSame)
 	fmt.Fprintf(out, "| the same, one record replaced before each refresh (the last one routed) | **%.1f ms** (%.1f queries a refresh) |\n\n", float64(changed)/1e6, qChanged)
 	return nil
-}
-
-// pause sleeps for d or until ctx ends.
-func pause(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
 }
