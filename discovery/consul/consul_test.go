@@ -1,7 +1,6 @@
 package consul_test
 
 import (
-	"context"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -80,15 +79,7 @@ func (r *recorder) waitAddrs(t *testing.T, what string, want ...string) time.Dur
 func watch(t *testing.T, w discovery.Watcher) *recorder {
 	t.Helper()
 	r := &recorder{}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- w.Watch(ctx, r) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Watch returned %v", err)
-		}
-	})
+	testenv.RunWatcher(t, w, r)
 	return r
 }
 

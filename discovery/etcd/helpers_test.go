@@ -108,15 +108,7 @@ func (r *recorder) waitErr(t *testing.T, timeout time.Duration, what string, mat
 func startWatch(t *testing.T, w *Watcher) *recorder {
 	t.Helper()
 	rec := &recorder{}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- w.Watch(ctx, rec) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Watch returned %v", err)
-		}
-	})
+	testenv.RunWatcher(t, w, rec)
 	return rec
 }
 

@@ -24,16 +24,24 @@ type Sink struct {
 func Watch(t testing.TB, w discovery.Watcher) *Sink {
 	t.Helper()
 	s := &Sink{}
+	RunWatcher(t, w, s)
+	return s
+}
+
+// RunWatcher runs w into sink until the test ends: the test's cleanup
+// cancels it, waits for Watch to return and fails the test unless it
+// returned nil.
+func RunWatcher(t testing.TB, w discovery.Watcher, sink discovery.Sink) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- w.Watch(ctx, s) }()
+	go func() { done <- w.Watch(ctx, sink) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
-			t.Errorf("Watch: %v", err)
+			t.Errorf("Watch returned %v", err)
 		}
 	})
-	return s
 }
 
 // Update implements discovery.Sink.
