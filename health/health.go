@@ -210,11 +210,10 @@ func New(cfg Config, logger *zap.Logger, onChange func(addr string, up bool)) *C
 		ctx:      ctx,
 		cancel:   cancel,
 		wake:     make(chan struct{}, 1),
-		cfg:      cfg.bounded(),
-		spec:     compile(cfg.bounded()),
 		targets:  make(map[string]*target),
 		rand:     rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
 	}
+	c.configure(cfg)
 	c.wg.Go(c.schedule)
 	return c
 }
@@ -297,11 +296,7 @@ func (c *Checker) ReportFailure(addr string, err error) {
 func (c *Checker) SetConfig(cfg Config) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.cfg = cfg.bounded()
-	c.spec = compile(c.cfg)
-	if c.spec.err != nil {
-		c.logger.Error("health check configuration", zap.Error(c.spec.err))
-	}
+	c.configure(cfg)
 	soon := time.Now().Add(c.cfg.Interval)
 	for _, t := range c.targets {
 		c.tune(t.bo)
@@ -317,6 +312,18 @@ func (c *Checker) SetConfig(cfg Config) {
 		c.reschedule(t)
 	}
 	c.poke()
+}
+
+// configure sets the configuration and its parsed spec together (New, and
+// SetConfig with c.mu held).
+func (c *Checker) configure(cfg Config) {
+	c.cfg = cfg.bounded()
+	c.spec = compile(c.cfg)
+	if c.spec.err != nil {
+		// Validation reports it with its position first; a file that went
+		// away since makes every probe fail with this.
+		c.logger.Error("health check configuration", zap.Error(c.spec.err))
+	}
 }
 
 // Config returns the configuration in force, defaults filled in.
