@@ -54,7 +54,9 @@ func TestReloadsThenShutsDown(t *testing.T) {
 
 	os.WriteFile(file, []byte(head+listener("a")+listener("b")), 0o600)
 	sigs <- syscall.SIGHUP
-	testenv.Eventually(t, "listener b after SIGHUP", 5*time.Second, func() bool { return len(names()) == 2 })
+	// Listed, then routing: its target is up in the checker and in the
+	// published picker (a request between the two finds no live target).
+	testenv.Eventually(t, "listener b after SIGHUP", 5*time.Second, func() bool { return len(names()) == 2 && srv.Routed("b") == 1 })
 	if got, err := testenv.Request(srv.Addr("b").String()); err != nil || got != "b" {
 		t.Fatalf("through the reloaded listener b: %q, %v", got, err)
 	}
