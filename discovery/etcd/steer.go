@@ -32,9 +32,17 @@ type Steering struct {
 	all    []string // the configured endpoints
 	log    *zap.Logger
 
+	// gate orders the asks against changes of the client's endpoint list:
+	// etcd's client reads that list without its own lock when Status
+	// dials one endpoint (client/v3 v3.7.3, Client.dial), so asks hold
+	// gate shared and SetEndpoints holds it alone. Never taken under mu.
+	gate    sync.RWMutex
+	applied uint64 // under gate: the generation of the list last set
+
 	mu      sync.Mutex
 	avoided map[string]time.Time // endpoint -> until when
 	timer   *time.Timer
+	gen     uint64 // under mu: counts the lists computed
 	closed  bool
 }
 
@@ -51,13 +59,15 @@ func NewSteering(client *clientv3.Client, log *zap.Logger) *Steering {
 // member answers (the member a watch found stale; 0 for none); the others
 // are put back at once, which undoes an earlier avoidance that outlived its
 // reason (a leader killed after another member was avoided). It changes
-// nothing when no endpoint would be left, and returns within askTimeout.
+// nothing when no endpoint would be left, and returns within about twice
+// askTimeout (once for its asks, once for another refresh's).
 func (s *Steering) Refresh(member uint64) {
 	if len(s.all) < 2 {
 		return
 	}
 	bad := make([]bool, len(s.all))
 	var wg sync.WaitGroup
+	s.gate.RLock()
 	for i, ep := range s.all {
 		wg.Go(func() {
 			ctx, cancel := context.WithTimeout(s.client.Ctx(), askTimeout)
@@ -67,10 +77,18 @@ func (s *Steering) Refresh(member uint64) {
 		})
 	}
 	wg.Wait()
+	s.gate.RUnlock()
+	use, gen := s.refreshed(bad)
+	s.set(use, gen)
+}
+
+// refreshed records the answers and returns the endpoint list to set and
+// its generation (nil when nothing changes).
+func (s *Steering) refreshed(bad []bool) ([]string, uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed || !slices.Contains(bad, false) {
-		return
+		return nil, 0
 	}
 	until := time.Now().Add(avoidFor)
 	var hit []string
@@ -86,20 +104,38 @@ func (s *Steering) Refresh(member uint64) {
 		changed = changed || was != bad[i]
 	}
 	if !changed {
-		return
+		return nil, 0
 	}
-	s.applyLocked()
+	use, gen := s.nextLocked()
 	if len(hit) > 0 {
 		s.log.Warn("etcd members not answering; leaving them out for a while",
 			zap.Strings("endpoints", hit), zap.Duration("for", avoidFor))
 	} else {
 		s.log.Info("every etcd member answers again")
 	}
+	return use, gen
 }
 
-// applyLocked sets the client's endpoints to those not avoided; false
-// (and no change) when none would be left.
-func (s *Steering) applyLocked() bool {
+// set gives the client the endpoint list use of generation gen, unless a
+// newer one was set already (two refreshes, or a refresh and the timer,
+// may race to here); nil use sets nothing.
+func (s *Steering) set(use []string, gen uint64) {
+	if use == nil {
+		return
+	}
+	s.gate.Lock()
+	defer s.gate.Unlock()
+	if gen <= s.applied {
+		return
+	}
+	s.applied = gen
+	s.client.SetEndpoints(use...)
+}
+
+// nextLocked returns the endpoints not avoided, in a new generation, and
+// arms the timer that puts the next avoided one back; nil when none would
+// be left.
+func (s *Steering) nextLocked() ([]string, uint64) {
 	now := time.Now()
 	var use []string
 	var next time.Time
@@ -115,9 +151,9 @@ func (s *Steering) applyLocked() bool {
 		use = append(use, ep)
 	}
 	if len(use) == 0 {
-		return false
+		return nil, 0
 	}
-	s.client.SetEndpoints(use...)
+	s.gen++
 	if s.timer != nil {
 		s.timer.Stop()
 		s.timer = nil
@@ -125,13 +161,16 @@ func (s *Steering) applyLocked() bool {
 	if !next.IsZero() {
 		s.timer = time.AfterFunc(time.Until(next), func() {
 			s.mu.Lock()
-			defer s.mu.Unlock()
+			var use []string
+			var gen uint64
 			if !s.closed {
-				s.applyLocked()
+				use, gen = s.nextLocked()
 			}
+			s.mu.Unlock()
+			s.set(use, gen)
 		})
 	}
-	return true
+	return use, s.gen
 }
 
 // Close stops putting endpoints back.
