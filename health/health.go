@@ -10,7 +10,9 @@
 // Fall consecutive failed probes, or at once when the proxy reports a failed
 // dial; a down target is re-probed on exponential backoff with jitter (from
 // Interval up to BackoffMax, forever) and comes back after Rise consecutive
-// successes. State is kept by address, so re-announcing a target (discovery
+// successes. A down target that answers, with a status, body or reply
+// other than expected, is re-probed at Interval instead: it is alive, and
+// its verdict may flip any moment (a database replica promoted). State is kept by address, so re-announcing a target (discovery
 // churn, config reloads) keeps what the checker knows about it. With
 // check: none a target is trusted as the registry reports it: live at once,
 // down only after a failed dial, and then back after a successful
@@ -582,9 +584,9 @@ func (c *Checker) record(t *target, err error) time.Duration {
 			t.state == Up && t.fail >= cfg.Fall:
 			c.setState(t, Down, t.lastErr)
 			t.bo.Reset()
-			t.next = c.backoffDelay(t)
+			t.next = c.downDelay(t, err)
 		case t.state == Down && !starting:
-			t.next = c.backoffDelay(t)
+			t.next = c.downDelay(t, err)
 		default: // up, fewer than Fall failures: keep the normal pace
 			t.next = c.jitter(cfg.Interval)
 		}
@@ -644,6 +646,17 @@ func startingDelay(fails int) time.Duration {
 		return time.Hour // past any interval
 	}
 	return startingRetry << max(fails-1, 0)
+}
+
+// downDelay is the next delay for a down target after the failure err:
+// the interval when the target answered (its verdict may flip at any
+// moment: a replica promoted), else on backoff. Caller holds c.mu.
+func (c *Checker) downDelay(t *target, err error) time.Duration {
+	if answered(err) {
+		t.bo.Reset()
+		return c.jitter(c.cfg.Interval)
+	}
+	return c.backoffDelay(t)
 }
 
 // backoffDelay is the next delay for a down target. The library's jitter may

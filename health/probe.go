@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -112,7 +113,7 @@ func probeHTTP(ctx context.Context, s *spec, addr string) error {
 	}
 	defer resp.Body.Close()
 	if !s.wantStatus(resp.StatusCode) {
-		return fmt.Errorf("%s check: GET %s: status %d (want %s)", kind, s.cfg.Path, resp.StatusCode, strings.Join(statusText(s.cfg.ExpectStatus), ", "))
+		return answeredf("%s check: GET %s: status %d (want %s)", kind, s.cfg.Path, resp.StatusCode, strings.Join(statusText(s.cfg.ExpectStatus), ", "))
 	}
 	if s.cfg.ExpectBody != "" {
 		body, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswer))
@@ -120,7 +121,7 @@ func probeHTTP(ctx context.Context, s *spec, addr string) error {
 			return fmt.Errorf("%s check: GET %s: reading the body: %w", kind, s.cfg.Path, unwrapOp(err))
 		}
 		if !bytes.Contains(body, []byte(s.cfg.ExpectBody)) {
-			return fmt.Errorf("%s check: GET %s: body lacked %q (got %q)", kind, s.cfg.Path, s.cfg.ExpectBody, excerpt(body))
+			return answeredf("%s check: GET %s: body lacked %q (got %q)", kind, s.cfg.Path, s.cfg.ExpectBody, excerpt(body))
 		}
 	}
 	if tc, ok := raw.(*net.TCPConn); ok && kind == CheckHTTP {
@@ -178,7 +179,7 @@ func probeSendExpect(ctx context.Context, s *spec, addr string) error {
 				break
 			}
 			if len(got) >= maxAnswer {
-				return fmt.Errorf("send_expect check: expected %q, got %d bytes without it (%q)", excerpt(st.expect), len(got), excerpt(got))
+				return answeredf("send_expect check: expected %q, got %d bytes without it (%q)", excerpt(st.expect), len(got), excerpt(got))
 			}
 			n, err := conn.Read(buf)
 			got = append(got, buf[:n]...)
@@ -186,7 +187,7 @@ func probeSendExpect(ctx context.Context, s *spec, addr string) error {
 				if len(got) == 0 {
 					return fmt.Errorf("send_expect check: expected %q: %w", excerpt(st.expect), unwrapOp(err))
 				}
-				return fmt.Errorf("send_expect check: expected %q, got %q (%v)", excerpt(st.expect), excerpt(got), unwrapOp(err))
+				return answeredf("send_expect check: expected %q, got %q (%v)", excerpt(st.expect), excerpt(got), unwrapOp(err))
 			}
 		}
 	}
@@ -219,9 +220,30 @@ func probeGRPC(ctx context.Context, s *spec, addr string) error {
 		if svc == "" {
 			svc = `"" (the server)`
 		}
-		return fmt.Errorf("grpc check: service %s is %s", svc, st)
+		return answeredf("grpc check: service %s is %s", svc, st)
 	}
 	return nil
+}
+
+// answeredError is a probe's failure that the target answered: an http
+// status or body, a send_expect reply or a gRPC status other than the one
+// expected. The target is alive and its verdict may change any moment (a
+// replica promoted, a Redis replica made master), so a down target that
+// answers is probed at the interval, not on backoff, which is for targets
+// that do not answer.
+type answeredError struct{ error }
+
+func (e answeredError) Unwrap() error { return e.error }
+
+// answeredf formats an answeredError.
+func answeredf(format string, args ...any) error {
+	return answeredError{fmt.Errorf(format, args...)}
+}
+
+// answered tells whether err is a verdict the target gave.
+func answered(err error) bool {
+	var a answeredError
+	return errors.As(err, &a)
 }
 
 // excerpt is b cut to 80 bytes for an error message.

@@ -212,7 +212,7 @@ func (s *probeSocket) exchange() {
 			continue
 		}
 		if len(s.got) >= maxAnswer {
-			s.end(fmt.Errorf("send_expect check: expected %q, got %d bytes without it (%q)", excerpt(st.expect), len(s.got), excerpt(s.got)))
+			s.end(answeredf("send_expect check: expected %q, got %d bytes without it (%q)", excerpt(st.expect), len(s.got), excerpt(s.got)))
 			return
 		}
 		n, err := poller.Read(fd, s.pr.buf[:])
@@ -236,7 +236,7 @@ func (s *probeSocket) expectErr(expect []byte, why error) error {
 	if len(s.got) == 0 {
 		return fmt.Errorf("send_expect check: expected %q: %w", excerpt(expect), why)
 	}
-	return fmt.Errorf("send_expect check: expected %q, got %q (%v)", excerpt(expect), excerpt(s.got), why)
+	return answeredf("send_expect check: expected %q, got %q (%v)", excerpt(expect), excerpt(s.got), why)
 }
 
 func (s *probeSocket) Expired() {

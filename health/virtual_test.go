@@ -13,9 +13,10 @@ import (
 
 // flaky is a probe whose answer the test sets, counting the probes.
 type flaky struct {
-	mu    sync.Mutex
-	fail  bool
-	times []time.Time
+	mu      sync.Mutex
+	fail    bool
+	answers bool // fails with a verdict (status 503), not a refusal
+	times   []time.Time
 }
 
 func (f *flaky) probe(context.Context, string) error {
@@ -23,6 +24,9 @@ func (f *flaky) probe(context.Context, string) error {
 	defer f.mu.Unlock()
 	f.times = append(f.times, time.Now())
 	if f.fail {
+		if f.answers {
+			return health.Answered(errors.New("http check: GET /primary: status 503 (want 200)"))
+		}
 		return errors.New("connection refused")
 	}
 	return nil
@@ -127,6 +131,43 @@ func TestBackoffOnVirtualTime(t *testing.T) {
 		// Last minute: probed about every 30 s, not given up.
 		if last := time.Since(times[len(times)-1]); last > cfg.BackoffMax {
 			t.Fatalf("last probe %v ago, more than backoff_max", last)
+		}
+	})
+}
+
+// A down target that answers (a replica saying 503 to /primary) is probed
+// at the interval, not on backoff: when it is promoted, it is routed
+// within an interval and rise, not after backoff_max.
+func TestAnsweringTargetNotBackedOff(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := flaky{fail: true, answers: true}
+		cfg := defaults()
+		changes := make(chan bool, 16)
+		c := health.New(cfg, nil, func(_ string, up bool) { changes <- up })
+		defer c.Close()
+		c.SetProbe(f.probe)
+		c.Update([]string{"10.0.0.1:80"})
+		if up := <-changes; up {
+			t.Fatal("want down")
+		}
+		time.Sleep(10 * time.Minute) // a replica for ten minutes
+		synctest.Wait()
+		f.mu.Lock()
+		times := append([]time.Time(nil), f.times...)
+		f.mu.Unlock()
+		for i := len(times) - 20; i < len(times); i++ {
+			if g := times[i].Sub(times[i-1]); g < cfg.Interval*8/10 || g > cfg.Interval*12/10 {
+				t.Fatalf("gap %d = %v, want the interval %v ±10%%", i, g, cfg.Interval)
+			}
+		}
+		// Promoted: up after rise probes at the interval.
+		f.set(false)
+		at := time.Now()
+		if up := <-changes; !up {
+			t.Fatal("want up")
+		}
+		if d := time.Since(at); d > time.Duration(cfg.Rise)*cfg.Interval*11/10 {
+			t.Fatalf("up %v after the target answered well; want within rise x interval (%v)", d, time.Duration(cfg.Rise)*cfg.Interval)
 		}
 	})
 }
