@@ -192,6 +192,11 @@ type target struct {
 	bo        *backoff.ExponentialBackOff
 	next      time.Duration // delay before the next probe, set by the last event
 	nextAt    time.Time
+	// kept is the http/https connection the last probe left open for the
+	// next (HTTP keep-alive); nil while a probe has it, after a failure,
+	// and for other kinds. The checker owns it under mu; a probe owns it
+	// while it runs.
+	kept *keptConn
 }
 
 // New returns a Checker with no targets. onChange is told of every target
@@ -239,7 +244,7 @@ func (c *Checker) Update(addrs []string) {
 		}
 		t := &target{addr: a, state: Checking, since: now, bo: c.newBackoff(), nextAt: now}
 		t.ap, _ = netip.ParseAddrPort(a)
-		t.done = func(err error) { c.finish(t, err) }
+		t.done = func(err error) { c.finish(t, err, nil, nil) }
 		c.targets[a] = t
 		if c.cfg.Check == CheckNone {
 			// The registry's word is enough: no probe. (Not logged one by
@@ -255,6 +260,7 @@ func (c *Checker) Update(addrs []string) {
 			continue
 		}
 		t.removed = true
+		t.forget()
 		if t.idx > 0 {
 			c.due.remove(t.idx - 1)
 		}
@@ -281,6 +287,9 @@ func (c *Checker) ReportFailure(addr string, err error) {
 	}
 	t.fail++
 	t.succ = 0
+	// The next probe dials, as the proxy did: a kept connection would say
+	// nothing about new ones.
+	t.forget()
 	if err != nil {
 		t.lastErr = "dial: " + err.Error()
 	}
@@ -301,6 +310,7 @@ func (c *Checker) SetConfig(cfg Config) {
 	c.configure(cfg)
 	soon := time.Now().Add(c.cfg.Interval)
 	for _, t := range c.targets {
+		t.forget() // made for the old check's port, TLS or kind
 		c.tune(t.bo)
 		if t.state == Up && t.fail >= c.cfg.Fall {
 			t.fail = c.cfg.Fall - 1 // the next failure decides, not a stale count
@@ -383,6 +393,20 @@ func (c *Checker) Close() {
 	if c.tcp != nil {
 		c.tcp.close() // after the scheduler: nothing starts probes now
 	}
+	c.mu.Lock()
+	for _, t := range c.targets {
+		t.forget()
+	}
+	c.mu.Unlock()
+}
+
+// forget closes t's kept connection, if any. Caller holds c.mu (closing
+// a socket with a reset does not wait).
+func (t *target) forget() {
+	if t.kept != nil {
+		t.kept.close()
+		t.kept = nil
+	}
 }
 
 // poke wakes the scheduler. It never blocks.
@@ -437,8 +461,12 @@ func (c *Checker) schedule() {
 				jobs = append(jobs, j)
 				continue
 			}
-			sp := c.spec
-			c.wg.Go(func() { t.done(c.probe(c.ctx, sp, t.addr)) })
+			sp, kept := c.spec, t.kept
+			t.kept = nil
+			c.wg.Go(func() {
+				kept, err := c.probe(c.ctx, sp, t.addr, kept)
+				c.finish(t, err, sp, kept)
+			})
 		}
 		wait := time.Hour
 		if c.due.len() > 0 && c.inflight < maxInflight {
@@ -506,10 +534,19 @@ func (c *Checker) onLoop(ap netip.AddrPort) bool {
 }
 
 // finish records the result of a probe of t, under the configuration in
-// force now (a reload during the probe applies to its result).
-func (c *Checker) finish(t *target, err error) {
+// force now (a reload during the probe applies to its result). kept is the
+// connection the probe, run under spec sp, leaves for the next one (nil:
+// none); finish takes ownership of it.
+func (c *Checker) finish(t *target, err error, sp *spec, kept *keptConn) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if kept != nil {
+		if err == nil && !t.removed && !c.closed && sp == c.spec && t.kept == nil {
+			t.kept = kept
+		} else {
+			kept.close()
+		}
+	}
 	if c.inflight == maxInflight {
 		c.poke() // the scheduler waits for a free place, not a deadline
 	}

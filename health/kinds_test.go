@@ -2,6 +2,7 @@ package health_test
 
 import (
 	"bufio"
+	"errors"
 	"crypto/tls"
 	"net"
 	"net/http"
@@ -105,7 +106,8 @@ func atoi(t *testing.T, s string) int {
 }
 
 // https and tls checks against a server with its own CA: up with that CA,
-// down with another one (and the reason), sessions resumed across probes.
+// down with another one (and the reason); https probes keep their
+// connection, and resume the TLS session when the server closes it.
 func TestHTTPSAndTLSChecksWithTheirOwnCA(t *testing.T) {
 	ca, other := testenv.NewCA(t, "service"), testenv.NewCA(t, "other")
 	certFile, keyFile := ca.Issue("server", "127.0.0.1")
@@ -113,15 +115,24 @@ func TestHTTPSAndTLSChecksWithTheirOwnCA(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var requests, resumed atomic.Int64
+	var requests, resumed, conns atomic.Int64
+	var closing atomic.Bool
 	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		requests.Add(1)
 		if r.TLS != nil && r.TLS.DidResume {
 			resumed.Add(1)
 		}
+		if closing.Load() {
+			w.Header().Set("Connection", "close")
+		}
 		w.Write([]byte("ok"))
 	}))
 	srv.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
+	srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			conns.Add(1)
+		}
+	}
 	srv.StartTLS()
 	defer srv.Close()
 	addr := srv.Listener.Addr().String()
@@ -133,8 +144,14 @@ func TestHTTPSAndTLSChecksWithTheirOwnCA(t *testing.T) {
 			cfg.TLS.CAFile = ca.File
 			watch(t, cfg, addr)("up with the service's CA", true)
 			if kind == health.CheckHTTPS {
-				n := requests.Load()
+				n, c := requests.Load(), conns.Load()
 				testenv.Eventually(t, "more probes", 10*time.Second, func() bool { return requests.Load() >= n+3 })
+				if got := conns.Load() - c; got != 0 {
+					t.Errorf("%d new connections for %d probes of a live target: want them kept", got, requests.Load()-n)
+				}
+				closing.Store(true) // each probe on a new connection, its session resumed
+				n = requests.Load()
+				testenv.Eventually(t, "probes on new connections", 10*time.Second, func() bool { return requests.Load() >= n+3 })
 			}
 
 			cfg.TLS.CAFile = other.File
@@ -242,4 +259,62 @@ func TestTCPCheckPort(t *testing.T) {
 	wait("up through the check port", true)
 	ln.Close()
 	wait("down once the check port closes", false)
+}
+
+// An http check keeps its connection while the target passes (one
+// connection for many probes); a connection the server closed while idle
+// costs a new one, not a failed probe; a dial the proxy reports failed
+// makes the next probe dial too.
+func TestHTTPCheckKeepsItsConnection(t *testing.T) {
+	var requests, conns atomic.Int64
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requests.Add(1)
+		w.Write([]byte("ok"))
+	}))
+	srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	srv.Start()
+	defer srv.Close()
+	addr := srv.Listener.Addr().String()
+	cfg := fast()
+	cfg.Check, cfg.Path = health.CheckHTTP, "/healthz"
+	c := health.New(cfg, nil, nil)
+	t.Cleanup(c.Close)
+	c.Update([]string{addr})
+	testenv.Eventually(t, "up", 10*time.Second, func() bool { return stateOf(c, addr).State == health.Up })
+
+	n, before := requests.Load(), conns.Load()
+	testenv.Eventually(t, "ten more probes", 10*time.Second, func() bool { return requests.Load() >= n+10 })
+	if got := conns.Load() - before; got != 0 {
+		t.Fatalf("%d new connections for %d probes: want the one kept", got, requests.Load()-n)
+	}
+
+	// The server drops idle connections: each probe finds its kept one
+	// closed and asks again on a new one, without failing.
+	srv.Config.SetKeepAlivesEnabled(false) // closes idle connections now, and after each answer
+	n, before = requests.Load(), conns.Load()
+	failed := stateOf(c, addr).ChecksFailed
+	testenv.Eventually(t, "five probes on new connections", 10*time.Second, func() bool {
+		return requests.Load() >= n+5 && conns.Load() >= before+5
+	})
+	if s := stateOf(c, addr); s.ChecksFailed != failed || s.State != health.Up {
+		t.Fatalf("after the server closed kept connections: %+v (failed before: %d)", s, failed)
+	}
+
+	// Keep-alive again, then the proxy fails to dial: the next probe dials.
+	srv.Config.SetKeepAlivesEnabled(true)
+	testenv.Eventually(t, "a kept connection again", 10*time.Second, func() bool {
+		n, before := requests.Load(), conns.Load()
+		if _, ok := testenv.Poll(time.Second, func() bool { return requests.Load() >= n+3 }); !ok {
+			return false
+		}
+		return conns.Load() == before
+	})
+	before = conns.Load()
+	c.ReportFailure(addr, errors.New("connection refused"))
+	testenv.Eventually(t, "a new connection after the reported failure", 10*time.Second, func() bool { return conns.Load() > before })
+	testenv.Eventually(t, "up again", 10*time.Second, func() bool { return stateOf(c, addr).State == health.Up })
 }

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 
 	"google.golang.org/grpc"
@@ -24,29 +25,34 @@ const maxAnswer = 64 << 10
 
 // probe runs one check of target addr under spec s. The checker's TCP
 // checks of IP addresses run on its event loop instead (probe_linux.go).
-func (c *Checker) probe(ctx context.Context, s *spec, addr string) error {
+// It takes ownership of kept, the connection the target's last http or
+// https probe left open (nil for none), and returns the one to keep for
+// the next probe (nil for none), whatever the error.
+func (c *Checker) probe(ctx context.Context, s *spec, addr string, kept *keptConn) (*keptConn, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.Timeout)
 	defer cancel()
+	var err error
 	switch {
 	case s.cfg.Check == CheckNone:
-		return nil
 	case c.probeFn != nil:
-		return c.probeFn(ctx, addr)
+		err = c.probeFn(ctx, addr)
 	case s.err != nil:
-		return fmt.Errorf("%s check: %w", s.cfg.Check, s.err)
-	}
-	switch s.cfg.Check {
-	case CheckHTTP, CheckHTTPS:
-		return probeHTTP(ctx, s, addr)
-	case CheckTLS:
-		return probeTLS(ctx, s, addr)
-	case CheckSendExpect:
-		return probeSendExpect(ctx, s, addr)
-	case CheckGRPC:
-		return probeGRPC(ctx, s, addr)
+		err = fmt.Errorf("%s check: %w", s.cfg.Check, s.err)
+	case s.cfg.Check == CheckHTTP || s.cfg.Check == CheckHTTPS:
+		return probeHTTP(ctx, s, addr, kept)
+	case s.cfg.Check == CheckTLS:
+		err = probeTLS(ctx, s, addr)
+	case s.cfg.Check == CheckSendExpect:
+		err = probeSendExpect(ctx, s, addr)
+	case s.cfg.Check == CheckGRPC:
+		err = probeGRPC(ctx, s, addr)
 	default:
-		return probeTCP(ctx, s.addr(addr))
+		err = probeTCP(ctx, s.addr(addr))
 	}
+	if kept != nil {
+		kept.close()
+	}
+	return nil, err
 }
 
 // probeTCP connects and closes with a reset, as HAProxy's checks do: the
@@ -66,68 +72,138 @@ func probeTCP(ctx context.Context, addr string) error {
 	return conn.Close()
 }
 
-// probeHTTP asks GET path of the target (http or https) on a connection
-// of its own and judges the status and, with expect_body, the body's
-// first maxAnswer bytes. It writes the request and reads the answer with
-// the standard library's HTTP/1.1 parser but no client transport: at
-// 10,000 targets every 2 s, net/http's client (a connection's reader and
-// writer goroutines, its pool) cost a whole core; this, a fraction.
-func probeHTTP(ctx context.Context, s *spec, addr string) error {
+// probeHTTP asks GET path of the target (http or https) and judges the
+// status and, with expect_body, the body's first maxAnswer bytes. It
+// writes the request and reads the answer with the standard library's
+// HTTP/1.1 parser but no client transport: at 10,000 targets every 2 s,
+// net/http's client (a connection's reader and writer goroutines, its
+// pool) cost a whole core; this, a fraction.
+//
+// A target that passed keeps its connection for its next probe (HTTP/1.1
+// keep-alive, as Envoy's checks do by default), which spares a connect, a
+// TLS handshake and a close a probe. It takes ownership of kept and
+// returns the connection to keep (nil: none). A kept connection the
+// server has closed meanwhile costs a new one, at once; any failure, and
+// a dial the proxy reports failed, close it, so a target that is down is
+// always asked on a new connection.
+func probeHTTP(ctx context.Context, s *spec, addr string, kept *keptConn) (*keptConn, error) {
+	if kept != nil {
+		kc, err, stale := exchangeHTTP(ctx, s, addr, kept, true)
+		if !stale {
+			return kc, err
+		}
+	}
+	kc, err := dialHTTP(ctx, s, addr)
+	if err != nil {
+		return nil, err
+	}
+	kc, err, _ = exchangeHTTP(ctx, s, addr, kc, false)
+	return kc, err
+}
+
+// keptConn is an http or https check's connection between two probes of
+// one target.
+type keptConn struct {
+	conn net.Conn // the TLS connection for https
+	raw  net.Conn
+}
+
+// close closes with a reset: no TIME_WAIT per connection, as for tcp checks.
+func (k *keptConn) close() {
+	if tc, ok := k.raw.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	k.conn.Close()
+}
+
+// dialHTTP connects to the target's check port, with TLS for https.
+func dialHTTP(ctx context.Context, s *spec, addr string) (*keptConn, error) {
 	kind := s.cfg.Check
 	d := net.Dialer{KeepAlive: -1}
 	raw, err := d.DialContext(ctx, "tcp", s.addr(addr))
 	if err != nil {
-		return fmt.Errorf("%s check: %w", kind, unwrapOp(err))
+		return nil, fmt.Errorf("%s check: %w", kind, unwrapOp(err))
 	}
-	conn := raw
-	defer func() { conn.Close() }()
+	kc := &keptConn{conn: raw, raw: raw}
+	if kind != CheckHTTPS {
+		return kc, nil
+	}
+	cfg := s.tls
+	if cfg.ServerName == "" {
+		// Verify against the target's address, as an https URL of it
+		// would; sessions stay cached by it.
+		cfg = cfg.Clone()
+		cfg.ServerName, _, _ = net.SplitHostPort(s.addr(addr))
+		cfg.ClientSessionCache = s.tls.ClientSessionCache
+	}
+	tc := tls.Client(raw, cfg)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		kc.close()
+		return nil, fmt.Errorf("%s check: %w", kind, unwrapOp(err))
+	}
+	kc.conn = tc
+	return kc, nil
+}
+
+// exchangeHTTP sends the request on kc and judges the answer; it returns
+// kc when the connection can serve the next probe, else closes it. stale
+// says a reused connection failed before any answer came (the server
+// closed it while idle): the caller asks again on a new one.
+func exchangeHTTP(ctx context.Context, s *spec, addr string, kc *keptConn, reused bool) (_ *keptConn, err error, stale bool) {
+	kind := s.cfg.Check
+	keep := false
+	defer func() {
+		if !keep {
+			kc.close()
+		}
+	}()
 	if dl, ok := ctx.Deadline(); ok {
-		raw.SetDeadline(dl)
+		kc.raw.SetDeadline(dl)
 	}
 	host := s.cfg.Host
 	if host == "" {
 		host = s.addr(addr)
 	}
-	if kind == CheckHTTPS {
-		cfg := s.tls
-		if cfg.ServerName == "" {
-			// Verify against the target's address, as an https URL of it
-			// would; sessions stay cached by it.
-			cfg = cfg.Clone()
-			cfg.ServerName, _, _ = net.SplitHostPort(s.addr(addr))
-			cfg.ClientSessionCache = s.tls.ClientSessionCache
-		}
-		tc := tls.Client(raw, cfg)
-		if err := tc.HandshakeContext(ctx); err != nil {
-			return fmt.Errorf("%s check: %w", kind, unwrapOp(err))
-		}
-		conn = tc
+	req := "GET " + s.cfg.Path + " HTTP/1.1\r\nHost: " + host + "\r\nUser-Agent: rota-health-check\r\n\r\n"
+	if _, err := io.WriteString(kc.conn, req); err != nil {
+		return nil, fmt.Errorf("%s check: GET %s: %w", kind, s.cfg.Path, unwrapOp(err)), reused && !errors.Is(err, os.ErrDeadlineExceeded)
 	}
-	req := "GET " + s.cfg.Path + " HTTP/1.1\r\nHost: " + host + "\r\nUser-Agent: rota-health-check\r\nConnection: close\r\n\r\n"
-	if _, err := io.WriteString(conn, req); err != nil {
-		return fmt.Errorf("%s check: GET %s: %w", kind, s.cfg.Path, unwrapOp(err))
-	}
-	resp, err := http.ReadResponse(bufio.NewReaderSize(io.LimitReader(conn, maxHeader+maxAnswer), 4096), nil)
+	lr := &countingReader{r: io.LimitReader(kc.conn, maxHeader+maxAnswer)}
+	br := bufio.NewReaderSize(lr, 4096)
+	resp, err := http.ReadResponse(br, nil)
 	if err != nil {
-		return fmt.Errorf("%s check: GET %s: %w", kind, s.cfg.Path, unwrapOp(err))
+		return nil, fmt.Errorf("%s check: GET %s: %w", kind, s.cfg.Path, unwrapOp(err)), reused && lr.n == 0 && !errors.Is(err, os.ErrDeadlineExceeded)
 	}
 	defer resp.Body.Close()
 	if !s.wantStatus(resp.StatusCode) {
-		return answeredf("%s check: GET %s: status %d (want %s)", kind, s.cfg.Path, resp.StatusCode, strings.Join(statusText(s.cfg.ExpectStatus), ", "))
+		return nil, answeredf("%s check: GET %s: status %d (want %s)", kind, s.cfg.Path, resp.StatusCode, strings.Join(statusText(s.cfg.ExpectStatus), ", ")), false
 	}
-	if s.cfg.ExpectBody != "" {
-		body, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswer))
-		if err != nil {
-			return fmt.Errorf("%s check: GET %s: reading the body: %w", kind, s.cfg.Path, unwrapOp(err))
-		}
-		if !bytes.Contains(body, []byte(s.cfg.ExpectBody)) {
-			return answeredf("%s check: GET %s: body lacked %q (got %q)", kind, s.cfg.Path, s.cfg.ExpectBody, excerpt(body))
-		}
+	// The whole body is read, up to maxAnswer, so that the connection is
+	// at the next answer's start.
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswer+1))
+	if err != nil {
+		return nil, fmt.Errorf("%s check: GET %s: reading the body: %w", kind, s.cfg.Path, unwrapOp(err)), false
 	}
-	if tc, ok := raw.(*net.TCPConn); ok && kind == CheckHTTP {
-		tc.SetLinger(0) // no TIME_WAIT per probe, as for tcp checks
+	if s.cfg.ExpectBody != "" && !bytes.Contains(body[:min(len(body), maxAnswer)], []byte(s.cfg.ExpectBody)) {
+		return nil, answeredf("%s check: GET %s: body lacked %q (got %q)", kind, s.cfg.Path, s.cfg.ExpectBody, excerpt(body)), false
 	}
-	return nil
+	keep = !resp.Close && len(body) <= maxAnswer && br.Buffered() == 0
+	if !keep {
+		return nil, nil, false
+	}
+	return kc, nil, false
+}
+
+// countingReader counts the bytes read through it.
+type countingReader struct {
+	r io.Reader
+	n int
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += n
+	return n, err
 }
 
 // maxHeader bounds an http check's answer's header.

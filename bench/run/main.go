@@ -49,11 +49,14 @@ type options struct {
 func main() {
 	if len(os.Args) > 2 && os.Args[1] == "-backend-mode" {
 		n, _ := strconv.Atoi(os.Args[2])
-		host := "127.0.0.1"
+		host, kind := "127.0.0.1", "http"
 		if len(os.Args) > 3 {
 			host = os.Args[3] // bench/probe-cpu: an address in another namespace
 		}
-		if err := runBackends(n, host); err != nil {
+		if len(os.Args) > 4 {
+			kind = os.Args[4] // bench/probe-cpu: http, https or grpc
+		}
+		if err := runBackends(n, host, kind); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
