@@ -2,8 +2,8 @@ package health_test
 
 import (
 	"bufio"
-	"errors"
 	"crypto/tls"
+	"errors"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -224,8 +224,9 @@ func TestGRPCCheck(t *testing.T) {
 	hs := grpchealth.NewServer()
 	gs := grpc.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
+	cl := &countingListener{Listener: ln}
 	var wg sync.WaitGroup
-	wg.Go(func() { gs.Serve(ln) })
+	wg.Go(func() { gs.Serve(cl) })
 	defer wg.Wait()
 	defer gs.Stop()
 	addr := ln.Addr().String()
@@ -233,6 +234,16 @@ func TestGRPCCheck(t *testing.T) {
 
 	cfg := fast()
 	cfg.Check = health.CheckGRPC
+	c := health.New(cfg, nil, nil)
+	c.Update([]string{addr})
+	testenv.Eventually(t, "up", 10*time.Second, func() bool { return stateOf(c, addr).State == health.Up })
+	ok, conns := stateOf(c, addr).ChecksOK, cl.n.Load()
+	testenv.Eventually(t, "five more probes", 10*time.Second, func() bool { return stateOf(c, addr).ChecksOK >= ok+5 })
+	c.Close()
+	if got := cl.n.Load() - conns; got != 0 {
+		t.Errorf("%d new connections for five probes of a live target: want the one kept", got)
+	}
+
 	wait := watch(t, cfg, addr)
 	wait("the server SERVING", true)
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
@@ -317,4 +328,18 @@ func TestHTTPCheckKeepsItsConnection(t *testing.T) {
 	c.ReportFailure(addr, errors.New("connection refused"))
 	testenv.Eventually(t, "a new connection after the reported failure", 10*time.Second, func() bool { return conns.Load() > before })
 	testenv.Eventually(t, "up again", 10*time.Second, func() bool { return stateOf(c, addr).State == health.Up })
+}
+
+// countingListener counts the connections it accepts.
+type countingListener struct {
+	net.Listener
+	n atomic.Int64
+}
+
+func (l *countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.n.Add(1)
+	}
+	return c, err
 }

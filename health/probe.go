@@ -45,7 +45,7 @@ func (c *Checker) probe(ctx context.Context, s *spec, addr string, kept *keptCon
 	case s.cfg.Check == CheckSendExpect:
 		err = probeSendExpect(ctx, s, addr)
 	case s.cfg.Check == CheckGRPC:
-		err = probeGRPC(ctx, s, addr)
+		return probeGRPC(ctx, s, addr, kept)
 	default:
 		err = probeTCP(ctx, s.addr(addr))
 	}
@@ -101,15 +101,20 @@ func probeHTTP(ctx context.Context, s *spec, addr string, kept *keptConn) (*kept
 	return kc, err
 }
 
-// keptConn is an http or https check's connection between two probes of
-// one target.
+// keptConn is an http, https or grpc check's connection between two
+// probes of one target.
 type keptConn struct {
 	conn net.Conn // the TLS connection for https
 	raw  net.Conn
+	grpc *grpc.ClientConn // grpc checks': no conn, no raw
 }
 
 // close closes with a reset: no TIME_WAIT per connection, as for tcp checks.
 func (k *keptConn) close() {
+	if k.grpc != nil {
+		k.grpc.Close()
+		return
+	}
 	if tc, ok := k.raw.(*net.TCPConn); ok {
 		tc.SetLinger(0)
 	}
@@ -274,31 +279,38 @@ func probeSendExpect(ctx context.Context, s *spec, addr string) error {
 }
 
 // probeGRPC asks the target's grpc.health.v1.Health/Check for the
-// configured service ("" = the server as a whole) on a new connection.
-func probeGRPC(ctx context.Context, s *spec, addr string) error {
-	creds := insecure.NewCredentials()
-	if s.tls != nil {
-		creds = credentials.NewTLS(s.tls)
+// configured service ("" = the server as a whole). A target that passed
+// keeps its client connection (one HTTP/2 connection) for its next probe,
+// as http checks keep theirs; it takes ownership of kept and returns the
+// connection to keep (nil: none).
+func probeGRPC(ctx context.Context, s *spec, addr string, kept *keptConn) (*keptConn, error) {
+	if kept == nil {
+		creds := insecure.NewCredentials()
+		if s.tls != nil {
+			creds = credentials.NewTLS(s.tls)
+		}
+		// passthrough: the address is dialled as given, no name resolution.
+		conn, err := grpc.NewClient("passthrough:///"+s.addr(addr), grpc.WithTransportCredentials(creds),
+			grpc.WithUserAgent("rota-health-check"))
+		if err != nil {
+			return nil, fmt.Errorf("grpc check: %w", err)
+		}
+		kept = &keptConn{grpc: conn}
 	}
-	// passthrough: the address is dialled as given, no name resolution.
-	conn, err := grpc.NewClient("passthrough:///"+s.addr(addr), grpc.WithTransportCredentials(creds),
-		grpc.WithUserAgent("rota-health-check"))
+	resp, err := healthpb.NewHealthClient(kept.grpc).Check(ctx, &healthpb.HealthCheckRequest{Service: s.cfg.GRPCService})
 	if err != nil {
-		return fmt.Errorf("grpc check: %w", err)
-	}
-	defer conn.Close()
-	resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{Service: s.cfg.GRPCService})
-	if err != nil {
-		return fmt.Errorf("grpc check: %w", err)
+		kept.close()
+		return nil, fmt.Errorf("grpc check: %w", err)
 	}
 	if st := resp.GetStatus(); st != healthpb.HealthCheckResponse_SERVING {
+		kept.close()
 		svc := s.cfg.GRPCService
 		if svc == "" {
 			svc = `"" (the server)`
 		}
-		return answeredf("grpc check: service %s is %s", svc, st)
+		return nil, answeredf("grpc check: service %s is %s", svc, st)
 	}
-	return nil
+	return kept, nil
 }
 
 // answeredError is a probe's failure that the target answered: an http
