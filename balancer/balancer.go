@@ -28,12 +28,34 @@ type Target struct {
 	DialErrors atomic.Uint64 // failed dials
 	BytesIn    atomic.Uint64 // bytes from the target to clients
 	BytesOut   atomic.Uint64 // bytes from clients to the target
+
+	// open is the balancer's count of its targets' open connections
+	// (bounded-load hashing compares with its mean); nil for a target
+	// made outside a balancer.
+	open *atomic.Int64
 }
 
 // NewTarget returns a Target for addr with zeroed counters.
 func NewTarget(addr string) *Target {
 	ap, _ := netip.ParseAddrPort(addr)
 	return &Target{Addr: addr, AddrPort: netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())}
+}
+
+// NewTarget returns a Target for addr whose open connections count in b's
+// total as well as in its own Active.
+func (b *Balancer) NewTarget(addr string) *Target {
+	t := NewTarget(addr)
+	t.open = &b.open
+	return t
+}
+
+// AddActive adds d to the target's open connections (and to its
+// balancer's total).
+func (t *Target) AddActive(d int64) {
+	t.Active.Add(d)
+	if t.open != nil {
+		t.open.Add(d)
+	}
 }
 
 // Policy is how a picker chooses among its targets.
@@ -51,6 +73,7 @@ const (
 	// RandomTwo draws two targets at random and takes the one with fewer
 	// open connections relative to its weight.
 	RandomTwo Policy = "random_two"
+	// Hash is below (hash.go).
 )
 
 // Entry is a target in a picker, with its effective weight (at least 1).
@@ -67,7 +90,19 @@ type Balancer struct {
 	// on across updates instead of restarting at the first target.
 	seq     atomic.Uint64
 	started atomic.Bool
+	// open counts the open connections of the targets made by NewTarget.
+	open atomic.Int64
+	// The hash policy's bound and key for the pickers published from here.
+	bound float64
+	bySNI bool
 }
+
+// SetHash sets the hash policy's settings for the pickers published from
+// now on: no target takes more than factor times its weighted share of
+// the open connections (0: unbounded), and the key is the server name
+// (bySNI) or the client's address. Call it before the Update that should
+// use it, from the goroutine that updates.
+func (b *Balancer) SetHash(factor float64, bySNI bool) { b.bound, b.bySNI = factor, bySNI }
 
 // Update publishes a picker of policy over entries (a policy of "" is
 // round-robin). The entries are the balancer's from here on: callers must
@@ -84,8 +119,9 @@ func (b *Balancer) UpdateWithFallback(policy Policy, entries []Entry, fallback [
 		// send their first connection to the same instance.
 		b.seq.Store(rand.Uint64())
 	}
-	p := newPicker(policy, entries)
-	p.fallback = fallback
+	p := newPicker(policy, entries, b.bound)
+	p.fallback, p.bySNI = fallback, b.bySNI
+	p.open = &b.open
 	b.cur.Store(p)
 }
 
@@ -107,6 +143,41 @@ func (b *Balancer) Pick() Cursor {
 		return Cursor{}
 	}
 	return Cursor{p: p, start: uint32(p.pick(&b.seq))}
+}
+
+// PickKey is Pick for the hash policy: key (HashKey, HashBytes) chooses the
+// first target; the retries follow as Pick's do. Other policies ignore the
+// key. It takes no lock and does not allocate.
+func (b *Balancer) PickKey(key uint64) Cursor {
+	p := b.cur.Load()
+	if p == nil || len(p.set) == 0 {
+		return Cursor{}
+	}
+	if p.ring == nil {
+		return Cursor{p: p, start: uint32(p.pick(&b.seq))}
+	}
+	return Cursor{p: p, start: uint32(p.hashPick(key))}
+}
+
+// PickFor is Pick for a connection from client that asked for serverName
+// ("" for none): the hash policy hashes the one SetHash chose; the others
+// pick as Pick does. It takes no lock and does not allocate.
+func (b *Balancer) PickFor(client netip.Addr, serverName string) Cursor {
+	p := b.cur.Load()
+	if p == nil || len(p.set) == 0 {
+		return Cursor{}
+	}
+	if p.ring == nil {
+		return Cursor{p: p, start: uint32(p.pick(&b.seq))}
+	}
+	var key uint64
+	if p.bySNI {
+		key = HashKey(serverName)
+	} else {
+		a := client.Unmap().As16()
+		key = HashBytes(a[:])
+	}
+	return Cursor{p: p, start: uint32(p.hashPick(key))}
 }
 
 // Cursor walks a picker's targets from its choice on. The zero Cursor

@@ -3,6 +3,7 @@ package balancer
 import (
 	"fmt"
 	"math"
+	"net/netip"
 	"slices"
 	"sync"
 	"testing"
@@ -160,7 +161,7 @@ func weighted(ts []*Target, ws ...int) []Entry {
 	return es
 }
 
-var policies = []Policy{RoundRobin, LeastConn, RandomTwo}
+var policies = []Policy{RoundRobin, LeastConn, RandomTwo, Hash}
 
 // Over 30,000 connections of equal load (each closed before the next),
 // every policy splits by weight within 3%.
@@ -332,8 +333,10 @@ func TestPickAllocatesNothingForAnyPolicy(t *testing.T) {
 		for _, n := range []int{3, 10_000} {
 			var b Balancer
 			b.Update(pol, weighted(targets(n), 1, 2, 3))
+			k := 0
 			allocs := testing.AllocsPerRun(1000, func() {
-				c := b.Pick()
+				c := b.PickFor(clients[k%len(clients)], "")
+				k++
 				_ = c.Next()
 				_ = c.Next()
 			})
@@ -359,6 +362,15 @@ func skewed(n int) []int {
 	return w
 }
 
+// clients are 1,024 client addresses, for PickFor.
+var clients = func() []netip.Addr {
+	out := make([]netip.Addr, 1024)
+	for i := range out {
+		out[i] = netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
+	}
+	return out
+}()
+
 func BenchmarkPickPolicies(b *testing.B) {
 	for _, pol := range policies {
 		for _, n := range []int{3, 100, 10_000} {
@@ -371,8 +383,12 @@ func BenchmarkPickPolicies(b *testing.B) {
 					b.ReportAllocs()
 					b.ResetTimer()
 					b.RunParallel(func(pb *testing.PB) {
+						k := 0
 						for pb.Next() {
-							c := bal.Pick()
+							// A client's address: hash's key; the others
+							// pick as Pick does.
+							c := bal.PickFor(clients[k&(len(clients)-1)], "")
+							k++
 							_ = c.Next()
 						}
 					})

@@ -41,6 +41,9 @@ type picker struct {
 	// smooth schedule of indices (small sets) or an alias table.
 	schedule []uint32
 	alias    []column
+	ring     *ring         // hash
+	bySNI    bool          // hash: the key is the server name
+	open     *atomic.Int64 // the balancer's open connections
 }
 
 // column is one column of Vose's alias table: a point u in the column
@@ -48,7 +51,7 @@ type picker struct {
 // cut/2^32, else target other (a full column has other = itself).
 type column struct{ cut, other uint32 }
 
-func newPicker(policy Policy, entries []Entry) *picker {
+func newPicker(policy Policy, entries []Entry, bound float64) *picker {
 	p := &picker{policy: policy, set: make([]*Target, len(entries)), w: make([]uint32, len(entries))}
 	if p.policy == "" {
 		p.policy = RoundRobin
@@ -59,8 +62,12 @@ func newPicker(policy Policy, entries []Entry) *picker {
 		p.w[i] = uint32(max(e.W, 1))
 		equal = equal && p.w[i] == p.w[0]
 	}
+	if p.policy == Hash && len(p.set) > 0 {
+		p.ring = newRing(p.set, p.w, bound)
+	}
 	// Unequal weights weigh in every policy's first candidates: the
-	// round-robin order, least_conn's ties, random_two's draws.
+	// round-robin order, least_conn's ties, random_two's draws (and
+	// hash's Pick without a key).
 	if !equal {
 		if len(p.w) <= maxScheduled {
 			p.schedule = smoothSchedule(p.w)

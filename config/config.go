@@ -214,8 +214,16 @@ type Pool struct {
 	// Panic routes over all discovered targets when none is healthy.
 	Panic bool `yaml:"panic"`
 	// Balance is the picking policy: round_robin (weighted, smooth; the
-	// default), least_conn or random_two.
+	// default), least_conn, random_two or hash.
 	Balance balancer.Policy `yaml:"balance"`
+	// HashKey is what hash hashes: client_ip (the default; the PROXY
+	// header's client when one is accepted) or sni (routed listeners: the
+	// TLS server name read to route).
+	HashKey string `yaml:"hash_key"`
+	// HashBalanceFactor bounds hash's load: no target takes more than
+	// this times its weighted share of the open connections (the next in
+	// the key's order takes the connection); 0 is unbounded.
+	HashBalanceFactor float64 `yaml:"hash_balance_factor"`
 	// SlowStart ramps a target that turns live while others serve from a
 	// small share to its full weight over this long; 0 is off.
 	SlowStart time.Duration `yaml:"slow_start"`
@@ -261,6 +269,7 @@ const (
 	BalanceRoundRobin = balancer.RoundRobin
 	BalanceLeastConn  = balancer.LeastConn
 	BalanceRandomTwo  = balancer.RandomTwo
+	BalanceHash       = balancer.Hash
 )
 
 // StaticTarget is one entry of a static list: "host:port" in the file, or
@@ -343,9 +352,21 @@ func DefaultPool() Pool {
 			Fall:       DefaultFall,
 			BackoffMax: DefaultBackoffMax,
 		},
-		Balance: BalanceRoundRobin,
+		Balance:           BalanceRoundRobin,
+		HashKey:           HashClientIP,
+		HashBalanceFactor: DefaultHashBalanceFactor,
 	}
 }
+
+// Hash keys (the hash_key key).
+const (
+	HashClientIP = "client_ip"
+	HashSNI      = "sni"
+)
+
+// DefaultHashBalanceFactor is hash_balance_factor's default: HAProxy's
+// hash-balance-factor 125 and the bounded-load paper's usual choice.
+const DefaultHashBalanceFactor = 1.25
 
 // DefaultEtcd returns an etcd registry with its defaults (the prefix) and no
 // endpoints, for configs built in memory.

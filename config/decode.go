@@ -263,6 +263,13 @@ func (d *decoder) value(orig *yaml.Node, at position, path string, v reflect.Val
 			return
 		}
 		v.SetInt(int64(i))
+	case v.Kind() == reflect.Float64:
+		var f float64
+		if n.Kind != yaml.ScalarNode || n.ShortTag() != "!!float" && n.ShortTag() != "!!int" || n.Decode(&f) != nil {
+			d.fail(path, at, "expected a number, got %s", describe(n))
+			return
+		}
+		v.SetFloat(f)
 	case v.Kind() == reflect.Bool:
 		var b bool
 		if n.Kind != yaml.ScalarNode || n.ShortTag() != "!!bool" || n.Decode(&b) != nil {
@@ -616,6 +623,8 @@ func (d *decoder) routeDefaults(i int, l *Listener) {
 		}
 		inherit("health", func() { r.Health = l.Health })
 		inherit("balance", func() { r.Balance = l.Balance })
+		inherit("hash_key", func() { r.HashKey = l.HashKey })
+		inherit("hash_balance_factor", func() { r.HashBalanceFactor = l.HashBalanceFactor })
 		inherit("slow_start", func() { r.SlowStart = l.SlowStart })
 		inherit("panic", func() { r.Panic = l.Panic })
 		d.backoffFollowsInterval(rp+".health", &r.Health)

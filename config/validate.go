@@ -221,7 +221,7 @@ func (ck *checker) listener(c *Config, i int, names map[string]int) {
 	if l.Routed() {
 		ck.routes(c, p, l)
 	} else {
-		ck.pool(c, p, &l.Pool)
+		ck.pool(c, p, &l.Pool, false)
 	}
 
 	if l.DialTimeout <= 0 {
@@ -257,7 +257,7 @@ func (ck *checker) listener(c *Config, i int, names map[string]int) {
 }
 
 // pool checks the keys of a listener's or a route's pool, at path p.
-func (ck *checker) pool(c *Config, p string, pl *Pool) {
+func (ck *checker) pool(c *Config, p string, pl *Pool, routed bool) {
 	switch pl.Discovery {
 	case "consul", "etcd":
 		configured := c.Registries.Consul != nil
@@ -343,9 +343,21 @@ func (ck *checker) pool(c *Config, p string, pl *Pool) {
 
 	ck.health(p+".health", &pl.Health)
 	switch pl.Balance {
-	case "", BalanceRoundRobin, BalanceLeastConn, BalanceRandomTwo:
+	case "", BalanceRoundRobin, BalanceLeastConn, BalanceRandomTwo, BalanceHash:
 	default:
-		ck.add(p+".balance", "must be round_robin, least_conn or random_two; got %q", pl.Balance)
+		ck.add(p+".balance", "must be round_robin, least_conn, random_two or hash; got %q", pl.Balance)
+	}
+	switch pl.HashKey {
+	case "", HashClientIP:
+	case HashSNI:
+		if !routed {
+			ck.add(p+".hash_key", "sni needs routes: the server name is read to route (a route with sni: [\"*\"] takes every name)")
+		}
+	default:
+		ck.add(p+".hash_key", "must be client_ip or sni; got %q", pl.HashKey)
+	}
+	if f := pl.HashBalanceFactor; f != 0 && (f < 1 || f != f) {
+		ck.add(p+".hash_balance_factor", "must be at least 1 (1.25: no target above 1.25x the mean of open connections), or 0 for unbounded; got %v", f)
 	}
 	if pl.SlowStart < 0 {
 		ck.add(p+".slow_start", "must not be negative (0 turns it off)")
@@ -380,7 +392,7 @@ func (ck *checker) routes(c *Config, p string, l *Listener) {
 			}
 			patterns[key] = fmt.Sprintf("routes[%d].sni[%d]", j, k)
 		}
-		ck.pool(c, rp, &r.Pool)
+		ck.pool(c, rp, &r.Pool, true)
 	}
 }
 

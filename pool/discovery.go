@@ -6,7 +6,6 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/discovery"
 )
 
@@ -144,7 +143,7 @@ func (p *Pool) merge(ins []discovery.Instance) (added, removed []string) {
 		keep[in.Addr] = true
 		e, ok := p.entries[in.Addr]
 		if !ok {
-			e = &entry{t: balancer.NewTarget(in.Addr), history: &History{}, initial: !p.serving}
+			e = &entry{t: p.bal.NewTarget(in.Addr), history: &History{}, initial: !p.serving}
 			p.entries[in.Addr] = e
 			added = append(added, in.Addr)
 		}

@@ -13,6 +13,7 @@
 package pool
 
 import (
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -37,6 +38,10 @@ type Config struct {
 	EmptyHold time.Duration
 	// Balance is the picking policy ("" is round-robin).
 	Balance balancer.Policy
+	// HashKey is what the hash policy hashes: "client_ip" (also "") or
+	// "sni"; HashBalanceFactor its bound (0: none). See config.Pool.
+	HashKey           string
+	HashBalanceFactor float64
 	// SlowStart ramps a target that turns live while others serve from a
 	// small share to its full weight over this long; 0 disables it.
 	SlowStart time.Duration
@@ -140,6 +145,14 @@ func New(cfg Config, log *zap.Logger) *Pool {
 // Pick starts a selection for one client connection (see balancer.Cursor).
 // It takes no lock and allocates nothing.
 func (p *Pool) Pick() balancer.Cursor { return p.bal.Pick() }
+
+// PickFor is Pick for the connection of client (the PROXY header's, when
+// one was accepted) that asked for serverName: the hash policy hashes the
+// one its hash_key names; the others pick as Pick does. It takes no lock
+// and allocates nothing.
+func (p *Pool) PickFor(client netip.Addr, serverName string) balancer.Cursor {
+	return p.bal.PickFor(client, serverName)
+}
 
 // Drain stops (or, with on false, resumes) new connections to addr; its
 // open ones stay. The mark is kept by address, across discovery churn and

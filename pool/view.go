@@ -127,6 +127,7 @@ func (p *Pool) rebuild() {
 	if len(set) > 0 {
 		p.serving = true
 	}
+	p.bal.SetHash(p.cfg.HashBalanceFactor, p.cfg.HashKey == "sni")
 	p.bal.UpdateWithFallback(p.cfg.Balance, entries, fallback)
 	p.retire(panicking)
 	if ramping && p.ramp == nil {

@@ -121,6 +121,8 @@ func newOrderedPicker(addrs ...string) *orderedPicker {
 	return p
 }
 
+func (p *orderedPicker) PickFor(netip.Addr, string) balancer.Cursor { return p.Pick() }
+
 func (p *orderedPicker) Pick() balancer.Cursor {
 	first := p.rr.Live()[0]
 	for {

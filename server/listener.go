@@ -95,6 +95,9 @@ func (l *listener) poolConfig(p config.Pool, regs config.Registries) pool.Config
 		EmptyHold: regs.EmptyHold,
 		Balance:   p.Balance,
 		SlowStart: p.SlowStart,
+		// The hash policy's.
+		HashKey:           p.HashKey,
+		HashBalanceFactor: p.HashBalanceFactor,
 	}
 }
 

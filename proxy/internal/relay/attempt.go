@@ -41,7 +41,7 @@ const ResetGrace = 50 * time.Millisecond
 
 // pick starts the attempts: the picker's cursor, 1 + Retries targets at most.
 func (c *Conn) pick(now int64) Action {
-	c.cursor = c.picker.Pick()
+	c.cursor = c.picker.PickFor(c.Src.Addr(), c.Hello())
 	// (Retries is bounded by the config; min first, so no value wraps.)
 	c.tries = int32(min(max(c.cfg.Retries, 0), c.cursor.Len()-1) + 1)
 	return c.next(now, nil)
@@ -92,7 +92,7 @@ func (c *Conn) Dialed(now int64) Action {
 		panic("relay: Dialed in state " + c.state.String())
 	}
 	t := c.target
-	t.Active.Add(1)
+	t.AddActive(1)
 	t.Total.Add(1)
 	c.state, c.connected = Open, true
 	c.last = now
@@ -216,14 +216,14 @@ func (c *Conn) TargetReset(err error, now int64) Action {
 	switch {
 	case c.dying(now):
 		err = fmt.Errorf("%s: reset before it was asked anything: %w", t.Addr, err)
-		t.Active.Add(-1)
+		t.AddActive(-1)
 		c.fail(t, err)
 		return c.next(now, err)
 	case c.state == Open && c.spoke && c.mayReplay():
 		c.replayed = true
 		c.tried(t, err)
 		err = fmt.Errorf("%s: reset before its first byte: %w", t.Addr, err)
-		t.Active.Add(-1)
+		t.AddActive(-1)
 		c.stats.Replays.Add(1)
 		return c.next(now, err)
 	}

@@ -31,7 +31,10 @@ import (
 
 // Picker yields the targets to try for one connection, best first.
 type Picker interface {
-	Pick() balancer.Cursor
+	// PickFor starts the selection for a connection from client that
+	// asked for serverName ("" for none): the hash policy hashes one of
+	// them.
+	PickFor(client netip.Addr, serverName string) balancer.Cursor
 }
 
 // Config is what a connection takes from its listener when it is accepted:
@@ -361,7 +364,7 @@ func (c *Conn) close(err error) Action {
 		return Close
 	}
 	if c.target != nil && (c.state == Open || c.state == Committed) {
-		c.target.Active.Add(-1)
+		c.target.AddActive(-1)
 	}
 	if c.Err == nil {
 		c.Err = err

@@ -19,6 +19,8 @@ import (
 // fixed is a picker over a fixed list, starting at the first.
 type fixed []*balancer.Target
 
+func (f fixed) PickFor(netip.Addr, string) balancer.Cursor { return f.Pick() }
+
 func (f fixed) Pick() balancer.Cursor {
 	var rr balancer.RoundRobinBalancer
 	rr.Update(f)
