@@ -1,6 +1,7 @@
 package balancer
 
 import (
+	"math"
 	"slices"
 	"strings"
 )
@@ -50,20 +51,29 @@ const (
 )
 
 // newRing places every target's points: point j of target t hashes t's
-// address with j, so a target's points never depend on the others'.
+// address with j, so a target's points never depend on the others'. Their
+// number is its weight over the set's (upper) median weight, times
+// pointsPerTarget: a target joining at a small weight (slow start) or
+// leaving changes no other target's count, so only its own keys move.
 func newRing(set []*Target, w []uint32, bound float64) *ring {
 	var wsum uint64
 	for _, x := range w {
 		wsum += uint64(x)
 	}
-	total := min(pointsPerTarget*len(set), maxPoints)
+	sorted := slices.Clone(w)
+	slices.Sort(sorted)
+	median := float64(sorted[len(sorted)/2])
+	per := float64(pointsPerTarget) / median // points per unit of weight
+	if total := per * float64(wsum); total > maxPoints {
+		per *= maxPoints / total
+	}
 	type point struct {
 		h     uint64
 		owner uint32
 	}
-	pts := make([]point, 0, total+len(set))
+	pts := make([]point, 0, int(per*float64(wsum))+len(set))
 	for i, t := range set {
-		k := max(1, int((uint64(total)*uint64(w[i])+wsum/2)/wsum))
+		k := max(1, int(math.Round(per*float64(w[i]))))
 		base := hashString(t.Addr)
 		for j := range k {
 			pts = append(pts, point{mix(base ^ mix(uint64(j)+1)), uint32(i)})
