@@ -31,6 +31,9 @@ type State interface {
 	// Drain stops (on) or resumes new connections to a target; an error
 	// wrapping server.ErrNotFound names what does not exist.
 	Drain(listener, addr string, on bool) error
+	// SetWeight overrides a target's registry weight (0 clears it), where
+	// Drain keeps its marks; errors as Drain's.
+	SetWeight(listener, addr string, weight int) error
 }
 
 // Handler serves the admin endpoints. The zero value is not usable: State is
@@ -68,6 +71,8 @@ func (h *Handler) mux() http.Handler {
 	mux.HandleFunc("POST /api/v1/reload", h.reload)
 	mux.HandleFunc("POST /api/v1/listeners/{listener}/targets/{addr}/drain", h.drain(true))
 	mux.HandleFunc("POST /api/v1/listeners/{listener}/targets/{addr}/undrain", h.drain(false))
+	mux.HandleFunc("POST /api/v1/listeners/{listener}/targets/{addr}/weight", h.weight(true))
+	mux.HandleFunc("DELETE /api/v1/listeners/{listener}/targets/{addr}/weight", h.weight(false))
 	mux.Handle("GET /metrics", h.metrics())
 	mux.HandleFunc("GET /{$}", h.page)
 	if h.Pprof {
@@ -184,6 +189,8 @@ type TargetJSON struct {
 	Weight               int        `json:"weight"`
 	EffectiveWeight      float64    `json:"effective_weight"`
 	Draining             bool       `json:"draining"`
+	DrainSource          string     `json:"drain_source,omitempty"` // local, etcd or consul
+	WeightSource         string     `json:"weight_source"`          // registry, local, etcd or consul
 	Backup               bool       `json:"backup"` // new connections only while no primary is live
 	ConsecutiveSuccesses int        `json:"consecutive_successes"`
 	ConsecutiveFailures  int        `json:"consecutive_failures"`
@@ -250,6 +257,7 @@ func targetsJSON(ts []server.TargetStatus) []TargetJSON {
 		out = append(out, TargetJSON{
 			Addr: t.Addr, State: h.State.String(), Weight: max(t.Weight, 1),
 			EffectiveWeight: t.EffectiveWeight, Draining: t.Draining, Backup: t.Backup,
+			DrainSource: t.DrainSource, WeightSource: t.WeightSource,
 			RecentConns: sum(history), History: nonNil(history),
 			ConsecutiveSuccesses: h.ConsecutiveSuccesses, ConsecutiveFailures: h.ConsecutiveFailures,
 			LastCheck: timePtr(h.LastCheck), LastError: h.LastError,
@@ -322,6 +330,47 @@ func (h *Handler) drain(on bool) http.HandlerFunc {
 				zap.String("target", addr), zap.String("remote", r.RemoteAddr))
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"listener": name, "target": addr, "draining": on})
+	}
+}
+
+// maxWeight is the largest weight override, as a static target's.
+const maxWeight = 1000
+
+// weight serves POST .../targets/{addr}/weight ({"weight": n}) and DELETE.
+func (h *Handler) weight(set bool) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		name, addr := r.PathValue("listener"), r.PathValue("addr")
+		n := 0
+		if set {
+			var body struct {
+				Weight *int `json:"weight"`
+			}
+			dec := json.NewDecoder(io.LimitReader(r.Body, 4096))
+			dec.DisallowUnknownFields()
+			if err := dec.Decode(&body); err != nil || body.Weight == nil || *body.Weight < 1 || *body.Weight > maxWeight {
+				writeJSON(w, http.StatusBadRequest, map[string]string{"error": `the body must be {"weight": n} with n from 1 to 1000 (DELETE clears the override)`})
+				return
+			}
+			n = *body.Weight
+		}
+		err := h.State.SetWeight(name, addr, n)
+		switch {
+		case errors.Is(err, server.ErrNotFound):
+			writeJSON(w, http.StatusNotFound, map[string]string{"error": err.Error()})
+			return
+		case err != nil:
+			writeJSON(w, http.StatusInternalServerError, map[string]string{"error": err.Error()})
+			return
+		}
+		if h.Logger != nil {
+			h.Logger.Info("target weight set through the admin API", zap.String("listener", name),
+				zap.String("target", addr), zap.Int("weight", n), zap.String("remote", r.RemoteAddr))
+		}
+		resp := map[string]any{"listener": name, "target": addr, "weight": n}
+		if n == 0 {
+			resp["weight"] = nil
+		}
+		writeJSON(w, http.StatusOK, resp)
 	}
 }
 

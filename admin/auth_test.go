@@ -18,9 +18,10 @@ import (
 // on what the server holds.
 type idleState struct{}
 
-func (idleState) Status() []server.ListenerStatus  { return nil }
-func (idleState) Ready() bool                      { return true }
-func (idleState) Drain(string, string, bool) error { return server.ErrNotFound }
+func (idleState) Status() []server.ListenerStatus     { return nil }
+func (idleState) Ready() bool                         { return true }
+func (idleState) Drain(string, string, bool) error    { return server.ErrNotFound }
+func (idleState) SetWeight(string, string, int) error { return server.ErrNotFound }
 
 func newAuthHandler(token string) (http.Handler, *int) {
 	reloads := 0

@@ -14,9 +14,10 @@ import (
 
 type listenerState struct{ ls []server.ListenerStatus }
 
-func (s listenerState) Status() []server.ListenerStatus { return s.ls }
-func (listenerState) Ready() bool                       { return true }
-func (listenerState) Drain(string, string, bool) error  { return server.ErrNotFound }
+func (s listenerState) Status() []server.ListenerStatus   { return s.ls }
+func (listenerState) Ready() bool                         { return true }
+func (listenerState) Drain(string, string, bool) error    { return server.ErrNotFound }
+func (listenerState) SetWeight(string, string, int) error { return server.ErrNotFound }
 
 // /metrics and /api/v1/targets show every listener counter of the table,
 // under its declared names, with its value.

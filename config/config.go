@@ -87,6 +87,12 @@ type Admin struct {
 // Registries holds the service registries listeners can discover from. A nil
 // registry is not configured; a listener that uses it is an error.
 type Registries struct {
+	// State is where drain marks and weight overrides live: etcd or
+	// consul (fleet-wide: every rota reading that registry applies them,
+	// under rota/state/<listener>/<addr>), or local (this process). ""
+	// is each listener's own discovery registry when it is etcd or
+	// consul, else local.
+	State string `yaml:"state"`
 	// EmptyHold is how long a zero-instance answer right after a registry
 	// outage, restart or resync is held before it empties a pool (it may be
 	// a registry that lost its data); 0 disables the hold. Default 5s. A
@@ -99,6 +105,32 @@ type Registries struct {
 	Docker Docker  `yaml:"docker"`
 	Consul *Consul `yaml:"consul"`
 	Etcd   *Etcd   `yaml:"etcd"`
+}
+
+// State stores (registries.state).
+const (
+	StateLocal  = "local"
+	StateEtcd   = "etcd"
+	StateConsul = "consul"
+)
+
+// StateOf is where listener l's drain marks and weight overrides live:
+// registries.state, else the registry l (or its first route that reads
+// one) discovers from when it is etcd or consul, else local.
+func (r Registries) StateOf(l Listener) string {
+	if r.State != "" {
+		return r.State
+	}
+	pools := []Pool{l.Pool}
+	for _, rt := range l.Routes {
+		pools = append(pools, rt.Pool)
+	}
+	for _, p := range pools {
+		if p.Discovery == "etcd" || p.Discovery == "consul" {
+			return p.Discovery
+		}
+	}
+	return StateLocal
 }
 
 // Docker is a Docker engine's API. Empty fields take the Docker CLI's

@@ -55,6 +55,19 @@ func (c *Config) problems() []*Error {
 	}
 	ck.dns(&c.Registries.DNS)
 	ck.docker(&c.Registries.Docker)
+	switch c.Registries.State {
+	case "", StateLocal:
+	case StateEtcd:
+		if c.Registries.Etcd == nil {
+			ck.add("registries.state", "etcd needs registries.etcd")
+		}
+	case StateConsul:
+		if c.Registries.Consul == nil {
+			ck.add("registries.state", "consul needs registries.consul")
+		}
+	default:
+		ck.add("registries.state", "must be etcd, consul or local; got %q", c.Registries.State)
+	}
 	if c.Registries.EmptyHold < 0 {
 		ck.add("registries.empty_hold", "must not be negative (0 disables it)")
 	}

@@ -22,6 +22,7 @@ import (
 
 	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/discovery"
+	"github.com/rota-proxy/rota/fleet"
 	"github.com/rota-proxy/rota/health"
 )
 
@@ -90,12 +91,15 @@ type Pool struct {
 	hold      *time.Timer // a held empty answer coming due
 	holdGen   uint64
 	bridge    *bridge
-	drained   map[string]bool    // by address, kept across discovery churn
-	ramp      *time.Timer        // rebuilds while a target ramps up (slow start)
-	sampler   *time.Timer        // samples the targets' new connections every second
-	serving   bool               // some target has been live: later ones ramp
-	gone      []*balancer.Target // followed targets dropped since the last rebuild: "removed"
-	flushers  []chan struct{}    // Flush calls waiting for the queue to run dry
+	drained   map[string]bool       // by address, kept across discovery churn
+	weights   map[string]int        // local weight overrides, by address
+	fleet     map[string]fleet.Mark // the fleet's marks on this pool's listener, by address
+	fleetKind string                // where they come from ("etcd", "consul")
+	ramp      *time.Timer           // rebuilds while a target ramps up (slow start)
+	sampler   *time.Timer           // samples the targets' new connections every second
+	serving   bool                  // some target has been live: later ones ramp
+	gone      []*balancer.Target    // followed targets dropped since the last rebuild: "removed"
+	flushers  []chan struct{}       // Flush calls waiting for the queue to run dry
 }
 
 // entry is one target and what the pool knows of it.
@@ -130,6 +134,7 @@ func New(cfg Config, log *zap.Logger) *Pool {
 		entries:  map[string]*entry{},
 		seenWarn: map[discovery.Warning]bool{},
 		drained:  map[string]bool{},
+		weights:  map[string]int{},
 		done:     make(chan struct{}),
 	}
 	p.inputs.init()
@@ -170,6 +175,37 @@ func (p *Pool) Drain(addr string, on bool) {
 		p.dirty = true
 	})
 	p.Flush()
+}
+
+// SetWeight overrides addr's registry weight in this process (0 clears
+// the override). It returns once the picker reflects it.
+func (p *Pool) SetWeight(addr string, w int) {
+	p.inputs.push(func() {
+		if w > 0 {
+			p.weights[addr] = w
+		} else {
+			delete(p.weights, addr)
+		}
+		p.dirty = true
+	})
+	p.Flush()
+}
+
+// SetFleet replaces the fleet's marks on this pool's targets (by
+// address; kind names their store). The pool keeps marks. A target
+// undrained by it ramps up as after a local undrain. It never blocks.
+func (p *Pool) SetFleet(marks map[string]fleet.Mark, kind string) {
+	p.inputs.push(func() {
+		for addr, m := range p.fleet {
+			if m.Drain && !marks[addr].Drain && !p.drained[addr] {
+				if e, ok := p.entries[addr]; ok && e.up {
+					p.startRamp(e)
+				}
+			}
+		}
+		p.fleet, p.fleetKind = marks, kind
+		p.dirty = true
+	})
 }
 
 // ReportFailure takes addr out of rotation at once: the proxy could not

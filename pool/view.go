@@ -27,12 +27,18 @@ type TargetView struct {
 	Instance discovery.Instance
 	// Bridging: no longer discovered, serving until a new target is live.
 	Bridging bool
-	// Weight is the registry's (at least 1); EffectiveWeight is what the
-	// picker uses now: less than Weight during a slow start.
+	// Weight is the one in force (at least 1): an override's (the
+	// fleet's, else a local one), else the registry's; EffectiveWeight is
+	// what the picker uses now: less than Weight during a slow start.
 	Weight          int
 	EffectiveWeight float64
 	// Draining: an operator asked for no new connections to it.
 	Draining bool
+	// DrainSource is where the drain mark is kept: "local" (this
+	// process), or the fleet store's kind ("etcd", "consul"); "" for none.
+	// WeightSource is where Weight comes from: "registry", "local", or
+	// the fleet store's kind.
+	DrainSource, WeightSource string
 	// Backup: it gets new connections only while no primary is live
 	// (Instance.Backup, here for the admin API and metrics).
 	Backup bool
@@ -92,13 +98,13 @@ func (p *Pool) rebuild() {
 	// whose every primary failed before the pool heard of it.
 	var fallback []*balancer.Target
 	for _, e := range p.order {
-		if e.up && !p.drained[e.t.Addr] && !e.inst.Backup {
+		if e.up && !p.isDrained(e.t.Addr) && !e.inst.Backup {
 			add(e)
 		}
 	}
 	primaries := len(set) > 0
 	for _, e := range p.order {
-		if e.up && !p.drained[e.t.Addr] && e.inst.Backup {
+		if e.up && !p.isDrained(e.t.Addr) && e.inst.Backup {
 			if primaries {
 				fallback = append(fallback, e.t)
 			} else {
@@ -110,7 +116,7 @@ func (p *Pool) rebuild() {
 	panicking := len(set) == 0 && discovered > 0 && p.cfg.Panic
 	if panicking {
 		for _, e := range p.order {
-			if !e.bridging && !p.drained[e.t.Addr] {
+			if !e.bridging && !p.isDrained(e.t.Addr) {
 				add(e)
 			}
 		}
@@ -140,8 +146,9 @@ func (p *Pool) rebuild() {
 	for i, e := range p.order {
 		v.Targets[i] = TargetView{
 			Target: e.t, Instance: e.inst, Bridging: e.bridging,
-			Weight: weightOf(e.inst), EffectiveWeight: math.Round(p.effective(e, now)*100) / 100,
-			Draining: p.drained[e.t.Addr], History: e.history, Backup: e.inst.Backup,
+			Weight: p.weightOf(e), EffectiveWeight: math.Round(p.effective(e, now)*100) / 100,
+			Draining: p.isDrained(e.t.Addr), History: e.history, Backup: e.inst.Backup,
+			DrainSource: p.drainSource(e.t.Addr), WeightSource: p.weightSource(e),
 		}
 	}
 	p.view.Store(v)
@@ -165,12 +172,49 @@ const (
 )
 
 // weightOf is an instance's weight (a registry that says nothing means 1).
-func weightOf(in discovery.Instance) int { return max(in.Weight, 1) }
+// weightOf is e's weight before any slow start: the fleet's override, else
+// a local one, else the registry's (at least 1).
+func (p *Pool) weightOf(e *entry) int {
+	if w := p.fleet[e.t.Addr].Weight; w > 0 {
+		return w
+	}
+	if w := p.weights[e.t.Addr]; w > 0 {
+		return w
+	}
+	return max(e.inst.Weight, 1)
+}
+
+// weightSource says where e's weight comes from: "registry", "local" or
+// the fleet store's kind.
+func (p *Pool) weightSource(e *entry) string {
+	switch {
+	case p.fleet[e.t.Addr].Weight > 0:
+		return p.fleetKind
+	case p.weights[e.t.Addr] > 0:
+		return "local"
+	}
+	return "registry"
+}
+
+// drainSource says where addr's drain mark comes from ("" for none).
+func (p *Pool) drainSource(addr string) string {
+	switch {
+	case p.fleet[addr].Drain:
+		return p.fleetKind
+	case p.drained[addr]:
+		return "local"
+	}
+	return ""
+}
+
+// isDrained tells whether addr takes no new connections by a mark, the
+// fleet's or a local one.
+func (p *Pool) isDrained(addr string) bool { return p.drained[addr] || p.fleet[addr].Drain }
 
 // effective is e's weight now: its full weight, or a share of it rising
 // linearly over a slow start. A finished slow start is cleared.
 func (p *Pool) effective(e *entry, now time.Time) float64 {
-	w := float64(weightOf(e.inst))
+	w := float64(p.weightOf(e))
 	if e.liveSince.IsZero() {
 		return w
 	}
@@ -190,7 +234,7 @@ func (p *Pool) startRamp(e *entry) {
 		return
 	}
 	for _, o := range p.order {
-		if o != e && o.up && !p.drained[o.t.Addr] {
+		if o != e && o.up && !p.isDrained(o.t.Addr) {
 			e.liveSince = time.Now()
 			return
 		}
@@ -210,7 +254,7 @@ func (p *Pool) retire(panicking bool) {
 	for _, e := range p.order {
 		why := balancer.Kept
 		switch {
-		case p.drained[e.t.Addr]:
+		case p.isDrained(e.t.Addr):
 			why = balancer.Drained
 		case !e.up && !panicking && !e.bridging:
 			why = balancer.Down

@@ -17,6 +17,7 @@ import (
 	"github.com/rota-proxy/rota/discovery/etcd"
 	"github.com/rota-proxy/rota/discovery/static"
 	"github.com/rota-proxy/rota/embedetcd"
+	"github.com/rota-proxy/rota/fleet"
 )
 
 // registries holds the registry clients listeners share, and the embedded
@@ -27,12 +28,30 @@ type registries struct {
 	etcd     *clientv3.Client
 	steer    *etcd.Steering // keeps etcd off members its watches found stale
 	consul   *consulRegistry
+	// Fleet marks (registries.state), one watch per registry client,
+	// stopped before its client is closed.
+	etcdFleet, consulFleet *fleetWatch
+}
+
+// fleetOf is the fleet watch of registry kind, nil if there is none.
+func (r *registries) fleetOf(kind string) *fleetWatch {
+	if r == nil {
+		return nil
+	}
+	switch kind {
+	case config.StateEtcd:
+		return r.etcdFleet
+	case config.StateConsul:
+		return r.consulFleet
+	}
+	return nil
 }
 
 // openRegistries starts what cfg describes. When reloading, prev is the
 // running set: its embedded etcd server is kept (it cannot change without a
 // restart, since clients outside rota may be using it).
-func openRegistries(ctx context.Context, cfg config.Registries, prev *registries, logger *zap.Logger) (*registries, error) {
+// applyFleet receives the fleet marks each registry's watch reads.
+func openRegistries(ctx context.Context, cfg config.Registries, prev *registries, logger *zap.Logger, applyFleet func(string, fleet.Marks)) (*registries, error) {
 	r := &registries{cfg: cfg}
 	if e := cfg.Etcd; e != nil {
 		var prevEmb *config.Embedded
@@ -79,6 +98,9 @@ func openRegistries(ctx context.Context, cfg config.Registries, prev *registries
 		}
 		r.etcd = c
 		r.steer = etcd.NewSteering(c, logger.Named("etcd-client"))
+		r.etcdFleet = startFleetWatch(&fleet.Etcd{Client: c, Root: fleet.Root(e.Prefix), Log: logger.Named("fleet")},
+			applyFleet, logger.Named("fleet"))
+		r.etcdFleet.waitFirst()
 	} else if prev != nil && prev.embedded != nil {
 		return nil, errors.New("registries.etcd.embedded cannot be removed on reload; restart rota to apply it")
 	}
@@ -158,10 +180,14 @@ func (r *registries) closeUnshared(other *registries) {
 		return
 	}
 	if r.etcd != nil && (other == nil || other.etcd != r.etcd) {
+		r.etcdFleet.stop()
 		r.steer.Close()
 		r.etcd.Close()
 	}
 	if r.consul != nil && (other == nil || other.consul != r.consul) {
+		if r.consulFleet != nil {
+			r.consulFleet.stop()
+		}
 		r.consul.close()
 	}
 	if r.embedded != nil && (other == nil || other.embedded != r.embedded) {

@@ -69,7 +69,7 @@ func (rl *reload) bind(ctx context.Context) error {
 		}
 	}
 	if rl.regsChanged {
-		regs, err := openRegistries(ctx, rl.cfg.Registries, rl.oldRegs, rl.s.log)
+		regs, err := openRegistries(ctx, rl.cfg.Registries, rl.oldRegs, rl.s.log, rl.s.applyFleet)
 		if err != nil {
 			return err
 		}
@@ -193,6 +193,7 @@ func (rl *reload) commit() {
 		// Watchers of the old clients have all been replaced above.
 		rl.oldRegs.closeUnshared(rl.regs)
 	}
+	s.refreshFleet()
 }
 
 // logCloseWait bounds the wait for an access log's writer to write what

@@ -7,6 +7,7 @@ import (
 
 	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/discovery"
+	"github.com/rota-proxy/rota/fleet"
 	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/pool"
 	"github.com/rota-proxy/rota/proxy"
@@ -78,8 +79,50 @@ var ErrNotFound = errors.New("not found")
 // Drain stops (on) or resumes new connections to target addr of listener
 // name (in every route that has it); its open connections stay (until
 // removed_conn_grace, if set). The mark is kept across discovery churn and
-// reloads. It returns once the picker reflects it.
+// reloads: in this process, or, with registries.state etcd or consul, in
+// the registry, where every rota reading it applies it. It returns once
+// this process's picker reflects it.
 func (s *Server) Drain(name, addr string, on bool) error {
+	l, pools, err := s.targetPools(name, addr)
+	if err != nil {
+		return err
+	}
+	if st := s.stateStore(l); st != nil {
+		return s.setMark(l, st, pools, addr, func(m *fleet.Mark) { m.Drain = on },
+			func(tv pool.TargetView) bool { return tv.Draining == on })
+	}
+	for _, p := range pools {
+		p.Drain(addr, on)
+	}
+	return nil
+}
+
+// SetWeight overrides the registry's weight of target addr of listener
+// name (0 clears the override), where Drain keeps its marks. It returns
+// once this process's picker reflects it.
+func (s *Server) SetWeight(name, addr string, weight int) error {
+	l, pools, err := s.targetPools(name, addr)
+	if err != nil {
+		return err
+	}
+	if st := s.stateStore(l); st != nil {
+		return s.setMark(l, st, pools, addr, func(m *fleet.Mark) { m.Weight = weight },
+			func(tv pool.TargetView) bool {
+				if weight > 0 {
+					return tv.Weight == weight && tv.WeightSource == st.Kind()
+				}
+				return tv.WeightSource != st.Kind()
+			})
+	}
+	for _, p := range pools {
+		p.SetWeight(addr, weight)
+	}
+	return nil
+}
+
+// targetPools finds listener name and the pools of its routes that have
+// target addr.
+func (s *Server) targetPools(name, addr string) (*listener, []*pool.Pool, error) {
 	s.mu.Lock()
 	var l *listener
 	for _, x := range s.listeners {
@@ -89,7 +132,7 @@ func (s *Server) Drain(name, addr string, on bool) error {
 	}
 	s.mu.Unlock()
 	if l == nil {
-		return fmt.Errorf("listener %q: %w", name, ErrNotFound)
+		return nil, nil, fmt.Errorf("listener %q: %w", name, ErrNotFound)
 	}
 	var pools []*pool.Pool
 	for _, r := range l.routeList() {
@@ -101,12 +144,9 @@ func (s *Server) Drain(name, addr string, on bool) error {
 		}
 	}
 	if len(pools) == 0 {
-		return fmt.Errorf("listener %q has no target %q: %w", name, addr, ErrNotFound)
+		return nil, nil, fmt.Errorf("listener %q has no target %q: %w", name, addr, ErrNotFound)
 	}
-	for _, p := range pools {
-		p.Drain(addr, on)
-	}
-	return nil
+	return l, pools, nil
 }
 
 // Routed is how many targets the named listener's pickers offer now
