@@ -191,7 +191,7 @@ type TargetJSON struct {
 	Draining             bool       `json:"draining"`
 	DrainSource          string     `json:"drain_source,omitempty"` // local, etcd or consul
 	WeightSource         string     `json:"weight_source"`          // registry, local, etcd or consul
-	Backup               bool       `json:"backup"` // new connections only while no primary is live
+	Backup               bool       `json:"backup"`                 // new connections only while no primary is live
 	ConsecutiveSuccesses int        `json:"consecutive_successes"`
 	ConsecutiveFailures  int        `json:"consecutive_failures"`
 	LastCheck            *time.Time `json:"last_check"`
