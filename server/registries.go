@@ -111,6 +111,9 @@ func openRegistries(ctx context.Context, cfg config.Registries, prev *registries
 			return nil, fmt.Errorf("registries.consul: %w", err)
 		}
 		r.consul = cr
+		r.consulFleet = startFleetWatch(&fleet.Consul{Client: cr.client.API, Log: logger.Named("fleet")},
+			applyFleet, logger.Named("fleet"))
+		r.consulFleet.waitFirst()
 	}
 	return r, nil
 }
