@@ -22,6 +22,8 @@ Usage:
   rota serve --listen :8080 --service web --etcd 127.0.0.1:2379
   rota serve --listen :8080 --service web --consul 127.0.0.1:8500
   rota register --etcd 127.0.0.1:2379 --service web --addr 10.0.0.5:9000 [--ttl 10s]
+  rota drain --etcd 127.0.0.1:2379 LISTENER TARGET     a fleet-wide drain mark (registries.state: etcd)
+  rota undrain --etcd 127.0.0.1:2379 LISTENER TARGET   its removal
   rota demo            embedded etcd + 3 demo backends + proxy on :8080
   rota demo-backend    one demo HTTP backend, optionally self-registering in etcd or Consul
   rota check --config rota.yaml
@@ -45,6 +47,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		"serve":        cmdServe,
 		"check":        cmdCheck,
 		"register":     cmdRegister,
+		"drain":        cmdDrain(true),
+		"undrain":      cmdDrain(false),
 		"demo":         cmdDemo,
 		"demo-backend": cmdDemoBackend,
 		"healthcheck":  cmdHealthcheck,

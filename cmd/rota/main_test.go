@@ -129,7 +129,7 @@ func TestHelpListsEveryCommand(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("--help: exit %d", code)
 	}
-	for _, cmd := range []string{"serve", "register", "demo", "demo-backend", "check", "healthcheck", "version"} {
+	for _, cmd := range []string{"serve", "register", "drain", "undrain", "demo", "demo-backend", "check", "healthcheck", "version"} {
 		if !strings.Contains(out, "rota "+cmd) {
 			t.Errorf("rota --help does not mention %q:\n%s", cmd, out)
 		}
