@@ -16,6 +16,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"golang.org/x/time/rate"
 	"net"
 	"net/netip"
 	"sync"
@@ -45,6 +46,9 @@ type Grace = relay.Grace
 
 // Never is the Grace that never runs out.
 const Never = relay.Never
+
+// Rate is a connection rate (Settings.MaxConnRate, MaxConnRatePerClient).
+type Rate = relay.Rate
 
 // ErrClosed is returned by Serve after Shutdown or Close.
 var ErrClosed = errors.New("proxy: closed")
@@ -137,6 +141,14 @@ func (p *Proxy) Configure(s Settings, r *Router) {
 	}
 	if s.MaxConnsPerClient > 0 {
 		set.relay.Clients = p.clientLimit()
+	}
+	// Fresh buckets per configuration: a reload that changes a rate
+	// starts it full.
+	if r := s.MaxConnRate; r.PerSecond > 0 {
+		set.relay.Rate = rate.NewLimiter(rate.Limit(r.PerSecond), r.Burst())
+	}
+	if r := s.MaxConnRatePerClient; r.PerSecond > 0 {
+		set.relay.ClientRates = relay.NewClientRates(r)
 	}
 	if trusted := s.AcceptProxyProtocol; len(trusted) > 0 {
 		set.relay.AcceptProxy = func(a netip.Addr) bool { return contains(trusted, a.Unmap()) }

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"time"
 
 	proxyproto "github.com/pires/go-proxyproto"
 	"github.com/rota-proxy/rota/accesslog"
@@ -85,6 +86,14 @@ func (c *Conn) admit() Denial {
 		if d := c.cfg.Access(a); d != Admitted {
 			return d
 		}
+	}
+	// Rates: time.Now, not the loop's clock, since a listener's bucket is
+	// shared by every loop and each loop's clock has its own origin.
+	if c.cfg.Rate != nil && !c.cfg.Rate.Allow() {
+		return RateLimited
+	}
+	if c.cfg.ClientRates != nil && !c.cfg.ClientRates.allow(a, time.Now()) {
+		return PerClientRate
 	}
 	if c.cfg.Clients != nil && c.cfg.MaxConnsPerClient > 0 {
 		if !c.cfg.Clients.acquire(a, c.cfg.MaxConnsPerClient) {

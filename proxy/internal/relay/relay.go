@@ -19,6 +19,7 @@ package relay
 
 import (
 	"errors"
+	"golang.org/x/time/rate"
 	"math/rand/v2"
 	"net/netip"
 	"sync/atomic"
@@ -56,6 +57,10 @@ type Config struct {
 	// Clients counts the connections open from each client address, for
 	// MaxConnsPerClient.
 	Clients *ClientLimit
+	// Rate and ClientRates are MaxConnRate's bucket and
+	// MaxConnRatePerClient's buckets; nil when unlimited.
+	Rate        *rate.Limiter
+	ClientRates *ClientRates
 	// Picker yields the targets of a listener without routes; nil when
 	// Route chooses.
 	Picker Picker
@@ -72,23 +77,26 @@ type Denial uint8
 
 // Denials, as the label of rota_connections_denied_total.
 const (
-	Admitted   Denial = iota
-	Denied            // in deny
-	NotAllowed        // allow is set and does not list it
-	PerClient         // max_conns_per_client reached
+	Admitted      Denial = iota
+	Denied               // in deny
+	NotAllowed           // allow is set and does not list it
+	PerClient            // max_conns_per_client reached
+	RateLimited          // over max_conn_rate
+	PerClientRate        // over max_conn_rate_per_client
 	numDenials
 )
 
-var denialNames = [...]string{"", "deny", "not_allowed", "per_client"}
+var denialNames = [...]string{"", "deny", "not_allowed", "per_client", "rate", "per_client_rate"}
 
 func (d Denial) String() string { return denialNames[d] }
 
 func (d Denial) termination() accesslog.Termination {
-	return [...]accesslog.Termination{accesslog.NotEnded, accesslog.DeniedDeny, accesslog.DeniedNotAllowed, accesslog.DeniedPerClient}[d]
+	return [...]accesslog.Termination{accesslog.NotEnded, accesslog.DeniedDeny, accesslog.DeniedNotAllowed,
+		accesslog.DeniedPerClient, accesslog.DeniedRate, accesslog.DeniedRate}[d]
 }
 
 // Denials lists the reasons a client is refused for.
-func Denials() []Denial { return []Denial{Denied, NotAllowed, PerClient} }
+func Denials() []Denial { return []Denial{Denied, NotAllowed, PerClient, RateLimited, PerClientRate} }
 
 // Stats are a listener's counters, updated atomically by its connections.
 type Stats struct {

@@ -3,7 +3,10 @@ package relay
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -57,6 +60,13 @@ type Settings struct {
 	// MaxConnsPerClient bounds the connections open at once from one
 	// client address; 0: unlimited.
 	MaxConnsPerClient int `yaml:"max_conns_per_client"`
+	// MaxConnRate bounds the new connections the listener accepts a
+	// second, MaxConnRatePerClient those of one client address: token
+	// buckets that hold one second's worth (a burst of that many at
+	// once). Over either, a client is closed at once and counted. The
+	// zero Rate is unlimited.
+	MaxConnRate          Rate `yaml:"max_conn_rate"`
+	MaxConnRatePerClient Rate `yaml:"max_conn_rate_per_client"`
 	// SNITimeout bounds the wait for a routed listener's ClientHello; 0:
 	// none.
 	SNITimeout time.Duration `yaml:"sni_timeout"`
@@ -105,6 +115,40 @@ func (g Grace) String() string {
 		return "never"
 	}
 	return time.Duration(g).String()
+}
+
+// Rate is a rate of new connections: "500/s", "30/m" in a configuration.
+// The zero Rate is unlimited.
+type Rate struct{ PerSecond float64 }
+
+// Burst is how many a bucket of r holds: one second's worth, at least 1.
+func (r Rate) Burst() int { return max(1, int(math.Ceil(r.PerSecond))) }
+
+func (r Rate) String() string {
+	if r.PerSecond == 0 {
+		return ""
+	}
+	return strconv.FormatFloat(r.PerSecond, 'f', -1, 64) + "/s"
+}
+
+// MarshalText writes "N/s" ("" for unlimited).
+func (r Rate) MarshalText() ([]byte, error) { return []byte(r.String()), nil }
+
+// UnmarshalText reads "N/s", "N/m" or "N/h" ("" or "0/s": unlimited).
+func (r *Rate) UnmarshalText(b []byte) error {
+	s := strings.TrimSpace(string(b))
+	if s == "" {
+		*r = Rate{}
+		return nil
+	}
+	n, unit, ok := strings.Cut(s, "/")
+	per := map[string]float64{"s": 1, "m": 60, "h": 3600}[unit]
+	v, err := strconv.ParseFloat(n, 64)
+	if !ok || per == 0 || err != nil || v < 0 || math.IsInf(v, 0) || math.IsNaN(v) {
+		return errors.New(`expected a rate like 500/s or 30/m`)
+	}
+	*r = Rate{PerSecond: v / per}
+	return nil
 }
 
 // MarshalText writes "never" or a duration.

@@ -1,0 +1,79 @@
+package server_test
+
+import (
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/internal/testenv"
+	"github.com/rota-proxy/rota/proxy"
+)
+
+// max_conn_rate and max_conn_rate_per_client hold within 10 % over their
+// windows against clients that connect as fast as they can: one second's
+// burst, then the rate; refusals are counted by reason.
+func TestConnectionRates(t *testing.T) {
+	b := startBackend(t, "b")
+	cfg := config.Default()
+	cfg.Admin.Listen = ""
+	whole := fastListener("whole", b.Addr)
+	whole.MaxConnRate = proxy.Rate{PerSecond: 200}
+	each := fastListener("each", b.Addr)
+	each.MaxConnRatePerClient = proxy.Rate{PerSecond: 50}
+	cfg.Listeners = []config.Listener{whole, each}
+	srv := startServer(t, cfg)
+	testenv.Eventually(t, "live", 5*time.Second, func() bool { return liveCount(srv, "whole") == 1 && liveCount(srv, "each") == 1 })
+
+	// hammer connects from srcs in turn for d and counts the connections
+	// served (the backend answered) and refused (closed unanswered).
+	hammer := func(addr string, srcs []string, d time.Duration) (served, refused int) {
+		end := time.Now().Add(d)
+		for i := 0; time.Now().Before(end); i++ {
+			c, err := dialFrom(srcs[i%len(srcs)], addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			io.WriteString(c, "hello\n")
+			c.(*net.TCPConn).CloseWrite()
+			got, _ := io.ReadAll(c)
+			c.Close()
+			if len(got) > 0 {
+				served++
+			} else {
+				refused++
+			}
+		}
+		return served, refused
+	}
+	check := func(what string, served, refused int, rate float64, d time.Duration) {
+		t.Helper()
+		want := rate + rate*d.Seconds() // the burst, then the rate
+		t.Logf("%s: %d served, %d refused in %v (want %.0f: a second's burst, then %.0f/s)", what, served, refused, d, want, rate)
+		if float64(served) < 0.9*want || float64(served) > 1.1*want {
+			t.Errorf("%s: %d served in %v, want %.0f within 10 %%", what, served, d, want)
+		}
+		if refused == 0 {
+			t.Errorf("%s: nothing refused: the clients did not exceed the rate", what)
+		}
+	}
+
+	const d = 3 * time.Second
+	served, refused := hammer(proxyAddr(t, srv, "whole"), []string{"127.0.0.2", "127.0.0.3", "127.0.0.4"}, d)
+	check("max_conn_rate 200/s", served, refused, 200, d)
+	if n := status(t, srv, "whole").Count("denied_conns", "rate"); n != uint64(refused) {
+		t.Errorf("denied rate = %d, want %d", n, refused)
+	}
+
+	served, refused = hammer(proxyAddr(t, srv, "each"), []string{"127.0.0.5"}, d)
+	check("max_conn_rate_per_client 50/s", served, refused, 50, d)
+	if n := status(t, srv, "each").Count("denied_conns", "per_client_rate"); n != uint64(refused) {
+		t.Errorf("denied per_client_rate = %d, want %d", n, refused)
+	}
+	// Another client has a bucket of its own.
+	if s, _ := hammer(proxyAddr(t, srv, "each"), []string{"127.0.0.6"}, 100*time.Millisecond); s == 0 {
+		t.Error("a second client was refused with the first's bucket")
+	}
+}
