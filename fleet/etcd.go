@@ -52,10 +52,6 @@ func (e *Etcd) Set(ctx context.Context, listener, addr string, m Mark) error {
 // listed revision; a broken watch lists again (after a backoff when it
 // failed), so nothing in between is missed.
 func (e *Etcd) Watch(ctx context.Context, apply func(Marks), failed func(error)) {
-	log := e.Log
-	if log == nil {
-		log = zap.NewNop()
-	}
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval, bo.MaxInterval = 100*time.Millisecond, 5*time.Second
 	for ctx.Err() == nil {
