@@ -134,8 +134,11 @@ func (p *picker) hashPick(key uint64) int {
 	total := float64(p.open.Load() + 1) // with the connection being placed
 	for range len(r.hash) {
 		i := int(r.owner[lo])
-		// Within its bound: active < bound x total x w / wsum (no division).
-		if float64(p.set[i].Active.Load())*float64(r.wsum) < r.bound*total*float64(p.w[i]) {
+		// Within its capacity: active < ceil(bound x total x w / wsum),
+		// rounded up as the paper's is, so that at low counts a target
+		// keeps its keys until it holds a whole connection more than its
+		// share.
+		if float64(p.set[i].Active.Load()) < math.Ceil(r.bound*total*float64(p.w[i])/float64(r.wsum)) {
 			return i
 		}
 		if lo++; lo == len(r.hash) {

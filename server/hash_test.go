@@ -44,6 +44,11 @@ func TestHashSameTargetOnTwoProxies(t *testing.T) {
 		}
 		l := fastListener("h", addrs...)
 		l.Balance = config.BalanceHash
+		// Unbounded: with bounded load a key's target depends on the
+		// connections open at that moment (a client's last connection
+		// not yet closed in rota when its next comes), which this test
+		// does not control; balancer's tests cover the bound.
+		l.HashBalanceFactor = 0
 		cfg.Listeners = []config.Listener{l}
 		return cfg
 	}
