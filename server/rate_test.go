@@ -3,6 +3,7 @@ package server_test
 import (
 	"io"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -26,26 +27,38 @@ func TestConnectionRates(t *testing.T) {
 	srv := startServer(t, cfg)
 	testenv.Eventually(t, "live", 5*time.Second, func() bool { return liveCount(srv, "whole") == 1 && liveCount(srv, "each") == 1 })
 
-	// hammer connects from srcs in turn for d and counts the connections
-	// served (the backend answered) and refused (closed unanswered).
+	// hammer connects from srcs, four connections at a time, for d and
+	// counts the connections served (the backend answered) and refused
+	// (closed unanswered): several at once, so that the clients outpace
+	// the rate even on a busy machine.
 	hammer := func(addr string, srcs []string, d time.Duration) (served, refused int) {
 		end := time.Now().Add(d)
-		for i := 0; time.Now().Before(end); i++ {
-			c, err := dialFrom(srcs[i%len(srcs)], addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			c.SetDeadline(time.Now().Add(5 * time.Second))
-			io.WriteString(c, "hello\n")
-			c.(*net.TCPConn).CloseWrite()
-			got, _ := io.ReadAll(c)
-			c.Close()
-			if len(got) > 0 {
-				served++
-			} else {
-				refused++
-			}
+		var mu sync.Mutex
+		var wg sync.WaitGroup
+		for w := range 4 {
+			wg.Go(func() {
+				for i := w; time.Now().Before(end); i += 4 {
+					c, err := dialFrom(srcs[i%len(srcs)], addr)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					c.SetDeadline(time.Now().Add(5 * time.Second))
+					io.WriteString(c, "hello\n")
+					c.(*net.TCPConn).CloseWrite()
+					got, _ := io.ReadAll(c)
+					c.Close()
+					mu.Lock()
+					if len(got) > 0 {
+						served++
+					} else {
+						refused++
+					}
+					mu.Unlock()
+				}
+			})
 		}
+		wg.Wait()
 		return served, refused
 	}
 	check := func(what string, served, refused int, rate float64, d time.Duration) {
