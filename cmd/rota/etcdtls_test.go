@@ -63,7 +63,16 @@ registries:
 	}
 
 	serve := startRota(t, "serve", "--config", file, "--log-format", "json")
-	testenv.Eventually(t, "rota listening", 15*time.Second, func() bool { return strings.Contains(serve.stderr.String(), `"listening"`) })
+	if _, ok := testenv.Poll(15*time.Second, func() bool {
+		if _, exited := serve.wait(0); exited {
+			return true
+		}
+		return strings.Contains(serve.stderr.String(), `"listening"`)
+	}); !ok || !strings.Contains(serve.stderr.String(), `"listening"`) {
+		// (Its ports were free when picked; another test's socket may
+		// have taken one since: the log says.)
+		t.Fatalf("rota serve never listened; it logged:\n%s", serve.stderr.String())
+	}
 
 	be := testenv.Greeter(t, "hi")
 	endpoint := "https://" + etcdAddr
