@@ -5,9 +5,10 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/cenkalti/backoff/v5"
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
+
+	"github.com/rota-proxy/rota/internal/retry"
 )
 
 // Consul keeps marks in Consul's KV store under Dir.
@@ -50,8 +51,7 @@ func (c *Consul) Set(ctx context.Context, listener, addr string, m Mark) error {
 // Watch lists the marks with blocking queries: every answer whose index
 // moved is applied whole.
 func (c *Consul) Watch(ctx context.Context, apply func(Marks), failed func(error)) {
-	bo := backoff.NewExponentialBackOff()
-	bo.InitialInterval, bo.MaxInterval = 100*time.Millisecond, 5*time.Second
+	bo := retry.New(retryInitial, retryMax)
 	var index uint64
 	applied := false
 	for ctx.Err() == nil {
@@ -65,10 +65,8 @@ func (c *Consul) Watch(ctx context.Context, apply func(Marks), failed func(error
 			// be below ours, and a query waiting for ours would block.
 			index, applied = 0, false
 			failed(fmt.Errorf("consul: list marks: %w", err))
-			select {
-			case <-ctx.Done():
+			if !retry.Sleep(ctx, bo.Next()) {
 				return
-			case <-time.After(bo.NextBackOff()):
 			}
 			continue
 		}
@@ -84,18 +82,7 @@ func (c *Consul) Watch(ctx context.Context, apply func(Marks), failed func(error
 		}
 		marks := Marks{}
 		for _, kv := range pairs {
-			l, a, ok := parseKey("", kv.Key)
-			if !ok {
-				continue
-			}
-			m, err := decode(kv.Value)
-			if err != nil {
-				if c.Log != nil {
-					c.Log.Warn("fleet mark skipped", zap.String("key", kv.Key), zap.Error(err))
-				}
-				continue
-			}
-			marks.set(l, a, m)
+			marks.put("", kv.Key, kv.Value, c.Log)
 		}
 		apply(marks)
 		applied = true

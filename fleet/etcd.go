@@ -6,9 +6,10 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/cenkalti/backoff/v5"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+
+	"github.com/rota-proxy/rota/internal/retry"
 )
 
 // Etcd keeps marks in etcd under Root(prefix) + Dir.
@@ -52,8 +53,7 @@ func (e *Etcd) Set(ctx context.Context, listener, addr string, m Mark) error {
 // listed revision; a broken watch lists again (after a backoff when it
 // failed), so nothing in between is missed.
 func (e *Etcd) Watch(ctx context.Context, apply func(Marks), failed func(error)) {
-	bo := backoff.NewExponentialBackOff()
-	bo.InitialInterval, bo.MaxInterval = 100*time.Millisecond, 5*time.Second
+	bo := retry.New(retryInitial, retryMax)
 	for ctx.Err() == nil {
 		err := e.follow(ctx, apply)
 		if ctx.Err() != nil {
@@ -61,10 +61,8 @@ func (e *Etcd) Watch(ctx context.Context, apply func(Marks), failed func(error))
 		}
 		if err != nil {
 			failed(err)
-			select {
-			case <-ctx.Done():
+			if !retry.Sleep(ctx, bo.Next()) {
 				return
-			case <-time.After(bo.NextBackOff()):
 			}
 			continue
 		}
@@ -83,7 +81,7 @@ func (e *Etcd) follow(ctx context.Context, apply func(Marks)) error {
 	}
 	marks := Marks{}
 	for _, kv := range resp.Kvs {
-		e.put(marks, string(kv.Key), kv.Value)
+		marks.put(e.Root, string(kv.Key), kv.Value, e.Log)
 	}
 	apply(marks)
 	wctx, wcancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
@@ -98,7 +96,7 @@ func (e *Etcd) follow(ctx context.Context, apply func(Marks)) error {
 				next.del(e.Root, string(ev.Kv.Key))
 				continue
 			}
-			e.put(next, string(ev.Kv.Key), ev.Kv.Value)
+			next.put(e.Root, string(ev.Kv.Key), ev.Kv.Value, e.Log)
 		}
 		marks = next
 		apply(marks)
@@ -107,46 +105,4 @@ func (e *Etcd) follow(ctx context.Context, apply func(Marks)) error {
 		return nil
 	}
 	return errors.New("etcd: watch of marks ended")
-}
-
-// put sets a key's mark in m; a malformed one is logged and skipped.
-func (e *Etcd) put(m Marks, key string, v []byte) {
-	l, a, ok := parseKey(e.Root, key)
-	if !ok {
-		return
-	}
-	mk, err := decode(v)
-	if err != nil {
-		if e.Log != nil {
-			e.Log.Warn("fleet mark skipped", zap.String("key", key), zap.Error(err))
-		}
-		return
-	}
-	m.set(l, a, mk)
-}
-
-func (m Marks) set(listener, addr string, mk Mark) {
-	if m[listener] == nil {
-		m[listener] = map[string]Mark{}
-	}
-	m[listener][addr] = mk
-}
-
-func (m Marks) del(root, key string) {
-	if l, a, ok := parseKey(root, key); ok {
-		delete(m[l], a)
-	}
-}
-
-// clone copies m deeply enough that changing the copy leaves m alone.
-func (m Marks) clone() Marks {
-	out := make(Marks, len(m))
-	for l, as := range m {
-		c := make(map[string]Mark, len(as))
-		for a, mk := range as {
-			c[a] = mk
-		}
-		out[l] = c
-	}
-	return out
 }

@@ -15,6 +15,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
+	"time"
+
+	"go.uber.org/zap"
 )
 
 // Mark is one target's fleet-wide state. The zero Mark is no mark.
@@ -38,6 +41,12 @@ type Store interface {
 	// Kind names the registry: "etcd" or "consul".
 	Kind() string
 }
+
+// The waits of a store's watch between failed attempts.
+const (
+	retryInitial = 100 * time.Millisecond
+	retryMax     = 5 * time.Second
+)
 
 // Dir is the key prefix of every mark under a registry's root.
 const Dir = "rota/state/"
@@ -84,4 +93,48 @@ func Root(prefix string) string {
 		return p[:i+1]
 	}
 	return ""
+}
+
+// put sets the mark of a key under root to value v; a key that is not a
+// mark's is ignored, a malformed value logged (when log is set) and
+// skipped.
+func (m Marks) put(root, key string, v []byte, log *zap.Logger) {
+	l, a, ok := parseKey(root, key)
+	if !ok {
+		return
+	}
+	mk, err := decode(v)
+	if err != nil {
+		if log != nil {
+			log.Warn("fleet mark skipped", zap.String("key", key), zap.Error(err))
+		}
+		return
+	}
+	m.set(l, a, mk)
+}
+
+func (m Marks) set(listener, addr string, mk Mark) {
+	if m[listener] == nil {
+		m[listener] = map[string]Mark{}
+	}
+	m[listener][addr] = mk
+}
+
+func (m Marks) del(root, key string) {
+	if l, a, ok := parseKey(root, key); ok {
+		delete(m[l], a)
+	}
+}
+
+// clone copies m deeply enough that changing the copy leaves m alone.
+func (m Marks) clone() Marks {
+	out := make(Marks, len(m))
+	for l, as := range m {
+		c := make(map[string]Mark, len(as))
+		for a, mk := range as {
+			c[a] = mk
+		}
+		out[l] = c
+	}
+	return out
 }
