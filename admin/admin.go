@@ -312,13 +312,7 @@ func (h *Handler) reload(w http.ResponseWriter, r *http.Request) {
 func (h *Handler) drain(on bool) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		name, addr := r.PathValue("listener"), r.PathValue("addr")
-		err := h.State.Drain(name, addr, on)
-		switch {
-		case errors.Is(err, server.ErrNotFound):
-			writeJSON(w, http.StatusNotFound, map[string]string{"error": err.Error()})
-			return
-		case err != nil:
-			writeJSON(w, http.StatusInternalServerError, map[string]string{"error": err.Error()})
+		if writeStateErr(w, h.State.Drain(name, addr, on)) {
 			return
 		}
 		verb := "undrained"
@@ -353,13 +347,7 @@ func (h *Handler) weight(set bool) http.HandlerFunc {
 			}
 			n = *body.Weight
 		}
-		err := h.State.SetWeight(name, addr, n)
-		switch {
-		case errors.Is(err, server.ErrNotFound):
-			writeJSON(w, http.StatusNotFound, map[string]string{"error": err.Error()})
-			return
-		case err != nil:
-			writeJSON(w, http.StatusInternalServerError, map[string]string{"error": err.Error()})
+		if writeStateErr(w, h.State.SetWeight(name, addr, n)) {
 			return
 		}
 		if h.Logger != nil {
@@ -372,6 +360,20 @@ func (h *Handler) weight(set bool) http.HandlerFunc {
 		}
 		writeJSON(w, http.StatusOK, resp)
 	}
+}
+
+// writeStateErr answers a State change's error, if any: 404 for what does
+// not exist, else 500. It reports whether it answered.
+func writeStateErr(w http.ResponseWriter, err error) bool {
+	switch {
+	case err == nil:
+		return false
+	case errors.Is(err, server.ErrNotFound):
+		writeJSON(w, http.StatusNotFound, map[string]string{"error": err.Error()})
+	default:
+		writeJSON(w, http.StatusInternalServerError, map[string]string{"error": err.Error()})
+	}
+	return true
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

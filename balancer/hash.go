@@ -74,7 +74,7 @@ func newRing(set []*Target, w []uint32, bound float64) *ring {
 	pts := make([]point, 0, int(per*float64(wsum))+len(set))
 	for i, t := range set {
 		k := max(1, int(math.Round(per*float64(w[i]))))
-		base := hashString(t.Addr)
+		base := fnv(t.Addr)
 		for j := range k {
 			pts = append(pts, point{mix(base ^ mix(uint64(j)+1)), uint32(i)})
 		}
@@ -159,11 +159,11 @@ func mix(x uint64) uint64 {
 	return x
 }
 
-// hashString is FNV-1a of s: fixed, so the same in every process.
-func hashString(s string) uint64 {
+// fnv is FNV-1a of b: fixed, so the same in every process.
+func fnv[T string | []byte](b T) uint64 {
 	h := uint64(14695981039346656037)
-	for i := 0; i < len(s); i++ {
-		h ^= uint64(s[i])
+	for i := 0; i < len(b); i++ {
+		h ^= uint64(b[i])
 		h *= 1099511628211
 	}
 	return h
@@ -171,15 +171,8 @@ func hashString(s string) uint64 {
 
 // HashKey is the key of a string (a TLS server name) for PickKey; it does
 // not allocate.
-func HashKey(s string) uint64 { return hashString(s) }
+func HashKey(s string) uint64 { return fnv(s) }
 
 // HashBytes is the key of bytes (a client address's 16-byte form) for
 // PickKey; it does not allocate.
-func HashBytes(b []byte) uint64 {
-	h := uint64(14695981039346656037)
-	for _, c := range b {
-		h ^= uint64(c)
-		h *= 1099511628211
-	}
-	return h
-}
+func HashBytes(b []byte) uint64 { return fnv(b) }
