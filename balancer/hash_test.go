@@ -117,16 +117,23 @@ func TestHashFollowsWeights(t *testing.T) {
 	}
 }
 
-// Bounded load: with most keys the same, no target holds more than the
-// factor times the mean of open connections (plus the one being placed).
-func TestHashBoundedLoad(t *testing.T) {
-	var b Balancer
-	es := make([]Entry, 4)
+// boundedHash publishes n targets of b's own, weight 1 each, under the
+// hash policy with a bound of 1.25, and returns them.
+func boundedHash(b *Balancer, n int) []Entry {
+	es := make([]Entry, n)
 	for i := range es {
 		es[i] = Entry{T: b.NewTarget(fmt.Sprintf("10.0.0.%d:80", i+1)), W: 1}
 	}
 	b.SetHash(1.25, false)
 	b.Update(Hash, es)
+	return es
+}
+
+// Bounded load: with most keys the same, no target holds more than the
+// factor times the mean of open connections (plus the one being placed).
+func TestHashBoundedLoad(t *testing.T) {
+	var b Balancer
+	es := boundedHash(&b, 4)
 	const conns = 1000
 	for k := range conns {
 		key := clientKey(7) // a hot key
@@ -159,12 +166,7 @@ func TestHashBoundedLoad(t *testing.T) {
 
 func TestHashPickAllocatesNothing(t *testing.T) {
 	var b Balancer
-	es := make([]Entry, 100)
-	for i := range es {
-		es[i] = Entry{T: b.NewTarget(fmt.Sprintf("10.0.0.%d:80", i+1)), W: 1}
-	}
-	b.SetHash(1.25, false)
-	b.Update(Hash, es)
+	boundedHash(&b, 100)
 	k := 0
 	if n := testing.AllocsPerRun(1000, func() {
 		c := b.PickKey(clientKey(k))

@@ -128,11 +128,7 @@ func TestHTTPSAndTLSChecksWithTheirOwnCA(t *testing.T) {
 		w.Write([]byte("ok"))
 	}))
 	srv.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
-	srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
-		if st == http.StateNew {
-			conns.Add(1)
-		}
-	}
+	countConns(srv, &conns)
 	srv.StartTLS()
 	defer srv.Close()
 	addr := srv.Listener.Addr().String()
@@ -282,11 +278,7 @@ func TestHTTPCheckKeepsItsConnection(t *testing.T) {
 		requests.Add(1)
 		w.Write([]byte("ok"))
 	}))
-	srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
-		if st == http.StateNew {
-			conns.Add(1)
-		}
-	}
+	countConns(srv, &conns)
 	srv.Start()
 	defer srv.Close()
 	addr := srv.Listener.Addr().String()
@@ -342,4 +334,14 @@ func (l *countingListener) Accept() (net.Conn, error) {
 		l.n.Add(1)
 	}
 	return c, err
+}
+
+// countConns counts in n the connections srv accepts (set before it
+// starts).
+func countConns(srv *httptest.Server, n *atomic.Int64) {
+	srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			n.Add(1)
+		}
+	}
 }

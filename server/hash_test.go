@@ -3,32 +3,12 @@ package server_test
 import (
 	"context"
 	"fmt"
-	"io"
-	"net"
 	"testing"
 	"time"
 
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/internal/testenv"
 )
-
-// requestFrom makes one connection to addr from the loopback address src
-// and returns the backend's name.
-func requestFrom(src, addr string) (string, error) {
-	d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
-	c, err := d.Dial("tcp", addr)
-	if err != nil {
-		return "", err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := io.WriteString(c, "hello\n"); err != nil {
-		return "", err
-	}
-	c.(*net.TCPConn).CloseWrite()
-	b, err := io.ReadAll(c)
-	return string(b), err
-}
 
 // Two rotas with the same targets send each client (by address) to the
 // same target, and a target added to both moves about its share of the
@@ -65,7 +45,7 @@ func TestHashSameTargetOnTwoProxies(t *testing.T) {
 	mapping := func(addr string) []string {
 		out := make([]string, clients)
 		for i := range out {
-			name, err := requestFrom(src(i), addr)
+			name, err := testenv.RequestFrom(src(i), addr)
 			if err != nil {
 				t.Fatalf("client %s: %v", src(i), err)
 			}

@@ -144,8 +144,15 @@ func (b *Backend) Revive(t T) {
 }
 
 // Request makes one client connection through addr and returns the answer.
-func Request(addr string) (string, error) {
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+func Request(addr string) (string, error) { return RequestFrom("", addr) }
+
+// RequestFrom is Request from the loopback address src ("" for any).
+func RequestFrom(src, addr string) (string, error) {
+	d := net.Dialer{Timeout: 5 * time.Second}
+	if src != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(src)}
+	}
+	c, err := d.Dial("tcp", addr)
 	if err != nil {
 		return "", err
 	}
