@@ -174,6 +174,14 @@ type PoolJSON struct {
 	DiscoveryUpdates  uint64        `json:"discovery_updates"`
 	DiscoveryErrors   uint64        `json:"discovery_errors"`
 	Panic             bool          `json:"panic"`
+	// Queue is there when max_conns_per_target caps the targets.
+	Queue *QueueJSON `json:"queue,omitempty"`
+}
+
+// QueueJSON is a pool's cap and queue: the connections waiting now.
+type QueueJSON struct {
+	MaxConnsPerTarget int `json:"max_conns_per_target"`
+	Length            int `json:"length"`
 }
 
 // WarningJSON is a registry entry skipped as malformed.
@@ -238,7 +246,15 @@ func poolJSON(p server.PoolStatus) PoolJSON {
 		DiscoveryOK: p.DiscoveryOK, DiscoveryStale: p.DiscoveryStale, DiscoveryError: p.LastError,
 		DiscoveryWarnings: warningsJSON(p.Warnings),
 		DiscoveryUpdates:  p.DiscoveryUpdates, DiscoveryErrors: p.DiscoveryErrors, Panic: p.Panic,
+		Queue: queueJSON(p),
 	}
+}
+
+func queueJSON(p server.PoolStatus) *QueueJSON {
+	if p.Queue == nil {
+		return nil
+	}
+	return &QueueJSON{MaxConnsPerTarget: p.Queue.Cap(), Length: p.Queue.Length()}
 }
 
 func warningsJSON(ws []discovery.Warning) []WarningJSON {

@@ -31,6 +31,8 @@ type collector struct {
 	targets  *prometheus.Desc   // rota_targets{state}
 	// logDropped is rota_access_log_dropped_total.
 	logDropped *prometheus.Desc
+	// queueWait is rota_queue_wait_seconds, a pool's histogram.
+	queueWait *prometheus.Desc
 }
 
 // family is a metric of a pool (labels listener, route) or of a target
@@ -62,6 +64,13 @@ var poolFamilies = []family[*server.PoolStatus]{
 		read: func(p *server.PoolStatus) []proxy.Sample { return one(float64(p.DiscoveryMalformed)) }},
 	{name: "rota_discovery_stale", help: "1 while the watch has stopped hearing from its registry (and is moving to another member).", gauge: true,
 		read: func(p *server.PoolStatus) []proxy.Sample { return one(b2f(p.DiscoveryStale)) }},
+	{name: "rota_queue_length", help: "Connections waiting for a place under max_conns_per_target.", gauge: true,
+		read: func(p *server.PoolStatus) []proxy.Sample {
+			if p.Queue == nil {
+				return nil
+			}
+			return one(float64(p.Queue.Length()))
+		}},
 	{name: "rota_panic_mode", help: "1 while the pool routes over all discovered targets because none passes its checks.", gauge: true,
 		read: func(p *server.PoolStatus) []proxy.Sample { return one(b2f(p.Panic)) }},
 }
@@ -111,6 +120,8 @@ func newCollector(state State) *collector {
 		pool:    descs(poolFamilies, "listener", "route"),
 		target:  descs(targetFamilies, "listener", "route", "target"),
 		targets: prometheus.NewDesc("rota_targets", "Discovered targets by health state.", []string{"listener", "route", "state"}, nil),
+		queueWait: prometheus.NewDesc("rota_queue_wait_seconds",
+			"How long connections waited in the queue under max_conns_per_target, served or timed out.", []string{"listener", "route"}, nil),
 		logDropped: prometheus.NewDesc("rota_access_log_dropped_total",
 			"Access log records dropped because the writer fell behind (the proxy is never slowed for it).", nil, nil),
 	}
@@ -185,6 +196,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 func (c *collector) collectPool(ch chan<- prometheus.Metric, n, r string, p *server.PoolStatus) {
 	for i, f := range poolFamilies {
 		emit(ch, c.pool[i], f.gauge, f.label != "", f.read(p), n, r)
+	}
+	if q := p.Queue; q != nil {
+		count, sum, buckets := q.Wait.Snapshot()
+		ch <- prometheus.MustNewConstHistogram(c.queueWait, count, sum, buckets, n, r)
 	}
 	states := map[string]int{"checking": 0, "up": 0, "down": 0}
 	for j := range p.Targets {

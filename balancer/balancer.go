@@ -33,6 +33,9 @@ type Target struct {
 	// (bounded-load hashing compares with its mean); nil for a target
 	// made outside a balancer.
 	open *atomic.Int64
+	// held is the places taken through a Gate: connections dialling or
+	// open to the target, picked by a cursor of a gated picker.
+	held atomic.Int64
 }
 
 // NewTarget returns a Target for addr with zeroed counters.
@@ -95,7 +98,14 @@ type Balancer struct {
 	// The hash policy's bound and key for the pickers published from here.
 	bound float64
 	bySNI bool
+	// gate caps the targets' connections (nil: no cap).
+	gate *Gate
 }
+
+// SetGate makes the pickers published from now on take their targets'
+// places through g (nil: none). Call it before the Update that should use
+// it, from the goroutine that updates.
+func (b *Balancer) SetGate(g *Gate) { b.gate = g }
 
 // SetHash sets the hash policy's settings for the pickers published from
 // now on: no target takes more than factor times its weighted share of
@@ -122,7 +132,11 @@ func (b *Balancer) UpdateWithFallback(policy Policy, entries []Entry, fallback [
 	p := newPicker(policy, entries, b.bound)
 	p.fallback, p.bySNI = fallback, b.bySNI
 	p.open = &b.open
+	p.gate = b.gate
 	b.cur.Store(p)
+	if b.gate != nil {
+		b.gate.refill(p.set, p.fallback)
+	}
 }
 
 // Live returns the targets of the current picker. Callers must not modify
@@ -185,27 +199,65 @@ func (b *Balancer) PickFor(client netip.Addr, serverName string) Cursor {
 type Cursor struct {
 	p     *picker // immutable
 	start uint32
-	i     uint32
+	// i is the next offer's index; its top bit (full) says a target was
+	// passed over at its cap.
+	i uint32
 }
 
+const full = 1 << 31
+
 // Next returns the next target to try, or nil when every target of the set
-// and of the fallback has been offered once.
+// and of the fallback has been offered once. With a Gate, it passes over
+// targets at their cap and takes a place of the one it returns, which the
+// caller gives back with Release; when it passed over one, it offers no
+// fallback target (backups stand in for dead targets, not busy ones: the
+// connection queues instead).
 func (c *Cursor) Next() *Target {
 	if c.p == nil {
 		return nil
 	}
+	g := c.p.gate
+	for {
+		t := c.next()
+		if t == nil || g == nil || g.take(t) {
+			return t
+		}
+		c.i |= full
+	}
+}
+
+func (c *Cursor) next() *Target {
 	n := uint64(len(c.p.set))
-	if uint64(c.i) >= n {
-		f := uint64(c.i) - n
-		if f >= uint64(len(c.p.fallback)) {
+	i := uint64(c.i &^ full)
+	if i >= n {
+		f := i - n
+		if f >= uint64(len(c.p.fallback)) || c.i&full != 0 {
 			return nil
 		}
 		c.i++
 		return c.p.fallback[f]
 	}
-	t := c.p.set[(uint64(c.start)+uint64(c.i))%n]
+	t := c.p.set[(uint64(c.start)+i)%n]
 	c.i++
 	return t
+}
+
+// Full reports whether Next passed over a target at its cap.
+func (c *Cursor) Full() bool { return c.i&full != 0 }
+
+// Gate is the gate of the cursor's picker; nil when it has none.
+func (c *Cursor) Gate() *Gate {
+	if c.p == nil {
+		return nil
+	}
+	return c.p.gate
+}
+
+// Release gives back the place Next took of t, if it took one.
+func (c *Cursor) Release(t *Target) {
+	if c.p != nil && c.p.gate != nil {
+		c.p.gate.Release(t)
+	}
 }
 
 // Len is the number of targets the cursor can offer in all.

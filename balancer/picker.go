@@ -44,6 +44,7 @@ type picker struct {
 	ring     *ring         // hash
 	bySNI    bool          // hash: the key is the server name
 	open     *atomic.Int64 // the balancer's open connections
+	gate     *Gate         // caps the targets' connections; nil none
 }
 
 // column is one column of Vose's alias table: a point u in the column

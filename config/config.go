@@ -259,6 +259,22 @@ type Pool struct {
 	// SlowStart ramps a target that turns live while others serve from a
 	// small share to its full weight over this long; 0 is off.
 	SlowStart time.Duration `yaml:"slow_start"`
+	// MaxConnsPerTarget caps the connections each target holds at once
+	// (dialling or open); 0 is no cap. A new connection that finds every
+	// live target at its cap waits in Queue, without its client being
+	// read, or is refused when the queue is full (or has no room).
+	MaxConnsPerTarget int   `yaml:"max_conns_per_target"`
+	Queue             Queue `yaml:"queue"`
+}
+
+// Queue is where connections wait for a place under max_conns_per_target,
+// first in first out.
+type Queue struct {
+	// Size is how many may wait at once; 0: no queue (refused at the cap).
+	Size int `yaml:"size"`
+	// Timeout bounds a connection's wait; past it, it is closed and
+	// counted (termination queue_timeout).
+	Timeout time.Duration `yaml:"timeout"`
 }
 
 // DockerMatch selects a service's containers (discovery: docker).
@@ -387,8 +403,13 @@ func DefaultPool() Pool {
 		Balance:           BalanceRoundRobin,
 		HashKey:           HashClientIP,
 		HashBalanceFactor: DefaultHashBalanceFactor,
+		Queue:             Queue{Timeout: DefaultQueueTimeout},
 	}
 }
+
+// DefaultQueueTimeout is queue.timeout's default (HAProxy's timeout queue
+// defaults to timeout connect; 5 s is what its documentation suggests).
+const DefaultQueueTimeout = 5 * time.Second
 
 // Hash keys (the hash_key key).
 const (

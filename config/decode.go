@@ -598,7 +598,7 @@ func (d *decoder) applyDefaults(cfg *Config) {
 
 // routeDefaults names a listener's routes that have no name (after their
 // service, else "route-N") and gives each route the listener's health,
-// balance, slow_start and panic where the route does not set its own, so
+// balance, slow_start, max_conns_per_target, queue and panic where the route does not set its own, so
 // that settings common to every route are written once.
 func (d *decoder) routeDefaults(i int, l *Listener) {
 	lp := fmt.Sprintf("listeners[%d]", i)
@@ -626,6 +626,8 @@ func (d *decoder) routeDefaults(i int, l *Listener) {
 		inherit("hash_key", func() { r.HashKey = l.HashKey })
 		inherit("hash_balance_factor", func() { r.HashBalanceFactor = l.HashBalanceFactor })
 		inherit("slow_start", func() { r.SlowStart = l.SlowStart })
+		inherit("max_conns_per_target", func() { r.MaxConnsPerTarget = l.MaxConnsPerTarget })
+		inherit("queue", func() { r.Queue = l.Queue })
 		inherit("panic", func() { r.Panic = l.Panic })
 		d.backoffFollowsInterval(rp+".health", &r.Health)
 	}

@@ -37,7 +37,7 @@ func TestRoutesAndAccessErrors(t *testing.T) {
 				"rota.yaml:5:89: listeners[0].routes[0].health.rise: must be at least 1",
 			}},
 		{"unknown route key", head + "    routes:\n      - {sni: ['*'], discovery: static, static: [b:1], dial_timeout: 1s}\n",
-			[]string{`rota.yaml:5:56: listeners[0].routes[0].dial_timeout: unknown key; valid keys: name, sni, service, discovery, tags, port, docker, static, health, panic, balance, hash_key, hash_balance_factor, slow_start, access_log`}},
+			[]string{`rota.yaml:5:56: listeners[0].routes[0].dial_timeout: unknown key; valid keys: name, sni, service, discovery, tags, port, docker, static, health, panic, balance, hash_key, hash_balance_factor, slow_start, max_conns_per_target, queue, access_log`}},
 		{"allow, deny, per client", head + "    discovery: static\n    static: [a:1]\n    allow: [10.0.0.0/33]\n    deny: [nope]\n    max_conns_per_client: -1\n",
 			[]string{
 				`rota.yaml:6:13: listeners[0].allow[0]: "10.0.0.0/33" is not a CIDR (like 10.0.0.0/8) or an IP address`,
@@ -78,9 +78,11 @@ listeners:
   - listen: :8443
     health: {interval: 7s, check: none}
     balance: least_conn
+    max_conns_per_target: 10
+    queue: {size: 500}
     routes:
       - {sni: [a.example.com], service: api, discovery: static, static: [a:1]}
-      - {sni: ["*.example.com"], discovery: static, static: [b:1], health: {interval: 1s}, balance: random_two}
+      - {sni: ["*.example.com"], discovery: static, static: [b:1], health: {interval: 1s}, balance: random_two, max_conns_per_target: 3, queue: {size: 7, timeout: 1s}}
       - {sni: ["*"], discovery: static, static: [c:1], slow_start: 10s}
     allow: [127.0.0.0/8, "::1"]
     deny: [127.0.0.9]
@@ -97,6 +99,12 @@ listeners:
 	r := l.Routes
 	if r[0].Name != "api" || r[1].Name != "route-1" || r[2].Name != "route-2" {
 		t.Errorf("route names %q %q %q", r[0].Name, r[1].Name, r[2].Name)
+	}
+	if r[0].MaxConnsPerTarget != 10 || r[0].Queue != (Queue{Size: 500, Timeout: DefaultQueueTimeout}) {
+		t.Errorf("route 0 did not inherit the cap and queue: %+v", r[0].Pool)
+	}
+	if r[1].MaxConnsPerTarget != 3 || r[1].Queue != (Queue{Size: 7, Timeout: time.Second}) {
+		t.Errorf("route 1 should keep its own cap and queue: %+v", r[1].Pool)
 	}
 	if r[0].Health.Interval != 7*time.Second || r[0].Health.Check != "none" || r[0].Balance != BalanceLeastConn {
 		t.Errorf("route 0 did not inherit: %+v", r[0].Pool)

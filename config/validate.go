@@ -375,6 +375,17 @@ func (ck *checker) pool(c *Config, p string, pl *Pool, routed bool) {
 	if pl.SlowStart < 0 {
 		ck.add(p+".slow_start", "must not be negative (0 turns it off)")
 	}
+	if pl.MaxConnsPerTarget < 0 {
+		ck.add(p+".max_conns_per_target", "must not be negative (0 is no cap); got %d", pl.MaxConnsPerTarget)
+	}
+	switch q := pl.Queue; {
+	case q.Size < 0:
+		ck.add(p+".queue.size", "must not be negative (0 is no queue); got %d", q.Size)
+	case q.Size > 0 && pl.MaxConnsPerTarget == 0:
+		ck.add(p+".queue", "queues only under max_conns_per_target: set it, or drop the queue")
+	case q.Size > 0 && q.Timeout <= 0:
+		ck.add(p+".queue.timeout", "must be positive: how long a connection may wait for a place (e.g. 5s)")
+	}
 }
 
 // routes checks a routed listener: its routes, each a pool, and the

@@ -46,6 +46,12 @@ type Config struct {
 	// SlowStart ramps a target that turns live while others serve from a
 	// small share to its full weight over this long; 0 disables it.
 	SlowStart time.Duration
+	// MaxConnsPerTarget caps each target's connections (0: none); over
+	// it, a new connection waits in a queue of QueueSize (0: refused) for
+	// up to QueueTimeout. See balancer.Gate.
+	MaxConnsPerTarget int
+	QueueSize         int
+	QueueTimeout      time.Duration
 	// Retired, if set, is told on the pool's goroutine when a target stops
 	// taking new connections (balancer.Removed, Down or Drained) and when
 	// it takes them again (balancer.Kept), so that the proxy can close or
@@ -62,6 +68,9 @@ type Pool struct {
 	log     *zap.Logger
 	checker *health.Checker
 	bal     balancer.Balancer
+	// gate caps the targets' connections and queues the rest; its
+	// pickers carry it while MaxConnsPerTarget is set.
+	gate *balancer.Gate
 
 	view atomic.Pointer[View]
 	// Discovery state read by the admin without the serializer: updated
@@ -136,6 +145,7 @@ func New(cfg Config, log *zap.Logger) *Pool {
 		drained:  map[string]bool{},
 		weights:  map[string]int{},
 		done:     make(chan struct{}),
+		gate:     balancer.NewGate(),
 	}
 	p.inputs.init()
 	p.checker = health.New(cfg.Health, log.Named("health"), func(addr string, up bool) {
@@ -221,6 +231,10 @@ func (p *Pool) Configure(cfg Config) {
 	})
 }
 
+// Queue is the pool's queue under max_conns_per_target: its length and
+// how long connections waited.
+func (p *Pool) Queue() *balancer.Gate { return p.gate }
+
 // Health is every known target's health, sorted by address.
 func (p *Pool) Health() []health.Status { return p.checker.Status() }
 
@@ -243,6 +257,9 @@ func (p *Pool) Close() {
 	p.closeOnce.Do(func() {
 		p.inputs.close()
 		<-p.done
+		// Connections waiting pick from the last picker rather than wait
+		// out their timeout for places no one will announce.
+		p.gate.WakeAll()
 		p.checker.Close()
 	})
 }

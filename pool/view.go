@@ -134,6 +134,12 @@ func (p *Pool) rebuild() {
 		p.serving = true
 	}
 	p.bal.SetHash(p.cfg.HashBalanceFactor, p.cfg.HashKey == "sni")
+	p.gate.Set(p.cfg.MaxConnsPerTarget, p.cfg.QueueSize, p.cfg.QueueTimeout)
+	if p.cfg.MaxConnsPerTarget > 0 {
+		p.bal.SetGate(p.gate)
+	} else {
+		p.bal.SetGate(nil)
+	}
 	p.bal.UpdateWithFallback(p.cfg.Balance, entries, fallback)
 	p.retire(panicking)
 	if ramping && p.ramp == nil {

@@ -237,6 +237,9 @@ func (c *conn) act(a relay.Action) bool {
 	case relay.Dial:
 		c.dial()
 		return false
+	case relay.Queue:
+		c.enqueue()
+		return false
 	case relay.Refused:
 		c.p.refuse(c.m.Src, c.m.Err)
 		c.finish(false, accesslog.NotEnded, nil)
@@ -268,6 +271,26 @@ func (c *conn) act(a relay.Action) bool {
 		}
 	}
 	return !c.done
+}
+
+// enqueue puts c in its pool's queue. The wake-up may come from any
+// goroutine (a connection of another loop giving back its place, the pool
+// publishing a picker): it is posted to c's loop, where Dequeued runs.
+func (c *conn) enqueue() {
+	l := c.l
+	wake := func() {
+		l.p.Post(func() {
+			l.p.Within(c, func() {
+				if !c.done {
+					c.run(c.m.Dequeued(l.p.Clock()))
+					c.arm()
+				}
+			})
+		})
+	}
+	if a := c.m.Enqueue(wake); a != relay.Continue {
+		c.act(a)
+	}
 }
 
 // dropSide closes s and lets go of what it holds.

@@ -349,7 +349,11 @@ func (g *gconn) retiresQueued() bool {
 // after a reset), never on both at once: the client side dials only before
 // it starts the target side.
 func (g *gconn) connect(a relay.Action) relay.Action {
-	for a == relay.Dial {
+	for a == relay.Dial || a == relay.Queue {
+		if a == relay.Queue {
+			a = g.queue()
+			continue
+		}
 		var addr string
 		var timeout time.Duration
 		g.locked(func() relay.Action {
@@ -396,6 +400,43 @@ func (g *gconn) connect(a relay.Action) relay.Action {
 			g.p.served()
 			return a
 		})
+	}
+	return a
+}
+
+// queue waits in the pool's queue for a place, until woken (Dequeued),
+// the queue's timeout (Expired) or abort.
+func (g *gconn) queue() relay.Action {
+	woke := make(chan struct{}, 1)
+	a := g.locked(func() relay.Action {
+		return g.m.Enqueue(func() {
+			select {
+			case woke <- struct{}{}:
+			default:
+			}
+		})
+	})
+	for a == relay.Continue {
+		var d int64
+		g.locked(func() relay.Action { d = g.m.Deadline(); return relay.Continue })
+		var due <-chan time.Time // none: no timeout
+		if d != 0 {
+			timer := time.NewTimer(time.Until(g.p.deadline(d)))
+			defer timer.Stop()
+			due = timer.C
+		}
+		select {
+		case <-woke:
+			a = g.locked(func() relay.Action { return g.m.Dequeued(g.p.clock()) })
+		case <-due:
+			a = g.locked(func() relay.Action { return g.m.Expired(g.p.clock()) })
+		case <-g.ctx.Done():
+			a = g.locked(func() relay.Action {
+				g.m.Shutdown()
+				g.m.End(accesslog.Shutdown, errors.New("shutting down"))
+				return relay.Close
+			})
+		}
 	}
 	return a
 }

@@ -98,6 +98,10 @@ func (l *listener) poolConfig(p config.Pool, regs config.Registries) pool.Config
 		// The hash policy's.
 		HashKey:           p.HashKey,
 		HashBalanceFactor: p.HashBalanceFactor,
+		// Per target caps and their queue.
+		MaxConnsPerTarget: p.MaxConnsPerTarget,
+		QueueSize:         p.Queue.Size,
+		QueueTimeout:      p.Queue.Timeout,
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/rota-proxy/rota/accesslog"
+	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/discovery"
 	"github.com/rota-proxy/rota/fleet"
 	"github.com/rota-proxy/rota/health"
@@ -61,6 +62,9 @@ type PoolStatus struct {
 	DiscoveryMalformed uint64              // registry entries skipped as malformed, once each
 	Warnings           []discovery.Warning // the malformed entries now in the registry
 	Panic              bool                // routing over all discovered targets (panic mode)
+	// Queue is where connections wait under max_conns_per_target (its
+	// length, cap and waits); nil when the pool has no cap.
+	Queue *balancer.Gate
 
 	Targets []TargetStatus // sorted by address
 }
@@ -230,6 +234,9 @@ func (r *route) status(spec *routeSpec) PoolStatus {
 		Synced: d.Synced, LastSync: d.LastSync, LastError: d.LastError, DiscoveryOK: d.OK,
 		DiscoveryStale: d.Stale, DiscoveryUpdates: d.Updates, DiscoveryErrors: d.Errors,
 		DiscoveryMalformed: d.Malformed,
+	}
+	if q := r.pool.Queue(); q.Cap() > 0 {
+		st.Queue = q
 	}
 	hs := r.pool.Health()
 	st.Targets = make([]TargetStatus, 0, len(v.Targets))

@@ -40,15 +40,69 @@ const DyingWindow = 250 * time.Millisecond
 const ResetGrace = 50 * time.Millisecond
 
 // pick starts the attempts: the picker's cursor, 1 + Retries targets at most.
+// While connections queue for a place, a newcomer queues behind them.
 func (c *Conn) pick(now int64) Action {
 	c.cursor = c.picker.PickFor(c.Src.Addr(), c.Hello())
+	if g := c.cursor.Gate(); g != nil && g.Queueing() && (c.x == nil || !c.x.woken) {
+		return c.queue(now)
+	}
 	// (Retries is bounded by the config; min first, so no value wraps.)
 	c.tries = int32(min(max(c.cfg.Retries, 0), c.cursor.Len()-1) + 1)
 	return c.next(now, nil)
 }
 
+// queue makes c wait for a place (see Queue).
+func (c *Conn) queue(now int64) Action {
+	x := c.more()
+	if c.state != Queued && !x.woken {
+		x.queuedAt = now
+	}
+	c.state = Queued
+	c.due = deadline(x.queuedAt, c.cursor.Gate().Timeout())
+	return Queue
+}
+
+// Enqueue puts c in its pool's queue, to be woken by wake (which must not
+// block, and must not call c: it tells c's owner to call Dequeued). A
+// full queue refuses c.
+func (c *Conn) Enqueue(wake func()) Action {
+	if c.state != Queued {
+		panic("relay: Enqueue in state " + c.state.String())
+	}
+	if !c.cursor.Gate().Enter(&c.x.waiter, wake, c.x.queuedAt, c.x.woken) {
+		c.state = New // out of the queue: close settles nothing of it
+		c.ended(accesslog.MaxConns)
+		c.Err = ErrQueueFull
+		return c.end(Close)
+	}
+	return Continue
+}
+
+// Dequeued is c's wake-up from the queue: it picks again, ahead of any
+// newcomer, and queues again (first) if every target is still at its cap.
+func (c *Conn) Dequeued(now int64) Action {
+	if c.state != Queued {
+		return Continue
+	}
+	g := c.cursor.Gate()
+	if !g.Woke(&c.x.waiter) {
+		return Continue // a wake-up for a wait that ended
+	}
+	c.x.woken = true
+	c.state = New
+	a := c.pick(now)
+	g.Picked(&c.x.waiter)
+	if a != Queue {
+		g.Wait.Observe(time.Duration(now - c.x.queuedAt))
+	}
+	return a
+}
+
 // next moves to the next target of the cursor, or gives up.
 func (c *Conn) next(now int64, lastErr error) Action {
+	if c.target != nil {
+		c.cursor.Release(c.target) // its attempt is over
+	}
 	c.target, c.connected = nil, false
 	if c.closing {
 		c.ended(accesslog.Shutdown)
@@ -68,6 +122,9 @@ func (c *Conn) next(now int64, lastErr error) Action {
 			c.resetOnWrite, c.spoke, c.lingering = false, false, false
 			c.retireAt, c.retireWhy = 0, balancer.Kept // that was the last target's
 			return Dial
+		}
+		if c.cursor.Full() {
+			return c.queue(now)
 		}
 	}
 	c.stats.NoTarget.Add(1)

@@ -34,7 +34,7 @@ func (c *Conn) Deadline() int64 {
 			return c.due
 		}
 		return deadline(c.start, c.cfg.ProxyHeaderTimeout)
-	case Dialing:
+	case Dialing, Queued:
 		return c.due
 	case Open, Committed:
 		if c.lingering {
@@ -70,6 +70,14 @@ func (c *Conn) Expired(now int64) Action {
 		return c.headerError(fmt.Errorf("%w (%s, %v)", ErrPreludeLate, c.Src, c.cfg.ProxyHeaderTimeout))
 	case Dialing:
 		return c.DialFailed(fmt.Errorf("%w after %v", errDialTimeout, c.cfg.DialTimeout), now)
+	case Queued:
+		g := c.cursor.Gate()
+		g.Leave(&c.x.waiter)
+		g.Wait.Observe(time.Duration(now - c.x.queuedAt))
+		c.state = New // out of the queue
+		c.ended(accesslog.QueueTimeout)
+		c.Err = fmt.Errorf("%w within %v", ErrQueueTimeout, g.Timeout())
+		return c.end(Close)
 	}
 	switch {
 	case c.lingering:

@@ -128,13 +128,14 @@ type State uint8
 const (
 	New       State = iota // not started
 	Prelude                // reading what the client sends first
+	Queued                 // every target is at its cap: waiting for a place
 	Dialing                // connecting to Target()
 	Open                   // connected; the target has not answered: it may still be replaced
 	Committed              // the target is final
 	Closed
 )
 
-var stateNames = [...]string{"new", "prelude", "dialing", "open", "committed", "closed"}
+var stateNames = [...]string{"new", "prelude", "queued", "dialing", "open", "committed", "closed"}
 
 func (s State) String() string { return stateNames[s] }
 
@@ -174,9 +175,14 @@ const (
 	// send each side a FIN, then read and drop until each side closes (or
 	// Deadline, when Expired says Close). Winding() is true from here on.
 	WindDown
+	// Queue: every target is at its cap (max_conns_per_target). Call
+	// Enqueue with a function that wakes the connection; when it is
+	// called, Dequeued (on the connection's owner, not in the function),
+	// and at Deadline, Expired. The client is not read meanwhile.
+	Queue
 )
 
-var actionNames = [...]string{"continue", "read-prelude", "dial", "forward", "flush", "shut-target", "shut-client", "close", "refused", "reset", "linger", "settle", "wind-down"}
+var actionNames = [...]string{"continue", "read-prelude", "dial", "forward", "flush", "shut-target", "shut-client", "close", "refused", "reset", "linger", "settle", "wind-down", "queue"}
 
 func (a Action) String() string { return actionNames[a] }
 
@@ -190,6 +196,8 @@ var (
 	ErrWound        = errors.New("wound down")
 	ErrNoRoute      = errors.New("no route for the server name")
 	ErrDenied       = errors.New("client refused")
+	ErrQueueFull    = errors.New("every target is at max_conns_per_target and the queue is full")
+	ErrQueueTimeout = errors.New("queue timeout: no target had a place")
 )
 
 // Conn is one client connection. The zero Conn is not ready: call Init. A
@@ -271,6 +279,12 @@ type extra struct {
 	hello    string     // the server name the client asked for, once read
 	helloErr error      // why none was read (not TLS, too large, late)
 	helloR   sni.Reader // the ClientHello read so far
+	// The queue (Queued): the place in it, when the connection first
+	// queued (the timeout counts from there), and whether it was woken
+	// (queued again, it goes first).
+	waiter   balancer.Waiter
+	queuedAt int64
+	woken    bool
 }
 
 // Init prepares c for a client from src that connected to dst, at now.
@@ -373,6 +387,12 @@ func (c *Conn) close(err error) Action {
 	}
 	if c.target != nil && (c.state == Open || c.state == Committed) {
 		c.target.AddActive(-1)
+	}
+	switch {
+	case c.state == Queued:
+		c.cursor.Gate().Leave(&c.x.waiter)
+	case c.target != nil:
+		c.cursor.Release(c.target)
 	}
 	if c.Err == nil {
 		c.Err = err

@@ -1,0 +1,114 @@
+package server_test
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/rota-proxy/rota/admin"
+	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/internal/testenv"
+)
+
+// max_conns_per_target and queue from the configuration: over the cap
+// clients wait (the admin API and /metrics show the queue), the overflow
+// is closed and counted as max_conns, and the waiting are served once
+// places come free. The targets' health checks take no place.
+func TestQueueFromConfig(t *testing.T) {
+	release := make(chan struct{})
+	var open atomic.Int64
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				defer c.Close()
+				if _, err := bufio.NewReader(c).ReadString('\n'); err != nil {
+					return // a health check
+				}
+				open.Add(1)
+				<-release
+				io.WriteString(c, "served")
+			})
+		}
+	})
+
+	cfg := config.Default()
+	cfg.Admin.Listen = ""
+	l := fastListener("q", ln.Addr().String())
+	l.MaxConnsPerTarget = 2
+	l.Queue = config.Queue{Size: 3, Timeout: 20 * time.Second}
+	cfg.Listeners = []config.Listener{l}
+	srv := startServer(t, cfg)
+	testenv.Eventually(t, "live", 5*time.Second, func() bool { return liveCount(srv, "q") == 1 })
+	addr := proxyAddr(t, srv, "q")
+
+	var served, refused atomic.Int64
+	var clients sync.WaitGroup
+	for range 7 {
+		clients.Go(func() {
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(20 * time.Second))
+			io.WriteString(c, "hello\n")
+			got, _ := io.ReadAll(c)
+			if string(got) == "served" {
+				served.Add(1)
+			} else {
+				refused.Add(1)
+			}
+		})
+	}
+	queueLen := func() int {
+		for _, l := range targets(t, srv).Listeners {
+			if l.Name == "q" && l.Queue != nil {
+				return l.Queue.Length
+			}
+		}
+		return -1
+	}
+	testenv.Eventually(t, "2 held, 3 queued, 2 refused", 10*time.Second, func() bool {
+		return open.Load() == 2 && queueLen() == 3 && refused.Load() == 2
+	})
+	h := (&admin.Handler{State: srv}).Routes()
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, loopbackRequest(http.MethodGet, "/metrics", nil))
+	if want := `rota_queue_length{listener="q",route=""} 3`; !strings.Contains(rec.Body.String(), want) {
+		t.Errorf("/metrics lacks %s", want)
+	}
+	if n := status(t, srv, "q").Count("ended_conns", "max_conns"); n != 2 {
+		t.Errorf("ended max_conns = %d, want 2", n)
+	}
+
+	close(release)
+	clients.Wait()
+	if served.Load() != 5 || refused.Load() != 2 {
+		t.Fatalf("served %d, refused %d; want 5 and 2", served.Load(), refused.Load())
+	}
+	rec = httptest.NewRecorder()
+	h.ServeHTTP(rec, loopbackRequest(http.MethodGet, "/metrics", nil))
+	for _, want := range []string{`rota_queue_length{listener="q",route=""} 0`, `rota_queue_wait_seconds_count{listener="q",route=""} 3`} {
+		if !strings.Contains(rec.Body.String(), want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+}
