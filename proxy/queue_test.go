@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -193,5 +194,45 @@ func testQueueTimeout(t *testing.T) {
 	}
 	if got, _ := ask(s.addr); got != "b" {
 		t.Fatalf("the next client got %q: the place was not given back", got)
+	}
+}
+
+// Shutdown with clients queued and the targets holding every place: the
+// drain deadline cuts them all, queued ones included; nothing is left
+// held or waiting, and Serve returns.
+func TestShutdownWithClientsQueued(t *testing.T) { bothRelays(t, testShutdownWithClientsQueued) }
+
+func testShutdownWithClientsQueued(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	hold := func() { <-release }
+	b := startCapped(t, "b", hold)
+	s, g := startGated(t, 5, 100, time.Minute, b)
+	var wg sync.WaitGroup
+	var closed atomic.Int64
+	for range 40 {
+		wg.Go(func() {
+			if got, err := ask(s.addr); err == nil && got == "" {
+				closed.Add(1)
+			}
+		})
+	}
+	testenv.Eventually(t, "5 held, 35 queued", 10*time.Second, func() bool { return b.open.Load() == 5 && g.Length() == 35 })
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	s.p.Shutdown(ctx)
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("Shutdown took %v", d)
+	}
+	wg.Wait()
+	if closed.Load() != 40 {
+		t.Errorf("%d of 40 clients closed unanswered", closed.Load())
+	}
+	if g.Queueing() || g.Length() != 0 {
+		t.Errorf("after shutdown: queueing %v, length %d", g.Queueing(), g.Length())
+	}
+	if n := s.p.Stats.Active.Load(); n != 0 {
+		t.Errorf("%d connections still counted", n)
 	}
 }

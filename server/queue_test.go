@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"bufio"
+	"context"
 	"io"
 	"net"
 	"net/http"
@@ -23,34 +24,10 @@ import (
 // places come free. The targets' health checks take no place.
 func TestQueueFromConfig(t *testing.T) {
 	release := make(chan struct{})
-	var open atomic.Int64
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				if _, err := bufio.NewReader(c).ReadString('\n'); err != nil {
-					return // a health check
-				}
-				open.Add(1)
-				<-release
-				io.WriteString(c, "served")
-			})
-		}
-	})
-
+	addr0, open := holdingBackend(t, release)
 	cfg := config.Default()
 	cfg.Admin.Listen = ""
-	l := fastListener("q", ln.Addr().String())
+	l := fastListener("q", addr0)
 	l.MaxConnsPerTarget = 2
 	l.Queue = config.Queue{Size: 3, Timeout: 20 * time.Second}
 	cfg.Listeners = []config.Listener{l}
@@ -111,4 +88,71 @@ func TestQueueFromConfig(t *testing.T) {
 			t.Errorf("/metrics lacks %s", want)
 		}
 	}
+}
+
+// holdingBackend serves each client that sends a line once release is
+// closed; open counts those it holds. Health checks (no line) take none.
+func holdingBackend(t *testing.T, release chan struct{}) (string, *atomic.Int64) {
+	open := new(atomic.Int64)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				defer c.Close()
+				if _, err := bufio.NewReader(c).ReadString('\n'); err != nil {
+					return // a health check
+				}
+				open.Add(1)
+				<-release
+				io.WriteString(c, "served")
+			})
+		}
+	})
+	return ln.Addr().String(), open
+}
+
+// A reload that raises max_conns_per_target serves the clients waiting at
+// once: the new picker's room wakes them.
+func TestQueueReloadRaisesTheCap(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	addr0, open := holdingBackend(t, release)
+	cfg := config.Default()
+	cfg.Admin.Listen = ""
+	l := fastListener("q", addr0)
+	l.MaxConnsPerTarget = 1
+	l.Queue = config.Queue{Size: 10, Timeout: 30 * time.Second}
+	cfg.Listeners = []config.Listener{l}
+	srv := startServer(t, cfg)
+	testenv.Eventually(t, "live", 5*time.Second, func() bool { return liveCount(srv, "q") == 1 })
+	addr := proxyAddr(t, srv, "q")
+	for range 3 {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		io.WriteString(c, "hello\n")
+	}
+	testenv.Eventually(t, "1 held, 2 queued", 10*time.Second, func() bool {
+		return open.Load() == 1 && status(t, srv, "q").Queue.Length() == 2
+	})
+	next := *cfg
+	l.MaxConnsPerTarget = 3
+	next.Listeners = []config.Listener{l}
+	if err := srv.Reload(context.Background(), &next); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, "3 held, none queued", 10*time.Second, func() bool {
+		return open.Load() == 3 && status(t, srv, "q").Queue.Length() == 0
+	})
 }
