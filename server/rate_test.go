@@ -4,6 +4,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -12,8 +13,8 @@ import (
 	"github.com/rota-proxy/rota/proxy"
 )
 
-// max_conn_rate and max_conn_rate_per_client hold within 10 % over their
-// windows against clients that connect as fast as they can: one second's
+// max_conn_rate and max_conn_rate_per_client hold within 10 % over 10 s
+// against clients that connect at three times the rate: one second's
 // burst, then the rate; refusals are counted by reason.
 func TestConnectionRates(t *testing.T) {
 	b := startBackend(t, "b")
@@ -27,18 +28,27 @@ func TestConnectionRates(t *testing.T) {
 	srv := startServer(t, cfg)
 	testenv.Eventually(t, "live", 5*time.Second, func() bool { return liveCount(srv, "whole") == 1 && liveCount(srv, "each") == 1 })
 
-	// hammer connects from srcs, four connections at a time, for d and
-	// counts the connections served (the backend answered) and refused
-	// (closed unanswered): several at once, so that the clients outpace
-	// the rate even on a busy machine.
-	hammer := func(addr string, srcs []string, d time.Duration) (served, refused int) {
-		end := time.Now().Add(d)
+	// hammer connects from srcs at pace connections a second, four at a
+	// time, for d, and counts the connections served (the backend
+	// answered) and refused (closed unanswered): paced at three times the
+	// rate, so that the clients outpace it without taking the machine
+	// from the tests beside this one.
+	hammer := func(addr string, srcs []string, pace float64, d time.Duration) (served, refused int) {
+		start := time.Now()
+		end := start.Add(d)
+		var next atomic.Int64
 		var mu sync.Mutex
 		var wg sync.WaitGroup
-		for w := range 4 {
+		for range 4 {
 			wg.Go(func() {
-				for i := w; time.Now().Before(end); i += 4 {
-					c, err := dialFrom(srcs[i%len(srcs)], addr)
+				for {
+					i := next.Add(1) - 1
+					at := start.Add(time.Duration(float64(i) / pace * float64(time.Second)))
+					if !at.Before(end) {
+						return
+					}
+					time.Sleep(time.Until(at)) // pacing, not synchronisation
+					c, err := dialFrom(srcs[int(i)%len(srcs)], addr)
 					if err != nil {
 						t.Error(err)
 						return
@@ -73,20 +83,27 @@ func TestConnectionRates(t *testing.T) {
 		}
 	}
 
-	const d = 3 * time.Second
-	served, refused := hammer(proxyAddr(t, srv, "whole"), []string{"127.0.0.2", "127.0.0.3", "127.0.0.4"}, d)
-	check("max_conn_rate 200/s", served, refused, 200, d)
-	if n := status(t, srv, "whole").Count("denied_conns", "rate"); n != uint64(refused) {
-		t.Errorf("denied rate = %d, want %d", n, refused)
+	// Both listeners at once, 10 s each.
+	const d = 10 * time.Second
+	var wholeServed, wholeRefused, eachServed, eachRefused int
+	var both sync.WaitGroup
+	both.Go(func() {
+		wholeServed, wholeRefused = hammer(proxyAddr(t, srv, "whole"), []string{"127.0.0.2", "127.0.0.3", "127.0.0.4"}, 600, d)
+	})
+	both.Go(func() {
+		eachServed, eachRefused = hammer(proxyAddr(t, srv, "each"), []string{"127.0.0.5"}, 150, d)
+	})
+	both.Wait()
+	check("max_conn_rate 200/s", wholeServed, wholeRefused, 200, d)
+	if n := status(t, srv, "whole").Count("denied_conns", "rate"); n != uint64(wholeRefused) {
+		t.Errorf("denied rate = %d, want %d", n, wholeRefused)
 	}
-
-	served, refused = hammer(proxyAddr(t, srv, "each"), []string{"127.0.0.5"}, d)
-	check("max_conn_rate_per_client 50/s", served, refused, 50, d)
-	if n := status(t, srv, "each").Count("denied_conns", "per_client_rate"); n != uint64(refused) {
-		t.Errorf("denied per_client_rate = %d, want %d", n, refused)
+	check("max_conn_rate_per_client 50/s", eachServed, eachRefused, 50, d)
+	if n := status(t, srv, "each").Count("denied_conns", "per_client_rate"); n != uint64(eachRefused) {
+		t.Errorf("denied per_client_rate = %d, want %d", n, eachRefused)
 	}
 	// Another client has a bucket of its own.
-	if s, _ := hammer(proxyAddr(t, srv, "each"), []string{"127.0.0.6"}, 100*time.Millisecond); s == 0 {
+	if s, _ := hammer(proxyAddr(t, srv, "each"), []string{"127.0.0.6"}, 100, 100*time.Millisecond); s == 0 {
 		t.Error("a second client was refused with the first's bucket")
 	}
 }
