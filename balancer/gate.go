@@ -33,6 +33,11 @@ type Gate struct {
 	// busy counts the connections waiting plus those woken that have yet
 	// to pick: read without mu on every new connection's path.
 	busy atomic.Int64
+	// released counts the places given back and the pickers published
+	// (which may bring places): a connection reads it before it picks
+	// (Seq) and Enter compares, so that a place given back between a pick
+	// that found none and the Enter that follows is not missed.
+	released atomic.Uint32
 
 	mu         sync.Mutex
 	head, tail *Waiter
@@ -88,10 +93,14 @@ func (g *Gate) take(t *Target) bool {
 	}
 }
 
+// Seq is read before a pick, for the Enter that may follow (see released).
+func (g *Gate) Seq() uint32 { return g.released.Load() }
+
 // Release gives back a place of t's, taken by a Cursor of this gate's
 // pickers, and wakes the first connection waiting, if any.
 func (g *Gate) Release(t *Target) {
 	t.held.Add(-1)
+	g.released.Add(1)
 	if g.busy.Load() > 0 {
 		g.wakeOne()
 	}
@@ -125,13 +134,14 @@ type Waiter struct {
 }
 
 // Enter queues w, which wake will tell when the connection should pick
-// again; since is when the connection first queued. A connection woken
-// that found no place after all (again: true) keeps its turn: it goes
-// back ahead of every connection that queued after it. Enter reports
-// false when the queue is full (or there is none): the connection is
-// refused. A place given back while no one was queued to take it wakes w
-// at once.
-func (g *Gate) Enter(w *Waiter, wake func(), since int64, again bool) bool {
+// again; since is when the connection first queued, seen what Seq said
+// before the pick that found no place. A connection woken that found no
+// place after all (again: true) keeps its turn: it goes back ahead of
+// every connection that queued after it. Enter reports false when the
+// queue is full (or there is none): the connection is refused. A place
+// given back while no one was queued to take it, or since seen, wakes the
+// first waiter at once.
+func (g *Gate) Enter(w *Waiter, wake func(), since int64, again bool, seen uint32) bool {
 	g.mu.Lock()
 	size := g.size.Load()
 	if w.state != NotWaiting || size == 0 || (!again && int64(g.waiting) >= size) {
@@ -162,9 +172,14 @@ func (g *Gate) Enter(w *Waiter, wake func(), since int64, again bool) bool {
 	}
 	g.waiting++
 	g.busy.Add(1)
+	// After busy counts w: a Release from here on wakes the head itself;
+	// one before, that found busy 0, changed released.
 	var f func()
-	if g.spare > 0 {
+	switch {
+	case g.spare > 0:
 		g.spare--
+		f = g.popLocked()
+	case g.released.Load() != seen:
 		f = g.popLocked()
 	}
 	g.mu.Unlock()
@@ -297,6 +312,7 @@ func (g *Gate) WakeAll() { g.wake(int(^uint(0) >> 1)) }
 
 // refill wakes as many waiters as the targets have free places.
 func (g *Gate) refill(set, fallback []*Target) {
+	g.released.Add(1)
 	if g.busy.Load() == 0 {
 		return
 	}

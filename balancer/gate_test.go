@@ -35,6 +35,7 @@ func TestGateUnderContention(t *testing.T) {
 			woken := false
 			for {
 				c := b.Pick()
+				seen := g.Seq()
 				if !woken && g.Queueing() {
 					// A newcomer queues behind those waiting.
 				} else if tg := c.Next(); tg != nil {
@@ -51,7 +52,7 @@ func TestGateUnderContention(t *testing.T) {
 					g.Picked(&w)
 				}
 				ch := make(chan struct{}, 1)
-				if !g.Enter(&w, func() { ch <- struct{}{} }, 0, woken) {
+				if !g.Enter(&w, func() { ch <- struct{}{} }, 0, woken, seen) {
 					t.Error("queue refused a connection")
 					return
 				}
@@ -103,7 +104,7 @@ func TestGateRefillOnUpdate(t *testing.T) {
 	woke := make([]int, 3)
 	ws := make([]Waiter, 3)
 	for i := range ws {
-		if !g.Enter(&ws[i], func() { woke[i]++ }, int64(i), false) {
+		if !g.Enter(&ws[i], func() { woke[i]++ }, int64(i), false, g.Seq()) {
 			t.Fatal("refused")
 		}
 	}
@@ -135,13 +136,13 @@ func TestGateSparePlace(t *testing.T) {
 	}
 	var w1, w2 Waiter
 	woke1, woke2 := 0, 0
-	g.Enter(&w1, func() { woke1++ }, 1, false)
+	g.Enter(&w1, func() { woke1++ }, 1, false, g.Seq())
 	x.Release(a) // wakes w1
 	y.Release(a) // nobody queued (w1 woken, not yet picked): spare
 	if woke1 != 1 {
 		t.Fatalf("w1 woken %d times", woke1)
 	}
-	g.Enter(&w2, func() { woke2++ }, 2, false)
+	g.Enter(&w2, func() { woke2++ }, 2, false, g.Seq())
 	if woke2 != 1 {
 		t.Fatalf("w2 woken %d times: the spare place was not passed on", woke2)
 	}
@@ -160,6 +161,43 @@ func TestGateSparePlace(t *testing.T) {
 	p1.Next()
 	p2.Next()
 	var w3 Waiter
-	g.Enter(&w3, func() { t.Error("w3 woken with both places taken") }, 3, false)
+	g.Enter(&w3, func() { t.Error("w3 woken with both places taken") }, 3, false, g.Seq())
 	g.Leave(&w3)
+}
+
+// A place given back between a pick that found none and the Enter that
+// follows (nobody was counted as waiting, so it woke no one) wakes the
+// waiter as it enters: no connection waits beside a free place.
+func TestGatePlaceGivenBackBeforeEnter(t *testing.T) {
+	var b Balancer
+	g := NewGate()
+	g.Set(1, 10, time.Minute)
+	b.SetGate(g)
+	a := b.NewTarget("a:1")
+	b.Update(RoundRobin, []Entry{{T: a, W: 1}})
+	holder := b.Pick()
+	holder.Next()
+	seen := g.Seq()
+	late := b.Pick()
+	if late.Next() != nil || !late.Full() {
+		t.Fatal("a should be at its cap")
+	}
+	holder.Release(a) // before late enters
+	woken := 0
+	var w Waiter
+	g.Enter(&w, func() { woken++ }, 0, false, seen)
+	if woken != 1 {
+		t.Fatalf("the waiter was woken %d times; a place was free as it entered", woken)
+	}
+	// Without a release in between, it waits.
+	g.Woke(&w)
+	again := b.Pick()
+	if again.Next() != a {
+		t.Fatal("no place")
+	}
+	g.Picked(&w)
+	seen = g.Seq()
+	var w2 Waiter
+	g.Enter(&w2, func() { t.Error("woken with no place given back") }, 1, false, seen)
+	g.Leave(&w2)
 }

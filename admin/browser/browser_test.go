@@ -302,3 +302,83 @@ func TestStatusPageLastConnections(t *testing.T) {
 		t.Errorf("the connection's row: %q; want its client %s, 5 bytes out, target_closed", text, client)
 	}
 }
+
+// TestStatusPageQueue shows a pool's queue: with every place taken
+// (max_conns_per_target), the connections waiting are a banner over the
+// targets, gone once they are served.
+func TestStatusPageQueue(t *testing.T) {
+	bin := chromium(t)
+	release := make(chan struct{})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 16)
+				if _, err := c.Read(buf); err != nil {
+					return // a health check
+				}
+				<-release
+				io.WriteString(c, "served")
+			}()
+		}
+	}()
+	cfg := config.Default()
+	l := config.DefaultListener()
+	l.Name, l.Listen, l.Discovery, l.Static = "capped", "127.0.0.1:0", "static", config.Statics(ln.Addr().String())
+	l.Health.Interval = 100 * time.Millisecond
+	l.MaxConnsPerTarget, l.Queue = 1, config.Queue{Size: 10, Timeout: time.Minute}
+	cfg.Listeners = []config.Listener{l}
+	srv, pageURL := statusPage(t, cfg)
+	ctx := browser(t, bin, 1100, 420)
+	if err := chromedp.Do(ctx, chromedp.Navigate(pageURL),
+		chromedp.WaitVisible(chromedp.CSS(`section[data-listener="capped"] .state.up`))); err != nil {
+		t.Fatalf("the target never showed up: %v", err)
+	}
+	var clients []net.Conn
+	for range 3 {
+		c, err := net.Dial("tcp", srv.Addr("capped").String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		io.WriteString(c, "hello\n")
+		clients = append(clients, c)
+	}
+	banner := `section[data-listener="capped"] .banner.warn`
+	if err := chromedp.Do(ctx, chromedp.WaitVisible(chromedp.CSS(banner))); err != nil {
+		t.Fatalf("no queue banner: %v", err)
+	}
+	text, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(banner)))
+	if err != nil || !strings.Contains(text, "2 connections wait for a place") || !strings.Contains(text, "(1)") {
+		t.Fatalf("queue banner %q (%v)", text, err)
+	}
+	// Each client reads its answer and closes: a place is held until the
+	// connection ends, both sides.
+	close(release)
+	got := make(chan string, len(clients))
+	for _, c := range clients {
+		go func() {
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			b, _ := io.ReadAll(c)
+			c.Close()
+			got <- string(b)
+		}()
+	}
+	for range clients {
+		if g := <-got; g != "served" {
+			t.Fatalf("a client got %q", g)
+		}
+	}
+	if err := chromedp.Do(ctx, chromedp.WaitNotPresent(chromedp.CSS(banner))); err != nil {
+		t.Fatalf("the banner stayed after the queue emptied: %v", err)
+	}
+}

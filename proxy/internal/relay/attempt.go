@@ -43,8 +43,11 @@ const ResetGrace = 50 * time.Millisecond
 // While connections queue for a place, a newcomer queues behind them.
 func (c *Conn) pick(now int64) Action {
 	c.cursor = c.picker.PickFor(c.Src.Addr(), c.Hello())
-	if g := c.cursor.Gate(); g != nil && g.Queueing() && (c.x == nil || !c.x.woken) {
-		return c.queue(now)
+	if g := c.cursor.Gate(); g != nil {
+		c.seen = g.Seq()
+		if g.Queueing() && (c.x == nil || !c.x.woken) {
+			return c.queue(now)
+		}
 	}
 	// (Retries is bounded by the config; min first, so no value wraps.)
 	c.tries = int32(min(max(c.cfg.Retries, 0), c.cursor.Len()-1) + 1)
@@ -69,7 +72,7 @@ func (c *Conn) Enqueue(wake func()) Action {
 	if c.state != Queued {
 		panic("relay: Enqueue in state " + c.state.String())
 	}
-	if !c.cursor.Gate().Enter(&c.x.waiter, wake, c.x.queuedAt, c.x.woken) {
+	if !c.cursor.Gate().Enter(&c.x.waiter, wake, c.x.queuedAt, c.x.woken, c.seen) {
 		c.state = New // out of the queue: close settles nothing of it
 		c.ended(accesslog.MaxConns)
 		c.Err = ErrQueueFull
@@ -102,6 +105,9 @@ func (c *Conn) Dequeued(now int64) Action {
 func (c *Conn) next(now int64, lastErr error) Action {
 	if c.target != nil {
 		c.cursor.Release(c.target) // its attempt is over
+		if c.cursor.Gate() != nil {
+			c.seen++ // that release was c's own: not a place to wait for
+		}
 	}
 	c.target, c.connected = nil, false
 	if c.closing {

@@ -242,3 +242,25 @@ func TestFullTargetsPassedOverNotBackedUp(t *testing.T) {
 		t.Fatal("the backup was taken")
 	}
 }
+
+// A place given back after a connection found every target at its cap but
+// before it entered the queue (nobody waited, so the release woke no one)
+// wakes it as it enters.
+func TestPlaceGivenBackBeforeEnqueue(t *testing.T) {
+	g := newGated(1, 10, time.Second, 1)
+	cfg := Config{Picker: &g.b}
+	var stats Stats
+	a, _ := g.conn(t, &cfg, &stats, 0)
+	b, act := g.conn(t, &cfg, &stats, 0)
+	if act != Queue {
+		t.Fatalf("b: %v", act)
+	}
+	a.c.Close(nil)
+	b.enqueue(t)
+	if b.woken != 1 {
+		t.Fatalf("b woken %d times: it waits beside a free place", b.woken)
+	}
+	if act := b.c.Dequeued(1); act != Dial {
+		t.Fatalf("b woken: %v", act)
+	}
+}

@@ -254,6 +254,9 @@ type Conn struct {
 	// term is how the connection ended (or, before, how it is ending:
 	// who closed first); see ended.
 	term accesslog.Termination
+	// seen is the gate's Seq before the last pick, for Enqueue (it fits
+	// in the padding after term).
+	seen uint32
 
 	// Clock readings, nanoseconds. due is the deadline of the phase: the
 	// ClientHello's in Prelude, the dial's in Dialing, the end of the
