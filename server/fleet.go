@@ -96,7 +96,11 @@ func (s *Server) applyFleet(kind string, m fleet.Marks) {
 }
 
 // refreshFleet hands every listener its marks after a reload: its store's
-// last set, or none for a listener whose marks are local.
+// last set, or none for a listener whose marks are local. It returns once
+// the pools have applied them, so that a start or reload is in force, its
+// marks included, when it returns (they used to apply a beat later: a
+// rota started after a drain could send its first connections to the
+// drained target; a test caught it on a busy machine).
 func (s *Server) refreshFleet() {
 	s.mu.Lock()
 	lns, cfg, regs := s.listeners, s.cfg, s.regs
@@ -112,6 +116,11 @@ func (s *Server) refreshFleet() {
 		}
 		for _, r := range l.routeList() {
 			r.pool.SetFleet(marks, kind)
+		}
+	}
+	for _, l := range lns {
+		for _, r := range l.routeList() {
+			r.pool.Flush()
 		}
 	}
 }
