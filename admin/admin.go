@@ -8,11 +8,13 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log"
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"os"
 	"sync/atomic"
 	"time"
 
@@ -43,7 +45,10 @@ type Handler struct {
 	// Reload, if set, is run by POST /api/v1/reload; its error is reported
 	// to the caller (and the running configuration stays).
 	Reload func(ctx context.Context) error
-	Logger *zap.Logger
+	// Upgrade, if set, is run by POST /api/v1/upgrade: it starts the new
+	// process and returns; the takeover follows (202).
+	Upgrade func(ctx context.Context) error
+	Logger  *zap.Logger
 	// Version is shown on the status page and in the rota_build_info metric.
 	Version string
 	// Pprof serves Go's profiler under /debug/pprof/ (rota serve --pprof).
@@ -69,6 +74,7 @@ func (h *Handler) mux() http.Handler {
 	mux.HandleFunc("GET /readyz", h.readyz)
 	mux.HandleFunc("GET /api/v1/targets", h.targets)
 	mux.HandleFunc("POST /api/v1/reload", h.reload)
+	mux.HandleFunc("POST /api/v1/upgrade", h.upgrade)
 	mux.HandleFunc("POST /api/v1/listeners/{listener}/targets/{addr}/drain", h.drain(true))
 	mux.HandleFunc("POST /api/v1/listeners/{listener}/targets/{addr}/undrain", h.drain(false))
 	mux.HandleFunc("POST /api/v1/listeners/{listener}/targets/{addr}/weight", h.weight(true))
@@ -324,6 +330,18 @@ func (h *Handler) reload(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]string{"status": "reloaded"})
 }
 
+func (h *Handler) upgrade(w http.ResponseWriter, r *http.Request) {
+	if h.Upgrade == nil {
+		writeJSON(w, http.StatusNotImplemented, map[string]string{"error": "upgrade needs rota serve on Linux or another Unix"})
+		return
+	}
+	if err := h.Upgrade(r.Context()); err != nil {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusAccepted, map[string]string{"status": "upgrading: the new process takes over once ready"})
+}
+
 // drain serves POST .../targets/{addr}/drain and .../undrain.
 func (h *Handler) drain(on bool) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
@@ -415,6 +433,12 @@ func Listen(addr string, h *Handler) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	return Serve(ln, h), nil
+}
+
+// Serve serves h on ln (an inherited socket, say) until Shutdown; it takes
+// ownership of ln.
+func Serve(ln net.Listener, h *Handler) *Server {
 	maxConns, idle := h.MaxConns, h.IdleTimeout
 	if maxConns <= 0 {
 		maxConns = 64
@@ -444,11 +468,21 @@ func Listen(addr string, h *Handler) (*Server, error) {
 		done: make(chan error, 1),
 	}
 	go func() { s.done <- s.srv.Serve(ln) }()
-	return s, nil
+	return s
 }
 
 // Addr is the bound address.
 func (s *Server) Addr() net.Addr { return s.ln.Addr() }
+
+// File returns a duplicate of the listening socket, for a new process to
+// inherit (an upgrade); the caller owns it.
+func (s *Server) File() (*os.File, error) {
+	tl, ok := s.ln.(guardedListener).Listener.(*net.TCPListener)
+	if !ok {
+		return nil, fmt.Errorf("admin listener is a %T", s.ln)
+	}
+	return tl.File()
+}
 
 // Shutdown stops the server, waiting for requests in flight until ctx ends.
 func (s *Server) Shutdown(ctx context.Context) error {

@@ -62,6 +62,9 @@ import (
 // Config is the whole of rota.yaml.
 type Config struct {
 	Admin Admin `yaml:"admin"`
+	// PIDFile, if set, holds the serving process's id: written at start,
+	// and by the new process when an upgrade takes over.
+	PIDFile string `yaml:"pid_file"`
 	// AccessLog, when present, records every connection of the listeners
 	// (and routes) whose access_log is not false.
 	AccessLog  *accesslog.Config `yaml:"access_log"`

@@ -150,10 +150,25 @@ func TestSystemdUnit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"ExecReload=/bin/kill -HUP $MAINPID", "NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet=CAP_NET_BIND_SERVICE"} {
+	for _, want := range []string{"ExecReload=/bin/kill -HUP $MAINPID", "NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+		"Type=notify", "NotifyAccess=all", "PIDFile=/run/rota/rota.pid"} {
 		if !strings.Contains(string(b), want) {
 			t.Errorf("rota.service lacks %s", want)
 		}
+	}
+	// The socket unit names the listener that config.yaml has on its port.
+	sock, err := os.ReadFile("systemd/rota.socket")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"ListenStream=8080", "FileDescriptorName=web", "Service=rota.service"} {
+		if !strings.Contains(string(sock), want) {
+			t.Errorf("rota.socket lacks %s", want)
+		}
+	}
+	cfg, err := os.ReadFile("systemd/rota.yaml")
+	if err != nil || !strings.Contains(string(cfg), "- name: web\n    listen: \":8080\"") || !strings.Contains(string(cfg), "pid_file: /run/rota/rota.pid") {
+		t.Errorf("systemd/rota.yaml should have listener web on :8080 and pid_file /run/rota/rota.pid (%v)", err)
 	}
 }
 

@@ -8,12 +8,14 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/balancer"
@@ -424,11 +426,33 @@ func Listen(addr string) (*Listener, error) {
 		return nil, err
 	}
 	defer ln.Close()
-	fd, err := dupFD(ln.(*net.TCPListener))
+	return fromTCP(ln.(*net.TCPListener))
+}
+
+// fromTCP makes a Listener of a duplicate of ln's socket; the caller
+// closes ln.
+func fromTCP(ln *net.TCPListener) (*Listener, error) {
+	fd, err := dupFD(ln)
 	if err != nil {
-		return nil, fmt.Errorf("listen %s: %w", addr, err)
+		return nil, fmt.Errorf("listen %s: %w", ln.Addr(), err)
 	}
 	return &Listener{addr: ln.Addr(), fd: fd, done: make(chan struct{})}, nil
+}
+
+// File returns a duplicate of the listening socket, for a process to
+// inherit (an upgrade): the caller owns it. Closing l later leaves the
+// socket listening for whoever holds the duplicate.
+func (l *Listener) File() (*os.File, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return nil, net.ErrClosed
+	}
+	d, err := unix.FcntlInt(uintptr(l.fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("dup: %w", err)
+	}
+	return os.NewFile(uintptr(d), l.addr.String()), nil
 }
 
 // Addr is the bound address.

@@ -46,3 +46,16 @@ func Listen(addr string) (*Listener, error) {
 	}
 	return &Listener{ln.(*net.TCPListener)}, nil
 }
+
+func fromTCP(ln *net.TCPListener) (*Listener, error) {
+	f, err := ln.File()
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	dup, err := net.FileListener(f)
+	if err != nil {
+		return nil, err
+	}
+	return &Listener{dup.(*net.TCPListener)}, nil
+}

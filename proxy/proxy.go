@@ -77,7 +77,8 @@ type Proxy struct {
 	epoch          time.Time // the goroutine driver's clock starts here
 	ownEngine      bool
 	goroutinesOnly bool        // tests: relay with goroutines on Linux too
-	closing        atomic.Bool // Shutdown began: no new connection is taken on
+	stopping       atomic.Bool // Shutdown began: Serve ends with ErrClosed
+	closing        atomic.Bool // the listeners are closed: no new connection is taken on
 	aborting       atomic.Bool // Shutdown's deadline passed: connections are cut
 	idleOnce       sync.Once
 	idle           chan struct{} // closed once closing and no connection is open
@@ -202,7 +203,7 @@ func (p *Proxy) currentSettings() *settings {
 func (p *Proxy) Serve(ln net.Listener) error {
 	p.init()
 	p.mu.Lock()
-	if p.closing.Load() {
+	if p.stopping.Load() {
 		p.mu.Unlock()
 		ln.Close()
 		return ErrClosed
@@ -226,7 +227,7 @@ func (p *Proxy) Serve(ln net.Listener) error {
 	} else {
 		err = p.acceptLoop(ln, &conns)
 	}
-	if p.closing.Load() {
+	if p.stopping.Load() {
 		return ErrClosed
 	}
 	return err
@@ -239,7 +240,7 @@ func (p *Proxy) acceptLoop(ln net.Listener, conns *sync.WaitGroup) error {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			if p.closing.Load() {
+			if p.stopping.Load() {
 				return ErrClosed
 			}
 			if !isTemporary(err) {
@@ -316,16 +317,21 @@ func acceptBackoff(prev time.Duration) time.Duration {
 // waits for waits for the proxy.
 func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.init()
-	p.closing.Store(true)
 	p.mu.Lock()
+	p.stopping.Store(true)
 	lns := make([]net.Listener, 0, len(p.listeners))
 	for ln := range p.listeners {
 		lns = append(lns, ln)
 	}
 	p.mu.Unlock()
+	// The listeners close first, and only then is a client refused as
+	// shutting down: one accepted before is served like any other. (After
+	// an upgrade the sockets live on in the new process: a client accepted
+	// here in the last moment must not be turned away.)
 	for _, ln := range lns {
 		ln.Close()
 	}
+	p.closing.Store(true)
 	if p.Stats.Active.Load() == 0 {
 		p.idleOnce.Do(func() { close(p.idle) })
 	}

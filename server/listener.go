@@ -190,12 +190,15 @@ func (l *listener) install(cfg config.Listener, regs config.Registries, next []*
 	}
 }
 
-// serve runs the proxy on ln until ln is closed or the proxy shuts down.
-func (l *listener) serve(ln net.Listener) {
+// serve runs the proxy on ln until ln is closed or the proxy shuts down,
+// once open is closed (a process started by an upgrade accepts only once
+// its targets have their first verdicts).
+func (l *listener) serve(ln net.Listener, open <-chan struct{}) {
 	l.mu.Lock()
 	l.ln = ln
 	l.mu.Unlock()
 	l.serveWG.Go(func() {
+		<-open
 		err := l.proxy.Serve(ln)
 		if err != nil && !errors.Is(err, proxy.ErrClosed) && !errors.Is(err, net.ErrClosed) {
 			l.log.Error("listener stopped", zap.Error(err))
@@ -205,11 +208,11 @@ func (l *listener) serve(ln net.Listener) {
 
 // rebind moves the listener to a new socket: the old one stops accepting,
 // its open connections carry on.
-func (l *listener) rebind(ln net.Listener) {
+func (l *listener) rebind(ln net.Listener, open <-chan struct{}) {
 	l.mu.Lock()
 	old := l.ln
 	l.mu.Unlock()
-	l.serve(ln)
+	l.serve(ln, open)
 	if old != nil {
 		old.Close()
 	}

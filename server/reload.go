@@ -82,7 +82,7 @@ func (rl *reload) bind(ctx context.Context) error {
 		// Moving a listener onto an address that another listener gives
 		// up in this same reload fails here; rejecting it is the safe
 		// outcome (do it in two reloads).
-		ln, err := listen(lc.Listen)
+		ln, err := rl.s.socket(lc.Name, lc.Listen)
 		if err != nil {
 			return fmt.Errorf("listener %q: %w", lc.Name, err)
 		}
@@ -146,12 +146,12 @@ func (rl *reload) commit() {
 		ln, bound := rl.sockets[lc.Name]
 		switch {
 		case !existed:
-			l.serve(ln)
+			l.serve(ln, rl.s.open)
 			log.Info("listening", zap.String("listener", lc.Name), zap.String("addr", ln.Addr().String()),
 				zap.String("discovery", lc.Discovery), zap.String("service", lc.Service), zap.Int("routes", len(lc.Routes)))
 			continue
 		case bound:
-			l.rebind(ln)
+			l.rebind(ln, rl.s.open)
 			log.Info("listener moved", zap.String("listener", lc.Name),
 				zap.String("from", was.Listen), zap.String("to", lc.Listen))
 		}

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sync"
 
 	"go.uber.org/zap"
@@ -19,6 +20,7 @@ import (
 	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/discovery"
+	"github.com/rota-proxy/rota/internal/handover"
 	"github.com/rota-proxy/rota/proxy"
 )
 
@@ -44,6 +46,13 @@ type Server struct {
 	regs      *registries
 	alog      *accesslog.Log // nil: no access log
 	closed    bool
+	// inherit, if set, hands over a listening socket a parent process
+	// passed for a listener (by name); the caller keeps the file.
+	inherit func(name string) *os.File
+	// open is closed once the listeners may accept (at once, unless the
+	// start was held: Open); openOnce closes it.
+	open     chan struct{}
+	openOnce sync.Once
 }
 
 // Start brings up everything cfg describes: the embedded etcd server if any,
@@ -53,13 +62,35 @@ type Server struct {
 // running. cfg must be valid (config.Load or Validate); Start does not modify
 // it. logger may be nil.
 func Start(ctx context.Context, cfg *config.Config, logger *zap.Logger) (*Server, error) {
+	return StartWith(ctx, cfg, logger, StartOptions{})
+}
+
+// StartOptions are how a process that inherited listening sockets starts
+// (an upgrade's new process, socket activation).
+type StartOptions struct {
+	// Inherit returns the socket passed for a listener's name, or nil; a
+	// listener whose configured address the socket does not match binds
+	// afresh.
+	Inherit func(name string) *os.File
+	// Hold: the listeners accept only once Open is called (an upgrade's
+	// new process, until its targets have their first verdicts; clients
+	// meanwhile wait in the sockets' queues, which its parent still
+	// accepts from).
+	Hold bool
+}
+
+// StartWith is Start with o.
+func StartWith(ctx context.Context, cfg *config.Config, logger *zap.Logger, o StartOptions) (*Server, error) {
 	if logger == nil {
 		logger = zap.NewNop()
 	}
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{log: logger, engine: proxy.NewEngine(0, logger.Named("relay"))}
+	s := &Server{log: logger, engine: proxy.NewEngine(0, logger.Named("relay")), inherit: o.Inherit, open: make(chan struct{})}
+	if !o.Hold {
+		s.Open()
+	}
 	s.removedDrains, s.cutRemoved = context.WithCancel(context.Background())
 	if err := s.apply(ctx, cfg); err != nil {
 		s.cutRemoved()
@@ -77,6 +108,72 @@ func listen(addr string) (net.Listener, error) {
 		return nil, err // not a nil *proxy.Listener in an interface
 	}
 	return ln, nil
+}
+
+// Flush waits until every pool has applied what it was told so far (a
+// health verdict has reached its picker).
+func (s *Server) Flush() {
+	s.mu.Lock()
+	ls := s.listeners
+	s.mu.Unlock()
+	for _, l := range ls {
+		for _, r := range l.routeList() {
+			r.pool.Flush()
+		}
+	}
+}
+
+// Open lets the listeners accept, after a held start (StartOptions.Hold).
+func (s *Server) Open() { s.openOnce.Do(func() { close(s.open) }) }
+
+// socket is the listening socket of listener name at addr: the one
+// inherited for it when its address matches, else a new one.
+func (s *Server) socket(name, addr string) (net.Listener, error) {
+	if s.inherit != nil {
+		if f := s.inherit(name); f != nil {
+			ln, err := proxy.ListenFile(f)
+			switch {
+			case err != nil:
+				s.log.Warn("inherited socket unusable; binding afresh", zap.String("listener", name), zap.Error(err))
+			case handover.Serves(ln.Addr(), addr):
+				s.log.Info("listening on the inherited socket", zap.String("listener", name), zap.Stringer("addr", ln.Addr()))
+				return ln, nil
+			default:
+				s.log.Info("inherited socket is on another address; binding afresh", zap.String("listener", name),
+					zap.Stringer("inherited", ln.Addr()), zap.String("listen", addr))
+				ln.Close()
+			}
+		}
+	}
+	return listen(addr)
+}
+
+// Sockets returns a duplicate of every listener's listening socket, by
+// listener name, for a new process to inherit (an upgrade). The caller owns
+// the files.
+func (s *Server) Sockets() (map[string]*os.File, error) {
+	s.mu.Lock()
+	ls := s.listeners
+	s.mu.Unlock()
+	out := map[string]*os.File{}
+	for _, l := range ls {
+		l.mu.Lock()
+		ln := l.ln
+		l.mu.Unlock()
+		pl, ok := ln.(*proxy.Listener)
+		if !ok {
+			continue
+		}
+		f, err := pl.File()
+		if err != nil {
+			for _, f := range out {
+				f.Close()
+			}
+			return nil, fmt.Errorf("listener %q: %w", l.config().Name, err)
+		}
+		out[l.config().Name] = f
+	}
+	return out, nil
 }
 
 // AccessLog is the access log in force; nil when there is none.
@@ -238,6 +335,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		return nil
 	}
 	s.closed = true
+	s.Open() // a held listener's goroutine ends on its closed socket
 	lns := s.listeners
 	regs, alog := s.regs, s.alog
 	s.mu.Unlock()

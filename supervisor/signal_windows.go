@@ -9,5 +9,8 @@ import (
 // reopened there.
 const ReopenSignal = syscall.Signal(-1)
 
+// UpgradeSignal: none on Windows (no SIGUSR2, no socket inheritance).
+const UpgradeSignal = syscall.Signal(-2)
+
 // Signals are the signals a rota process hands to Run.
 func Signals() []os.Signal { return []os.Signal{syscall.SIGINT, syscall.SIGTERM} }

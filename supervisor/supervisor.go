@@ -10,6 +10,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 
 	"github.com/rota-proxy/rota/admin"
 	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/internal/handover"
 	"github.com/rota-proxy/rota/server"
 )
 
@@ -40,6 +42,20 @@ type Options struct {
 	Ready func(*server.Server) error
 	// Stopping, if set, runs on the shutdown signal, before the drain.
 	Stopping func()
+	// Inherited are the sockets this process was passed (an upgrade's
+	// parent, systemd) and the parent waiting for it to be ready; nil for
+	// none.
+	Inherited *handover.Inherited
+	// StartNew, if set, starts the program at rota's path with these
+	// sockets (UpgradeSignal, POST /api/v1/upgrade); nil: no upgrades.
+	StartNew func(files map[string]*os.File) (*handover.Child, error)
+	// UpgradeTimeout bounds the new process's start, to ready; 0: a
+	// minute.
+	UpgradeTimeout time.Duration
+	// Notify, if set, tells the service manager of state changes
+	// (systemd's sd_notify: "READY=1", "RELOADING=1", "STOPPING=1",
+	// "MAINPID=n").
+	Notify func(state string)
 }
 
 // startTimeout bounds the start (an embedded etcd's first election).
@@ -51,7 +67,7 @@ func Run(o Options) error {
 	if o.Logger == nil {
 		o.Logger = zap.NewNop()
 	}
-	s := &supervisor{o: o, cfg: o.Config, reloads: make(chan chan error)}
+	s := &supervisor{o: o, cfg: o.Config, reloads: make(chan chan error), upgrades: make(chan chan error)}
 	if err := s.start(); err != nil {
 		return err
 	}
@@ -69,15 +85,20 @@ type supervisor struct {
 	ah      *admin.Handler
 	adm     *admin.Server
 	reloads chan chan error // POST /api/v1/reload's requests, answered here
+	// upgrades are POST /api/v1/upgrade's requests, answered once the new
+	// process started (or could not).
+	upgrades chan chan error
+	upgraded bool // a new process took over: this one drains and exits
 }
 
 // start starts the server, then the admin API, then Ready; what started is
 // stopped again if a later step fails.
 func (s *supervisor) start() error {
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
-	srv, err := server.Start(ctx, s.cfg, s.o.Logger)
+	srv, err := server.StartWith(ctx, s.cfg, s.o.Logger, server.StartOptions{Inherit: s.o.Inherited.Take, Hold: s.o.Inherited.Upgrading()})
 	cancel()
 	if err != nil {
+		s.o.Inherited.Close()
 		return err
 	}
 	s.srv = srv
@@ -85,10 +106,20 @@ func (s *supervisor) start() error {
 	if s.o.File != "" {
 		s.ah.Reload = s.requestReload
 	}
-	if err := s.startAdmin(); err != nil {
+	if s.o.StartNew != nil {
+		s.ah.Upgrade = s.requestUpgrade
+	}
+	err = s.startAdmin()
+	s.o.Inherited.Close() // the sockets the configuration no longer has
+	if err != nil {
 		srv.Shutdown(context.Background())
 		return err
 	}
+	if s.o.Inherited.Upgrading() {
+		s.takeOver()
+	}
+	s.writePIDFile()
+	s.notify("READY=1\nMAINPID=" + strconv.Itoa(os.Getpid()))
 	if s.o.Ready != nil {
 		if err := s.o.Ready(srv); err != nil {
 			if s.o.Stopping != nil {
@@ -113,7 +144,7 @@ func (s *supervisor) startAdmin() error {
 		}
 		s.ah.SetToken(tok)
 	}
-	adm, err := admin.Listen(a.Listen, s.ah)
+	adm, err := s.adminSocket(a.Listen)
 	if err != nil {
 		return fmt.Errorf("admin: %w", err)
 	}
@@ -147,10 +178,15 @@ func (s *supervisor) next() bool {
 		err := s.reload()
 		logReload(s.o.Logger, "api", err)
 		done <- err
+	case done := <-s.upgrades:
+		return s.upgrade(done)
 	case sig := <-s.o.Signals:
 		if sig == ReopenSignal {
 			s.reopenAccessLog()
 			return true
+		}
+		if sig == UpgradeSignal {
+			return s.upgrade(nil)
 		}
 		if sig != syscall.SIGHUP {
 			s.o.Logger.Info("shutting down: draining connections", zap.String("signal", sig.String()))
@@ -209,9 +245,18 @@ func (s *supervisor) reload() error {
 	return nil
 }
 
+func (s *supervisor) notify(state string) {
+	if s.o.Notify != nil {
+		s.o.Notify(state)
+	}
+}
+
 // shutdown drains every listener, the ones reloads removed included; a
 // second shutdown signal meanwhile cuts the drains.
 func (s *supervisor) shutdown() {
+	if !s.upgraded { // the new process is the service now
+		s.notify("STOPPING=1")
+	}
 	if s.o.Stopping != nil {
 		s.o.Stopping()
 	}
@@ -222,7 +267,7 @@ func (s *supervisor) shutdown() {
 		for {
 			select {
 			case sig := <-s.o.Signals:
-				if sig != syscall.SIGHUP && sig != ReopenSignal {
+				if sig != syscall.SIGHUP && sig != ReopenSignal && sig != UpgradeSignal {
 					s.o.Logger.Warn("second signal: closing open connections now")
 					cancel()
 					return
@@ -238,8 +283,15 @@ func (s *supervisor) shutdown() {
 	s.o.Logger.Info("stopped")
 }
 
-// stop shuts the server down (bounded by ctx), then the admin API.
+// stop shuts the server down (bounded by ctx), then the admin API (first,
+// after an upgrade: the new process answers it).
 func (s *supervisor) stop(ctx context.Context) {
+	if s.upgraded && s.adm != nil {
+		actx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		s.adm.Shutdown(actx)
+		cancel()
+		s.adm = nil
+	}
 	if err := s.srv.Shutdown(ctx); err != nil {
 		s.o.Logger.Warn("drain incomplete", zap.Error(err))
 	}

@@ -27,6 +27,7 @@ Usage:
   rota demo            embedded etcd + 3 demo backends + proxy on :8080
   rota demo-backend    one demo HTTP backend, optionally self-registering in etcd or Consul
   rota check --config rota.yaml
+  rota upgrade --pid-file /run/rota.pid   hand the listeners to a new binary (as SIGUSR2)
   rota healthcheck --url URL   exit 0 when URL answers 2xx (container healthchecks)
   rota version
 
@@ -52,6 +53,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		"demo":         cmdDemo,
 		"demo-backend": cmdDemoBackend,
 		"healthcheck":  cmdHealthcheck,
+		"upgrade":      cmdUpgrade,
 		"version": func(args []string, stdout, stderr io.Writer) error {
 			if err := parseFlags(newFlagSet("version", stderr, "rota version"), args); err != nil {
 				return err

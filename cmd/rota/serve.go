@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/internal/handover"
 	"github.com/rota-proxy/rota/supervisor"
 )
 
@@ -166,6 +167,15 @@ func serve(o supervisor.Options) error {
 	defer signal.Stop(sigs)
 	o.Signals = sigs
 	o.Version = version
+	in, err := handover.FromEnv()
+	if err != nil {
+		return err
+	}
+	o.Inherited = in
+	if upgradable {
+		o.StartNew = startNew
+		o.Notify = notifySystemd
+	}
 	return supervisor.Run(o)
 }
 

@@ -31,9 +31,9 @@ var allowed = map[string][]string{
 	// config declares the file; the settings types it embeds are their
 	// packages' (one declaration each).
 	"config":     {"accesslog", "balancer", "discovery/dns", "health", "proxy"},
-	"server":     {"accesslog", "config", "discovery", "discovery/consul", "discovery/dns", "discovery/docker", "discovery/etcd", "discovery/static", "embedetcd", "fleet", "health", "pool", "proxy"},
+	"server":     {"accesslog", "balancer", "config", "discovery", "discovery/consul", "discovery/dns", "discovery/docker", "discovery/etcd", "discovery/static", "embedetcd", "fleet", "health", "pool", "proxy"},
 	"admin":      {"accesslog", "discovery", "health", "proxy", "server"},
-	"supervisor": {"admin", "config", "server"},
+	"supervisor": {"admin", "config", "health", "server"},
 	"demo":       {"discovery/consul", "discovery/etcd"},
 }
 

@@ -1,0 +1,415 @@
+//go:build linux
+
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rota-proxy/rota/internal/testenv"
+)
+
+// procExited reports whether process pid has exited (gone, or a zombie
+// its new parent has yet to reap).
+func procExited(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	// pid (comm) S ...: the state follows the last ')'.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || s[i+2] == 'Z' || s[i+2] == 'X'
+}
+
+func readPID(t *testing.T, file string) int {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return 0
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return pid
+}
+
+// adminGet returns the body of GET path on a rota's admin address.
+func adminGet(admin, path string) string {
+	resp, err := http.Get("http://" + admin + path)
+	if err != nil {
+		return ""
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// states are the targets' states in a rota's /api/v1/targets, by address.
+func states(admin string) map[string]string {
+	resp, err := http.Get("http://" + admin + "/api/v1/targets")
+	if err != nil {
+		return nil
+	}
+	defer resp.Body.Close()
+	var doc struct {
+		Listeners []struct {
+			Targets []struct{ Addr, State string }
+		}
+	}
+	if json.NewDecoder(resp.Body).Decode(&doc) != nil {
+		return nil
+	}
+	out := map[string]string{}
+	for _, l := range doc.Listeners {
+		for _, tg := range l.Targets {
+			out[tg.Addr] = tg.State
+		}
+	}
+	return out
+}
+
+// echoServer echoes each connection until its client closes.
+func echoServer(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				defer c.Close()
+				io.Copy(c, c)
+			})
+		}
+	})
+	return ln.Addr().String()
+}
+
+// 20 binary upgrades in a row, alternating two builds, while clients open
+// new connections back to back and 50 long-lived streams move data: no
+// client connection is refused or fails, every stream completes on the
+// process it started on, each new process serves its parent's targets
+// with none left checking, and one process is left at the end.
+func TestUpgradeUnderLoad(t *testing.T) {
+	dir := t.TempDir()
+	// Two builds with different versions, copied in turn to the path the
+	// running process upgrades from.
+	other := filepath.Join(dir, "rota-b")
+	if out, err := exec.Command("go", "build", "-ldflags", "-X main.version=upgrade-b", "-o", other, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	builds := []struct{ bin, version string }{{rotaBin, version}, {other, "upgrade-b"}}
+	bin := filepath.Join(dir, "rota")
+	install := func(src string) {
+		t.Helper()
+		b, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmp := bin + ".new"
+		if err := os.WriteFile(tmp, b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, bin); err != nil { // as a package manager does
+			t.Fatal(err)
+		}
+	}
+	install(builds[0].bin)
+
+	web := []*testenv.Backend{testenv.StartBackend(t, "b1"), testenv.StartBackend(t, "b2")}
+	echo := echoServer(t)
+	dead := testenv.FreeAddr(t) // nothing listens: down, and must stay down
+	webAddr, streamAddr, admin := testenv.FreeAddr(t), testenv.FreeAddr(t), testenv.FreeAddr(t)
+	pidFile := filepath.Join(dir, "rota.pid")
+	cfg := fmt.Sprintf(`admin: {listen: %s}
+pid_file: %s
+access_log: {path: %s}
+listeners:
+  - name: web
+    listen: %s
+    discovery: static
+    static: [%s, %s, %s]
+    health: {interval: 200ms}
+    drain_timeout: 10s
+  - name: streams
+    listen: %s
+    discovery: static
+    static: [%s]
+    health: {interval: 200ms}
+    drain_timeout: 10s
+`, admin, pidFile, filepath.Join(dir, "access.log"), webAddr, web[0].Addr, web[1].Addr, dead, streamAddr, echo)
+	cfgFile := filepath.Join(dir, "rota.yaml")
+	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Its log goes to a file: the processes an upgrade starts write
+	// there too, and outlive the one this test started.
+	logFile, err := os.Create(filepath.Join(dir, "rota.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logFile.Close()
+	first := exec.Command(bin, "serve", "--config", cfgFile, "--log-format", "json")
+	first.Stdout, first.Stderr = logFile, logFile
+	if err := first.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go first.Wait() // reaped as it exits; the later ones are reparented
+	var pids []int
+	t.Cleanup(func() {
+		for _, pid := range pids {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+		if t.Failed() {
+			b, _ := os.ReadFile(logFile.Name())
+			os.WriteFile("/tmp/upgrade-test.log", b, 0o644)
+			b, _ = os.ReadFile(filepath.Join(dir, "access.log"))
+			os.WriteFile("/tmp/upgrade-access.log", b, 0o644)
+		}
+	})
+	testenv.Eventually(t, "the first process serving", 20*time.Second, func() bool {
+		return readPID(t, pidFile) == first.Process.Pid && states(admin)[echo] == "up"
+	})
+	pids = append(pids, first.Process.Pid)
+
+	// New connections back to back.
+	load := testenv.StartLoad(2, 1<<30, func(int) (string, error) { return testenv.Request(webAddr) })
+	// 50 streams at a time, each moving 64 KiB in 1 KiB writes over about
+	// half a second, then closing; a new one replaces each.
+	var streamsOK, streamsFailed atomic.Int64
+	var streamErr atomic.Pointer[error]
+	stop := make(chan struct{})
+	var streams sync.WaitGroup
+	for range 50 {
+		streams.Go(func() {
+			chunk := bytes.Repeat([]byte("x"), 1024)
+			got := make([]byte, 1024)
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				err := func() error {
+					c, err := net.DialTimeout("tcp", streamAddr, 5*time.Second)
+					if err != nil {
+						return err
+					}
+					defer c.Close()
+					c.SetDeadline(time.Now().Add(20 * time.Second))
+					for range 64 {
+						if _, err := c.Write(chunk); err != nil {
+							return err
+						}
+						if _, err := io.ReadFull(c, got); err != nil {
+							return err
+						}
+						time.Sleep(8 * time.Millisecond) // a slow stream
+					}
+					return nil
+				}()
+				if err != nil {
+					streamsFailed.Add(1)
+					streamErr.Store(&err)
+				} else {
+					streamsOK.Add(1)
+				}
+			}
+		})
+	}
+
+	const upgrades = 20
+	var took []time.Duration
+	for i := range upgrades {
+		old := pids[len(pids)-1]
+		next := builds[(i+1)%2]
+		install(next.bin)
+		start := time.Now()
+		if err := syscall.Kill(old, syscall.SIGUSR2); err != nil {
+			t.Fatal(err)
+		}
+		var pid int
+		testenv.Eventually(t, fmt.Sprintf("upgrade %d: the new process takes over", i+1), 30*time.Second, func() bool {
+			pid = readPID(t, pidFile)
+			return pid != old && pid != 0
+		})
+		took = append(took, time.Since(start))
+		pids = append(pids, pid)
+		// Right after the takeover: the parent's states, none checking;
+		// the dead target down.
+		st := states(admin)
+		for addr, state := range st {
+			if state == "checking" {
+				t.Errorf("upgrade %d: %s is checking right after the takeover", i+1, addr)
+			}
+		}
+		if st[dead] != "down" || st[web[0].Addr] != "up" || st[echo] != "up" {
+			t.Errorf("upgrade %d: states right after the takeover: %v", i+1, st)
+		}
+		testenv.Eventually(t, fmt.Sprintf("upgrade %d: version %s answers", i+1, next.version), 10*time.Second, func() bool {
+			return strings.Contains(adminGet(admin, "/metrics"), `rota_build_info{version="`+next.version+`"} 1`)
+		})
+		testenv.Eventually(t, fmt.Sprintf("upgrade %d: the old process %d drains and exits", i+1, old), 20*time.Second, func() bool { return procExited(old) })
+	}
+	close(stop)
+	streams.Wait()
+	load.Stop()
+
+	t.Logf("%d upgrades, SIGUSR2 to takeover: %v", upgrades, took)
+	t.Logf("%d new connections, %d failed; %d streams completed, %d failed", load.OK.Load(), load.Failed.Load(), streamsOK.Load(), streamsFailed.Load())
+	load.AssertNoFailures(t)
+	if n := streamsFailed.Load(); n > 0 {
+		t.Errorf("%d streams failed; last: %v", n, *streamErr.Load())
+	}
+	if streamsOK.Load() == 0 || load.OK.Load() == 0 {
+		t.Error("no traffic")
+	}
+	for _, pid := range pids[:len(pids)-1] {
+		if !procExited(pid) {
+			t.Errorf("process %d still runs", pid)
+		}
+	}
+	last := pids[len(pids)-1]
+	if procExited(last) {
+		t.Fatal("no process left")
+	}
+	syscall.Kill(last, syscall.SIGTERM)
+	testenv.Eventually(t, "the last process exits on SIGTERM", 20*time.Second, func() bool { return procExited(last) })
+}
+
+// A new process that exits at once (its configuration became invalid
+// between the two) fails the upgrade: the old process serves on, says so
+// in its log, and a later upgrade works.
+func TestUpgradeFailsAndServesOn(t *testing.T) {
+	dir := t.TempDir()
+	b := testenv.StartBackend(t, "b1")
+	webAddr, admin := testenv.FreeAddr(t), testenv.FreeAddr(t)
+	pidFile := filepath.Join(dir, "rota.pid")
+	cfg := fmt.Sprintf("admin: {listen: %s}\npid_file: %s\nlisteners:\n  - {name: web, listen: %s, discovery: static, static: [%s], health: {interval: 200ms}}\n", admin, pidFile, webAddr, b.Addr)
+	cfgFile := filepath.Join(dir, "rota.yaml")
+	os.WriteFile(cfgFile, []byte(cfg), 0o600)
+	logFile, err := os.Create(filepath.Join(dir, "rota.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logFile.Close()
+	p := exec.Command(rotaBin, "serve", "--config", cfgFile, "--log-format", "json")
+	p.Stdout, p.Stderr = logFile, logFile
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- p.Wait() }()
+	var next int
+	t.Cleanup(func() {
+		p.Process.Kill()
+		if next != 0 {
+			syscall.Kill(next, syscall.SIGKILL)
+		}
+	})
+	testenv.Eventually(t, "serving", 20*time.Second, func() bool { _, err := testenv.Request(webAddr); return err == nil })
+
+	os.WriteFile(cfgFile, []byte("listeners: [{listen: nope}]\n"), 0o600)
+	resp, err := http.Post("http://"+admin+"/api/v1/upgrade", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("POST /api/v1/upgrade: %d", resp.StatusCode)
+	}
+	testenv.Eventually(t, "the failure logged", 20*time.Second, func() bool {
+		log, _ := os.ReadFile(logFile.Name())
+		return bytes.Contains(log, []byte("upgrade failed; serving on"))
+	})
+	if name, err := testenv.Request(webAddr); err != nil || name != "b1" {
+		t.Fatalf("after the failed upgrade: %q, %v", name, err)
+	}
+	select {
+	case err := <-exited:
+		t.Fatalf("the old process exited: %v", err)
+	default:
+	}
+
+	os.WriteFile(cfgFile, []byte(cfg), 0o600)
+	if code, out, errOut := runCLI("upgrade", "--pid-file", pidFile); code != 0 {
+		t.Fatalf("rota upgrade: %d %s %s", code, out, errOut)
+	}
+	testenv.Eventually(t, "the new process takes over", 20*time.Second, func() bool {
+		next = readPID(t, pidFile)
+		return next != p.Process.Pid && next != 0
+	})
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Fatalf("the old process exited with %v after the takeover", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the old process did not exit after the takeover")
+	}
+	if name, err := testenv.Request(webAddr); err != nil || name != "b1" {
+		t.Fatalf("through the new process: %q, %v", name, err)
+	}
+}
+
+// Socket activation as systemd does it: the listening socket passed as
+// descriptor 3 with LISTEN_FDS, LISTEN_FDNAMES (the listener's name) and
+// LISTEN_PID; rota serves on it (this test keeps its own copy open, so a
+// socket of rota's own on that address could not even be bound).
+func TestSocketActivation(t *testing.T) {
+	b := testenv.StartBackend(t, "b1")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	f, err := ln.(*net.TCPListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	dir := t.TempDir()
+	cfgFile := filepath.Join(dir, "rota.yaml")
+	cfg := fmt.Sprintf("admin: {listen: ''}\nlisteners:\n  - {name: web, listen: %s, discovery: static, static: [%s], health: {interval: 200ms}}\n", ln.Addr(), b.Addr)
+	os.WriteFile(cfgFile, []byte(cfg), 0o600)
+	// sh sets LISTEN_PID to its own pid, which exec keeps for rota.
+	cmd := exec.Command("/bin/sh", "-c", `LISTEN_PID=$$ exec "$0" serve --config "$1"`, rotaBin, cfgFile)
+	cmd.Env = append(os.Environ(), "LISTEN_FDS=1", "LISTEN_FDNAMES=web")
+	cmd.ExtraFiles = []*os.File{f}
+	var out bytes.Buffer
+	cmd.Stderr = &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	defer func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		<-done
+		if t.Failed() {
+			t.Logf("rota's log:\n%s", out.String())
+		}
+	}()
+	testenv.Eventually(t, "rota serves on the passed socket", 20*time.Second, func() bool {
+		name, err := testenv.Request(ln.Addr().String())
+		return err == nil && name == "b1"
+	})
+}
