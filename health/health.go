@@ -113,6 +113,17 @@ func (s State) String() string {
 // MarshalText makes State render as its name in JSON.
 func (s State) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
 
+// UnmarshalText reads a State's name (an upgrade hands states over).
+func (s *State) UnmarshalText(b []byte) error {
+	for _, st := range []State{Checking, Up, Down} {
+		if st.String() == string(b) {
+			*s = st
+			return nil
+		}
+	}
+	return fmt.Errorf("health state %q: want checking, up or down", b)
+}
+
 // Status is what the checker knows about one target.
 type Status struct {
 	Addr                 string
@@ -167,6 +178,10 @@ type Checker struct {
 	// noTCP: it could not start, and every probe runs in a goroutine.
 	tcp   *tcpProber
 	noTCP bool
+	// seed are states handed over by the process this one upgraded from,
+	// by address: a target discovered with one starts there instead of
+	// checking (Seed).
+	seed map[string]Status
 }
 
 // target is the state of one address, guarded by Checker.mu; the rise/fall
@@ -246,6 +261,12 @@ func (c *Checker) Update(addrs []string) {
 		t.ap, _ = netip.ParseAddrPort(a)
 		t.done = func(err error) { c.finish(t, err, nil, nil) }
 		c.targets[a] = t
+		if st, ok := c.seed[a]; ok && c.cfg.Check != CheckNone && (st.State == Up || st.State == Down) {
+			delete(c.seed, a)
+			c.restore(t, st, now)
+			c.due.push(t)
+			continue
+		}
 		if c.cfg.Check == CheckNone {
 			// The registry's word is enough: no probe. (Not logged one by
 			// one: the pool logs what discovery changed.)
@@ -270,6 +291,38 @@ func (c *Checker) Update(addrs []string) {
 		}
 	}
 	c.poke()
+}
+
+// Seed hands the checker states another process had (an upgrade): a target
+// discovered later with one of these addresses starts in that state, with
+// its counters, and is probed when its next probe was due, instead of
+// starting in Checking. Call it before the targets are discovered.
+func (c *Checker) Seed(states []Status) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.seed == nil {
+		c.seed = make(map[string]Status, len(states))
+	}
+	for _, st := range states {
+		c.seed[st.Addr] = st
+	}
+}
+
+// restore puts t in the state st describes. Caller holds c.mu.
+func (c *Checker) restore(t *target, st Status, now time.Time) {
+	t.state, t.succ, t.fail = st.State, st.ConsecutiveSuccesses, st.ConsecutiveFailures
+	t.ok, t.bad, t.lastCheck, t.lastErr = st.ChecksOK, st.ChecksFailed, st.LastCheck, st.LastError
+	t.everUp = st.State == Up || st.ChecksOK > 0
+	if !st.Since.IsZero() {
+		t.since = st.Since
+	}
+	// The next probe when the other process would have made it, but no
+	// later than an interval from now.
+	t.next = min(max(st.NextCheckIn, 0), c.cfg.Interval)
+	t.nextAt = now.Add(t.next)
+	if t.state == Up {
+		c.onChange(t.addr, true)
+	}
 }
 
 // ReportFailure takes a live target down at once: the proxy could not dial

@@ -340,3 +340,43 @@ func TestCloseStopsEverything(t *testing.T) {
 	}
 	// goleak in TestMain proves no probe goroutine outlived Close.
 }
+
+// States handed over by an upgrade's parent (Seed): an up target is live
+// the moment it is discovered, before any probe; a down one stays down
+// until rise probes succeed, its counters going on from the parent's.
+func TestSeededStates(t *testing.T) {
+	up, down := listen(t).Addr().String(), listen(t).Addr().String()
+	var live liveLog
+	cfg := fast()
+	cfg.Interval = 200 * time.Millisecond
+	c := health.New(cfg, nil, live.push)
+	defer c.Close()
+	var mu sync.Mutex
+	probed := map[string][]bool{}
+	c.SetObserver(func(addr string, err error, _ time.Duration) {
+		mu.Lock()
+		probed[addr] = append(probed[addr], err == nil)
+		mu.Unlock()
+	})
+	c.Seed([]health.Status{
+		{Addr: up, State: health.Up, ConsecutiveSuccesses: 7, ChecksOK: 40, NextCheckIn: time.Hour},
+		{Addr: down, State: health.Down, ConsecutiveFailures: 9, ChecksOK: 3, ChecksFailed: 12, LastError: "refused"},
+	})
+	c.Update([]string{up, down})
+	if got := live.last(); !slices.Equal(got, []string{up}) {
+		t.Fatalf("live right after discovery: %v, want the seeded up target alone", got)
+	}
+	if s := stateOf(c, up); s.ChecksOK != 40 || s.ConsecutiveSuccesses != 7 {
+		t.Errorf("the up target's counters: %+v", s)
+	}
+	if s := stateOf(c, down); s.State != health.Down || s.ChecksFailed != 12 {
+		t.Errorf("the down target: %+v", s)
+	}
+	// The down target (which answers now) needs rise successes.
+	testenv.Eventually(t, "the down target back up", 10*time.Second, func() bool { return len(live.last()) == 2 })
+	mu.Lock()
+	defer mu.Unlock()
+	if got := probed[down]; len(got) < 2 || !got[0] || !got[1] {
+		t.Errorf("the down target came up after probes %v, want rise (2) successes", got)
+	}
+}

@@ -218,6 +218,11 @@ func (p *Pool) SetFleet(marks map[string]fleet.Mark, kind string) {
 	})
 }
 
+// Seed hands the pool's health checking the states another process had
+// (an upgrade): targets discovered with these addresses start in them
+// instead of checking. Call it before the first discovery snapshot.
+func (p *Pool) Seed(states []health.Status) { p.checker.Seed(states) }
+
 // ReportFailure takes addr out of rotation at once: the proxy could not
 // reach it. It never blocks.
 func (p *Pool) ReportFailure(addr string, err error) { p.checker.ReportFailure(addr, err) }

@@ -49,6 +49,9 @@ type Server struct {
 	// inherit, if set, hands over a listening socket a parent process
 	// passed for a listener (by name); the caller keeps the file.
 	inherit func(name string) *os.File
+	// restore is the state handed over by the process this one took over
+	// from, consumed as the pools are made (the first apply); nil: none.
+	restore *HandoverState
 	// open is closed once the listeners may accept (at once, unless the
 	// start was held: Open); openOnce closes it.
 	open     chan struct{}
@@ -72,6 +75,9 @@ type StartOptions struct {
 	// listener whose configured address the socket does not match binds
 	// afresh.
 	Inherit func(name string) *os.File
+	// Restore, if set, is the state the process this one takes over from
+	// handed over: each new pool starts with its namesake's.
+	Restore *HandoverState
 	// Hold: the listeners accept only once Open is called (an upgrade's
 	// new process, until its targets have their first verdicts; clients
 	// meanwhile wait in the sockets' queues, which its parent still
@@ -87,7 +93,7 @@ func StartWith(ctx context.Context, cfg *config.Config, logger *zap.Logger, o St
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{log: logger, engine: proxy.NewEngine(0, logger.Named("relay")), inherit: o.Inherit, open: make(chan struct{})}
+	s := &Server{log: logger, engine: proxy.NewEngine(0, logger.Named("relay")), inherit: o.Inherit, open: make(chan struct{}), restore: o.Restore}
 	if !o.Hold {
 		s.Open()
 	}
@@ -97,6 +103,7 @@ func StartWith(ctx context.Context, cfg *config.Config, logger *zap.Logger, o St
 		s.engine.Close()
 		return nil, err
 	}
+	s.restore = nil // for the first pools only: a later reload's start fresh
 	return s, nil
 }
 
@@ -275,6 +282,9 @@ type plan struct {
 
 func (s *Server) plan(l *listener, lc config.Listener, rc config.Registries, regs *registries, regsChanged bool) (*plan, error) {
 	c := l.routesFor(lc, rc, regsChanged)
+	for _, r := range c.created {
+		s.restoreRoute(lc.Name, r)
+	}
 	pl := &plan{l: l, cfg: lc, regs: rc, routes: c.next, gone: c.gone, created: c.created,
 		changedSource: c.sourceChanged, watchers: map[*route]discovery.Watcher{}}
 	specs := routeSpecs(lc)

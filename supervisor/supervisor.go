@@ -48,7 +48,7 @@ type Options struct {
 	Inherited *handover.Inherited
 	// StartNew, if set, starts the program at rota's path with these
 	// sockets (UpgradeSignal, POST /api/v1/upgrade); nil: no upgrades.
-	StartNew func(files map[string]*os.File) (*handover.Child, error)
+	StartNew func(files map[string]*os.File, state *os.File) (*handover.Child, error)
 	// UpgradeTimeout bounds the new process's start, to ready; 0: a
 	// minute.
 	UpgradeTimeout time.Duration
@@ -95,7 +95,8 @@ type supervisor struct {
 // stopped again if a later step fails.
 func (s *supervisor) start() error {
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
-	srv, err := server.StartWith(ctx, s.cfg, s.o.Logger, server.StartOptions{Inherit: s.o.Inherited.Take, Hold: s.o.Inherited.Upgrading()})
+	srv, err := server.StartWith(ctx, s.cfg, s.o.Logger, server.StartOptions{Inherit: s.o.Inherited.Take,
+		Hold: s.o.Inherited.Upgrading(), Restore: s.handedOver()})
 	cancel()
 	if err != nil {
 		s.o.Inherited.Close()

@@ -9,7 +9,9 @@ package supervisor
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"strconv"
@@ -103,10 +105,17 @@ func (s *supervisor) upgrade(started chan<- error) bool {
 		}
 		files[adminName] = f
 	}
+	state, err := stateFile(s.srv.Handover())
+	if err != nil {
+		log.Warn("upgrade: the state cannot be handed over; the new process starts fresh", zap.Error(err))
+	}
 	start := time.Now()
 	s.notify("RELOADING=1")
-	child, err := s.o.StartNew(files)
+	child, err := s.o.StartNew(files, state)
 	closeAll(files) // the new process has its own copies
+	if state != nil {
+		state.Close()
+	}
 	answer(err)
 	if err != nil {
 		log.Error("upgrade failed: the new process did not start; serving on", zap.Error(err))
@@ -127,6 +136,47 @@ func (s *supervisor) upgrade(started chan<- error) bool {
 		zap.Int("pid", child.Pid()), zap.Duration("took", time.Since(start)))
 	s.upgraded = true
 	return false
+}
+
+// stateFile writes st to an unlinked temporary file, read from its start
+// by the new process.
+func stateFile(st *server.HandoverState) (*os.File, error) {
+	f, err := os.CreateTemp("", "rota-handover-")
+	if err != nil {
+		return nil, err
+	}
+	os.Remove(f.Name())
+	if err := json.NewEncoder(f).Encode(st); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// handedOver reads the state the process this one takes over from passed,
+// if any; one of another version is not used (this process starts fresh
+// and says so).
+func (s *supervisor) handedOver() *server.HandoverState {
+	f := s.o.Inherited.State()
+	if f == nil {
+		return nil
+	}
+	defer f.Close()
+	var st server.HandoverState
+	if err := json.NewDecoder(f).Decode(&st); err != nil {
+		s.o.Logger.Warn("upgrade: the state handed over is unreadable; starting fresh", zap.Error(err))
+		return nil
+	}
+	if st.Version != server.HandoverVersion {
+		s.o.Logger.Warn("upgrade: the state handed over is of another version; starting fresh",
+			zap.Int("version", st.Version), zap.Int("reads", server.HandoverVersion))
+		return nil
+	}
+	return &st
 }
 
 func closeAll(files map[string]*os.File) {

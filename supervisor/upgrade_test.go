@@ -42,14 +42,17 @@ func TestUpgradeThatFailsServesOn(t *testing.T) {
 		done <- supervisor.Run(supervisor.Options{Config: cfg, Signals: sigs, Logger: zap.New(core),
 			Ready:          func(s *server.Server) error { ready <- s; return nil },
 			UpgradeTimeout: 300 * time.Millisecond,
-			StartNew: func(files map[string]*os.File) (*handover.Child, error) {
+			StartNew: func(files map[string]*os.File, state *os.File) (*handover.Child, error) {
 				if len(files) != 1 || files["web"] == nil {
 					t.Errorf("sockets passed: %v", files)
 				}
 				if started.Add(1) == 2 {
 					return nil, errors.New("exec: no such file")
 				}
-				c, err := handover.Start("/bin/sleep", []string{"60"}, files, nil, nil)
+				if state == nil {
+					t.Error("no state handed over")
+				}
+				c, err := handover.Start("/bin/sleep", []string{"60"}, files, state, nil, nil)
 				if err == nil {
 					hung.Store(int64(c.Pid()))
 				}
@@ -102,7 +105,7 @@ func TestUpgradeRefusedWithEmbeddedEtcd(t *testing.T) {
 	done := make(chan error, 1)
 	go func() {
 		done <- supervisor.Run(supervisor.Options{Config: cfg, Signals: sigs, Logger: zap.New(core),
-			StartNew: func(map[string]*os.File) (*handover.Child, error) {
+			StartNew: func(map[string]*os.File, *os.File) (*handover.Child, error) {
 				t.Error("a new process was started")
 				return nil, errors.New("no")
 			}})

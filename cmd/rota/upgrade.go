@@ -44,10 +44,10 @@ func cmdUpgrade(args []string, stdout, stderr io.Writer) error {
 
 // startNew starts the binary at rota's path (read now: an upgrade may have
 // replaced the file) with this process's arguments and the sockets.
-func startNew(files map[string]*os.File) (*handover.Child, error) {
+func startNew(files map[string]*os.File, state *os.File) (*handover.Child, error) {
 	exe, err := os.Executable()
 	if err != nil {
 		return nil, err
 	}
-	return handover.Start(exe, os.Args[1:], files, os.Stdout, os.Stderr)
+	return handover.Start(exe, os.Args[1:], files, state, os.Stdout, os.Stderr)
 }

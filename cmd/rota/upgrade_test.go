@@ -56,26 +56,41 @@ func adminGet(admin, path string) string {
 	return string(b)
 }
 
-// states are the targets' states in a rota's /api/v1/targets, by address.
-func states(admin string) map[string]string {
+// targetInfo is what a test reads of a target in /api/v1/targets.
+type targetInfo struct {
+	Addr, State         string
+	ConsecutiveFailures int    `json:"consecutive_failures"`
+	Draining            bool   `json:"draining"`
+	DrainSource         string `json:"drain_source"`
+}
+
+// targetInfos are the targets of a rota's /api/v1/targets, by address.
+func targetInfos(admin string) map[string]targetInfo {
 	resp, err := http.Get("http://" + admin + "/api/v1/targets")
 	if err != nil {
 		return nil
 	}
 	defer resp.Body.Close()
 	var doc struct {
-		Listeners []struct {
-			Targets []struct{ Addr, State string }
-		}
+		Listeners []struct{ Targets []targetInfo }
 	}
 	if json.NewDecoder(resp.Body).Decode(&doc) != nil {
 		return nil
 	}
-	out := map[string]string{}
+	out := map[string]targetInfo{}
 	for _, l := range doc.Listeners {
 		for _, tg := range l.Targets {
-			out[tg.Addr] = tg.State
+			out[tg.Addr] = tg
 		}
+	}
+	return out
+}
+
+// states are the targets' states in a rota's /api/v1/targets, by address.
+func states(admin string) map[string]string {
+	out := map[string]string{}
+	for a, ti := range targetInfos(admin) {
+		out[a] = ti.State
 	}
 	return out
 }
@@ -134,7 +149,7 @@ func TestUpgradeUnderLoad(t *testing.T) {
 	}
 	install(builds[0].bin)
 
-	web := []*testenv.Backend{testenv.StartBackend(t, "b1"), testenv.StartBackend(t, "b2")}
+	web := []*testenv.Backend{testenv.StartBackend(t, "b1"), testenv.StartBackend(t, "b2"), testenv.StartBackend(t, "b3")}
 	echo := echoServer(t)
 	dead := testenv.FreeAddr(t) // nothing listens: down, and must stay down
 	webAddr, streamAddr, admin := testenv.FreeAddr(t), testenv.FreeAddr(t), testenv.FreeAddr(t)
@@ -146,7 +161,7 @@ listeners:
   - name: web
     listen: %s
     discovery: static
-    static: [%s, %s, %s]
+    static: [%s, %s, %s, %s]
     health: {interval: 200ms}
     drain_timeout: 10s
   - name: streams
@@ -155,7 +170,7 @@ listeners:
     static: [%s]
     health: {interval: 200ms}
     drain_timeout: 10s
-`, admin, pidFile, filepath.Join(dir, "access.log"), webAddr, web[0].Addr, web[1].Addr, dead, streamAddr, echo)
+`, admin, pidFile, filepath.Join(dir, "access.log"), webAddr, web[0].Addr, web[1].Addr, web[2].Addr, dead, streamAddr, echo)
 	cfgFile := filepath.Join(dir, "rota.yaml")
 	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
@@ -189,6 +204,17 @@ listeners:
 		return readPID(t, pidFile) == first.Process.Pid && states(admin)[echo] == "up"
 	})
 	pids = append(pids, first.Process.Pid)
+	// b3 drained through the admin API (a local mark): every process
+	// after keeps it.
+	resp, err := http.Post("http://"+admin+"/api/v1/listeners/web/targets/"+web[2].Addr+"/drain", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("drain: %d", resp.StatusCode)
+	}
+	b3Hits := web[2].Hits.Load()
 
 	// New connections back to back.
 	load := testenv.StartLoad(2, 1<<30, func(int) (string, error) { return testenv.Request(webAddr) })
@@ -238,6 +264,7 @@ listeners:
 
 	const upgrades = 20
 	var took []time.Duration
+	deadFailures := 0
 	for i := range upgrades {
 		old := pids[len(pids)-1]
 		next := builds[(i+1)%2]
@@ -255,14 +282,24 @@ listeners:
 		pids = append(pids, pid)
 		// Right after the takeover: the parent's states, none checking;
 		// the dead target down.
-		st := states(admin)
-		for addr, state := range st {
-			if state == "checking" {
+		st := targetInfos(admin)
+		for addr, ti := range st {
+			if ti.State == "checking" {
 				t.Errorf("upgrade %d: %s is checking right after the takeover", i+1, addr)
 			}
 		}
-		if st[dead] != "down" || st[web[0].Addr] != "up" || st[echo] != "up" {
+		if st[dead].State != "down" || st[web[0].Addr].State != "up" || st[echo].State != "up" {
 			t.Errorf("upgrade %d: states right after the takeover: %v", i+1, st)
+		}
+		// The dead target's failures go on counting from the parent's:
+		// its state was handed over, not probed afresh.
+		if f := st[dead].ConsecutiveFailures; f < deadFailures {
+			t.Errorf("upgrade %d: the dead target's consecutive failures went from %d to %d", i+1, deadFailures, f)
+		} else {
+			deadFailures = f
+		}
+		if b3 := st[web[2].Addr]; !b3.Draining || b3.DrainSource != "local" {
+			t.Errorf("upgrade %d: b3 lost its drain mark: %+v", i+1, b3)
 		}
 		testenv.Eventually(t, fmt.Sprintf("upgrade %d: version %s answers", i+1, next.version), 10*time.Second, func() bool {
 			return strings.Contains(adminGet(admin, "/metrics"), `rota_build_info{version="`+next.version+`"} 1`)
@@ -276,6 +313,9 @@ listeners:
 	t.Logf("%d upgrades, SIGUSR2 to takeover: %v", upgrades, took)
 	t.Logf("%d new connections, %d failed; %d streams completed, %d failed", load.OK.Load(), load.Failed.Load(), streamsOK.Load(), streamsFailed.Load())
 	load.AssertNoFailures(t)
+	if n := web[2].Hits.Load() - b3Hits; n > 0 {
+		t.Errorf("the drained b3 got %d requests across the upgrades", n)
+	}
 	if n := streamsFailed.Load(); n > 0 {
 		t.Errorf("%d streams failed; last: %v", n, *streamErr.Load())
 	}

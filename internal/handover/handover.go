@@ -33,6 +33,7 @@ const (
 	envFds   = "ROTA_LISTEN_FDS"
 	envNames = "ROTA_LISTEN_FDNAMES"
 	envReady = "ROTA_READY_FD"
+	envState = "ROTA_STATE_FD"
 	// firstFD is the first inherited descriptor (after stdin, out, err).
 	firstFD = 3
 	ready   = "ready\n"
@@ -44,6 +45,7 @@ type Inherited struct {
 	mu     sync.Mutex
 	files  map[string]*os.File
 	parent *os.File // the ready pipe; nil without a parent waiting
+	state  *os.File // the parent's state, to read once; nil for none
 	// From says where the sockets came from: "upgrade", "systemd" or "".
 	From string
 }
@@ -71,7 +73,14 @@ func FromEnv() (*Inherited, error) {
 			}
 			in.parent = os.NewFile(uintptr(fd), "ready")
 		}
-		for _, k := range []string{envFds, envNames, envReady} {
+		if r := os.Getenv(envState); r != "" {
+			fd, err := strconv.Atoi(r)
+			if err != nil {
+				return nil, fmt.Errorf("%s=%q: malformed", envState, r)
+			}
+			in.state = os.NewFile(uintptr(fd), "state")
+		}
+		for _, k := range []string{envFds, envNames, envReady, envState} {
 			os.Unsetenv(k)
 		}
 		return in, nil
@@ -94,6 +103,19 @@ func Serves(got net.Addr, listen string) bool {
 	}
 	ip := net.ParseIP(host)
 	return host == "" || ip == nil || ip.IsUnspecified() || ip.Equal(ta.IP)
+}
+
+// State hands over the parent's state (the caller reads and closes it), or
+// nil when none was passed.
+func (in *Inherited) State() *os.File {
+	if in == nil {
+		return nil
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	f := in.state
+	in.state = nil
+	return f
 }
 
 // Upgrading reports whether a parent waits for this process to be ready.
@@ -150,9 +172,10 @@ type Child struct {
 }
 
 // Start runs path with args and the environment of this process, passing
-// it files (by name) and a ready pipe. The files stay the caller's (the
+// it files (by name), state (nil for none: what the new process reads with
+// Inherited.State) and a ready pipe. The files stay the caller's (the
 // child has its own copies once Start returns).
-func Start(path string, args []string, files map[string]*os.File, stdout, stderr io.Writer) (*Child, error) {
+func Start(path string, args []string, files map[string]*os.File, state *os.File, stdout, stderr io.Writer) (*Child, error) {
 	r, w, err := os.Pipe()
 	if err != nil {
 		return nil, err
@@ -173,6 +196,10 @@ func Start(path string, args []string, files map[string]*os.File, stdout, stderr
 		envFds+"="+strconv.Itoa(len(names)),
 		envNames+"="+strings.Join(names, ":"),
 		envReady+"="+strconv.Itoa(firstFD+len(names)))
+	if state != nil {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, state)
+		cmd.Env = append(cmd.Env, envState+"="+strconv.Itoa(firstFD+len(names)+1))
+	}
 	if err := cmd.Start(); err != nil {
 		r.Close()
 		return nil, fmt.Errorf("start %s: %w", path, err)
