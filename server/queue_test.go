@@ -23,8 +23,7 @@ import (
 // is closed and counted as max_conns, and the waiting are served once
 // places come free. The targets' health checks take no place.
 func TestQueueFromConfig(t *testing.T) {
-	release := make(chan struct{})
-	addr0, open := holdingBackend(t, release)
+	addr0, open, release := holdingBackend(t)
 	cfg := config.Default()
 	cfg.Admin.Listen = ""
 	l := fastListener("q", addr0)
@@ -76,7 +75,7 @@ func TestQueueFromConfig(t *testing.T) {
 		t.Errorf("ended max_conns = %d, want 2", n)
 	}
 
-	close(release)
+	release()
 	clients.Wait()
 	if served.Load() != 5 || refused.Load() != 2 {
 		t.Fatalf("served %d, refused %d; want 5 and 2", served.Load(), refused.Load())
@@ -91,41 +90,30 @@ func TestQueueFromConfig(t *testing.T) {
 }
 
 // holdingBackend serves each client that sends a line once release is
-// closed; open counts those it holds. Health checks (no line) take none.
-func holdingBackend(t *testing.T, release chan struct{}) (string, *atomic.Int64) {
-	open := new(atomic.Int64)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				if _, err := bufio.NewReader(c).ReadString('\n'); err != nil {
-					return // a health check
-				}
-				open.Add(1)
-				<-release
-				io.WriteString(c, "served")
-			})
+// called (at the latest when the test ends); open counts those it holds.
+// Health checks (no line) take none.
+func holdingBackend(t *testing.T) (addr string, open *atomic.Int64, release func()) {
+	open = new(atomic.Int64)
+	ch := make(chan struct{})
+	addr = testenv.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		if _, err := bufio.NewReader(c).ReadString('\n'); err != nil {
+			return // a health check
 		}
+		open.Add(1)
+		<-ch
+		io.WriteString(c, "served")
 	})
-	return ln.Addr().String(), open
+	release = sync.OnceFunc(func() { close(ch) })
+	t.Cleanup(release) // before Serve's, which waits for the handlers
+	return addr, open, release
 }
 
 // A reload that raises max_conns_per_target serves the clients waiting at
 // once: the new picker's room wakes them.
 func TestQueueReloadRaisesTheCap(t *testing.T) {
-	release := make(chan struct{})
-	defer close(release)
-	addr0, open := holdingBackend(t, release)
+	addr0, open, release := holdingBackend(t)
+	defer release() // before the server's shutdown drains its clients
 	cfg := config.Default()
 	cfg.Admin.Listen = ""
 	l := fastListener("q", addr0)

@@ -156,10 +156,14 @@ func (s *supervisor) startAdmin() error {
 
 // requestReload is the admin API's reload: it asks Run's goroutine, which
 // applies reloads one at a time, and waits for the answer or ctx.
-func (s *supervisor) requestReload(ctx context.Context) error {
+func (s *supervisor) requestReload(ctx context.Context) error { return ask(ctx, s.reloads) }
+
+// ask sends a request to Run's goroutine on to and waits for its answer,
+// or ctx.
+func ask(ctx context.Context, to chan<- chan error) error {
 	done := make(chan error, 1)
 	select {
-	case s.reloads <- done:
+	case to <- done:
 	case <-ctx.Done():
 		return ctx.Err()
 	}

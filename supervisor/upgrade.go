@@ -49,20 +49,7 @@ func (s *supervisor) adminSocket(addr string) (*admin.Server, error) {
 
 // requestUpgrade is the admin API's upgrade: it asks Run's goroutine and
 // waits until the new process has started (not until it takes over).
-func (s *supervisor) requestUpgrade(ctx context.Context) error {
-	done := make(chan error, 1)
-	select {
-	case s.upgrades <- done:
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-	select {
-	case err := <-done:
-		return err
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
+func (s *supervisor) requestUpgrade(ctx context.Context) error { return ask(ctx, s.upgrades) }
 
 // upgrade starts the new process with every listening socket and waits
 // for it to be ready: then this process drains and exits (false). A new

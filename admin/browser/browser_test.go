@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -309,31 +310,20 @@ func TestStatusPageLastConnections(t *testing.T) {
 func TestStatusPageQueue(t *testing.T) {
 	bin := chromium(t)
 	release := make(chan struct{})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				buf := make([]byte, 16)
-				if _, err := c.Read(buf); err != nil {
-					return // a health check
-				}
-				<-release
-				io.WriteString(c, "served")
-			}()
+	backend := testenv.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		buf := make([]byte, 16)
+		if _, err := c.Read(buf); err != nil {
+			return // a health check
 		}
-	}()
+		<-release
+		io.WriteString(c, "served")
+	})
+	releaseOnce := sync.OnceFunc(func() { close(release) })
+	t.Cleanup(releaseOnce) // before Serve's, which waits for the handlers
 	cfg := config.Default()
 	l := config.DefaultListener()
-	l.Name, l.Listen, l.Discovery, l.Static = "capped", "127.0.0.1:0", "static", config.Statics(ln.Addr().String())
+	l.Name, l.Listen, l.Discovery, l.Static = "capped", "127.0.0.1:0", "static", config.Statics(backend)
 	l.Health.Interval = 100 * time.Millisecond
 	l.MaxConnsPerTarget, l.Queue = 1, config.Queue{Size: 10, Timeout: time.Minute}
 	cfg.Listeners = []config.Listener{l}
@@ -363,7 +353,7 @@ func TestStatusPageQueue(t *testing.T) {
 	}
 	// Each client reads its answer and closes: a place is held until the
 	// connection ends, both sides.
-	close(release)
+	releaseOnce()
 	got := make(chan string, len(clients))
 	for _, c := range clients {
 		go func() {

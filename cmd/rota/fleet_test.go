@@ -283,28 +283,13 @@ func holdViaProxyHeader(addr, src string) (net.Conn, string, error) {
 // holdServer answers each client that sends something with its name and a
 // newline and keeps the connection until the client closes it.
 func holdServer(t *testing.T, name string) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				buf := make([]byte, 64)
-				if _, err := c.Read(buf); err != nil {
-					return // a health check
-				}
-				io.WriteString(c, name+"\n")
-				io.Copy(io.Discard, c)
-			})
+	return testenv.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		buf := make([]byte, 64)
+		if _, err := c.Read(buf); err != nil {
+			return // a health check
 		}
+		io.WriteString(c, name+"\n")
+		io.Copy(io.Discard, c)
 	})
-	return ln.Addr().String()
 }

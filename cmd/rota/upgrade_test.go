@@ -97,25 +97,10 @@ func states(admin string) map[string]string {
 
 // echoServer echoes each connection until its client closes.
 func echoServer(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				io.Copy(c, c)
-			})
-		}
+	return testenv.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		io.Copy(c, c)
 	})
-	return ln.Addr().String()
 }
 
 // 20 binary upgrades in a row, alternating two builds, while clients open
