@@ -221,3 +221,36 @@ func TestHistory(t *testing.T) {
 		}
 	})
 }
+
+// An upgrade hands a pool the instances and slow-start progress of the
+// process it takes over from: the pool is synced before its watch answers,
+// a target halfway through its ramp goes on from there (not from the
+// start, nor at full weight), and Handover reads back what was seeded.
+func TestSeededDiscoveryAndRamp(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := pool.New(pool.Config{Health: health.Config{Check: health.CheckNone}, SlowStart: 10 * time.Second}, nil)
+		defer p.Close()
+		ins := weighted("10.0.0.1:1", 1, "10.0.0.2:1", 1).Instances
+		p.SeedDiscovery(ins, map[string]time.Time{"10.0.0.2:1": time.Now().Add(-5 * time.Second)})
+		p.Flush()
+		if !p.Discovery().Synced {
+			t.Fatal("not synced by the seed")
+		}
+		if w := target(p, "10.0.0.2:1").EffectiveWeight; w < 0.4 || w > 0.6 {
+			t.Fatalf("the ramping target's effective weight %v, want about half", w)
+		}
+		if w := target(p, "10.0.0.1:1").EffectiveWeight; w != 1 {
+			t.Fatalf("the other's %v, want 1", w)
+		}
+		got, ramps := p.Handover()
+		if len(got) != 2 || got[0].Addr != "10.0.0.1:1" || len(ramps) != 1 || ramps["10.0.0.2:1"].IsZero() {
+			t.Fatalf("Handover: %v, %v", got, ramps)
+		}
+		// The watch's first answer replaces the seed.
+		p.NewSink().Update(weighted("10.0.0.1:1", 1))
+		p.Flush()
+		if got, _ := p.Handover(); len(got) != 1 {
+			t.Fatalf("after the watch's answer: %v", got)
+		}
+	})
+}

@@ -294,3 +294,60 @@ func sample(key string, ins []discovery.Instance) zap.Field {
 }
 
 func head(addrs []string) []string { return addrs[:min(len(addrs), 5)] }
+
+// Handover returns what a process taking over from this one needs to start
+// where this pool stands: the instances discovered and, for each target
+// still ramping up (slow start), when it began. It waits for the
+// serializer; nil, nil once the pool is closed.
+func (p *Pool) Handover() ([]discovery.Instance, map[string]time.Time) {
+	type out struct {
+		ins   []discovery.Instance
+		ramps map[string]time.Time
+	}
+	ch := make(chan out, 1)
+	if !p.inputs.push(func() {
+		var o out
+		for _, e := range p.order {
+			if e.bridging {
+				continue
+			}
+			o.ins = append(o.ins, e.inst)
+			if !e.liveSince.IsZero() {
+				if o.ramps == nil {
+					o.ramps = map[string]time.Time{}
+				}
+				o.ramps[e.t.Addr] = e.liveSince
+			}
+		}
+		ch <- o
+	}) {
+		return nil, nil
+	}
+	select {
+	case o := <-ch:
+		return o.ins, o.ramps
+	case <-p.done:
+		return nil, nil
+	}
+}
+
+// SeedDiscovery starts the pool with the instances another process had
+// discovered (an upgrade), as if its registry had answered with them, so
+// that it serves before its own watch's first answer (which replaces them,
+// as any answer does); targets ramping up there go on from when they began.
+// A pool whose watch answered first keeps its answer.
+func (p *Pool) SeedDiscovery(ins []discovery.Instance, ramps map[string]time.Time) {
+	p.inputs.push(func() {
+		if !p.synced.Load() && len(ins) > 0 {
+			p.merge(ins)
+			p.synced.Store(true)
+			p.log.Info("discovery seeded from the process this one took over from", zap.Int("instances", len(ins)))
+		}
+		for addr, since := range ramps {
+			if e, ok := p.entries[addr]; ok && p.cfg.SlowStart > 0 {
+				e.liveSince = since
+			}
+		}
+		p.dirty = true
+	})
+}

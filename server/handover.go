@@ -1,6 +1,9 @@
 package server
 
 import (
+	"time"
+
+	"github.com/rota-proxy/rota/discovery"
 	"github.com/rota-proxy/rota/health"
 )
 
@@ -10,8 +13,9 @@ const HandoverVersion = 1
 
 // HandoverState is what a process passes to the one that takes over from
 // it in an upgrade, beside the sockets: each pool's health (state,
-// counters, when the next probe is due) and its local drain marks and
-// weight overrides (the fleet's are in the registry). It is JSON.
+// counters, when the next probe is due), its local drain marks and weight
+// overrides (the fleet's are in the registry), its last discovered
+// instances and its targets' slow-start progress. It is JSON.
 type HandoverState struct {
 	Version int         `json:"version"`
 	Pools   []PoolState `json:"pools"`
@@ -24,6 +28,10 @@ type PoolState struct {
 	Health   []health.Status `json:"health"`
 	Drained  []string        `json:"drained,omitempty"`
 	Weights  map[string]int  `json:"weights,omitempty"`
+	// Instances are the last discovered; Ramps, when each target still
+	// ramping up (slow start) began.
+	Instances []discovery.Instance `json:"instances,omitempty"`
+	Ramps     map[string]time.Time `json:"ramps,omitempty"`
 }
 
 // Handover returns the state to pass on in an upgrade.
@@ -36,6 +44,7 @@ func (s *Server) Handover() *HandoverState {
 		name := l.config().Name
 		for _, r := range l.routeList() {
 			ps := PoolState{Listener: name, Route: r.name, Health: r.pool.Health()}
+			ps.Instances, ps.Ramps = r.pool.Handover()
 			for _, tv := range r.pool.View().Targets {
 				if tv.Draining && tv.DrainSource == "local" {
 					ps.Drained = append(ps.Drained, tv.Addr)
@@ -70,6 +79,7 @@ func (s *Server) restoreRoute(listener string, r *route) {
 		for addr, w := range ps.Weights {
 			r.pool.SetWeight(addr, w)
 		}
+		r.pool.SeedDiscovery(ps.Instances, ps.Ramps)
 		s.restore.Pools = append(s.restore.Pools[:i], s.restore.Pools[i+1:]...)
 		return
 	}
