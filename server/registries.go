@@ -51,7 +51,11 @@ func (r *registries) fleetOf(kind string) *fleetWatch {
 // running set: its embedded etcd server is kept (it cannot change without a
 // restart, since clients outside rota may be using it).
 // applyFleet receives the fleet marks each registry's watch reads.
-func openRegistries(ctx context.Context, cfg config.Registries, prev *registries, logger *zap.Logger, applyFleet func(string, fleet.Marks)) (*registries, error) {
+//
+// deferEmbedded leaves the embedded etcd server to StartEmbedded (an
+// upgrade's new process: the old one still runs it on the same client
+// URL, which this process's client reaches meanwhile).
+func openRegistries(ctx context.Context, cfg config.Registries, prev *registries, logger *zap.Logger, applyFleet func(string, fleet.Marks), deferEmbedded bool) (*registries, error) {
 	r := &registries{cfg: cfg}
 	if e := cfg.Etcd; e != nil {
 		var prevEmb *config.Embedded
@@ -63,14 +67,11 @@ func openRegistries(ctx context.Context, cfg config.Registries, prev *registries
 			return nil, errors.New("registries.etcd.embedded cannot change on reload; restart rota to apply it")
 		case prev != nil:
 			r.embedded = prev.embedded
+		case e.Embedded != nil && deferEmbedded:
+			logger.Info("embedded etcd: the process this one takes over from still runs it; starting it once that one lets go",
+				zap.Strings("endpoints", e.ClientEndpoints()))
 		case e.Embedded != nil:
-			srv, err := embedetcd.Start(ctx, embedetcd.Config{
-				DataDir:   e.Embedded.DataDir,
-				ClientURL: e.Embedded.ClientURL,
-				TLS: embedetcd.TLS{CertFile: e.Embedded.TLS.CertFile, KeyFile: e.Embedded.TLS.KeyFile,
-					ClientCAFile: e.Embedded.TLS.ClientCAFile},
-				Logger: logger,
-			})
+			srv, err := embedetcd.Start(ctx, embeddedConfig(e.Embedded, logger))
 			if err != nil {
 				return nil, fmt.Errorf("embedded etcd: %w", err)
 			}
@@ -116,6 +117,17 @@ func openRegistries(ctx context.Context, cfg config.Registries, prev *registries
 		r.consulFleet.waitFirst()
 	}
 	return r, nil
+}
+
+// embeddedConfig is the embedded server's configuration.
+func embeddedConfig(e *config.Embedded, logger *zap.Logger) embedetcd.Config {
+	return embedetcd.Config{
+		DataDir:   e.DataDir,
+		ClientURL: e.ClientURL,
+		TLS: embedetcd.TLS{CertFile: e.TLS.CertFile, KeyFile: e.TLS.KeyFile,
+			ClientCAFile: e.TLS.ClientCAFile},
+		Logger: logger,
+	}
 }
 
 // embeddedDefault is the endpoint list Parse derives from the embedded

@@ -69,7 +69,7 @@ func (rl *reload) bind(ctx context.Context) error {
 		}
 	}
 	if rl.regsChanged {
-		regs, err := openRegistries(ctx, rl.cfg.Registries, rl.oldRegs, rl.s.log, rl.s.applyFleet)
+		regs, err := openRegistries(ctx, rl.cfg.Registries, rl.oldRegs, rl.s.log, rl.s.applyFleet, rl.s.deferEmbedded)
 		if err != nil {
 			return err
 		}

@@ -14,12 +14,14 @@ import (
 	"net"
 	"os"
 	"sync"
+	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/discovery"
+	"github.com/rota-proxy/rota/embedetcd"
 	"github.com/rota-proxy/rota/internal/handover"
 	"github.com/rota-proxy/rota/proxy"
 )
@@ -52,6 +54,9 @@ type Server struct {
 	// restore is the state handed over by the process this one took over
 	// from, consumed as the pools are made (the first apply); nil: none.
 	restore *HandoverState
+	// deferEmbedded: the first start leaves the embedded etcd to
+	// StartEmbedded.
+	deferEmbedded bool
 	// open is closed once the listeners may accept (at once, unless the
 	// start was held: Open); openOnce closes it.
 	open     chan struct{}
@@ -78,6 +83,10 @@ type StartOptions struct {
 	// Restore, if set, is the state the process this one takes over from
 	// handed over: each new pool starts with its namesake's.
 	Restore *HandoverState
+	// DeferEmbedded: an embedded etcd server is not started here but by
+	// StartEmbedded, once the process this one takes over from has
+	// stopped its own on the same data directory.
+	DeferEmbedded bool
 	// Hold: the listeners accept only once Open is called (an upgrade's
 	// new process, until its targets have their first verdicts; clients
 	// meanwhile wait in the sockets' queues, which its parent still
@@ -93,7 +102,7 @@ func StartWith(ctx context.Context, cfg *config.Config, logger *zap.Logger, o St
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{log: logger, engine: proxy.NewEngine(0, logger.Named("relay")), inherit: o.Inherit, open: make(chan struct{}), restore: o.Restore}
+	s := &Server{log: logger, engine: proxy.NewEngine(0, logger.Named("relay")), inherit: o.Inherit, open: make(chan struct{}), restore: o.Restore, deferEmbedded: o.DeferEmbedded}
 	if !o.Hold {
 		s.Open()
 	}
@@ -104,6 +113,7 @@ func StartWith(ctx context.Context, cfg *config.Config, logger *zap.Logger, o St
 		return nil, err
 	}
 	s.restore = nil // for the first pools only: a later reload's start fresh
+	s.deferEmbedded = false
 	return s, nil
 }
 
@@ -126,6 +136,49 @@ func (s *Server) Flush() {
 	for _, l := range ls {
 		for _, r := range l.routeList() {
 			r.pool.Flush()
+		}
+	}
+}
+
+// StopEmbedded stops the embedded etcd server, if this process runs one
+// (an upgrade: the new process starts it on the same data directory). The
+// pools keep their last targets while no registry answers.
+func (s *Server) StopEmbedded() {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
+	s.mu.Lock()
+	regs := s.regs
+	s.mu.Unlock()
+	if regs != nil && regs.embedded != nil {
+		regs.embedded.Close()
+		regs.embedded = nil
+		s.log.Info("embedded etcd stopped: the new process runs it")
+	}
+}
+
+// StartEmbedded starts the embedded etcd server a deferred start left out
+// (StartOptions.DeferEmbedded), retrying while its ports are still bound
+// by the process this one took over from, until ctx ends.
+func (s *Server) StartEmbedded(ctx context.Context) error {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
+	s.mu.Lock()
+	regs, cfg := s.regs, s.cfg
+	s.mu.Unlock()
+	if regs == nil || regs.embedded != nil || cfg.Registries.Etcd == nil || cfg.Registries.Etcd.Embedded == nil {
+		return nil
+	}
+	for {
+		srv, err := embedetcd.Start(ctx, embeddedConfig(cfg.Registries.Etcd.Embedded, s.log))
+		if err == nil {
+			regs.embedded = srv
+			s.log.Info("embedded etcd ready", zap.Strings("endpoints", srv.Endpoints()))
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("embedded etcd: %w (last: %v)", ctx.Err(), err)
+		case <-time.After(50 * time.Millisecond):
 		}
 	}
 }

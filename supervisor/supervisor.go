@@ -96,7 +96,7 @@ type supervisor struct {
 func (s *supervisor) start() error {
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	srv, err := server.StartWith(ctx, s.cfg, s.o.Logger, server.StartOptions{Inherit: s.o.Inherited.Take,
-		Hold: s.o.Inherited.Upgrading(), Restore: s.handedOver()})
+		Hold: s.o.Inherited.Upgrading(), Restore: s.handedOver(), DeferEmbedded: s.o.Inherited.Upgrading()})
 	cancel()
 	if err != nil {
 		s.o.Inherited.Close()

@@ -68,14 +68,6 @@ func (s *supervisor) upgrade(started chan<- error) bool {
 		answer(errors.New("upgrade not supported"))
 		return true
 	}
-	if e := s.cfg.Registries.Etcd; e != nil && e.Embedded != nil {
-		// Its data directory is one process's; moving the server is not
-		// built yet.
-		err := errors.New("upgrade refused: this rota runs an embedded etcd server, which cannot move to a new process yet; restart it instead")
-		log.Error(err.Error())
-		answer(err)
-		return true
-	}
 	files, err := s.srv.Sockets()
 	if err != nil {
 		log.Error("upgrade failed: the listening sockets cannot be passed on", zap.Error(err))
@@ -121,6 +113,9 @@ func (s *supervisor) upgrade(started chan<- error) bool {
 	}
 	log.Info("upgrade: the new process took over; draining and exiting",
 		zap.Int("pid", child.Pid()), zap.Duration("took", time.Since(start)))
+	// The new process starts the embedded etcd once this one's is gone
+	// (its data directory is one process's).
+	s.srv.StopEmbedded()
 	s.upgraded = true
 	return false
 }
@@ -191,6 +186,14 @@ func (s *supervisor) takeOver() {
 		return
 	}
 	log.Info("upgrade: serving; the old process drains")
+	// The old process stops its embedded etcd now; this one starts it on
+	// the same data directory (registrants' keepalives reconnect; the
+	// pools keep their targets meanwhile).
+	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+	defer cancel()
+	if err := s.srv.StartEmbedded(ctx); err != nil {
+		log.Error("upgrade: the embedded etcd did not start here", zap.Error(err))
+	}
 }
 
 // serving reports whether srv has had every pool's first discovery answer

@@ -24,7 +24,7 @@ import (
 // A new process that hangs before it is ready (a real process that never
 // says so) is killed at the upgrade timeout; one that cannot start fails at
 // once: each time the old process serves on and logs why, and a later
-// upgrade is tried afresh. An embedded etcd refuses the upgrade.
+// upgrade is tried afresh.
 func TestUpgradeThatFailsServesOn(t *testing.T) {
 	be := testenv.StartBackend(t, "b")
 	cfg := config.Default()
@@ -83,37 +83,6 @@ func TestUpgradeThatFailsServesOn(t *testing.T) {
 		t.Fatalf("Run ended: %v", err)
 	default:
 	}
-	sigs <- syscall.SIGTERM
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
-}
-
-// With an embedded etcd the upgrade is refused (its data directory is one
-// process's): the process serves on.
-func TestUpgradeRefusedWithEmbeddedEtcd(t *testing.T) {
-	cfg := config.Default()
-	cfg.Admin.Listen = ""
-	e := config.DefaultEtcd()
-	e.Embedded = &config.Embedded{DataDir: t.TempDir(), ClientURL: "http://" + testenv.FreeAddr(t)}
-	cfg.Registries.Etcd = &e
-	l := config.DefaultListener()
-	l.Name, l.Listen, l.Discovery, l.Service = "web", "127.0.0.1:0", "etcd", "web"
-	cfg.Listeners = []config.Listener{l}
-	core, logs := observer.New(zap.InfoLevel)
-	sigs := make(chan os.Signal, 2)
-	done := make(chan error, 1)
-	go func() {
-		done <- supervisor.Run(supervisor.Options{Config: cfg, Signals: sigs, Logger: zap.New(core),
-			StartNew: func(map[string]*os.File, *os.File) (*handover.Child, error) {
-				t.Error("a new process was started")
-				return nil, errors.New("no")
-			}})
-	}()
-	sigs <- supervisor.UpgradeSignal
-	testenv.Eventually(t, "the upgrade refused", 30*time.Second, func() bool {
-		return logs.FilterMessageSnippet("embedded etcd").Len() == 1
-	})
 	sigs <- syscall.SIGTERM
 	if err := <-done; err != nil {
 		t.Fatal(err)

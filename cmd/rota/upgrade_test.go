@@ -511,3 +511,116 @@ func TestUpgradeWhileRegistryDown(t *testing.T) {
 	}
 	t.Logf("%d requests, none failed, across an upgrade with the registry down", load.OK.Load())
 }
+
+// The embedded etcd moves with an upgrade: the new process reaches the old
+// one's server until it is ready, the old one then stops it, and the new
+// one starts it on the same data directory. Backends registered by `rota
+// register` (leases with keepalive) stay registered; clients lose nothing.
+func TestUpgradeMovesEmbeddedEtcd(t *testing.T) {
+	dir := t.TempDir()
+	etcdAddr, webAddr, admin := testenv.FreeAddr(t), testenv.FreeAddr(t), testenv.FreeAddr(t)
+	pidFile := filepath.Join(dir, "rota.pid")
+	cfg := fmt.Sprintf(`admin: {listen: %s}
+pid_file: %s
+registries:
+  etcd:
+    embedded: {data_dir: %s, client_url: "http://%s"}
+listeners:
+  - {name: web, listen: %s, service: web, discovery: etcd, health: {interval: 200ms}}
+`, admin, pidFile, filepath.Join(dir, "etcd"), etcdAddr, webAddr)
+	cfgFile := filepath.Join(dir, "rota.yaml")
+	os.WriteFile(cfgFile, []byte(cfg), 0o600)
+	logFile, err := os.Create(filepath.Join(dir, "rota.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logFile.Close()
+	p := exec.Command(rotaBin, "serve", "--config", cfgFile, "--log-format", "json")
+	p.Stdout, p.Stderr = logFile, logFile
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go p.Wait()
+	pids := []int{p.Process.Pid}
+	t.Cleanup(func() {
+		for _, pid := range pids {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+		if t.Failed() {
+			b, _ := os.ReadFile(logFile.Name())
+			t.Logf("rota's log:\n%s", b)
+		}
+	})
+	testenv.Eventually(t, "rota and its etcd up", 30*time.Second, func() bool { return readPID(t, pidFile) == p.Process.Pid })
+	b1, b2 := testenv.StartBackend(t, "b1"), testenv.StartBackend(t, "b2")
+	for _, b := range []*testenv.Backend{b1, b2} {
+		startRota(t, "register", "--etcd", etcdAddr, "--service", "web", "--addr", b.Addr, "--ttl", "5s")
+	}
+	testenv.Eventually(t, "both registered and up", 20*time.Second, func() bool {
+		st := states(admin)
+		return st[b1.Addr] == "up" && st[b2.Addr] == "up"
+	})
+	load := testenv.StartLoad(2, 1<<30, func(int) (string, error) { return testenv.Request(webAddr) })
+	for i := range 3 {
+		old := pids[len(pids)-1]
+		syscall.Kill(old, syscall.SIGUSR2)
+		var pid int
+		testenv.Eventually(t, fmt.Sprintf("upgrade %d takes over", i+1), 30*time.Second, func() bool {
+			pid = readPID(t, pidFile)
+			return pid != old && pid != 0
+		})
+		pids = append(pids, pid)
+		testenv.Eventually(t, fmt.Sprintf("upgrade %d: the old process exits", i+1), 20*time.Second, func() bool { return procExited(old) })
+		// The new process runs the etcd now: the registrations are in it.
+		testenv.Eventually(t, fmt.Sprintf("upgrade %d: etcd answers with both registrations", i+1), 20*time.Second, func() bool {
+			c, err := net.DialTimeout("tcp", etcdAddr, time.Second)
+			if err != nil {
+				return false
+			}
+			c.Close()
+			st := states(admin)
+			return st[b1.Addr] == "up" && st[b2.Addr] == "up" && len(st) == 2
+		})
+	}
+	// Still registered after the lease TTL: the keepalives reached the
+	// new server.
+	time.Sleep(6 * time.Second) // longer than the 5 s TTL: the wait is the test
+	load.Stop()
+	load.AssertNoFailures(t)
+	if st := states(admin); st[b1.Addr] != "up" || st[b2.Addr] != "up" {
+		t.Errorf("after the TTL: %v", st)
+	}
+	if load.Count("b1") == 0 || load.Count("b2") == 0 {
+		t.Errorf("answers: b1 %d, b2 %d", load.Count("b1"), load.Count("b2"))
+	}
+	// Each old process stopped its server and each new one started it.
+	log, _ := os.ReadFile(logFile.Name())
+	if n := bytes.Count(log, []byte(`"msg":"embedded etcd stopped: the new process runs it"`)); n != 3 {
+		t.Errorf("%d old processes stopped their embedded etcd, want 3", n)
+	}
+	if n := bytes.Count(log, []byte(`"msg":"embedded etcd ready"`)); n != 4 {
+		t.Errorf("embedded etcd started %d times, want 4 (the first process and three new ones)", n)
+	}
+	// What a client of the embedded etcd sees: no server from the old
+	// one's stop to the new one's ready.
+	var stopped time.Time
+	for line := range bytes.Lines(log) {
+		var e struct {
+			Msg string
+			TS  time.Time
+		}
+		if json.Unmarshal(line, &e) != nil {
+			continue
+		}
+		switch e.Msg {
+		case "embedded etcd stopped: the new process runs it":
+			stopped = e.TS
+		case "embedded etcd ready":
+			if !stopped.IsZero() {
+				t.Logf("embedded etcd unavailable for %v", e.TS.Sub(stopped).Round(time.Millisecond))
+				stopped = time.Time{}
+			}
+		}
+	}
+	t.Logf("%d requests across 3 upgrades moving the embedded etcd, none failed", load.OK.Load())
+}
