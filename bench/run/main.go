@@ -12,6 +12,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"os/exec"
@@ -305,6 +306,14 @@ func run(o *options) error {
 	}
 	if o.only != "" {
 		date += "-" + o.only // a part, beside the day's full run
+	}
+	// A second run of the day gets a name of its own (-2, -3, ...): a
+	// result in the repository is never overwritten.
+	for n, base := 2, date; ; n++ {
+		if _, err := os.Stat(filepath.Join(o.out, date+".md")); errors.Is(err, fs.ErrNotExist) {
+			break
+		}
+		date = fmt.Sprintf("%s-%d", base, n)
 	}
 	md := filepath.Join(o.out, date+".md")
 	png := filepath.Join(o.out, date+".png")
