@@ -474,6 +474,21 @@ func Serve(ln net.Listener, h *Handler) *Server {
 // Addr is the bound address.
 func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 
+// Handoff stops accepting, another process serving the socket now (an
+// upgrade), and waits up to d for the connections accepted here but not yet
+// read to begin their requests, so that Shutdown serves them rather than
+// closing them as silent: a client connecting as the upgrade takes over
+// gets its answer from one process or the other.
+func (s *Server) Handoff(d time.Duration) {
+	s.ln.Close()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	deadline := time.Now().Add(d)
+	for s.g.fresh() > 0 && time.Now().Before(deadline) {
+		<-tick.C
+	}
+}
+
 // File returns a duplicate of the listening socket, for a new process to
 // inherit (an upgrade); the caller owns it.
 func (s *Server) File() (*os.File, error) {

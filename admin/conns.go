@@ -95,6 +95,20 @@ func (g *connGuard) victimLocked() net.Conn {
 	return victim
 }
 
+// fresh counts the connections accepted whose first request has not
+// started.
+func (g *connGuard) fresh() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	n := 0
+	for _, t := range g.conns {
+		if t.state == http.StateNew {
+			n++
+		}
+	}
+	return n
+}
+
 // close admits nothing more and closes every connection that is not
 // serving a request: a shutdown need not wait for clients that sent
 // nothing (http.Server waits 5 s before it counts those idle).

@@ -95,7 +95,7 @@ type supervisor struct {
 // stopped again if a later step fails.
 func (s *supervisor) start() error {
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
-	srv, err := server.StartWith(ctx, s.cfg, s.o.Logger, server.StartOptions{Inherit: s.o.Inherited.Take,
+	srv, err := server.StartWith(ctx, s.cfg, s.o.Logger, server.StartOptions{Inherit: s.inheritedSocket,
 		Hold: s.o.Inherited.Upgrading(), Restore: s.handedOver(), DeferEmbedded: s.o.Inherited.Upgrading()})
 	cancel()
 	if err != nil {
@@ -292,6 +292,7 @@ func (s *supervisor) shutdown() {
 // after an upgrade: the new process answers it).
 func (s *supervisor) stop(ctx context.Context) {
 	if s.upgraded && s.adm != nil {
+		s.adm.Handoff(time.Second)
 		actx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		s.adm.Shutdown(actx)
 		cancel()

@@ -25,8 +25,22 @@ import (
 	"github.com/rota-proxy/rota/server"
 )
 
-// adminName is the admin socket's name among those handed over.
-const adminName = "admin"
+// Names of the sockets handed over: the admin's, and each listener's
+// under a prefix, so that no listener name can be taken for another
+// socket. (systemd's socket activation names a listener's socket by the
+// listener's name alone: inheritedSocket takes both.)
+const (
+	adminName      = "admin"
+	listenerPrefix = "listener/"
+)
+
+// inheritedSocket is the socket passed for listener name, if any.
+func (s *supervisor) inheritedSocket(name string) *os.File {
+	if f := s.o.Inherited.Take(listenerPrefix + name); f != nil {
+		return f
+	}
+	return s.o.Inherited.Take(name)
+}
 
 // defaultUpgradeTimeout bounds a new process's start, to ready.
 const defaultUpgradeTimeout = time.Minute
@@ -68,11 +82,15 @@ func (s *supervisor) upgrade(started chan<- error) bool {
 		answer(errors.New("upgrade not supported"))
 		return true
 	}
-	files, err := s.srv.Sockets()
+	sockets, err := s.srv.Sockets()
 	if err != nil {
 		log.Error("upgrade failed: the listening sockets cannot be passed on", zap.Error(err))
 		answer(err)
 		return true
+	}
+	files := make(map[string]*os.File, len(sockets)+1)
+	for name, f := range sockets {
+		files[listenerPrefix+name] = f
 	}
 	if s.adm != nil {
 		f, err := s.adm.File()

@@ -43,7 +43,7 @@ func TestUpgradeThatFailsServesOn(t *testing.T) {
 			Ready:          func(s *server.Server) error { ready <- s; return nil },
 			UpgradeTimeout: 300 * time.Millisecond,
 			StartNew: func(files map[string]*os.File, state *os.File) (*handover.Child, error) {
-				if len(files) != 1 || files["web"] == nil {
+				if len(files) != 1 || files["listener/web"] == nil {
 					t.Errorf("sockets passed: %v", files)
 				}
 				if started.Add(1) == 2 {

@@ -329,9 +329,11 @@ listeners:
 func TestUpgradeFailsAndServesOn(t *testing.T) {
 	dir := t.TempDir()
 	b := testenv.StartBackend(t, "b1")
-	webAddr, admin := testenv.FreeAddr(t), testenv.FreeAddr(t)
+	webAddr, other, admin := testenv.FreeAddr(t), testenv.FreeAddr(t), testenv.FreeAddr(t)
 	pidFile := filepath.Join(dir, "rota.pid")
-	cfg := fmt.Sprintf("admin: {listen: %s}\npid_file: %s\nlisteners:\n  - {name: web, listen: %s, discovery: static, static: [%s], health: {interval: 200ms}}\n", admin, pidFile, webAddr, b.Addr)
+	// A listener named like the admin socket, with the names' separator
+	// in it: the sockets handed over must not mix up.
+	cfg := fmt.Sprintf("admin: {listen: %s}\npid_file: %s\nlisteners:\n  - {name: \"admin:web\", listen: %s, discovery: static, static: [%s], health: {interval: 200ms}}\n  - {name: admin, listen: %s, discovery: static, static: [%s], health: {interval: 200ms}}\n", admin, pidFile, webAddr, b.Addr, other, b.Addr)
 	cfgFile := filepath.Join(dir, "rota.yaml")
 	os.WriteFile(cfgFile, []byte(cfg), 0o600)
 	logFile, err := os.Create(filepath.Join(dir, "rota.log"))
@@ -393,8 +395,14 @@ func TestUpgradeFailsAndServesOn(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("the old process did not exit after the takeover")
 	}
-	if name, err := testenv.Request(webAddr); err != nil || name != "b1" {
-		t.Fatalf("through the new process: %q, %v", name, err)
+	for _, addr := range []string{webAddr, other} {
+		if name, err := testenv.Request(addr); err != nil || name != "b1" {
+			t.Fatalf("through the new process at %s: %q, %v", addr, name, err)
+		}
+	}
+	log, _ := os.ReadFile(logFile.Name())
+	if n := bytes.Count(log, []byte(`"msg":"listening on the inherited socket"`)); n != 2 {
+		t.Errorf("the new process took %d listeners' sockets over, want 2", n)
 	}
 }
 

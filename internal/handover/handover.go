@@ -5,8 +5,8 @@
 //
 // The convention is systemd's, under rota's own names: the sockets are
 // descriptors 3, 4, ... of the new process, ROTA_LISTEN_FDS says how many
-// and ROTA_LISTEN_FDNAMES names them (colon-separated: a listener's name,
-// or "admin"), and ROTA_READY_FD is a pipe the new process writes "ready"
+// and ROTA_LISTEN_FDNAMES names them (colon-separated, each query-escaped:
+// a name is the caller's), and ROTA_READY_FD is a pipe the new process writes "ready"
 // to. (systemd's LISTEN_PID cannot name a process before it is started,
 // hence names of rota's own.)
 //
@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"os"
 	"os/exec"
 	"slices"
@@ -63,7 +64,11 @@ func FromEnv() (*Inherited, error) {
 			return nil, fmt.Errorf("%s=%q with %s=%q: malformed", envFds, v, envNames, os.Getenv(envNames))
 		}
 		for i := range n {
-			in.files[names[i]] = os.NewFile(uintptr(firstFD+i), names[i])
+			name, err := url.QueryUnescape(names[i])
+			if err != nil {
+				return nil, fmt.Errorf("%s: %q: %w", envNames, names[i], err)
+			}
+			in.files[name] = os.NewFile(uintptr(firstFD+i), name)
 		}
 		in.From = "upgrade"
 		if r := os.Getenv(envReady); r != "" {
@@ -192,9 +197,13 @@ func Start(path string, args []string, files map[string]*os.File, state *os.File
 		cmd.ExtraFiles = append(cmd.ExtraFiles, files[name])
 	}
 	cmd.ExtraFiles = append(cmd.ExtraFiles, w)
+	escaped := make([]string, len(names))
+	for i, name := range names {
+		escaped[i] = url.QueryEscape(name) // a name may hold the separator
+	}
 	cmd.Env = append(os.Environ(),
 		envFds+"="+strconv.Itoa(len(names)),
-		envNames+"="+strings.Join(names, ":"),
+		envNames+"="+strings.Join(escaped, ":"),
 		envReady+"="+strconv.Itoa(firstFD+len(names)))
 	if state != nil {
 		cmd.ExtraFiles = append(cmd.ExtraFiles, state)
