@@ -68,9 +68,14 @@ demo: build
 # missing), then the registry convergence run. QUICK=1: about six minutes (10,000 targets included).
 bench: build
 	bench/setup.sh
+ifeq ($(ONLY),upgrade)
+	bench/isolated bench/upgrade bin/rota | tee bench/results/$$(date +%F)-upgrade.md
+else
 	cd bench && $(GO) build -o ../bin/benchrun ./run
 	bench/isolated bin/benchrun -rota bin/rota $(if $(QUICK),-quick) $(if $(BASELINE),-baseline $(BASELINE)) $(if $(ONLY),-only $(ONLY))
+endif
 ifeq ($(ONLY),)
+	bench/isolated bench/upgrade bin/rota | tee bench/results/$$(date +%F)$(if $(QUICK),-quick)-upgrade.md
 	$(GO) test -run '^$$' -bench 'PickPolicies' -benchtime $(if $(QUICK),20000x,200000x) ./balancer/ \
 	  | tee bench/results/$$(date +%F)$(if $(QUICK),-quick)-pick.txt
 	cd bench && $(GO) build -o ../bin/convergence ./convergence
