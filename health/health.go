@@ -316,9 +316,10 @@ func (c *Checker) restore(t *target, st Status, now time.Time) {
 	if !st.Since.IsZero() {
 		t.since = st.Since
 	}
-	// The next probe when the other process would have made it, but no
-	// later than an interval from now.
-	t.next = min(max(st.NextCheckIn, 0), c.cfg.Interval)
+	// The next probe when the other process would have made it (a down
+	// target's backoff included), but no later than this checker's
+	// longest wait.
+	t.next = min(max(st.NextCheckIn, 0), max(c.cfg.Interval, c.cfg.BackoffMax))
 	t.nextAt = now.Add(t.next)
 	if t.state == Up {
 		c.onChange(t.addr, true)
