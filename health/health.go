@@ -321,6 +321,15 @@ func (c *Checker) restore(t *target, st Status, now time.Time) {
 	// longest wait.
 	t.next = min(max(st.NextCheckIn, 0), max(c.cfg.Interval, c.cfg.BackoffMax))
 	t.nextAt = now.Add(t.next)
+	if t.state == Down {
+		// The backoff goes on from about where the other process's was:
+		// stepped until its delay reaches the wait that was due.
+		for range 64 {
+			if d := t.bo.NextBackOff(); d == backoff.Stop || d >= t.next {
+				break
+			}
+		}
+	}
 	if t.state == Up {
 		c.onChange(t.addr, true)
 	}
