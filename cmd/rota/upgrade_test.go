@@ -56,6 +56,73 @@ func adminGet(admin, path string) string {
 	return string(b)
 }
 
+// upgradeRun is a rota serving a configuration file across upgrades: the
+// process the test started and each one an upgrade started (read from
+// pid_file), all killed when the test ends, and their log (they share one
+// file), shown then if the test failed.
+type upgradeRun struct {
+	cfgFile, pidFile, log string
+	first                 *exec.Cmd
+	exited                chan error // the first process's exit status
+	pids                  []int      // every process that took over, oldest first
+}
+
+// startUpgradable writes cfg, which names pidFile as its pid_file, to dir
+// and runs bin serve on it. The log goes to a file: the processes an
+// upgrade starts write there too, and outlive the one started here.
+func startUpgradable(t *testing.T, dir, bin, cfg, pidFile string) *upgradeRun {
+	t.Helper()
+	r := &upgradeRun{cfgFile: filepath.Join(dir, "rota.yaml"), pidFile: pidFile, log: filepath.Join(dir, "rota.log"), exited: make(chan error, 1)}
+	if err := os.WriteFile(r.cfgFile, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	logFile, err := os.Create(r.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logFile.Close() // the processes have their own copies
+	r.first = exec.Command(bin, "serve", "--config", r.cfgFile, "--log-format", "json")
+	r.first.Stdout, r.first.Stderr = logFile, logFile
+	if err := r.first.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { r.exited <- r.first.Wait() }() // the later ones are reparented
+	r.pids = []int{r.first.Process.Pid}
+	t.Cleanup(func() {
+		for _, pid := range r.pids {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+		if t.Failed() {
+			b := r.logText()
+			t.Logf("rota's log (the last 8 KiB):\n%s", b[max(0, len(b)-8192):])
+		}
+	})
+	return r
+}
+
+// last is the process that took over last (the first, before any).
+func (r *upgradeRun) last() int { return r.pids[len(r.pids)-1] }
+
+// takeover waits until another process than the last writes pid_file,
+// and returns it.
+func (r *upgradeRun) takeover(t *testing.T, what string, within time.Duration) int {
+	t.Helper()
+	old := r.last()
+	var pid int
+	testenv.Eventually(t, what, within, func() bool {
+		pid = readPID(t, r.pidFile)
+		return pid != old && pid != 0
+	})
+	r.pids = append(r.pids, pid)
+	return pid
+}
+
+// logText is what every process has logged so far.
+func (r *upgradeRun) logText() []byte {
+	b, _ := os.ReadFile(r.log)
+	return b
+}
+
 // targetInfo is what a test reads of a target in /api/v1/targets.
 type targetInfo struct {
 	Addr, State         string
@@ -156,39 +223,10 @@ listeners:
     health: {interval: 200ms}
     drain_timeout: 10s
 `, admin, pidFile, filepath.Join(dir, "access.log"), webAddr, web[0].Addr, web[1].Addr, web[2].Addr, dead, streamAddr, echo)
-	cfgFile := filepath.Join(dir, "rota.yaml")
-	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	// Its log goes to a file: the processes an upgrade starts write
-	// there too, and outlive the one this test started.
-	logFile, err := os.Create(filepath.Join(dir, "rota.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logFile.Close()
-	first := exec.Command(bin, "serve", "--config", cfgFile, "--log-format", "json")
-	first.Stdout, first.Stderr = logFile, logFile
-	if err := first.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go first.Wait() // reaped as it exits; the later ones are reparented
-	var pids []int
-	t.Cleanup(func() {
-		for _, pid := range pids {
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
-		if t.Failed() {
-			b, _ := os.ReadFile(logFile.Name())
-			os.WriteFile("/tmp/upgrade-test.log", b, 0o644)
-			b, _ = os.ReadFile(filepath.Join(dir, "access.log"))
-			os.WriteFile("/tmp/upgrade-access.log", b, 0o644)
-		}
-	})
+	run := startUpgradable(t, dir, bin, cfg, pidFile)
 	testenv.Eventually(t, "the first process serving", 20*time.Second, func() bool {
-		return readPID(t, pidFile) == first.Process.Pid && states(admin)[echo] == "up"
+		return readPID(t, pidFile) == run.first.Process.Pid && states(admin)[echo] == "up"
 	})
-	pids = append(pids, first.Process.Pid)
 	// b3 drained through the admin API (a local mark): every process
 	// after keeps it.
 	resp, err := http.Post("http://"+admin+"/api/v1/listeners/web/targets/"+web[2].Addr+"/drain", "", nil)
@@ -251,20 +289,15 @@ listeners:
 	var took []time.Duration
 	deadFailures := 0
 	for i := range upgrades {
-		old := pids[len(pids)-1]
+		old := run.last()
 		next := builds[(i+1)%2]
 		install(next.bin)
 		start := time.Now()
 		if err := syscall.Kill(old, syscall.SIGUSR2); err != nil {
 			t.Fatal(err)
 		}
-		var pid int
-		testenv.Eventually(t, fmt.Sprintf("upgrade %d: the new process takes over", i+1), 30*time.Second, func() bool {
-			pid = readPID(t, pidFile)
-			return pid != old && pid != 0
-		})
+		run.takeover(t, fmt.Sprintf("upgrade %d: the new process takes over", i+1), 30*time.Second)
 		took = append(took, time.Since(start))
-		pids = append(pids, pid)
 		// Right after the takeover: the parent's states, none checking;
 		// the dead target down.
 		st := targetInfos(admin)
@@ -310,12 +343,12 @@ listeners:
 	if streamsOK.Load() == 0 || load.OK.Load() == 0 {
 		t.Error("no traffic")
 	}
-	for _, pid := range pids[:len(pids)-1] {
+	for _, pid := range run.pids[:len(run.pids)-1] {
 		if !procExited(pid) {
 			t.Errorf("process %d still runs", pid)
 		}
 	}
-	last := pids[len(pids)-1]
+	last := run.last()
 	if procExited(last) {
 		t.Fatal("no process left")
 	}
@@ -334,30 +367,10 @@ func TestUpgradeFailsAndServesOn(t *testing.T) {
 	// A listener named like the admin socket, with the names' separator
 	// in it: the sockets handed over must not mix up.
 	cfg := fmt.Sprintf("admin: {listen: %s}\npid_file: %s\nlisteners:\n  - {name: \"admin:web\", listen: %s, discovery: static, static: [%s], health: {interval: 200ms}}\n  - {name: admin, listen: %s, discovery: static, static: [%s], health: {interval: 200ms}}\n", admin, pidFile, webAddr, b.Addr, other, b.Addr)
-	cfgFile := filepath.Join(dir, "rota.yaml")
-	os.WriteFile(cfgFile, []byte(cfg), 0o600)
-	logFile, err := os.Create(filepath.Join(dir, "rota.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logFile.Close()
-	p := exec.Command(rotaBin, "serve", "--config", cfgFile, "--log-format", "json")
-	p.Stdout, p.Stderr = logFile, logFile
-	if err := p.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- p.Wait() }()
-	var next int
-	t.Cleanup(func() {
-		p.Process.Kill()
-		if next != 0 {
-			syscall.Kill(next, syscall.SIGKILL)
-		}
-	})
+	run := startUpgradable(t, dir, rotaBin, cfg, pidFile)
 	testenv.Eventually(t, "serving", 20*time.Second, func() bool { _, err := testenv.Request(webAddr); return err == nil })
 
-	os.WriteFile(cfgFile, []byte("listeners: [{listen: nope}]\n"), 0o600)
+	os.WriteFile(run.cfgFile, []byte("listeners: [{listen: nope}]\n"), 0o600)
 	resp, err := http.Post("http://"+admin+"/api/v1/upgrade", "", nil)
 	if err != nil {
 		t.Fatal(err)
@@ -367,28 +380,24 @@ func TestUpgradeFailsAndServesOn(t *testing.T) {
 		t.Fatalf("POST /api/v1/upgrade: %d", resp.StatusCode)
 	}
 	testenv.Eventually(t, "the failure logged", 20*time.Second, func() bool {
-		log, _ := os.ReadFile(logFile.Name())
-		return bytes.Contains(log, []byte("upgrade failed; serving on"))
+		return bytes.Contains(run.logText(), []byte("upgrade failed; serving on"))
 	})
 	if name, err := testenv.Request(webAddr); err != nil || name != "b1" {
 		t.Fatalf("after the failed upgrade: %q, %v", name, err)
 	}
 	select {
-	case err := <-exited:
+	case err := <-run.exited:
 		t.Fatalf("the old process exited: %v", err)
 	default:
 	}
 
-	os.WriteFile(cfgFile, []byte(cfg), 0o600)
+	os.WriteFile(run.cfgFile, []byte(cfg), 0o600)
 	if code, out, errOut := runCLI("upgrade", "--pid-file", pidFile); code != 0 {
 		t.Fatalf("rota upgrade: %d %s %s", code, out, errOut)
 	}
-	testenv.Eventually(t, "the new process takes over", 20*time.Second, func() bool {
-		next = readPID(t, pidFile)
-		return next != p.Process.Pid && next != 0
-	})
+	run.takeover(t, "the new process takes over", 20*time.Second)
 	select {
-	case err := <-exited:
+	case err := <-run.exited:
 		if err != nil {
 			t.Fatalf("the old process exited with %v after the takeover", err)
 		}
@@ -400,8 +409,7 @@ func TestUpgradeFailsAndServesOn(t *testing.T) {
 			t.Fatalf("through the new process at %s: %q, %v", addr, name, err)
 		}
 	}
-	log, _ := os.ReadFile(logFile.Name())
-	if n := bytes.Count(log, []byte(`"msg":"listening on the inherited socket"`)); n != 2 {
+	if n := bytes.Count(run.logText(), []byte(`"msg":"listening on the inherited socket"`)); n != 2 {
 		t.Errorf("the new process took %d listeners' sockets over, want 2", n)
 	}
 }
@@ -467,30 +475,7 @@ func TestUpgradeWhileRegistryDown(t *testing.T) {
 	pidFile := filepath.Join(dir, "rota.pid")
 	cfg := fmt.Sprintf("admin: {listen: %s}\npid_file: %s\nregistries: {etcd: {endpoints: [%s]}}\nlisteners:\n  - {name: web, listen: %s, service: web, discovery: etcd, health: {interval: 200ms}}\n",
 		admin, pidFile, e.Endpoints()[0], webAddr)
-	cfgFile := filepath.Join(dir, "rota.yaml")
-	os.WriteFile(cfgFile, []byte(cfg), 0o600)
-	logFile, err := os.Create(filepath.Join(dir, "rota.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logFile.Close()
-	p := exec.Command(rotaBin, "serve", "--config", cfgFile, "--log-format", "json")
-	p.Stdout, p.Stderr = logFile, logFile
-	if err := p.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go p.Wait()
-	var next int
-	t.Cleanup(func() {
-		p.Process.Kill()
-		if next != 0 {
-			syscall.Kill(next, syscall.SIGKILL)
-		}
-		if t.Failed() {
-			b, _ := os.ReadFile(logFile.Name())
-			t.Logf("rota's log:\n%s", b)
-		}
-	})
+	run := startUpgradable(t, dir, rotaBin, cfg, pidFile)
 	testenv.Eventually(t, "both backends up", 20*time.Second, func() bool {
 		st := states(admin)
 		return st[b1.Addr] == "up" && st[b2.Addr] == "up"
@@ -498,17 +483,14 @@ func TestUpgradeWhileRegistryDown(t *testing.T) {
 	load := testenv.StartLoad(2, 1<<30, func(int) (string, error) { return testenv.Request(webAddr) })
 
 	e.Stop()
-	if err := p.Process.Signal(syscall.SIGUSR2); err != nil {
+	if err := run.first.Process.Signal(syscall.SIGUSR2); err != nil {
 		t.Fatal(err)
 	}
-	testenv.Eventually(t, "the new process takes over with the registry down", 30*time.Second, func() bool {
-		next = readPID(t, pidFile)
-		return next != p.Process.Pid && next != 0
-	})
+	run.takeover(t, "the new process takes over with the registry down", 30*time.Second)
 	if st := states(admin); st[b1.Addr] != "up" || st[b2.Addr] != "up" {
 		t.Errorf("the new process's targets: %v", st)
 	}
-	testenv.Eventually(t, "the old process exits", 20*time.Second, func() bool { return procExited(p.Process.Pid) })
+	testenv.Eventually(t, "the old process exits", 20*time.Second, func() bool { return procExited(run.first.Process.Pid) })
 	before := load.OK.Load()
 	testenv.Eventually(t, "the new process serves", 10*time.Second, func() bool { return load.OK.Load() > before+100 })
 	e.Restart()
@@ -536,30 +518,8 @@ registries:
 listeners:
   - {name: web, listen: %s, service: web, discovery: etcd, health: {interval: 200ms}}
 `, admin, pidFile, filepath.Join(dir, "etcd"), etcdAddr, webAddr)
-	cfgFile := filepath.Join(dir, "rota.yaml")
-	os.WriteFile(cfgFile, []byte(cfg), 0o600)
-	logFile, err := os.Create(filepath.Join(dir, "rota.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logFile.Close()
-	p := exec.Command(rotaBin, "serve", "--config", cfgFile, "--log-format", "json")
-	p.Stdout, p.Stderr = logFile, logFile
-	if err := p.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go p.Wait()
-	pids := []int{p.Process.Pid}
-	t.Cleanup(func() {
-		for _, pid := range pids {
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
-		if t.Failed() {
-			b, _ := os.ReadFile(logFile.Name())
-			t.Logf("rota's log:\n%s", b)
-		}
-	})
-	testenv.Eventually(t, "rota and its etcd up", 30*time.Second, func() bool { return readPID(t, pidFile) == p.Process.Pid })
+	run := startUpgradable(t, dir, rotaBin, cfg, pidFile)
+	testenv.Eventually(t, "rota and its etcd up", 30*time.Second, func() bool { return readPID(t, pidFile) == run.first.Process.Pid })
 	b1, b2 := testenv.StartBackend(t, "b1"), testenv.StartBackend(t, "b2")
 	for _, b := range []*testenv.Backend{b1, b2} {
 		startRota(t, "register", "--etcd", etcdAddr, "--service", "web", "--addr", b.Addr, "--ttl", "5s")
@@ -570,14 +530,9 @@ listeners:
 	})
 	load := testenv.StartLoad(2, 1<<30, func(int) (string, error) { return testenv.Request(webAddr) })
 	for i := range 3 {
-		old := pids[len(pids)-1]
+		old := run.last()
 		syscall.Kill(old, syscall.SIGUSR2)
-		var pid int
-		testenv.Eventually(t, fmt.Sprintf("upgrade %d takes over", i+1), 30*time.Second, func() bool {
-			pid = readPID(t, pidFile)
-			return pid != old && pid != 0
-		})
-		pids = append(pids, pid)
+		run.takeover(t, fmt.Sprintf("upgrade %d takes over", i+1), 30*time.Second)
 		testenv.Eventually(t, fmt.Sprintf("upgrade %d: the old process exits", i+1), 20*time.Second, func() bool { return procExited(old) })
 		// The new process runs the etcd now: the registrations are in it.
 		testenv.Eventually(t, fmt.Sprintf("upgrade %d: etcd answers with both registrations", i+1), 20*time.Second, func() bool {
@@ -602,7 +557,7 @@ listeners:
 		t.Errorf("answers: b1 %d, b2 %d", load.Count("b1"), load.Count("b2"))
 	}
 	// Each old process stopped its server and each new one started it.
-	log, _ := os.ReadFile(logFile.Name())
+	log := run.logText()
 	if n := bytes.Count(log, []byte(`"msg":"embedded etcd stopped: the new process runs it"`)); n != 3 {
 		t.Errorf("%d old processes stopped their embedded etcd, want 3", n)
 	}
