@@ -203,7 +203,7 @@ type TargetJSON struct {
 	Weight               int        `json:"weight"`
 	EffectiveWeight      float64    `json:"effective_weight"`
 	Draining             bool       `json:"draining"`
-	DrainSource          string     `json:"drain_source,omitempty"` // local, etcd or consul
+	DrainSource          string     `json:"drain_source,omitempty"` // local, etcd, consul or registry
 	WeightSource         string     `json:"weight_source"`          // registry, local, etcd or consul
 	Backup               bool       `json:"backup"`                 // new connections only while no primary is live
 	ConsecutiveSuccesses int        `json:"consecutive_successes"`

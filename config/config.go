@@ -50,11 +50,13 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/balancer"
 	"github.com/rota-proxy/rota/discovery/dns"
+	"github.com/rota-proxy/rota/discovery/kubernetes"
 	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/proxy"
 )
@@ -105,9 +107,11 @@ type Registries struct {
 	// always there, with the system's resolvers by default.
 	DNS dns.Config `yaml:"dns"`
 	// Docker is the engine discovery: docker follows.
-	Docker Docker  `yaml:"docker"`
-	Consul *Consul `yaml:"consul"`
-	Etcd   *Etcd   `yaml:"etcd"`
+	Docker Docker `yaml:"docker"`
+	// Kubernetes is the API server discovery: kubernetes reads.
+	Kubernetes Kubernetes `yaml:"kubernetes"`
+	Consul     *Consul    `yaml:"consul"`
+	Etcd       *Etcd      `yaml:"etcd"`
 }
 
 // State stores (registries.state).
@@ -143,6 +147,14 @@ type Docker struct {
 	// Host is unix:///path, tcp://host:port or http(s)://host:port.
 	Host string `yaml:"host"`
 	TLS  TLS    `yaml:"tls"`
+}
+
+// Kubernetes is how rota reaches a Kubernetes API server: in-cluster
+// configuration when rota runs in a pod, else a kubeconfig as kubectl
+// finds it (KUBECONFIG, ~/.kube/config).
+type Kubernetes struct {
+	Kubeconfig string `yaml:"kubeconfig"` // a kubeconfig file; "": as above
+	Context    string `yaml:"context"`    // its context; "": the current one
 }
 
 // Consul is a Consul agent. Empty fields fall back to consul/api's own
@@ -229,12 +241,14 @@ type Listener struct {
 // are checked and picked.
 type Pool struct {
 	Service   string `yaml:"service"`   // required but with static
-	Discovery string `yaml:"discovery"` // consul | etcd | static | dns | docker
+	Discovery string `yaml:"discovery"` // consul | etcd | static | dns | docker | kubernetes
 
 	Tags []string `yaml:"tags"` // consul only: every tag must match
 	// Port is the instances' port where the registry gives none: a DNS
-	// host name's addresses, a container without a rota.port label.
-	Port int `yaml:"port"`
+	// host name's addresses, a container without a rota.port label; with
+	// kubernetes, the endpoints' port to dial, by number or by the Service
+	// port's name.
+	Port Port `yaml:"port"`
 	// Docker says which containers are the service's.
 	Docker DockerMatch `yaml:"docker"`
 	// Static is the static list; a host name is resolved every
@@ -278,6 +292,40 @@ type Queue struct {
 	// Timeout bounds a connection's wait; past it, it is closed and
 	// counted (termination queue_timeout).
 	Timeout time.Duration `yaml:"timeout"`
+}
+
+// Port is a port number, or the name of a Kubernetes Service port
+// (discovery: kubernetes), parsed as the file is read.
+type Port struct {
+	Number int
+	Name   string
+}
+
+// UnmarshalText reads a number or a port name.
+func (p *Port) UnmarshalText(b []byte) error {
+	s := string(b)
+	if n, err := strconv.Atoi(s); err == nil {
+		*p = Port{Number: n}
+		return nil
+	}
+	if err := kubernetes.CheckPortName(s); err != nil {
+		return fmt.Errorf("expected a port number or a Service port's name (discovery: kubernetes), which %w", err)
+	}
+	*p = Port{Name: s}
+	return nil
+}
+
+// MarshalText writes what UnmarshalText reads.
+func (p Port) MarshalText() ([]byte, error) { return []byte(p.String()), nil }
+
+// IsZero reports an unset port.
+func (p Port) IsZero() bool { return p == Port{} }
+
+func (p Port) String() string {
+	if p.Name != "" {
+		return p.Name
+	}
+	return strconv.Itoa(p.Number)
 }
 
 // DockerMatch selects a service's containers (discovery: docker).

@@ -136,9 +136,9 @@ func TestParseErrors(t *testing.T) {
 		{"duplicate name", static + "  - name: web\n    listen: :8081\n    discovery: static\n    static: [a:1]\n",
 			[]string{`rota.yaml:6:11: listeners[1].name: duplicate name "web" (listeners[0] has it too)`}},
 		{"discovery missing", "listeners:\n  - listen: :1\n    static: [a:1]\n",
-			[]string{"rota.yaml:2:5: listeners[0].discovery: required: one of consul, etcd, static, dns, docker"}},
+			[]string{"rota.yaml:2:5: listeners[0].discovery: required: one of consul, etcd, static, dns, docker, kubernetes"}},
 		{"discovery unknown", "listeners:\n  - listen: :1\n    discovery: mdns\n",
-			[]string{`rota.yaml:3:16: listeners[0].discovery: must be one of consul, etcd, static, dns, docker; got "mdns"`}},
+			[]string{`rota.yaml:3:16: listeners[0].discovery: must be one of consul, etcd, static, dns, docker, kubernetes; got "mdns"`}},
 		{"dns without port", "listeners:\n  - listen: :1\n    discovery: dns\n    service: app\n",
 			[]string{"rota.yaml:2:5: listeners[0].port: required with discovery: dns and a host name: the port of its addresses"}},
 		{"dns srv with port", "listeners:\n  - listen: :1\n    discovery: dns\n    service: _app._tcp.example\n    port: 80\n",
@@ -148,7 +148,15 @@ func TestParseErrors(t *testing.T) {
 		{"port elsewhere", "listeners:\n  - listen: :1\n    discovery: static\n    static: [a:1]\n    port: 70000\n",
 			[]string{"rota.yaml:5:11: listeners[0].port: must be 1-65535; got 70000"}},
 		{"port on static", "listeners:\n  - listen: :1\n    discovery: static\n    static: [a:1]\n    port: 7\n",
-			[]string{"rota.yaml:5:11: listeners[0].port: only valid with discovery: dns or docker"}},
+			[]string{"rota.yaml:5:11: listeners[0].port: only valid with discovery: dns, docker or kubernetes"}},
+		{"kubernetes without service", "listeners:\n  - listen: :1\n    discovery: kubernetes\n",
+			[]string{"rota.yaml:2:5: listeners[0].service: required with discovery: kubernetes: a Service's name, or namespace/name"}},
+		{"kubernetes bad service", "listeners:\n  - listen: :1\n    discovery: kubernetes\n    service: Shop/web\n",
+			[]string{`rota.yaml:4:14: listeners[0].service: must be name or namespace/name of a Kubernetes Service: namespace "Shop": a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')`}},
+		{"kubernetes bad port name", "listeners:\n  - listen: :1\n    discovery: kubernetes\n    service: web\n    port: Web_1\n",
+			[]string{`rota.yaml:5:11: listeners[0].port: expected a port number or a Service port's name (discovery: kubernetes), which must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-), got the string "Web_1"`}},
+		{"port name with dns", "listeners:\n  - listen: :1\n    discovery: dns\n    service: app\n    port: http\n",
+			[]string{`rota.yaml:5:11: listeners[0].port: a port name ("http") is only valid with discovery: kubernetes; dns and docker take a number`}},
 		{"docker match", "listeners:\n  - listen: :1\n    discovery: docker\n    service: app\n    docker: {match: swarm}\n",
 			[]string{`rota.yaml:5:21: listeners[0].docker.match: must be label or compose; got "swarm"`}},
 		{"docker keys elsewhere", "listeners:\n  - listen: :1\n    discovery: dns\n    service: app\n    port: 80\n    docker: {network: x}\n",
@@ -235,7 +243,7 @@ func TestParseErrors(t *testing.T) {
 			[]string{
 				"rota.yaml:5:14: listeners[0].retries: must be 0 to 100; got -1",
 				"rota.yaml:6:20: listeners[0].health.rise: must be at least 1",
-				"rota.yaml:7:5: listeners[1].discovery: required: one of consul, etcd, static, dns, docker",
+				"rota.yaml:7:5: listeners[1].discovery: required: one of consul, etcd, static, dns, docker, kubernetes",
 				`rota.yaml:7:13: listeners[1].listen: ":1" conflicts with listeners[0].listen ":1"`,
 			}},
 	}
@@ -833,5 +841,38 @@ func TestStaticBackupAndSteps(t *testing.T) {
 	}
 	if h := cfg.Listeners[0].Health; len(h.Steps) != 2 || h.Steps[0].Send != `PING\r\n` || h.Steps[1].Expect != "+PONG" {
 		t.Fatalf("steps %+v", h.Steps)
+	}
+}
+
+// TestKubernetesListener: a Service by namespace/name, its port by name,
+// and the API server's kubeconfig and context.
+func TestKubernetesListener(t *testing.T) {
+	cfg, err := Parse([]byte(`
+registries:
+  kubernetes: {kubeconfig: /etc/rota/kubeconfig, context: prod}
+listeners:
+  - listen: :1
+    discovery: kubernetes
+    service: shop/web
+    port: http
+  - listen: :2
+    discovery: kubernetes
+    service: api
+    port: 8080
+`), "rota.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (Kubernetes{Kubeconfig: "/etc/rota/kubeconfig", Context: "prod"}); cfg.Registries.Kubernetes != want {
+		t.Errorf("registries.kubernetes = %+v, want %+v", cfg.Registries.Kubernetes, want)
+	}
+	if p := cfg.Listeners[0].Port; p != (Port{Name: "http"}) || p.String() != "http" {
+		t.Errorf("listeners[0].port = %+v", p)
+	}
+	if p := cfg.Listeners[1].Port; p != (Port{Number: 8080}) || p.String() != "8080" {
+		t.Errorf("listeners[1].port = %+v", p)
+	}
+	if cfg.Listeners[0].Name != "web" {
+		t.Errorf("listeners[0].name = %q, want the service's name without its namespace", cfg.Listeners[0].Name)
 	}
 }

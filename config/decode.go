@@ -636,7 +636,12 @@ func (d *decoder) routeDefaults(i int, l *Listener) {
 // defaultName names item i of a list after its service, else "kind-i",
 // with "-N" appended while the name is taken; it takes the name.
 func defaultName(taken map[string]bool, service, kind string, i int) string {
-	base := service
+	// A Kubernetes namespace/name: the name (a listener's name is in
+	// the admin API's paths and the fleet's keys).
+	_, base, _ := strings.Cut(service, "/")
+	if base == "" {
+		base = service
+	}
 	if base == "" {
 		base = fmt.Sprintf("%s-%d", kind, i)
 	}

@@ -19,7 +19,7 @@ func TestRoutesAndAccessErrors(t *testing.T) {
 		{"route without sni", head + "    routes:\n      - {discovery: static, static: [b:1]}\n",
 			[]string{`rota.yaml:5:9: listeners[0].routes[0].sni: required: the server names this route serves, like [api.example.com, "*.example.com"], or ["*"] for anything else`}},
 		{"route without discovery", head + "    routes:\n      - {sni: [a.example.com]}\n",
-			[]string{"rota.yaml:5:9: listeners[0].routes[0].discovery: required: one of consul, etcd, static, dns, docker"}},
+			[]string{"rota.yaml:5:9: listeners[0].routes[0].discovery: required: one of consul, etcd, static, dns, docker, kubernetes"}},
 		{"duplicate names across routes", head + "    routes:\n      - {sni: [a.example.com, '*.example.com'], discovery: static, static: [b:1]}\n      - {sni: [A.Example.com.], discovery: static, static: [c:1]}\n",
 			[]string{`rota.yaml:6:16: listeners[0].routes[1].sni[0]: "A.Example.com." is matched by routes[0].sni[0] already`}},
 		{"bad patterns", head + "    routes:\n      - {sni: ['a.*.com', 'bad name', '', '-x.com'], discovery: static, static: [b:1]}\n",

@@ -12,6 +12,7 @@ import (
 
 	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/discovery/dns"
+	"github.com/rota-proxy/rota/discovery/kubernetes"
 	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/proxy"
 )
@@ -317,9 +318,9 @@ func (ck *checker) pool(c *Config, p string, pl *Pool, routed bool) {
 			ck.add(p+".service", "required with discovery: dns: a host name (its A and AAAA records) or an SRV name such as _web._tcp.example.com")
 		case !dns.ValidName(pl.Service):
 			ck.add(p+".service", "must be a DNS name (dot-separated labels of letters, digits, - and _); got %q", pl.Service)
-		case strings.HasPrefix(pl.Service, "_") && pl.Port != 0:
+		case strings.HasPrefix(pl.Service, "_") && !pl.Port.IsZero():
 			ck.add(p+".port", "not used with an SRV name (%s): its records carry the ports", pl.Service)
-		case !strings.HasPrefix(pl.Service, "_") && pl.Port == 0:
+		case !strings.HasPrefix(pl.Service, "_") && pl.Port.IsZero():
 			ck.add(p+".port", "required with discovery: dns and a host name: the port of its addresses")
 		}
 	case "docker":
@@ -329,18 +330,27 @@ func (ck *checker) pool(c *Config, p string, pl *Pool, routed bool) {
 		if m := pl.Docker.Match; m != "" && m != MatchLabel && m != MatchCompose {
 			ck.add(p+".docker.match", "must be label or compose; got %q", m)
 		}
+	case "kubernetes":
+		if pl.Service == "" {
+			ck.add(p+".service", "required with discovery: kubernetes: a Service's name, or namespace/name")
+		} else if _, err := kubernetes.ParseName(pl.Service); err != nil {
+			ck.add(p+".service", "must be name or namespace/name of a Kubernetes Service: %v", err)
+		}
 	case "":
-		ck.add(p+".discovery", "required: one of consul, etcd, static, dns, docker")
+		ck.add(p+".discovery", "required: one of consul, etcd, static, dns, docker, kubernetes")
 	default:
-		ck.add(p+".discovery", "must be one of consul, etcd, static, dns, docker; got %q", pl.Discovery)
+		ck.add(p+".discovery", "must be one of consul, etcd, static, dns, docker, kubernetes; got %q", pl.Discovery)
 	}
 	if pl.Discovery != "static" && pl.Discovery != "" && len(pl.Static) > 0 {
 		ck.add(p+".static", "only valid with discovery: static")
 	}
-	if pl.Port < 0 || pl.Port > 65535 {
-		ck.add(p+".port", "must be 1-65535; got %d", pl.Port)
-	} else if pl.Port != 0 && pl.Discovery != "dns" && pl.Discovery != "docker" {
-		ck.add(p+".port", "only valid with discovery: dns or docker")
+	switch n := pl.Port.Number; {
+	case n < 0 || n > 65535:
+		ck.add(p+".port", "must be 1-65535; got %d", n)
+	case !pl.Port.IsZero() && pl.Discovery != "dns" && pl.Discovery != "docker" && pl.Discovery != "kubernetes":
+		ck.add(p+".port", "only valid with discovery: dns, docker or kubernetes")
+	case pl.Port.Name != "" && pl.Discovery != "kubernetes":
+		ck.add(p+".port", "a port name (%q) is only valid with discovery: kubernetes; dns and docker take a number", pl.Port.Name)
 	}
 	if pl.Docker != (DockerMatch{}) && pl.Discovery != "docker" {
 		ck.add(p+".docker", "only valid with discovery: docker")

@@ -30,6 +30,10 @@ type Instance struct {
 	// Consul's service meta rota_backup, an SRV record of a higher
 	// priority than the lowest, Docker's rota.backup label.
 	Backup bool
+	// Draining instances take no new connections while their open ones
+	// finish: the registry says they are on their way out (a Kubernetes
+	// endpoint that is serving but terminating).
+	Draining bool
 }
 
 // Warning is a registry entry that was skipped because it is not a valid

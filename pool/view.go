@@ -32,10 +32,13 @@ type TargetView struct {
 	// what the picker uses now: less than Weight during a slow start.
 	Weight          int
 	EffectiveWeight float64
-	// Draining: an operator asked for no new connections to it.
+	// Draining: an operator, or its registry, asked for no new
+	// connections to it.
 	Draining bool
 	// DrainSource is where the drain mark is kept: "local" (this
-	// process), or the fleet store's kind ("etcd", "consul"); "" for none.
+	// process), the fleet store's kind ("etcd", "consul"), or "registry"
+	// (the instance is on its way out: a terminating Kubernetes
+	// endpoint); "" for none.
 	// WeightSource is where Weight comes from: "registry", "local", or
 	// the fleet store's kind.
 	DrainSource, WeightSource string
@@ -209,13 +212,23 @@ func (p *Pool) drainSource(addr string) string {
 		return p.fleetKind
 	case p.drained[addr]:
 		return "local"
+	case p.registryDrains(addr):
+		return "registry"
 	}
 	return ""
 }
 
 // isDrained tells whether addr takes no new connections by a mark, the
-// fleet's or a local one.
-func (p *Pool) isDrained(addr string) bool { return p.drained[addr] || p.fleet[addr].Drain }
+// fleet's or a local one, or because its registry says it is on its way
+// out (discovery.Instance.Draining).
+func (p *Pool) isDrained(addr string) bool {
+	return p.drained[addr] || p.fleet[addr].Drain || p.registryDrains(addr)
+}
+
+func (p *Pool) registryDrains(addr string) bool {
+	e := p.entries[addr]
+	return e != nil && e.inst.Draining
+}
 
 // effective is e's weight now: its full weight, or a share of it rising
 // linearly over a slow start. A finished slow start is cleared.

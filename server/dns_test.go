@@ -62,7 +62,7 @@ func TestDNSDiscoveryRoutesEveryAddress(t *testing.T) {
 	cfg.Registries.DNS.MinRefresh = 100 * time.Millisecond
 	cfg.Registries.DNS.Timeout = 200 * time.Millisecond
 	l := fastListener("app")
-	l.Discovery, l.Static, l.Service, l.Port = "dns", nil, "app.test", port
+	l.Discovery, l.Static, l.Service, l.Port = "dns", nil, "app.test", config.Port{Number: port}
 	cfg.Listeners = []config.Listener{l}
 	srv := startServer(t, cfg)
 	addr := proxyAddr(t, srv, "app")

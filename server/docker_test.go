@@ -36,7 +36,7 @@ func TestDockerDiscoveryUnderLoad(t *testing.T) {
 	cfg.Admin.Listen = ""
 	log := newAccessLog(t, cfg)
 	l := fastListener("app")
-	l.Discovery, l.Static, l.Service, l.Port = "docker", nil, svc, 9000
+	l.Discovery, l.Static, l.Service, l.Port = "docker", nil, svc, config.Port{Number: 9000}
 	l.Health.Check = "http"
 	l.Retries = 3
 	l.ReplayOnReset = true // GETs: a request the SIGKILLed container took goes to the next

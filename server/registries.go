@@ -15,6 +15,7 @@ import (
 	"github.com/rota-proxy/rota/discovery/dns"
 	"github.com/rota-proxy/rota/discovery/docker"
 	"github.com/rota-proxy/rota/discovery/etcd"
+	"github.com/rota-proxy/rota/discovery/kubernetes"
 	"github.com/rota-proxy/rota/discovery/static"
 	"github.com/rota-proxy/rota/embedetcd"
 	"github.com/rota-proxy/rota/fleet"
@@ -163,13 +164,25 @@ func (r *registries) watcher(lc config.Pool, log *zap.Logger) (discovery.Watcher
 		}
 		return dns.NewStatic(ts, r.cfg.DNS, log)
 	case "dns":
-		return dns.NewWatcher(lc.Service, lc.Port, r.cfg.DNS, log)
+		return dns.NewWatcher(lc.Service, lc.Port.Number, r.cfg.DNS, log)
 	case "docker":
 		d := r.cfg.Docker
 		return docker.NewWatcher(
 			docker.Config{Host: d.Host, CAFile: d.TLS.CAFile, CertFile: d.TLS.CertFile, KeyFile: d.TLS.KeyFile},
-			docker.Match{Service: lc.Service, Compose: lc.Docker.Match == config.MatchCompose, Network: lc.Docker.Network, Port: lc.Port},
+			docker.Match{Service: lc.Service, Compose: lc.Docker.Match == config.MatchCompose, Network: lc.Docker.Network, Port: lc.Port.Number},
 			log)
+	case "kubernetes":
+		name, err := kubernetes.ParseName(lc.Service)
+		if err != nil {
+			return nil, err
+		}
+		// One client per watcher: client-go shares the connections of
+		// clients of one configuration.
+		cl, err := kubernetes.NewClient(kubernetes.Config{Kubeconfig: r.cfg.Kubernetes.Kubeconfig, Context: r.cfg.Kubernetes.Context})
+		if err != nil {
+			return nil, err
+		}
+		return kubernetes.NewWatcher(cl, name, kubernetes.Port{Number: lc.Port.Number, Name: lc.Port.Name}, log)
 	case "etcd":
 		if r.etcd == nil {
 			return nil, errors.New("discovery etcd needs registries.etcd")

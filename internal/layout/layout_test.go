@@ -24,14 +24,15 @@ var allowed = map[string][]string{
 	"discovery/consul":     {"discovery"},
 	"discovery/dns":        {"discovery"},
 	"discovery/docker":     {"discovery"},
+	"discovery/kubernetes": {"discovery"},
 	"pool":                 {"balancer", "discovery", "fleet", "health"},
 	"proxy/internal/sni":   {},
 	"proxy/internal/relay": {"accesslog", "balancer", "proxy/internal/sni"},
 	"proxy":                {"accesslog", "balancer", "proxy/internal/relay", "proxy/internal/sni"},
 	// config declares the file; the settings types it embeds are their
 	// packages' (one declaration each).
-	"config":     {"accesslog", "balancer", "discovery/dns", "health", "proxy"},
-	"server":     {"accesslog", "balancer", "config", "discovery", "discovery/consul", "discovery/dns", "discovery/docker", "discovery/etcd", "discovery/static", "embedetcd", "fleet", "health", "pool", "proxy"},
+	"config":     {"accesslog", "balancer", "discovery/dns", "discovery/kubernetes", "health", "proxy"},
+	"server":     {"accesslog", "balancer", "config", "discovery", "discovery/consul", "discovery/dns", "discovery/docker", "discovery/etcd", "discovery/kubernetes", "discovery/static", "embedetcd", "fleet", "health", "pool", "proxy"},
 	"admin":      {"accesslog", "discovery", "health", "proxy", "server"},
 	"supervisor": {"admin", "config", "health", "server"},
 	"demo":       {"discovery/consul", "discovery/etcd"},

@@ -67,6 +67,27 @@ func (s *Sink) Last() (discovery.Snapshot, int, int) {
 	return s.updates[len(s.updates)-1], len(s.updates), len(s.errs)
 }
 
+// Updates are every snapshot delivered, in order.
+func (s *Sink) Updates() []discovery.Snapshot {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]discovery.Snapshot(nil), s.updates...)
+}
+
+// Errors are every error reported, in order.
+func (s *Sink) Errors() []error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]error(nil), s.errs...)
+}
+
+// Synced is how many times the watcher said nothing changed.
+func (s *Sink) SyncedCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.synced
+}
+
 // LastError is the last error reported, nil when none.
 func (s *Sink) LastError() error {
 	s.mu.Lock()
