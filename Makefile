@@ -24,6 +24,7 @@ deps:
 tools: deps
 	@[ "$$ROTA_SKIP_CONSUL" = 1 ] || { echo "make: the Consul binary the tests run (scripts/consul-bin)"; scripts/consul-bin >/dev/null; }
 	@[ "$$ROTA_SKIP_BROWSER" = 1 ] || { echo "make: Chromium for the status-page test (scripts/chromium-bin)"; scripts/chromium-bin >/dev/null; }
+	@[ "$$ROTA_SKIP_KUBE" = 1 ] || { echo "make: kube-apiserver for the Kubernetes discovery tests (scripts/kube-apiserver-bin; about 15 minutes the first time)"; scripts/kube-apiserver-bin >/dev/null; }
 	@echo "make: redis-server for the send_expect recipe's test (scripts/redis-bin)"; scripts/redis-bin >/dev/null
 	@echo "make: Patroni and PostgreSQL 15 for the Patroni recipe's test (scripts/patroni-bin)"; scripts/patroni-bin >/dev/null
 	@scripts/staticcheck-bin >/dev/null

@@ -51,59 +51,18 @@ func namespace(t *testing.T, cs k8s.Interface, name string) {
 
 func ptr[T any](v T) *T { return &v }
 
-// endpoint is an address with its conditions: "ready", "not-ready",
-// "terminating" (serving), "gone" (terminating, not serving).
-type endpoint struct{ addr, state string }
+func endpoint(addr, state string) testenv.Endpoint {
+	return testenv.Endpoint{Addr: addr, State: state}
+}
 
-// putSlice creates or replaces the EndpointSlice name of service svc, as
-// the EndpointSlice controller would write it.
-func putSlice(t testing.TB, cs k8s.Interface, ns, svc, name string, family discoveryv1.AddressType, eps ...endpoint) {
+func putSlice(t testing.TB, cs k8s.Interface, ns, svc, name string, family discoveryv1.AddressType, eps ...testenv.Endpoint) {
 	t.Helper()
-	sl := &discoveryv1.EndpointSlice{
-		ObjectMeta:  metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{discoveryv1.LabelServiceName: svc}},
-		AddressType: family,
-		Ports: []discoveryv1.EndpointPort{
-			{Name: ptr("http"), Port: ptr(int32(8080)), Protocol: ptr(corev1.ProtocolTCP)},
-			{Name: ptr("metrics"), Port: ptr(int32(9090)), Protocol: ptr(corev1.ProtocolTCP)},
-		},
-	}
-	for _, e := range eps {
-		c := discoveryv1.EndpointConditions{}
-		switch e.state {
-		case "ready":
-			c = discoveryv1.EndpointConditions{Ready: ptr(true), Serving: ptr(true), Terminating: ptr(false)}
-		case "not-ready":
-			c = discoveryv1.EndpointConditions{Ready: ptr(false), Serving: ptr(false), Terminating: ptr(false)}
-		case "terminating":
-			c = discoveryv1.EndpointConditions{Ready: ptr(false), Serving: ptr(true), Terminating: ptr(true)}
-		case "gone":
-			c = discoveryv1.EndpointConditions{Ready: ptr(false), Serving: ptr(false), Terminating: ptr(true)}
-		default:
-			t.Fatalf("endpoint state %q", e.state)
-		}
-		sl.Endpoints = append(sl.Endpoints, discoveryv1.Endpoint{Addresses: []string{e.addr}, Conditions: c,
-			TargetRef: &corev1.ObjectReference{Kind: "Pod", Namespace: ns, Name: "pod-" + strings.NewReplacer(".", "-", ":", "-").Replace(e.addr)}})
-	}
-	api := cs.DiscoveryV1().EndpointSlices(ns)
-	ctx := context.Background()
-	old, err := api.Get(ctx, name, metav1.GetOptions{})
-	switch {
-	case apierrors.IsNotFound(err):
-		_, err = api.Create(ctx, sl, metav1.CreateOptions{})
-	case err == nil:
-		sl.ResourceVersion = old.ResourceVersion
-		_, err = api.Update(ctx, sl, metav1.UpdateOptions{})
-	}
-	if err != nil {
-		t.Fatalf("write slice %s/%s: %v", ns, name, err)
-	}
+	testenv.PutEndpointSlice(t, cs, ns, svc, name, family, eps...)
 }
 
 func deleteSlice(t testing.TB, cs k8s.Interface, ns, name string) {
 	t.Helper()
-	if err := cs.DiscoveryV1().EndpointSlices(ns).Delete(context.Background(), name, metav1.DeleteOptions{}); err != nil {
-		t.Fatalf("delete slice %s/%s: %v", ns, name, err)
-	}
+	testenv.DeleteEndpointSlice(t, cs, ns, name)
 }
 
 // watcher watches svc through a kubeconfig (token "" for the admin) whose
@@ -142,9 +101,9 @@ func TestWatchEndpointSlices(t *testing.T) {
 	api, cs := cluster(t)
 	namespace(t, cs, "shop")
 	v4 := discoveryv1.AddressTypeIPv4
-	putSlice(t, cs, "shop", "web", "web-a", v4, endpoint{"10.1.0.1", "ready"}, endpoint{"10.1.0.2", "ready"}, endpoint{"10.1.0.3", "ready"})
-	putSlice(t, cs, "shop", "web", "web-b", v4, endpoint{"10.1.0.4", "ready"}, endpoint{"10.1.0.5", "ready"})
-	putSlice(t, cs, "shop", "api", "api-a", v4, endpoint{"10.1.9.9", "ready"})
+	putSlice(t, cs, "shop", "web", "web-a", v4, endpoint("10.1.0.1", "ready"), endpoint("10.1.0.2", "ready"), endpoint("10.1.0.3", "ready"))
+	putSlice(t, cs, "shop", "web", "web-b", v4, endpoint("10.1.0.4", "ready"), endpoint("10.1.0.5", "ready"))
+	putSlice(t, cs, "shop", "api", "api-a", v4, endpoint("10.1.9.9", "ready"))
 
 	w, sink := watcher(t, api, "", "shop", "web", kubernetes.Port{Name: "metrics"})
 	if got := w.Service().String(); got != "shop/web" {
@@ -158,10 +117,10 @@ func TestWatchEndpointSlices(t *testing.T) {
 		t.Errorf("metadata %q, want %q", snap.Instances[0].Metadata, want)
 	}
 
-	putSlice(t, cs, "shop", "web", "web-a", v4, endpoint{"10.1.0.1", "ready"}, endpoint{"10.1.0.2", "not-ready"}, endpoint{"10.1.0.3", "ready"})
+	putSlice(t, cs, "shop", "web", "web-a", v4, endpoint("10.1.0.1", "ready"), endpoint("10.1.0.2", "not-ready"), endpoint("10.1.0.3", "ready"))
 	sink.WaitAddrs(t, "a not-ready endpoint out", "10.1.0.1:9090", "10.1.0.3:9090", "10.1.0.4:9090", "10.1.0.5:9090")
 
-	putSlice(t, cs, "shop", "web", "web-a", v4, endpoint{"10.1.0.1", "ready"}, endpoint{"10.1.0.2", "not-ready"}, endpoint{"10.1.0.3", "terminating"})
+	putSlice(t, cs, "shop", "web", "web-a", v4, endpoint("10.1.0.1", "ready"), endpoint("10.1.0.2", "not-ready"), endpoint("10.1.0.3", "terminating"))
 	testenv.Eventually(t, "a terminating endpoint drained", 20*time.Second, func() bool {
 		snap, _, _ = sink.Last()
 		d := draining(snap)
@@ -170,7 +129,7 @@ func TestWatchEndpointSlices(t *testing.T) {
 	if got := strings.Join(snap.Addrs(), " "); got != "10.1.0.1:9090 10.1.0.3:9090 10.1.0.4:9090 10.1.0.5:9090" {
 		t.Fatalf("targets %s: the terminating endpoint should still be one", got)
 	}
-	putSlice(t, cs, "shop", "web", "web-a", v4, endpoint{"10.1.0.1", "ready"}, endpoint{"10.1.0.2", "not-ready"}, endpoint{"10.1.0.3", "gone"})
+	putSlice(t, cs, "shop", "web", "web-a", v4, endpoint("10.1.0.1", "ready"), endpoint("10.1.0.2", "not-ready"), endpoint("10.1.0.3", "gone"))
 	sink.WaitAddrs(t, "a terminating endpoint no longer serving: out", "10.1.0.1:9090", "10.1.0.4:9090", "10.1.0.5:9090")
 
 	deleteSlice(t, cs, "shop", "web-b")
@@ -188,7 +147,7 @@ func TestWatchEndpointSlices(t *testing.T) {
 // A port the slices do not have is a warning naming the ports they do.
 func TestWatchPortWarning(t *testing.T) {
 	api, cs := cluster(t)
-	putSlice(t, cs, "default", "web", "web-a", discoveryv1.AddressTypeIPv4, endpoint{"10.1.0.1", "ready"})
+	putSlice(t, cs, "default", "web", "web-a", discoveryv1.AddressTypeIPv4, endpoint("10.1.0.1", "ready"))
 	_, sink := watcher(t, api, "", "", "default/web", kubernetes.Port{Number: 80})
 	testenv.Eventually(t, "a warning", 20*time.Second, func() bool {
 		s, n, _ := sink.Last()
@@ -212,7 +171,7 @@ func TestWatchThroughOutages(t *testing.T) {
 	writer := testenv.StartKubeAPI(t, etcd.Endpoints()[0], api)
 	cs := writer.Client(t)
 	v4 := discoveryv1.AddressTypeIPv4
-	putSlice(t, cs, "default", "web", "web-a", v4, endpoint{"10.1.0.1", "ready"}, endpoint{"10.1.0.2", "ready"})
+	putSlice(t, cs, "default", "web", "web-a", v4, endpoint("10.1.0.1", "ready"), endpoint("10.1.0.2", "ready"))
 	_, sink := watcher(t, api, "", "default", "web", kubernetes.Port{Name: "http"})
 	sink.WaitAddrs(t, "two targets", "10.1.0.1:8080", "10.1.0.2:8080")
 
@@ -220,7 +179,7 @@ func TestWatchThroughOutages(t *testing.T) {
 	api.Stop()
 	stopped := time.Now()
 	testenv.Eventually(t, "the outage reported", 20*time.Second, func() bool { return len(sink.Errors()) > 0 })
-	putSlice(t, cs, "default", "web", "web-a", v4, endpoint{"10.1.0.1", "ready"}, endpoint{"10.1.0.2", "ready"}, endpoint{"10.1.0.3", "ready"})
+	putSlice(t, cs, "default", "web", "web-a", v4, endpoint("10.1.0.1", "ready"), endpoint("10.1.0.2", "ready"), endpoint("10.1.0.3", "ready"))
 	time.Sleep(time.Until(stopped.Add(10 * time.Second))) // the outage's length is the test's subject
 	errs := sink.Errors()
 	if n := len(sink.Updates()); n != updatesBefore {
@@ -240,8 +199,8 @@ func TestWatchThroughOutages(t *testing.T) {
 
 	// The watch's resource version expires.
 	api.Stop()
-	putSlice(t, cs, "default", "web", "web-a", v4, endpoint{"10.1.0.1", "ready"})
-	putSlice(t, cs, "default", "web", "web-b", v4, endpoint{"10.1.0.7", "ready"})
+	putSlice(t, cs, "default", "web", "web-a", v4, endpoint("10.1.0.1", "ready"))
+	putSlice(t, cs, "default", "web", "web-b", v4, endpoint("10.1.0.7", "ready"))
 	rev := etcdRevision(t, etcd)
 	etcd.Compact(t, rev)
 	before := len(sink.Updates())
@@ -293,8 +252,8 @@ func TestWatchWithShippedRBAC(t *testing.T) {
 		t.Fatalf("token for the ServiceAccount: %v", err)
 	}
 	v4 := discoveryv1.AddressTypeIPv4
-	putSlice(t, cs, "shop", "web", "web-a", v4, endpoint{"10.1.0.1", "ready"})
-	putSlice(t, cs, "other", "web", "web-a", v4, endpoint{"10.2.0.1", "ready"})
+	putSlice(t, cs, "shop", "web", "web-a", v4, endpoint("10.1.0.1", "ready"))
+	putSlice(t, cs, "other", "web", "web-a", v4, endpoint("10.2.0.1", "ready"))
 
 	_, own := watcher(t, api, tr.Status.Token, "shop", "web", kubernetes.Port{Name: "http"})
 	if _, ok := testenv.Poll(20*time.Second, func() bool {

@@ -50,11 +50,27 @@ func StartBackendAt(t T, name, addr string) *Backend {
 	return b
 }
 
+// StartBackendOn starts a Backend named name on ln (a listener in a
+// network namespace of the test's, say), taking ownership of it; the
+// test's end kills it.
+func StartBackendOn(t T, name string, ln net.Listener) *Backend {
+	t.Helper()
+	b := &Backend{Name: name, conns: map[net.Conn]struct{}{}}
+	b.serve(ln)
+	t.Cleanup(b.Kill)
+	return b
+}
+
 func (b *Backend) listen(addr string) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return err
 	}
+	b.serve(ln)
+	return nil
+}
+
+func (b *Backend) serve(ln net.Listener) {
 	b.mu.Lock()
 	b.ln, b.Addr = ln, ln.Addr().String()
 	b.mu.Unlock()
@@ -101,7 +117,6 @@ func (b *Backend) listen(addr string) error {
 			})
 		}
 	})
-	return nil
 }
 
 // Kill stops the backend abruptly, as a crash does: the listener closes

@@ -2,6 +2,7 @@ package testenv
 
 import (
 	"bytes"
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -18,6 +19,10 @@ import (
 	"syscall"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 )
@@ -253,4 +258,63 @@ current-context: test
 		t.Fatalf("testenv: %v", err)
 	}
 	return path
+}
+
+func kptr[V any](v V) *V { return &v }
+
+// Endpoint is an address with its conditions: "ready", "not-ready",
+// "terminating" (serving), "gone" (terminating, not serving).
+type Endpoint struct{ Addr, State string }
+
+// PutEndpointSlice creates or replaces the EndpointSlice name of service
+// svc, as the EndpointSlice controller would write it (ports http=8080
+// and metrics=9090; each endpoint a pod named after its address).
+func PutEndpointSlice(t T, cs kubernetes.Interface, ns, svc, name string, family discoveryv1.AddressType, eps ...Endpoint) {
+	t.Helper()
+	sl := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{discoveryv1.LabelServiceName: svc}},
+		AddressType: family,
+		Ports: []discoveryv1.EndpointPort{
+			{Name: kptr("http"), Port: kptr(int32(8080)), Protocol: kptr(corev1.ProtocolTCP)},
+			{Name: kptr("metrics"), Port: kptr(int32(9090)), Protocol: kptr(corev1.ProtocolTCP)},
+		},
+	}
+	for _, e := range eps {
+		c := discoveryv1.EndpointConditions{}
+		switch e.State {
+		case "ready":
+			c = discoveryv1.EndpointConditions{Ready: kptr(true), Serving: kptr(true), Terminating: kptr(false)}
+		case "not-ready":
+			c = discoveryv1.EndpointConditions{Ready: kptr(false), Serving: kptr(false), Terminating: kptr(false)}
+		case "terminating":
+			c = discoveryv1.EndpointConditions{Ready: kptr(false), Serving: kptr(true), Terminating: kptr(true)}
+		case "gone":
+			c = discoveryv1.EndpointConditions{Ready: kptr(false), Serving: kptr(false), Terminating: kptr(true)}
+		default:
+			t.Fatalf("endpoint state %q", e.State)
+		}
+		sl.Endpoints = append(sl.Endpoints, discoveryv1.Endpoint{Addresses: []string{e.Addr}, Conditions: c,
+			TargetRef: &corev1.ObjectReference{Kind: "Pod", Namespace: ns, Name: "pod-" + strings.NewReplacer(".", "-", ":", "-").Replace(e.Addr)}})
+	}
+	api := cs.DiscoveryV1().EndpointSlices(ns)
+	ctx := context.Background()
+	old, err := api.Get(ctx, name, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		_, err = api.Create(ctx, sl, metav1.CreateOptions{})
+	case err == nil:
+		sl.ResourceVersion = old.ResourceVersion
+		_, err = api.Update(ctx, sl, metav1.UpdateOptions{})
+	}
+	if err != nil {
+		t.Fatalf("write slice %s/%s: %v", ns, name, err)
+	}
+}
+
+// DeleteEndpointSlice deletes it.
+func DeleteEndpointSlice(t T, cs kubernetes.Interface, ns, name string) {
+	t.Helper()
+	if err := cs.DiscoveryV1().EndpointSlices(ns).Delete(context.Background(), name, metav1.DeleteOptions{}); err != nil {
+		t.Fatalf("delete slice %s/%s: %v", ns, name, err)
+	}
 }
