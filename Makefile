@@ -85,6 +85,7 @@ ifeq ($(ONLY),)
 	  bin/convergence -registry consul -goal 250ms $(if $(QUICK),-changes 50) && \
 	  bin/convergence -registry etcd-cluster $(if $(QUICK),-changes 50) && \
 	  bin/convergence -registry consul-cluster -goal 250ms $(if $(QUICK),-changes 50) && \
+	  bin/convergence -registry kubernetes -goal 50ms $(if $(QUICK),-changes 50) && \
 	  bin/convergence -scale 10000 -rate 1000 -churn $(if $(QUICK),3s,10s) && \
 	  bin/convergence -registry dns -goal 1100ms -changes $(if $(QUICK),10,40) && \
 	  bin/convergence -registry dns -scale 1000 -churn $(if $(QUICK),5s,20s) && \

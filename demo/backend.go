@@ -66,6 +66,13 @@ func StartBackend(ctx context.Context, name, addr string) (*Backend, error) {
 	if err != nil {
 		return nil, fmt.Errorf("demo: backend %s: listen on %s: %w", name, addr, err)
 	}
+	return StartBackendOn(name, ln), nil
+}
+
+// StartBackendOn starts a backend called name on ln (one opened in another
+// network namespace, say), taking ownership of it: Shutdown and Close
+// close it.
+func StartBackendOn(name string, ln net.Listener) *Backend {
 	b := &Backend{name: name, ln: ln, done: make(chan struct{})}
 	b.srv = &http.Server{
 		Handler: handler(name, func() bool {
@@ -87,7 +94,7 @@ func StartBackend(ctx context.Context, name, addr string) (*Backend, error) {
 			b.serveErr = fmt.Errorf("demo: backend %s: serve: %w", name, err)
 		}
 	}()
-	return b, nil
+	return b
 }
 
 // SetDownFile makes /healthz answer 503 while a file exists at path (a

@@ -54,7 +54,7 @@ type options struct {
 
 func main() {
 	var o options
-	flag.StringVar(&o.registry, "registry", "etcd", "registry to measure: etcd, consul, etcd-cluster (3 members), consul-cluster (3 servers) or dns (SRV records, 1 s TTL); with -scale: etcd, dns (A records), dns-srv or docker (this many containers on the local engine)")
+	flag.StringVar(&o.registry, "registry", "etcd", "registry to measure: etcd, consul, etcd-cluster (3 members), consul-cluster (3 servers), dns (SRV records, 1 s TTL) or kubernetes (EndpointSlices on a real kube-apiserver; backends in a network namespace, needs root); with -scale: etcd, dns (A records), dns-srv or docker (this many containers on the local engine)")
 	flag.IntVar(&o.changes, "changes", 200, "registry changes to make (alternating register/deregister)")
 	flag.IntVar(&o.backends, "backends", 4, "demo backends in all")
 	flag.IntVar(&o.base, "base", 2, "backends registered throughout (the rest are registered and deregistered in turn)")
@@ -96,8 +96,8 @@ func main() {
 
 func (o options) validate() error {
 	switch {
-	case !slices.Contains([]string{"etcd", "consul", "etcd-cluster", "consul-cluster", "dns"}, o.registry) && (o.scale == 0 || !slices.Contains([]string{"dns-srv", "docker"}, o.registry)):
-		return fmt.Errorf("-registry %q: want etcd, consul, etcd-cluster, consul-cluster or dns", o.registry)
+	case !slices.Contains([]string{"etcd", "consul", "etcd-cluster", "consul-cluster", "dns", "kubernetes"}, o.registry) && (o.scale == 0 || !slices.Contains([]string{"dns-srv", "docker"}, o.registry)):
+		return fmt.Errorf("-registry %q: want etcd, consul, etcd-cluster, consul-cluster, dns or kubernetes", o.registry)
 	case o.changes < 1:
 		return errors.New("-changes must be at least 1")
 	case o.base < 1 || o.backends <= o.base:
@@ -137,6 +137,8 @@ func run(ctx context.Context, o options) error {
 		reg, err = startConsulCluster(ctx, log)
 	case "dns":
 		reg, err = startDNS(log)
+	case "kubernetes":
+		reg, err = startKubernetes(ctx, o.backends, log)
 	default:
 		reg, err = startEtcd(ctx, log)
 	}
@@ -152,7 +154,16 @@ func run(ctx context.Context, o options) error {
 		}
 	}()
 	for i := range o.backends {
-		b, err := demo.StartBackend(ctx, fmt.Sprintf("backend-%d", i+1), "127.0.0.1:0")
+		name := fmt.Sprintf("backend-%d", i+1)
+		if nl, ok := reg.(netListener); ok {
+			ln, err := nl.Listen(i)
+			if err != nil {
+				return err
+			}
+			backends = append(backends, demo.StartBackendOn(name, ln))
+			continue
+		}
+		b, err := demo.StartBackend(ctx, name, "127.0.0.1:0")
 		if err != nil {
 			return err
 		}

@@ -72,10 +72,16 @@ func (ns *NetNS) Listen(t T, addr string) net.Listener {
 	}
 	ch := make(chan result, 1)
 	go func() {
-		// This thread enters the namespace and is never unlocked: the
-		// runtime ends it with the goroutine instead of reusing a
-		// thread in another namespace.
+		// This thread enters the namespace for the listen and goes back.
+		// Were it left to die in the namespace instead, a child process
+		// it once forked with Pdeathsig (the API server) would die too.
 		runtime.LockOSThread()
+		home, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			ch <- result{err: err}
+			return // locked: the runtime ends the thread
+		}
+		defer unix.Close(home)
 		fd, err := unix.Open("/run/netns/"+ns.Name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {
 			ch <- result{err: err}
@@ -88,6 +94,9 @@ func (ns *NetNS) Listen(t T, addr string) net.Listener {
 		}
 		ln, err := net.Listen("tcp", addr)
 		ch <- result{ln, err}
+		if unix.Setns(home, unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
 	}()
 	r := <-ch
 	if r.err != nil {
