@@ -11,6 +11,7 @@ import (
 
 	discoveryv1 "k8s.io/api/discovery/v1"
 
+	"github.com/rota-proxy/rota/admin"
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/internal/testenv"
 )
@@ -21,7 +22,9 @@ import (
 // endpoints) is five targets; an endpoint turning not ready leaves; a
 // terminating one is drained (its open connection kept and served, no new
 // ones) and then removed; a deleted slice's endpoints leave; a new
-// endpoint is routed; the port is chosen by its name. No client fails.
+// endpoint is routed; the port is chosen by its name; the API server
+// stopped for 10 s leaves the last set serving, and changes flow once it
+// is back. No client fails.
 func TestKubernetesDiscoveryUnderLoad(t *testing.T) {
 	ns := testenv.StartNetNS(t, 6)
 	var bs []*testenv.Backend
@@ -117,6 +120,38 @@ func TestKubernetesDiscoveryUnderLoad(t *testing.T) {
 	// A new endpoint: routed.
 	testenv.PutEndpointSlice(t, cs, "default", "web", "web-c", v4, ep(5, "ready"))
 	testenv.Eventually(t, "the new endpoint serves", 10*time.Second, func() bool { return served(5) > 0 })
+
+	// The API server gone for 10 s: the last set serves, and discovery
+	// says it fails; back, changes flow again.
+	pool := func() admin.ListenerJSON {
+		for _, l := range targets(t, srv).Listeners {
+			if l.Name == "web" {
+				return l
+			}
+		}
+		t.Fatal("no listener web")
+		return admin.ListenerJSON{}
+	}
+	api.Stop()
+	down, okBefore := time.Now(), load.OK.Load()
+	testenv.Eventually(t, "discovery failing", 10*time.Second, func() bool {
+		p := pool()
+		return !p.DiscoveryOK && strings.Contains(p.DiscoveryError, "kubernetes: ")
+	})
+	time.Sleep(time.Until(down.Add(10 * time.Second))) // the outage's length is what is tested
+	if n := load.OK.Load() - okBefore; n < 50 {
+		t.Fatalf("%d requests served in a 10 s API server outage", n)
+	}
+	if got := liveCount(srv, "web"); got != 2 {
+		t.Fatalf("%d live targets after the outage, want the last set's 2", got)
+	}
+	api.Start()
+	testenv.PutEndpointSlice(t, cs, "default", "web", "web-c", v4, ep(5, "ready"), ep(3, "ready"))
+	testenv.Eventually(t, "a change after the outage serves", 30*time.Second, func() bool { return served(3) > 0 })
+	testenv.PutEndpointSlice(t, cs, "default", "web", "web-c", v4, ep(5, "ready"))
+	testenv.Eventually(t, "discovery recovered", 10*time.Second, func() bool {
+		return pool().DiscoveryOK && targetState(t, srv, "web", addr(3)) == "absent"
+	})
 
 	load.Stop()
 	load.AssertNoFailures(t)

@@ -9,9 +9,11 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+	appsv1 "k8s.io/api/apps/v1"
 	authv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	policyv1 "k8s.io/api/policy/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -279,7 +281,14 @@ func TestWatchWithShippedRBAC(t *testing.T) {
 // applyRBAC creates deployments/k8s/rbac.yaml's objects in ns.
 func applyRBAC(t *testing.T, cs k8s.Interface, ns string) {
 	t.Helper()
-	b, err := os.ReadFile("../../deployments/k8s/rbac.yaml")
+	apply(t, cs, ns, "../../deployments/k8s/rbac.yaml")
+}
+
+// apply creates the objects of a manifest file in ns, as kubectl apply -n
+// (and kustomize's namespace) would: the API server validates them.
+func apply(t *testing.T, cs k8s.Interface, ns, file string) {
+	t.Helper()
+	b, err := os.ReadFile(file)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -287,27 +296,50 @@ func applyRBAC(t *testing.T, cs k8s.Interface, ns string) {
 	for _, doc := range strings.Split(string(b), "\n---\n") {
 		obj, _, err := scheme.Codecs.UniversalDeserializer().Decode([]byte(doc), nil, nil)
 		if err != nil {
-			t.Fatalf("rbac.yaml: %v", err)
+			t.Fatalf("%s: %v", file, err)
 		}
+		create := metav1.CreateOptions{}
 		switch o := obj.(type) {
 		case *corev1.ServiceAccount:
-			o.Namespace = ns
-			_, err = cs.CoreV1().ServiceAccounts(ns).Create(ctx, o, metav1.CreateOptions{})
+			_, err = cs.CoreV1().ServiceAccounts(ns).Create(ctx, o, create)
 		case *rbacv1.Role:
-			o.Namespace = ns
-			_, err = cs.RbacV1().Roles(ns).Create(ctx, o, metav1.CreateOptions{})
+			_, err = cs.RbacV1().Roles(ns).Create(ctx, o, create)
 		case *rbacv1.RoleBinding:
-			o.Namespace = ns
 			for i := range o.Subjects {
 				o.Subjects[i].Namespace = ns // as kustomize's namespace does
 			}
-			_, err = cs.RbacV1().RoleBindings(ns).Create(ctx, o, metav1.CreateOptions{})
+			_, err = cs.RbacV1().RoleBindings(ns).Create(ctx, o, create)
+		case *corev1.ConfigMap:
+			_, err = cs.CoreV1().ConfigMaps(ns).Create(ctx, o, create)
+		case *corev1.Service:
+			_, err = cs.CoreV1().Services(ns).Create(ctx, o, create)
+		case *appsv1.Deployment:
+			_, err = cs.AppsV1().Deployments(ns).Create(ctx, o, create)
+		case *policyv1.PodDisruptionBudget:
+			_, err = cs.PolicyV1().PodDisruptionBudgets(ns).Create(ctx, o, create)
 		default:
 			err = fmt.Errorf("unexpected %T", obj)
 		}
 		if err != nil {
-			t.Fatalf("rbac.yaml: %v", err)
+			t.Fatalf("%s: %v", file, err)
 		}
+	}
+}
+
+// The shipped manifests are valid to a real API server, and the
+// Deployment runs as the ServiceAccount rbac.yaml grants.
+func TestShippedManifestsApply(t *testing.T) {
+	_, cs := cluster(t)
+	namespace(t, cs, "rota")
+	for _, f := range []string{"rbac.yaml", "configmap.yaml", "service.yaml", "pdb.yaml", "deployment.yaml"} {
+		apply(t, cs, "rota", "../../deployments/k8s/"+f)
+	}
+	d, err := cs.AppsV1().Deployments("rota").Get(context.Background(), "rota", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sa := d.Spec.Template.Spec.ServiceAccountName; sa != "rota" {
+		t.Fatalf("the Deployment runs as %q, not rbac.yaml's ServiceAccount", sa)
 	}
 }
 
