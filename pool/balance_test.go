@@ -254,3 +254,32 @@ func TestSeededDiscoveryAndRamp(t *testing.T) {
 		}
 	})
 }
+
+// TestRegistryDrain: an instance its registry marks Draining (a
+// terminating Kubernetes endpoint) takes no new connections, shows as
+// drained by the registry, and is told to Retired as drained, then
+// removed when it leaves.
+func TestRegistryDrain(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var r retirements
+		p := pool.New(pool.Config{Health: health.Config{Check: health.CheckNone}, Retired: r.note}, nil)
+		defer p.Close()
+		sink := p.NewSink()
+		sink.Update(discovery.Snapshot{Instances: []discovery.Instance{{Addr: "10.0.0.1:1"}, {Addr: "10.0.0.2:1"}}})
+		p.Flush()
+		split(p, 10) // both serve: Retired follows them
+		sink.Update(discovery.Snapshot{Instances: []discovery.Instance{{Addr: "10.0.0.1:1"}, {Addr: "10.0.0.2:1", Draining: true}}})
+		p.Flush()
+		if got := split(p, 100); got["10.0.0.2:1"] != 0 || got["10.0.0.1:1"] != 100 {
+			t.Fatalf("a draining instance is picked: %v", got)
+		}
+		if tv := target(p, "10.0.0.2:1"); !tv.Draining || tv.DrainSource != "registry" {
+			t.Fatalf("view: draining %v, source %q", tv.Draining, tv.DrainSource)
+		}
+		sink.Update(discovery.Snapshot{Instances: []discovery.Instance{{Addr: "10.0.0.1:1"}}})
+		p.Flush()
+		if got, want := r.take(), []string{"10.0.0.2:1 drained", "10.0.0.2:1 removed"}; !equal(got, want) {
+			t.Fatalf("Retired told %q, want %q", got, want)
+		}
+	})
+}
