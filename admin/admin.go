@@ -6,6 +6,7 @@ package admin
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -58,6 +59,9 @@ type Handler struct {
 	// IdleTimeout closes idle keep-alive ones (default 30s).
 	MaxConns    int
 	IdleTimeout time.Duration
+	// TLS, if set, serves the API over TLS (certfile.Reloader's
+	// ServerConfig: the certificate follows its files).
+	TLS *tls.Config
 
 	token atomic.Pointer[string] // the bearer token; nil: none (loopback only)
 }
@@ -466,6 +470,11 @@ func Serve(ln net.Listener, h *Handler) *Server {
 		ln:   ln,
 		g:    g,
 		done: make(chan error, 1),
+	}
+	if h.TLS != nil {
+		s.srv.TLSConfig = h.TLS
+		go func() { s.done <- s.srv.ServeTLS(ln, "", "") }()
+		return s
 	}
 	go func() { s.done <- s.srv.Serve(ln) }()
 	return s

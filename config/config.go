@@ -87,6 +87,32 @@ type Admin struct {
 	// set, every request but /healthz and /readyz. Required when Listen
 	// is not a loopback address.
 	TokenFile string `yaml:"token_file"`
+	// TLS serves the admin API over TLS, so that the token (and what
+	// Prometheus scrapes) never crosses a network in cleartext.
+	TLS AdminTLS `yaml:"tls"`
+}
+
+// AdminTLS is the admin API's certificate: cert_file and key_file are
+// re-read on reload and when they change on disk (a renewed certificate
+// applies to the next handshake); with client_ca_file every client must
+// present a certificate that CA signed.
+type AdminTLS struct {
+	CertFile     string `yaml:"cert_file"`
+	KeyFile      string `yaml:"key_file"`
+	ClientCAFile string `yaml:"client_ca_file"`
+}
+
+// Enabled reports whether the admin API is served over TLS.
+func (t AdminTLS) Enabled() bool { return t.CertFile != "" }
+
+// Cleartext says why the admin API's token would cross a network in
+// cleartext ("" when it would not): it listens off loopback with a token
+// and without TLS. rota check warns of it.
+func (a Admin) Cleartext() string {
+	if a.Listen == "" || a.TokenFile == "" || a.TLS.Enabled() || loopbackListen(a.Listen) {
+		return ""
+	}
+	return fmt.Sprintf("admin.listen %q is not a loopback address and admin.tls is not set: the bearer token (and every answer, /metrics included) crosses the network in cleartext; set admin.tls, or keep the port on loopback and publish it only to this host", a.Listen)
 }
 
 // Registries holds the service registries listeners can discover from. A nil

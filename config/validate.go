@@ -35,6 +35,14 @@ func (c *Config) problems() []*Error {
 			ck.add("admin.token_file", "required when admin.listen (%q) is not a loopback address: anyone who reaches it could reload the configuration and drain targets", c.Admin.Listen)
 		}
 	}
+	switch t := c.Admin.TLS; {
+	case t.CertFile != "" && t.KeyFile == "":
+		ck.add("admin.tls.key_file", "required when cert_file is set")
+	case t.KeyFile != "" && t.CertFile == "":
+		ck.add("admin.tls.cert_file", "required when key_file is set")
+	case t.ClientCAFile != "" && t.CertFile == "":
+		ck.add("admin.tls.client_ca_file", "needs cert_file and key_file: client certificates are asked for in a TLS handshake")
+	}
 	if r := c.Registries.Consul; r != nil && r.Address != "" {
 		if err := checkConsulAddress(r.Address); err != nil {
 			ck.add("registries.consul.address", "%v", err)

@@ -8,6 +8,7 @@ package supervisor
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/rota-proxy/rota/admin"
 	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/internal/certfile"
 	"github.com/rota-proxy/rota/internal/handover"
 	"github.com/rota-proxy/rota/server"
 )
@@ -79,12 +81,14 @@ func Run(o Options) error {
 
 // supervisor is Run's state; its goroutine is the only one that touches it.
 type supervisor struct {
-	o       Options
-	cfg     *config.Config // in force
-	srv     *server.Server
-	ah      *admin.Handler
-	adm     *admin.Server
-	reloads chan chan error // POST /api/v1/reload's requests, answered here
+	o   Options
+	cfg *config.Config // in force
+	srv *server.Server
+	ah  *admin.Handler
+	adm *admin.Server
+	// adminCerts is the admin API's certificate, when admin.tls is set.
+	adminCerts *certfile.Reloader
+	reloads    chan chan error // POST /api/v1/reload's requests, answered here
 	// upgrades are POST /api/v1/upgrade's requests, answered once the new
 	// process started (or could not).
 	upgrades chan chan error
@@ -144,6 +148,24 @@ func (s *supervisor) startAdmin() error {
 			return err
 		}
 		s.ah.SetToken(tok)
+	}
+	if w := a.Cleartext(); w != "" {
+		s.o.Logger.Warn(w)
+	}
+	if a.TLS.Enabled() {
+		r, err := certfile.New(adminFiles(a.TLS))
+		if err != nil {
+			return fmt.Errorf("admin.tls: %w", err)
+		}
+		log := s.o.Logger.Named("admin")
+		r.OnError = func(err error) {
+			log.Warn("admin certificate files changed but do not load; still serving the previous certificate", zap.Error(err))
+		}
+		r.OnReload = func(f certfile.Files) {
+			log.Info("admin certificate reloaded from its changed files", zap.String("cert_file", f.CertFile))
+		}
+		s.adminCerts = r
+		s.ah.TLS = r.ServerConfig(nil)
 	}
 	adm, err := s.adminSocket(a.Listen)
 	if err != nil {
@@ -242,8 +264,23 @@ func (s *supervisor) reload() error {
 			return err
 		}
 	}
+	if next.Admin.Listen != "" && next.Admin.TLS.Enabled() != (s.adminCerts != nil) {
+		return errors.New("admin.tls cannot be turned on or off by a reload (the admin socket stays as it is): restart rota, or upgrade it (SIGUSR2)")
+	}
+	if s.adminCerts != nil {
+		// Checked before the listeners change; applied after they did.
+		if _, err := certfile.New(adminFiles(next.Admin.TLS)); err != nil {
+			return fmt.Errorf("admin.tls: %w", err)
+		}
+	}
 	if err := s.srv.Reload(context.Background(), next); err != nil {
 		return err
+	}
+	if s.adminCerts != nil {
+		if err := s.adminCerts.Set(adminFiles(next.Admin.TLS)); err != nil {
+			// Changed between the check and now: the old one stays.
+			s.o.Logger.Warn("admin certificate not reloaded; still serving the previous one", zap.Error(err))
+		}
 	}
 	s.ah.SetToken(tok)
 	s.cfg = next
@@ -314,4 +351,9 @@ func logReload(logger *zap.Logger, trigger string, err error) {
 		return
 	}
 	logger.Info("configuration reloaded", zap.String("trigger", trigger))
+}
+
+// adminFiles are admin.tls's files.
+func adminFiles(t config.AdminTLS) certfile.Files {
+	return certfile.Files{CertFile: t.CertFile, KeyFile: t.KeyFile, ClientCAFile: t.ClientCAFile}
 }

@@ -86,6 +86,29 @@ func TestCheckValidAndInvalid(t *testing.T) {
 	}
 }
 
+// rota check warns when the admin API's token would cross a network in
+// cleartext, and not when it listens on loopback or over TLS.
+func TestCheckWarnsOfACleartextAdminToken(t *testing.T) {
+	dir := t.TempDir()
+	write := func(admin string) string {
+		f := filepath.Join(dir, "rota.yaml")
+		os.WriteFile(f, []byte(admin+"\nlisteners:\n  - {listen: 127.0.0.1:8080, discovery: static, static: [127.0.0.1:9001]}\n"), 0o600)
+		return f
+	}
+	code, _, errOut := runCLI("check", "--config", write("admin: {listen: 0.0.0.0:9090, token_file: /run/secrets/token}"))
+	if code != 0 || !strings.Contains(errOut, "warning: admin.listen \"0.0.0.0:9090\" is not a loopback address and admin.tls is not set") {
+		t.Fatalf("exit %d, stderr %q: want a warning", code, errOut)
+	}
+	for _, admin := range []string{
+		"admin: {listen: 127.0.0.1:9090, token_file: /run/secrets/token}",
+		"admin: {listen: 0.0.0.0:9090, token_file: /run/secrets/token, tls: {cert_file: a.pem, key_file: a-key.pem}}",
+	} {
+		if code, _, errOut := runCLI("check", "--config", write(admin)); code != 0 || errOut != "" {
+			t.Fatalf("%s: exit %d, stderr %q", admin, code, errOut)
+		}
+	}
+}
+
 func TestQuickFormErrors(t *testing.T) {
 	cases := []struct {
 		args []string

@@ -194,6 +194,9 @@ func cmdCheck(args []string, stdout, stderr io.Writer) error {
 		return errors.New(indentErrors(err))
 	}
 	fmt.Fprintf(stdout, "%s: ok (%d listener%s)\n", path, len(cfg.Listeners), plural(len(cfg.Listeners)))
+	if w := cfg.Admin.Cleartext(); w != "" {
+		fmt.Fprintf(stderr, "%s: warning: %s\n", path, w)
+	}
 	return nil
 }
 
