@@ -16,7 +16,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -157,7 +156,6 @@ func (k *KubeAPI) Start() {
 	cmd := exec.Command(k.bin, k.args...)
 	logs := &bytes.Buffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		k.mu.Unlock()
 		k.t.Fatalf("testenv: start kube-apiserver: %v", err)

@@ -1,3 +1,5 @@
+//go:build linux
+
 package testenv
 
 import (
@@ -72,9 +74,8 @@ func (ns *NetNS) Listen(t T, addr string) net.Listener {
 	}
 	ch := make(chan result, 1)
 	go func() {
-		// This thread enters the namespace for the listen and goes back.
-		// Were it left to die in the namespace instead, a child process
-		// it once forked with Pdeathsig (the API server) would die too.
+		// This thread enters the namespace for the listen and goes back
+		// (a thread left in it is ended with the goroutine instead).
 		runtime.LockOSThread()
 		home, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {
