@@ -250,6 +250,10 @@ type Listener struct {
 	// server name (SNI) of its TLS ClientHello, passed through unchanged.
 	Routes []Route `yaml:"routes"`
 
+	// TLS terminates TLS in rota: clients speak TLS to it, the targets
+	// get plaintext. nil: bytes pass through unchanged.
+	TLS *TLSServer `yaml:"tls"`
+
 	// DrainTimeout bounds the wait for open connections on shutdown (and
 	// when a reload removes the listener); 0 closes them at once.
 	DrainTimeout time.Duration `yaml:"drain_timeout"`
@@ -384,6 +388,48 @@ type Route struct {
 	Pool `yaml:",inline"`
 	// AccessLog, set, overrides the listener's access_log for this route.
 	AccessLog *bool `yaml:"access_log"`
+}
+
+// TLSServer is a listener's TLS termination. Its files are re-read on
+// reload and when they change on disk; a file that does not load keeps
+// the certificate in force.
+type TLSServer struct {
+	// Certs are the certificates; a handshake gets the first whose names
+	// match the client's server name (SNI), else the first.
+	Certs []CertFiles `yaml:"certs"`
+	// ClientCAFile verifies clients' certificates.
+	ClientCAFile string `yaml:"client_ca_file"`
+	// ClientAuth is none, request (verified when given) or require;
+	// default require with client_ca_file, else none.
+	ClientAuth string `yaml:"client_auth"`
+	// MinVersion is "1.2" (the default) or "1.3".
+	MinVersion string `yaml:"min_version"`
+	// ALPN are the protocols offered, in order of preference.
+	ALPN []string `yaml:"alpn"`
+}
+
+// CertFiles is a certificate (chain) and its key, PEM files.
+type CertFiles struct {
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+}
+
+// TLS client authentication modes (client_auth).
+const (
+	ClientAuthNone    = "none"
+	ClientAuthRequest = "request"
+	ClientAuthRequire = "require"
+)
+
+// Auth is client_auth with its default applied.
+func (t *TLSServer) Auth() string {
+	switch {
+	case t.ClientAuth != "":
+		return t.ClientAuth
+	case t.ClientCAFile != "":
+		return ClientAuthRequire
+	}
+	return ClientAuthNone
 }
 
 // Routed reports whether the listener routes by server name.

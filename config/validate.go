@@ -264,8 +264,11 @@ func (ck *checker) listener(c *Config, i int, names map[string]int) {
 	if l.ProxyHeaderTimeout <= 0 {
 		ck.add(p+".proxy_header_timeout", "must be greater than 0")
 	}
-	if l.SNITimeout <= 0 && l.Routed() {
+	if l.SNITimeout <= 0 && (l.Routed() || l.TLS != nil) {
 		ck.add(p+".sni_timeout", "must be greater than 0")
+	}
+	if t := l.TLS; t != nil {
+		ck.tlsServer(p+".tls", t, l)
 	}
 	if l.MaxConnsPerClient < 0 {
 		ck.add(p+".max_conns_per_client", "must not be negative (0 means unlimited)")
@@ -763,4 +766,38 @@ func parsePrefix(s string) (netip.Prefix, error) {
 		return netip.PrefixFrom(ip, ip.BitLen()), nil
 	}
 	return netip.Prefix{}, fmt.Errorf("%q is not a CIDR (like 10.0.0.0/8) or an IP address", s)
+}
+
+// tlsServer checks a listener's TLS termination.
+func (ck *checker) tlsServer(p string, t *TLSServer, l *Listener) {
+	if len(t.Certs) == 0 {
+		ck.add(p+".certs", "required: at least one {cert_file, key_file}")
+	}
+	for i, c := range t.Certs {
+		f := fmt.Sprintf("%s.certs[%d]", p, i)
+		if c.CertFile == "" {
+			ck.add(f+".cert_file", "required")
+		}
+		if c.KeyFile == "" {
+			ck.add(f+".key_file", "required")
+		}
+	}
+	switch t.ClientAuth {
+	case "", ClientAuthNone, ClientAuthRequest:
+	case ClientAuthRequire:
+		if t.ClientCAFile == "" {
+			ck.add(p+".client_ca_file", "required with client_auth: require: the CA certificates that sign the clients' certificates")
+		}
+	default:
+		ck.add(p+".client_auth", "must be none, request or require; got %q", t.ClientAuth)
+	}
+	if t.ClientAuth == ClientAuthNone && t.ClientCAFile != "" {
+		ck.add(p+".client_ca_file", "not used with client_auth: none")
+	}
+	if v := t.MinVersion; v != "" && v != "1.2" && v != "1.3" {
+		ck.add(p+".min_version", `must be "1.2" or "1.3"; got %q`, v)
+	}
+	if l.Routed() {
+		ck.add(p, "not supported on a routed listener yet: its routes pass TLS through by server name (terminate on a listener of its own)")
+	}
 }

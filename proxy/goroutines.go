@@ -592,7 +592,7 @@ func (g *gconn) abort() {
 	g.aborted.Store(true)
 	g.cancel()
 	if g.reset.Load() {
-		if tc, ok := g.client.(*net.TCPConn); ok {
+		if tc := tcpOf(g.client); tc != nil {
 			tc.SetLinger(0)
 		}
 	}

@@ -14,6 +14,7 @@
 package proxy
 
 import (
+	"crypto/tls"
 	"context"
 	"errors"
 	"golang.org/x/time/rate"
@@ -69,8 +70,9 @@ type Proxy struct {
 	// Shutdown.
 	Engine *Engine
 
-	settings atomic.Pointer[settings]
-	log      atomic.Pointer[accesslog.Log] // nil: no access log
+	settings  atomic.Pointer[settings]
+	tlsConfig atomic.Pointer[tls.Config]    // nil: no TLS termination (ConfigureTLS)
+	log       atomic.Pointer[accesslog.Log] // nil: no access log
 	refusing atomic.Bool                   // the last client found no target; logged once per episode
 
 	initOnce       sync.Once
@@ -89,6 +91,8 @@ type Proxy struct {
 
 	panicOn       func([]byte) bool     // tests: panic on such a client chunk
 	panicOnAccess func(netip.Addr) bool // tests: panic starting such a client
+
+	handshaking handshakes // TLS handshakes in progress (terminate)
 
 	mu        sync.Mutex // guards the fields below; never held across a wait
 	listeners map[net.Listener]struct{}
@@ -222,7 +226,9 @@ func (p *Proxy) Serve(ln net.Listener) error {
 		p.serving.Done()
 	}()
 	var err error
-	if l, ok := ln.(*Listener); ok && !p.goroutinesOnly && p.Engine.serve(p, l, &conns) {
+	// A listener that terminates TLS is served by goroutines: its
+	// handshakes and records are crypto/tls's.
+	if l, ok := ln.(*Listener); ok && !p.goroutinesOnly && p.tlsConfig.Load() == nil && p.Engine.serve(p, l, &conns) {
 		err = net.ErrClosed
 	} else {
 		err = p.acceptLoop(ln, &conns)
@@ -266,6 +272,10 @@ func (p *Proxy) acceptLoop(ln net.Listener, conns *sync.WaitGroup) error {
 			continue
 		}
 		conns.Add(1)
+		if tc := p.tlsConfig.Load(); tc != nil {
+			go p.terminate(c, tc, set, conns)
+			continue
+		}
 		p.relayWithGoroutines(c, set, conns)
 	}
 }
@@ -373,6 +383,7 @@ func (p *Proxy) goroutineConns() []*gconn {
 func (p *Proxy) abortAll() {
 	p.aborting.Store(true)
 	p.Engine.abort(p)
+	p.handshaking.closeAll()
 	for _, g := range p.goroutineConns() {
 		g.abort()
 	}

@@ -13,6 +13,8 @@ type Stats struct {
 	relay.Stats
 	// Panics counts connections closed because relaying them panicked.
 	Panics atomic.Uint64
+	// TLSErrors counts failed TLS handshakes (termination) by reason.
+	TLSErrors tlsStats
 	// ended counts connections' ends by route and termination.
 	ended endedByRoute
 }
@@ -98,6 +100,17 @@ var counters = []Counter{
 		}},
 	{Metric: "rota_proxy_protocol_errors_total", Help: "Clients closed for a missing, malformed, late or untrusted PROXY protocol header.",
 		Read: func(s *Stats) []Sample { return one(s.HeaderErrors.Load()) }},
+	{Metric: "rota_tls_handshake_errors_total", Label: "reason", JSON: "tls_handshake_errors",
+		Help: "Clients of a listener that terminates TLS whose handshake failed, by why; no target was dialled for them.",
+		Read: func(s *Stats) []Sample {
+			var out []Sample
+			for _, r := range TLSReasons() {
+				if n := s.TLSErrors[r].Load(); n > 0 {
+					out = append(out, Sample{Key: r.String(), Value: float64(n)})
+				}
+			}
+			return out
+		}},
 	{Metric: "rota_relay_panics_total", Help: "Connections closed because relaying them panicked (the stack is logged); other connections carry on.",
 		Read: func(s *Stats) []Sample { return one(s.Panics.Load()) }},
 	{Metric: "rota_connections_closed_total", Label: "reason", JSON: "closed_conns",

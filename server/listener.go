@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"net"
 	"slices"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/discovery"
+	"github.com/rota-proxy/rota/internal/certfile"
 	"github.com/rota-proxy/rota/pool"
 	"github.com/rota-proxy/rota/proxy"
 )
@@ -304,4 +306,29 @@ func (l *listener) synced() bool {
 func sameSource(a, b config.Pool) bool {
 	return a.Discovery == b.Discovery && a.Service == b.Service &&
 		slices.Equal(a.Tags, b.Tags) && slices.Equal(a.Static, b.Static)
+}
+
+// tlsServer loads the listener's TLS termination files.
+func (l *listener) tlsServer(t config.TLSServer) (*certfile.Server, error) {
+	sf := certfile.ServerFiles{ClientCAFile: t.ClientCAFile, ALPN: t.ALPN, MinVersion: tls.VersionTLS12}
+	for _, c := range t.Certs {
+		sf.Certs = append(sf.Certs, certfile.Files{CertFile: c.CertFile, KeyFile: c.KeyFile})
+	}
+	if t.MinVersion == "1.3" {
+		sf.MinVersion = tls.VersionTLS13
+	}
+	switch t.Auth() {
+	case config.ClientAuthRequest:
+		sf.ClientAuth = certfile.ClientAuthRequest
+	case config.ClientAuthRequire:
+		sf.ClientAuth = certfile.ClientAuthRequire
+	}
+	log := l.log.Named("tls")
+	return certfile.NewServer(sf,
+		func(err error) {
+			log.Warn("certificate files changed but do not load; still serving the previous ones", zap.Error(err))
+		},
+		func(f certfile.Files) {
+			log.Info("certificate files changed; serving them from the next handshake", zap.String("cert_file", f.CertFile), zap.String("client_ca_file", f.ClientCAFile))
+		})
 }

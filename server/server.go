@@ -22,6 +22,7 @@ import (
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/discovery"
 	"github.com/rota-proxy/rota/embedetcd"
+	"github.com/rota-proxy/rota/internal/certfile"
 	"github.com/rota-proxy/rota/internal/handover"
 	"github.com/rota-proxy/rota/proxy"
 )
@@ -331,15 +332,30 @@ type plan struct {
 	created       []*route
 	watchers      map[*route]discovery.Watcher
 	changedSource bool // a kept route's source changed, or routes came or went
+	// tls is the listener's TLS termination, its files loaded; nil when
+	// it passes bytes through.
+	tls *certfile.Server
 }
 
 func (s *Server) plan(l *listener, lc config.Listener, rc config.Registries, regs *registries, regsChanged bool) (*plan, error) {
+	if (l.config().TLS == nil) != (lc.TLS == nil) {
+		// A running listener is served by the loops or, terminating, by
+		// goroutines: the choice is made when it starts.
+		return nil, errors.New("tls cannot be turned on or off on a running listener: give the listener another name (a new listener), or restart rota")
+	}
+	var certs *certfile.Server
+	if lc.TLS != nil {
+		var err error
+		if certs, err = l.tlsServer(*lc.TLS); err != nil {
+			return nil, fmt.Errorf("tls: %w", err)
+		}
+	}
 	c := l.routesFor(lc, rc, regsChanged)
 	for _, r := range c.created {
 		s.restoreRoute(lc.Name, r)
 	}
 	pl := &plan{l: l, cfg: lc, regs: rc, routes: c.next, gone: c.gone, created: c.created,
-		changedSource: c.sourceChanged, watchers: map[*route]discovery.Watcher{}}
+		changedSource: c.sourceChanged, watchers: map[*route]discovery.Watcher{}, tls: certs}
 	specs := routeSpecs(lc)
 	for i, r := range c.next {
 		if !c.rewatch[r] {
@@ -362,6 +378,9 @@ func (s *Server) plan(l *listener, lc config.Listener, rc config.Registries, reg
 // watchers; routes no longer configured stop (their open connections
 // carry on).
 func (pl *plan) commit(wg *sync.WaitGroup) {
+	if pl.tls != nil {
+		pl.l.proxy.ConfigureTLS(pl.tls.Config())
+	}
 	pl.l.install(pl.cfg, pl.regs, pl.routes)
 	for _, r := range pl.routes {
 		if w, ok := pl.watchers[r]; ok {

@@ -101,8 +101,12 @@ func (r *Reloader) LastError() string {
 }
 
 // Certificate is the certificate in force, after a look at the files when
-// the last look was CheckEvery ago.
+// the last look was CheckEvery ago; nil for client CAs alone.
 func (r *Reloader) Certificate() *tls.Certificate { return r.current().cert }
+
+// ClientCAs is the client CA pool in force (nil without ClientCAFile),
+// after a look at the files when due.
+func (r *Reloader) ClientCAs() *x509.CertPool { return r.current().clients }
 
 // ServerConfig is a TLS server configuration whose certificate (and
 // client CAs, with ClientCAFile) follow the files; base, if not nil, gives
@@ -168,15 +172,19 @@ func (r *Reloader) current() *loaded {
 
 // load reads f.
 func (r *Reloader) load(f Files) (*loaded, error) {
-	if f.CertFile == "" || f.KeyFile == "" {
+	caOnly := f.CertFile == "" && f.KeyFile == "" && f.ClientCAFile != ""
+	if !caOnly && (f.CertFile == "" || f.KeyFile == "") {
 		return nil, errors.New("a certificate needs cert_file and key_file")
 	}
 	stamps := stampsOf(f) // before reading: a change while reading is seen next time
-	cert, err := tls.LoadX509KeyPair(f.CertFile, f.KeyFile)
-	if err != nil {
-		return nil, fmt.Errorf("load %s and %s: %w", f.CertFile, f.KeyFile, err)
+	l := &loaded{files: f, stamps: stamps, checked: r.now()}
+	if !caOnly {
+		cert, err := tls.LoadX509KeyPair(f.CertFile, f.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("load %s and %s: %w", f.CertFile, f.KeyFile, err)
+		}
+		l.cert = &cert
 	}
-	l := &loaded{files: f, cert: &cert, stamps: stamps, checked: r.now()}
 	if f.ClientCAFile != "" {
 		b, err := os.ReadFile(f.ClientCAFile)
 		if err != nil {
@@ -216,4 +224,137 @@ func equalStamps(a, b []stamp) bool {
 		}
 	}
 	return true
+}
+
+// ClientAuth is how a TLS server treats clients' certificates.
+type ClientAuth int
+
+const (
+	// ClientAuthNone asks for none.
+	ClientAuthNone ClientAuth = iota
+	// ClientAuthRequest asks for one and verifies it when given (against
+	// the client CAs; without them any is taken).
+	ClientAuthRequest
+	// ClientAuthRequire refuses a client without one the client CAs
+	// signed.
+	ClientAuthRequire
+)
+
+// ServerFiles describe a TLS server: its certificates (the one for a
+// handshake chosen by the client's server name), the CAs of its clients'
+// certificates and what it asks of clients, its least version and its
+// ALPN protocols.
+type ServerFiles struct {
+	Certs        []Files // CertFile and KeyFile of each
+	ClientCAFile string
+	ClientAuth   ClientAuth
+	MinVersion   uint16 // tls.VersionTLS12 when 0
+	ALPN         []string
+}
+
+// Server is a TLS server configuration that follows its files.
+type Server struct {
+	state atomic.Pointer[serverState]
+	// OnError and OnReload are each Reloader's (see Reloader), set by New.
+	onError  func(error)
+	onReload func(Files)
+}
+
+type serverState struct {
+	sf    ServerFiles
+	certs []*Reloader
+	cas   *Reloader // nil without ClientCAFile
+	base  *tls.Config
+}
+
+// NewServer loads sf; onError and onReload (either may be nil) hear of
+// the files' changes as a Reloader's do.
+func NewServer(sf ServerFiles, onError func(error), onReload func(Files)) (*Server, error) {
+	s := &Server{onError: onError, onReload: onReload}
+	st, err := s.load(sf)
+	if err != nil {
+		return nil, err
+	}
+	s.state.Store(st)
+	return s, nil
+}
+
+// Set loads sf (a config reload); on error what is in force stays.
+func (s *Server) Set(sf ServerFiles) error {
+	st, err := s.load(sf)
+	if err != nil {
+		return err
+	}
+	s.state.Store(st)
+	return nil
+}
+
+func (s *Server) load(sf ServerFiles) (*serverState, error) {
+	if len(sf.Certs) == 0 {
+		return nil, errors.New("no certificate")
+	}
+	st := &serverState{sf: sf}
+	for _, f := range sf.Certs {
+		r, err := New(Files{CertFile: f.CertFile, KeyFile: f.KeyFile})
+		if err != nil {
+			return nil, err
+		}
+		r.OnError, r.OnReload = s.onError, s.onReload
+		st.certs = append(st.certs, r)
+	}
+	if sf.ClientCAFile != "" {
+		r, err := New(Files{ClientCAFile: sf.ClientCAFile})
+		if err != nil {
+			return nil, err
+		}
+		r.OnError, r.OnReload = s.onError, s.onReload
+		st.cas = r
+	}
+	if sf.ClientAuth == ClientAuthRequire && st.cas == nil {
+		return nil, errors.New("client_auth require needs client_ca_file")
+	}
+	minVersion := sf.MinVersion
+	if minVersion == 0 {
+		minVersion = tls.VersionTLS12
+	}
+	st.base = &tls.Config{MinVersion: minVersion, NextProtos: sf.ALPN}
+	return st, nil
+}
+
+// Config is the server configuration: each handshake takes the
+// certificates and client CAs in force then.
+func (s *Server) Config() *tls.Config {
+	return &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+			st := s.state.Load()
+			c := st.base.Clone()
+			c.Certificates = []tls.Certificate{*st.pick(hello)}
+			switch {
+			case st.sf.ClientAuth == ClientAuthRequire:
+				c.ClientAuth, c.ClientCAs = tls.RequireAndVerifyClientCert, st.cas.ClientCAs()
+			case st.sf.ClientAuth == ClientAuthRequest && st.cas != nil:
+				c.ClientAuth, c.ClientCAs = tls.VerifyClientCertIfGiven, st.cas.ClientCAs()
+			case st.sf.ClientAuth == ClientAuthRequest:
+				c.ClientAuth = tls.RequestClientCert
+			}
+			return c, nil
+		},
+	}
+}
+
+// pick is the first certificate that suits the client's hello (its
+// server name and algorithms), else the first.
+func (st *serverState) pick(hello *tls.ClientHelloInfo) *tls.Certificate {
+	var first *tls.Certificate
+	for _, r := range st.certs {
+		c := r.Certificate()
+		if first == nil {
+			first = c
+		}
+		if hello.SupportsCertificate(c) == nil {
+			return c
+		}
+	}
+	return first
 }

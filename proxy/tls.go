@@ -1,0 +1,166 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rota-proxy/rota/accesslog"
+)
+
+// TLS termination: a listener given a server configuration (ConfigureTLS)
+// is served by the portable driver, and each client's handshake completes
+// before its connection is relayed, so a client that fails it (no or a
+// wrong certificate, no common version or cipher, not TLS at all) costs no
+// target dial. The relay then reads and writes the client through TLS:
+// the machine sees the plaintext, as it would a client's bytes.
+
+// ConfigureTLS makes the proxy terminate TLS with cfg (nil: pass bytes
+// through). It is read when Serve starts (a listener that terminates is
+// served by goroutines) and by every handshake: a new cfg applies to the
+// next one.
+func (p *Proxy) ConfigureTLS(cfg *tls.Config) { p.tlsConfig.Store(cfg) }
+
+// TLSReason is why a handshake failed: the label of
+// rota_tls_handshake_errors_total.
+type TLSReason uint8
+
+// The reasons, in the order TLSReasons lists them.
+const (
+	TLSNotTLS         TLSReason = iota // the client did not speak TLS
+	TLSVersion                         // no version both support
+	TLSNoCipher                        // no cipher suite or curve both support
+	TLSNoCertificate                   // a client certificate was required and none given
+	TLSBadCertificate                  // the client's certificate did not verify
+	TLSTimeout                         // not done within sni_timeout
+	TLSClosed                          // the client closed or reset during it
+	TLSOther                           // anything else
+	numTLSReasons
+)
+
+var tlsReasonNames = [numTLSReasons]string{"not_tls", "version", "no_cipher", "no_certificate", "bad_certificate", "timeout", "closed", "other"}
+
+func (r TLSReason) String() string { return tlsReasonNames[r] }
+
+// TLSReasons lists the reasons a handshake fails.
+func TLSReasons() []TLSReason {
+	out := make([]TLSReason, numTLSReasons)
+	for i := range out {
+		out[i] = TLSReason(i)
+	}
+	return out
+}
+
+// tlsReason classifies a failed server handshake's error.
+func tlsReason(err error) TLSReason {
+	var rh tls.RecordHeaderError
+	var cv *tls.CertificateVerificationError
+	var ua x509.UnknownAuthorityError
+	msg := err.Error()
+	switch {
+	case errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded):
+		return TLSTimeout
+	case errors.As(err, &rh):
+		return TLSNotTLS
+	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) ||
+		strings.Contains(msg, "connection reset"):
+		return TLSClosed
+	case strings.Contains(msg, "client didn't provide a certificate"):
+		return TLSNoCertificate
+	case errors.As(err, &cv) || errors.As(err, &ua) || strings.Contains(msg, "bad certificate") ||
+		strings.Contains(msg, "failed to verify certificate"):
+		return TLSBadCertificate
+	case strings.Contains(msg, "protocol version") || strings.Contains(msg, "unsupported versions"):
+		return TLSVersion
+	case strings.Contains(msg, "no cipher suite") || strings.Contains(msg, "no ECDHE curve") || strings.Contains(msg, "no mutually supported"):
+		return TLSNoCipher
+	}
+	return TLSOther
+}
+
+// tlsStats counts failed handshakes by reason.
+type tlsStats [numTLSReasons]atomic.Uint64
+
+// terminated is a client's TLS connection once its handshake completed.
+// Close closes the socket at once, as an abort must (tls.Conn's Close
+// would first try to send close_notify, for up to 5 s); the clean end of
+// the client's direction is CloseWrite, which sends it.
+type terminated struct {
+	*tls.Conn
+	raw net.Conn
+}
+
+func (t terminated) Close() error { return t.raw.Close() }
+
+// tcpOf is the TCP socket under c, nil when there is none.
+func tcpOf(c net.Conn) *net.TCPConn {
+	if t, ok := c.(terminated); ok {
+		c = t.raw
+	}
+	tc, _ := c.(*net.TCPConn)
+	return tc
+}
+
+// handshakes are the handshakes in progress, closed by abortAll.
+type handshakes struct {
+	mu sync.Mutex
+	m  map[net.Conn]struct{}
+}
+
+func (h *handshakes) add(c net.Conn) {
+	h.mu.Lock()
+	if h.m == nil {
+		h.m = map[net.Conn]struct{}{}
+	}
+	h.m[c] = struct{}{}
+	h.mu.Unlock()
+}
+
+func (h *handshakes) remove(c net.Conn) {
+	h.mu.Lock()
+	delete(h.m, c)
+	h.mu.Unlock()
+}
+
+func (h *handshakes) closeAll() {
+	h.mu.Lock()
+	for c := range h.m {
+		c.Close()
+	}
+	h.mu.Unlock()
+}
+
+// terminate completes c's handshake with cfg, then relays it; c is an
+// admitted client of Serve's, which terminate owns from now on.
+func (p *Proxy) terminate(c net.Conn, cfg *tls.Config, set *settings, conns *sync.WaitGroup) {
+	p.handshaking.add(c)
+	tc := tls.Server(c, cfg)
+	timeout := set.relay.SNITimeout
+	if timeout <= 0 {
+		timeout = 10 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	err := tc.HandshakeContext(ctx)
+	cancel()
+	p.handshaking.remove(c)
+	if err == nil && p.aborting.Load() {
+		err = net.ErrClosed
+	}
+	if err != nil {
+		why := tlsReason(err)
+		p.Stats.TLSErrors[why].Add(1)
+		c.Close()
+		p.release(conns)
+		p.refusedAtAccept(set, addrPort(c.RemoteAddr()), accesslog.TLSHandshake)
+		return
+	}
+	p.relayWithGoroutines(terminated{Conn: tc, raw: c}, set, conns)
+}

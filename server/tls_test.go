@@ -1,0 +1,253 @@
+package server_test
+
+import (
+	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rota-proxy/rota/config"
+	"github.com/rota-proxy/rota/internal/testenv"
+	"github.com/rota-proxy/rota/server"
+)
+
+// certs is a CA and certificates it issued, copied where the test can
+// replace them as a renewal would.
+type certs struct {
+	t   *testing.T
+	ca  *testenv.CA
+	dir string
+}
+
+// install issues a certificate for host into name.pem and name-key.pem,
+// replacing them atomically.
+func (c *certs) install(name, host string) config.CertFiles {
+	c.t.Helper()
+	cert, key := c.ca.Issue(host, host)
+	f := config.CertFiles{CertFile: filepath.Join(c.dir, name+".pem"), KeyFile: filepath.Join(c.dir, name+"-key.pem")}
+	for src, dst := range map[string]string{cert: f.CertFile, key: f.KeyFile} {
+		b, err := os.ReadFile(src)
+		if err != nil {
+			c.t.Fatal(err)
+		}
+		os.WriteFile(dst+".tmp", b, 0o600)
+		if err := os.Rename(dst+".tmp", dst); err != nil {
+			c.t.Fatal(err)
+		}
+	}
+	return f
+}
+
+// sumBackend reads everything a client sends until its half-close, then
+// answers the SHA-256 of it and closes: only a proxy that carries the
+// client's end of stream through gets an answer.
+func sumBackend(t *testing.T) string {
+	return testenv.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		h := sha256.New()
+		if _, err := io.Copy(h, c); err != nil {
+			return
+		}
+		io.WriteString(c, hex.EncodeToString(h.Sum(nil)))
+	})
+}
+
+func tlsListener(name, target string, t config.TLSServer) config.Listener {
+	l := fastListener(name, target)
+	l.TLS = &t
+	l.SNITimeout = 2 * time.Second
+	return l
+}
+
+// Termination: the certificate by server name (the first without one),
+// TLS 1.2 and 1.3, 64 MB checksummed through a half-close, a certificate
+// replaced on disk served at the next handshake without a reload, and a
+// client that does not speak TLS counted without a dial.
+func TestTLSTermination(t *testing.T) {
+	cs := &certs{t: t, ca: testenv.NewCA(t, "ca"), dir: t.TempDir()}
+	a := cs.install("a", "a.example.com")
+	b := cs.install("b", "b.example.com")
+	target := sumBackend(t)
+	cfg := config.Default()
+	cfg.Admin.Listen = ""
+	cfg.Listeners = []config.Listener{tlsListener("tls", target, config.TLSServer{Certs: []config.CertFiles{a, b}})}
+	srv := startServer(t, cfg)
+	addr := proxyAddr(t, srv, "tls")
+	testenv.Eventually(t, "target up", 10*time.Second, func() bool { return liveCount(srv, "tls") == 1 })
+
+	dial := func(sni string, version uint16) (*tls.Conn, error) {
+		return tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr,
+			&tls.Config{ServerName: sni, RootCAs: cs.ca.Pool, MinVersion: version, MaxVersion: version, InsecureSkipVerify: sni == ""})
+	}
+	served := func(c *tls.Conn) string { return c.ConnectionState().PeerCertificates[0].Subject.CommonName }
+	for _, tc := range []struct {
+		sni     string
+		version uint16
+		want    string
+	}{
+		{"b.example.com", tls.VersionTLS13, "b.example.com"},
+		{"a.example.com", tls.VersionTLS12, "a.example.com"},
+		{"b.example.com", tls.VersionTLS12, "b.example.com"},
+		{"", tls.VersionTLS13, "a.example.com"},
+	} {
+		c, err := dial(tc.sni, tc.version)
+		if err != nil {
+			t.Fatalf("SNI %q, version %x: %v", tc.sni, tc.version, err)
+		}
+		if got := served(c); got != tc.want || c.ConnectionState().Version != tc.version {
+			t.Fatalf("SNI %q: served %s over %x, want %s", tc.sni, got, c.ConnectionState().Version, tc.want)
+		}
+		// Half-close: the answer comes only after the client's end
+		// reached the target.
+		io.WriteString(c, "hello")
+		c.CloseWrite()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		got, err := io.ReadAll(c)
+		sum := sha256.Sum256([]byte("hello"))
+		if err != nil || string(got) != hex.EncodeToString(sum[:]) {
+			t.Fatalf("through the half-close: %q, %v", got, err)
+		}
+		c.Close()
+	}
+
+	// 64 MB, checksummed.
+	c, err := dial("a.example.com", tls.VersionTLS13)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := sha256.New()
+	chunk := make([]byte, 1<<20)
+	for range 64 {
+		rand.Read(chunk)
+		h.Write(chunk)
+		if _, err := c.Write(chunk); err != nil {
+			t.Fatalf("bulk: %v", err)
+		}
+	}
+	c.CloseWrite()
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	got, err := io.ReadAll(c)
+	if want := hex.EncodeToString(h.Sum(nil)); err != nil || string(got) != want {
+		t.Fatalf("64 MB through termination: the target's sum %q (%v), want %s", got, err, want)
+	}
+	c.Close()
+
+	// A renewed certificate, replaced on disk: served without a reload.
+	cs.install("b", "b.example.com")
+	renewed, _ := os.ReadFile(b.CertFile)
+	block, _ := pem.Decode(renewed)
+	testenv.Eventually(t, "the renewed certificate served", 5*time.Second, func() bool {
+		c, err := dial("b.example.com", tls.VersionTLS13)
+		if err != nil {
+			return false
+		}
+		defer c.Close()
+		return bytes.Equal(block.Bytes, c.ConnectionState().PeerCertificates[0].Raw)
+	})
+
+	// Not TLS: closed, counted, no target dialled.
+	dialsBefore := targetTotal(t, srv, "tls", target)
+	raw, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(raw, "GET / HTTP/1.0\r\n\r\n")
+	raw.SetReadDeadline(time.Now().Add(5 * time.Second))
+	io.ReadAll(raw)
+	raw.Close()
+	testenv.Eventually(t, "not_tls counted", 5*time.Second, func() bool {
+		return status(t, srv, "tls").Count("tls_handshake_errors", "not_tls") == 1
+	})
+	if n := targetTotal(t, srv, "tls", target); n != dialsBefore {
+		t.Fatalf("a client that failed its handshake cost %d target connections", n-dialsBefore)
+	}
+}
+
+// targetTotal is a target's total connections in /api/v1/targets.
+func targetTotal(t *testing.T, srv *server.Server, listener, addr string) uint64 {
+	t.Helper()
+	tg, _ := findTarget(t, srv, listener, addr)
+	return tg.TotalConns
+}
+
+// Client certificates required: none, or one of another CA, is refused
+// in the handshake, counted by reason, and costs no target dial; one of
+// the clients' CA gets through. openssl s_client, a TLS stack other than
+// Go's, gets through with one too.
+func TestTLSClientCertificates(t *testing.T) {
+	cs := &certs{t: t, ca: testenv.NewCA(t, "ca"), dir: t.TempDir()}
+	server := cs.install("srv", "127.0.0.1")
+	clients := testenv.NewCA(t, "clients")
+	be := testenv.StartBackend(t, "b")
+	cfg := config.Default()
+	cfg.Admin.Listen = ""
+	cfg.Listeners = []config.Listener{tlsListener("mtls", be.Addr, config.TLSServer{Certs: []config.CertFiles{server}, ClientCAFile: clients.File})}
+	srv := startServer(t, cfg)
+	addr := proxyAddr(t, srv, "mtls")
+	testenv.Eventually(t, "target up", 10*time.Second, func() bool { return liveCount(srv, "mtls") == 1 })
+
+	request := func(cert *tls.Certificate) (string, error) {
+		tc := &tls.Config{RootCAs: cs.ca.Pool, ServerName: "127.0.0.1"}
+		if cert != nil {
+			// Sent whatever CAs the server names (Go's client would
+			// otherwise send none it finds no match for).
+			tc.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return cert, nil }
+		}
+		c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, tc)
+		if err != nil {
+			return "", err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.WriteString(c, "GET / HTTP/1.0\r\n\r\n"); err != nil {
+			return "", err
+		}
+		b, err := io.ReadAll(c)
+		return string(b), err
+	}
+	if got, err := request(nil); err == nil {
+		t.Fatalf("no client certificate: answered %q", got)
+	}
+	stranger, _ := tls.LoadX509KeyPair(cs.ca.Issue("stranger"))
+	if got, err := request(&stranger); err == nil {
+		t.Fatalf("a certificate of another CA: answered %q", got)
+	}
+	if _, ok := testenv.Poll(5*time.Second, func() bool {
+		st := status(t, srv, "mtls")
+		return st.Count("tls_handshake_errors", "no_certificate") == 1 && st.Count("tls_handshake_errors", "bad_certificate") == 1
+	}); !ok {
+		st := status(t, srv, "mtls")
+		var got []string
+		for _, r := range []string{"not_tls", "version", "no_cipher", "no_certificate", "bad_certificate", "timeout", "closed", "other"} {
+			got = append(got, fmt.Sprintf("%s=%d", r, st.Count("tls_handshake_errors", r)))
+		}
+		t.Fatalf("refusals counted: %v; want no_certificate=1 bad_certificate=1", got)
+	}
+	if n := targetTotal(t, srv, "mtls", be.Addr); n != 0 {
+		t.Fatalf("refused handshakes cost %d target connections", n)
+	}
+	good, _ := tls.LoadX509KeyPair(clients.Issue("partner"))
+	if got, err := request(&good); err != nil || got != "b" {
+		t.Fatalf("with the clients' CA's certificate: %q, %v", got, err)
+	}
+
+	cc, ck := clients.Issue("openssl-partner")
+	cmd := exec.Command("openssl", "s_client", "-connect", addr, "-servername", "127.0.0.1", "-CAfile", cs.ca.File,
+		"-cert", cc, "-key", ck, "-verify_return_error", "-quiet", "-ign_eof")
+	cmd.Stdin = strings.NewReader("GET / HTTP/1.0\r\n\r\n")
+	out, err := cmd.Output()
+	if err != nil || strings.TrimSpace(string(out)) != "b" {
+		t.Fatalf("openssl s_client: %q, %v", out, err)
+	}
+}
