@@ -9,7 +9,8 @@ import (
 
 // AppendJSON appends r as one JSON object and a newline, the fields in the
 // order of the contract: time start listener route client peer sni target
-// tries replayed connect_ms duration_ms bytes_in bytes_out termination.
+// tries replayed connect_ms duration_ms bytes_in bytes_out termination,
+// and tls_version tls_cipher alpn client_cert when rota terminated TLS.
 func AppendJSON(b []byte, r *Record) []byte {
 	b = append(b, `{"time":`...)
 	b = appendTimeQuoted(b, r.Time)
@@ -50,6 +51,16 @@ func AppendJSON(b []byte, r *Record) []byte {
 	b = strconv.AppendUint(b, r.BytesOut, 10)
 	b = append(b, `,"termination":`...)
 	b = appendString(b, r.Termination.String())
+	if r.TLS.Version != "" {
+		b = append(b, `,"tls_version":`...)
+		b = appendString(b, r.TLS.Version)
+		b = append(b, `,"tls_cipher":`...)
+		b = appendString(b, r.TLS.Cipher)
+		b = append(b, `,"alpn":`...)
+		b = appendString(b, r.TLS.ALPN)
+		b = append(b, `,"client_cert":`...)
+		b = appendString(b, r.TLS.ClientCert)
+	}
 	return append(b, "}\n"...)
 }
 
@@ -88,6 +99,23 @@ func AppendText(b []byte, r *Record) []byte {
 	b = append(b, ' ')
 	b = strconv.AppendUint(b, r.BytesOut, 10)
 	b = appendField(b, r.Termination.String())
+	if r.TLS.Version != "" {
+		for _, f := range [...]string{r.TLS.Version, r.TLS.Cipher, r.TLS.ALPN} {
+			b = appendField(b, f)
+		}
+		// A subject may hold spaces (O=Example Corp): the line's
+		// fields are space-separated.
+		b = append(b, ' ')
+		if r.TLS.ClientCert == "" {
+			b = append(b, '-')
+		}
+		for _, c := range []byte(r.TLS.ClientCert) {
+			if c == ' ' {
+				c = '_'
+			}
+			b = append(b, c)
+		}
+	}
 	return append(b, '\n')
 }
 

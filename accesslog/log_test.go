@@ -89,6 +89,25 @@ func TestTextRecord(t *testing.T) {
 	}
 }
 
+// A connection whose TLS rota terminated carries what the handshake
+// negotiated, after the contract's fields, in JSON and text alike.
+func TestTLSFields(t *testing.T) {
+	r := sample()
+	r.TLS = accesslog.TLSInfo{Version: "1.3", Cipher: "TLS_AES_128_GCM_SHA256", ALPN: "h2", ClientCert: "CN=partner,O=Example Corp"}
+	line := accesslog.AppendJSON(nil, &r)
+	if !strings.HasSuffix(string(line), `"termination":"target_closed","tls_version":"1.3","tls_cipher":"TLS_AES_128_GCM_SHA256","alpn":"h2","client_cert":"CN=partner,O=Example Corp"}`+"\n") {
+		t.Fatalf("JSON: %s", line)
+	}
+	text := string(accesslog.AppendText(nil, &r))
+	if !strings.HasSuffix(text, " target_closed 1.3 TLS_AES_128_GCM_SHA256 h2 CN=partner,O=Example_Corp\n") {
+		t.Fatalf("text: %q", text)
+	}
+	r.TLS.ALPN, r.TLS.ClientCert = "", ""
+	if text := string(accesslog.AppendText(nil, &r)); !strings.HasSuffix(text, " target_closed 1.3 TLS_AES_128_GCM_SHA256 - -\n") {
+		t.Fatalf("text without ALPN or client certificate: %q", text)
+	}
+}
+
 func readLines(t *testing.T, path string, n int) []string {
 	t.Helper()
 	var lines []string

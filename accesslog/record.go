@@ -89,6 +89,15 @@ type Record struct {
 	BytesIn         uint64 // client to target
 	BytesOut        uint64 // target to client
 	Termination     Termination
+	// TLS is what the handshake negotiated when rota terminated the
+	// client's TLS; zero otherwise.
+	TLS TLSInfo
+}
+
+// TLSInfo is a terminated TLS connection's: its version ("1.3"), cipher
+// suite, ALPN protocol and client certificate's subject ("" for none).
+type TLSInfo struct {
+	Version, Cipher, ALPN, ClientCert string
 }
 
 // TriesShown is the failed attempts the record names.

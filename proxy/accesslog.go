@@ -73,10 +73,11 @@ func (e *endedByRoute) samples() []Sample {
 // of m's.
 // buffer names the log's buffer the caller keeps to (a relay loop's
 // number; -1: any).
-func (p *Proxy) ended(set *settings, m *relay.Conn, in, out uint64, now int64, buffer int) {
+// ti is what a terminated TLS handshake negotiated, nil for none.
+func (p *Proxy) ended(set *settings, m *relay.Conn, in, out uint64, now int64, buffer int, ti *accesslog.TLSInfo) {
 	route, logged := p.routeOf(set, m)
 	p.Stats.ended.count(route, m.Termination())
-	p.record(set, m, route, logged, in, out, now, buffer)
+	p.record(set, m, route, logged, in, out, now, buffer, ti)
 }
 
 // routeOf is m's route and whether its connections are logged: the
@@ -89,14 +90,14 @@ func (p *Proxy) routeOf(set *settings, m *relay.Conn) (string, bool) {
 }
 
 // connected logs a connect record, when the access log asks for them.
-func (p *Proxy) connected(set *settings, m *relay.Conn, now int64, buffer int) {
+func (p *Proxy) connected(set *settings, m *relay.Conn, now int64, buffer int, ti *accesslog.TLSInfo) {
 	if l := p.log.Load(); l != nil && l.OnConnect() {
 		route, logged := p.routeOf(set, m)
-		p.record(set, m, route, logged, 0, 0, now, buffer)
+		p.record(set, m, route, logged, 0, 0, now, buffer, ti)
 	}
 }
 
-func (p *Proxy) record(set *settings, m *relay.Conn, route string, logged bool, in, out uint64, now int64, buffer int) {
+func (p *Proxy) record(set *settings, m *relay.Conn, route string, logged bool, in, out uint64, now int64, buffer int, ti *accesslog.TLSInfo) {
 	l := p.log.Load()
 	if l == nil || !logged {
 		return
@@ -104,6 +105,9 @@ func (p *Proxy) record(set *settings, m *relay.Conn, route string, logged bool, 
 	var r accesslog.Record
 	m.Record(&r, now)
 	r.Listener, r.Route, r.BytesIn, r.BytesOut = p.Name, route, in, out
+	if ti != nil {
+		r.TLS = *ti
+	}
 	r.Time = time.Now()
 	r.Start = r.Time.Add(-r.Duration)
 	if buffer < 0 {

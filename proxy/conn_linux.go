@@ -202,7 +202,7 @@ func (c *conn) Abort(cause any) {
 	l.unlink(c)
 	c.p.release(c.conns)
 	c.m.End(accesslog.Panic, errors.New("relay panicked")) // settles the target's count, if it can
-	c.p.ended(c.set, &c.m, c.c.moved, c.t.moved, l.p.Clock(), l.id)
+	c.p.ended(c.set, &c.m, c.c.moved, c.t.moved, l.p.Clock(), l.id, nil)
 }
 
 // arm sets c's timer for the machine's next deadline. A deadline that moved
@@ -325,7 +325,7 @@ func (c *conn) finish(reset bool, t accesslog.Termination, err error) {
 	}
 	c.done = true
 	c.m.End(t, err)
-	c.p.ended(c.set, &c.m, c.c.moved, c.t.moved, c.l.p.Clock(), c.l.id)
+	c.p.ended(c.set, &c.m, c.c.moved, c.t.moved, c.l.p.Clock(), c.l.id, nil)
 	if c.m.Err != nil {
 		c.p.Logger.Debug("connection closed", zap.Stringer("client", c.m.Src), zap.Error(c.m.Err))
 	}

@@ -116,6 +116,6 @@ func (c *conn) connected(ev uint32) {
 	c.p.served()
 	now := c.l.p.Now()
 	a := c.m.Dialed(now)
-	c.p.connected(c.set, &c.m, now, c.l.id)
+	c.p.connected(c.set, &c.m, now, c.l.id, nil)
 	c.run(a)
 }

@@ -38,7 +38,8 @@ type gconn struct {
 	set    *settings // in force when it was accepted
 	conns  *sync.WaitGroup
 	client net.Conn
-	ctx    context.Context // cancelled by abort: ends a dial in flight
+	tls    *accesslog.TLSInfo // what its terminated handshake negotiated; nil: none
+	ctx    context.Context    // cancelled by abort: ends a dial in flight
 	cancel context.CancelFunc
 
 	mu      sync.Mutex
@@ -73,6 +74,9 @@ type retireReq struct {
 // relayWithGoroutines relays c, an admitted client of Serve's.
 func (p *Proxy) relayWithGoroutines(c net.Conn, set *settings, conns *sync.WaitGroup) {
 	g := &gconn{p: p, set: set, conns: conns, client: c}
+	if t, ok := c.(terminated); ok {
+		g.tls = tlsInfo(t.ConnectionState())
+	}
 	g.ctx, g.cancel = context.WithCancel(context.Background())
 	g.m.Init(&set.relay, &p.Stats.Stats, p.ReportFailure, addrPort(c.RemoteAddr()), addrPort(c.LocalAddr()), p.clock())
 	p.mu.Lock()
@@ -390,7 +394,7 @@ func (g *gconn) connect(a relay.Action) relay.Action {
 			}
 			now := g.p.clock()
 			a := g.m.Dialed(now)
-			g.p.connected(g.set, &g.m, now, -1)
+			g.p.connected(g.set, &g.m, now, -1, g.tls)
 			if fa := g.flushLocked(); fa != relay.Flush {
 				a = fa
 			}
@@ -636,7 +640,7 @@ func (g *gconn) exit() {
 			t = accesslog.Shutdown
 		}
 		g.m.End(t, nil)
-		g.p.ended(g.set, &g.m, g.in, g.out, g.p.clock(), -1)
+		g.p.ended(g.set, &g.m, g.in, g.out, g.p.clock(), -1, g.tls)
 		err = g.m.Err
 		return relay.Close
 	})

@@ -14,8 +14,8 @@
 package proxy
 
 import (
-	"crypto/tls"
 	"context"
+	"crypto/tls"
 	"errors"
 	"golang.org/x/time/rate"
 	"net"
@@ -73,7 +73,7 @@ type Proxy struct {
 	settings  atomic.Pointer[settings]
 	tlsConfig atomic.Pointer[tls.Config]    // nil: no TLS termination (ConfigureTLS)
 	log       atomic.Pointer[accesslog.Log] // nil: no access log
-	refusing atomic.Bool                   // the last client found no target; logged once per episode
+	refusing  atomic.Bool                   // the last client found no target; logged once per episode
 
 	initOnce       sync.Once
 	epoch          time.Time // the goroutine driver's clock starts here

@@ -164,3 +164,13 @@ func (p *Proxy) terminate(c net.Conn, cfg *tls.Config, set *settings, conns *syn
 	}
 	p.relayWithGoroutines(terminated{Conn: tc, raw: c}, set, conns)
 }
+
+// tlsInfo is what the access log says of a terminated handshake.
+func tlsInfo(cs tls.ConnectionState) *accesslog.TLSInfo {
+	ti := &accesslog.TLSInfo{Cipher: tls.CipherSuiteName(cs.CipherSuite), ALPN: cs.NegotiatedProtocol}
+	ti.Version = strings.TrimPrefix(tls.VersionName(cs.Version), "TLS ")
+	if len(cs.PeerCertificates) > 0 {
+		ti.ClientCert = cs.PeerCertificates[0].Subject.String()
+	}
+	return ti
+}

@@ -40,6 +40,10 @@ type logRecord struct {
 	BytesIn     uint64          `json:"bytes_in"`
 	BytesOut    uint64          `json:"bytes_out"`
 	Termination string          `json:"termination"`
+	TLSVersion  string          `json:"tls_version"`
+	TLSCipher   string          `json:"tls_cipher"`
+	ALPN        string          `json:"alpn"`
+	ClientCert  string          `json:"client_cert"`
 }
 
 // accessLog is a JSON access log file a test reads as rota writes it.

@@ -192,7 +192,8 @@ func TestTLSClientCertificates(t *testing.T) {
 	be := testenv.StartBackend(t, "b")
 	cfg := config.Default()
 	cfg.Admin.Listen = ""
-	cfg.Listeners = []config.Listener{tlsListener("mtls", be.Addr, config.TLSServer{Certs: []config.CertFiles{server}, ClientCAFile: clients.File})}
+	log := newAccessLog(t, cfg)
+	cfg.Listeners = []config.Listener{tlsListener("mtls", be.Addr, config.TLSServer{Certs: []config.CertFiles{server}, ClientCAFile: clients.File, ALPN: []string{"x-rota"}})}
 	srv := startServer(t, cfg)
 	addr := proxyAddr(t, srv, "mtls")
 	testenv.Eventually(t, "target up", 10*time.Second, func() bool { return liveCount(srv, "mtls") == 1 })
@@ -240,6 +241,17 @@ func TestTLSClientCertificates(t *testing.T) {
 	good, _ := tls.LoadX509KeyPair(clients.Issue("partner"))
 	if got, err := request(&good); err != nil || got != "b" {
 		t.Fatalf("with the clients' CA's certificate: %q, %v", got, err)
+	}
+	// The access log says what each handshake came to.
+	var recs []logRecord
+	testenv.Eventually(t, "three records", 5*time.Second, func() bool { recs = log.all(); return len(recs) == 3 })
+	for i, want := range []string{"tls_handshake", "tls_handshake", "target_closed"} {
+		if recs[i].Termination != want {
+			t.Fatalf("record %d: termination %s, want %s", i, recs[i].Termination, want)
+		}
+	}
+	if r := recs[2]; r.TLSVersion != "1.3" || r.TLSCipher == "" || r.ClientCert != "CN=partner" || r.Target != be.Addr {
+		t.Fatalf("the served connection's record: %+v", r)
 	}
 
 	cc, ck := clients.Issue("openssl-partner")
