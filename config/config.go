@@ -312,6 +312,26 @@ type Pool struct {
 	// read, or is refused when the queue is full (or has no room).
 	MaxConnsPerTarget int   `yaml:"max_conns_per_target"`
 	Queue             Queue `yaml:"queue"`
+	// TargetTLS makes rota speak TLS (or mTLS) to the targets; its health
+	// checks then use it too, unless health.tls says otherwise.
+	TargetTLS *TLSClient `yaml:"target_tls"`
+}
+
+// TLSClient is how rota speaks TLS to targets (target_tls).
+type TLSClient struct {
+	// ServerName is verified against the target's certificate and sent
+	// as SNI; default: the target's host (its address).
+	ServerName string `yaml:"server_name"`
+	// CAFile verifies the targets' certificates; default: the system's.
+	CAFile string `yaml:"ca_file"`
+	// CertFile and KeyFile are rota's client certificate (mTLS),
+	// followed on disk like a listener's.
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+	// InsecureSkipVerify accepts any certificate (tests, self-signed
+	// targets on a trusted network).
+	InsecureSkipVerify bool     `yaml:"insecure_skip_verify"`
+	ALPN               []string `yaml:"alpn"`
 }
 
 // Queue is where connections wait for a place under max_conns_per_target,

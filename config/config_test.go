@@ -62,7 +62,7 @@ func TestParseErrors(t *testing.T) {
 		{"unknown top-level key", "lsteners: []\n" + static,
 			[]string{`rota.yaml:1:1: lsteners: unknown key (did you mean "listeners"?)`}},
 		{"unknown key without suggestion", static + "    weight: 3\n",
-			[]string{"rota.yaml:6:5: listeners[0].weight: unknown key; valid keys: name, listen, service, discovery, tags, port, docker, static, health, panic, balance, hash_key, hash_balance_factor, slow_start, max_conns_per_target, queue, routes, tls, drain_timeout, dial_timeout, retries, max_conns, idle_timeout, replay_on_reset, proxy_protocol, accept_proxy_protocol, proxy_header_timeout, removed_conn_grace, max_conn_age, allow, deny, max_conns_per_client, max_conn_rate, max_conn_rate_per_client, sni_timeout, access_log"}},
+			[]string{"rota.yaml:6:5: listeners[0].weight: unknown key; valid keys: name, listen, service, discovery, tags, port, docker, static, health, panic, balance, hash_key, hash_balance_factor, slow_start, max_conns_per_target, queue, target_tls, routes, tls, drain_timeout, dial_timeout, retries, max_conns, idle_timeout, replay_on_reset, proxy_protocol, accept_proxy_protocol, proxy_header_timeout, removed_conn_grace, max_conn_age, allow, deny, max_conns_per_client, max_conn_rate, max_conn_rate_per_client, sni_timeout, access_log"}},
 		{"dashes for underscores", static + "    max-conns: 3\n",
 			[]string{`rota.yaml:6:5: listeners[0].max-conns: unknown key (did you mean "max_conns"?)`}},
 		{"unknown nested key", static + "    health:\n      intervl: 1s\n",

@@ -366,6 +366,14 @@ func (ck *checker) pool(c *Config, p string, pl *Pool, routed bool) {
 	if pl.Docker != (DockerMatch{}) && pl.Discovery != "docker" {
 		ck.add(p+".docker", "only valid with discovery: docker")
 	}
+	if t := pl.TargetTLS; t != nil {
+		switch {
+		case t.CertFile != "" && t.KeyFile == "":
+			ck.add(p+".target_tls.key_file", "required when cert_file is set")
+		case t.KeyFile != "" && t.CertFile == "":
+			ck.add(p+".target_tls.cert_file", "required when key_file is set")
+		}
+	}
 	if len(pl.Tags) > 0 && pl.Discovery != "consul" && pl.Discovery != "" {
 		ck.add(p+".tags", "only valid with discovery: consul")
 	}

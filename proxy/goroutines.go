@@ -374,6 +374,9 @@ func (g *gconn) connect(a relay.Action) relay.Action {
 		}
 		d := net.Dialer{KeepAlive: -1}
 		c, err := d.DialContext(ctx, "tcp", addr)
+		if tc := g.set.router.targetTLS(g.m.RouteIndex()); err == nil && tc != nil {
+			c, err = originate(ctx, c, tc, addr) // within the dial's timeout
+		}
 		cancel()
 		a = g.locked(func() relay.Action {
 			switch {

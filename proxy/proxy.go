@@ -226,9 +226,9 @@ func (p *Proxy) Serve(ln net.Listener) error {
 		p.serving.Done()
 	}()
 	var err error
-	// A listener that terminates TLS is served by goroutines: its
-	// handshakes and records are crypto/tls's.
-	if l, ok := ln.(*Listener); ok && !p.goroutinesOnly && p.tlsConfig.Load() == nil && p.Engine.serve(p, l, &conns) {
+	// A listener that terminates or originates TLS is served by
+	// goroutines: its handshakes and records are crypto/tls's.
+	if l, ok := ln.(*Listener); ok && !p.goroutinesOnly && !p.speaksTLS() && p.Engine.serve(p, l, &conns) {
 		err = net.ErrClosed
 	} else {
 		err = p.acceptLoop(ln, &conns)

@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"crypto/tls"
+
 	"github.com/rota-proxy/rota/proxy/internal/relay"
 	"github.com/rota-proxy/rota/proxy/internal/sni"
 )
@@ -15,6 +17,10 @@ type Route struct {
 	Picker Picker
 	Name   string // in the access log and the metrics
 	NoLog  bool   // its connections are not in the access log
+	// TargetTLS, if set, is how rota speaks TLS to its targets
+	// (origination); see certfile.ForHost for a config without a server
+	// name.
+	TargetTLS *tls.Config
 }
 
 // Router chooses a connection's targets by the TLS server name (SNI) its
@@ -23,14 +29,51 @@ type Route struct {
 // passed through, never terminated. A Router is immutable: a reload builds
 // a new one.
 type Router struct {
-	table  *sni.Table
-	routes []Route
-	single relay.Picker // Single's: every client, no ClientHello read
+	table     *sni.Table
+	routes    []Route
+	single    relay.Picker // Single's: every client, no ClientHello read
+	singleTLS *tls.Config  // Single's TargetTLS
 }
 
 // Single is the Router of a listener without routes: every client goes to
 // p, and nothing is read from it first.
 func Single(p Picker) *Router { return &Router{single: p} }
+
+// SingleTLS is Single whose targets rota speaks TLS to with targetTLS.
+func SingleTLS(p Picker, targetTLS *tls.Config) *Router {
+	return &Router{single: p, singleTLS: targetTLS}
+}
+
+// targetTLS is the TLS configuration for the targets of route i (-1: the
+// single pool's), nil for plain TCP.
+func (r *Router) targetTLS(i int) *tls.Config {
+	switch {
+	case r == nil:
+		return nil
+	case r.single != nil:
+		return r.singleTLS
+	case i >= 0 && i < len(r.routes):
+		return r.routes[i].TargetTLS
+	}
+	return nil
+}
+
+// Originates reports whether some of its targets get TLS from rota: its
+// listener must then be served by goroutines.
+func (r *Router) Originates() bool {
+	if r == nil {
+		return false
+	}
+	if r.singleTLS != nil {
+		return true
+	}
+	for _, rt := range r.routes {
+		if rt.TargetTLS != nil {
+			return true
+		}
+	}
+	return false
+}
 
 // NewRouter routes by the routes' server names. Names match without
 // regard to case; the most specific pattern wins: exact, then the longest

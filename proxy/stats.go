@@ -105,9 +105,7 @@ var counters = []Counter{
 		Read: func(s *Stats) []Sample {
 			var out []Sample
 			for _, r := range TLSReasons() {
-				if n := s.TLSErrors[r].Load(); n > 0 {
-					out = append(out, Sample{Key: r.String(), Value: float64(n)})
-				}
+				out = append(out, Sample{Key: r.String(), Value: float64(s.TLSErrors[r].Load())})
 			}
 			return out
 		}},

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/rota-proxy/rota/accesslog"
+	"github.com/rota-proxy/rota/internal/certfile"
 )
 
 // TLS termination: a listener given a server configuration (ConfigureTLS)
@@ -28,6 +30,16 @@ import (
 // served by goroutines) and by every handshake: a new cfg applies to the
 // next one.
 func (p *Proxy) ConfigureTLS(cfg *tls.Config) { p.tlsConfig.Store(cfg) }
+
+// speaksTLS reports whether the proxy terminates TLS or originates it to
+// some targets, as configured when Serve starts.
+func (p *Proxy) speaksTLS() bool {
+	if p.tlsConfig.Load() != nil {
+		return true
+	}
+	set := p.settings.Load()
+	return set != nil && set.router.Originates()
+}
 
 // TLSReason is why a handshake failed: the label of
 // rota_tls_handshake_errors_total.
@@ -89,10 +101,11 @@ func tlsReason(err error) TLSReason {
 // tlsStats counts failed handshakes by reason.
 type tlsStats [numTLSReasons]atomic.Uint64
 
-// terminated is a client's TLS connection once its handshake completed.
-// Close closes the socket at once, as an abort must (tls.Conn's Close
-// would first try to send close_notify, for up to 5 s); the clean end of
-// the client's direction is CloseWrite, which sends it.
+// terminated is a TLS connection once its handshake completed: a client's
+// (termination) or a target's (origination). Close closes the socket at
+// once, as an abort must (tls.Conn's Close would first try to send
+// close_notify, for up to 5 s); the clean end of a direction is
+// CloseWrite, which sends it.
 type terminated struct {
 	*tls.Conn
 	raw net.Conn
@@ -173,4 +186,15 @@ func tlsInfo(cs tls.ConnectionState) *accesslog.TLSInfo {
 		ti.ClientCert = cs.PeerCertificates[0].Subject.String()
 	}
 	return ti
+}
+
+// originate completes a TLS handshake with the target c dialled for route
+// (a failure is the dial's: retried on the next target), within ctx.
+func originate(ctx context.Context, c net.Conn, cfg *tls.Config, addr string) (net.Conn, error) {
+	tc := tls.Client(c, certfile.ForHost(cfg, addr))
+	if err := tc.HandshakeContext(ctx); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("tls handshake with %s: %w", addr, err)
+	}
+	return terminated{Conn: tc, raw: c}, nil
 }

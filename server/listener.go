@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"net"
 	"slices"
 	"sync"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/discovery"
+	"github.com/rota-proxy/rota/health"
 	"github.com/rota-proxy/rota/internal/certfile"
 	"github.com/rota-proxy/rota/pool"
 	"github.com/rota-proxy/rota/proxy"
@@ -89,10 +91,10 @@ func (l *listener) reportFailure(addr string, err error) {
 
 func (l *listener) poolConfig(p config.Pool, regs config.Registries) pool.Config {
 	return pool.Config{
+		Health: checkOverTLS(p),
 		// The pool tells the proxy of targets that stop taking connections,
 		// so that their open ones are wound down after removed_conn_grace.
 		Retired:   l.proxy.Retire,
-		Health:    p.Health,
 		Panic:     p.Panic,
 		EmptyHold: regs.EmptyHold,
 		Balance:   p.Balance,
@@ -167,18 +169,18 @@ func (l *listener) routeLog(name string) *zap.Logger {
 // install makes next the listener's routes: each kept route takes its
 // new settings, the proxy its new settings and router. New watchers are
 // started by the caller.
-func (l *listener) install(cfg config.Listener, regs config.Registries, next []*route) {
+func (l *listener) install(cfg config.Listener, regs config.Registries, next []*route, targetTLS []*tls.Config) {
 	specs := routeSpecs(cfg)
 	for i, r := range next {
 		r.spec.Store(&specs[i])
 		r.pool.Configure(l.poolConfig(specs[i].pool, regs))
 	}
 	// One way to pick: a router, by server name or, unrouted, Single.
-	router := proxy.Single(next[0].pool)
+	router := proxy.SingleTLS(next[0].pool, targetTLS[0])
 	if cfg.Routed() {
 		routes := make([]proxy.Route, len(next))
 		for i, r := range next {
-			routes[i] = proxy.Route{SNI: specs[i].sni, Picker: r.pool, Name: r.name, NoLog: !specs[i].log}
+			routes[i] = proxy.Route{SNI: specs[i].sni, Picker: r.pool, Name: r.name, NoLog: !specs[i].log, TargetTLS: targetTLS[i]}
 		}
 		router = proxy.NewRouter(routes)
 	}
@@ -331,4 +333,58 @@ func (l *listener) tlsServer(t config.TLSServer) (*certfile.Server, error) {
 		func(f certfile.Files) {
 			log.Info("certificate files changed; serving them from the next handshake", zap.String("cert_file", f.CertFile), zap.String("client_ca_file", f.ClientCAFile))
 		})
+}
+
+// originates reports whether a listener speaks TLS to some targets.
+func originates(lc config.Listener) bool {
+	for _, sp := range routeSpecs(lc) {
+		if sp.pool.TargetTLS != nil {
+			return true
+		}
+	}
+	return false
+}
+
+// targetTLSConfigs loads each route's target_tls (nil where there is
+// none), in routeSpecs' order.
+func targetTLSConfigs(lc config.Listener) ([]*tls.Config, error) {
+	specs := routeSpecs(lc)
+	out := make([]*tls.Config, len(specs))
+	for i, sp := range specs {
+		t := sp.pool.TargetTLS
+		if t == nil {
+			continue
+		}
+		c, err := certfile.ClientConfig(certfile.ClientFiles{ServerName: t.ServerName, CAFile: t.CAFile,
+			Cert: certfile.Files{CertFile: t.CertFile, KeyFile: t.KeyFile}, InsecureSkipVerify: t.InsecureSkipVerify, ALPN: t.ALPN})
+		if err != nil {
+			if sp.name != "" {
+				return nil, fmt.Errorf("route %q: target_tls: %w", sp.name, err)
+			}
+			return nil, fmt.Errorf("target_tls: %w", err)
+		}
+		out[i] = c
+	}
+	return out, nil
+}
+
+// checkOverTLS is p's health checking: targets that get TLS from rota are
+// checked over it too (tcp becomes tls, http https) with target_tls's
+// settings, unless the check sets its own.
+func checkOverTLS(p config.Pool) health.Config {
+	h := p.Health
+	t := p.TargetTLS
+	if t == nil || h.TLS.Set() {
+		return h
+	}
+	switch h.Check {
+	case health.CheckTCP:
+		h.Check = health.CheckTLS
+	case health.CheckHTTP:
+		h.Check = health.CheckHTTPS
+	default:
+		return h
+	}
+	h.TLS = health.TLS{ServerName: t.ServerName, CAFile: t.CAFile, CertFile: t.CertFile, KeyFile: t.KeyFile, InsecureSkipVerify: t.InsecureSkipVerify}
+	return h
 }

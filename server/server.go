@@ -9,6 +9,7 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -333,15 +334,21 @@ type plan struct {
 	watchers      map[*route]discovery.Watcher
 	changedSource bool // a kept route's source changed, or routes came or went
 	// tls is the listener's TLS termination, its files loaded; nil when
-	// it passes bytes through.
-	tls *certfile.Server
+	// it passes bytes through. targetTLS is each route's origination (nil
+	// for plain TCP), in routeSpecs' order.
+	tls       *certfile.Server
+	targetTLS []*tls.Config
 }
 
 func (s *Server) plan(l *listener, lc config.Listener, rc config.Registries, regs *registries, regsChanged bool) (*plan, error) {
-	if (l.config().TLS == nil) != (lc.TLS == nil) {
-		// A running listener is served by the loops or, terminating, by
+	if (l.config().TLS == nil) != (lc.TLS == nil) || originates(l.config()) != originates(lc) {
+		// A running listener is served by the loops or, speaking TLS, by
 		// goroutines: the choice is made when it starts.
-		return nil, errors.New("tls cannot be turned on or off on a running listener: give the listener another name (a new listener), or restart rota")
+		return nil, errors.New("tls (or target_tls) cannot be turned on or off on a running listener: give the listener another name (a new listener), or restart rota")
+	}
+	targetTLS, err := targetTLSConfigs(lc)
+	if err != nil {
+		return nil, err
 	}
 	var certs *certfile.Server
 	if lc.TLS != nil {
@@ -355,7 +362,7 @@ func (s *Server) plan(l *listener, lc config.Listener, rc config.Registries, reg
 		s.restoreRoute(lc.Name, r)
 	}
 	pl := &plan{l: l, cfg: lc, regs: rc, routes: c.next, gone: c.gone, created: c.created,
-		changedSource: c.sourceChanged, watchers: map[*route]discovery.Watcher{}, tls: certs}
+		changedSource: c.sourceChanged, watchers: map[*route]discovery.Watcher{}, tls: certs, targetTLS: targetTLS}
 	specs := routeSpecs(lc)
 	for i, r := range c.next {
 		if !c.rewatch[r] {
@@ -381,7 +388,7 @@ func (pl *plan) commit(wg *sync.WaitGroup) {
 	if pl.tls != nil {
 		pl.l.proxy.ConfigureTLS(pl.tls.Config())
 	}
-	pl.l.install(pl.cfg, pl.regs, pl.routes)
+	pl.l.install(pl.cfg, pl.regs, pl.routes, pl.targetTLS)
 	for _, r := range pl.routes {
 		if w, ok := pl.watchers[r]; ok {
 			r.startWatch(w, wg, pl.l.routeLog(r.name))

@@ -263,3 +263,73 @@ func TestTLSClientCertificates(t *testing.T) {
 		t.Fatalf("openssl s_client: %q, %v", out, err)
 	}
 }
+
+// mtlsBackend is a TLS server that requires a client certificate its
+// clients CA signed and answers each request with "secure <name>", where
+// name is the client certificate's common name.
+func mtlsBackend(t *testing.T, ca *testenv.CA, clients *testenv.CA) string {
+	t.Helper()
+	cert, key := ca.Issue("backend", "127.0.0.1")
+	kp, err := tls.LoadX509KeyPair(cert, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return testenv.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		tc := tls.Server(c, &tls.Config{Certificates: []tls.Certificate{kp}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: clients.Pool})
+		tc.SetDeadline(time.Now().Add(5 * time.Second))
+		if err := tc.Handshake(); err != nil {
+			return
+		}
+		buf := make([]byte, 64)
+		if _, err := tc.Read(buf); err != nil {
+			return // a health check: handshake and close
+		}
+		io.WriteString(tc, "secure "+tc.ConnectionState().PeerCertificates[0].Subject.CommonName)
+	})
+}
+
+// Origination: rota speaks mTLS to a target that requires a client
+// certificate (its health checked over the same TLS); a wrong server name
+// is a failed connect that says why; and TLS both ways on one listener.
+func TestTLSOrigination(t *testing.T) {
+	ca, clients := testenv.NewCA(t, "ca"), testenv.NewCA(t, "clients")
+	target := mtlsBackend(t, ca, clients)
+	rotaCert, rotaKey := clients.Issue("rota")
+	cfg := config.Default()
+	cfg.Admin.Listen = ""
+	out := fastListener("out", target)
+	out.TargetTLS = &config.TLSClient{CAFile: ca.File, CertFile: rotaCert, KeyFile: rotaKey}
+	wrong := fastListener("wrong", target)
+	wrong.TargetTLS = &config.TLSClient{CAFile: ca.File, CertFile: rotaCert, KeyFile: rotaKey, ServerName: "db.example.com"}
+	wrong.Health.Check = "none" // so that the dial itself is what fails
+	wrong.Retries = 0
+	cs := &certs{t: t, ca: ca, dir: t.TempDir()}
+	both := tlsListener("both", target, config.TLSServer{Certs: []config.CertFiles{cs.install("front", "127.0.0.1")}})
+	both.TargetTLS = out.TargetTLS
+	cfg.Listeners = []config.Listener{out, wrong, both}
+	srv := startServer(t, cfg)
+	testenv.Eventually(t, "the target up, checked over mTLS", 10*time.Second, func() bool { return liveCount(srv, "out") == 1 })
+
+	if got, err := testenv.Request(proxyAddr(t, srv, "out")); err != nil || got != "secure rota" {
+		t.Fatalf("through origination: %q, %v", got, err)
+	}
+	if got, err := testenv.Request(proxyAddr(t, srv, "wrong")); err == nil && got != "" {
+		t.Fatalf("a target whose certificate does not name db.example.com answered %q", got)
+	}
+	testenv.Eventually(t, "the failed connect explained", 5*time.Second, func() bool {
+		return strings.Contains(targetStatus(t, srv, "wrong", target), "db.example.com")
+	})
+	t.Logf("wrong server name: %s", targetStatus(t, srv, "wrong", target))
+
+	c, err := tls.Dial("tcp", proxyAddr(t, srv, "both"), &tls.Config{RootCAs: ca.Pool, ServerName: "127.0.0.1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(c, "GET / HTTP/1.0\r\n\r\n")
+	if got, err := io.ReadAll(c); err != nil || string(got) != "secure rota" {
+		t.Fatalf("TLS in and out: %q, %v", got, err)
+	}
+}

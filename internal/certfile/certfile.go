@@ -19,6 +19,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -357,4 +358,63 @@ func (st *serverState) pick(hello *tls.ClientHelloInfo) *tls.Certificate {
 		}
 	}
 	return first
+}
+
+// ClientFiles describe a TLS client: the server name it verifies (""
+// for the dialled host), the CAs it trusts ("" for the system's), its
+// own certificate (mTLS, followed on disk), and its ALPN protocols.
+type ClientFiles struct {
+	ServerName         string
+	CAFile             string
+	Cert               Files // CertFile and KeyFile; zero for none
+	InsecureSkipVerify bool
+	ALPN               []string
+}
+
+// ClientConfig loads cf into a TLS client configuration whose client
+// certificate follows its files. Its ServerName is cf's; a dial with none
+// sets the host dialled (see ForHost). Sessions are resumed across dials.
+func ClientConfig(cf ClientFiles) (*tls.Config, error) {
+	c := &tls.Config{
+		ServerName:         cf.ServerName,
+		InsecureSkipVerify: cf.InsecureSkipVerify, //nolint:gosec // the user's explicit choice
+		MinVersion:         tls.VersionTLS12,
+		NextProtos:         cf.ALPN,
+		ClientSessionCache: tls.NewLRUClientSessionCache(1024),
+	}
+	if cf.CAFile != "" {
+		b, err := os.ReadFile(cf.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("ca_file: %w", err)
+		}
+		c.RootCAs = x509.NewCertPool()
+		if !c.RootCAs.AppendCertsFromPEM(b) {
+			return nil, fmt.Errorf("ca_file %s: no PEM certificate in it", cf.CAFile)
+		}
+	}
+	if cf.Cert.CertFile != "" {
+		r, err := New(Files{CertFile: cf.Cert.CertFile, KeyFile: cf.Cert.KeyFile})
+		if err != nil {
+			return nil, err
+		}
+		c.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			return r.Certificate(), nil
+		}
+	}
+	return c, nil
+}
+
+// ForHost is c for a dial to addr (host:port): c itself when it names a
+// server, else a copy naming addr's host, as a browser would.
+func ForHost(c *tls.Config, addr string) *tls.Config {
+	if c.ServerName != "" || c.InsecureSkipVerify {
+		return c
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		host = addr
+	}
+	cc := c.Clone()
+	cc.ServerName = host
+	return cc
 }
