@@ -274,6 +274,12 @@ type Pool struct {
 	Discovery string `yaml:"discovery"` // consul | etcd | static | dns | docker | kubernetes
 
 	Tags []string `yaml:"tags"` // consul only: every tag must match
+	// Connect (consul only) routes to the service's Consul Connect
+	// endpoints (sidecars, Connect-native instances) with mTLS, as
+	// ConnectService's leaf certificate (default "rota"): intentions name
+	// it as the source.
+	Connect        bool   `yaml:"connect"`
+	ConnectService string `yaml:"connect_service"`
 	// Port is the instances' port where the registry gives none: a DNS
 	// host name's addresses, a container without a rota.port label; with
 	// kubernetes, the endpoints' port to dial, by number or by the Service

@@ -366,6 +366,15 @@ func (ck *checker) pool(c *Config, p string, pl *Pool, routed bool) {
 	if pl.Docker != (DockerMatch{}) && pl.Discovery != "docker" {
 		ck.add(p+".docker", "only valid with discovery: docker")
 	}
+	if pl.Connect && pl.Discovery != "consul" {
+		ck.add(p+".connect", "only valid with discovery: consul")
+	}
+	if pl.ConnectService != "" && !pl.Connect {
+		ck.add(p+".connect_service", "only valid with connect: true")
+	}
+	if pl.Connect && pl.TargetTLS != nil {
+		ck.add(p+".target_tls", "not used with connect: true: Consul Connect's certificates are the agent's")
+	}
 	if t := pl.TargetTLS; t != nil {
 		switch {
 		case t.CertFile != "" && t.KeyFile == "":

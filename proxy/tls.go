@@ -194,6 +194,9 @@ func originate(ctx context.Context, c net.Conn, cfg *tls.Config, addr string) (n
 	tc := tls.Client(c, certfile.ForHost(cfg, addr))
 	if err := tc.HandshakeContext(ctx); err != nil {
 		c.Close()
+		if strings.Contains(err.Error(), "remote error: tls: bad certificate") {
+			return nil, fmt.Errorf("tls handshake with %s: the target refused rota's certificate (under Consul Connect: denied by intention): %w", addr, err)
+		}
 		return nil, fmt.Errorf("tls handshake with %s: %w", addr, err)
 	}
 	return terminated{Conn: tc, raw: c}, nil

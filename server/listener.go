@@ -338,19 +338,30 @@ func (l *listener) tlsServer(t config.TLSServer) (*certfile.Server, error) {
 // originates reports whether a listener speaks TLS to some targets.
 func originates(lc config.Listener) bool {
 	for _, sp := range routeSpecs(lc) {
-		if sp.pool.TargetTLS != nil {
+		if sp.pool.TargetTLS != nil || sp.pool.Connect {
 			return true
 		}
 	}
 	return false
 }
 
-// targetTLSConfigs loads each route's target_tls (nil where there is
-// none), in routeSpecs' order.
-func targetTLSConfigs(lc config.Listener) ([]*tls.Config, error) {
+// targetTLSConfigs loads each route's target_tls, or its Consul Connect
+// identity, (nil where there is neither), in routeSpecs' order.
+func targetTLSConfigs(lc config.Listener, regs *registries) ([]*tls.Config, error) {
 	specs := routeSpecs(lc)
 	out := make([]*tls.Config, len(specs))
 	for i, sp := range specs {
+		if sp.pool.Connect {
+			if regs == nil || regs.consul == nil {
+				return nil, errors.New("connect: true needs registries.consul")
+			}
+			c, err := regs.consul.connectTLS(sp.pool)
+			if err != nil {
+				return nil, err
+			}
+			out[i] = c
+			continue
+		}
 		t := sp.pool.TargetTLS
 		if t == nil {
 			continue

@@ -107,7 +107,7 @@ func openRegistries(ctx context.Context, cfg config.Registries, prev *registries
 		return nil, errors.New("registries.etcd.embedded cannot be removed on reload; restart rota to apply it")
 	}
 	if c := cfg.Consul; c != nil {
-		cr, err := openConsul(*c)
+		cr, err := openConsul(*c, logger.Named("consul"))
 		if err != nil {
 			r.closeUnshared(prev)
 			return nil, fmt.Errorf("registries.consul: %w", err)

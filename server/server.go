@@ -346,7 +346,7 @@ func (s *Server) plan(l *listener, lc config.Listener, rc config.Registries, reg
 		// goroutines: the choice is made when it starts.
 		return nil, errors.New("tls (or target_tls) cannot be turned on or off on a running listener: give the listener another name (a new listener), or restart rota")
 	}
-	targetTLS, err := targetTLSConfigs(lc)
+	targetTLS, err := targetTLSConfigs(lc, regs)
 	if err != nil {
 		return nil, err
 	}

@@ -106,6 +106,11 @@ type Watcher struct {
 	// BackoffMax caps the retry delay after errors (default
 	// DefaultBackoffMax).
 	BackoffMax time.Duration
+	// Connect follows the service's Connect endpoints
+	// (/v1/health/connect/<service>): its sidecar proxies and its
+	// Connect-native instances, which are dialled with mTLS
+	// (ConnectTLS), instead of the service's own addresses.
+	Connect bool
 
 	queries atomic.Uint64
 }
@@ -328,7 +333,11 @@ func (w *Watcher) entries(ctx context.Context, opts *api.QueryOptions, timeout t
 	rctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	w.queries.Add(1)
-	entries, meta, err := w.client.Health().ServiceMultipleTags(w.service, w.tags, passing, opts.WithContext(rctx))
+	query := w.client.Health().ServiceMultipleTags
+	if w.Connect {
+		query = w.client.Health().ConnectMultipleTags
+	}
+	entries, meta, err := query(w.service, w.tags, passing, opts.WithContext(rctx))
 	if err != nil {
 		states := ""
 		if !passing {
