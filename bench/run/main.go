@@ -77,10 +77,21 @@ func main() {
 		}
 		return
 	}
+	if len(os.Args) > 1 && os.Args[1] == "-ok-backend-mode" {
+		if err := runOKBackends(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		return
+	}
 	if len(os.Args) > 4 && os.Args[1] == "-tls-client-mode" {
 		secs, _ := strconv.Atoi(os.Args[3])
 		conns, _ := strconv.Atoi(os.Args[4])
-		if err := runTLSClient(os.Args[2], secs, conns); err != nil {
+		mode := ""
+		if len(os.Args) > 5 {
+			mode = os.Args[5]
+		}
+		if err := runTLSClient(os.Args[2], secs, conns, mode); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
@@ -91,7 +102,7 @@ func main() {
 	flag.StringVar(&o.rotaBin, "rota", "bin/rota", "rota binary")
 	flag.StringVar(&o.baseline, "baseline", "", "an earlier rota binary to measure beside rota (before/after a change)")
 	flag.StringVar(&o.out, "out", "bench/results", "directory for the report and chart")
-	flag.StringVar(&o.only, "only", "", `"targets": run only the health-checking phase (new connections and probe CPU at 3 to 10,000 targets); "accesslog": only the access log's cost; "ab": rota against -baseline only, many interleaved repetitions (a data-path change's before/after)`)
+	flag.StringVar(&o.only, "only", "", `"targets": run only the health-checking phase (new connections and probe CPU at 3 to 10,000 targets); "accesslog": only the access log's cost; "ab": rota against -baseline only, many interleaved repetitions (a data-path change's before/after); "tls": TLS passthrough by SNI only; "term": TLS termination only`)
 	flag.Parse()
 	o.proxies = proxyKinds
 	if o.baseline != "" {
@@ -243,6 +254,11 @@ func run(o *options) error {
 	if o.only == "" || o.only == "tls" {
 		if err := benchTLS(o, res); err != nil {
 			logf("TLS passthrough: %v", err) // one missing table, not a lost run
+		}
+	}
+	if o.only == "" || o.only == "term" {
+		if err := benchTerm(o, res); err != nil {
+			logf("TLS termination: %v", err)
 		}
 	}
 	// Scaling, one thread each: concurrency, then number of targets.

@@ -174,6 +174,22 @@ func renderReport(o *options, res results, took time.Duration) string {
 		}
 		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key(row.k, "rota"), key(row.k, "haproxy"), row.lower))
 	}
+	b.WriteString("\n## TLS termination (1 thread each; TLS 1.3, ECDSA P-256, 32 clients, a plaintext backend answering at once)\n\nrota `tls:`; HAProxy `bind ... ssl crt`; nginx `stream` `listen ... ssl`; direct: a Go TLS server answering itself. Full: a new handshake per connection; resumed: each client resumes its session (PSK with ECDHE). CPU per handshake is the proxy's own.\n\n| | direct |")
+	for _, px := range o.proxies[1:] {
+		fmt.Fprintf(&b, " %s |", proxyTitle[px])
+	}
+	b.WriteString(" rota/HAProxy |\n|---|" + strings.Repeat("---:|", len(o.proxies)+1) + "\n")
+	for _, row := range []struct {
+		name, k, f string
+		lower      bool
+	}{{"full handshakes/s", "term_rps", "%.0f", false}, {"p99 (ms)", "term_p99", "%.2f", true}, {"proxy CPU per handshake (µs)", "term_cpu", "%.1f", true},
+		{"resumed handshakes/s", "termr_rps", "%.0f", false}, {"p99 resumed (ms)", "termr_p99", "%.2f", true}, {"proxy CPU per resumed handshake (µs)", "termr_cpu", "%.1f", true}} {
+		fmt.Fprintf(&b, "| %s |", row.name)
+		for _, px := range o.proxies {
+			fmt.Fprintf(&b, " %s |", cell(res, key(row.k, px), row.f))
+		}
+		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key(row.k, "rota"), key(row.k, "haproxy"), row.lower))
+	}
 	b.WriteString("\n## Health checking (CPU of the idle proxy, % of one core, TCP checks every 2 s, 1 thread each)\n\nThe proxy's user and system time while it only probes its targets, over a quiet window; on loopback the kernel's work for both ends of each probe's handshake runs in the prober's context, so this is an upper bound of what the same probing costs against remote targets.\n\n| targets |")
 	hpx := []string{}
 	for _, px := range o.proxies[1:] {

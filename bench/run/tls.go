@@ -85,7 +85,8 @@ type tlsResult struct {
 
 // runTLSClient is the child mode -tls-client-mode ADDR SECONDS CONNS: CONNS
 // loops of new TLS connections for SECONDS; it prints a tlsResult as JSON.
-func runTLSClient(addr string, secs, conns int) error {
+// With mode "resume" (termination) each loop resumes its TLS session.
+func runTLSClient(addr string, secs, conns int, mode string) error {
 	var n, errs atomic.Int64
 	var mu sync.Mutex
 	var lat []time.Duration
@@ -94,9 +95,13 @@ func runTLSClient(addr string, secs, conns int) error {
 	for range conns {
 		wg.Go(func() {
 			var mine []time.Duration
+			var cfg *tls.Config // passthrough: tlsOnce's
+			if mode != "" {
+				cfg = termClientConfig(mode == "resume")
+			}
 			for time.Now().Before(stop) {
 				t0 := time.Now()
-				if err := tlsOnce(addr); err != nil {
+				if err := tlsOnce(addr, cfg); err != nil {
 					errs.Add(1)
 					continue
 				}
@@ -118,14 +123,19 @@ func runTLSClient(addr string, secs, conns int) error {
 	return json.NewEncoder(os.Stdout).Encode(r)
 }
 
-func tlsOnce(addr string) error {
+// tlsOnce makes one TLS connection through addr with cfg (nil: a full
+// handshake to sniNames[0]) and reads the answer.
+func tlsOnce(addr string, cfg *tls.Config) error {
 	raw, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
 		return err
 	}
 	defer raw.Close()
 	raw.SetDeadline(time.Now().Add(5 * time.Second))
-	c := tls.Client(raw, &tls.Config{ServerName: sniNames[0], InsecureSkipVerify: true})
+	if cfg == nil {
+		cfg = &tls.Config{ServerName: sniNames[0], InsecureSkipVerify: true}
+	}
+	c := tls.Client(raw, cfg)
 	if err := c.Handshake(); err != nil {
 		return err
 	}
@@ -139,13 +149,14 @@ func tlsOnce(addr string) error {
 // tlsBackends starts the TLS backends' child process.
 func tlsBackends() (*backendSet, error) { return startBackendChild("-tls-backend-mode") }
 
-// tlsClient runs the load client (one thread, like wrk -t1).
-func tlsClient(addr string, d time.Duration, conns int) (tlsResult, error) {
+// tlsClient runs the load client (one thread, like wrk -t1); mode is ""
+// (passthrough), "full" or "resume" (termination).
+func tlsClient(addr string, d time.Duration, conns int, mode string) (tlsResult, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return tlsResult{}, err
 	}
-	cmd := exec.Command(self, "-tls-client-mode", addr, strconv.Itoa(int(d.Seconds())), strconv.Itoa(conns))
+	cmd := exec.Command(self, "-tls-client-mode", addr, strconv.Itoa(int(d.Seconds())), strconv.Itoa(conns), mode)
 	cmd.Env = append(os.Environ(), "GOMAXPROCS=1")
 	out, err := cmd.Output()
 	if err != nil {
@@ -222,7 +233,7 @@ func startSNIProxy(kind string, backends []string, o *options) (*proc, error) {
 			return nil, fmt.Errorf("%s exited: %v\n%s", kind, err, log)
 		default:
 		}
-		if tlsOnce(p.addr) == nil {
+		if tlsOnce(p.addr, nil) == nil {
 			return p, nil
 		}
 	}
@@ -252,7 +263,7 @@ func benchTLS(o *options, res results) error {
 				continue
 			}
 			cpu0 := p.cpu()
-			if r, err := tlsClient(p.addr, o.dur, 32); err == nil {
+			if r, err := tlsClient(p.addr, o.dur, 32, ""); err == nil {
 				res.add(key("tls_rps", px), r.RPS)
 				res.add(key("tls_p99", px), r.P99)
 				if px != "direct" && r.N > 0 {

@@ -1,0 +1,215 @@
+package main
+
+// TLS termination: each proxy holds the certificate (ECDSA P-256) and
+// speaks TLS 1.3 to the client, plaintext to a backend that answers "ok"
+// at once; rota `tls:`, HAProxy `bind ... ssl crt`, nginx `stream` with
+// `listen ... ssl`; direct is a Go TLS server answering the same. One
+// thread each. Full handshakes (no resumption), then resumed ones (each
+// client keeps its session ticket).
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// runOKBackends is the child mode -ok-backend-mode: one plain TCP server
+// that writes "ok" to each connection and closes it. It prints the port,
+// then "ready".
+func runOKBackends() error {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	fmt.Println(ln.Addr().(*net.TCPAddr).Port)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				io.WriteString(c, "ok")
+				c.Close()
+			}()
+		}
+	}()
+	fmt.Println("ready")
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	<-sig
+	return nil
+}
+
+// termCert writes a self-signed ECDSA P-256 certificate for sniNames[0]
+// into dir: cert.pem, key.pem, and both in one file (HAProxy's crt).
+func termCert(dir string) (cert, keyFile, both string, err error) {
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return "", "", "", err
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: sniNames[0]}, DNSNames: []string{sniNames[0]},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
+	if err != nil {
+		return "", "", "", err
+	}
+	kd, err := x509.MarshalPKCS8PrivateKey(k)
+	if err != nil {
+		return "", "", "", err
+	}
+	cp := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	kp := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kd})
+	cert, keyFile, both = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"), filepath.Join(dir, "both.pem")
+	for f, b := range map[string][]byte{cert: cp, keyFile: kp, both: append(append([]byte{}, cp...), kp...)} {
+		if err := os.WriteFile(f, b, 0o600); err != nil {
+			return "", "", "", err
+		}
+	}
+	return cert, keyFile, both, nil
+}
+
+// startTermProxy starts kind terminating TLS with the certificate and
+// sending the plaintext to backend, one thread; direct is tlsDirect.
+func startTermProxy(kind, backend, tlsDirect, cert, keyFile, both string, o *options) (*proc, error) {
+	if kind == "direct" {
+		return &proc{name: kind, addr: tlsDirect, pidFn: func() []int { return nil }}, nil
+	}
+	port := freePort()
+	p := &proc{name: kind, addr: fmt.Sprintf("127.0.0.1:%d", port)}
+	p.dir = filepath.Join(o.tmp, fmt.Sprintf("%s-term-%d", kind, port))
+	os.MkdirAll(p.dir, 0o755)
+	var b strings.Builder
+	var err error
+	switch kind {
+	case "rota", "baseline":
+		bin := o.rotaBin
+		if kind == "baseline" {
+			bin = o.baseline
+		}
+		fmt.Fprintf(&b, "admin: {listen: \"\"}\nlisteners:\n  - listen: %q\n    discovery: static\n    static: [%s]\n    health: {interval: 2s}\n", p.addr, backend)
+		fmt.Fprintf(&b, "    tls: {certs: [{cert_file: %q, key_file: %q}]}\n", cert, keyFile)
+		cfg := filepath.Join(p.dir, "rota.yaml")
+		os.WriteFile(cfg, []byte(b.String()), 0o644)
+		err = startCmd(p, bin, []string{"serve", "--config", cfg, "--log-format", "json", "--log-level", "error"}, []string{"GOMAXPROCS=1"})
+		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
+	case "haproxy":
+		b.WriteString("global\n  nbthread 1\n  maxconn 7000\n  tune.maxaccept 64\n  ssl-default-bind-options ssl-min-ver TLSv1.2\n")
+		b.WriteString("defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n")
+		fmt.Fprintf(&b, "frontend fe\n  bind %s ssl crt %s\n  default_backend be\n", p.addr, both)
+		fmt.Fprintf(&b, "backend be\n  server a %s check inter 2s\n", backend)
+		cfg := filepath.Join(p.dir, "haproxy.cfg")
+		os.WriteFile(cfg, []byte(b.String()), 0o644)
+		err = startCmd(p, "haproxy", []string{"-db", "-f", cfg}, nil)
+		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
+	case "nginx":
+		b.WriteString("load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n")
+		fmt.Fprintf(&b, "worker_processes 1;\ndaemon off;\npid %s/nginx.pid;\nerror_log %s/error.log error;\nworker_rlimit_nofile 20000;\n", p.dir, p.dir)
+		b.WriteString("events { worker_connections 18000; multi_accept on; }\nstream {\n")
+		fmt.Fprintf(&b, "  upstream be { server %s; }\n", backend)
+		fmt.Fprintf(&b, "  server { listen %s ssl reuseport; ssl_certificate %s; ssl_certificate_key %s; ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:S:10m; proxy_pass be; proxy_connect_timeout 2s; proxy_timeout 1h; }\n}\n", p.addr, cert, keyFile)
+		cfg := filepath.Join(p.dir, "nginx.conf")
+		os.WriteFile(cfg, []byte(b.String()), 0o644)
+		err = startCmd(p, "nginx", []string{"-p", p.dir, "-c", cfg, "-e", filepath.Join(p.dir, "error.log")}, nil)
+		p.pidFn = func() []int { return childPIDs(p.cmd.Process.Pid) }
+	default:
+		return nil, fmt.Errorf("no TLS termination for %q", kind)
+	}
+	if err != nil {
+		return nil, err
+	}
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		select {
+		case err := <-p.waitCh:
+			p.waitCh <- err
+			log, _ := os.ReadFile(filepath.Join(p.dir, "proxy.log"))
+			return nil, fmt.Errorf("%s exited: %v\n%s", kind, err, log)
+		default:
+		}
+		if tlsOnce(p.addr, nil) == nil {
+			return p, nil
+		}
+	}
+	p.stop()
+	return nil, fmt.Errorf("%s: no TLS handshake with it", kind)
+}
+
+// benchTerm measures TLS termination: handshakes a second, p99 and the
+// proxy's CPU per handshake, full and resumed, through each proxy,
+// interleaved over the repetitions.
+func benchTerm(o *options, res results) error {
+	plain, err := startBackendChild("-ok-backend-mode")
+	if err != nil {
+		return err
+	}
+	defer plain.stop()
+	direct, err := tlsBackends()
+	if err != nil {
+		return err
+	}
+	defer direct.stop()
+	dir := filepath.Join(o.tmp, "term-cert")
+	os.MkdirAll(dir, 0o755)
+	cert, keyFile, both, err := termCert(dir)
+	if err != nil {
+		return err
+	}
+	for rep := range o.reps {
+		order := slices.Clone(o.proxies)
+		for i := 0; i < rep%len(order); i++ {
+			order = append(order[1:], order[0])
+		}
+		for _, px := range order {
+			logf("TLS termination, rep %d: %s", rep+1, px)
+			p, err := startTermProxy(px, plain.addrs[0], direct.addrs[0], cert, keyFile, both, o)
+			if err != nil {
+				logf("  %v", err)
+				continue
+			}
+			for _, mode := range []string{"full", "resume"} {
+				pre := "term"
+				if mode == "resume" {
+					pre = "termr"
+				}
+				cpu0 := p.cpu()
+				r, err := tlsClient(p.addr, o.dur, 32, mode)
+				if err != nil {
+					logf("  %v", err)
+					continue
+				}
+				res.add(key(pre+"_rps", px), r.RPS)
+				res.add(key(pre+"_p99", px), r.P99)
+				if px != "direct" && r.N > 0 {
+					res.add(key(pre+"_cpu", px), (p.cpu()-cpu0)*1e6/r.N)
+				}
+			}
+			p.stop()
+		}
+	}
+	return nil
+}
+
+// termClientConfig is the load client's TLS configuration: TLS 1.3, and
+// with resume a session cache of its own (one per client loop).
+func termClientConfig(resume bool) *tls.Config {
+	c := &tls.Config{ServerName: sniNames[0], InsecureSkipVerify: true, MinVersion: tls.VersionTLS13}
+	if resume {
+		c.ClientSessionCache = tls.NewLRUClientSessionCache(1)
+	}
+	return c
+}
