@@ -199,7 +199,7 @@ func TestTLSClientCertificates(t *testing.T) {
 	testenv.Eventually(t, "target up", 10*time.Second, func() bool { return liveCount(srv, "mtls") == 1 })
 
 	request := func(cert *tls.Certificate) (string, error) {
-		tc := &tls.Config{RootCAs: cs.ca.Pool, ServerName: "127.0.0.1"}
+		tc := &tls.Config{RootCAs: cs.ca.Pool, ServerName: "127.0.0.1", NextProtos: []string{"x-rota"}}
 		if cert != nil {
 			// Sent whatever CAs the server names (Go's client would
 			// otherwise send none it finds no match for).
@@ -250,7 +250,7 @@ func TestTLSClientCertificates(t *testing.T) {
 			t.Fatalf("record %d: termination %s, want %s", i, recs[i].Termination, want)
 		}
 	}
-	if r := recs[2]; r.TLSVersion != "1.3" || r.TLSCipher == "" || r.ClientCert != "CN=partner" || r.Target != be.Addr {
+	if r := recs[2]; r.TLSVersion != "1.3" || r.TLSCipher == "" || r.ALPN != "x-rota" || r.ClientCert != "CN=partner" || r.Target != be.Addr {
 		t.Fatalf("the served connection's record: %+v", r)
 	}
 

@@ -248,7 +248,7 @@ func run(o *options) error {
 		}
 		benchAB(o, res, three)
 	}
-	if o.only == "accesslog" || o.only == "ab" {
+	if o.only == "accesslog" || o.only == "ab" || o.only == "tls" || o.only == "term" {
 		o.conc, o.targets = nil, nil
 	}
 	if o.only == "" || o.only == "tls" {
