@@ -77,6 +77,14 @@ func main() {
 		}
 		return
 	}
+	if len(os.Args) > 3 && os.Args[1] == "-tls-bulk-mode" {
+		secs, _ := strconv.Atoi(os.Args[3])
+		if err := runTLSBulk(os.Args[2], secs); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		return
+	}
 	if len(os.Args) > 1 && os.Args[1] == "-ok-backend-mode" {
 		if err := runOKBackends(); err != nil {
 			fmt.Fprintln(os.Stderr, err)

@@ -174,7 +174,7 @@ func renderReport(o *options, res results, took time.Duration) string {
 		}
 		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key(row.k, "rota"), key(row.k, "haproxy"), row.lower))
 	}
-	b.WriteString("\n## TLS termination (1 thread each; TLS 1.3, ECDSA P-256, 32 clients, a plaintext backend answering at once)\n\nrota `tls:`; HAProxy `bind ... ssl crt`; nginx `stream` `listen ... ssl`; direct: a Go TLS server answering itself. Full: a new handshake per connection; resumed: each client resumes its session (PSK with ECDHE). CPU per handshake is the proxy's own.\n\n| | direct |")
+	b.WriteString("\n## TLS termination (1 thread each; TLS 1.3, ECDSA P-256, 32 clients, a plaintext backend answering at once)\n\nrota `tls:`; HAProxy `bind ... ssl crt`; nginx `stream` `listen ... ssl`; direct: a Go TLS server answering itself. Full: a new handshake per connection; resumed: each client resumes its session (PSK with ECDHE). CPU per handshake is the proxy's own. Bulk: one TLS connection writing for the run's duration into a backend that discards it (the client one thread, Go's crypto/tls).\n\n| | direct |")
 	for _, px := range o.proxies[1:] {
 		fmt.Fprintf(&b, " %s |", proxyTitle[px])
 	}
@@ -183,7 +183,8 @@ func renderReport(o *options, res results, took time.Duration) string {
 		name, k, f string
 		lower      bool
 	}{{"full handshakes/s", "term_rps", "%.0f", false}, {"p99 (ms)", "term_p99", "%.2f", true}, {"proxy CPU per handshake (µs)", "term_cpu", "%.1f", true},
-		{"resumed handshakes/s", "termr_rps", "%.0f", false}, {"p99 resumed (ms)", "termr_p99", "%.2f", true}, {"proxy CPU per resumed handshake (µs)", "termr_cpu", "%.1f", true}} {
+		{"resumed handshakes/s", "termr_rps", "%.0f", false}, {"p99 resumed (ms)", "termr_p99", "%.2f", true}, {"proxy CPU per resumed handshake (µs)", "termr_cpu", "%.1f", true},
+		{"bulk into a sink, one connection (Gbit/s)", "termbulk", "%.2f", false}} {
 		fmt.Fprintf(&b, "| %s |", row.name)
 		for _, px := range o.proxies {
 			fmt.Fprintf(&b, " %s |", cell(res, key(row.k, px), row.f))

@@ -20,35 +20,43 @@ import (
 	"math/big"
 	"net"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
 )
 
-// runOKBackends is the child mode -ok-backend-mode: one plain TCP server
-// that writes "ok" to each connection and closes it. It prints the port,
-// then "ready".
+// runOKBackends is the child mode -ok-backend-mode: two plain TCP
+// servers, one that writes "ok" to each connection and closes it, and a
+// sink that reads until the client's end of stream, then writes "ok". It
+// prints their ports, then "ready".
 func runOKBackends() error {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return err
-	}
-	fmt.Println(ln.Addr().(*net.TCPAddr).Port)
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				io.WriteString(c, "ok")
-				c.Close()
-			}()
+	for _, sink := range []bool{false, true} {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return err
 		}
-	}()
+		fmt.Println(ln.Addr().(*net.TCPAddr).Port)
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				go func() {
+					if sink {
+						io.Copy(io.Discard, c)
+					}
+					io.WriteString(c, "ok")
+					c.Close()
+				}()
+			}
+		}()
+	}
 	fmt.Println("ready")
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
@@ -86,7 +94,8 @@ func termCert(dir string) (cert, keyFile, both string, err error) {
 
 // startTermProxy starts kind terminating TLS with the certificate and
 // sending the plaintext to backend, one thread; direct is tlsDirect.
-func startTermProxy(kind, backend, tlsDirect, cert, keyFile, both string, o *options) (*proc, error) {
+// With sink, backend is the sink, and readiness is a write through to it.
+func startTermProxy(kind, backend, tlsDirect, cert, keyFile, both string, sink bool, o *options) (*proc, error) {
 	if kind == "direct" {
 		return &proc{name: kind, addr: tlsDirect, pidFn: func() []int { return nil }}, nil
 	}
@@ -122,7 +131,7 @@ func startTermProxy(kind, backend, tlsDirect, cert, keyFile, both string, o *opt
 		fmt.Fprintf(&b, "worker_processes 1;\ndaemon off;\npid %s/nginx.pid;\nerror_log %s/error.log error;\nworker_rlimit_nofile 20000;\n", p.dir, p.dir)
 		b.WriteString("events { worker_connections 18000; multi_accept on; }\nstream {\n")
 		fmt.Fprintf(&b, "  upstream be { server %s; }\n", backend)
-		fmt.Fprintf(&b, "  server { listen %s ssl reuseport; ssl_certificate %s; ssl_certificate_key %s; ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:S:10m; proxy_pass be; proxy_connect_timeout 2s; proxy_timeout 1h; }\n}\n", p.addr, cert, keyFile)
+		fmt.Fprintf(&b, "  server { listen %s ssl reuseport; ssl_certificate %s; ssl_certificate_key %s; ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:S:10m; proxy_pass be; proxy_connect_timeout 2s; proxy_timeout 1h; proxy_half_close on; }\n}\n", p.addr, cert, keyFile)
 		cfg := filepath.Join(p.dir, "nginx.conf")
 		os.WriteFile(cfg, []byte(b.String()), 0o644)
 		err = startCmd(p, "nginx", []string{"-p", p.dir, "-c", cfg, "-e", filepath.Join(p.dir, "error.log")}, nil)
@@ -141,7 +150,11 @@ func startTermProxy(kind, backend, tlsDirect, cert, keyFile, both string, o *opt
 			return nil, fmt.Errorf("%s exited: %v\n%s", kind, err, log)
 		default:
 		}
-		if tlsOnce(p.addr, nil) == nil {
+		ready := tlsOnce(p.addr, nil) == nil
+		if sink {
+			ready = sinkOnce(p.addr) == nil
+		}
+		if ready {
 			return p, nil
 		}
 	}
@@ -176,10 +189,25 @@ func benchTerm(o *options, res results) error {
 		}
 		for _, px := range order {
 			logf("TLS termination, rep %d: %s", rep+1, px)
-			p, err := startTermProxy(px, plain.addrs[0], direct.addrs[0], cert, keyFile, both, o)
+			p, err := startTermProxy(px, plain.addrs[0], direct.addrs[0], cert, keyFile, both, false, o)
 			if err != nil {
 				logf("  %v", err)
 				continue
+			}
+			if px != "direct" {
+				// Bulk: one connection into the sink through another
+				// instance of the proxy.
+				bp, err := startTermProxy(px, plain.addrs[1], direct.addrs[0], cert, keyFile, both, true, o)
+				if err == nil {
+					if gbps, err := tlsBulk(bp.addr, o.dur); err == nil {
+						res.add(key("termbulk", px), gbps)
+					} else {
+						logf("  bulk: %v", err)
+					}
+					bp.stop()
+				} else {
+					logf("  bulk: %v", err)
+				}
 			}
 			for _, mode := range []string{"full", "resume"} {
 				pre := "term"
@@ -212,4 +240,74 @@ func termClientConfig(resume bool) *tls.Config {
 		c.ClientSessionCache = tls.NewLRUClientSessionCache(1)
 	}
 	return c
+}
+
+// runTLSBulk is the child mode -tls-bulk-mode ADDR SECONDS: one TLS 1.3
+// connection writing 256 KiB chunks for SECONDS, then its end of stream;
+// once the sink answers, it prints the rate in Gbit/s.
+func runTLSBulk(addr string, secs int) error {
+	raw, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	defer raw.Close()
+	c := tls.Client(raw, termClientConfig(false))
+	if err := c.Handshake(); err != nil {
+		return err
+	}
+	buf := make([]byte, 256<<10)
+	rand.Read(buf)
+	start := time.Now()
+	stop := start.Add(time.Duration(secs) * time.Second)
+	var n int64
+	for time.Now().Before(stop) {
+		w, err := c.Write(buf)
+		n += int64(w)
+		if err != nil {
+			return err
+		}
+	}
+	c.CloseWrite()
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	b, err := io.ReadAll(c)
+	if err != nil || string(b) != "ok" {
+		return fmt.Errorf("the sink's answer %q: %v", b, err)
+	}
+	fmt.Printf("%.3f\n", float64(n)*8/time.Since(start).Seconds()/1e9)
+	return nil
+}
+
+// tlsBulk runs the bulk client (one thread) and returns its Gbit/s.
+func tlsBulk(addr string, d time.Duration) (float64, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return 0, err
+	}
+	cmd := exec.Command(self, "-tls-bulk-mode", addr, strconv.Itoa(int(d.Seconds())))
+	cmd.Env = append(os.Environ(), "GOMAXPROCS=1")
+	out, err := cmd.Output()
+	if err != nil {
+		return 0, fmt.Errorf("TLS bulk client: %w", err)
+	}
+	return strconv.ParseFloat(strings.TrimSpace(string(out)), 64)
+}
+
+// sinkOnce writes a byte through addr to the sink and waits for its "ok".
+func sinkOnce(addr string) error {
+	raw, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	defer raw.Close()
+	raw.SetDeadline(time.Now().Add(5 * time.Second))
+	c := tls.Client(raw, termClientConfig(false))
+	if _, err := c.Write([]byte{0}); err != nil {
+		return err
+	}
+	c.CloseWrite()
+	b, err := io.ReadAll(c)
+	if err != nil || string(b) != "ok" {
+		return fmt.Errorf("sink: %q, %v", b, err)
+	}
+	return nil
 }
