@@ -414,6 +414,9 @@ type Route struct {
 	Pool `yaml:",inline"`
 	// AccessLog, set, overrides the listener's access_log for this route.
 	AccessLog *bool `yaml:"access_log"`
+	// TLS terminates this route's clients' TLS (the route chosen by the
+	// ClientHello's server name); nil passes it through.
+	TLS *TLSServer `yaml:"tls"`
 }
 
 // TLSServer is a listener's TLS termination. Its files are re-read on

@@ -37,7 +37,7 @@ func TestRoutesAndAccessErrors(t *testing.T) {
 				"rota.yaml:5:89: listeners[0].routes[0].health.rise: must be at least 1",
 			}},
 		{"unknown route key", head + "    routes:\n      - {sni: ['*'], discovery: static, static: [b:1], dial_timeout: 1s}\n",
-			[]string{`rota.yaml:5:56: listeners[0].routes[0].dial_timeout: unknown key; valid keys: name, sni, service, discovery, tags, port, docker, static, health, panic, balance, hash_key, hash_balance_factor, slow_start, max_conns_per_target, queue, target_tls, access_log`}},
+			[]string{`rota.yaml:5:56: listeners[0].routes[0].dial_timeout: unknown key; valid keys: name, sni, service, discovery, tags, connect, connect_service, port, docker, static, health, panic, balance, hash_key, hash_balance_factor, slow_start, max_conns_per_target, queue, target_tls, access_log, tls`}},
 		{"allow, deny, per client", head + "    discovery: static\n    static: [a:1]\n    allow: [10.0.0.0/33]\n    deny: [nope]\n    max_conns_per_client: -1\n",
 			[]string{
 				`rota.yaml:6:13: listeners[0].allow[0]: "10.0.0.0/33" is not a CIDR (like 10.0.0.0/8) or an IP address`,

@@ -455,6 +455,9 @@ func (ck *checker) routes(c *Config, p string, l *Listener) {
 			patterns[key] = fmt.Sprintf("routes[%d].sni[%d]", j, k)
 		}
 		ck.pool(c, rp, &r.Pool, true)
+		if r.TLS != nil {
+			ck.tlsServer(rp+".tls", r.TLS, nil)
+		}
 	}
 }
 
@@ -814,7 +817,7 @@ func (ck *checker) tlsServer(p string, t *TLSServer, l *Listener) {
 	if v := t.MinVersion; v != "" && v != "1.2" && v != "1.3" {
 		ck.add(p+".min_version", `must be "1.2" or "1.3"; got %q`, v)
 	}
-	if l.Routed() {
-		ck.add(p, "not supported on a routed listener yet: its routes pass TLS through by server name (terminate on a listener of its own)")
+	if l != nil && l.Routed() {
+		ck.add(p, "on a routed listener, set tls on the routes that terminate (the others pass TLS through)")
 	}
 }

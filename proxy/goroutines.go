@@ -73,6 +73,9 @@ type retireReq struct {
 
 // relayWithGoroutines relays c, an admitted client of Serve's.
 func (p *Proxy) relayWithGoroutines(c net.Conn, set *settings, conns *sync.WaitGroup) {
+	if set.router.terminatesSome() {
+		c = &routedConn{Conn: c}
+	}
 	g := &gconn{p: p, set: set, conns: conns, client: c}
 	if t, ok := c.(terminated); ok {
 		g.tls = tlsInfo(t.ConnectionState())
@@ -136,6 +139,11 @@ func (g *gconn) clientSide() {
 			}
 			return relay.ReadPrelude
 		})
+	}
+	if a == relay.Dial || a == relay.Queue {
+		if tc := g.set.router.terminates(g.m.RouteIndex()); tc != nil && !g.terminateRoute(tc) {
+			return
+		}
 	}
 	if !g.act(g.connect(a)) {
 		return

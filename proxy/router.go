@@ -21,6 +21,10 @@ type Route struct {
 	// (origination); see certfile.ForHost for a config without a server
 	// name.
 	TargetTLS *tls.Config
+	// TLS, if set, terminates the TLS of the clients routed here: the
+	// ClientHello read to route is the handshake's, and the targets get
+	// plaintext.
+	TLS *tls.Config
 }
 
 // Router chooses a connection's targets by the TLS server name (SNI) its
@@ -58,8 +62,30 @@ func (r *Router) targetTLS(i int) *tls.Config {
 	return nil
 }
 
-// Originates reports whether some of its targets get TLS from rota: its
-// listener must then be served by goroutines.
+// terminates is route i's TLS termination, nil for passthrough.
+func (r *Router) terminates(i int) *tls.Config {
+	if r == nil || r.single != nil || i < 0 || i >= len(r.routes) {
+		return nil
+	}
+	return r.routes[i].TLS
+}
+
+// terminatesSome reports whether some route terminates TLS.
+func (r *Router) terminatesSome() bool {
+	if r == nil {
+		return false
+	}
+	for _, rt := range r.routes {
+		if rt.TLS != nil {
+			return true
+		}
+	}
+	return false
+}
+
+// Originates reports whether some of its targets get TLS from rota, or
+// some of its routes terminate it: its listener must then be served by
+// goroutines.
 func (r *Router) Originates() bool {
 	if r == nil {
 		return false
@@ -68,7 +94,7 @@ func (r *Router) Originates() bool {
 		return true
 	}
 	for _, rt := range r.routes {
-		if rt.TargetTLS != nil {
+		if rt.TargetTLS != nil || rt.TLS != nil {
 			return true
 		}
 	}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/internal/certfile"
+	"github.com/rota-proxy/rota/proxy/internal/relay"
 )
 
 // TLS termination: a listener given a server configuration (ConfigureTLS)
@@ -115,8 +116,11 @@ func (t terminated) Close() error { return t.raw.Close() }
 
 // tcpOf is the TCP socket under c, nil when there is none.
 func tcpOf(c net.Conn) *net.TCPConn {
-	if t, ok := c.(terminated); ok {
+	switch t := c.(type) {
+	case terminated:
 		c = t.raw
+	case *routedConn:
+		c = t.Conn
 	}
 	tc, _ := c.(*net.TCPConn)
 	return tc
@@ -200,4 +204,82 @@ func originate(ctx context.Context, c net.Conn, cfg *tls.Config, addr string) (n
 		return nil, fmt.Errorf("tls handshake with %s: %w", addr, err)
 	}
 	return terminated{Conn: tc, raw: c}, nil
+}
+
+// routedConn is a client of a routed listener some of whose routes
+// terminate TLS: plain until its route's handshake is done (a route that
+// passes TLS through reads and writes the socket), then read and written
+// through TLS. Deadlines and Close are the socket's, as terminated's.
+type routedConn struct {
+	net.Conn // the socket
+	tls      atomic.Pointer[tls.Conn]
+}
+
+func (c *routedConn) Read(b []byte) (int, error) {
+	if t := c.tls.Load(); t != nil {
+		return t.Read(b)
+	}
+	return c.Conn.Read(b)
+}
+
+func (c *routedConn) Write(b []byte) (int, error) {
+	if t := c.tls.Load(); t != nil {
+		return t.Write(b)
+	}
+	return c.Conn.Write(b)
+}
+
+func (c *routedConn) CloseWrite() error {
+	if t := c.tls.Load(); t != nil {
+		return t.CloseWrite()
+	}
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+// prefixed reads prefix before the connection: the ClientHello the
+// routing read, replayed to the handshake.
+type prefixed struct {
+	net.Conn
+	prefix []byte
+}
+
+func (p *prefixed) Read(b []byte) (int, error) {
+	if len(p.prefix) > 0 {
+		n := copy(b, p.prefix)
+		p.prefix = p.prefix[n:]
+		return n, nil
+	}
+	return p.Conn.Read(b)
+}
+
+// terminateRoute completes the TLS handshake of a client whose route
+// terminates it, from the ClientHello the routing read on; false when it
+// failed (the connection ended, counted).
+func (g *gconn) terminateRoute(cfg *tls.Config) bool {
+	rc, ok := g.client.(*routedConn)
+	if !ok { // relayWithGoroutines wraps every client of such a router
+		g.ending(accesslog.TLSHandshake, errors.New("a terminating route on a listener not set up for it"))
+		return false
+	}
+	var held []byte
+	g.locked(func() relay.Action { held = g.m.TakeHeld(); return relay.Continue })
+	tc := tls.Server(&prefixed{Conn: rc.Conn, prefix: held}, cfg)
+	timeout := g.set.relay.SNITimeout
+	if timeout <= 0 {
+		timeout = 10 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(g.ctx, timeout)
+	err := tc.HandshakeContext(ctx)
+	cancel()
+	if err != nil {
+		g.p.Stats.TLSErrors[tlsReason(err)].Add(1)
+		g.ending(accesslog.TLSHandshake, err)
+		return false
+	}
+	rc.tls.Store(tc)
+	g.tls = tlsInfo(tc.ConnectionState())
+	return true
 }

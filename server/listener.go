@@ -57,7 +57,8 @@ type routeSpec struct {
 	name string
 	sni  []string
 	pool config.Pool
-	log  bool // its connections go to the access log
+	log  bool              // its connections go to the access log
+	tls  *config.TLSServer // it terminates its clients' TLS
 }
 
 func routeSpecs(cfg config.Listener) []routeSpec {
@@ -66,7 +67,7 @@ func routeSpecs(cfg config.Listener) []routeSpec {
 	}
 	out := make([]routeSpec, len(cfg.Routes))
 	for i, r := range cfg.Routes {
-		out[i] = routeSpec{name: r.Name, sni: r.SNI, pool: r.Pool, log: r.AccessLog == nil && cfg.AccessLog || r.AccessLog != nil && *r.AccessLog}
+		out[i] = routeSpec{name: r.Name, sni: r.SNI, pool: r.Pool, log: r.AccessLog == nil && cfg.AccessLog || r.AccessLog != nil && *r.AccessLog, tls: r.TLS}
 	}
 	return out
 }
@@ -169,7 +170,7 @@ func (l *listener) routeLog(name string) *zap.Logger {
 // install makes next the listener's routes: each kept route takes its
 // new settings, the proxy its new settings and router. New watchers are
 // started by the caller.
-func (l *listener) install(cfg config.Listener, regs config.Registries, next []*route, targetTLS []*tls.Config) {
+func (l *listener) install(cfg config.Listener, regs config.Registries, next []*route, targetTLS []*tls.Config, routeTLS []*certfile.Server) {
 	specs := routeSpecs(cfg)
 	for i, r := range next {
 		r.spec.Store(&specs[i])
@@ -181,6 +182,9 @@ func (l *listener) install(cfg config.Listener, regs config.Registries, next []*
 		routes := make([]proxy.Route, len(next))
 		for i, r := range next {
 			routes[i] = proxy.Route{SNI: specs[i].sni, Picker: r.pool, Name: r.name, NoLog: !specs[i].log, TargetTLS: targetTLS[i]}
+			if routeTLS[i] != nil {
+				routes[i].TLS = routeTLS[i].Config()
+			}
 		}
 		router = proxy.NewRouter(routes)
 	}
@@ -335,14 +339,36 @@ func (l *listener) tlsServer(t config.TLSServer) (*certfile.Server, error) {
 		})
 }
 
-// originates reports whether a listener speaks TLS to some targets.
-func originates(lc config.Listener) bool {
+// speaksTLS reports whether a listener terminates TLS (itself or on a
+// route) or speaks it to some targets: it is then served by goroutines.
+func speaksTLS(lc config.Listener) bool {
+	if lc.TLS != nil {
+		return true
+	}
 	for _, sp := range routeSpecs(lc) {
-		if sp.pool.TargetTLS != nil || sp.pool.Connect {
+		if sp.pool.TargetTLS != nil || sp.pool.Connect || sp.tls != nil {
 			return true
 		}
 	}
 	return false
+}
+
+// routeTLSServers loads each route's termination files (nil where it
+// passes TLS through), in routeSpecs' order.
+func (l *listener) routeTLSServers(lc config.Listener) ([]*certfile.Server, error) {
+	specs := routeSpecs(lc)
+	out := make([]*certfile.Server, len(specs))
+	for i, sp := range specs {
+		if sp.tls == nil {
+			continue
+		}
+		s, err := l.tlsServer(*sp.tls)
+		if err != nil {
+			return nil, fmt.Errorf("route %q: tls: %w", sp.name, err)
+		}
+		out[i] = s
+	}
+	return out, nil
 }
 
 // targetTLSConfigs loads each route's target_tls, or its Consul Connect

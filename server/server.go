@@ -338,15 +338,20 @@ type plan struct {
 	// for plain TCP), in routeSpecs' order.
 	tls       *certfile.Server
 	targetTLS []*tls.Config
+	routeTLS  []*certfile.Server // each route's termination, nil for passthrough
 }
 
 func (s *Server) plan(l *listener, lc config.Listener, rc config.Registries, regs *registries, regsChanged bool) (*plan, error) {
-	if (l.config().TLS == nil) != (lc.TLS == nil) || originates(l.config()) != originates(lc) {
+	if speaksTLS(l.config()) != speaksTLS(lc) {
 		// A running listener is served by the loops or, speaking TLS, by
 		// goroutines: the choice is made when it starts.
 		return nil, errors.New("tls (or target_tls) cannot be turned on or off on a running listener: give the listener another name (a new listener), or restart rota")
 	}
 	targetTLS, err := targetTLSConfigs(lc, regs)
+	if err != nil {
+		return nil, err
+	}
+	routeTLS, err := l.routeTLSServers(lc)
 	if err != nil {
 		return nil, err
 	}
@@ -362,7 +367,7 @@ func (s *Server) plan(l *listener, lc config.Listener, rc config.Registries, reg
 		s.restoreRoute(lc.Name, r)
 	}
 	pl := &plan{l: l, cfg: lc, regs: rc, routes: c.next, gone: c.gone, created: c.created,
-		changedSource: c.sourceChanged, watchers: map[*route]discovery.Watcher{}, tls: certs, targetTLS: targetTLS}
+		changedSource: c.sourceChanged, watchers: map[*route]discovery.Watcher{}, tls: certs, targetTLS: targetTLS, routeTLS: routeTLS}
 	specs := routeSpecs(lc)
 	for i, r := range c.next {
 		if !c.rewatch[r] {
@@ -387,8 +392,10 @@ func (s *Server) plan(l *listener, lc config.Listener, rc config.Registries, reg
 func (pl *plan) commit(wg *sync.WaitGroup) {
 	if pl.tls != nil {
 		pl.l.proxy.ConfigureTLS(pl.tls.Config())
+	} else {
+		pl.l.proxy.ConfigureTLS(nil)
 	}
-	pl.l.install(pl.cfg, pl.regs, pl.routes, pl.targetTLS)
+	pl.l.install(pl.cfg, pl.regs, pl.routes, pl.targetTLS, pl.routeTLS)
 	for _, r := range pl.routes {
 		if w, ok := pl.watchers[r]; ok {
 			r.startWatch(w, wg, pl.l.routeLog(r.name))

@@ -333,3 +333,64 @@ func TestTLSOrigination(t *testing.T) {
 		t.Fatalf("TLS in and out: %q, %v", got, err)
 	}
 }
+
+// tls: on an SNI route: its clients' TLS is terminated (the ClientHello
+// the routing read is the handshake's) and its targets get plaintext; the
+// listener's other route passes TLS through unchanged, to a TLS backend.
+func TestTLSTerminationOnARoute(t *testing.T) {
+	cs := &certs{t: t, ca: testenv.NewCA(t, "ca"), dir: t.TempDir()}
+	term := cs.install("api", "api.example.com")
+	plain := testenv.StartBackend(t, "plain")
+	passCert, passKey := cs.ca.Issue("www.example.com", "www.example.com")
+	kp, _ := tls.LoadX509KeyPair(passCert, passKey)
+	passthrough := testenv.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		tc := tls.Server(c, &tls.Config{Certificates: []tls.Certificate{kp}})
+		tc.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := tc.Read(make([]byte, 64)); err != nil {
+			return
+		}
+		io.WriteString(tc, "backend's own TLS")
+	})
+	cfg := config.Default()
+	cfg.Admin.Listen = ""
+	log := newAccessLog(t, cfg)
+	l := fastListener("edge")
+	l.Discovery, l.Static = "", nil
+	l.SNITimeout = 2 * time.Second
+	api := config.Route{Name: "api", SNI: []string{"api.example.com"}, Pool: config.DefaultPool(), TLS: &config.TLSServer{Certs: []config.CertFiles{term}}}
+	api.Discovery, api.Static = "static", config.Statics(plain.Addr)
+	rest := config.Route{Name: "rest", SNI: []string{"*"}, Pool: config.DefaultPool()}
+	rest.Discovery, rest.Static = "static", config.Statics(passthrough)
+	l.Routes = []config.Route{api, rest}
+	cfg.Listeners = []config.Listener{l}
+	srv := startServer(t, cfg)
+	addr := proxyAddr(t, srv, "edge")
+	testenv.Eventually(t, "both routes up", 10*time.Second, func() bool { return liveCount(srv, "edge") == 2 })
+
+	ask := func(name string) (string, string, error) {
+		c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, &tls.Config{ServerName: name, RootCAs: cs.ca.Pool})
+		if err != nil {
+			return "", "", err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, "GET / HTTP/1.0\r\n\r\n")
+		b, err := io.ReadAll(c)
+		return string(b), c.ConnectionState().PeerCertificates[0].Subject.CommonName, err
+	}
+	if got, cn, err := ask("api.example.com"); err != nil || got != "plain" || cn != "api.example.com" {
+		t.Fatalf("terminated route: %q from a certificate for %q, %v", got, cn, err)
+	}
+	if got, cn, err := ask("www.example.com"); err != nil || got != "backend's own TLS" || cn != "www.example.com" {
+		t.Fatalf("passthrough route: %q from a certificate for %q, %v", got, cn, err)
+	}
+	var recs []logRecord
+	testenv.Eventually(t, "two records", 5*time.Second, func() bool { recs = log.all(); return len(recs) == 2 })
+	if r := recs[0]; r.Route != "api" || r.SNI != "api.example.com" || r.TLSVersion != "1.3" || r.Target != plain.Addr {
+		t.Fatalf("the terminated route's record: %+v", r)
+	}
+	if r := recs[1]; r.Route != "rest" || r.TLSVersion != "" {
+		t.Fatalf("the passthrough route's record: %+v", r)
+	}
+}

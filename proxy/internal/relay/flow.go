@@ -18,6 +18,19 @@ func (c *Conn) Pending() []byte {
 	return c.held[c.sent:]
 }
 
+// TakeHeld hands the driver the client bytes held for a target that has
+// not been dialled yet, and forgets them: a routed client's ClientHello
+// when its route terminates TLS is the handshake's, not the target's. It
+// returns nil once a byte was written to a target.
+func (c *Conn) TakeHeld() []byte {
+	if c.sent != 0 || c.spoke {
+		return nil
+	}
+	h := c.held
+	c.held = nil
+	return h
+}
+
 // Wrote reports that n bytes of Pending() were written to the target.
 func (c *Conn) Wrote(n int) {
 	if x := c.x; x != nil && len(x.hdr) > x.hdrSent {

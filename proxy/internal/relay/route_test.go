@@ -53,6 +53,25 @@ func TestRouteBySNI(t *testing.T) {
 	}
 }
 
+// A route that terminates TLS takes the ClientHello the routing read
+// (TakeHeld): the target, dialled after the handshake, gets none of it.
+func TestTakeHeldForTermination(t *testing.T) {
+	hello := testenv.ClientHello(t, "api.example.com")
+	h, _ := routed(t, true, Config{})
+	h.want(h.c.Start(0), ReadPrelude)
+	h.want(h.c.Prelude(hello, 1), Dial)
+	if got := h.c.TakeHeld(); !bytes.Equal(got, hello) {
+		t.Fatalf("TakeHeld gave %d bytes, want the %d-byte hello", len(got), len(hello))
+	}
+	if got := h.c.TakeHeld(); got != nil {
+		t.Fatalf("a second TakeHeld gave %d bytes", len(got))
+	}
+	h.want(h.c.Dialed(2), Flush)
+	if got := h.flush(-1); len(got) != 0 {
+		t.Fatalf("the target was sent %d bytes of the hello", len(got))
+	}
+}
+
 func TestRouteFallbacks(t *testing.T) {
 	// Not TLS: routed at once as no server name.
 	h, asked := routed(t, true, Config{})
