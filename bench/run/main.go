@@ -77,6 +77,14 @@ func main() {
 		}
 		return
 	}
+	if len(os.Args) > 3 && os.Args[1] == "-plain-bulk-mode" {
+		secs, _ := strconv.Atoi(os.Args[3])
+		if err := runPlainBulk(os.Args[2], secs); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		return
+	}
 	if len(os.Args) > 3 && os.Args[1] == "-tls-bulk-mode" {
 		secs, _ := strconv.Atoi(os.Args[3])
 		if err := runTLSBulk(os.Args[2], secs); err != nil {
@@ -110,7 +118,7 @@ func main() {
 	flag.StringVar(&o.rotaBin, "rota", "bin/rota", "rota binary")
 	flag.StringVar(&o.baseline, "baseline", "", "an earlier rota binary to measure beside rota (before/after a change)")
 	flag.StringVar(&o.out, "out", "bench/results", "directory for the report and chart")
-	flag.StringVar(&o.only, "only", "", `"targets": run only the health-checking phase (new connections and probe CPU at 3 to 10,000 targets); "accesslog": only the access log's cost; "ab": rota against -baseline only, many interleaved repetitions (a data-path change's before/after); "tls": TLS passthrough by SNI only; "term": TLS termination only`)
+	flag.StringVar(&o.only, "only", "", `"targets": run only the health-checking phase (new connections and probe CPU at 3 to 10,000 targets); "accesslog": only the access log's cost; "ab": rota against -baseline only, many interleaved repetitions (a data-path change's before/after); "tls": TLS passthrough by SNI only; "term": TLS termination only; "orig": TLS origination only`)
 	flag.Parse()
 	o.proxies = proxyKinds
 	if o.baseline != "" {
@@ -256,7 +264,7 @@ func run(o *options) error {
 		}
 		benchAB(o, res, three)
 	}
-	if o.only == "accesslog" || o.only == "ab" || o.only == "tls" || o.only == "term" {
+	if o.only == "accesslog" || o.only == "ab" || o.only == "tls" || o.only == "term" || o.only == "orig" {
 		o.conc, o.targets = nil, nil
 	}
 	if o.only == "" || o.only == "tls" {
@@ -267,6 +275,11 @@ func run(o *options) error {
 	if o.only == "" || o.only == "term" {
 		if err := benchTerm(o, res); err != nil {
 			logf("TLS termination: %v", err)
+		}
+	}
+	if o.only == "" || o.only == "orig" {
+		if err := benchOrig(o, res); err != nil {
+			logf("TLS origination: %v", err)
 		}
 	}
 	// Scaling, one thread each: concurrency, then number of targets.

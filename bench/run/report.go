@@ -191,6 +191,22 @@ func renderReport(o *options, res results, took time.Duration) string {
 		}
 		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key(row.k, "rota"), key(row.k, "haproxy"), row.lower))
 	}
+	b.WriteString("\n## TLS origination (1 thread each; plaintext clients, the proxy speaking TLS to a Go TLS backend, 32 clients)\n\nrota `target_tls:`; HAProxy `server ... ssl verify none`; nginx `proxy_ssl on`. Each proxy resumes its sessions with the backend as it does by default; direct: the client does the TLS itself, a full handshake each. Bulk: one plaintext connection into a TLS sink through the proxy.\n\n| | direct |")
+	for _, px := range o.proxies[1:] {
+		fmt.Fprintf(&b, " %s |", proxyTitle[px])
+	}
+	b.WriteString(" rota/HAProxy |\n|---|" + strings.Repeat("---:|", len(o.proxies)+1) + "\n")
+	for _, row := range []struct {
+		name, k, f string
+		lower      bool
+	}{{"connections/s", "orig_rps", "%.0f", false}, {"p99 (ms)", "orig_p99", "%.2f", true}, {"proxy CPU per connection (µs)", "orig_cpu", "%.1f", true},
+		{"bulk into a TLS sink, one connection (Gbit/s)", "origbulk", "%.2f", false}} {
+		fmt.Fprintf(&b, "| %s |", row.name)
+		for _, px := range o.proxies {
+			fmt.Fprintf(&b, " %s |", cell(res, key(row.k, px), row.f))
+		}
+		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key(row.k, "rota"), key(row.k, "haproxy"), row.lower))
+	}
 	b.WriteString("\n## Health checking (CPU of the idle proxy, % of one core, TCP checks every 2 s, 1 thread each)\n\nThe proxy's user and system time while it only probes its targets, over a quiet window; on loopback the kernel's work for both ends of each probe's handshake runs in the prober's context, so this is an upper bound of what the same probing costs against remote targets.\n\n| targets |")
 	hpx := []string{}
 	for _, px := range o.proxies[1:] {

@@ -40,6 +40,7 @@ var sniNames = [...]string{"api.example.com", "www.example.com"}
 // name, each with a self-signed certificate of its own, answering "ok"
 // after the handshake. It prints the ports, then "ready".
 func runTLSBackends() error {
+	var last tls.Certificate
 	for _, name := range sniNames {
 		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 		if err != nil {
@@ -51,7 +52,8 @@ func runTLSBackends() error {
 		if err != nil {
 			return err
 		}
-		ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}})
+		last = tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+		ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{last}})
 		if err != nil {
 			return err
 		}
@@ -72,6 +74,12 @@ func runTLSBackends() error {
 			}
 		}()
 	}
+	// Last, a TLS sink (origination's bulk).
+	port, err := runTLSSink(last)
+	if err != nil {
+		return err
+	}
+	fmt.Println(port)
 	fmt.Println("ready")
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
@@ -96,12 +104,16 @@ func runTLSClient(addr string, secs, conns int, mode string) error {
 		wg.Go(func() {
 			var mine []time.Duration
 			var cfg *tls.Config // passthrough: tlsOnce's
-			if mode != "" {
+			if mode == "full" || mode == "resume" {
 				cfg = termClientConfig(mode == "resume")
+			}
+			once := func() error { return tlsOnce(addr, cfg) }
+			if mode == "plain" {
+				once = func() error { return plainOnce(addr) }
 			}
 			for time.Now().Before(stop) {
 				t0 := time.Now()
-				if err := tlsOnce(addr, cfg); err != nil {
+				if err := once(); err != nil {
 					errs.Add(1)
 					continue
 				}
