@@ -304,10 +304,15 @@ func TestTLSOrigination(t *testing.T) {
 	wrong.TargetTLS = &config.TLSClient{CAFile: ca.File, CertFile: rotaCert, KeyFile: rotaKey, ServerName: "db.example.com"}
 	wrong.Health.Check = "none" // so that the dial itself is what fails
 	wrong.Retries = 0
+	stranger := testenv.NewCA(t, "stranger")
+	wrongCA := fastListener("wrong-ca", target)
+	wrongCA.TargetTLS = &config.TLSClient{CAFile: stranger.File, CertFile: rotaCert, KeyFile: rotaKey}
+	wrongCA.Health.Check = "none"
+	wrongCA.Retries = 0
 	cs := &certs{t: t, ca: ca, dir: t.TempDir()}
 	both := tlsListener("both", target, config.TLSServer{Certs: []config.CertFiles{cs.install("front", "127.0.0.1")}})
 	both.TargetTLS = out.TargetTLS
-	cfg.Listeners = []config.Listener{out, wrong, both}
+	cfg.Listeners = []config.Listener{out, wrong, wrongCA, both}
 	srv := startServer(t, cfg)
 	testenv.Eventually(t, "the target up, checked over mTLS", 10*time.Second, func() bool { return liveCount(srv, "out") == 1 })
 
@@ -321,6 +326,12 @@ func TestTLSOrigination(t *testing.T) {
 		return strings.Contains(targetStatus(t, srv, "wrong", target), "db.example.com")
 	})
 	t.Logf("wrong server name: %s", targetStatus(t, srv, "wrong", target))
+	if got, err := testenv.Request(proxyAddr(t, srv, "wrong-ca")); err == nil && got != "" {
+		t.Fatalf("a target whose certificate another CA signed answered %q", got)
+	}
+	testenv.Eventually(t, "the unknown authority explained", 5*time.Second, func() bool {
+		return strings.Contains(targetStatus(t, srv, "wrong-ca", target), "unknown authority")
+	})
 
 	c, err := tls.Dial("tcp", proxyAddr(t, srv, "both"), &tls.Config{RootCAs: ca.Pool, ServerName: "127.0.0.1"})
 	if err != nil {
