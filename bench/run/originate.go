@@ -106,24 +106,14 @@ func startOrigProxy(kind, backend string, sink bool, o *options) (*proc, error) 
 	if err != nil {
 		return nil, err
 	}
-	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		select {
-		case err := <-p.waitCh:
-			p.waitCh <- err
-			log, _ := os.ReadFile(filepath.Join(p.dir, "proxy.log"))
-			return nil, fmt.Errorf("%s exited: %v\n%s", kind, err, log)
-		default:
-		}
-		ready := plainOnce(p.addr) == nil
-		if sink {
-			ready = plainSinkOnce(p.addr) == nil
-		}
-		if ready {
-			return p, nil
-		}
+	once := func() error { return plainOnce(p.addr) }
+	if sink {
+		once = func() error { return plainSinkOnce(p.addr) }
 	}
-	p.stop()
-	return nil, fmt.Errorf("%s: nothing through it to the TLS backend", kind)
+	if err := waitServing(p, kind, "nothing through it to the TLS backend", once); err != nil {
+		return nil, err
+	}
+	return p, nil
 }
 
 // plainSinkOnce writes a byte through addr to the sink and reads its "ok".
@@ -209,38 +199,26 @@ func runPlainBulk(addr string, secs int) error {
 		return err
 	}
 	defer c.Close()
-	buf := make([]byte, 256<<10)
-	start := time.Now()
-	stop := start.Add(time.Duration(secs) * time.Second)
-	var n int64
-	for time.Now().Before(stop) {
-		w, err := c.Write(buf)
-		n += int64(w)
-		if err != nil {
-			return err
-		}
-	}
-	c.(*net.TCPConn).CloseWrite()
-	c.SetReadDeadline(time.Now().Add(30 * time.Second))
-	b, err := io.ReadAll(c)
-	if err != nil || string(b) != "ok" {
-		return fmt.Errorf("the sink's answer %q: %v", b, err)
-	}
-	fmt.Printf("%.3f\n", float64(n)*8/time.Since(start).Seconds()/1e9)
-	return nil
+	return writeFor(c, secs, c.(*net.TCPConn).CloseWrite)
 }
 
 // plainBulk runs the plain bulk client (one thread) and returns Gbit/s.
 func plainBulk(addr string, d time.Duration) (float64, error) {
+	return bulkChild("-plain-bulk-mode", addr, d)
+}
+
+// bulkChild runs a bulk client child mode (one thread) and returns the
+// Gbit/s it prints.
+func bulkChild(mode, addr string, d time.Duration) (float64, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return 0, err
 	}
-	cmd := exec.Command(self, "-plain-bulk-mode", addr, strconv.Itoa(int(d.Seconds())))
+	cmd := exec.Command(self, mode, addr, strconv.Itoa(int(d.Seconds())))
 	cmd.Env = append(os.Environ(), "GOMAXPROCS=1")
 	out, err := cmd.Output()
 	if err != nil {
-		return 0, fmt.Errorf("plain bulk client: %w", err)
+		return 0, fmt.Errorf("bulk client %s: %w", mode, err)
 	}
 	return strconv.ParseFloat(strings.TrimSpace(string(out)), 64)
 }

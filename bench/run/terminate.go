@@ -20,11 +20,9 @@ import (
 	"math/big"
 	"net"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -142,24 +140,14 @@ func startTermProxy(kind, backend, tlsDirect, cert, keyFile, both string, sink b
 	if err != nil {
 		return nil, err
 	}
-	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		select {
-		case err := <-p.waitCh:
-			p.waitCh <- err
-			log, _ := os.ReadFile(filepath.Join(p.dir, "proxy.log"))
-			return nil, fmt.Errorf("%s exited: %v\n%s", kind, err, log)
-		default:
-		}
-		ready := tlsOnce(p.addr, nil) == nil
-		if sink {
-			ready = sinkOnce(p.addr) == nil
-		}
-		if ready {
-			return p, nil
-		}
+	once := func() error { return tlsOnce(p.addr, nil) }
+	if sink {
+		once = func() error { return sinkOnce(p.addr) }
 	}
-	p.stop()
-	return nil, fmt.Errorf("%s: no TLS handshake with it", kind)
+	if err := waitServing(p, kind, "no TLS handshake with it", once); err != nil {
+		return nil, err
+	}
+	return p, nil
 }
 
 // benchTerm measures TLS termination: handshakes a second, p99 and the
@@ -255,6 +243,13 @@ func runTLSBulk(addr string, secs int) error {
 	if err := c.Handshake(); err != nil {
 		return err
 	}
+	return writeFor(c, secs, c.CloseWrite)
+}
+
+// writeFor writes 256 KiB chunks to c for secs seconds, ends its stream
+// with closeWrite, waits for the sink's "ok" and prints the rate in
+// Gbit/s.
+func writeFor(c net.Conn, secs int, closeWrite func() error) error {
 	buf := make([]byte, 256<<10)
 	rand.Read(buf)
 	start := time.Now()
@@ -267,7 +262,7 @@ func runTLSBulk(addr string, secs int) error {
 			return err
 		}
 	}
-	c.CloseWrite()
+	closeWrite()
 	c.SetReadDeadline(time.Now().Add(30 * time.Second))
 	b, err := io.ReadAll(c)
 	if err != nil || string(b) != "ok" {
@@ -277,19 +272,9 @@ func runTLSBulk(addr string, secs int) error {
 	return nil
 }
 
-// tlsBulk runs the bulk client (one thread) and returns its Gbit/s.
+// tlsBulk runs the TLS bulk client (one thread) and returns its Gbit/s.
 func tlsBulk(addr string, d time.Duration) (float64, error) {
-	self, err := os.Executable()
-	if err != nil {
-		return 0, err
-	}
-	cmd := exec.Command(self, "-tls-bulk-mode", addr, strconv.Itoa(int(d.Seconds())))
-	cmd.Env = append(os.Environ(), "GOMAXPROCS=1")
-	out, err := cmd.Output()
-	if err != nil {
-		return 0, fmt.Errorf("TLS bulk client: %w", err)
-	}
-	return strconv.ParseFloat(strings.TrimSpace(string(out)), 64)
+	return bulkChild("-tls-bulk-mode", addr, d)
 }
 
 // sinkOnce writes a byte through addr to the sink and waits for its "ok".

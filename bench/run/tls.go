@@ -237,20 +237,30 @@ func startSNIProxy(kind string, backends []string, o *options) (*proc, error) {
 		return nil, err
 	}
 	// Ready once a handshake through it reaches the api backend.
+	if err := waitServing(p, kind, "no TLS handshake through it", func() error { return tlsOnce(p.addr, nil) }); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// waitServing waits up to 30 s for once to succeed through p, the proxy
+// kind just started; it stops p and says why when p exits or the time
+// runs out (what: how).
+func waitServing(p *proc, kind, what string, once func() error) error {
 	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
 		select {
 		case err := <-p.waitCh:
 			p.waitCh <- err
 			log, _ := os.ReadFile(filepath.Join(p.dir, "proxy.log"))
-			return nil, fmt.Errorf("%s exited: %v\n%s", kind, err, log)
+			return fmt.Errorf("%s exited: %v\n%s", kind, err, log)
 		default:
 		}
-		if tlsOnce(p.addr, nil) == nil {
-			return p, nil
+		if once() == nil {
+			return nil
 		}
 	}
 	p.stop()
-	return nil, fmt.Errorf("%s: no TLS handshake through it", kind)
+	return fmt.Errorf("%s: %s", kind, what)
 }
 
 // benchTLS measures new TLS connections per second and p99 through each
