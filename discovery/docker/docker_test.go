@@ -108,6 +108,16 @@ func TestHealthStopAndRestart(t *testing.T) {
 	b := app(d, n, svc, "--", "--deregister-wait", "5s")
 	addrB := d.IP(b, n) + ":9000"
 	r.WaitAddrs(t, "b", addrB)
+	// Running is not yet serving: a SIGTERM before demo-backend has set
+	// up its signal handling (it does so before it listens) ends it at
+	// once, and then it exits before rota can have seen the signal.
+	testenv.Eventually(t, "b serving", 10*time.Second, func() bool {
+		c, err := net.DialTimeout("tcp", addrB, time.Second)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	wg.Go(func() { d.Try("stop", "-t", "10", b) })
