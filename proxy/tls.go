@@ -126,19 +126,27 @@ func tcpOf(c net.Conn) *net.TCPConn {
 	return tc
 }
 
-// handshakes are the handshakes in progress, closed by abortAll.
+// handshakes are the handshakes in progress, closed by abortAll. Once
+// closed it takes no more: a handshake whose goroutine starts after the
+// abort would otherwise hold Serve for sni_timeout.
 type handshakes struct {
-	mu sync.Mutex
-	m  map[net.Conn]struct{}
+	mu     sync.Mutex
+	m      map[net.Conn]struct{}
+	closed bool
 }
 
-func (h *handshakes) add(c net.Conn) {
+// add records c; false when abortAll has been, and c must not start.
+func (h *handshakes) add(c net.Conn) bool {
 	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed {
+		return false
+	}
 	if h.m == nil {
 		h.m = map[net.Conn]struct{}{}
 	}
 	h.m[c] = struct{}{}
-	h.mu.Unlock()
+	return true
 }
 
 func (h *handshakes) remove(c net.Conn) {
@@ -149,6 +157,7 @@ func (h *handshakes) remove(c net.Conn) {
 
 func (h *handshakes) closeAll() {
 	h.mu.Lock()
+	h.closed = true
 	for c := range h.m {
 		c.Close()
 	}
@@ -158,18 +167,20 @@ func (h *handshakes) closeAll() {
 // terminate completes c's handshake with cfg, then relays it; c is an
 // admitted client of Serve's, which terminate owns from now on.
 func (p *Proxy) terminate(c net.Conn, cfg *tls.Config, set *settings, conns *sync.WaitGroup) {
-	p.handshaking.add(c)
 	tc := tls.Server(c, cfg)
-	timeout := set.relay.SNITimeout
-	if timeout <= 0 {
-		timeout = 10 * time.Second
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	err := tc.HandshakeContext(ctx)
-	cancel()
-	p.handshaking.remove(c)
-	if err == nil && p.aborting.Load() {
-		err = net.ErrClosed
+	err := net.ErrClosed // aborted before it began
+	if p.handshaking.add(c) {
+		timeout := set.relay.SNITimeout
+		if timeout <= 0 {
+			timeout = 10 * time.Second
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		err = tc.HandshakeContext(ctx)
+		cancel()
+		p.handshaking.remove(c)
+		if err == nil && p.aborting.Load() {
+			err = net.ErrClosed
+		}
 	}
 	if err != nil {
 		why := tlsReason(err)
