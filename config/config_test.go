@@ -157,8 +157,6 @@ func TestParseErrors(t *testing.T) {
 			[]string{`rota.yaml:5:11: listeners[0].port: expected a port number or a Service port's name (discovery: kubernetes), which must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-), got the string "Web_1"`}},
 		{"tls on a routed listener", "listeners:\n  - listen: :1\n    tls: {certs: [{cert_file: a.pem, key_file: a-key.pem}]}\n    routes:\n      - {sni: [\"*\"], discovery: static, static: [a:1]}\n",
 			[]string{"rota.yaml:3:10: listeners[0].tls: on a routed listener, set tls on the routes that terminate (the others pass TLS through)"}},
-		{"listener tls with accept_proxy_protocol", "listeners:\n  - listen: :1\n    discovery: static\n    static: [a:1]\n    accept_proxy_protocol: [10.0.0.0/8]\n    tls: {certs: [{cert_file: a.pem, key_file: a-key.pem}]}\n",
-			[]string{`rota.yaml:6:10: listeners[0].tls: not yet with accept_proxy_protocol on the same listener: put the listener's service in a route (routes: [{sni: ["*"], ...}]) and set tls on it`}},
 		{"route tls without certs", "listeners:\n  - listen: :1\n    routes:\n      - {sni: [\"*\"], discovery: static, static: [a:1], tls: {client_auth: maybe}}\n",
 			[]string{"rota.yaml:4:61: listeners[0].routes[0].tls.certs: required: at least one {cert_file, key_file}", `rota.yaml:4:75: listeners[0].routes[0].tls.client_auth: must be none, request or require; got "maybe"`}},
 		{"port name with dns", "listeners:\n  - listen: :1\n    discovery: dns\n    service: app\n    port: http\n",

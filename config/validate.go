@@ -820,9 +820,4 @@ func (ck *checker) tlsServer(p string, t *TLSServer, l *Listener) {
 	if l != nil && l.Routed() {
 		ck.add(p, "on a routed listener, set tls on the routes that terminate (the others pass TLS through)")
 	}
-	if l != nil && !l.Routed() && len(l.AcceptProxyProtocol) > 0 {
-		// The listener's handshake starts at the first byte, where the
-		// PROXY header is; a route's comes after it.
-		ck.add(p, "not yet with accept_proxy_protocol on the same listener: put the listener's service in a route (routes: [{sni: [\"*\"], ...}]) and set tls on it")
-	}
 }

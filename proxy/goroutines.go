@@ -77,9 +77,6 @@ func (p *Proxy) relayWithGoroutines(c net.Conn, set *settings, conns *sync.WaitG
 		c = &routedConn{Conn: c}
 	}
 	g := &gconn{p: p, set: set, conns: conns, client: c}
-	if t, ok := c.(terminated); ok {
-		g.tls = tlsInfo(t.ConnectionState())
-	}
 	g.ctx, g.cancel = context.WithCancel(context.Background())
 	g.m.Init(&set.relay, &p.Stats.Stats, p.ReportFailure, addrPort(c.RemoteAddr()), addrPort(c.LocalAddr()), p.clock())
 	p.mu.Lock()

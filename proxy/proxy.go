@@ -15,7 +15,6 @@ package proxy
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"golang.org/x/time/rate"
 	"net"
@@ -71,7 +70,6 @@ type Proxy struct {
 	Engine *Engine
 
 	settings  atomic.Pointer[settings]
-	tlsConfig atomic.Pointer[tls.Config]    // nil: no TLS termination (ConfigureTLS)
 	log       atomic.Pointer[accesslog.Log] // nil: no access log
 	refusing  atomic.Bool                   // the last client found no target; logged once per episode
 
@@ -92,7 +90,6 @@ type Proxy struct {
 	panicOn       func([]byte) bool     // tests: panic on such a client chunk
 	panicOnAccess func(netip.Addr) bool // tests: panic starting such a client
 
-	handshaking handshakes // TLS handshakes in progress (terminate)
 
 	mu        sync.Mutex // guards the fields below; never held across a wait
 	listeners map[net.Listener]struct{}
@@ -272,10 +269,6 @@ func (p *Proxy) acceptLoop(ln net.Listener, conns *sync.WaitGroup) error {
 			continue
 		}
 		conns.Add(1)
-		if tc := p.tlsConfig.Load(); tc != nil {
-			go p.terminate(c, tc, set, conns)
-			continue
-		}
 		p.relayWithGoroutines(c, set, conns)
 	}
 }
@@ -383,7 +376,6 @@ func (p *Proxy) goroutineConns() []*gconn {
 func (p *Proxy) abortAll() {
 	p.aborting.Store(true)
 	p.Engine.abort(p)
-	p.handshaking.closeAll()
 	for _, g := range p.goroutineConns() {
 		g.abort()
 	}

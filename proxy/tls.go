@@ -10,7 +10,6 @@ import (
 	"net"
 	"os"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -19,25 +18,18 @@ import (
 	"github.com/rota-proxy/rota/proxy/internal/relay"
 )
 
-// TLS termination: a listener given a server configuration (ConfigureTLS)
-// is served by the portable driver, and each client's handshake completes
-// before its connection is relayed, so a client that fails it (no or a
-// wrong certificate, no common version or cipher, not TLS at all) costs no
-// target dial. The relay then reads and writes the client through TLS:
-// the machine sees the plaintext, as it would a client's bytes.
-
-// ConfigureTLS makes the proxy terminate TLS with cfg (nil: pass bytes
-// through). It is read when Serve starts (a listener that terminates is
-// served by goroutines) and by every handshake: a new cfg applies to the
-// next one.
-func (p *Proxy) ConfigureTLS(cfg *tls.Config) { p.tlsConfig.Store(cfg) }
+// TLS termination is a route's (a listener's own tls is one route that
+// takes every client): the prelude reads the ClientHello, the route's
+// handshake starts from it (terminateRoute), and a client that fails it
+// (no or a wrong certificate, no common version or cipher, not TLS at
+// all) costs no target dial. The relay then reads and writes the client
+// through TLS: the machine sees the plaintext, as it would a client's
+// bytes. Listeners that terminate or originate are served by the
+// portable driver.
 
 // speaksTLS reports whether the proxy terminates TLS or originates it to
 // some targets, as configured when Serve starts.
 func (p *Proxy) speaksTLS() bool {
-	if p.tlsConfig.Load() != nil {
-		return true
-	}
 	set := p.settings.Load()
 	return set != nil && set.router.Originates()
 }
@@ -102,8 +94,8 @@ func tlsReason(err error) TLSReason {
 // tlsStats counts failed handshakes by reason.
 type tlsStats [numTLSReasons]atomic.Uint64
 
-// terminated is a TLS connection once its handshake completed: a client's
-// (termination) or a target's (origination). Close closes the socket at
+// terminated is a TLS connection to a target once its handshake
+// completed (origination). Close closes the socket at
 // once, as an abort must (tls.Conn's Close would first try to send
 // close_notify, for up to 5 s); the clean end of a direction is
 // CloseWrite, which sends it.
@@ -124,73 +116,6 @@ func tcpOf(c net.Conn) *net.TCPConn {
 	}
 	tc, _ := c.(*net.TCPConn)
 	return tc
-}
-
-// handshakes are the handshakes in progress, closed by abortAll. Once
-// closed it takes no more: a handshake whose goroutine starts after the
-// abort would otherwise hold Serve for sni_timeout.
-type handshakes struct {
-	mu     sync.Mutex
-	m      map[net.Conn]struct{}
-	closed bool
-}
-
-// add records c; false when abortAll has been, and c must not start.
-func (h *handshakes) add(c net.Conn) bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.closed {
-		return false
-	}
-	if h.m == nil {
-		h.m = map[net.Conn]struct{}{}
-	}
-	h.m[c] = struct{}{}
-	return true
-}
-
-func (h *handshakes) remove(c net.Conn) {
-	h.mu.Lock()
-	delete(h.m, c)
-	h.mu.Unlock()
-}
-
-func (h *handshakes) closeAll() {
-	h.mu.Lock()
-	h.closed = true
-	for c := range h.m {
-		c.Close()
-	}
-	h.mu.Unlock()
-}
-
-// terminate completes c's handshake with cfg, then relays it; c is an
-// admitted client of Serve's, which terminate owns from now on.
-func (p *Proxy) terminate(c net.Conn, cfg *tls.Config, set *settings, conns *sync.WaitGroup) {
-	tc := tls.Server(c, cfg)
-	err := net.ErrClosed // aborted before it began
-	if p.handshaking.add(c) {
-		timeout := set.relay.SNITimeout
-		if timeout <= 0 {
-			timeout = 10 * time.Second
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), timeout)
-		err = tc.HandshakeContext(ctx)
-		cancel()
-		p.handshaking.remove(c)
-		if err == nil && p.aborting.Load() {
-			err = net.ErrClosed
-		}
-	}
-	if err != nil {
-		why := tlsReason(err)
-		p.Stats.TLSErrors[why].Add(1)
-		c.Close()
-		p.release(conns)
-		p.refusedAtAccept(set, addrPort(c.RemoteAddr()), accesslog.TLSHandshake)
-		return
-	}
-	p.relayWithGoroutines(terminated{Conn: tc, raw: c}, set, conns)
 }
 
 // tlsInfo is what the access log says of a terminated handshake.
@@ -267,8 +192,10 @@ func (p *prefixed) Read(b []byte) (int, error) {
 }
 
 // terminateRoute completes the TLS handshake of a client whose route
-// terminates it, from the ClientHello the routing read on; false when it
-// failed (the connection ended, counted).
+// terminates it, from the ClientHello the routing read on, within
+// sni_timeout; false when it failed (the connection ended, counted). A
+// client that sent no complete ClientHello within sni_timeout has failed
+// already: the routing waited that long for it.
 func (g *gconn) terminateRoute(cfg *tls.Config) bool {
 	rc, ok := g.client.(*routedConn)
 	if !ok { // relayWithGoroutines wraps every client of such a router
@@ -276,7 +203,15 @@ func (g *gconn) terminateRoute(cfg *tls.Config) bool {
 		return false
 	}
 	var held []byte
-	g.locked(func() relay.Action { held = g.m.TakeHeld(); return relay.Continue })
+	var helloErr error
+	g.locked(func() relay.Action { held, helloErr = g.m.TakeHeld(), g.m.HelloErr(); return relay.Continue })
+	if errors.Is(helloErr, relay.ErrHelloLate) {
+		// sni_timeout passed waiting for the ClientHello: the time the
+		// handshake had is spent.
+		g.p.Stats.TLSErrors[TLSTimeout].Add(1)
+		g.ending(accesslog.TLSHandshake, helloErr)
+		return false
+	}
 	tc := tls.Server(&prefixed{Conn: rc.Conn, prefix: held}, cfg)
 	timeout := g.set.relay.SNITimeout
 	if timeout <= 0 {

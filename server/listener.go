@@ -63,7 +63,7 @@ type routeSpec struct {
 
 func routeSpecs(cfg config.Listener) []routeSpec {
 	if !cfg.Routed() {
-		return []routeSpec{{pool: cfg.Pool}}
+		return []routeSpec{{pool: cfg.Pool, log: cfg.AccessLog, tls: cfg.TLS}}
 	}
 	out := make([]routeSpec, len(cfg.Routes))
 	for i, r := range cfg.Routes {
@@ -178,7 +178,15 @@ func (l *listener) install(cfg config.Listener, regs config.Registries, next []*
 	}
 	// One way to pick: a router, by server name or, unrouted, Single.
 	router := proxy.SingleTLS(next[0].pool, targetTLS[0])
-	if cfg.Routed() {
+	switch {
+	case !cfg.Routed() && routeTLS[0] != nil:
+		// A terminating listener is one route that takes every client
+		// ("*"), so that there is one way to terminate: the routed
+		// one, whose handshake starts from the ClientHello the prelude
+		// read, after any PROXY header.
+		router = proxy.NewRouter([]proxy.Route{{SNI: []string{"*"}, Picker: next[0].pool, NoLog: !specs[0].log,
+			TargetTLS: targetTLS[0], TLS: routeTLS[0].Config()}})
+	case cfg.Routed():
 		routes := make([]proxy.Route, len(next))
 		for i, r := range next {
 			routes[i] = proxy.Route{SNI: specs[i].sni, Picker: r.pool, Name: r.name, NoLog: !specs[i].log, TargetTLS: targetTLS[i]}
@@ -342,9 +350,6 @@ func (l *listener) tlsServer(t config.TLSServer) (*certfile.Server, error) {
 // speaksTLS reports whether a listener terminates TLS (itself or on a
 // route) or speaks it to some targets: it is then served by goroutines.
 func speaksTLS(lc config.Listener) bool {
-	if lc.TLS != nil {
-		return true
-	}
 	for _, sp := range routeSpecs(lc) {
 		if sp.pool.TargetTLS != nil || sp.pool.Connect || sp.tls != nil {
 			return true
@@ -354,7 +359,8 @@ func speaksTLS(lc config.Listener) bool {
 }
 
 // routeTLSServers loads each route's termination files (nil where it
-// passes TLS through), in routeSpecs' order.
+// passes TLS through), in routeSpecs' order; an unrouted listener's are
+// its own.
 func (l *listener) routeTLSServers(lc config.Listener) ([]*certfile.Server, error) {
 	specs := routeSpecs(lc)
 	out := make([]*certfile.Server, len(specs))
@@ -363,7 +369,10 @@ func (l *listener) routeTLSServers(lc config.Listener) ([]*certfile.Server, erro
 			continue
 		}
 		s, err := l.tlsServer(*sp.tls)
-		if err != nil {
+		switch {
+		case err != nil && sp.name == "": // the listener's own
+			return nil, fmt.Errorf("tls: %w", err)
+		case err != nil:
 			return nil, fmt.Errorf("route %q: tls: %w", sp.name, err)
 		}
 		out[i] = s

@@ -333,12 +333,11 @@ type plan struct {
 	created       []*route
 	watchers      map[*route]discovery.Watcher
 	changedSource bool // a kept route's source changed, or routes came or went
-	// tls is the listener's TLS termination, its files loaded; nil when
-	// it passes bytes through. targetTLS is each route's origination (nil
-	// for plain TCP), in routeSpecs' order.
-	tls       *certfile.Server
+	// Each route's origination (nil for plain TCP) and termination, its
+	// files loaded (nil for passthrough), in routeSpecs' order: an
+	// unrouted listener's are its own.
 	targetTLS []*tls.Config
-	routeTLS  []*certfile.Server // each route's termination, nil for passthrough
+	routeTLS  []*certfile.Server
 }
 
 func (s *Server) plan(l *listener, lc config.Listener, rc config.Registries, regs *registries, regsChanged bool) (*plan, error) {
@@ -355,19 +354,12 @@ func (s *Server) plan(l *listener, lc config.Listener, rc config.Registries, reg
 	if err != nil {
 		return nil, err
 	}
-	var certs *certfile.Server
-	if lc.TLS != nil {
-		var err error
-		if certs, err = l.tlsServer(*lc.TLS); err != nil {
-			return nil, fmt.Errorf("tls: %w", err)
-		}
-	}
 	c := l.routesFor(lc, rc, regsChanged)
 	for _, r := range c.created {
 		s.restoreRoute(lc.Name, r)
 	}
 	pl := &plan{l: l, cfg: lc, regs: rc, routes: c.next, gone: c.gone, created: c.created,
-		changedSource: c.sourceChanged, watchers: map[*route]discovery.Watcher{}, tls: certs, targetTLS: targetTLS, routeTLS: routeTLS}
+		changedSource: c.sourceChanged, watchers: map[*route]discovery.Watcher{}, targetTLS: targetTLS, routeTLS: routeTLS}
 	specs := routeSpecs(lc)
 	for i, r := range c.next {
 		if !c.rewatch[r] {
@@ -390,11 +382,6 @@ func (s *Server) plan(l *listener, lc config.Listener, rc config.Registries, reg
 // watchers; routes no longer configured stop (their open connections
 // carry on).
 func (pl *plan) commit(wg *sync.WaitGroup) {
-	if pl.tls != nil {
-		pl.l.proxy.ConfigureTLS(pl.tls.Config())
-	} else {
-		pl.l.proxy.ConfigureTLS(nil)
-	}
 	pl.l.install(pl.cfg, pl.regs, pl.routes, pl.targetTLS, pl.routeTLS)
 	for _, r := range pl.routes {
 		if w, ok := pl.watchers[r]; ok {

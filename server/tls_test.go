@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	proxyproto "github.com/pires/go-proxyproto"
+
 	"github.com/rota-proxy/rota/config"
 	"github.com/rota-proxy/rota/internal/testenv"
 	"github.com/rota-proxy/rota/server"
@@ -403,5 +405,87 @@ func TestTLSTerminationOnARoute(t *testing.T) {
 	}
 	if r := recs[1]; r.Route != "rest" || r.TLSVersion != "" {
 		t.Fatalf("the passthrough route's record: %+v", r)
+	}
+}
+
+// A listener that terminates TLS behind a balancer sending PROXY headers:
+// the handshake starts after the header (it is the routed handshake, from
+// the ClientHello the prelude read), and the access log has the
+// balancer's client with the TLS version. A client that says nothing after
+// the header is closed after sni_timeout, not twice that; one without the
+// header is refused as a bad header, not as a failed handshake.
+func TestTLSTerminationAfterProxyHeader(t *testing.T) {
+	cs := &certs{t: t, ca: testenv.NewCA(t, "ca"), dir: t.TempDir()}
+	target := testenv.StartBackend(t, "b1")
+	l := tlsListener("edge", target.Addr, config.TLSServer{Certs: []config.CertFiles{cs.install("a", "a.example.com")}})
+	l.AcceptProxyProtocol = prefixes(t, "127.0.0.0/8")
+	l.ProxyHeaderTimeout = 2 * time.Second
+	l.SNITimeout = time.Second
+	cfg := config.Default()
+	cfg.Admin.Listen = ""
+	log := newAccessLog(t, cfg)
+	cfg.Listeners = []config.Listener{l}
+	srv := startServer(t, cfg)
+	addr := proxyAddr(t, srv, "edge")
+	testenv.Eventually(t, "target up", 10*time.Second, func() bool { return liveCount(srv, "edge") == 1 })
+
+	raw, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	client := &net.TCPAddr{IP: net.ParseIP("198.51.100.9"), Port: 4242}
+	hdr, _ := proxyproto.HeaderProxyFromAddrs(2, client, raw.RemoteAddr()).Format()
+	if _, err := raw.Write(hdr); err != nil {
+		t.Fatal(err)
+	}
+	c := tls.Client(raw, &tls.Config{ServerName: "a.example.com", RootCAs: cs.ca.Pool})
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if err := c.Handshake(); err != nil {
+		t.Fatalf("handshake after the PROXY header: %v", err)
+	}
+	io.WriteString(c, "hello\n")
+	if b, err := io.ReadAll(c); err != nil || string(b) != "b1" {
+		t.Fatalf("through TLS after the header: %q, %v", b, err)
+	}
+	c.Close() // the record is written when the connection ends
+	var recs []logRecord
+	testenv.Eventually(t, "its record", 5*time.Second, func() bool { recs = log.all(); return len(recs) == 1 })
+	if r := recs[0]; r.Client != "198.51.100.9:4242" || r.TLSVersion != "1.3" || r.Target != target.Addr || r.SNI != "a.example.com" {
+		t.Fatalf("record %+v: want the header's client, TLS 1.3, the target and the server name", r)
+	}
+
+	// A client that sends the header and then nothing is closed once
+	// sni_timeout has passed, once: waiting for its ClientHello spent the
+	// handshake's time. Counted as a handshake timeout, no dial.
+	silent, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	silent.Write(hdr)
+	began := time.Now()
+	silent.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, err := silent.Read(make([]byte, 1)); n != 0 || err == nil {
+		t.Fatalf("the silent client: read %d bytes, %v; want closed", n, err)
+	}
+	if took := time.Since(began); took < l.SNITimeout || took > l.SNITimeout*19/10 {
+		t.Fatalf("the silent client closed after %v, want sni_timeout (%v), not twice it", took, l.SNITimeout)
+	}
+	testenv.Eventually(t, "the timeout counted", 5*time.Second, func() bool {
+		return status(t, srv, "edge").Count("tls_handshake_errors", "timeout") == 1
+	})
+	testenv.Eventually(t, "its record", 5*time.Second, func() bool { recs = log.all(); return len(recs) == 2 })
+	if r := recs[1]; r.Termination != "tls_handshake" || r.Target != "" {
+		t.Fatalf("the silent client's record: %+v", r)
+	}
+
+	// No header: a TLS client straight in is a bad header.
+	if _, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, &tls.Config{ServerName: "a.example.com", RootCAs: cs.ca.Pool}); err == nil {
+		t.Fatal("a client without the PROXY header was served")
+	}
+	testenv.Eventually(t, "its record", 5*time.Second, func() bool { recs = log.all(); return len(recs) == 3 })
+	if r := recs[2]; r.Termination != "proxy_header_error" || r.Target != "" {
+		t.Fatalf("the header-less client's record: %+v", r)
 	}
 }

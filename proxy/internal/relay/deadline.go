@@ -65,7 +65,7 @@ func (c *Conn) Expired(now int64) Action {
 	switch c.state {
 	case Prelude:
 		if !c.header {
-			return c.hello(now, true) // what came is all there is: route on it
+			return c.hello(now, ErrHelloLate) // what came is all there is: route on it
 		}
 		return c.headerError(fmt.Errorf("%w (%s, %v)", ErrPreludeLate, c.Src, c.cfg.ProxyHeaderTimeout))
 	case Dialing:

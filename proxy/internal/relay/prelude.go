@@ -74,7 +74,7 @@ func (c *Conn) client(now int64) Action {
 	c.state = Prelude
 	c.due = deadline(now, c.cfg.SNITimeout)
 	if len(c.held) > 0 {
-		return c.hello(now, false)
+		return c.hello(now, nil)
 	}
 	return ReadPrelude
 }
@@ -105,16 +105,17 @@ func (c *Conn) admit() Denial {
 }
 
 // hello looks for the ClientHello in the bytes held, and routes once it is
-// read, or cannot be (not TLS, too large, late: final).
-func (c *Conn) hello(now int64, final bool) Action {
+// read, or cannot be: not TLS, or final, why no more will be read (too
+// large, late); nil while more may come.
+func (c *Conn) hello(now int64, final error) Action {
 	name, done, err := c.more().helloR.Parse(c.held)
 	switch {
 	case err != nil:
 		c.more().helloErr = err
 	case done:
 		c.more().hello = name
-	case final:
-		c.more().helloErr = errHelloLate
+	case final != nil:
+		c.more().helloErr = final
 	default:
 		return ReadPrelude
 	}
@@ -129,7 +130,11 @@ func (c *Conn) hello(now int64, final bool) Action {
 	return c.pick(now)
 }
 
-var errHelloLate = errors.New("no ClientHello within sni_timeout")
+// ErrHelloLate is HelloErr when sni_timeout passed before the ClientHello
+// was complete.
+var ErrHelloLate = errors.New("no ClientHello within sni_timeout")
+
+var errHelloTooLarge = fmt.Errorf("a ClientHello over %d bytes", sni.MaxHello)
 
 // Prelude takes bytes the client sent while its prelude is read.
 func (c *Conn) Prelude(data []byte, now int64) Action {
@@ -140,9 +145,9 @@ func (c *Conn) Prelude(data []byte, now int64) Action {
 	if !c.header {
 		if len(c.held) > sni.MaxHello {
 			// More than a ClientHello can be: it is not one.
-			return c.hello(now, true)
+			return c.hello(now, errHelloTooLarge)
 		}
-		return c.hello(now, false)
+		return c.hello(now, nil)
 	}
 	n, err := proxyHeaderLen(c.held)
 	switch {
