@@ -383,8 +383,7 @@ func (l *loop) accepted(li *listening, fd int, peer netip.AddrPort) {
 		sock.Close(fd)
 		return
 	}
-	li.conns.Add(1)
-	sock.SetNoDelay(fd) // like net.Listen
+	li.conns.Add(1) // fd has TCP_NODELAY from the listener (fromTCP)
 	local := li.local
 	if set.relay.ProxyProtocol != 0 && (!local.Addr().IsValid() || local.Addr().IsUnspecified()) {
 		local = sockname(fd)
@@ -436,6 +435,9 @@ func fromTCP(ln *net.TCPListener) (*Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", ln.Addr(), err)
 	}
+	// Accepted sockets inherit it (Linux copies the listener's options
+	// into each): one system call per listener, not one per client.
+	sock.SetNoDelay(fd)
 	return &Listener{addr: ln.Addr(), fd: fd, done: make(chan struct{})}, nil
 }
 
