@@ -133,7 +133,7 @@ func startProxy(kind string, threads int, targets []string, o *options, http boo
 	var err error
 	adminAddr := ""
 	switch kind {
-	case "rota", "baseline", "rota+log":
+	case "rota", "baseline", "rota+log", "rota+hash", "rota+http":
 		bin := o.rotaBin
 		if kind == "baseline" {
 			bin = o.baseline
@@ -141,20 +141,25 @@ func startProxy(kind string, threads int, targets []string, o *options, http boo
 		adminAddr = fmt.Sprintf("127.0.0.1:%d", ports[1])
 		args := []string{"serve", "--listen", p.addr, "--backend", strings.Join(targets, ","),
 			"--admin", adminAddr, "--log-format", "json", "--log-level", "error", "--health-interval", "2s"}
-		if kind == "rota+log" {
-			// The access log on: JSON to a file.
+		if kind != "rota" && kind != "baseline" || len(targets) > 1000 {
+			// A feature on (the access log as JSON to a file, a hash
+			// listener, http checks), or more targets than one argument
+			// holds (Linux: 128 KiB): the same settings as a file.
 			var b strings.Builder
-			fmt.Fprintf(&b, "admin: {listen: %q}\naccess_log: {path: %q, format: json}\nlisteners:\n  - listen: %q\n    discovery: static\n    health: {interval: 2s}\n    static: [%s]\n",
-				adminAddr, filepath.Join(p.dir, "access.log"), p.addr, strings.Join(targets, ", "))
-			cfg := filepath.Join(p.dir, "rota.yaml")
-			os.WriteFile(cfg, []byte(b.String()), 0o644)
-			args = []string{"serve", "--config", cfg, "--log-format", "json", "--log-level", "error"}
-		}
-		if len(targets) > 1000 {
-			// Too long for one argument (Linux: 128 KiB): the same
-			// settings as a file.
-			var b strings.Builder
-			fmt.Fprintf(&b, "admin: {listen: %q}\nlisteners:\n  - listen: %q\n    discovery: static\n    health: {interval: 2s}\n    static:\n", adminAddr, p.addr)
+			fmt.Fprintf(&b, "admin: {listen: %q}\n", adminAddr)
+			if kind == "rota+log" {
+				fmt.Fprintf(&b, "access_log: {path: %q, format: json}\n", filepath.Join(p.dir, "access.log"))
+			}
+			fmt.Fprintf(&b, "listeners:\n  - listen: %q\n    discovery: static\n", p.addr)
+			switch kind {
+			case "rota+hash":
+				b.WriteString("    balance: hash\n    hash_key: client_ip\n    health: {interval: 2s}\n")
+			case "rota+http":
+				b.WriteString("    health: {interval: 2s, check: http, path: /}\n")
+			default:
+				b.WriteString("    health: {interval: 2s}\n")
+			}
+			b.WriteString("    static:\n")
 			for _, t := range targets {
 				fmt.Fprintf(&b, "      - %s\n", t)
 			}
@@ -164,7 +169,7 @@ func startProxy(kind string, threads int, targets []string, o *options, http boo
 		}
 		err = startCmd(p, bin, args, []string{fmt.Sprintf("GOMAXPROCS=%d", threads)})
 		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
-	case "haproxy", "haproxy+log":
+	case "haproxy", "haproxy+log", "haproxy+hash", "haproxy+http":
 		var b strings.Builder
 		fmt.Fprintf(&b, "global\n  nbthread %d\n  maxconn 7000\n  tune.maxaccept 64\n", threads)
 		if kind == "haproxy+log" {
@@ -175,7 +180,15 @@ func startProxy(kind string, threads int, targets []string, o *options, http boo
 		if kind == "haproxy+log" {
 			b.WriteString("  log global\n  option tcplog\n")
 		}
-		fmt.Fprintf(&b, "frontend fe\n  bind %s\n  default_backend be\nbackend be\n  balance roundrobin\n", p.addr)
+		fmt.Fprintf(&b, "frontend fe\n  bind %s\n  default_backend be\nbackend be\n", p.addr)
+		switch kind {
+		case "haproxy+hash":
+			b.WriteString("  balance source\n  hash-type consistent\n")
+		case "haproxy+http":
+			b.WriteString("  balance roundrobin\n  option httpchk GET /\n")
+		default:
+			b.WriteString("  balance roundrobin\n")
+		}
 		for i, t := range targets {
 			fmt.Fprintf(&b, "  server s%d %s check inter 2s\n", i, t)
 		}

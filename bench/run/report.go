@@ -139,6 +139,8 @@ func renderReport(o *options, res results, took time.Duration) string {
 			fmt.Fprintf(&b, "| %s | %s (%s) | %s (%s) | %s |\n", m.label, cell(res, a, "%.1f"), spread(res, a), cell(res, bb, "%.1f"), spread(res, bb), ratioCell(res, a, bb, m.lower))
 		}
 	}
+	renderConn(&b, o, res)
+	renderFeatures(&b, res)
 	if _, ok := res.median(key("alog", 1, "rps", "rota")); ok {
 		b.WriteString("\n## Access log (new connection per request, 64 clients; rota: JSON to a file, HAProxy: option tcplog to a file)\n\n")
 		b.WriteString("| threads | rota req/s off | on | on/off | rota CPU/conn off (µs) | on | on/off | HAProxy req/s off | on | on/off | HAProxy CPU/conn off | on | on/off |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")

@@ -1,0 +1,193 @@
+package main
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+)
+
+// benchConn is issue 30's measurement: keep-alive and new-connection
+// request rates, p99 and CPU per request for rota and HAProxy (and the
+// baseline, when given) at one and two threads, with the clients straight
+// to the backends as the physical limit: many interleaved repetitions,
+// every sample kept for the report.
+func benchConn(o *options, res results, targets []string) {
+	contenders := []string{"rota", "haproxy"}
+	if o.baseline != "" {
+		contenders = append(contenders, "baseline")
+	}
+	contenders = append(contenders, "direct")
+	reps := 6
+	if o.quick {
+		reps = 2
+	}
+	for _, th := range []int{1, 2} {
+		for rep := range reps {
+			order := slices.Clone(contenders)
+			for i := 0; i < rep%len(order); i++ {
+				order = append(order[1:], order[0])
+			}
+			for _, px := range order {
+				logf("conn, %d thread(s), rep %d: %s", th, rep+1, px)
+				p, err := startProxy(px, th, targets, o, true)
+				if err != nil {
+					logf("  %v", err)
+					continue
+				}
+				for _, close := range []bool{false, true} {
+					mode := map[bool]string{false: "ka", true: "close"}[close]
+					cpu0 := p.cpu()
+					m, err := wrk(p.addr, 64, o.dur, close)
+					if err != nil {
+						logf("  %v", err)
+						continue
+					}
+					res.add(key("conn", th, mode, "rps", px), m.rps)
+					res.add(key("conn", th, mode, "p99", px), m.p99)
+					if px != "direct" && m.n > 0 {
+						res.add(key("conn", th, mode, "cpu", px), (p.cpu()-cpu0)*1e6/m.n)
+					}
+				}
+				p.stop()
+			}
+		}
+	}
+}
+
+// renderConn is benchConn's part of the report.
+func renderConn(b *strings.Builder, o *options, res results) {
+	if _, ok := res.median(key("conn", 1, "close", "rps", "rota")); !ok {
+		return
+	}
+	cols := []string{"direct", "rota", "haproxy"}
+	if o.baseline != "" {
+		cols = append(cols, "baseline")
+	}
+	rows := []struct {
+		mode, what, label string
+		lower             bool
+	}{
+		{"ka", "rps", "keep-alive req/s", false}, {"ka", "p99", "keep-alive p99 (ms)", true}, {"ka", "cpu", "CPU per keep-alive request (µs)", true},
+		{"close", "rps", "new connection per request, req/s", false}, {"close", "p99", "new connection p99 (ms)", true}, {"close", "cpu", "CPU per new-connection request (µs)", true},
+	}
+	for _, th := range []int{1, 2} {
+		fmt.Fprintf(b, "\n## Connections, %d thread(s) each (wrk -t1 -c64, interleaved; median, min-max)\n\n|  |", th)
+		for _, px := range cols {
+			fmt.Fprintf(b, " %s |", proxyTitle[px])
+		}
+		b.WriteString(" rota/HAProxy | rota/direct |")
+		if o.baseline != "" {
+			b.WriteString(" rota/baseline |")
+		}
+		b.WriteString("\n|---|" + strings.Repeat("---:|", len(cols)+2))
+		if o.baseline != "" {
+			b.WriteString("---:|")
+		}
+		b.WriteString("\n")
+		for _, r := range rows {
+			fmt.Fprintf(b, "| %s |", r.label)
+			for _, px := range cols {
+				k := key("conn", th, r.mode, r.what, px)
+				fmt.Fprintf(b, " %s (%s) |", cell(res, k, "%.1f"), spread(res, k))
+			}
+			rota := key("conn", th, r.mode, r.what, "rota")
+			fmt.Fprintf(b, " %s | %s |", ratioCell(res, rota, key("conn", th, r.mode, r.what, "haproxy"), r.lower),
+				ratioCell(res, rota, key("conn", th, r.mode, r.what, "direct"), r.lower))
+			if o.baseline != "" {
+				fmt.Fprintf(b, " %s |", ratioCell(res, rota, key("conn", th, r.mode, r.what, "baseline"), r.lower))
+			}
+			b.WriteString("\n")
+		}
+		b.WriteString("\nSamples, in run order:\n\n")
+		for _, r := range rows {
+			for _, px := range cols {
+				if v := res[key("conn", th, r.mode, r.what, px)]; len(v) > 0 {
+					fmt.Fprintf(b, "- %s, %s: %s\n", r.label, proxyTitle[px], samples(v))
+				}
+			}
+		}
+	}
+}
+
+func samples(v []float64) string {
+	s := make([]string, len(v))
+	for i, x := range v {
+		s[i] = fmt.Sprintf("%.1f", x)
+	}
+	return strings.Join(s, " ")
+}
+
+// features are the settings that cost something on the data path or
+// beside it, each measured beside its plain case in the same passes: a
+// hash listener (HAProxy: balance source) on three targets, and 1,000
+// targets checked with http (HAProxy: option httpchk) beside 1,000 with
+// tcp checks. (The access log, TLS passthrough and termination have
+// sections of their own.)
+var features = []struct {
+	name, rota, haproxy string
+	targets             int
+}{
+	{"plain, 3 targets", "rota", "haproxy", 3},
+	{"hash listener (client address), 3 targets", "rota+hash", "haproxy+hash", 3},
+	{"1,000 targets, tcp checks every 2 s", "rota", "haproxy", 1000},
+	{"1,000 targets, http checks every 2 s", "rota+http", "haproxy+http", 1000},
+}
+
+// benchFeatures measures each feature's new-connection rate and CPU per
+// connection at one thread, interleaved.
+func benchFeatures(o *options, res results) {
+	type run struct {
+		kind string
+		f    int
+	}
+	var runs []run
+	for i, f := range features {
+		runs = append(runs, run{f.rota, i}, run{f.haproxy, i})
+	}
+	for rep := range o.reps {
+		order := slices.Clone(runs)
+		for i := 0; i < rep%len(order); i++ {
+			order = append(order[1:], order[0])
+		}
+		for _, r := range order {
+			f := features[r.f]
+			logf("features, rep %d: %s, %s", rep+1, r.kind, f.name)
+			p, err := startProxy(r.kind, 1, o.backends.addrs[:f.targets], o, true)
+			if err != nil {
+				logf("  %v", err)
+				continue
+			}
+			px := "rota"
+			if strings.HasPrefix(r.kind, "haproxy") {
+				px = "haproxy"
+			}
+			cpu0 := p.cpu()
+			if m, err := wrk(p.addr, 64, o.dur, true); err == nil {
+				res.add(key("feat", r.f, "rps", px), m.rps)
+				if m.n > 0 {
+					res.add(key("feat", r.f, "cpu", px), (p.cpu()-cpu0)*1e6/m.n)
+				}
+			} else {
+				logf("  %v", err)
+			}
+			p.stop()
+		}
+	}
+}
+
+// renderFeatures is benchFeatures' part of the report.
+func renderFeatures(b *strings.Builder, res results) {
+	if _, ok := res.median(key("feat", 0, "rps", "rota")); !ok {
+		return
+	}
+	b.WriteString("\n## What each feature costs (new connection per request, 64 clients, 1 thread each; median, min-max; against the plain row above it)\n\n")
+	b.WriteString("| case | rota req/s | rota CPU/conn (µs) | HAProxy req/s | HAProxy CPU/conn (µs) | rota/HAProxy req/s | rota/HAProxy CPU |\n|---|---:|---:|---:|---:|---:|---:|\n")
+	for i, f := range features {
+		r, h := key("feat", i, "rps", "rota"), key("feat", i, "rps", "haproxy")
+		rc, hc := key("feat", i, "cpu", "rota"), key("feat", i, "cpu", "haproxy")
+		fmt.Fprintf(b, "| %s | %s (%s) | %s (%s) | %s (%s) | %s (%s) | %s | %s |\n", f.name,
+			cell(res, r, "%.0f"), spread(res, r), cell(res, rc, "%.1f"), spread(res, rc),
+			cell(res, h, "%.0f"), spread(res, h), cell(res, hc, "%.1f"), spread(res, hc),
+			ratioCell(res, r, h, false), ratioCell(res, rc, hc, true))
+	}
+}
