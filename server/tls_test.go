@@ -268,7 +268,8 @@ func TestTLSClientCertificates(t *testing.T) {
 
 // mtlsBackend is a TLS server that requires a client certificate its
 // clients CA signed and answers each request with "secure <name>", where
-// name is the client certificate's common name.
+// name is the client certificate's common name, then ends its side and
+// reads until the client ends its.
 func mtlsBackend(t *testing.T, ca *testenv.CA, clients *testenv.CA) string {
 	t.Helper()
 	cert, key := ca.Issue("backend", "127.0.0.1")
@@ -288,6 +289,11 @@ func mtlsBackend(t *testing.T, ca *testenv.CA, clients *testenv.CA) string {
 			return // a health check: handshake and close
 		}
 		io.WriteString(tc, "secure "+tc.ConnectionState().PeerCertificates[0].Subject.CommonName)
+		// Read to the client's close_notify (rota passes a half-close on
+		// as one) before closing: closing with it unread would reset the
+		// connection, and the answer with it (a CI run failed on that).
+		tc.CloseWrite()
+		io.Copy(io.Discard, tc)
 	})
 }
 
