@@ -23,10 +23,7 @@ func benchConn(o *options, res results, targets []string) {
 	}
 	for _, th := range []int{1, 2} {
 		for rep := range reps {
-			order := slices.Clone(contenders)
-			for i := 0; i < rep%len(order); i++ {
-				order = append(order[1:], order[0])
-			}
+			order := rotated(contenders, rep)
 			for _, px := range order {
 				logf("conn, %d thread(s), rep %d: %s", th, rep+1, px)
 				p, err := startProxy(px, th, targets, o, true)
@@ -145,10 +142,7 @@ func benchFeatures(o *options, res results) {
 		runs = append(runs, run{f.rota, i}, run{f.haproxy, i})
 	}
 	for rep := range o.reps {
-		order := slices.Clone(runs)
-		for i := 0; i < rep%len(order); i++ {
-			order = append(order[1:], order[0])
-		}
+		order := rotated(runs, rep)
 		for _, r := range order {
 			f := features[r.f]
 			logf("features, rep %d: %s, %s", rep+1, r.kind, f.name)
@@ -190,4 +184,14 @@ func renderFeatures(b *strings.Builder, res results) {
 			cell(res, h, "%.0f"), spread(res, h), cell(res, hc, "%.1f"), spread(res, hc),
 			ratioCell(res, r, h, false), ratioCell(res, rc, hc, true))
 	}
+}
+
+// rotated is a copy of s turned left by n: repetition n of an interleaved
+// measurement starts with a different contender each time.
+func rotated[T any](s []T, n int) []T {
+	if len(s) == 0 {
+		return nil
+	}
+	n %= len(s)
+	return append(slices.Clone(s[n:]), s[:n]...)
 }

@@ -195,10 +195,7 @@ func run(o *options) error {
 	for _, th := range o.threads {
 		for rep := range o.reps {
 			// Interleave: each repetition starts with a different proxy.
-			order := slices.Clone(o.proxies)
-			for i := 0; i < rep%len(order); i++ {
-				order = append(order[1:], order[0])
-			}
+			order := rotated(o.proxies, rep)
 			for _, px := range order {
 				logf("pass %d thread(s), rep %d: %s", th, rep+1, px)
 				p, err := startProxy(px, th, three, o, true)
@@ -534,10 +531,7 @@ func benchAccessLog(o *options, res results, targets []string) {
 	kinds := []string{"rota", "rota+log", "haproxy", "haproxy+log"}
 	for _, th := range []int{1, 2} {
 		for rep := range o.reps + 2 { // the figure is a 3 % one: more samples
-			order := slices.Clone(kinds)
-			for i := 0; i < rep%len(order); i++ {
-				order = append(order[1:], order[0])
-			}
+			order := rotated(kinds, rep)
 			for _, px := range order {
 				logf("access log, %d thread(s), rep %d: %s", th, rep+1, px)
 				p, err := startProxy(px, th, targets, o, true)

@@ -16,7 +16,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -144,10 +143,7 @@ func benchOrig(o *options, res results) error {
 		return fmt.Errorf("TLS backends: %v, want the sink too", bs.addrs)
 	}
 	for rep := range o.reps {
-		order := slices.Clone(o.proxies)
-		for i := 0; i < rep%len(order); i++ {
-			order = append(order[1:], order[0])
-		}
+		order := rotated(o.proxies, rep)
 		for _, px := range order {
 			logf("TLS origination, rep %d: %s", rep+1, px)
 			if px == "direct" {

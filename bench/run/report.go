@@ -232,7 +232,7 @@ func renderReport(o *options, res results, took time.Duration) string {
 	}
 	b.WriteString("\nThe kernel floor is the same probes sent by a bare program (a raw non-blocking connect, its error, a reset on close; no scheduler, no state, no event loop): what any prober pays on this machine.\n")
 	b.WriteString("\nLoad: `wrk -t1` (one thread, so the proxy keeps a core), small HTTP responses from Go backends in a separate process; bulk: `iperf3` single stream; idle memory: RSS growth of the proxy's processes (nginx: its workers) per idle proxied connection; CPU per request: user and system time of the proxy's processes (including the kernel's TCP work on their sockets) during the wrk run, divided by the requests served, which is steadier than the rates on a shared two-core machine.\n")
-	return b.String()
+	return dropEmpty(b.String())
 }
 
 // writeChart draws the rota/HAProxy and rota/nginx ratios per metric and
@@ -303,4 +303,43 @@ func spread(res results, k string) string {
 		lo, hi = min(lo, x), max(hi, x)
 	}
 	return fmt.Sprintf("%.1f-%.1f", lo, hi)
+}
+
+// dropEmpty leaves out the sections whose tables have no figure (a part of
+// the run that was not measured: an -only run prints just its own).
+func dropEmpty(report string) string {
+	parts := strings.Split(report, "\n## ")
+	out := parts[:1]
+	for _, sec := range parts[1:] {
+		if hasTable(sec) && !hasFigure(sec) {
+			continue
+		}
+		out = append(out, sec)
+	}
+	return strings.Join(out, "\n## ")
+}
+
+func hasTable(sec string) bool { return strings.Contains(sec, "\n|") }
+
+// hasFigure reports whether a data row of sec's tables (not a header or
+// separator) has a cell past the first other than "–".
+func hasFigure(sec string) bool {
+	rows := 0
+	for _, line := range strings.Split(sec, "\n") {
+		if !strings.HasPrefix(line, "|") {
+			rows = 0
+			continue
+		}
+		rows++
+		if rows <= 2 { // a header and its separator
+			continue
+		}
+		cells := strings.Split(strings.Trim(line, "|"), "|")
+		for _, c := range cells[1:] {
+			if c = strings.TrimSpace(c); c != "" && c != "–" {
+				return true
+			}
+		}
+	}
+	return false
 }

@@ -22,7 +22,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -171,10 +170,7 @@ func benchTerm(o *options, res results) error {
 		return err
 	}
 	for rep := range o.reps {
-		order := slices.Clone(o.proxies)
-		for i := 0; i < rep%len(order); i++ {
-			order = append(order[1:], order[0])
-		}
+		order := rotated(o.proxies, rep)
 		for _, px := range order {
 			logf("TLS termination, rep %d: %s", rep+1, px)
 			p, err := startTermProxy(px, plain.addrs[0], direct.addrs[0], cert, keyFile, both, false, o)

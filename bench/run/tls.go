@@ -273,10 +273,7 @@ func benchTLS(o *options, res results) error {
 	defer bs.stop()
 	kinds := o.proxies
 	for rep := range o.reps {
-		order := slices.Clone(kinds)
-		for i := 0; i < rep%len(order); i++ {
-			order = append(order[1:], order[0])
-		}
+		order := rotated(kinds, rep)
 		for _, px := range order {
 			logf("TLS passthrough by SNI, rep %d: %s", rep+1, px)
 			p, err := startSNIProxy(px, bs.addrs, o)
