@@ -469,8 +469,8 @@ func TestTLSTerminationAfterProxyHeader(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer silent.Close()
+	began := time.Now() // before the header: rota's wait begins after it
 	silent.Write(hdr)
-	began := time.Now()
 	silent.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if n, err := silent.Read(make([]byte, 1)); n != 0 || err == nil {
 		t.Fatalf("the silent client: read %d bytes, %v; want closed", n, err)
