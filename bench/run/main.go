@@ -149,6 +149,9 @@ func (r results) median(key string) (float64, bool) {
 		return 0, false
 	}
 	slices.Sort(v)
+	if n := len(v); n%2 == 0 {
+		return (v[n/2-1] + v[n/2]) / 2, true // an even count: the middle two's mean
+	}
 	return v[len(v)/2], true
 }
 

@@ -24,3 +24,17 @@ func TestDropEmpty(t *testing.T) {
 		}
 	}
 }
+
+// The median of an even number of samples is the mean of the middle two,
+// not the upper one (which favoured whoever had the larger sample).
+func TestMedian(t *testing.T) {
+	res := results{"odd": {3, 1, 2}, "even": {4, 1, 3, 2}, "two": {10, 20}}
+	for k, want := range map[string]float64{"odd": 2, "even": 2.5, "two": 15} {
+		if got, ok := res.median(k); !ok || got != want {
+			t.Errorf("median of %v: %v, want %v", res[k], got, want)
+		}
+	}
+	if _, ok := res.median("none"); ok {
+		t.Error("a median of no samples")
+	}
+}
