@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 )
 
 // benchConn is issue 30's measurement: keep-alive and new-connection
@@ -21,33 +22,49 @@ func benchConn(o *options, res results, targets []string) {
 	if o.quick {
 		reps = 2
 	}
-	for _, th := range []int{1, 2} {
+	interleaved(o, "conn", []int{1, 2}, reps, contenders, targets, func(th int, px string, p *proc) {
+		for _, close := range []bool{false, true} {
+			mode := map[bool]string{false: "ka", true: "close"}[close]
+			wrkInto(res, p, px, o.dur, close, "conn", th, mode)
+		}
+	})
+}
+
+// interleaved starts each of kinds at each thread count, reps times,
+// each repetition starting with a different one, and hands each running
+// proxy to measure; a proxy that does not start is logged and skipped.
+func interleaved(o *options, what string, threads []int, reps int, kinds, targets []string, measure func(th int, px string, p *proc)) {
+	for _, th := range threads {
 		for rep := range reps {
-			order := rotated(contenders, rep)
-			for _, px := range order {
-				logf("conn, %d thread(s), rep %d: %s", th, rep+1, px)
+			for _, px := range rotated(kinds, rep) {
+				logf("%s, %d thread(s), rep %d: %s", what, th, rep+1, px)
 				p, err := startProxy(px, th, targets, o, true)
 				if err != nil {
 					logf("  %v", err)
 					continue
 				}
-				for _, close := range []bool{false, true} {
-					mode := map[bool]string{false: "ka", true: "close"}[close]
-					cpu0 := p.cpu()
-					m, err := wrk(p.addr, 64, o.dur, close)
-					if err != nil {
-						logf("  %v", err)
-						continue
-					}
-					res.add(key("conn", th, mode, "rps", px), m.rps)
-					res.add(key("conn", th, mode, "p99", px), m.p99)
-					if px != "direct" && m.n > 0 {
-						res.add(key("conn", th, mode, "cpu", px), (p.cpu()-cpu0)*1e6/m.n)
-					}
-				}
+				measure(th, px, p)
 				p.stop()
 			}
 		}
+	}
+}
+
+// wrkInto runs wrk through p for d (a new connection per request with
+// closeEach) and adds its rate, p99 and, for a proxy, CPU per request
+// under key(prefix..., "rps"|"p99"|"cpu", px).
+func wrkInto(res results, p *proc, px string, d time.Duration, closeEach bool, prefix ...any) {
+	cpu0 := p.cpu()
+	m, err := wrk(p.addr, 64, d, closeEach)
+	if err != nil {
+		logf("  %v", err)
+		return
+	}
+	at := func(what string) string { return key(append(prefix, what, px)...) }
+	res.add(at("rps"), m.rps)
+	res.add(at("p99"), m.p99)
+	if px != "direct" && m.n > 0 {
+		res.add(at("cpu"), (p.cpu()-cpu0)*1e6/m.n)
 	}
 }
 
@@ -155,15 +172,7 @@ func benchFeatures(o *options, res results) {
 			if strings.HasPrefix(r.kind, "haproxy") {
 				px = "haproxy"
 			}
-			cpu0 := p.cpu()
-			if m, err := wrk(p.addr, 64, o.dur, true); err == nil {
-				res.add(key("feat", r.f, "rps", px), m.rps)
-				if m.n > 0 {
-					res.add(key("feat", r.f, "cpu", px), (p.cpu()-cpu0)*1e6/m.n)
-				}
-			} else {
-				logf("  %v", err)
-			}
+			wrkInto(res, p, px, o.dur, true, "feat", r.f)
 			p.stop()
 		}
 	}

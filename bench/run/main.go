@@ -532,29 +532,10 @@ func idleMemory(p *proc, n int) (float64, error) {
 // interleaved.
 func benchAccessLog(o *options, res results, targets []string) {
 	kinds := []string{"rota", "rota+log", "haproxy", "haproxy+log"}
-	for _, th := range []int{1, 2} {
-		for rep := range o.reps + 2 { // the figure is a 3 % one: more samples
-			order := rotated(kinds, rep)
-			for _, px := range order {
-				logf("access log, %d thread(s), rep %d: %s", th, rep+1, px)
-				p, err := startProxy(px, th, targets, o, true)
-				if err != nil {
-					logf("  %v", err)
-					continue
-				}
-				cpu0 := p.cpu()
-				if m, err := wrk(p.addr, 64, o.dur, true); err == nil {
-					res.add(key("alog", th, "rps", px), m.rps)
-					if m.n > 0 {
-						res.add(key("alog", th, "cpu", px), (p.cpu()-cpu0)*1e6/m.n)
-					}
-				} else {
-					logf("  %v", err)
-				}
-				p.stop()
-			}
-		}
-	}
+	// The figure is a 3 % one: more samples.
+	interleaved(o, "access log", []int{1, 2}, o.reps+2, kinds, targets, func(th int, px string, p *proc) {
+		wrkInto(res, p, px, o.dur, true, "alog", th)
+	})
 }
 
 // benchAB measures rota against the baseline binary alone, one thread,
@@ -562,31 +543,9 @@ func benchAccessLog(o *options, res results, targets []string) {
 // with the spread, since a two-core machine's noise is larger than most
 // such changes.
 func benchAB(o *options, res results, targets []string) {
-	for rep := range 8 {
-		order := []string{"rota", "baseline"}
-		if rep%2 == 1 {
-			order = []string{"baseline", "rota"}
+	interleaved(o, "a/b", []int{1}, 8, []string{"rota", "baseline"}, targets, func(_ int, px string, p *proc) {
+		for _, close := range []bool{false, true} {
+			wrkInto(res, p, px, o.dur, close, "ab", map[bool]string{false: "ka", true: "close"}[close])
 		}
-		for _, px := range order {
-			logf("a/b, rep %d: %s", rep+1, px)
-			p, err := startProxy(px, 1, targets, o, true)
-			if err != nil {
-				logf("  %v", err)
-				continue
-			}
-			for _, close := range []bool{false, true} {
-				mode := map[bool]string{false: "ka", true: "close"}[close]
-				cpu0 := p.cpu()
-				if m, err := wrk(p.addr, 64, o.dur, close); err == nil {
-					res.add(key("ab", mode, "rps", px), m.rps)
-					if m.n > 0 {
-						res.add(key("ab", mode, "cpu", px), (p.cpu()-cpu0)*1e6/m.n)
-					}
-				} else {
-					logf("  %v", err)
-				}
-			}
-			p.stop()
-		}
-	}
+	})
 }
