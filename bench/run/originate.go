@@ -15,7 +15,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -62,43 +61,25 @@ func runTLSSink(cert tls.Certificate) (int, error) {
 // startOrigProxy starts kind sending plaintext clients to backend over
 // TLS, one thread; with sink, readiness is a write through to the sink.
 func startOrigProxy(kind, backend string, sink bool, o *options) (*proc, error) {
-	port := freePort()
-	p := &proc{name: kind, addr: fmt.Sprintf("127.0.0.1:%d", port)}
-	p.dir = filepath.Join(o.tmp, fmt.Sprintf("%s-orig-%d", kind, port))
-	os.MkdirAll(p.dir, 0o755)
+	p := newProc(kind, "orig", freePort(), o)
 	var b strings.Builder
 	var err error
 	switch kind {
 	case "rota", "baseline":
-		bin := o.rotaBin
-		if kind == "baseline" {
-			bin = o.baseline
-		}
 		fmt.Fprintf(&b, "admin: {listen: \"\"}\nlisteners:\n  - listen: %q\n    discovery: static\n    static: [%s]\n    health: {interval: 2s}\n", p.addr, backend)
 		b.WriteString("    target_tls: {insecure_skip_verify: true}\n")
-		cfg := filepath.Join(p.dir, "rota.yaml")
-		os.WriteFile(cfg, []byte(b.String()), 0o644)
-		err = startCmd(p, bin, []string{"serve", "--config", cfg, "--log-format", "json", "--log-level", "error"}, []string{"GOMAXPROCS=1"})
-		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
+		err = startRota(p, o.binFor(kind), b.String(), 1)
 	case "haproxy":
 		b.WriteString("global\n  nbthread 1\n  maxconn 7000\n  tune.maxaccept 64\n")
 		b.WriteString("defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n")
 		fmt.Fprintf(&b, "frontend fe\n  bind %s\n  default_backend be\n", p.addr)
 		fmt.Fprintf(&b, "backend be\n  server a %s ssl verify none check inter 2s\n", backend)
-		cfg := filepath.Join(p.dir, "haproxy.cfg")
-		os.WriteFile(cfg, []byte(b.String()), 0o644)
-		err = startCmd(p, "haproxy", []string{"-db", "-f", cfg}, nil)
-		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
+		err = startHAProxy(p, b.String())
 	case "nginx":
-		b.WriteString("load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n")
-		fmt.Fprintf(&b, "worker_processes 1;\ndaemon off;\npid %s/nginx.pid;\nerror_log %s/error.log error;\nworker_rlimit_nofile 20000;\n", p.dir, p.dir)
-		b.WriteString("events { worker_connections 18000; multi_accept on; }\nstream {\n")
+		b.WriteString(nginxHead(p, 1))
 		fmt.Fprintf(&b, "  upstream be { server %s; }\n", backend)
 		fmt.Fprintf(&b, "  server { listen %s reuseport; proxy_pass be; proxy_ssl on; proxy_ssl_session_reuse on; proxy_connect_timeout 2s; proxy_timeout 1h; proxy_half_close on; }\n}\n", p.addr)
-		cfg := filepath.Join(p.dir, "nginx.conf")
-		os.WriteFile(cfg, []byte(b.String()), 0o644)
-		err = startCmd(p, "nginx", []string{"-p", p.dir, "-c", cfg, "-e", filepath.Join(p.dir, "error.log")}, nil)
-		p.pidFn = func() []int { return childPIDs(p.cmd.Process.Pid) }
+		err = startNginx(p, b.String())
 	default:
 		return nil, fmt.Errorf("no TLS origination for %q", kind)
 	}

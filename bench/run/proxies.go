@@ -121,26 +121,16 @@ func startCmd(p *proc, name string, args []string, env []string) error {
 // startProxy starts kind in front of targets with the given thread count.
 // http says whether the targets speak HTTP (readiness is then a GET).
 func startProxy(kind string, threads int, targets []string, o *options, http bool) (*proc, error) {
-	tmp := o.tmp
 	if kind == "direct" {
 		return &proc{name: kind, addr: targets[0], pidFn: func() []int { return nil }}, nil
 	}
 	ports := freePorts(2) // the proxy's, and rota's admin
-	port := ports[0]
-	p := &proc{name: kind, addr: fmt.Sprintf("127.0.0.1:%d", port)}
-	p.dir = filepath.Join(tmp, fmt.Sprintf("%s-%d", kind, port))
-	os.MkdirAll(p.dir, 0o755)
+	p := newProc(kind, "", ports[0], o)
 	var err error
 	adminAddr := ""
 	switch kind {
 	case "rota", "baseline", "rota+log", "rota+hash", "rota+http":
-		bin := o.rotaBin
-		if kind == "baseline" {
-			bin = o.baseline
-		}
 		adminAddr = fmt.Sprintf("127.0.0.1:%d", ports[1])
-		args := []string{"serve", "--listen", p.addr, "--backend", strings.Join(targets, ","),
-			"--admin", adminAddr, "--log-format", "json", "--log-level", "error", "--health-interval", "2s"}
 		if kind != "rota" && kind != "baseline" || len(targets) > 1000 {
 			// A feature on (the access log as JSON to a file, a hash
 			// listener, http checks), or more targets than one argument
@@ -163,11 +153,12 @@ func startProxy(kind string, threads int, targets []string, o *options, http boo
 			for _, t := range targets {
 				fmt.Fprintf(&b, "      - %s\n", t)
 			}
-			cfg := filepath.Join(p.dir, "rota.yaml")
-			os.WriteFile(cfg, []byte(b.String()), 0o644)
-			args = []string{"serve", "--config", cfg, "--log-format", "json", "--log-level", "error"}
+			err = startRota(p, o.binFor(kind), b.String(), threads)
+			break
 		}
-		err = startCmd(p, bin, args, []string{fmt.Sprintf("GOMAXPROCS=%d", threads)})
+		err = startCmd(p, o.binFor(kind), []string{"serve", "--listen", p.addr, "--backend", strings.Join(targets, ","),
+			"--admin", adminAddr, "--log-format", "json", "--log-level", "error", "--health-interval", "2s"},
+			[]string{fmt.Sprintf("GOMAXPROCS=%d", threads)})
 		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
 	case "haproxy", "haproxy+log", "haproxy+hash", "haproxy+http":
 		var b strings.Builder
@@ -192,23 +183,15 @@ func startProxy(kind string, threads int, targets []string, o *options, http boo
 		for i, t := range targets {
 			fmt.Fprintf(&b, "  server s%d %s check inter 2s\n", i, t)
 		}
-		cfg := filepath.Join(p.dir, "haproxy.cfg")
-		os.WriteFile(cfg, []byte(b.String()), 0o644)
-		err = startCmd(p, "haproxy", []string{"-db", "-f", cfg}, nil)
-		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
+		err = startHAProxy(p, b.String())
 	case "nginx":
 		var b strings.Builder
-		b.WriteString("load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n")
-		fmt.Fprintf(&b, "worker_processes %d;\ndaemon off;\npid %s/nginx.pid;\nerror_log %s/error.log error;\nworker_rlimit_nofile 20000;\n", threads, p.dir, p.dir)
-		b.WriteString("events { worker_connections 18000; multi_accept on; }\nstream {\n  upstream be {\n")
+		b.WriteString(nginxHead(p, threads) + "  upstream be {\n")
 		for _, t := range targets {
 			fmt.Fprintf(&b, "    server %s;\n", t)
 		}
 		fmt.Fprintf(&b, "  }\n  server { listen %s reuseport; proxy_pass be; proxy_connect_timeout 2s; proxy_timeout 1h; }\n}\n", p.addr)
-		cfg := filepath.Join(p.dir, "nginx.conf")
-		os.WriteFile(cfg, []byte(b.String()), 0o644)
-		err = startCmd(p, "nginx", []string{"-p", p.dir, "-c", cfg, "-e", filepath.Join(p.dir, "error.log")}, nil)
-		p.pidFn = func() []int { return childPIDs(p.cmd.Process.Pid) }
+		err = startNginx(p, b.String())
 	default:
 		return nil, fmt.Errorf("unknown proxy %q", kind)
 	}
@@ -295,4 +278,63 @@ func rotaAllUp(hc *http.Client, admin string, n int) bool {
 		}
 	}
 	return up == n
+}
+
+// newProc is a proc for kind listening on port, with a directory of its
+// own in o.tmp; what names the measurement ("sni", "term", "orig"; "" for
+// the plain ones).
+func newProc(kind, what string, port int, o *options) *proc {
+	p := &proc{name: kind, addr: fmt.Sprintf("127.0.0.1:%d", port)}
+	dir := fmt.Sprintf("%s-%d", kind, port)
+	if what != "" {
+		dir = fmt.Sprintf("%s-%s-%d", kind, what, port)
+	}
+	p.dir = filepath.Join(o.tmp, dir)
+	os.MkdirAll(p.dir, 0o755)
+	return p
+}
+
+// binFor is the rota binary of kind: the baseline's, or rota's.
+func (o *options) binFor(kind string) string {
+	if kind == "baseline" {
+		return o.baseline
+	}
+	return o.rotaBin
+}
+
+// startRota writes config as p's rota.yaml and runs bin serve on it with
+// GOMAXPROCS=threads. startHAProxy and startNginx do the same for theirs:
+// every measurement starts each proxy alike.
+func startRota(p *proc, bin, config string, threads int) error {
+	cfg := filepath.Join(p.dir, "rota.yaml")
+	os.WriteFile(cfg, []byte(config), 0o644)
+	err := startCmd(p, bin, []string{"serve", "--config", cfg, "--log-format", "json", "--log-level", "error"}, []string{fmt.Sprintf("GOMAXPROCS=%d", threads)})
+	p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
+	return err
+}
+
+func startHAProxy(p *proc, config string) error {
+	cfg := filepath.Join(p.dir, "haproxy.cfg")
+	os.WriteFile(cfg, []byte(config), 0o644)
+	err := startCmd(p, "haproxy", []string{"-db", "-f", cfg}, nil)
+	p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
+	return err
+}
+
+// startNginx runs nginx on config (nginxHead's, then the stream block's
+// body and its closing brace); its workers hold the connections.
+func startNginx(p *proc, config string) error {
+	cfg := filepath.Join(p.dir, "nginx.conf")
+	os.WriteFile(cfg, []byte(config), 0o644)
+	err := startCmd(p, "nginx", []string{"-p", p.dir, "-c", cfg, "-e", filepath.Join(p.dir, "error.log")}, nil)
+	p.pidFn = func() []int { return childPIDs(p.cmd.Process.Pid) }
+	return err
+}
+
+// nginxHead is an nginx configuration's start up to an open stream block:
+// the stream module, workers, p's own pid and error files, the limits.
+func nginxHead(p *proc, workers int) string {
+	return "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n" +
+		fmt.Sprintf("worker_processes %d;\ndaemon off;\npid %s/nginx.pid;\nerror_log %s/error.log error;\nworker_rlimit_nofile 20000;\n", workers, p.dir, p.dir) +
+		"events { worker_connections 18000; multi_accept on; }\nstream {\n"
 }

@@ -161,54 +161,12 @@ func renderReport(o *options, res results, took time.Duration) string {
 			b.WriteString("\n")
 		}
 	}
-	b.WriteString("\n## TLS passthrough routed by SNI (1 thread each; a full handshake per connection, 32 clients)\n\nrota with `routes:`; HAProxy `mode tcp`, `tcp-request inspect-delay`, `req.ssl_sni`; nginx `ssl_preread` and a `map`. The handshakes (client and backend, ECDSA P-256, X25519MLKEM768) take most of the CPU; CPU per connection is the proxy's own.\n\n| | direct |")
-	for _, px := range o.proxies[1:] {
-		fmt.Fprintf(&b, " %s |", proxyTitle[px])
-	}
-	b.WriteString(" rota/HAProxy |\n|---|" + strings.Repeat("---:|", len(o.proxies)+1) + "\n")
-	for _, row := range []struct {
-		name, k, f string
-		lower      bool
-	}{{"new TLS connections/s", "tls_rps", "%.0f", false}, {"p99 (ms)", "tls_p99", "%.2f", true}, {"proxy CPU per connection (µs)", "tls_cpu", "%.1f", true}} {
-		fmt.Fprintf(&b, "| %s |", row.name)
-		for _, px := range o.proxies {
-			fmt.Fprintf(&b, " %s |", cell(res, key(row.k, px), row.f))
-		}
-		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key(row.k, "rota"), key(row.k, "haproxy"), row.lower))
-	}
-	b.WriteString("\n## TLS termination (1 thread each; TLS 1.3, ECDSA P-256, 32 clients, a plaintext backend answering at once)\n\nrota `tls:`; HAProxy `bind ... ssl crt`; nginx `stream` `listen ... ssl`; direct: a Go TLS server answering itself. Full: a new handshake per connection; resumed: each client resumes its session (PSK with ECDHE). CPU per handshake is the proxy's own. Bulk: one TLS connection writing for the run's duration into a backend that discards it (the client one thread, Go's crypto/tls).\n\n| | direct |")
-	for _, px := range o.proxies[1:] {
-		fmt.Fprintf(&b, " %s |", proxyTitle[px])
-	}
-	b.WriteString(" rota/HAProxy |\n|---|" + strings.Repeat("---:|", len(o.proxies)+1) + "\n")
-	for _, row := range []struct {
-		name, k, f string
-		lower      bool
-	}{{"full handshakes/s", "term_rps", "%.0f", false}, {"p99 (ms)", "term_p99", "%.2f", true}, {"proxy CPU per handshake (µs)", "term_cpu", "%.1f", true},
+	proxyTable(&b, o, res, "\n## TLS passthrough routed by SNI (1 thread each; a full handshake per connection, 32 clients)\n\nrota with `routes:`; HAProxy `mode tcp`, `tcp-request inspect-delay`, `req.ssl_sni`; nginx `ssl_preread` and a `map`. The handshakes (client and backend, ECDSA P-256, X25519MLKEM768) take most of the CPU; CPU per connection is the proxy's own.\n\n", []proxyRow{{"new TLS connections/s", "tls_rps", "%.0f", false}, {"p99 (ms)", "tls_p99", "%.2f", true}, {"proxy CPU per connection (µs)", "tls_cpu", "%.1f", true}})
+	proxyTable(&b, o, res, "\n## TLS termination (1 thread each; TLS 1.3, ECDSA P-256, 32 clients, a plaintext backend answering at once)\n\nrota `tls:`; HAProxy `bind ... ssl crt`; nginx `stream` `listen ... ssl`; direct: a Go TLS server answering itself. Full: a new handshake per connection; resumed: each client resumes its session (PSK with ECDHE). CPU per handshake is the proxy's own. Bulk: one TLS connection writing for the run's duration into a backend that discards it (the client one thread, Go's crypto/tls).\n\n", []proxyRow{{"full handshakes/s", "term_rps", "%.0f", false}, {"p99 (ms)", "term_p99", "%.2f", true}, {"proxy CPU per handshake (µs)", "term_cpu", "%.1f", true},
 		{"resumed handshakes/s", "termr_rps", "%.0f", false}, {"p99 resumed (ms)", "termr_p99", "%.2f", true}, {"proxy CPU per resumed handshake (µs)", "termr_cpu", "%.1f", true},
-		{"bulk into a sink, one connection (Gbit/s)", "termbulk", "%.2f", false}} {
-		fmt.Fprintf(&b, "| %s |", row.name)
-		for _, px := range o.proxies {
-			fmt.Fprintf(&b, " %s |", cell(res, key(row.k, px), row.f))
-		}
-		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key(row.k, "rota"), key(row.k, "haproxy"), row.lower))
-	}
-	b.WriteString("\n## TLS origination (1 thread each; plaintext clients, the proxy speaking TLS to a Go TLS backend, 32 clients)\n\nrota `target_tls:`; HAProxy `server ... ssl verify none`; nginx `proxy_ssl on`. Each proxy resumes its sessions with the backend as it does by default; direct: the client does the TLS itself, a full handshake each. Bulk: one plaintext connection into a TLS sink through the proxy.\n\n| | direct |")
-	for _, px := range o.proxies[1:] {
-		fmt.Fprintf(&b, " %s |", proxyTitle[px])
-	}
-	b.WriteString(" rota/HAProxy |\n|---|" + strings.Repeat("---:|", len(o.proxies)+1) + "\n")
-	for _, row := range []struct {
-		name, k, f string
-		lower      bool
-	}{{"connections/s", "orig_rps", "%.0f", false}, {"p99 (ms)", "orig_p99", "%.2f", true}, {"proxy CPU per connection (µs)", "orig_cpu", "%.1f", true},
-		{"bulk into a TLS sink, one connection (Gbit/s)", "origbulk", "%.2f", false}} {
-		fmt.Fprintf(&b, "| %s |", row.name)
-		for _, px := range o.proxies {
-			fmt.Fprintf(&b, " %s |", cell(res, key(row.k, px), row.f))
-		}
-		fmt.Fprintf(&b, " %s |\n", ratioCell(res, key(row.k, "rota"), key(row.k, "haproxy"), row.lower))
-	}
+		{"bulk into a sink, one connection (Gbit/s)", "termbulk", "%.2f", false}})
+	proxyTable(&b, o, res, "\n## TLS origination (1 thread each; plaintext clients, the proxy speaking TLS to a Go TLS backend, 32 clients)\n\nrota `target_tls:`; HAProxy `server ... ssl verify none`; nginx `proxy_ssl on`. Each proxy resumes its sessions with the backend as it does by default; direct: the client does the TLS itself, a full handshake each. Bulk: one plaintext connection into a TLS sink through the proxy.\n\n", []proxyRow{{"connections/s", "orig_rps", "%.0f", false}, {"p99 (ms)", "orig_p99", "%.2f", true}, {"proxy CPU per connection (µs)", "orig_cpu", "%.1f", true},
+		{"bulk into a TLS sink, one connection (Gbit/s)", "origbulk", "%.2f", false}})
 	b.WriteString("\n## Health checking (CPU of the idle proxy, % of one core, TCP checks every 2 s, 1 thread each)\n\nThe proxy's user and system time while it only probes its targets, over a quiet window; on loopback the kernel's work for both ends of each probe's handshake runs in the prober's context, so this is an upper bound of what the same probing costs against remote targets.\n\n| targets |")
 	hpx := []string{}
 	for _, px := range o.proxies[1:] {
@@ -342,4 +300,28 @@ func hasFigure(sec string) bool {
 		}
 	}
 	return false
+}
+
+// proxyRow is a row of proxyTable: its label, its results' key (before
+// the proxy), the cells' format, and whether lower is better.
+type proxyRow struct {
+	name, k, f string
+	lower      bool
+}
+
+// proxyTable writes a section (head: its heading and text, ending where
+// the table starts) with a column per proxy and rota/HAProxy.
+func proxyTable(b *strings.Builder, o *options, res results, head string, rows []proxyRow) {
+	b.WriteString(head + "| | direct |")
+	for _, px := range o.proxies[1:] {
+		fmt.Fprintf(b, " %s |", proxyTitle[px])
+	}
+	b.WriteString(" rota/HAProxy |\n|---|" + strings.Repeat("---:|", len(o.proxies)+1) + "\n")
+	for _, row := range rows {
+		fmt.Fprintf(b, "| %s |", row.name)
+		for _, px := range o.proxies {
+			fmt.Fprintf(b, " %s |", cell(res, key(row.k, px), row.f))
+		}
+		fmt.Fprintf(b, " %s |\n", ratioCell(res, key(row.k, "rota"), key(row.k, "haproxy"), row.lower))
+	}
 }

@@ -96,43 +96,25 @@ func startTermProxy(kind, backend, tlsDirect, cert, keyFile, both string, sink b
 	if kind == "direct" {
 		return &proc{name: kind, addr: tlsDirect, pidFn: func() []int { return nil }}, nil
 	}
-	port := freePort()
-	p := &proc{name: kind, addr: fmt.Sprintf("127.0.0.1:%d", port)}
-	p.dir = filepath.Join(o.tmp, fmt.Sprintf("%s-term-%d", kind, port))
-	os.MkdirAll(p.dir, 0o755)
+	p := newProc(kind, "term", freePort(), o)
 	var b strings.Builder
 	var err error
 	switch kind {
 	case "rota", "baseline":
-		bin := o.rotaBin
-		if kind == "baseline" {
-			bin = o.baseline
-		}
 		fmt.Fprintf(&b, "admin: {listen: \"\"}\nlisteners:\n  - listen: %q\n    discovery: static\n    static: [%s]\n    health: {interval: 2s}\n", p.addr, backend)
 		fmt.Fprintf(&b, "    tls: {certs: [{cert_file: %q, key_file: %q}]}\n", cert, keyFile)
-		cfg := filepath.Join(p.dir, "rota.yaml")
-		os.WriteFile(cfg, []byte(b.String()), 0o644)
-		err = startCmd(p, bin, []string{"serve", "--config", cfg, "--log-format", "json", "--log-level", "error"}, []string{"GOMAXPROCS=1"})
-		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
+		err = startRota(p, o.binFor(kind), b.String(), 1)
 	case "haproxy":
 		b.WriteString("global\n  nbthread 1\n  maxconn 7000\n  tune.maxaccept 64\n  ssl-default-bind-options ssl-min-ver TLSv1.2\n")
 		b.WriteString("defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n")
 		fmt.Fprintf(&b, "frontend fe\n  bind %s ssl crt %s\n  default_backend be\n", p.addr, both)
 		fmt.Fprintf(&b, "backend be\n  server a %s check inter 2s\n", backend)
-		cfg := filepath.Join(p.dir, "haproxy.cfg")
-		os.WriteFile(cfg, []byte(b.String()), 0o644)
-		err = startCmd(p, "haproxy", []string{"-db", "-f", cfg}, nil)
-		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
+		err = startHAProxy(p, b.String())
 	case "nginx":
-		b.WriteString("load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n")
-		fmt.Fprintf(&b, "worker_processes 1;\ndaemon off;\npid %s/nginx.pid;\nerror_log %s/error.log error;\nworker_rlimit_nofile 20000;\n", p.dir, p.dir)
-		b.WriteString("events { worker_connections 18000; multi_accept on; }\nstream {\n")
+		b.WriteString(nginxHead(p, 1))
 		fmt.Fprintf(&b, "  upstream be { server %s; }\n", backend)
 		fmt.Fprintf(&b, "  server { listen %s ssl reuseport; ssl_certificate %s; ssl_certificate_key %s; ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:S:10m; proxy_pass be; proxy_connect_timeout 2s; proxy_timeout 1h; proxy_half_close on; }\n}\n", p.addr, cert, keyFile)
-		cfg := filepath.Join(p.dir, "nginx.conf")
-		os.WriteFile(cfg, []byte(b.String()), 0o644)
-		err = startCmd(p, "nginx", []string{"-p", p.dir, "-c", cfg, "-e", filepath.Join(p.dir, "error.log")}, nil)
-		p.pidFn = func() []int { return childPIDs(p.cmd.Process.Pid) }
+		err = startNginx(p, b.String())
 	default:
 		return nil, fmt.Errorf("no TLS termination for %q", kind)
 	}

@@ -190,46 +190,28 @@ func startSNIProxy(kind string, backends []string, o *options) (*proc, error) {
 	if kind == "direct" {
 		return &proc{name: kind, addr: backends[0], pidFn: func() []int { return nil }}, nil
 	}
-	port := freePort()
-	p := &proc{name: kind, addr: fmt.Sprintf("127.0.0.1:%d", port)}
-	p.dir = filepath.Join(o.tmp, fmt.Sprintf("%s-sni-%d", kind, port))
-	os.MkdirAll(p.dir, 0o755)
+	p := newProc(kind, "sni", freePort(), o)
 	var b strings.Builder
 	var err error
 	switch kind {
 	case "rota", "baseline":
-		bin := o.rotaBin
-		if kind == "baseline" {
-			bin = o.baseline
-		}
 		fmt.Fprintf(&b, "admin: {listen: \"\"}\nlisteners:\n  - listen: %q\n    health: {interval: 2s}\n    routes:\n", p.addr)
 		fmt.Fprintf(&b, "      - {sni: [%s], discovery: static, static: [%s]}\n", sniNames[0], backends[0])
 		fmt.Fprintf(&b, "      - {sni: [\"*\"], discovery: static, static: [%s]}\n", backends[1])
-		cfg := filepath.Join(p.dir, "rota.yaml")
-		os.WriteFile(cfg, []byte(b.String()), 0o644)
-		err = startCmd(p, bin, []string{"serve", "--config", cfg, "--log-format", "json", "--log-level", "error"}, []string{"GOMAXPROCS=1"})
-		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
+		err = startRota(p, o.binFor(kind), b.String(), 1)
 	case "haproxy":
 		b.WriteString("global\n  nbthread 1\n  maxconn 7000\n  tune.maxaccept 64\n")
 		b.WriteString("defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  option splice-auto\n")
 		fmt.Fprintf(&b, "frontend fe\n  bind %s\n  tcp-request inspect-delay 5s\n  tcp-request content accept if { req_ssl_hello_type 1 }\n", p.addr)
 		fmt.Fprintf(&b, "  use_backend api if { req.ssl_sni -i %s }\n  default_backend rest\n", sniNames[0])
 		fmt.Fprintf(&b, "backend api\n  server a %s check inter 2s\nbackend rest\n  server b %s check inter 2s\n", backends[0], backends[1])
-		cfg := filepath.Join(p.dir, "haproxy.cfg")
-		os.WriteFile(cfg, []byte(b.String()), 0o644)
-		err = startCmd(p, "haproxy", []string{"-db", "-f", cfg}, nil)
-		p.pidFn = func() []int { return []int{p.cmd.Process.Pid} }
+		err = startHAProxy(p, b.String())
 	case "nginx":
-		b.WriteString("load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n")
-		fmt.Fprintf(&b, "worker_processes 1;\ndaemon off;\npid %s/nginx.pid;\nerror_log %s/error.log error;\nworker_rlimit_nofile 20000;\n", p.dir, p.dir)
-		b.WriteString("events { worker_connections 18000; multi_accept on; }\nstream {\n")
+		b.WriteString(nginxHead(p, 1))
 		fmt.Fprintf(&b, "  map $ssl_preread_server_name $up { %s api; default rest; }\n", sniNames[0])
 		fmt.Fprintf(&b, "  upstream api { server %s; }\n  upstream rest { server %s; }\n", backends[0], backends[1])
 		fmt.Fprintf(&b, "  server { listen %s reuseport; ssl_preread on; proxy_pass $up; proxy_connect_timeout 2s; proxy_timeout 1h; }\n}\n", p.addr)
-		cfg := filepath.Join(p.dir, "nginx.conf")
-		os.WriteFile(cfg, []byte(b.String()), 0o644)
-		err = startCmd(p, "nginx", []string{"-p", p.dir, "-c", cfg, "-e", filepath.Join(p.dir, "error.log")}, nil)
-		p.pidFn = func() []int { return childPIDs(p.cmd.Process.Pid) }
+		err = startNginx(p, b.String())
 	default:
 		return nil, fmt.Errorf("no SNI routing for %q", kind)
 	}
