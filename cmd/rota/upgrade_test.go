@@ -369,6 +369,16 @@ func TestUpgradeFailsAndServesOn(t *testing.T) {
 	cfg := fmt.Sprintf("admin: {listen: %s}\npid_file: %s\nlisteners:\n  - {name: \"admin:web\", listen: %s, discovery: static, static: [%s], health: {interval: 200ms}}\n  - {name: admin, listen: %s, discovery: static, static: [%s], health: {interval: 200ms}}\n", admin, pidFile, webAddr, b.Addr, other, b.Addr)
 	run := startUpgradable(t, dir, rotaBin, cfg, pidFile)
 	testenv.Eventually(t, "serving", 20*time.Second, func() bool { _, err := testenv.Request(webAddr); return err == nil })
+	// The admin API opens after the listeners: asked at once, it may not
+	// listen yet (a fresh clone's CI was refused so).
+	testenv.Eventually(t, "the admin API answering", 20*time.Second, func() bool {
+		resp, err := http.Get("http://" + admin + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return true
+	})
 
 	os.WriteFile(run.cfgFile, []byte("listeners: [{listen: nope}]\n"), 0o600)
 	resp, err := http.Post("http://"+admin+"/api/v1/upgrade", "", nil)
