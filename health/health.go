@@ -191,7 +191,7 @@ type target struct {
 	ap   netip.AddrPort // addr parsed once; not valid unless an IP literal
 	// done records a probe's result (c.finish), made once so that a
 	// probe on the loop allocates nothing.
-	done    func(error)
+	done    func(err error, sp *spec, kept *keptConn)
 	idx     int  // position in Checker.due + 1; 0 while probing or removed
 	probing bool // a probe is running
 	removed bool // no longer discovered: a probe in flight is discarded
@@ -207,9 +207,9 @@ type target struct {
 	bo        *backoff.ExponentialBackOff
 	next      time.Duration // delay before the next probe, set by the last event
 	nextAt    time.Time
-	// kept is the http/https connection the last probe left open for the
-	// next (HTTP keep-alive); nil while a probe has it, after a failure,
-	// and for other kinds. The checker owns it under mu; a probe owns it
+	// kept is the connection the last probe left open for the next (HTTP
+	// keep-alive, a send_expect exchange asked again); nil while a probe
+	// has it, after a failure, and for other kinds. The checker owns it under mu; a probe owns it
 	// while it runs.
 	kept *keptConn
 }
@@ -259,7 +259,7 @@ func (c *Checker) Update(addrs []string) {
 		}
 		t := &target{addr: a, state: Checking, since: now, bo: c.newBackoff(), nextAt: now}
 		t.ap, _ = netip.ParseAddrPort(a)
-		t.done = func(err error) { c.finish(t, err, nil, nil) }
+		t.done = func(err error, sp *spec, kept *keptConn) { c.finish(t, err, sp, kept) }
 		c.targets[a] = t
 		if st, ok := c.seed[a]; ok && c.cfg.Check != CheckNone && (st.State == Up || st.State == Down) {
 			delete(c.seed, a)
@@ -517,15 +517,22 @@ func (c *Checker) schedule() {
 				if c.cfg.Port != 0 {
 					ap = netip.AddrPortFrom(ap.Addr(), uint16(c.cfg.Port))
 				}
-				j := tcpJob{addr: ap, timeout: c.cfg.Timeout, done: t.done}
+				j := tcpJob{addr: ap, timeout: c.cfg.Timeout, sp: c.spec, done: t.done}
 				if c.cfg.Check == CheckSendExpect {
 					j.steps = c.spec.steps
+				}
+				if t.kept != nil {
+					j.kept, t.kept = t.kept.loop, nil
 				}
 				jobs = append(jobs, j)
 				continue
 			}
 			sp, kept := c.spec, t.kept
 			t.kept = nil
+			if kept != nil && kept.loop != nil {
+				kept.close() // the loop's: not this path's
+				kept = nil
+			}
 			c.wg.Go(func() {
 				kept, err := c.probe(c.ctx, sp, t.addr, kept)
 				c.finish(t, err, sp, kept)
@@ -541,7 +548,7 @@ func (c *Checker) schedule() {
 			// record results.
 			if !c.tcp.start(jobs) {
 				for _, j := range jobs {
-					j.done(errors.New("tcp check: prober closed"))
+					j.done(errors.New("tcp check: prober closed"), j.sp, nil)
 				}
 			}
 			jobs = nil
@@ -557,12 +564,17 @@ func (c *Checker) schedule() {
 }
 
 // tcpJob is one probe for the TCP prober to start: its result goes to
-// done, once, on the prober's goroutine.
+// done, once, on the prober's goroutine, with the spec it ran under and
+// the connection it leaves for the next probe (nil: none).
 type tcpJob struct {
 	addr    netip.AddrPort
 	timeout time.Duration
 	steps   []step // a send_expect check's; nil for tcp
-	done    func(error)
+	sp      *spec
+	// kept is the connection the target's last probe left (nil: none);
+	// the job owns it, and the prober takes it with the job.
+	kept *probeSocket
+	done func(err error, sp *spec, kept *keptConn)
 }
 
 // kind names the check in errors.

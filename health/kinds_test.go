@@ -345,3 +345,110 @@ func countConns(srv *httptest.Server, n *atomic.Int64) {
 		}
 	}
 }
+
+// A send_expect check that starts with a send and ends with an expect asks
+// again on its connection while the target passes (as an http check
+// does); a replica is down on its own answer; a connection the server closed costs a new one, not a failed probe; a
+// check that waits for a greeting dials every probe.
+func TestSendExpectKeepsItsConnection(t *testing.T) {
+	var asks, conns atomic.Int64
+	var role atomic.Value
+	role.Store("master")
+	var closeAfter atomic.Bool
+	addr := testenv.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		conns.Add(1)
+		c.Write([]byte("+OK ready\r\n"))
+		r := bufio.NewReader(c)
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				return
+			}
+			if line == "QUIT\r\n" {
+				return
+			}
+			asks.Add(1)
+			r := role.Load().(string)
+			c.Write([]byte("# Replication\r\nrole:" + r + "\r\nconnected_slaves:0\r\n"))
+			if closeAfter.Load() {
+				return
+			}
+		}
+	})
+	cfg := fast()
+	cfg.Check = health.CheckSendExpect
+	cfg.Steps = []health.Step{{Send: `INFO replication\r\n`}, {Expect: "role:master"}}
+	c := health.New(cfg, nil, nil)
+	t.Cleanup(c.Close)
+	c.Update([]string{addr})
+	testenv.Eventually(t, "up", 10*time.Second, func() bool { return stateOf(c, addr).State == health.Up })
+
+	n, before := asks.Load(), conns.Load()
+	testenv.Eventually(t, "ten more probes", 10*time.Second, func() bool { return asks.Load() >= n+10 })
+	if got := conns.Load() - before; got != 0 {
+		t.Fatalf("%d new connections for %d probes: want the one kept", got, asks.Load()-n)
+	}
+
+	// The unread "role:master" of the last answer does not pass the next
+	// probe: the replica is down on its own answer.
+	role.Store("slave")
+	s := waitState(t, c, addr, health.Down, "down as a replica")
+	if !strings.Contains(s.LastError, `expected "role:master", got "`) || !strings.Contains(s.LastError, `role:slave`) {
+		t.Errorf("last error %q", s.LastError)
+	}
+	role.Store("master")
+	waitState(t, c, addr, health.Up, "up as the master again")
+
+	// The server closes each connection after its answer: every probe
+	// finds its kept one closed and asks on a new one, without failing.
+	closeAfter.Store(true)
+	n, before = asks.Load(), conns.Load()
+	failed := stateOf(c, addr).ChecksFailed
+	testenv.Eventually(t, "five probes on new connections", 10*time.Second, func() bool {
+		return asks.Load() >= n+5 && conns.Load() >= before+5
+	})
+	if s := stateOf(c, addr); s.ChecksFailed != failed || s.State != health.Up {
+		t.Fatalf("after the server closed kept connections: %+v (failed before: %d)", s, failed)
+	}
+	closeAfter.Store(false)
+
+	// A dial the proxy reports failed makes the next probe dial.
+	testenv.Eventually(t, "a kept connection again", 10*time.Second, func() bool {
+		n, before := asks.Load(), conns.Load()
+		if _, ok := testenv.Poll(time.Second, func() bool { return asks.Load() >= n+3 }); !ok {
+			return false
+		}
+		return conns.Load() == before
+	})
+	before = conns.Load()
+	c.ReportFailure(addr, errors.New("connection refused"))
+	testenv.Eventually(t, "a new connection after the reported failure", 10*time.Second, func() bool { return conns.Load() > before })
+	waitState(t, c, addr, health.Up, "up again")
+
+	// Steps that wait for the greeting, or end with a send, cannot be
+	// asked again on a connection: each probe dials.
+	for _, steps := range [][]health.Step{
+		{{Expect: "+OK ready"}, {Send: `INFO replication\r\n`}, {Expect: "role:master"}},
+		{{Send: `INFO replication\r\n`}, {Expect: "role:master"}, {Send: `QUIT\r\n`}},
+	} {
+		cfg.Steps = steps
+		c.SetConfig(cfg)
+		n, before := asks.Load(), conns.Load()
+		testenv.Eventually(t, "five probes", 10*time.Second, func() bool { return asks.Load() >= n+5 })
+		if got, probes := conns.Load()-before, asks.Load()-n; got < probes-1 {
+			t.Errorf("steps %v: %d connections for %d probes: want one each", steps, got, probes)
+		}
+		if s := stateOf(c, addr); s.State != health.Up {
+			t.Errorf("steps %v: %+v", steps, s)
+		}
+	}
+}
+
+// waitState waits until addr's state is want, and returns its status.
+func waitState(t *testing.T, c *health.Checker, addr string, want health.State, what string) health.Status {
+	t.Helper()
+	var s health.Status
+	testenv.Eventually(t, what, 10*time.Second, func() bool { s = stateOf(c, addr); return s.State == want })
+	return s
+}

@@ -101,16 +101,21 @@ func probeHTTP(ctx context.Context, s *spec, addr string, kept *keptConn) (*kept
 	return kc, err
 }
 
-// keptConn is an http, https or grpc check's connection between two
-// probes of one target.
+// keptConn is an http, https, grpc or send_expect check's connection
+// between two probes of one target.
 type keptConn struct {
 	conn net.Conn // the TLS connection for https
 	raw  net.Conn
 	grpc *grpc.ClientConn // grpc checks': no conn, no raw
+	loop *probeSocket     // a send_expect check's on the prober's loop: nothing else
 }
 
 // close closes with a reset: no TIME_WAIT per connection, as for tcp checks.
 func (k *keptConn) close() {
+	if k.loop != nil {
+		k.loop.closeKept()
+		return
+	}
 	if k.grpc != nil {
 		k.grpc.Close()
 		return

@@ -102,6 +102,13 @@ func (pr *tcpProber) family(v6 bool) *[]*probeSocket {
 }
 
 func (pr *tcpProber) connect(j tcpJob) {
+	if s := j.kept; s != nil {
+		j.kept = nil
+		if s.resume(j) {
+			return
+		}
+		s.drop() // closed by the server while idle: this probe dials
+	}
 	s, err := pr.socket(sock.IPv6(j.addr))
 	if err == nil {
 		if err = sock.ConnectOn(s.fd.Num(), j.addr); err != nil {
@@ -109,28 +116,66 @@ func (pr *tcpProber) connect(j tcpJob) {
 		}
 	}
 	if err != nil {
-		j.done(fmt.Errorf("%s check: dial: %w", j.kind(), err))
+		j.done(fmt.Errorf("%s check: dial: %w", j.kind(), err), j.sp, nil)
 		return
 	}
 	// Even a connect that the kernel completed inside connect(2) (a
 	// loopback target) ends in an event: the socket is registered.
-	s.done, s.steps = j.done, j.steps
+	s.job, s.steps = j, j.steps
 	pr.p.Set(&s.timer, pr.p.Now()+int64(j.timeout), s)
+}
+
+// keeps reports whether a probe's connection serves the target's next
+// probe, as an http check's does (and Envoy's tcp checks' by default): a
+// send_expect exchange the prober opens with a send and closes with an
+// expect can be asked again on the same connection. One that starts with
+// an expect waits for a greeting, which a server sends once a connection.
+func (j *tcpJob) keeps() bool {
+	return len(j.steps) > 0 && j.steps[0].send != nil && j.steps[len(j.steps)-1].expect != nil
+}
+
+// maxStale bounds what resume discards of a kept connection's unread
+// bytes (the rest of the last answer) before it asks again.
+const maxStale = maxAnswer
+
+// resume runs j on s, the connection the target's last probe kept. It
+// reports false, leaving s to the caller, if s is no use: the server
+// closed it while it was idle, or sent more than an answer's remainder.
+func (s *probeSocket) resume(j tcpJob) bool {
+	for stale := 0; ; {
+		n, err := poller.Read(s.fd.Num(), s.pr.buf[:])
+		if err == unix.EAGAIN {
+			break
+		}
+		if stale += n; err != nil || n == 0 || stale > maxStale {
+			return false
+		}
+	}
+	s.job, s.steps, s.connected, s.reused = j, j.steps, true, true
+	s.pr.p.Set(&s.timer, s.pr.p.Now()+int64(j.timeout), s)
+	s.exchange()
+	return true
 }
 
 // probeSocket is one socket of the prober and the probe it runs, if any.
 // It owns its descriptor and registration (closed by drop) and its timer.
+// Between two probes it is idle in the prober, or kept by a target
+// (kept, which the checker owns and closes through closeKept).
 type probeSocket struct {
 	pr    *tcpProber
 	fd    poller.FD
 	timer poller.Timer
 	v6    bool
-	done  func(error) // the probe in flight; nil while idle
+	job   tcpJob // the probe in flight; job.done is nil while idle
+	kept  keptConn
 	// A send_expect probe's exchange, once connected: the steps left, the
 	// bytes of the current send written, what arrived since the last
-	// match.
+	// match; whether the connection is a kept one, and whether anything
+	// arrived on it in this probe.
 	steps     []step
 	connected bool
+	reused    bool
+	answered  bool
 	sent      int
 	got       []byte
 }
@@ -138,8 +183,8 @@ type probeSocket struct {
 var errProbeTimeout = fmt.Errorf("dial: %w", os.ErrDeadlineExceeded) // "dial: i/o timeout", as net.Dial says
 
 func (s *probeSocket) Ready(_ uint8, events uint32) {
-	if s.done == nil {
-		return // idle: the reset of the last probe's disconnect
+	if s.job.done == nil {
+		return // idle: the reset of the last probe's disconnect, or kept
 	}
 	if s.connected {
 		s.exchange() // readable, writable or closed: the steps say
@@ -169,7 +214,7 @@ func (s *probeSocket) Ready(_ uint8, events uint32) {
 
 // kind names the check in errors.
 func (s *probeSocket) kind() string {
-	if s.steps != nil {
+	if s.job.steps != nil {
 		return CheckSendExpect
 	}
 	return CheckTCP
@@ -198,7 +243,7 @@ func (s *probeSocket) exchange() {
 				return
 			}
 			if err != nil {
-				s.end(fmt.Errorf("send_expect check: send %q: %w", excerpt(st.send), os.NewSyscallError("write", err)))
+				s.fail(fmt.Errorf("send_expect check: send %q: %w", excerpt(st.send), os.NewSyscallError("write", err)))
 				return
 			}
 			if s.sent += n; s.sent == len(st.send) {
@@ -220,15 +265,32 @@ func (s *probeSocket) exchange() {
 		case err == unix.EAGAIN:
 			return
 		case err != nil:
-			s.end(s.expectErr(st.expect, os.NewSyscallError("read", err)))
+			s.fail(s.expectErr(st.expect, os.NewSyscallError("read", err)))
 			return
 		case n == 0:
-			s.end(s.expectErr(st.expect, io.EOF))
+			s.fail(s.expectErr(st.expect, io.EOF))
 			return
 		}
+		s.answered = true
 		s.got = append(s.got, s.pr.buf[:n]...)
 	}
 	s.end(nil)
+}
+
+// fail ends the probe with err, unless the connection was a kept one that
+// the server closed or reset before answering (it closes idle connections,
+// or the answer before was its last): then the probe asks again on a new
+// one, as an http check does.
+func (s *probeSocket) fail(err error) {
+	if !s.reused || s.answered {
+		s.end(err)
+		return
+	}
+	j := s.job
+	s.job = tcpJob{}
+	s.reset()
+	s.drop()
+	s.pr.connect(j)
 }
 
 // expectErr says what an expect got instead, and why it got no more.
@@ -249,34 +311,47 @@ func (s *probeSocket) Expired() {
 
 // Abort closes the socket instead of keeping it: its state is unknown.
 func (s *probeSocket) Abort(cause any) {
-	done, kind := s.done, s.kind()
-	s.done = nil
+	j, kind := s.job, s.kind()
+	s.job = tcpJob{}
 	s.reset()
 	s.drop()
-	if done != nil {
-		done(fmt.Errorf("%s check: %v", kind, cause))
+	if j.done != nil {
+		j.done(fmt.Errorf("%s check: %v", kind, cause), j.sp, nil)
 	}
 }
 
 // reset forgets the probe's exchange.
 func (s *probeSocket) reset() {
-	s.steps, s.connected, s.sent, s.got = nil, false, 0, nil
+	s.steps, s.connected, s.reused, s.answered, s.sent, s.got = nil, false, false, false, 0, nil
 }
 
-// end reports the probe's result and makes the socket idle again, reset
-// and disconnected, or closes it if enough are idle.
+// end reports the probe's result. A send_expect connection that passed is
+// handed to the target for its next probe; otherwise the socket is idle
+// again, reset and disconnected, or closed if enough are idle.
 func (s *probeSocket) end(err error) {
-	done := s.done
-	s.done = nil
+	j := s.job
+	s.job = tcpJob{}
+	keep := err == nil && s.connected && j.keeps()
 	s.reset()
 	s.pr.p.Cancel(&s.timer)
+	if keep {
+		s.kept = keptConn{loop: s}
+		j.done(nil, j.sp, &s.kept)
+		return
+	}
 	f := s.pr.family(s.v6)
 	if len(*f) < maxIdleSockets && sock.Disconnect(s.fd.Num()) == nil {
 		*f = append(*f, s)
 	} else {
 		s.drop()
 	}
-	done(err)
+	j.done(err, j.sp, nil)
+}
+
+// closeKept closes s, kept by a target that no longer wants it: on the
+// loop, which owns the descriptor (a prober that stopped closed it).
+func (s *probeSocket) closeKept() {
+	s.pr.p.Post(s.drop)
 }
 
 // drop closes the socket with a reset.

@@ -1,10 +1,13 @@
 package health
 
 import (
+	"bufio"
 	"errors"
 	"net"
 	"net/netip"
 	"os"
+	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -16,7 +19,7 @@ import (
 func startProbe(t *testing.T, pr *tcpProber, ap netip.AddrPort, timeout time.Duration) <-chan error {
 	t.Helper()
 	errc := make(chan error, 1)
-	if !pr.start([]tcpJob{{addr: ap, timeout: timeout, done: func(err error) { errc <- err }}}) {
+	if !pr.start([]tcpJob{{addr: ap, timeout: timeout, done: func(err error, _ *spec, _ *keptConn) { errc <- err }}}) {
 		t.Fatal("prober closed")
 	}
 	return errc
@@ -121,5 +124,69 @@ func TestProbeSocketUsedAgainWaitsForItsOwnAnswer(t *testing.T) {
 	}
 	if n := len(idleSockets(pr)); n != 1 {
 		t.Fatalf("%d idle sockets after two probes in turn, want the one used twice", n)
+	}
+}
+
+// startKept hands pr one send_expect probe of ap, on kept if not nil; its
+// result and the connection it leaves come on the channel.
+func startKept(t *testing.T, pr *tcpProber, ap netip.AddrPort, steps []step, kept *probeSocket) <-chan keptResult {
+	t.Helper()
+	res := make(chan keptResult, 1)
+	j := tcpJob{addr: ap, timeout: time.Second, steps: steps, kept: kept, done: func(err error, _ *spec, k *keptConn) {
+		res <- keptResult{err, k}
+	}}
+	if !pr.start([]tcpJob{j}) {
+		t.Fatal("prober closed")
+	}
+	return res
+}
+
+type keptResult struct {
+	err  error
+	kept *keptConn
+}
+
+// A kept connection is asked again only after what the last answer left
+// unread is gone: an answer's tail that arrived after its probe matched
+// (here naming the role the expect wants) does not pass the next probe,
+// which reads its own answer.
+func TestKeptConnectionDiscardsTheLastAnswersTail(t *testing.T) {
+	tail := make(chan struct{})
+	var answers atomic.Int64
+	addr := testenv.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		r := bufio.NewReader(c)
+		for {
+			if _, err := r.ReadString('\n'); err != nil {
+				return
+			}
+			if answers.Add(1) == 1 {
+				c.Write([]byte("role:master\r\n"))
+				<-tail // the probe has matched and ended
+				c.Write([]byte("connected_slaves:0\r\nrole:master\r\n"))
+				tail <- struct{}{}
+				continue
+			}
+			c.Write([]byte("role:slave\r\n"))
+		}
+	})
+	ap := netip.MustParseAddrPort(addr)
+	pr := startProber(t)
+	steps := []step{{send: []byte("INFO replication\r\n")}, {expect: []byte("role:master")}}
+	first := <-startKept(t, pr, ap, steps, nil)
+	if first.err != nil || first.kept == nil {
+		t.Fatalf("first probe: %v, kept %v", first.err, first.kept)
+	}
+	tail <- struct{}{}
+	<-tail // written: on loopback, in the kept socket's buffer
+	second := <-startKept(t, pr, ap, steps, first.kept.loop)
+	if second.err == nil || !strings.Contains(second.err.Error(), `got "role:slave\r\n"`) {
+		t.Fatalf("second probe on the kept connection: %v, want it to fail on its own answer", second.err)
+	}
+	if second.kept != nil {
+		t.Fatal("a failed probe kept its connection")
+	}
+	if n := answers.Load(); n != 2 {
+		t.Fatalf("the server answered %d times, want 2 (one connection, asked twice)", n)
 	}
 }
