@@ -10,8 +10,9 @@
 // address family, one per hundred endpoints) are merged into one snapshot.
 //
 // The Watcher runs client-go's Reflector, the list-then-watch loop inside
-// every informer (its backoff, resource-version bookkeeping, relist on an
-// expired watch), over a store of its own rather than an informer's: an
+// every informer (its resource-version bookkeeping, relist on an expired
+// watch; the backoff after failures is rota's pacer, which starts over
+// once a call succeeds), over a store of its own rather than an informer's: an
 // informer delivers a relist object by object, whereas the Reflector hands
 // its store each relist whole (Replace), so a relist is one snapshot, and
 // the first one after an outage or an expired watch is marked Resync so
@@ -124,7 +125,8 @@ type Watcher struct {
 	svc  Name // the namespace filled in
 	port Port
 	log  *zap.Logger
-	// Backoff paces the Reflector's retries; tests may shorten it.
+	// Backoff paces the calls after a failed one (the pacer); tests may
+	// shorten it.
 	Backoff wait.Backoff
 }
 
@@ -186,18 +188,27 @@ func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 	}
 	selector := discoveryv1.LabelServiceName + "=" + w.svc.Name
 	api := w.cl.Set.DiscoveryV1().EndpointSlices(w.svc.Namespace)
+	pace := newPacer(w.Backoff)
 	lw := &cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			if !pace.wait(ctx) {
+				return nil, ctx.Err()
+			}
 			o.LabelSelector = selector
 			l, err := api.List(ctx, o)
+			pace.done(err)
 			if err != nil {
 				_ = send(event{kind: evFailed, err: w.explain("list", err)})
 			}
 			return l, err
 		},
 		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			if !pace.wait(ctx) {
+				return nil, ctx.Err()
+			}
 			o.LabelSelector = selector
 			wi, err := api.Watch(ctx, o)
+			pace.done(err)
 			if err != nil {
 				_ = send(event{kind: evFailed, err: w.explain("watch", err)})
 			} else {
@@ -207,14 +218,13 @@ func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 		},
 	}
 	st := &store{send: send}
-	bo := w.Backoff
 	// The Reflector logs through klog; what it would say reaches the
 	// pool as errors instead (discovery_ok, last_error, the log).
 	quiet := logr.Discard()
 	r := cache.NewReflectorWithOptions(lw, &discoveryv1.EndpointSlice{}, st, cache.ReflectorOptions{
 		Name:    "kubernetes " + w.svc.String(),
 		Logger:  &quiet,
-		Backoff: &bo,
+		Backoff: reflectorPause(),
 	})
 	done := make(chan struct{})
 	go func() {

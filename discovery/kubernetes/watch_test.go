@@ -69,7 +69,7 @@ func deleteSlice(t testing.TB, cs k8s.Interface, ns, name string) {
 
 // watcher watches svc through a kubeconfig (token "" for the admin) whose
 // context's namespace is ns, quick to retry.
-func watcher(t *testing.T, api *testenv.KubeAPI, token, ns, svc string, port kubernetes.Port) (*kubernetes.Watcher, *testenv.Sink) {
+func watcher(t *testing.T, api *testenv.KubeAPI, token, ns, svc string, port kubernetes.Port, tune ...func(*kubernetes.Watcher)) (*kubernetes.Watcher, *testenv.Sink) {
 	t.Helper()
 	cl, err := kubernetes.NewClient(kubernetes.Config{Kubeconfig: api.Kubeconfig(t, token, ns)})
 	if err != nil {
@@ -82,6 +82,9 @@ func watcher(t *testing.T, api *testenv.KubeAPI, token, ns, svc string, port kub
 	w, err := kubernetes.NewWatcher(cl, name, port, nil)
 	if err != nil {
 		t.Fatal(err)
+	}
+	for _, f := range tune {
+		f(w)
 	}
 	return w, testenv.Watch(t, w)
 }
@@ -174,7 +177,10 @@ func TestWatchThroughOutages(t *testing.T) {
 	cs := writer.Client(t)
 	v4 := discoveryv1.AddressTypeIPv4
 	putSlice(t, cs, "default", "web", "web-a", v4, endpoint("10.1.0.1", "ready"), endpoint("10.1.0.2", "ready"))
-	_, sink := watcher(t, api, "", "default", "web", kubernetes.Port{Name: "http"})
+	// Retries at most 2 s apart (3 s with jitter; rota's is 15 s): the
+	// API server's restarts take 6 s or more, and the waits below are for
+	// its next retry after that.
+	_, sink := watcher(t, api, "", "default", "web", kubernetes.Port{Name: "http"}, func(w *kubernetes.Watcher) { w.Backoff.Cap = 2 * time.Second })
 	sink.WaitAddrs(t, "two targets", "10.1.0.1:8080", "10.1.0.2:8080")
 
 	updatesBefore := len(sink.Updates())
