@@ -212,6 +212,10 @@ type target struct {
 	// has it, after a failure, and for other kinds. The checker owns it under mu; a probe owns it
 	// while it runs.
 	kept *keptConn
+	// req is the http check's request for this target under reqSpec,
+	// made once a spec; the prober reads it (immutable once made).
+	req     []byte
+	reqSpec *spec
 }
 
 // New returns a Checker with no targets. onChange is told of every target
@@ -518,8 +522,14 @@ func (c *Checker) schedule() {
 					ap = netip.AddrPortFrom(ap.Addr(), uint16(c.cfg.Port))
 				}
 				j := tcpJob{addr: ap, timeout: c.cfg.Timeout, sp: c.spec, done: t.done}
-				if c.cfg.Check == CheckSendExpect {
+				switch c.cfg.Check {
+				case CheckSendExpect:
 					j.steps = c.spec.steps
+				case CheckHTTP:
+					if t.reqSpec != c.spec {
+						t.req, t.reqSpec = []byte(c.spec.request(ap.String())), c.spec
+					}
+					j.req = t.req
 				}
 				if t.kept != nil {
 					j.kept, t.kept = t.kept.loop, nil
@@ -570,6 +580,7 @@ type tcpJob struct {
 	addr    netip.AddrPort
 	timeout time.Duration
 	steps   []step // a send_expect check's; nil for tcp
+	req     []byte // an http check's request; nil for others
 	sp      *spec
 	// kept is the connection the target's last probe left (nil: none);
 	// the job owns it, and the prober takes it with the job.
@@ -579,7 +590,10 @@ type tcpJob struct {
 
 // kind names the check in errors.
 func (j tcpJob) kind() string {
-	if j.steps != nil {
+	switch {
+	case j.req != nil:
+		return CheckHTTP
+	case j.steps != nil:
 		return CheckSendExpect
 	}
 	return CheckTCP
@@ -590,7 +604,9 @@ func (j tcpJob) kind() string {
 // hook.
 // Caller holds c.mu.
 func (c *Checker) onLoop(ap netip.AddrPort) bool {
-	loopable := c.cfg.Check == CheckTCP || c.cfg.Check == CheckSendExpect && c.spec.err == nil && len(c.spec.steps) > 0
+	loopable := c.cfg.Check == CheckTCP ||
+		c.cfg.Check == CheckSendExpect && c.spec.err == nil && len(c.spec.steps) > 0 ||
+		c.cfg.Check == CheckHTTP && c.spec.err == nil
 	if c.noTCP || c.probeFn != nil || !loopable || !ap.IsValid() {
 		return false
 	}

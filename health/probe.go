@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"strings"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -170,12 +169,7 @@ func exchangeHTTP(ctx context.Context, s *spec, addr string, kc *keptConn, reuse
 	if dl, ok := ctx.Deadline(); ok {
 		kc.raw.SetDeadline(dl)
 	}
-	host := s.cfg.Host
-	if host == "" {
-		host = s.addr(addr)
-	}
-	req := "GET " + s.cfg.Path + " HTTP/1.1\r\nHost: " + host + "\r\nUser-Agent: rota-health-check\r\n\r\n"
-	if _, err := io.WriteString(kc.conn, req); err != nil {
+	if _, err := io.WriteString(kc.conn, s.request(s.addr(addr))); err != nil {
 		return nil, fmt.Errorf("%s check: GET %s: %w", kind, s.cfg.Path, unwrapOp(err)), reused && !errors.Is(err, os.ErrDeadlineExceeded)
 	}
 	lr := &countingReader{r: io.LimitReader(kc.conn, maxHeader+maxAnswer)}
@@ -185,8 +179,8 @@ func exchangeHTTP(ctx context.Context, s *spec, addr string, kc *keptConn, reuse
 		return nil, fmt.Errorf("%s check: GET %s: %w", kind, s.cfg.Path, unwrapOp(err)), reused && lr.n == 0 && !errors.Is(err, os.ErrDeadlineExceeded)
 	}
 	defer resp.Body.Close()
-	if !s.wantStatus(resp.StatusCode) {
-		return nil, answeredf("%s check: GET %s: status %d (want %s)", kind, s.cfg.Path, resp.StatusCode, strings.Join(statusText(s.cfg.ExpectStatus), ", ")), false
+	if err := s.statusErr(resp.StatusCode); err != nil {
+		return nil, err, false
 	}
 	// The whole body is read, up to maxAnswer, so that the connection is
 	// at the next answer's start.
@@ -194,8 +188,8 @@ func exchangeHTTP(ctx context.Context, s *spec, addr string, kc *keptConn, reuse
 	if err != nil {
 		return nil, fmt.Errorf("%s check: GET %s: reading the body: %w", kind, s.cfg.Path, unwrapOp(err)), false
 	}
-	if s.cfg.ExpectBody != "" && !bytes.Contains(body[:min(len(body), maxAnswer)], []byte(s.cfg.ExpectBody)) {
-		return nil, answeredf("%s check: GET %s: body lacked %q (got %q)", kind, s.cfg.Path, s.cfg.ExpectBody, excerpt(body)), false
+	if err := s.bodyErr(body); err != nil {
+		return nil, err, false
 	}
 	keep = !resp.Close && len(body) <= maxAnswer && br.Buffered() == 0
 	if !keep {

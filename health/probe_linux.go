@@ -16,10 +16,10 @@ import (
 	"github.com/rota-proxy/rota/internal/sock"
 )
 
-// tcpProber runs TCP and send_expect checks on one poller, as HAProxy runs
+// tcpProber runs tcp, send_expect and http checks on one poller, as HAProxy runs
 // its checks in its event loop: a probe is a non-blocking connect and a
-// deadline (and for send_expect, its steps' writes and reads as the socket
-// is ready), not a goroutine, a netpoller registration, a context and a
+// deadline (and for send_expect and http, the writes and reads of the
+// exchange as the socket is ready), not a goroutine, a netpoller registration, a context and a
 // timer. At 10,000
 // targets every 2 s that halves what a probe costs the proxy beyond the
 // kernel's own work (bench/README.md). It takes addresses that are IP
@@ -33,7 +33,8 @@ import (
 type tcpProber struct {
 	p    *poller.Poller
 	idle [2][]*probeSocket // the loop's: disconnected sockets, IPv4 and IPv6
-	buf  [4096]byte        // the loop's: what a send_expect read lands in first
+	buf  [4096]byte        // the loop's: what a send_expect or http read lands in first
+	ar   answerReader      // the loop's: what an http answer is parsed through
 }
 
 // maxIdleSockets bounds the sockets kept per family: probes in flight at
@@ -131,7 +132,7 @@ func (pr *tcpProber) connect(j tcpJob) {
 // expect can be asked again on the same connection. One that starts with
 // an expect waits for a greeting, which a server sends once a connection.
 func (j *tcpJob) keeps() bool {
-	return len(j.steps) > 0 && j.steps[0].send != nil && j.steps[len(j.steps)-1].expect != nil
+	return j.req == nil && len(j.steps) > 0 && j.steps[0].send != nil && j.steps[len(j.steps)-1].expect != nil
 }
 
 // maxStale bounds what resume discards of a kept connection's unread
@@ -178,6 +179,9 @@ type probeSocket struct {
 	answered  bool
 	sent      int
 	got       []byte
+	// An http answer ended at its end: the connection may serve the next
+	// probe (HTTP keep-alive).
+	whole bool
 }
 
 var errProbeTimeout = fmt.Errorf("dial: %w", os.ErrDeadlineExceeded) // "dial: i/o timeout", as net.Dial says
@@ -187,7 +191,7 @@ func (s *probeSocket) Ready(_ uint8, events uint32) {
 		return // idle: the reset of the last probe's disconnect, or kept
 	}
 	if s.connected {
-		s.exchange() // readable, writable or closed: the steps say
+		s.exchange() // readable, writable or closed: the exchange says
 		return
 	}
 	// epoll computes events when it reports them: writable and neither
@@ -213,16 +217,11 @@ func (s *probeSocket) Ready(_ uint8, events uint32) {
 }
 
 // kind names the check in errors.
-func (s *probeSocket) kind() string {
-	if s.job.steps != nil {
-		return CheckSendExpect
-	}
-	return CheckTCP
-}
+func (s *probeSocket) kind() string { return s.job.kind() }
 
 // connectedNow ends a tcp probe, or starts a send_expect probe's steps.
 func (s *probeSocket) connectedNow() {
-	if s.steps == nil {
+	if s.steps == nil && s.job.req == nil {
 		s.end(nil)
 		return
 	}
@@ -234,6 +233,10 @@ func (s *probeSocket) connectedNow() {
 // it is all written, an expect reads until what arrived contains it; each
 // waits for the next edge when the socket would block.
 func (s *probeSocket) exchange() {
+	if s.job.req != nil {
+		s.exchangeHTTP()
+		return
+	}
 	fd := s.fd.Num()
 	for len(s.steps) > 0 {
 		st := s.steps[0]
@@ -277,6 +280,43 @@ func (s *probeSocket) exchange() {
 	s.end(nil)
 }
 
+// exchangeHTTP writes an http check's request and reads its answer until
+// the answer is whole (or the server closed), then judges it.
+func (s *probeSocket) exchangeHTTP() {
+	fd, sp := s.fd.Num(), s.job.sp
+	for s.sent < len(s.job.req) {
+		n, err := poller.Write(fd, s.job.req[s.sent:])
+		if err == unix.EAGAIN {
+			return
+		}
+		if err != nil {
+			s.fail(fmt.Errorf("http check: GET %s: %w", sp.cfg.Path, os.NewSyscallError("write", err)))
+			return
+		}
+		s.sent += n
+	}
+	for {
+		n, err := poller.Read(fd, s.pr.buf[:])
+		switch {
+		case err == unix.EAGAIN:
+			return
+		case err != nil:
+			s.fail(fmt.Errorf("http check: GET %s: %w", sp.cfg.Path, os.NewSyscallError("read", err)))
+			return
+		case n == 0 && len(s.got) == 0:
+			s.fail(fmt.Errorf("http check: GET %s: %w", sp.cfg.Path, io.EOF))
+			return
+		}
+		s.answered = true
+		s.got = append(s.got, s.pr.buf[:n]...)
+		if done, whole, err := sp.httpAnswer(s.got, n == 0, &s.pr.ar); done {
+			s.whole = whole
+			s.end(err)
+			return
+		}
+	}
+}
+
 // fail ends the probe with err, unless the connection was a kept one that
 // the server closed or reset before answering (it closes idle connections,
 // or the answer before was its last): then the probe asks again on a new
@@ -302,6 +342,10 @@ func (s *probeSocket) expectErr(expect []byte, why error) error {
 }
 
 func (s *probeSocket) Expired() {
+	if s.connected && s.job.req != nil {
+		s.end(fmt.Errorf("http check: GET %s: %w", s.job.sp.cfg.Path, os.ErrDeadlineExceeded))
+		return
+	}
 	if s.connected && len(s.steps) > 0 && s.steps[0].expect != nil {
 		s.end(s.expectErr(s.steps[0].expect, os.ErrDeadlineExceeded))
 		return
@@ -322,16 +366,16 @@ func (s *probeSocket) Abort(cause any) {
 
 // reset forgets the probe's exchange.
 func (s *probeSocket) reset() {
-	s.steps, s.connected, s.reused, s.answered, s.sent, s.got = nil, false, false, false, 0, nil
+	s.steps, s.connected, s.reused, s.answered, s.sent, s.got, s.whole = nil, false, false, false, 0, nil, false
 }
 
-// end reports the probe's result. A send_expect connection that passed is
-// handed to the target for its next probe; otherwise the socket is idle
+// end reports the probe's result. An http or send_expect connection that
+// passed, and can ask again, is handed to the target for its next probe; otherwise the socket is idle
 // again, reset and disconnected, or closed if enough are idle.
 func (s *probeSocket) end(err error) {
 	j := s.job
 	s.job = tcpJob{}
-	keep := err == nil && s.connected && j.keeps()
+	keep := err == nil && s.connected && (j.keeps() || s.whole)
 	s.reset()
 	s.pr.p.Cancel(&s.timer)
 	if keep {

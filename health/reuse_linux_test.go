@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"strings"
@@ -189,4 +190,78 @@ func TestKeptConnectionDiscardsTheLastAnswersTail(t *testing.T) {
 	if n := answers.Load(); n != 2 {
 		t.Fatalf("the server answered %d times, want 2 (one connection, asked twice)", n)
 	}
+}
+
+// An http check runs on the prober's loop: its request and answer, a
+// kept connection asked again, and an answer that arrives in pieces (a
+// chunked body, written a chunk at a time) judged once it is whole.
+func TestHTTPCheckOnTheLoop(t *testing.T) {
+	var conns, asks atomic.Int64
+	next, stop := make(chan struct{}), make(chan struct{})
+	addr := testenv.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		conns.Add(1)
+		r := bufio.NewReader(c)
+		for {
+			req, err := http.ReadRequest(r)
+			if err != nil {
+				return
+			}
+			if req.URL.Path != "/healthz" || req.Host != "check.example" {
+				c.Write([]byte("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"))
+				continue
+			}
+			if asks.Add(1) == 1 {
+				c.Write([]byte("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+				continue
+			}
+			c.Write([]byte("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\no\r\n"))
+			select { // the probe has read the first chunk and waits
+			case <-next:
+			case <-stop:
+				return
+			}
+			c.Write([]byte("1\r\nk\r\n0\r\n\r\n"))
+		}
+	})
+	t.Cleanup(func() { close(stop) }) // before Serve's, which waits for the handler
+	ap := netip.MustParseAddrPort(addr)
+	sp := compile(Config{Check: CheckHTTP, Path: "/healthz", Host: "check.example", ExpectBody: "ok"})
+	pr := startProber(t)
+	probe := func(kept *probeSocket) <-chan keptResult {
+		res := make(chan keptResult, 1)
+		j := tcpJob{addr: ap, timeout: 5 * time.Second, req: []byte(sp.request(addr)), sp: sp, kept: kept,
+			done: func(err error, _ *spec, k *keptConn) { res <- keptResult{err, k} }}
+		if !pr.start([]tcpJob{j}) {
+			t.Fatal("prober closed")
+		}
+		return res
+	}
+	first := <-probe(nil)
+	if first.err != nil || first.kept == nil {
+		t.Fatalf("first probe: %v, kept %v", first.err, first.kept)
+	}
+	s := first.kept.loop
+	res := probe(s)
+	// Read on the loop: the probe has the first chunk and goes on (a probe
+	// that ended would have forgotten what it got).
+	testenv.Eventually(t, "the probe holding the first chunk", 5*time.Second, func() bool {
+		n := make(chan int, 1)
+		pr.p.Post(func() { n <- len(s.got) })
+		return <-n > 0
+	})
+	select {
+	case r := <-res:
+		t.Fatalf("the probe ended on half a chunked body: %v", r.err)
+	default:
+	}
+	next <- struct{}{}
+	second := <-res
+	if second.err != nil || second.kept == nil {
+		t.Fatalf("second probe: %v, kept %v", second.err, second.kept)
+	}
+	if n, a := conns.Load(), asks.Load(); n != 1 || a != 2 {
+		t.Fatalf("%d connections and %d requests, want one connection asked twice", n, a)
+	}
+	second.kept.close()
 }
