@@ -179,6 +179,36 @@ func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 		if ctx.Err() != nil {
 			return nil
 		}
+		held := false // an empty answer doubted like a resync
+		if err == nil && len(snap.Instances) == 0 && len(last.Instances) > 0 {
+			// An answer that empties the pool is confirmed with the leader
+			// before it is believed: an agent's streamed view can briefly
+			// come from a server that rejoined behind the others, or an
+			// agent restarted without its data. If the leader cannot say
+			// (no leader yet), Consul cannot answer the question: that is
+			// an outage, and the last known instances stay, however long
+			// it lasts (holding the answer for empty_hold would empty the
+			// pool when an election takes longer).
+			if confirmed, cerr := w.confirmEmpty(ctx); cerr != nil {
+				err = fmt.Errorf("consul: an answer with no instances could not be confirmed with the leader: %w", cerr)
+			} else if len(confirmed.Instances) > 0 {
+				w.log.Warn("the agent answered no instances but the leader knows some; keeping the leader's", zap.Int("instances", len(confirmed.Instances)))
+				snap = confirmed
+			} else if n, uerr := w.unreachableOnly(ctx); uerr != nil {
+				err = fmt.Errorf("consul: the leader answered no passing instances but could not say why: %w", uerr)
+			} else if n > 0 {
+				// A leader just elected re-checks every member and
+				// reports those it was cut off from as failed until
+				// gossip catches up (tens of milliseconds after a
+				// partition heals): a verdict on the cluster's
+				// membership, not on the instances, which rota probes
+				// itself. Held like a resync; a deregistration or a
+				// failing service check still applies at once.
+				w.log.Warn("the leader answered no passing instances only because it cannot reach their nodes by gossip (serfHealth); holding it",
+					zap.Int("instances", n))
+				held = true
+			}
+		}
 		if err != nil {
 			if !failing {
 				w.log.Warn("consul query failed; keeping the last known instances", zap.Error(err))
@@ -199,35 +229,7 @@ func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 		// The first answer after an error, or from an agent whose index
 		// went backwards (restarted, restored), is a resync: an empty one
 		// may be an agent that lost its data.
-		snap.Resync = !synced || failing || newIndex < index
-		if len(snap.Instances) == 0 && len(last.Instances) > 0 && !snap.Resync {
-			// An answer that empties the pool is confirmed with the leader
-			// before it is believed: an agent's streamed view can briefly
-			// come from a server that rejoined behind the others. If the
-			// leader cannot say (no leader), the answer is held like any
-			// doubtful one.
-			if confirmed, err := w.confirmEmpty(ctx); err != nil {
-				w.log.Warn("an answer with no instances could not be confirmed with the leader; holding it", zap.Error(err))
-				snap.Resync = true
-			} else if len(confirmed.Instances) > 0 {
-				w.log.Warn("the agent answered no instances but the leader knows some; keeping the leader's", zap.Int("instances", len(confirmed.Instances)))
-				snap = confirmed
-			} else if n, err := w.unreachableOnly(ctx); err != nil {
-				w.log.Warn("the leader answered no passing instances but could not say why; holding it", zap.Error(err))
-				snap.Resync = true
-			} else if n > 0 {
-				// A leader just elected re-checks every member and
-				// reports those it was cut off from as failed until
-				// gossip catches up (tens of milliseconds after a
-				// partition heals): a verdict on the cluster's
-				// membership, not on the instances, which rota probes
-				// itself. Held like a resync; a deregistration or a
-				// failing service check still applies at once.
-				w.log.Warn("the leader answered no passing instances only because it cannot reach their nodes by gossip (serfHealth); holding it",
-					zap.Int("instances", n))
-				snap.Resync = true
-			}
-		}
+		snap.Resync = !synced || failing || newIndex < index || held
 		if failing {
 			w.log.Info("consul reachable again")
 			failing = false

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -289,6 +290,69 @@ func TestErrorsKeepLastSetAndNeverLeakToken(t *testing.T) {
 	r.mu.Unlock()
 	if !resync {
 		t.Fatal("the first answer after recovery was not marked as a resync")
+	}
+}
+
+// An agent that answers no instances while the cluster has no leader (an
+// election after a partition, which took 20 s in the compose cluster's
+// check) cannot have its answer confirmed: that is an outage, and the
+// last known set stays for as long as it lasts, not for empty_hold. Once
+// the leader confirms the emptiness, it is delivered.
+func TestUnconfirmableEmptyAnswerKeepsLastSet(t *testing.T) {
+	var mode atomic.Int32 // 0: one instance; 1: the agent says none, no leader; 2: the leader says none too
+	var consistent atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, leader := r.URL.Query()["consistent"]
+		if leader {
+			consistent.Add(1)
+		}
+		m := mode.Load()
+		switch {
+		case m == 1 && leader:
+			http.Error(w, "rpc error making call: Raft leader not found in server lookup mapping", http.StatusInternalServerError)
+			return
+		case m >= 1:
+			w.Header().Set("X-Consul-Index", strconv.Itoa(int(8+m)))
+			fmt.Fprint(w, `[]`)
+			return
+		}
+		if r.URL.Query().Get("index") == "7" {
+			select { // block like a real agent until the test moves on
+			case <-r.Context().Done():
+			case <-time.After(200 * time.Millisecond):
+			}
+		}
+		w.Header().Set("X-Consul-Index", "7")
+		fmt.Fprint(w, `[{"Node":{"Node":"n1","Address":"10.0.0.1"},"Service":{"ID":"a","Service":"web","Address":"","Port":9001}}]`)
+	}))
+	defer srv.Close()
+	c, err := consul.NewClient(consul.ClientConfig{Address: srv.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	w, err := consul.NewWatcher(c.API, "web", nil, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.BackoffMax = 50 * time.Millisecond
+	r := watch(t, w)
+	r.waitAddrs(t, "first answer", "10.0.0.1:9001")
+	updates := r.updates.Load()
+	mode.Store(1)
+	testenv.Eventually(t, "five failed confirmations", 20*time.Second, func() bool { return len(r.errors()) >= 5 })
+	if n := r.updates.Load(); n != updates {
+		got, _ := r.last()
+		t.Fatalf("%d snapshots delivered while the emptiness could not be confirmed (last: %v), want none", n-updates, got)
+	}
+	errs := r.errors()
+	if e := errs[len(errs)-1].Error(); !strings.Contains(e, "could not be confirmed with the leader") || !strings.Contains(e, "Raft leader not found") {
+		t.Fatalf("error %q", e)
+	}
+	mode.Store(2)
+	r.waitAddrs(t, "the emptiness confirmed by the leader: delivered")
+	if consistent.Load() == 0 {
+		t.Fatal("no consistent query asked the leader")
 	}
 }
 
