@@ -599,10 +599,9 @@ func (j tcpJob) kind() string {
 	return CheckTCP
 }
 
-// onLoop reports whether a probe of ap runs on the prober's loop: a TCP or
-// send_expect check of an IP address, with the prober running and no test
-// hook.
-// Caller holds c.mu.
+// onLoop reports whether a probe of ap runs on the prober's loop: a tcp,
+// send_expect or http check of an IP address, with the prober running and
+// no test hook. Caller holds c.mu.
 func (c *Checker) onLoop(ap netip.AddrPort) bool {
 	loopable := c.cfg.Check == CheckTCP ||
 		c.cfg.Check == CheckSendExpect && c.spec.err == nil && len(c.spec.steps) > 0 ||
