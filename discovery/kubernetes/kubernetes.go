@@ -42,7 +42,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -125,9 +124,9 @@ type Watcher struct {
 	svc  Name // the namespace filled in
 	port Port
 	log  *zap.Logger
-	// Backoff paces the calls after a failed one (the pacer); tests may
-	// shorten it.
-	Backoff wait.Backoff
+	// BackoffMax caps the wait between calls after failures (the pacer's;
+	// 15 s, as against informers' 30 s); tests may shorten it.
+	BackoffMax time.Duration
 }
 
 // NewWatcher watches svc (a bare name is in cl's namespace) and dials port.
@@ -144,11 +143,7 @@ func NewWatcher(cl *Client, svc Name, port Port, log *zap.Logger) (*Watcher, err
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &Watcher{cl: cl, svc: svc, port: port, log: log, Backoff: wait.Backoff{
-		// As informers pace themselves (0.8 s doubling to 30 s), a
-		// little quicker at first: a proxy's pool is waiting.
-		Duration: 250 * time.Millisecond, Factor: 2, Jitter: 0.5, Steps: 8, Cap: 15 * time.Second,
-	}}, nil
+	return &Watcher{cl: cl, svc: svc, port: port, log: log, BackoffMax: 15 * time.Second}, nil
 }
 
 // Service is the watched Service, namespace included.
@@ -188,7 +183,7 @@ func (w *Watcher) Watch(ctx context.Context, sink discovery.Sink) error {
 	}
 	selector := discoveryv1.LabelServiceName + "=" + w.svc.Name
 	api := w.cl.Set.DiscoveryV1().EndpointSlices(w.svc.Namespace)
-	pace := newPacer(w.Backoff)
+	pace := newPacer(w.BackoffMax)
 	lw := &cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
 			if !pace.wait(ctx) {

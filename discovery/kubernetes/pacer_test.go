@@ -6,17 +6,15 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
-
-	"k8s.io/apimachinery/pkg/util/wait"
 )
 
 // The pacer waits nothing before a call that follows a success, grows its
-// wait after each failure up to the cap, and starts again from its first
-// step after a success (the Reflector's own backoff would keep growing
-// for two minutes).
+// wait after each failure up to its cap, and starts over from its first
+// step after a success (the Reflector's own backoff would keep growing for
+// two minutes).
 func TestPacerStartsOverAfterASuccess(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p := newPacer(wait.Backoff{Duration: time.Second, Factor: 2, Steps: 10, Cap: 8 * time.Second})
+		p := newPacer(8 * time.Second)
 		waited := func() time.Duration {
 			start := time.Now()
 			if !p.wait(context.Background()) {
@@ -28,29 +26,32 @@ func TestPacerStartsOverAfterASuccess(t *testing.T) {
 		if d := waited(); d != 0 {
 			t.Fatalf("waited %v before the first call", d)
 		}
-		var got []time.Duration
-		for range 5 {
-			p.done(fail)
-			got = append(got, waited())
+		// retry's steps: 250 ms growing 1.5x, each within ±50 %.
+		first := func(d time.Duration) bool { return d >= firstRetry/2 && d <= firstRetry*3/2 }
+		p.done(fail)
+		if d := waited(); !first(d) {
+			t.Fatalf("waited %v after a first failure, want about %v", d, firstRetry)
 		}
-		want := []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second, 8 * time.Second}
-		for i := range want {
-			if got[i] != want[i] {
-				t.Fatalf("waits after failures %v, want %v", got, want)
-			}
+		var last time.Duration
+		for range 15 {
+			p.done(fail)
+			last = waited()
+		}
+		if last < 4*time.Second || last > 12*time.Second {
+			t.Fatalf("waited %v after 16 failures, want about the 8 s cap", last)
 		}
 		p.done(nil)
 		if d := waited(); d != 0 {
 			t.Fatalf("waited %v after a success", d)
 		}
 		p.done(fail)
-		if d := waited(); d != time.Second {
-			t.Fatalf("waited %v after a failure that followed a success, want the first step (1s)", d)
+		if d := waited(); !first(d) {
+			t.Fatalf("waited %v after a failure that followed a success, want the first step again", d)
 		}
 
 		ctx, cancel := context.WithCancel(context.Background())
 		p.done(fail)
-		go func() { time.Sleep(500 * time.Millisecond); cancel() }()
+		go func() { time.Sleep(100 * time.Millisecond); cancel() }()
 		if p.wait(ctx) {
 			t.Fatal("wait went on after its context ended")
 		}
