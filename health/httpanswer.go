@@ -24,6 +24,11 @@ func (s *spec) request(addr string) string {
 	return "GET " + s.cfg.Path + " HTTP/1.1\r\nHost: " + host + "\r\nUser-Agent: rota-health-check\r\n\r\n"
 }
 
+// httpErr says which check's request failed, and how.
+func (s *spec) httpErr(how error) error {
+	return fmt.Errorf("%s check: GET %s: %w", s.cfg.Check, s.cfg.Path, how)
+}
+
 // statusErr is why an answer's status fails the check (nil: it passes).
 func (s *spec) statusErr(code int) error {
 	if s.wantStatus(code) {
@@ -67,7 +72,7 @@ func (s *spec) httpAnswer(got []byte, eof bool, ar *answerReader) (done, keep bo
 	ar.br.Reset(&ar.rd)
 	resp, err := http.ReadResponse(ar.br, nil)
 	if err != nil {
-		return true, false, fmt.Errorf("%s check: GET %s: %w", s.cfg.Check, s.cfg.Path, err)
+		return true, false, s.httpErr(err)
 	}
 	defer resp.Body.Close()
 	if err := s.statusErr(resp.StatusCode); err != nil {
@@ -78,7 +83,7 @@ func (s *spec) httpAnswer(got []byte, eof bool, ar *answerReader) (done, keep bo
 	case errors.Is(err, io.ErrUnexpectedEOF) && !eof:
 		return false, false, nil // the rest of the body is on its way
 	case err != nil:
-		return true, false, fmt.Errorf("%s check: GET %s: reading the body: %w", s.cfg.Check, s.cfg.Path, err)
+		return true, false, s.httpErr(fmt.Errorf("reading the body: %w", err))
 	case resp.ContentLength < 0 && len(resp.TransferEncoding) == 0 && !eof && len(body) <= maxAnswer:
 		return false, false, nil // the body ends when the server closes
 	}

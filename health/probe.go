@@ -1,7 +1,6 @@
 package health
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -9,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"os"
 
 	"google.golang.org/grpc"
@@ -154,12 +152,12 @@ func dialHTTP(ctx context.Context, s *spec, addr string) (*keptConn, error) {
 	return kc, nil
 }
 
-// exchangeHTTP sends the request on kc and judges the answer; it returns
-// kc when the connection can serve the next probe, else closes it. stale
-// says a reused connection failed before any answer came (the server
-// closed it while idle): the caller asks again on a new one.
+// exchangeHTTP sends the request on kc and judges the answer (httpAnswer,
+// as the prober's loop does, fed from kc's reads); it returns kc when the
+// connection can serve the next probe, else closes it. stale says a reused
+// connection failed before any answer came (the server closed it while
+// idle): the caller asks again on a new one.
 func exchangeHTTP(ctx context.Context, s *spec, addr string, kc *keptConn, reused bool) (_ *keptConn, err error, stale bool) {
-	kind := s.cfg.Check
 	keep := false
 	defer func() {
 		if !keep {
@@ -170,44 +168,27 @@ func exchangeHTTP(ctx context.Context, s *spec, addr string, kc *keptConn, reuse
 		kc.raw.SetDeadline(dl)
 	}
 	if _, err := io.WriteString(kc.conn, s.request(s.addr(addr))); err != nil {
-		return nil, fmt.Errorf("%s check: GET %s: %w", kind, s.cfg.Path, unwrapOp(err)), reused && !errors.Is(err, os.ErrDeadlineExceeded)
+		return nil, s.httpErr(unwrapOp(err)), reused && !errors.Is(err, os.ErrDeadlineExceeded)
 	}
-	lr := &countingReader{r: io.LimitReader(kc.conn, maxHeader+maxAnswer)}
-	br := bufio.NewReaderSize(lr, 4096)
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil {
-		return nil, fmt.Errorf("%s check: GET %s: %w", kind, s.cfg.Path, unwrapOp(err)), reused && lr.n == 0 && !errors.Is(err, os.ErrDeadlineExceeded)
+	var (
+		got []byte
+		ar  answerReader
+		buf [4096]byte
+	)
+	for {
+		n, err := kc.conn.Read(buf[:])
+		got = append(got, buf[:n]...)
+		eof := errors.Is(err, io.EOF)
+		if err != nil && (!eof || len(got) == 0) {
+			return nil, s.httpErr(unwrapOp(err)), reused && len(got) == 0 && !errors.Is(err, os.ErrDeadlineExceeded)
+		}
+		if done, whole, err := s.httpAnswer(got, eof, &ar); done {
+			if keep = err == nil && whole; !keep {
+				return nil, err, false
+			}
+			return kc, nil, false
+		}
 	}
-	defer resp.Body.Close()
-	if err := s.statusErr(resp.StatusCode); err != nil {
-		return nil, err, false
-	}
-	// The whole body is read, up to maxAnswer, so that the connection is
-	// at the next answer's start.
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswer+1))
-	if err != nil {
-		return nil, fmt.Errorf("%s check: GET %s: reading the body: %w", kind, s.cfg.Path, unwrapOp(err)), false
-	}
-	if err := s.bodyErr(body); err != nil {
-		return nil, err, false
-	}
-	keep = !resp.Close && len(body) <= maxAnswer && br.Buffered() == 0
-	if !keep {
-		return nil, nil, false
-	}
-	return kc, nil, false
-}
-
-// countingReader counts the bytes read through it.
-type countingReader struct {
-	r io.Reader
-	n int
-}
-
-func (c *countingReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += n
-	return n, err
 }
 
 // maxHeader bounds an http check's answer's header.

@@ -290,7 +290,7 @@ func (s *probeSocket) exchangeHTTP() {
 			return
 		}
 		if err != nil {
-			s.fail(fmt.Errorf("http check: GET %s: %w", sp.cfg.Path, os.NewSyscallError("write", err)))
+			s.fail(sp.httpErr(os.NewSyscallError("write", err)))
 			return
 		}
 		s.sent += n
@@ -301,10 +301,10 @@ func (s *probeSocket) exchangeHTTP() {
 		case err == unix.EAGAIN:
 			return
 		case err != nil:
-			s.fail(fmt.Errorf("http check: GET %s: %w", sp.cfg.Path, os.NewSyscallError("read", err)))
+			s.fail(sp.httpErr(os.NewSyscallError("read", err)))
 			return
 		case n == 0 && len(s.got) == 0:
-			s.fail(fmt.Errorf("http check: GET %s: %w", sp.cfg.Path, io.EOF))
+			s.fail(sp.httpErr(io.EOF))
 			return
 		}
 		s.answered = true
@@ -343,7 +343,7 @@ func (s *probeSocket) expectErr(expect []byte, why error) error {
 
 func (s *probeSocket) Expired() {
 	if s.connected && s.job.req != nil {
-		s.end(fmt.Errorf("http check: GET %s: %w", s.job.sp.cfg.Path, os.ErrDeadlineExceeded))
+		s.end(s.job.sp.httpErr(os.ErrDeadlineExceeded))
 		return
 	}
 	if s.connected && len(s.steps) > 0 && s.steps[0].expect != nil {
