@@ -132,7 +132,7 @@ func (pr *tcpProber) connect(j tcpJob) {
 // expect can be asked again on the same connection. One that starts with
 // an expect waits for a greeting, which a server sends once a connection.
 func (j *tcpJob) keeps() bool {
-	return j.req == nil && len(j.steps) > 0 && j.steps[0].send != nil && j.steps[len(j.steps)-1].expect != nil
+	return len(j.steps) > 0 && j.steps[0].send != nil && j.steps[len(j.steps)-1].expect != nil
 }
 
 // maxStale bounds what resume discards of a kept connection's unread
@@ -179,9 +179,6 @@ type probeSocket struct {
 	answered  bool
 	sent      int
 	got       []byte
-	// An http answer ended at its end: the connection may serve the next
-	// probe (HTTP keep-alive).
-	whole bool
 }
 
 var errProbeTimeout = fmt.Errorf("dial: %w", os.ErrDeadlineExceeded) // "dial: i/o timeout", as net.Dial says
@@ -310,8 +307,7 @@ func (s *probeSocket) exchangeHTTP() {
 		s.answered = true
 		s.got = append(s.got, s.pr.buf[:n]...)
 		if done, whole, err := sp.httpAnswer(s.got, n == 0, &s.pr.ar); done {
-			s.whole = whole
-			s.end(err)
+			s.finish(err, err == nil && whole)
 			return
 		}
 	}
@@ -366,16 +362,21 @@ func (s *probeSocket) Abort(cause any) {
 
 // reset forgets the probe's exchange.
 func (s *probeSocket) reset() {
-	s.steps, s.connected, s.reused, s.answered, s.sent, s.got, s.whole = nil, false, false, false, 0, nil, false
+	s.steps, s.connected, s.reused, s.answered, s.sent, s.got = nil, false, false, false, 0, nil
 }
 
-// end reports the probe's result. An http or send_expect connection that
-// passed, and can ask again, is handed to the target for its next probe; otherwise the socket is idle
-// again, reset and disconnected, or closed if enough are idle.
+// end reports the probe's result; a send_expect connection that passed,
+// and can ask again, is kept.
 func (s *probeSocket) end(err error) {
+	s.finish(err, err == nil && s.connected && s.job.keeps())
+}
+
+// finish reports the probe's result. A connection to keep is handed to
+// the target for its next probe; otherwise the socket is idle again, reset
+// and disconnected, or closed if enough are idle.
+func (s *probeSocket) finish(err error, keep bool) {
 	j := s.job
 	s.job = tcpJob{}
-	keep := err == nil && s.connected && (j.keeps() || s.whole)
 	s.reset()
 	s.pr.p.Cancel(&s.timer)
 	if keep {
