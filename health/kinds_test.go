@@ -288,30 +288,40 @@ func TestHTTPCheckKeepsItsConnection(t *testing.T) {
 	t.Cleanup(c.Close)
 	c.Update([]string{addr})
 	testenv.Eventually(t, "up", 10*time.Second, func() bool { return stateOf(c, addr).State == health.Up })
+	// SetKeepAlivesEnabled(false) closes idle connections now, and each
+	// connection after its answer.
+	keptConnectionPhases(t, c, addr, &requests, &conns, func(closes bool) { srv.Config.SetKeepAlivesEnabled(!closes) })
+}
 
-	n, before := requests.Load(), conns.Load()
-	testenv.Eventually(t, "ten more probes", 10*time.Second, func() bool { return requests.Load() >= n+10 })
+// keptConnectionPhases checks what a check that keeps its connection does,
+// c checking addr, up: ten more probes ask on the connection kept
+// (asks counts the server's answers, conns its connections); while
+// serverCloses(true) has the server close each connection, each probe
+// finds its kept one closed and asks again on a new one, without failing;
+// serverCloses(false), a connection is kept again, and a dial the proxy
+// reports failed makes the next probe dial.
+func keptConnectionPhases(t *testing.T, c *health.Checker, addr string, asks, conns *atomic.Int64, serverCloses func(bool)) {
+	t.Helper()
+	n, before := asks.Load(), conns.Load()
+	testenv.Eventually(t, "ten more probes", 10*time.Second, func() bool { return asks.Load() >= n+10 })
 	if got := conns.Load() - before; got != 0 {
-		t.Fatalf("%d new connections for %d probes: want the one kept", got, requests.Load()-n)
+		t.Fatalf("%d new connections for %d probes: want the one kept", got, asks.Load()-n)
 	}
 
-	// The server drops idle connections: each probe finds its kept one
-	// closed and asks again on a new one, without failing.
-	srv.Config.SetKeepAlivesEnabled(false) // closes idle connections now, and after each answer
-	n, before = requests.Load(), conns.Load()
+	serverCloses(true)
+	n, before = asks.Load(), conns.Load()
 	failed := stateOf(c, addr).ChecksFailed
 	testenv.Eventually(t, "five probes on new connections", 10*time.Second, func() bool {
-		return requests.Load() >= n+5 && conns.Load() >= before+5
+		return asks.Load() >= n+5 && conns.Load() >= before+5
 	})
 	if s := stateOf(c, addr); s.ChecksFailed != failed || s.State != health.Up {
 		t.Fatalf("after the server closed kept connections: %+v (failed before: %d)", s, failed)
 	}
 
-	// Keep-alive again, then the proxy fails to dial: the next probe dials.
-	srv.Config.SetKeepAlivesEnabled(true)
+	serverCloses(false)
 	testenv.Eventually(t, "a kept connection again", 10*time.Second, func() bool {
-		n, before := requests.Load(), conns.Load()
-		if _, ok := testenv.Poll(time.Second, func() bool { return requests.Load() >= n+3 }); !ok {
+		n, before := asks.Load(), conns.Load()
+		if _, ok := testenv.Poll(time.Second, func() bool { return asks.Load() >= n+3 }); !ok {
 			return false
 		}
 		return conns.Load() == before
@@ -319,7 +329,7 @@ func TestHTTPCheckKeepsItsConnection(t *testing.T) {
 	before = conns.Load()
 	c.ReportFailure(addr, errors.New("connection refused"))
 	testenv.Eventually(t, "a new connection after the reported failure", 10*time.Second, func() bool { return conns.Load() > before })
-	testenv.Eventually(t, "up again", 10*time.Second, func() bool { return stateOf(c, addr).State == health.Up })
+	waitState(t, c, addr, health.Up, "up again")
 }
 
 // countingListener counts the connections it accepts.
@@ -383,12 +393,7 @@ func TestSendExpectKeepsItsConnection(t *testing.T) {
 	t.Cleanup(c.Close)
 	c.Update([]string{addr})
 	testenv.Eventually(t, "up", 10*time.Second, func() bool { return stateOf(c, addr).State == health.Up })
-
-	n, before := asks.Load(), conns.Load()
-	testenv.Eventually(t, "ten more probes", 10*time.Second, func() bool { return asks.Load() >= n+10 })
-	if got := conns.Load() - before; got != 0 {
-		t.Fatalf("%d new connections for %d probes: want the one kept", got, asks.Load()-n)
-	}
+	keptConnectionPhases(t, c, addr, &asks, &conns, closeAfter.Store)
 
 	// The unread "role:master" of the last answer does not pass the next
 	// probe: the replica is down on its own answer.
@@ -399,32 +404,6 @@ func TestSendExpectKeepsItsConnection(t *testing.T) {
 	}
 	role.Store("master")
 	waitState(t, c, addr, health.Up, "up as the master again")
-
-	// The server closes each connection after its answer: every probe
-	// finds its kept one closed and asks on a new one, without failing.
-	closeAfter.Store(true)
-	n, before = asks.Load(), conns.Load()
-	failed := stateOf(c, addr).ChecksFailed
-	testenv.Eventually(t, "five probes on new connections", 10*time.Second, func() bool {
-		return asks.Load() >= n+5 && conns.Load() >= before+5
-	})
-	if s := stateOf(c, addr); s.ChecksFailed != failed || s.State != health.Up {
-		t.Fatalf("after the server closed kept connections: %+v (failed before: %d)", s, failed)
-	}
-	closeAfter.Store(false)
-
-	// A dial the proxy reports failed makes the next probe dial.
-	testenv.Eventually(t, "a kept connection again", 10*time.Second, func() bool {
-		n, before := asks.Load(), conns.Load()
-		if _, ok := testenv.Poll(time.Second, func() bool { return asks.Load() >= n+3 }); !ok {
-			return false
-		}
-		return conns.Load() == before
-	})
-	before = conns.Load()
-	c.ReportFailure(addr, errors.New("connection refused"))
-	testenv.Eventually(t, "a new connection after the reported failure", 10*time.Second, func() bool { return conns.Load() > before })
-	waitState(t, c, addr, health.Up, "up again")
 
 	// Steps that wait for the greeting, or end with a send, cannot be
 	// asked again on a connection: each probe dials.

@@ -215,6 +215,39 @@ func TestAgentKilledKeepsLastSetThenFollowsNewAgent(t *testing.T) {
 	}
 }
 
+// answerOneInstance is a fake agent's answer of one instance of web
+// (10.0.0.1:9001) at index 7, blocking like a real agent's when asked to
+// wait past index 7, until the test moves on.
+func answerOneInstance(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Query().Get("index") == "7" {
+		select {
+		case <-r.Context().Done():
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	w.Header().Set("X-Consul-Index", "7")
+	fmt.Fprint(w, `[{"Node":{"Node":"n1","Address":"10.0.0.1"},"Service":{"ID":"a","Service":"web","Address":"","Port":9001}}]`)
+}
+
+// watchFake watches web through a fake agent (cfg's address), retrying
+// every 50 ms at most, once its first answer (answerOneInstance) is in.
+func watchFake(t *testing.T, cfg consul.ClientConfig) *recorder {
+	t.Helper()
+	c, err := consul.NewClient(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	w, err := consul.NewWatcher(c.API, "web", nil, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.BackoffMax = 50 * time.Millisecond
+	r := watch(t, w)
+	r.waitAddrs(t, "first answer", "10.0.0.1:9001")
+	return r
+}
+
 // The error paths below need answers a dev agent will not give on demand
 // (no leader, ACL denial); a plain HTTP server on loopback plays Consul for
 // them. Everything else in this file runs against a real agent.
@@ -231,32 +264,13 @@ func TestErrorsKeepLastSetAndNeverLeakToken(t *testing.T) {
 			http.Error(w, "Permission denied", http.StatusForbidden)
 			return
 		}
-		if r.URL.Query().Get("index") == "7" {
-			// Block like a real agent until the test moves on.
-			select {
-			case <-r.Context().Done():
-			case <-time.After(200 * time.Millisecond):
-			}
-		}
-		w.Header().Set("X-Consul-Index", "7")
-		fmt.Fprint(w, `[{"Node":{"Node":"n1","Address":"10.0.0.1"},"Service":{"ID":"a","Service":"web","Address":"","Port":9001}}]`)
+		answerOneInstance(w, r)
 	}))
 	defer srv.Close()
 	secret := "s3cr3t-token-value"
 	tokenFile := filepath.Join(t.TempDir(), "token")
 	os.WriteFile(tokenFile, []byte(secret), 0o600)
-	c, err := consul.NewClient(consul.ClientConfig{Address: srv.URL, TokenFile: tokenFile})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	w, err := consul.NewWatcher(c.API, "web", nil, zaptest.NewLogger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.BackoffMax = 50 * time.Millisecond
-	r := watch(t, w)
-	r.waitAddrs(t, "first answer", "10.0.0.1:9001")
+	r := watchFake(t, consul.ClientConfig{Address: srv.URL, TokenFile: tokenFile})
 	for _, m := range []int32{1, 2} {
 		before := len(r.errors())
 		mode.Store(m)
@@ -316,28 +330,10 @@ func TestUnconfirmableEmptyAnswerKeepsLastSet(t *testing.T) {
 			fmt.Fprint(w, `[]`)
 			return
 		}
-		if r.URL.Query().Get("index") == "7" {
-			select { // block like a real agent until the test moves on
-			case <-r.Context().Done():
-			case <-time.After(200 * time.Millisecond):
-			}
-		}
-		w.Header().Set("X-Consul-Index", "7")
-		fmt.Fprint(w, `[{"Node":{"Node":"n1","Address":"10.0.0.1"},"Service":{"ID":"a","Service":"web","Address":"","Port":9001}}]`)
+		answerOneInstance(w, r)
 	}))
 	defer srv.Close()
-	c, err := consul.NewClient(consul.ClientConfig{Address: srv.URL})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	w, err := consul.NewWatcher(c.API, "web", nil, zaptest.NewLogger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.BackoffMax = 50 * time.Millisecond
-	r := watch(t, w)
-	r.waitAddrs(t, "first answer", "10.0.0.1:9001")
+	r := watchFake(t, consul.ClientConfig{Address: srv.URL})
 	updates := r.updates.Load()
 	mode.Store(1)
 	testenv.Eventually(t, "five failed confirmations", 20*time.Second, func() bool { return len(r.errors()) >= 5 })
