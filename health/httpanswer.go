@@ -48,6 +48,10 @@ func (s *spec) bodyErr(body []byte) error {
 
 var endOfHeader = []byte("\r\n\r\n")
 
+// maxInterim bounds the interim (1xx) answers skipped before an answer's
+// final one, as net/http's client bounds them (5).
+const maxInterim = 5
+
 // answerReader is what httpAnswer parses through; its owner (the prober's
 // loop) reuses it for every answer.
 type answerReader struct {
@@ -70,9 +74,23 @@ func (s *spec) httpAnswer(got []byte, eof bool, ar *answerReader) (done, keep bo
 		ar.br = bufio.NewReaderSize(&ar.rd, 4096)
 	}
 	ar.br.Reset(&ar.rd)
-	resp, err := http.ReadResponse(ar.br, nil)
-	if err != nil {
-		return true, false, s.httpErr(err)
+	var resp *http.Response
+	for interim := 0; ; interim++ {
+		if rest := got[len(got)-ar.rd.Len()-ar.br.Buffered():]; interim > 0 && !eof && len(got) < maxHeader && !bytes.Contains(rest, endOfHeader) {
+			return false, false, nil // the final answer's header is on its way
+		}
+		resp, err = http.ReadResponse(ar.br, nil)
+		if err != nil {
+			return true, false, s.httpErr(err)
+		}
+		// An interim answer (100 Continue, 103 Early Hints) comes before
+		// the one to judge, as net/http's client skips it; 101 is final.
+		if resp.StatusCode < 100 || resp.StatusCode > 199 || resp.StatusCode == http.StatusSwitchingProtocols {
+			break
+		}
+		if interim == maxInterim {
+			return true, false, s.httpErr(fmt.Errorf("more than %d interim (1xx) answers", maxInterim))
+		}
 	}
 	defer resp.Body.Close()
 	if err := s.statusErr(resp.StatusCode); err != nil {

@@ -38,6 +38,13 @@ func TestHTTPAnswerAsItArrives(t *testing.T) {
 		{name: "a 204 where 200 is wanted", got: "HTTP/1.1 204 No Content\r\n\r\n", done: true, err: "status 204"},
 		{name: "not HTTP", got: "SSH-2.0-OpenSSH_9.2\r\n\r\n", done: true, err: "malformed HTTP"},
 		{name: "nothing, closed", eof: true, done: true, err: "EOF"},
+		{name: "an interim answer, then the final one", got: "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" + head + "Content-Length: 2\r\n\r\nok", done: true, keep: true},
+		{name: "an interim answer alone", got: "HTTP/1.1 100 Continue\r\n\r\n"},
+		{name: "an interim answer and half the final header", got: "HTTP/1.1 100 Continue\r\n\r\n" + head + "Content-Le"},
+		{name: "an interim answer, closed", got: "HTTP/1.1 100 Continue\r\n\r\n", eof: true, done: true, err: "EOF"},
+		{name: "an interim answer, then the wrong status", got: "HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", done: true, err: "status 503"},
+		{name: "too many interim answers", got: strings.Repeat("HTTP/1.1 103 Early Hints\r\n\r\n", 6) + head + "Content-Length: 2\r\n\r\nok", done: true, err: "more than 5 interim (1xx) answers"},
+		{name: "101 is final", got: "HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n", done: true, err: "status 101"},
 	} {
 		var ar answerReader
 		done, keep, err := s.httpAnswer([]byte(tc.got), tc.eof, &ar)

@@ -96,6 +96,34 @@ func TestHTTPCheckOnAManagementPort(t *testing.T) {
 	}
 }
 
+// An answer that begins with interim answers (103 Early Hints, as a server
+// behind a CDN may send) is judged by its final one, on the loop's path (an
+// IP literal) and the goroutine path (a name) alike.
+func TestHTTPCheckSkipsInterimAnswers(t *testing.T) {
+	var status atomic.Int64
+	status.Store(200)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Link", "</style.css>; rel=preload; as=style")
+		w.WriteHeader(http.StatusEarlyHints)
+		w.WriteHeader(http.StatusEarlyHints)
+		w.WriteHeader(int(status.Load()))
+		w.Write([]byte("ok"))
+	}))
+	defer srv.Close()
+	_, port, _ := net.SplitHostPort(srv.Listener.Addr().String())
+	for _, addr := range []string{"127.0.0.1:" + port, "localhost:" + port} {
+		status.Store(200)
+		cfg := fast()
+		cfg.Check, cfg.Path, cfg.ExpectStatus, cfg.ExpectBody = health.CheckHTTP, "/", []string{"200"}, "ok"
+		wait := watch(t, cfg, addr)
+		wait(addr+": up through two 103s", true)
+		status.Store(503)
+		if s := wait(addr+": down on the final 503", false); !strings.Contains(s.LastError, "status 503 (want 200)") {
+			t.Errorf("%s: last error %q", addr, s.LastError)
+		}
+	}
+}
+
 func atoi(t *testing.T, s string) int {
 	t.Helper()
 	n, err := strconv.Atoi(s)
