@@ -70,6 +70,13 @@ func main() {
 		}
 		return
 	}
+	if len(os.Args) > 1 && os.Args[1] == "-syscall-cost" {
+		if err := runSyscallCost(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		return
+	}
 	if len(os.Args) > 1 && os.Args[1] == "-tls-backend-mode" {
 		if err := runTLSBackends(); err != nil {
 			fmt.Fprintln(os.Stderr, err)
