@@ -194,6 +194,7 @@ type target struct {
 	done    func(err error, sp *spec, kept *keptConn)
 	idx     int  // position in Checker.due + 1; 0 while probing or removed
 	probing bool // a probe is running
+	redial  bool // a failure was reported while it ran: its connection is not kept
 	removed bool // no longer discovered: a probe in flight is discarded
 
 	state     State
@@ -355,8 +356,10 @@ func (c *Checker) ReportFailure(addr string, err error) {
 	t.fail++
 	t.succ = 0
 	// The next probe dials, as the proxy did: a kept connection would say
-	// nothing about new ones.
+	// nothing about new ones. One in flight hands its connection to
+	// finish, which then closes it.
 	t.forget()
+	t.redial = t.probing
 	if err != nil {
 		t.lastErr = "dial: " + err.Error()
 	}
@@ -631,12 +634,13 @@ func (c *Checker) finish(t *target, err error, sp *spec, kept *keptConn) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if kept != nil {
-		if err == nil && !t.removed && !c.closed && sp == c.spec && t.kept == nil {
+		if err == nil && !t.removed && !c.closed && sp == c.spec && t.kept == nil && !t.redial {
 			t.kept = kept
 		} else {
 			kept.close()
 		}
 	}
+	t.redial = false
 	if c.inflight == maxInflight {
 		c.poke() // the scheduler waits for a free place, not a deadline
 	}

@@ -360,6 +360,45 @@ func keptConnectionPhases(t *testing.T, c *health.Checker, addr string, asks, co
 	waitState(t, c, addr, health.Up, "up again")
 }
 
+// A failure the proxy reports while a probe is in flight on the kept
+// connection: the probe's answer does not keep that connection, and the
+// next probe dials, as after a report between probes.
+func TestFailureReportedMidProbeDropsItsConnection(t *testing.T) {
+	var conns atomic.Int64
+	entered := make(chan struct{}, 1)
+	release := make(chan struct{})
+	var hold atomic.Bool
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if hold.Load() {
+			entered <- struct{}{}
+			<-release
+		}
+		w.Write([]byte("ok"))
+	}))
+	countConns(srv, &conns)
+	srv.Start()
+	defer srv.Close()
+	defer close(release) // a probe still held ends before the server closes
+	addr := srv.Listener.Addr().String()
+	cfg := fast()
+	cfg.Check, cfg.Path = health.CheckHTTP, "/healthz"
+	c := health.New(cfg, nil, nil)
+	t.Cleanup(c.Close)
+	c.Update([]string{addr})
+	waitState(t, c, addr, health.Up, "up")
+	hold.Store(true)
+	select {
+	case <-entered: // a probe is in flight on the kept connection
+	case <-time.After(10 * time.Second):
+		t.Fatal("no probe reached the server")
+	}
+	before := conns.Load()
+	c.ReportFailure(addr, errors.New("connection refused"))
+	hold.Store(false)
+	release <- struct{}{}
+	testenv.Eventually(t, "a new connection after the failure reported mid-probe", 10*time.Second, func() bool { return conns.Load() > before })
+}
+
 // countingListener counts the connections it accepts.
 type countingListener struct {
 	net.Listener
