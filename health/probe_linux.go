@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -48,9 +49,17 @@ func newTCPProber(log *zap.Logger) (*tcpProber, error) {
 	if err != nil {
 		return nil, err
 	}
+	p.Linger = answerLinger
 	go p.Run()
 	return &tcpProber{p: p}, nil
 }
+
+// answerLinger is how long the prober's loop waits after a round before it
+// looks for more events: the answers to a batch of probes (the scheduler
+// starts one every 5 ms at most) come within a round trip of each other,
+// and are handled in one or two wake-ups instead of one each. A probe's
+// result is up to this much later; its timeout is not.
+const answerLinger = time.Millisecond
 
 // start hands jobs to the loop. It never blocks; false means the prober
 // is closed and no done will be called.
@@ -112,6 +121,7 @@ func (pr *tcpProber) connect(j tcpJob) {
 	}
 	s, err := pr.socket(sock.IPv6(j.addr))
 	if err == nil {
+		s.unread, s.hup = false, false // a new connection (a late event of the last one's sets them again: a read more)
 		if err = sock.ConnectOn(s.fd.Num(), j.addr); err != nil {
 			s.drop()
 		}
@@ -143,9 +153,12 @@ const maxStale = maxAnswer
 // reports false, leaving s to the caller, if s is no use: the server
 // closed it while it was idle, or sent more than an answer's remainder.
 func (s *probeSocket) resume(j tcpJob) bool {
+	// Read whatever the flags say: bytes can have arrived after the loop
+	// last asked epoll, and their event not been handled yet.
 	for stale := 0; ; {
 		n, err := poller.Read(s.fd.Num(), s.pr.buf[:])
 		if err == unix.EAGAIN {
+			s.unread = false
 			break
 		}
 		if stale += n; err != nil || n == 0 || stale > maxStale {
@@ -179,11 +192,24 @@ type probeSocket struct {
 	answered  bool
 	sent      int
 	got       []byte
+	// What the socket may hold that no edge will announce again: bytes
+	// (an event said readable and no read has since found it drained), or
+	// the end of the stream (the peer's FIN or an error has been seen on
+	// this connection). A read is made only when unread says there may be
+	// something to read, so a probe on a kept connection is a write and a
+	// read (bench/README.md).
+	unread bool
+	hup    bool
 }
 
 var errProbeTimeout = fmt.Errorf("dial: %w", os.ErrDeadlineExceeded) // "dial: i/o timeout", as net.Dial says
 
 func (s *probeSocket) Ready(_ uint8, events uint32) {
+	if events&(poller.RdHup|poller.Hup|poller.Err) != 0 {
+		s.unread, s.hup = true, true
+	} else if events&poller.In != 0 {
+		s.unread = true
+	}
 	if s.job.done == nil {
 		return // idle: the reset of the last probe's disconnect, or kept
 	}
@@ -260,10 +286,10 @@ func (s *probeSocket) exchange() {
 			s.end(answeredf("send_expect check: expected %q, got %d bytes without it (%q)", excerpt(st.expect), len(s.got), excerpt(s.got)))
 			return
 		}
-		n, err := poller.Read(fd, s.pr.buf[:])
+		n, ok, err := s.read()
 		switch {
-		case err == unix.EAGAIN:
-			return
+		case !ok:
+			return // nothing to read until the next edge
 		case err != nil:
 			s.fail(s.expectErr(st.expect, os.NewSyscallError("read", err)))
 			return
@@ -293,10 +319,10 @@ func (s *probeSocket) exchangeHTTP() {
 		s.sent += n
 	}
 	for {
-		n, err := poller.Read(fd, s.pr.buf[:])
+		n, ok, err := s.read()
 		switch {
-		case err == unix.EAGAIN:
-			return
+		case !ok:
+			return // nothing to read until the next edge
 		case err != nil:
 			s.fail(sp.httpErr(os.NewSyscallError("read", err)))
 			return
@@ -311,6 +337,26 @@ func (s *probeSocket) exchangeHTTP() {
 			return
 		}
 	}
+}
+
+// read reads what has arrived into the loop's buffer; ok is false when
+// nothing has (the socket would block, or no event said it is readable
+// since a read drained it). A read shorter than the buffer drained the
+// socket, as nginx's recv takes it: what arrives after it is a new edge.
+// With the end of the stream seen, the socket is read until it says so.
+func (s *probeSocket) read() (n int, ok bool, err error) {
+	if !s.unread {
+		return 0, false, nil
+	}
+	n, err = poller.Read(s.fd.Num(), s.pr.buf[:])
+	switch {
+	case err == unix.EAGAIN:
+		s.unread = false
+		return 0, false, nil
+	case err == nil && n > 0 && n < len(s.pr.buf) && !s.hup:
+		s.unread = false
+	}
+	return n, true, err
 }
 
 // fail ends the probe with err, unless the connection was a kept one that

@@ -132,8 +132,13 @@ func TestProbeSocketUsedAgainWaitsForItsOwnAnswer(t *testing.T) {
 // result and the connection it leaves come on the channel.
 func startKept(t *testing.T, pr *tcpProber, ap netip.AddrPort, steps []step, kept *probeSocket) <-chan keptResult {
 	t.Helper()
+	return startKeptTimeout(t, pr, ap, steps, kept, time.Second)
+}
+
+func startKeptTimeout(t *testing.T, pr *tcpProber, ap netip.AddrPort, steps []step, kept *probeSocket, timeout time.Duration) <-chan keptResult {
+	t.Helper()
 	res := make(chan keptResult, 1)
-	j := tcpJob{addr: ap, timeout: time.Second, steps: steps, kept: kept, done: func(err error, _ *spec, k *keptConn) {
+	j := tcpJob{addr: ap, timeout: timeout, steps: steps, kept: kept, done: func(err error, _ *spec, k *keptConn) {
 		res <- keptResult{err, k}
 	}}
 	if !pr.start([]tcpJob{j}) {
@@ -264,4 +269,45 @@ func TestHTTPCheckOnTheLoop(t *testing.T) {
 		t.Fatalf("%d connections and %d requests, want one connection asked twice", n, a)
 	}
 	second.kept.close()
+}
+
+// The loop reads a probe's socket only when an edge says something came
+// (bench/README.md: a kept connection's probe is a write and a read): an
+// answer that arrives in two pieces, the expected text split between them,
+// still passes; an answer cut short by the server's close fails at the
+// close, with what came, not at the timeout.
+func TestExchangeReadsWhatEachEdgeBrings(t *testing.T) {
+	var mode atomic.Int64 // 0: split; 1: partial, then close
+	addr := testenv.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		r := bufio.NewReader(c)
+		for {
+			if _, err := r.ReadString('\n'); err != nil {
+				return
+			}
+			if mode.Load() == 1 {
+				c.Write([]byte("+PO"))
+				return
+			}
+			c.Write([]byte("+PO"))
+			time.Sleep(50 * time.Millisecond) // a second segment, a second edge
+			c.Write([]byte("NG\r\n"))
+		}
+	})
+	ap := netip.MustParseAddrPort(addr)
+	pr := startProber(t)
+	steps := []step{{send: []byte("PING\r\n")}, {expect: []byte("+PONG")}}
+	var kept *probeSocket
+	for i := range 3 {
+		r := <-startKept(t, pr, ap, steps, kept)
+		if r.err != nil || r.kept == nil {
+			t.Fatalf("probe %d of a split answer: %v, kept %v", i, r.err, r.kept)
+		}
+		kept = r.kept.loop
+	}
+	mode.Store(1)
+	r := <-startKeptTimeout(t, pr, ap, steps, kept, 10*time.Second)
+	if r.err == nil || !strings.Contains(r.err.Error(), `got "+PO" (EOF)`) {
+		t.Fatalf("an answer cut short by a close: %v, want it to fail at the close with what came", r.err)
+	}
 }

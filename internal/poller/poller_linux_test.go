@@ -275,6 +275,74 @@ func TestIdleLoopWakesForTimer(t *testing.T) {
 	}
 }
 
+// With Linger, an event that comes soon after a round waits for the end
+// of the linger, to be handled with whatever else came in it, while a
+// timer due within the linger still fires on time and ends it.
+func TestLingerGathersEventsAndKeepsTimers(t *testing.T) {
+	const linger, due = time.Second, 100 * time.Millisecond
+	p, err := New(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Linger = linger
+	go p.Run()
+	t.Cleanup(func() {
+		p.Stop()
+		p.Wait()
+	})
+	at := make(chan [2]int64, 4) // which (0, 1: the sockets; 2: the timer), when
+	var fds [2]FD
+	var peers [2]int
+	var timer Timer
+	var armed atomic.Bool
+	hs := [3]*recorder{{}, {}, {}}
+	hs[2].onTimer = func() { at <- [2]int64{2, p.Clock()} }
+	var mine [2]int
+	for i := range 2 {
+		a, b := socketpair(t)
+		mine[i], peers[i] = a, b
+		t.Cleanup(func() { unix.Close(b) })
+		hs[i].onReady = func(_ uint8, ev uint32) {
+			if ev&In == 0 {
+				return // the registration's first event
+			}
+			if i == 0 && !armed.Swap(true) {
+				p.Set(&timer, p.Clock()+int64(due), hs[2]) // due inside the linger that follows
+			}
+			at <- [2]int64{int64(i), p.Clock()}
+		}
+	}
+	on(t, p, func() { // one round: each lingers
+		for i := range 2 {
+			if err := p.Add(&fds[i], mine[i], In|Edge, hs[i], 0); err != nil {
+				t.Error(err)
+			}
+		}
+	})
+	t.Cleanup(func() { on(t, p, func() { p.Close(&fds[0]); p.Close(&fds[1]) }) })
+	unix.Write(peers[0], []byte("x"))
+	first := <-at
+	if first[0] != 0 {
+		t.Fatalf("first event from %d, want the first socket's", first[0])
+	}
+	unix.Write(peers[1], []byte("y")) // inside the linger
+	got := map[int64]time.Duration{}
+	for len(got) < 2 {
+		select {
+		case e := <-at:
+			got[e[0]] = time.Duration(e[1] - first[1])
+		case <-time.After(10 * time.Second):
+			t.Fatalf("only %v of the timer and the second event", got)
+		}
+	}
+	if d := got[2]; d < due || d > due+slack {
+		t.Errorf("the timer fired %v after the first event, want %v", d, due)
+	}
+	if d := got[1]; d < due {
+		t.Errorf("the second event was handled %v after the first: the loop woke for it inside the linger", d)
+	}
+}
+
 // A panic in one handler aborts that handler only; the loop and the others
 // carry on.
 func TestPanicIsContained(t *testing.T) {
