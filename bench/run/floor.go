@@ -1,13 +1,16 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"strconv"
 	"strings"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -44,7 +47,13 @@ func probeFloor(addrs []string, window time.Duration) (float64, error) {
 // reset on close, one probe after the other from one goroutine, woken every
 // 5 ms for the probes due. It prints its CPU over the window after a
 // first full round.
-func runProbeFloor(file, window string) error {
+//
+// With exchange, a probe is a send_expect exchange's least: the
+// connection to each target is made once, before the window; a probe
+// writes an HTTP/1.1 GET and the next probe of the same target reads its
+// answer (it has 2 s to arrive) and checks it for " 200 ": a write and a
+// read a probe, and one wake-up every 5 ms for all of them.
+func runProbeFloor(file, window string, exchange bool) error {
 	w, err := time.ParseDuration(window)
 	if err != nil {
 		return err
@@ -65,8 +74,8 @@ func runProbeFloor(file, window string) error {
 	// Raw system calls, as rota's loops make them. On loopback the whole
 	// handshake runs inside connect(2), so SO_ERROR right after it is the
 	// answer, with no wait for writability.
-	probe := func(ap netip.AddrPort) error {
-		fd, err := sock.Connect(ap)
+	probe := func(i int) error {
+		fd, err := sock.Connect(aps[i])
 		if err != nil {
 			return err
 		}
@@ -74,6 +83,11 @@ func runProbeFloor(file, window string) error {
 		sock.ResetOnClose(fd)
 		sock.Close(fd)
 		return err
+	}
+	if exchange {
+		if probe, err = exchangeFloor(aps); err != nil {
+			return err
+		}
 	}
 	cpu := func() time.Duration {
 		var ru unix.Rusage
@@ -93,7 +107,7 @@ func runProbeFloor(file, window string) error {
 			break
 		}
 		for !next.After(now) {
-			if probe(aps[i%len(aps)]) != nil {
+			if probe(i%len(aps)) != nil {
 				fails++
 			}
 			i++
@@ -106,4 +120,45 @@ func runProbeFloor(file, window string) error {
 	}
 	fmt.Printf("%.2f\n", 100*(cpu()-c0).Seconds()/time.Since(t0).Seconds())
 	return nil
+}
+
+// exchangeFloor connects to every target, blocking, and returns the
+// exchange floor's probe of target i: read the answer to the last request
+// (none the first time), then write the next.
+func exchangeFloor(aps []netip.AddrPort) (func(int) error, error) {
+	req := []byte("GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+	fds := make([]int, len(aps))
+	asked := make([]bool, len(aps))
+	for i, ap := range aps {
+		c, err := net.DialTimeout("tcp", ap.String(), 2*time.Second)
+		if err != nil {
+			return nil, err
+		}
+		f, err := c.(*net.TCPConn).File() // a blocking descriptor of its own
+		c.Close()
+		if err != nil {
+			return nil, err
+		}
+		fds[i] = int(f.Fd())
+		if err := unix.SetNonblock(fds[i], true); err != nil {
+			return nil, err
+		}
+	}
+	var buf [4096]byte
+	return func(i int) error {
+		if asked[i] {
+			n, _, e := unix.RawSyscall(unix.SYS_READ, uintptr(fds[i]), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))
+			if e != 0 {
+				return e
+			}
+			if !bytes.Contains(buf[:n], []byte(" 200 ")) {
+				return fmt.Errorf("answer %q", buf[:n])
+			}
+		}
+		asked[i] = true
+		if _, _, e := unix.RawSyscall(unix.SYS_WRITE, uintptr(fds[i]), uintptr(unsafe.Pointer(&req[0])), uintptr(len(req))); e != 0 {
+			return e
+		}
+		return nil
+	}, nil
 }
