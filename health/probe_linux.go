@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -49,17 +48,9 @@ func newTCPProber(log *zap.Logger) (*tcpProber, error) {
 	if err != nil {
 		return nil, err
 	}
-	p.Linger = answerLinger
 	go p.Run()
 	return &tcpProber{p: p}, nil
 }
-
-// answerLinger is how long the prober's loop waits after a round before it
-// looks for more events: the answers to a batch of probes (the scheduler
-// starts one every 5 ms at most) come within a round trip of each other,
-// and are handled in one or two wake-ups instead of one each. A probe's
-// result is up to this much later; its timeout is not.
-const answerLinger = time.Millisecond
 
 // start hands jobs to the loop. It never blocks; false means the prober
 // is closed and no done will be called.

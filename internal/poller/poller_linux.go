@@ -118,15 +118,6 @@ type Poller struct {
 	// OnPanic, if set, is told about every contained panic (a counter).
 	// Set it before Run.
 	OnPanic func()
-	// Linger, if set, is how long the loop waits, after a round that
-	// handled events, before it looks for more, instead of waking for
-	// each as it comes: events that arrive within it are handled in one
-	// wake-up, and posted functions may run up to Linger late (timers
-	// fire on time: the wait ends at the earliest).
-	// For a loop whose events come in bursts that no one waits on (the
-	// health prober's answers, which a batch of probes brings within a
-	// round trip of each other), not the data path. Set it before Run.
-	Linger time.Duration
 
 	mu      sync.Mutex
 	inbox   []func()
@@ -146,7 +137,6 @@ type Poller struct {
 	now      int64 // nanoseconds since base, read per event
 	wakeAt   int64 // deadline set on file; 0: none
 	stop     bool
-	linger   bool // poll handled events and returned to wait Linger
 	logged   bool // a panic stack has been logged
 	pollFn   func(uintptr) bool
 }
@@ -335,16 +325,6 @@ func (p *Poller) Run() {
 			p.log.Error("event loop: waiting failed", zap.Error(err))
 			return
 		}
-		if p.linger {
-			p.linger = false
-			d := p.Linger
-			if next := p.timers.next(); next != 0 {
-				d = min(d, time.Duration(next-p.Clock()))
-			}
-			if d > 0 {
-				time.Sleep(d)
-			}
-		}
 	}
 }
 
@@ -368,10 +348,9 @@ func (p *Poller) exit() {
 // poll handles everything that is ready, then the timers that came due, and
 // again until nothing is; it returns false, which parks the loop in the
 // netpoller until the epoll descriptor has events or the earliest timer is
-// due. It returns true (ending the park) to stop, or, with Linger, after a
-// round that handled events, for Run to wait before the next.
+// due. It returns true (ending the park) only to stop.
 func (p *Poller) poll(uintptr) bool {
-	for handled := false; ; handled = true {
+	for {
 		n, err := epollWait(p.epfd, p.events[:])
 		if err != nil && err != unix.EINTR {
 			p.log.Error("event loop: epoll_wait", zap.Error(err))
@@ -389,10 +368,6 @@ func (p *Poller) poll(uintptr) bool {
 		}
 		if n > 0 || p.timers.due(p.now) {
 			continue
-		}
-		if handled && p.Linger > 0 {
-			p.linger = true // Run waits, then polls again
-			return true
 		}
 		p.park()
 		return false
