@@ -53,7 +53,11 @@ func probeFloor(addrs []string, window time.Duration) (float64, error) {
 // writes an HTTP/1.1 GET and the next probe of the same target reads its
 // answer (it has 2 s to arrive) and checks it for " 200 ": a write and a
 // read a probe, and one wake-up every 5 ms for all of them.
-func runProbeFloor(file, window string, exchange bool) error {
+//
+// With prompt too, each batch's answers are read 1 ms after its requests
+// went out, as a prober that reads an answer when it comes (rota's,
+// HAProxy's) does, rather than 2 s later.
+func runProbeFloor(file, window string, exchange, prompt bool) error {
 	w, err := time.ParseDuration(window)
 	if err != nil {
 		return err
@@ -84,8 +88,9 @@ func runProbeFloor(file, window string, exchange bool) error {
 		sock.Close(fd)
 		return err
 	}
+	after := func() error { return nil }
 	if exchange {
-		if probe, err = exchangeFloor(aps); err != nil {
+		if probe, after, err = exchangeFloor(aps, prompt); err != nil {
 			return err
 		}
 	}
@@ -120,6 +125,9 @@ func runProbeFloor(file, window string, exchange bool) error {
 			}
 			i++
 			next = next.Add(gap)
+		}
+		if after() != nil {
+			fails++
 		}
 		time.Sleep(max(time.Until(next), 5*time.Millisecond))
 	}
@@ -160,41 +168,72 @@ func cpuBusy(name string) (time.Duration, bool) {
 
 // exchangeFloor connects to every target, blocking, and returns the
 // exchange floor's probe of target i: read the answer to the last request
-// (none the first time), then write the next.
-func exchangeFloor(aps []netip.AddrPort) (func(int) error, error) {
+// (none the first time), then write the next. With prompt, the probe only
+// writes, and after reads the answers of the probes since its last call,
+// 1 ms after them.
+func exchangeFloor(aps []netip.AddrPort, prompt bool) (probe func(int) error, after func() error, err error) {
 	req := []byte("GET / HTTP/1.1\r\nHost: b\r\n\r\n")
 	fds := make([]int, len(aps))
 	asked := make([]bool, len(aps))
 	for i, ap := range aps {
 		c, err := net.DialTimeout("tcp", ap.String(), 2*time.Second)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		f, err := c.(*net.TCPConn).File() // a blocking descriptor of its own
 		c.Close()
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		fds[i] = int(f.Fd())
 		if err := unix.SetNonblock(fds[i], true); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	var buf [4096]byte
-	return func(i int) error {
-		if asked[i] {
-			n, _, e := unix.RawSyscall(unix.SYS_READ, uintptr(fds[i]), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))
-			if e != 0 {
-				return e
-			}
-			if !bytes.Contains(buf[:n], []byte(" 200 ")) {
-				return fmt.Errorf("answer %q", buf[:n])
-			}
+	read := func(i int) error {
+		n, _, e := unix.RawSyscall(unix.SYS_READ, uintptr(fds[i]), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))
+		if e != 0 {
+			return e
 		}
-		asked[i] = true
+		if !bytes.Contains(buf[:n], []byte(" 200 ")) {
+			return fmt.Errorf("answer %q", buf[:n])
+		}
+		return nil
+	}
+	write := func(i int) error {
 		if _, _, e := unix.RawSyscall(unix.SYS_WRITE, uintptr(fds[i]), uintptr(unsafe.Pointer(&req[0])), uintptr(len(req))); e != 0 {
 			return e
 		}
 		return nil
-	}, nil
+	}
+	if !prompt {
+		return func(i int) error {
+			if asked[i] {
+				if err := read(i); err != nil {
+					return err
+				}
+			}
+			asked[i] = true
+			return write(i)
+		}, func() error { return nil }, nil
+	}
+	var batch []int
+	return func(i int) error {
+			batch = append(batch, i)
+			return write(i)
+		}, func() error {
+			if len(batch) == 0 {
+				return nil
+			}
+			time.Sleep(time.Millisecond)
+			var err error
+			for _, i := range batch {
+				if e := read(i); e != nil {
+					err = e
+				}
+			}
+			batch = batch[:0]
+			return err
+		}, nil
 }

@@ -64,7 +64,7 @@ func main() {
 		return
 	}
 	if len(os.Args) > 3 && os.Args[1] == "-probe-floor-mode" {
-		if err := runProbeFloor(os.Args[2], os.Args[3], len(os.Args) > 4 && os.Args[4] == "exchange"); err != nil {
+		if err := runProbeFloor(os.Args[2], os.Args[3], len(os.Args) > 4 && strings.HasPrefix(os.Args[4], "exchange"), len(os.Args) > 4 && os.Args[4] == "exchange-prompt"); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
