@@ -511,7 +511,11 @@ func TestAllowDenyAndPerClientLimits(t *testing.T) {
 	}
 
 	// Two open connections from 127.0.0.2 are its limit; a third is closed
-	// at once while 127.0.0.4 is still served.
+	// at once while 127.0.0.4 is still served. The first one's slot is
+	// free only once the proxy has seen it end, which its client's close
+	// does not wait for: wait for that, or the second held one is refused
+	// in its place and the lingering first counted as held.
+	testenv.Eventually(t, "the connections before ended", 5*time.Second, func() bool { return status(t, srv, "guarded").Count("active_conns", "") == 0 })
 	var held []net.Conn
 	for range 2 {
 		c, err := dialFrom("127.0.0.2", addr)
@@ -521,6 +525,9 @@ func TestAllowDenyAndPerClientLimits(t *testing.T) {
 		held = append(held, c)
 	}
 	testenv.Eventually(t, "two connections held", 5*time.Second, func() bool { return status(t, srv, "guarded").Count("active_conns", "") == 2 })
+	if n := status(t, srv, "guarded").Count("denied_conns", "per_client"); n != 0 {
+		t.Fatalf("%d of the two connections held were refused (max_conns_per_client: 2)", n)
+	}
 	if served("127.0.0.2") {
 		t.Fatal("a third connection from 127.0.0.2 was served (max_conns_per_client: 2)")
 	}
