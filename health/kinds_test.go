@@ -310,15 +310,23 @@ func TestHTTPCheckKeepsItsConnection(t *testing.T) {
 	srv.Start()
 	defer srv.Close()
 	addr := srv.Listener.Addr().String()
+	c := httpCheckerUp(t, addr)
+	// SetKeepAlivesEnabled(false) closes idle connections now, and each
+	// connection after its answer.
+	keptConnectionPhases(t, c, addr, &requests, &conns, func(closes bool) { srv.Config.SetKeepAlivesEnabled(!closes) })
+}
+
+// httpCheckerUp is a checker of addr with a fast http check of /healthz,
+// once addr is up.
+func httpCheckerUp(t *testing.T, addr string) *health.Checker {
+	t.Helper()
 	cfg := fast()
 	cfg.Check, cfg.Path = health.CheckHTTP, "/healthz"
 	c := health.New(cfg, nil, nil)
 	t.Cleanup(c.Close)
 	c.Update([]string{addr})
-	testenv.Eventually(t, "up", 10*time.Second, func() bool { return stateOf(c, addr).State == health.Up })
-	// SetKeepAlivesEnabled(false) closes idle connections now, and each
-	// connection after its answer.
-	keptConnectionPhases(t, c, addr, &requests, &conns, func(closes bool) { srv.Config.SetKeepAlivesEnabled(!closes) })
+	waitState(t, c, addr, health.Up, "up")
+	return c
 }
 
 // keptConnectionPhases checks what a check that keeps its connection does,
@@ -380,12 +388,7 @@ func TestFailureReportedMidProbeDropsItsConnection(t *testing.T) {
 	defer srv.Close()
 	defer close(release) // a probe still held ends before the server closes
 	addr := srv.Listener.Addr().String()
-	cfg := fast()
-	cfg.Check, cfg.Path = health.CheckHTTP, "/healthz"
-	c := health.New(cfg, nil, nil)
-	t.Cleanup(c.Close)
-	c.Update([]string{addr})
-	waitState(t, c, addr, health.Up, "up")
+	c := httpCheckerUp(t, addr)
 	hold.Store(true)
 	select {
 	case <-entered: // a probe is in flight on the kept connection

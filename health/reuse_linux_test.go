@@ -147,6 +147,21 @@ func startKeptTimeout(t *testing.T, pr *tcpProber, ap netip.AddrPort, steps []st
 	return res
 }
 
+// serveLines serves connections that answer each line they read with
+// answer, until it returns false (then the connection closes).
+func serveLines(t *testing.T, answer func(c net.Conn) bool) string {
+	t.Helper()
+	return testenv.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		r := bufio.NewReader(c)
+		for {
+			if _, err := r.ReadString('\n'); err != nil || !answer(c) {
+				return
+			}
+		}
+	})
+}
+
 type keptResult struct {
 	err  error
 	kept *keptConn
@@ -159,22 +174,16 @@ type keptResult struct {
 func TestKeptConnectionDiscardsTheLastAnswersTail(t *testing.T) {
 	tail := make(chan struct{})
 	var answers atomic.Int64
-	addr := testenv.Serve(t, func(c net.Conn) {
-		defer c.Close()
-		r := bufio.NewReader(c)
-		for {
-			if _, err := r.ReadString('\n'); err != nil {
-				return
-			}
-			if answers.Add(1) == 1 {
-				c.Write([]byte("role:master\r\n"))
-				<-tail // the probe has matched and ended
-				c.Write([]byte("connected_slaves:0\r\nrole:master\r\n"))
-				tail <- struct{}{}
-				continue
-			}
-			c.Write([]byte("role:slave\r\n"))
+	addr := serveLines(t, func(c net.Conn) bool {
+		if answers.Add(1) == 1 {
+			c.Write([]byte("role:master\r\n"))
+			<-tail // the probe has matched and ended
+			c.Write([]byte("connected_slaves:0\r\nrole:master\r\n"))
+			tail <- struct{}{}
+			return true
 		}
+		c.Write([]byte("role:slave\r\n"))
+		return true
 	})
 	ap := netip.MustParseAddrPort(addr)
 	pr := startProber(t)
@@ -278,21 +287,14 @@ func TestHTTPCheckOnTheLoop(t *testing.T) {
 // close, with what came, not at the timeout.
 func TestExchangeReadsWhatEachEdgeBrings(t *testing.T) {
 	var mode atomic.Int64 // 0: split; 1: partial, then close
-	addr := testenv.Serve(t, func(c net.Conn) {
-		defer c.Close()
-		r := bufio.NewReader(c)
-		for {
-			if _, err := r.ReadString('\n'); err != nil {
-				return
-			}
-			if mode.Load() == 1 {
-				c.Write([]byte("+PO"))
-				return
-			}
-			c.Write([]byte("+PO"))
-			time.Sleep(50 * time.Millisecond) // a second segment, a second edge
-			c.Write([]byte("NG\r\n"))
+	addr := serveLines(t, func(c net.Conn) bool {
+		c.Write([]byte("+PO"))
+		if mode.Load() == 1 {
+			return false // closed
 		}
+		time.Sleep(50 * time.Millisecond) // a second segment, a second edge
+		c.Write([]byte("NG\r\n"))
+		return true
 	})
 	ap := netip.MustParseAddrPort(addr)
 	pr := startProber(t)
