@@ -66,9 +66,6 @@ type answerReader struct {
 // keep says the connection is at the next answer's start and may serve
 // the target's next probe.
 func (s *spec) httpAnswer(got []byte, eof bool, ar *answerReader) (done, keep bool, err error) {
-	if !eof && len(got) < maxHeader && !bytes.Contains(got, endOfHeader) {
-		return false, false, nil
-	}
 	ar.rd.Reset(got)
 	if ar.br == nil {
 		ar.br = bufio.NewReaderSize(&ar.rd, 4096)
@@ -76,8 +73,10 @@ func (s *spec) httpAnswer(got []byte, eof bool, ar *answerReader) (done, keep bo
 	ar.br.Reset(&ar.rd)
 	var resp *http.Response
 	for interim := 0; ; interim++ {
-		if rest := got[len(got)-ar.rd.Len()-ar.br.Buffered():]; interim > 0 && !eof && len(got) < maxHeader && !bytes.Contains(rest, endOfHeader) {
-			return false, false, nil // the final answer's header is on its way
+		// The answer's header (the first, or the one after an interim
+		// answer) is parsed once it is whole, or all there is.
+		if rest := got[len(got)-ar.rd.Len()-ar.br.Buffered():]; !eof && len(got) < maxHeader && !bytes.Contains(rest, endOfHeader) {
+			return false, false, nil // the header is on its way
 		}
 		resp, err = http.ReadResponse(ar.br, nil)
 		if err != nil {

@@ -199,9 +199,9 @@ type probeSocket struct {
 	// What the socket may hold that no edge will announce again: bytes
 	// (an event said readable and no read has since found it drained), or
 	// the end of the stream (the peer's FIN or an error has been seen on
-	// this connection). A read is made only when unread says there may be
-	// something to read, so a probe on a kept connection is a write and a
-	// read (bench/README.md).
+	// this connection). A probe's reads are made only when unread says
+	// there may be something to read, so a probe on a kept connection is
+	// discardStale's read, a write and the answer's read (bench/README.md).
 	unread bool
 	hup    bool
 }

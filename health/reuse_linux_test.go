@@ -281,7 +281,7 @@ func TestHTTPCheckOnTheLoop(t *testing.T) {
 }
 
 // The loop reads a probe's socket only when an edge says something came
-// (bench/README.md: a kept connection's probe is a write and a read): an
+// (bench/README.md): an
 // answer that arrives in two pieces, the expected text split between them,
 // still passes; an answer cut short by the server's close fails at the
 // close, with what came, not at the timeout.
