@@ -281,10 +281,9 @@ func TestHTTPCheckOnTheLoop(t *testing.T) {
 }
 
 // The loop reads a probe's socket only when an edge says something came
-// (bench/README.md): an
-// answer that arrives in two pieces, the expected text split between them,
-// still passes; an answer cut short by the server's close fails at the
-// close, with what came, not at the timeout.
+// (bench/README.md): an answer that arrives in two pieces, the expected
+// text split between them, still passes; an answer cut short by the
+// server's close fails at the close, with what came, not at the timeout.
 func TestExchangeReadsWhatEachEdgeBrings(t *testing.T) {
 	var mode atomic.Int64 // 0: split; 1: partial, then close
 	addr := serveLines(t, func(c net.Conn) bool {

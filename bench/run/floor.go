@@ -48,16 +48,17 @@ func probeFloor(addrs []string, window time.Duration) (float64, error) {
 // 5 ms for the probes due. It prints its CPU over the window after a
 // first full round.
 //
-// With exchange, a probe is a send_expect exchange's least: the
+// With mode "exchange", a probe is a send_expect exchange's least: the
 // connection to each target is made once, before the window; a probe
 // writes an HTTP/1.1 GET and the next probe of the same target reads its
 // answer (it has 2 s to arrive) and checks it for " 200 ": a write and a
 // read a probe, and one wake-up every 5 ms for all of them.
 //
-// With prompt too, each batch's answers are read 1 ms after its requests
-// went out, as a prober that reads an answer when it comes (rota's,
-// HAProxy's) does, rather than 2 s later.
-func runProbeFloor(file, window string, exchange, prompt bool) error {
+// With "exchange-prompt", each batch's answers are read 1 ms after its
+// requests went out, as a prober that reads an answer when it comes
+// (rota's, HAProxy's) does, rather than 2 s later. Any other mode is the
+// connect-and-reset prober.
+func runProbeFloor(file, window, mode string) error {
 	w, err := time.ParseDuration(window)
 	if err != nil {
 		return err
@@ -89,8 +90,8 @@ func runProbeFloor(file, window string, exchange, prompt bool) error {
 		return err
 	}
 	after := func() error { return nil }
-	if exchange {
-		if probe, after, err = exchangeFloor(aps, prompt); err != nil {
+	if mode == "exchange" || mode == "exchange-prompt" {
+		if probe, after, err = exchangeFloor(aps, mode == "exchange-prompt"); err != nil {
 			return err
 		}
 	}
@@ -134,9 +135,8 @@ func runProbeFloor(file, window string, exchange, prompt bool) error {
 	if fails > 0 {
 		fmt.Fprintf(os.Stderr, "probe floor: %d of %d probes failed\n", fails, i)
 	}
-	c1, b1, d := cpu(), time.Duration(0), time.Since(t0)
-	if b, ok := busy(); ok {
-		b1 = b
+	c1, d := cpu(), time.Since(t0)
+	if b1, ok := busy(); ok {
 		fmt.Printf("%.2f %.2f\n", 100*(c1-c0).Seconds()/d.Seconds(), 100*(b1-b0).Seconds()/d.Seconds())
 		return nil
 	}

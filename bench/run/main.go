@@ -64,7 +64,11 @@ func main() {
 		return
 	}
 	if len(os.Args) > 3 && os.Args[1] == "-probe-floor-mode" {
-		if err := runProbeFloor(os.Args[2], os.Args[3], len(os.Args) > 4 && strings.HasPrefix(os.Args[4], "exchange"), len(os.Args) > 4 && os.Args[4] == "exchange-prompt"); err != nil {
+		mode := ""
+		if len(os.Args) > 4 {
+			mode = os.Args[4] // bench/probe-cpu's FLOOR
+		}
+		if err := runProbeFloor(os.Args[2], os.Args[3], mode); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
