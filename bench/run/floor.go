@@ -109,6 +109,7 @@ func runProbeFloor(file, window, mode string) error {
 	}
 	start := time.Now()
 	next, i, fails := start, 0, 0
+	var first error
 	var c0, b0 time.Duration
 	var t0 time.Time
 	for {
@@ -121,19 +122,25 @@ func runProbeFloor(file, window, mode string) error {
 			break
 		}
 		for !next.After(now) {
-			if probe(i%len(aps)) != nil {
+			if err := probe(i % len(aps)); err != nil {
+				if fails == 0 {
+					first = err
+				}
 				fails++
 			}
 			i++
 			next = next.Add(gap)
 		}
-		if after() != nil {
+		if err := after(); err != nil {
+			if fails == 0 {
+				first = err
+			}
 			fails++
 		}
 		time.Sleep(max(time.Until(next), 5*time.Millisecond))
 	}
 	if fails > 0 {
-		fmt.Fprintf(os.Stderr, "probe floor: %d of %d probes failed\n", fails, i)
+		fmt.Fprintf(os.Stderr, "probe floor: %d of %d probes failed, the first with %v\n", fails, i, first)
 	}
 	c1, d := cpu(), time.Since(t0)
 	if b1, ok := busy(); ok {
@@ -180,13 +187,11 @@ func exchangeFloor(aps []netip.AddrPort, prompt bool) (probe func(int) error, af
 		if err != nil {
 			return nil, nil, err
 		}
-		f, err := c.(*net.TCPConn).File() // a blocking descriptor of its own
+		// A descriptor of its own, out of Go's netpoller. Not File's: the
+		// *os.File's finalizer would close it once the File is garbage.
+		fds[i], err = dupConn(c.(*net.TCPConn))
 		c.Close()
 		if err != nil {
-			return nil, nil, err
-		}
-		fds[i] = int(f.Fd())
-		if err := unix.SetNonblock(fds[i], true); err != nil {
 			return nil, nil, err
 		}
 	}
@@ -236,4 +241,24 @@ func exchangeFloor(aps []netip.AddrPort, prompt bool) (probe func(int) error, af
 			batch = batch[:0]
 			return err
 		}, nil
+}
+
+// dupConn duplicates c's descriptor, non-blocking, for the caller to own.
+func dupConn(c *net.TCPConn) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd, derr := -1, error(nil)
+	if err := rc.Control(func(s uintptr) { fd, derr = unix.Dup(int(s)) }); err != nil {
+		return -1, err
+	}
+	if derr != nil {
+		return -1, derr
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
 }
