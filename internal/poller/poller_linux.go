@@ -25,7 +25,8 @@
 // The loop does not block in epoll_wait itself: its epoll descriptor is
 // registered with Go's netpoller, so the loop goroutine parks like any other
 // and the scheduler keeps serving other goroutines on the same threads. The
-// deadline of that park is the earliest timer.
+// deadline of that park is the earliest timer. A paced loop (NewPaced)
+// sleeps between rounds instead, and its events wait for the next round.
 package poller
 
 import (
@@ -139,6 +140,12 @@ type Poller struct {
 	stop     bool
 	logged   bool // a panic stack has been logged
 	pollFn   func(uintptr) bool
+
+	// A paced loop's (NewPaced): how long it waits between rounds while a
+	// timer is armed, and what wakes it from waiting for a post.
+	pace  time.Duration
+	kick  chan struct{}
+	sleep bool // under mu: the loop waits for a post, which kicks it
 }
 
 // New creates a poller. log may be nil.
@@ -178,6 +185,27 @@ func New(log *zap.Logger) (*Poller, error) {
 	}
 	p := &Poller{epfd: epfd, file: file, rc: rc, evfd: evfd, log: log, base: time.Now(), exited: make(chan struct{})}
 	p.pollFn = p.poll
+	return p, nil
+}
+
+// NewPaced creates a poller whose loop is not woken by events: it handles
+// what is ready in rounds, every pace while a timer is armed, and waits for
+// a post when none is. An event waits for the next round, at most pace or
+// until the earliest timer; a post waits for it too unless the loop is
+// idle. For a loop whose events come in bursts and no one waits on them
+// (the health prober's answers): one wake-up a round instead of one an
+// answer, each of which costs about what the answer's packets do
+// (bench/README.md). Its epoll descriptor is not in Go's netpoller, whose
+// thread would otherwise wake for every event all the same.
+func NewPaced(log *zap.Logger, pace time.Duration) (*Poller, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("epoll_create1: %w", err)
+	}
+	p := &Poller{epfd: epfd, evfd: -1, log: log, base: time.Now(), exited: make(chan struct{}), pace: pace, kick: make(chan struct{}, 1)}
 	return p, nil
 }
 
@@ -286,6 +314,15 @@ func (p *Poller) Post(fn func()) bool {
 		return false
 	}
 	p.inbox = append(p.inbox, fn)
+	if p.kick != nil {
+		kick := p.sleep
+		p.sleep = false
+		p.mu.Unlock()
+		if kick {
+			p.kick <- struct{}{} // the loop took the last kick before it slept
+		}
+		return true
+	}
 	wake := !p.woken
 	p.woken = true
 	p.mu.Unlock()
@@ -296,9 +333,10 @@ func (p *Poller) Post(fn func()) bool {
 	return true
 }
 
-// Stop ends Run after the functions posted so far have run. Handlers still
-// registered then are aborted (their owners must have closed them before,
-// so this is a last resort). It does not wait; Wait does.
+// Stop ends Run after the functions posted so far have run (a paced loop's
+// at its next round). Handlers still registered then are aborted (their
+// owners must have closed them before, so this is a last resort). It does
+// not wait; Wait does.
 func (p *Poller) Stop() {
 	p.Post(func() { p.stop = true })
 	p.mu.Lock()
@@ -312,6 +350,10 @@ func (p *Poller) Wait() { <-p.exited }
 // Run is the loop. It returns after Stop.
 func (p *Poller) Run() {
 	defer p.exit()
+	if p.kick != nil {
+		p.runPaced()
+		return
+	}
 	for !p.stop {
 		err := p.rc.Read(p.pollFn)
 		switch {
@@ -340,9 +382,76 @@ func (p *Poller) exit() {
 			}
 		}
 	}
-	p.file.Close()
-	unix.Close(p.evfd)
+	if p.file != nil {
+		p.file.Close()
+		unix.Close(p.evfd)
+	} else {
+		unix.Close(p.epfd)
+	}
 	close(p.exited)
+}
+
+// runPaced is a paced loop: rounds of handleReady, and between them a wait
+// for the next round (a timer armed) or for a post (none).
+func (p *Poller) runPaced() {
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		p.handleReady()
+		if p.stop {
+			return
+		}
+		next := p.timers.next()
+		if next == 0 {
+			p.mu.Lock()
+			p.sleep = len(p.inbox) == 0
+			sleep := p.sleep
+			p.mu.Unlock()
+			if sleep {
+				<-p.kick
+			}
+			continue
+		}
+		timer.Reset(min(time.Duration(next-p.Clock()), p.pace))
+		<-timer.C
+	}
+}
+
+// handleReady is a paced loop's round: the events that are ready, then the
+// posted functions, then the timers that came due, and again until none
+// of them was there, or the loop is to stop.
+func (p *Poller) handleReady() {
+	for {
+		n, err := epollWait(p.epfd, p.events[:])
+		if err != nil && err != unix.EINTR {
+			p.log.Error("event loop: epoll_wait", zap.Error(err))
+			n = 0
+		}
+		for i := range n {
+			ev := &p.events[i]
+			p.now = p.Clock()
+			p.event(ev)
+		}
+		p.now = p.Clock()
+		posted := p.takePosted()
+		p.expire()
+		if p.stop || n == 0 && !posted && !p.timers.due(p.now) {
+			return
+		}
+	}
+}
+
+// takePosted runs what a paced loop's inbox holds, and reports whether
+// it held anything.
+func (p *Poller) takePosted() bool {
+	p.mu.Lock()
+	p.taken, p.inbox = p.inbox, p.taken[:0]
+	p.mu.Unlock()
+	for i, fn := range p.taken {
+		p.taken[i] = nil
+		p.contain(fn)
+	}
+	return len(p.taken) > 0
 }
 
 // poll handles everything that is ready, then the timers that came due, and

@@ -377,3 +377,81 @@ func TestSlotsAreDenseAndReused(t *testing.T) {
 	}
 	closeAll()
 }
+
+// A paced loop is not woken by events: those that come between rounds are
+// handled together at the next round, a pace after the last, as is a post
+// to the loop while it paces; a timer due sooner ends the wait on time; a
+// post to an idle loop (no timer armed) runs at once.
+func TestPacedLoopHandlesEventsInRounds(t *testing.T) {
+	const pace = time.Second
+	p, err := NewPaced(nil, pace)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go p.Run()
+	t.Cleanup(func() {
+		p.Stop()
+		p.Wait()
+	})
+	posted := time.Now()
+	on(t, p, func() {})
+	if d := time.Since(posted); d > slack {
+		t.Fatalf("a post to an idle paced loop ran after %v", d)
+	}
+
+	type at struct {
+		who  string
+		when int64
+	}
+	seen := make(chan at, 8)
+	var fds [2]FD
+	var peers [2]int
+	hs := [2]*recorder{{}, {}}
+	var far, near Timer
+	farH, nearH := &recorder{}, &recorder{}
+	nearH.onTimer = func() { seen <- at{"timer", p.Clock()} }
+	for i := range hs {
+		hs[i].onReady = func(_ uint8, ev uint32) {
+			if ev&In != 0 {
+				seen <- at{[]string{"event 0", "event 1"}[i], p.Clock()}
+			}
+		}
+	}
+	var round int64 // when the post ran: the round that ran it ends after
+	on(t, p, func() {
+		for i := range hs {
+			a, b := socketpair(t)
+			peers[i] = b
+			t.Cleanup(func() { unix.Close(b) })
+			if err := p.Add(&fds[i], a, In|Edge, hs[i], 0); err != nil {
+				t.Error(err)
+			}
+		}
+		p.Set(&far, p.Now()+int64(time.Hour), farH) // the loop paces
+		round = p.Clock()
+	})
+	t.Cleanup(func() { on(t, p, func() { p.Close(&fds[0]); p.Close(&fds[1]); p.Cancel(&far); p.Cancel(&near) }) })
+	unix.Write(peers[0], []byte("x"))
+	unix.Write(peers[1], []byte("y"))
+	p.Post(func() {
+		seen <- at{"post", p.Clock()}
+		p.Set(&near, p.Now()+int64(100*time.Millisecond), nearH)
+	})
+	got := map[string]int64{}
+	for len(got) < 4 {
+		select {
+		case a := <-seen:
+			got[a.who] = a.when
+		case <-time.After(10 * time.Second):
+			t.Fatalf("only %v of two events, the post and the timer", got)
+		}
+	}
+	for _, who := range []string{"event 0", "event 1", "post"} {
+		if d := time.Duration(got[who] - round); d < pace {
+			t.Errorf("%s handled %v after the round before, want the next round, %v after it: the loop woke for it", who, d, pace)
+		}
+	}
+	if d := time.Duration(got["timer"] - got["post"]); d < 100*time.Millisecond || d > 100*time.Millisecond+slack {
+		t.Errorf("a timer due 100ms after it was set fired after %v in a loop pacing every %v", d, pace)
+	}
+}
