@@ -66,9 +66,11 @@ func (pr *tcpProber) start(jobs []tcpJob) bool {
 		// The kept connections give up what the last answers left first,
 		// so that the requests then go out back to back: the kernel passes
 		// a burst of packets on with fewer interrupts than the same
-		// packets spread out (bench/README.md).
+		// packets spread out (bench/README.md). The paced loop runs this
+		// after every event that came before it: a connection that no
+		// event said is readable holds nothing, and is not read.
 		for i := range jobs {
-			if s := jobs[i].kept; s != nil && !s.discardStale() {
+			if s := jobs[i].kept; s != nil && s.unread && !s.discardStale() {
 				s.drop() // closed by the server while idle: this probe dials
 				jobs[i].kept = nil
 			}
@@ -156,11 +158,9 @@ func (j *tcpJob) keeps() bool {
 const maxStale = maxAnswer
 
 // discardStale reads and drops what s, a connection a target's last probe
-// kept, holds from before: the rest of the last answer. It reports false
-// if s is no use: the server closed it while it was idle, or sent more
-// than an answer's remainder. It reads whatever the flags say: bytes can
-// have arrived after the loop last asked epoll, their event not yet
-// handled.
+// kept, holds from before (an event said it is readable): the rest of the
+// last answer. It reports false if s is no use: the server closed it while
+// it was idle, or sent more than an answer's remainder.
 func (s *probeSocket) discardStale() bool {
 	for stale := 0; ; {
 		n, err := poller.Read(s.fd.Num(), s.pr.buf[:])
@@ -208,7 +208,7 @@ type probeSocket struct {
 	// the end of the stream (the peer's FIN or an error has been seen on
 	// this connection). A probe's reads are made only when unread says
 	// there may be something to read, so a probe on a kept connection is
-	// discardStale's read, a write and the answer's read (bench/README.md).
+	// a write and the answer's read (bench/README.md).
 	unread bool
 	hup    bool
 }

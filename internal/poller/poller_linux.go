@@ -192,7 +192,7 @@ func New(log *zap.Logger) (*Poller, error) {
 // what is ready in rounds, every pace while a timer is armed, and waits for
 // a post when none is. An event waits for the next round, at most pace or
 // until the earliest timer; a post waits for it too unless the loop is
-// idle. For a loop whose events come in bursts and no one waits on them
+// idle, and runs after every event that came before it (handleReady). For a loop whose events come in bursts and no one waits on them
 // (the health prober's answers): one wake-up a round instead of one an
 // answer, each of which costs about what the answer's packets do
 // (bench/README.md). Its epoll descriptor is not in Go's netpoller, whose
@@ -419,7 +419,11 @@ func (p *Poller) runPaced() {
 
 // handleReady is a paced loop's round: the events that are ready, then the
 // posted functions, then the timers that came due, and again until none
-// of them was there, or the loop is to stop.
+// of them was there, or the loop is to stop. A posted function runs right
+// after an epoll_wait that returned everything ready, so it finds every
+// event that came before it handled: what a socket's handler last heard
+// is what the socket holds, as of microseconds before (the health
+// prober's kept connections need no read to learn they hold nothing).
 func (p *Poller) handleReady() {
 	for {
 		n, err := epollWait(p.epfd, p.events[:])
@@ -433,7 +437,10 @@ func (p *Poller) handleReady() {
 			p.event(ev)
 		}
 		p.now = p.Clock()
-		posted := p.takePosted()
+		posted := false
+		if n < len(p.events) { // every event that came before is handled
+			posted = p.takePosted()
+		}
 		p.expire()
 		if p.stop || n == 0 && !posted && !p.timers.due(p.now) {
 			return

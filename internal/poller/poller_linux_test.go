@@ -455,3 +455,54 @@ func TestPacedLoopHandlesEventsInRounds(t *testing.T) {
 		t.Errorf("a timer due 100ms after it was set fired after %v in a loop pacing every %v", d, pace)
 	}
 }
+
+// A paced loop runs a posted function after every event that came before
+// it, even when more are ready than one epoll_wait returns.
+func TestPacedLoopPostsSeeEveryEventBefore(t *testing.T) {
+	p, err := NewPaced(nil, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go p.Run()
+	t.Cleanup(func() {
+		p.Stop()
+		p.Wait()
+	})
+	n := len(p.events) + 44
+	fds := make([]FD, n)
+	peers := make([]int, n)
+	hs := make([]*recorder, n)
+	on(t, p, func() {
+		for i := range n {
+			a, b := socketpair(t)
+			peers[i], hs[i] = b, &recorder{}
+			if err := p.Add(&fds[i], a, In|Edge, hs[i], 0); err != nil {
+				t.Error(err)
+			}
+		}
+	})
+	t.Cleanup(func() {
+		on(t, p, func() {
+			for i := range fds {
+				p.Close(&fds[i])
+			}
+		})
+		for _, b := range peers {
+			unix.Close(b)
+		}
+	})
+	for _, b := range peers {
+		unix.Write(b, []byte("x"))
+	}
+	var unseen int
+	on(t, p, func() {
+		for _, h := range hs {
+			if h.readyCount() == 0 {
+				unseen++
+			}
+		}
+	})
+	if unseen > 0 {
+		t.Fatalf("a posted function ran before the events of %d of %d sockets written to before it was posted", unseen, n)
+	}
+}
