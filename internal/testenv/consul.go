@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -159,9 +160,19 @@ func (c *Consul) Start() {
 }
 
 func (c *Consul) start() error {
-	ports, err := freePorts(4)
-	if err != nil {
-		return err
+	// The HTTP port, picked once for the agent's life, is not listening
+	// now: the kernel may hand it out again among the other four, and the
+	// agent refuses to start with two of its ports the same ("HTTP address
+	// ... already configured for DNS", a CI run).
+	var ports []string
+	for {
+		var err error
+		if ports, err = freePorts(4); err != nil {
+			return err
+		}
+		if !slices.Contains(ports, c.httpAddr) {
+			break
+		}
 	}
 	port := func(hp string) string { return hp[strings.LastIndex(hp, ":")+1:] }
 	dataDir, err := os.MkdirTemp("", "rota-consul-")
