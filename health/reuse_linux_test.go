@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/rota-proxy/rota/internal/testenv"
 )
 
@@ -162,6 +164,25 @@ func serveLines(t *testing.T, answer func(c net.Conn) bool) string {
 	})
 }
 
+// acked waits, up to 10 s, until the peer has acknowledged what was
+// written on c: the bytes are in its socket's buffer, which told its
+// epoll, and no longer in flight. A write on loopback returns before its
+// bytes arrive when the kernel defers their delivery to ksoftirqd (a
+// loaded machine: a CI run).
+func acked(c net.Conn) {
+	rc, err := c.(syscall.Conn).SyscallConn()
+	if err != nil {
+		return
+	}
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		n := -1
+		rc.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.TIOCOUTQ) }) // SIOCOUTQ: unacknowledged bytes
+		if n == 0 {
+			return
+		}
+	}
+}
+
 type keptResult struct {
 	err  error
 	kept *keptConn
@@ -179,6 +200,7 @@ func TestKeptConnectionDiscardsTheLastAnswersTail(t *testing.T) {
 			c.Write([]byte("role:master\r\n"))
 			<-tail // the probe has matched and ended
 			c.Write([]byte("connected_slaves:0\r\nrole:master\r\n"))
+			acked(c)
 			tail <- struct{}{}
 			return true
 		}
@@ -193,7 +215,7 @@ func TestKeptConnectionDiscardsTheLastAnswersTail(t *testing.T) {
 		t.Fatalf("first probe: %v, kept %v", first.err, first.kept)
 	}
 	tail <- struct{}{}
-	<-tail // written: on loopback, in the kept socket's buffer
+	<-tail // in the kept socket's buffer, its event in the prober's epoll
 	second := <-startKept(t, pr, ap, steps, first.kept.loop)
 	if second.err == nil || !strings.Contains(second.err.Error(), `got "role:slave\r\n"`) {
 		t.Fatalf("second probe on the kept connection: %v, want it to fail on its own answer", second.err)

@@ -417,48 +417,55 @@ func (p *Poller) runPaced() {
 	}
 }
 
-// handleReady is a paced loop's round: the events that are ready, then the
-// posted functions, then the timers that came due, and again until none
-// of them was there, or the loop is to stop. A posted function runs right
-// after an epoll_wait that returned everything ready, so it finds every
-// event that came before it handled: what a socket's handler last heard
-// is what the socket holds, as of microseconds before (the health
+// handleReady is a paced loop's round: the posted functions are taken,
+// then the events that are ready are handled, then the functions run, then
+// the timers that came due fire, and again until none of them was there,
+// or the loop is to stop. A posted function runs after an epoll_wait that
+// began after it was posted and returned everything ready, so it finds
+// every event that came before it handled: what a socket's handler last
+// heard is what the socket held when the function was posted (the health
 // prober's kept connections need no read to learn they hold nothing).
 func (p *Poller) handleReady() {
 	for {
-		n, err := epollWait(p.epfd, p.events[:])
-		if err != nil && err != unix.EINTR {
-			p.log.Error("event loop: epoll_wait", zap.Error(err))
-			n = 0
-		}
-		for i := range n {
-			ev := &p.events[i]
-			p.now = p.Clock()
-			p.event(ev)
+		posted := p.takePosted()
+		n := p.handleEvents()
+		for n == len(p.events) { // more are ready
+			n = p.handleEvents()
 		}
 		p.now = p.Clock()
-		posted := false
-		if n < len(p.events) { // every event that came before is handled
-			posted = p.takePosted()
+		for i, fn := range posted {
+			posted[i] = nil
+			p.contain(fn)
 		}
 		p.expire()
-		if p.stop || n == 0 && !posted && !p.timers.due(p.now) {
+		if p.stop || n == 0 && len(posted) == 0 && !p.timers.due(p.now) {
 			return
 		}
 	}
 }
 
-// takePosted runs what a paced loop's inbox holds, and reports whether
-// it held anything.
-func (p *Poller) takePosted() bool {
+// handleEvents waits for nothing: it handles the events that are ready,
+// as many as fit in the buffer, and returns how many.
+func (p *Poller) handleEvents() int {
+	n, err := epollWait(p.epfd, p.events[:])
+	if err != nil && err != unix.EINTR {
+		p.log.Error("event loop: epoll_wait", zap.Error(err))
+		n = 0
+	}
+	for i := range n {
+		ev := &p.events[i]
+		p.now = p.Clock()
+		p.event(ev)
+	}
+	return n
+}
+
+// takePosted takes what a paced loop's inbox holds, for the caller to run.
+func (p *Poller) takePosted() []func() {
 	p.mu.Lock()
 	p.taken, p.inbox = p.inbox, p.taken[:0]
 	p.mu.Unlock()
-	for i, fn := range p.taken {
-		p.taken[i] = nil
-		p.contain(fn)
-	}
-	return len(p.taken) > 0
+	return p.taken
 }
 
 // poll handles everything that is ready, then the timers that came due, and

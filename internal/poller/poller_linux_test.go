@@ -506,3 +506,55 @@ func TestPacedLoopPostsSeeEveryEventBefore(t *testing.T) {
 		t.Fatalf("a posted function ran before the events of %d of %d sockets written to before it was posted", unseen, n)
 	}
 }
+
+// A function posted during a paced loop's round, after that round's
+// epoll_wait, runs after the events that came before it even so: here a
+// handler makes the second socket readable and then posts, on the loop, a
+// check that the second socket's event was handled (a post from another
+// goroutine can land at the same point of a round).
+func TestPacedLoopPostDuringARoundWaitsForItsEvents(t *testing.T) {
+	p, err := NewPaced(nil, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go p.Run()
+	t.Cleanup(func() {
+		p.Stop()
+		p.Wait()
+	})
+	var fds [2]FD
+	var peers [2]int
+	hs := [2]*recorder{{}, {}}
+	result := make(chan int, 1)
+	hs[0].onReady = func(_ uint8, ev uint32) {
+		if ev&In == 0 {
+			return
+		}
+		unix.Write(peers[1], []byte("y")) // after this round's epoll_wait
+		p.Post(func() { result <- hs[1].readyCount() })
+	}
+	on(t, p, func() {
+		for i := range hs {
+			a, b := socketpair(t)
+			peers[i] = b
+			if err := p.Add(&fds[i], a, In|Edge, hs[i], 0); err != nil {
+				t.Error(err)
+			}
+		}
+	})
+	t.Cleanup(func() {
+		on(t, p, func() { p.Close(&fds[0]); p.Close(&fds[1]) })
+		unix.Close(peers[0])
+		unix.Close(peers[1])
+	})
+	unix.Write(peers[0], []byte("x"))
+	p.Post(func() {}) // a round: the loop is idle, its events wait for one
+	select {
+	case n := <-result:
+		if n == 0 {
+			t.Fatal("a function posted during a round ran before the event that came before it")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the posted check never ran")
+	}
+}
