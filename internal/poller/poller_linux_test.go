@@ -417,7 +417,21 @@ func TestPacedLoopHandlesEventsInRounds(t *testing.T) {
 			}
 		}
 	}
-	var round int64 // when the post ran: the round that ran it ends after
+	// A timer's handler makes both sockets readable and posts: the last
+	// thing its round does (nothing else is ready or posted), so what it
+	// started waits for the next round.
+	var trigger Timer
+	var round int64
+	triggerH := &recorder{}
+	triggerH.onTimer = func() {
+		round = p.Clock()
+		unix.Write(peers[0], []byte("x"))
+		unix.Write(peers[1], []byte("y"))
+		p.Post(func() {
+			seen <- at{"post", p.Clock()}
+			p.Set(&near, p.Now()+int64(100*time.Millisecond), nearH)
+		})
+	}
 	on(t, p, func() {
 		for i := range hs {
 			a, b := socketpair(t)
@@ -428,14 +442,10 @@ func TestPacedLoopHandlesEventsInRounds(t *testing.T) {
 			}
 		}
 		p.Set(&far, p.Now()+int64(time.Hour), farH) // the loop paces
-		round = p.Clock()
+		p.Set(&trigger, p.Now()+int64(100*time.Millisecond), triggerH)
 	})
-	t.Cleanup(func() { on(t, p, func() { p.Close(&fds[0]); p.Close(&fds[1]); p.Cancel(&far); p.Cancel(&near) }) })
-	unix.Write(peers[0], []byte("x"))
-	unix.Write(peers[1], []byte("y"))
-	p.Post(func() {
-		seen <- at{"post", p.Clock()}
-		p.Set(&near, p.Now()+int64(100*time.Millisecond), nearH)
+	t.Cleanup(func() {
+		on(t, p, func() { p.Close(&fds[0]); p.Close(&fds[1]); p.Cancel(&far); p.Cancel(&near); p.Cancel(&trigger) })
 	})
 	got := map[string]int64{}
 	for len(got) < 4 {
