@@ -150,13 +150,11 @@ type Poller struct {
 
 // New creates a poller. log may be nil.
 func New(log *zap.Logger) (*Poller, error) {
-	if log == nil {
-		log = zap.NewNop()
-	}
-	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	p, err := newPoller(log)
 	if err != nil {
-		return nil, fmt.Errorf("epoll_create1: %w", err)
+		return nil, err
 	}
+	epfd := p.epfd
 	evfd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
 	if err != nil {
 		unix.Close(epfd)
@@ -183,21 +181,13 @@ func New(log *zap.Logger) (*Poller, error) {
 		unix.Close(evfd)
 		return nil, fmt.Errorf("epoll fd: %w", err)
 	}
-	p := &Poller{epfd: epfd, file: file, rc: rc, evfd: evfd, log: log, base: time.Now(), exited: make(chan struct{})}
-	p.pollFn = p.poll
+	p.file, p.rc, p.evfd, p.pollFn = file, rc, evfd, p.poll
 	return p, nil
 }
 
-// NewPaced creates a poller whose loop is not woken by events: it handles
-// what is ready in rounds, every pace while a timer is armed, and waits for
-// a post when none is. An event waits for the next round, at most pace or
-// until the earliest timer; a post waits for it too unless the loop is
-// idle, and runs after every event that came before it (handleReady). For a loop whose events come in bursts and no one waits on them
-// (the health prober's answers): one wake-up a round instead of one an
-// answer, each of which costs about what the answer's packets do
-// (bench/README.md). Its epoll descriptor is not in Go's netpoller, whose
-// thread would otherwise wake for every event all the same.
-func NewPaced(log *zap.Logger, pace time.Duration) (*Poller, error) {
+// newPoller is what New and NewPaced share: the epoll descriptor (blocking,
+// out of the netpoller until New says otherwise) and the clock.
+func newPoller(log *zap.Logger) (*Poller, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
@@ -205,7 +195,25 @@ func NewPaced(log *zap.Logger, pace time.Duration) (*Poller, error) {
 	if err != nil {
 		return nil, fmt.Errorf("epoll_create1: %w", err)
 	}
-	p := &Poller{epfd: epfd, evfd: -1, log: log, base: time.Now(), exited: make(chan struct{}), pace: pace, kick: make(chan struct{}, 1)}
+	return &Poller{epfd: epfd, evfd: -1, log: log, base: time.Now(), exited: make(chan struct{})}, nil
+}
+
+// NewPaced creates a poller whose loop is not woken by events: it handles
+// what is ready in rounds, every pace while a timer is armed, and waits for
+// a post when none is. An event waits for the next round, at most pace or
+// until the earliest timer; a post waits for it too unless the loop is
+// idle, and runs after every event that came before it (handleReady).
+// For a loop whose events come in bursts and no one waits on them (the
+// health prober's answers): one wake-up a round instead of one an answer,
+// each of which costs about what the answer's packets do
+// (bench/README.md). Its epoll descriptor is not in Go's netpoller, whose
+// thread would otherwise wake for every event all the same.
+func NewPaced(log *zap.Logger, pace time.Duration) (*Poller, error) {
+	p, err := newPoller(log)
+	if err != nil {
+		return nil, err
+	}
+	p.pace, p.kick = pace, make(chan struct{}, 1)
 	return p, nil
 }
 
@@ -433,10 +441,7 @@ func (p *Poller) handleReady() {
 			n = p.handleEvents()
 		}
 		p.now = p.Clock()
-		for i, fn := range posted {
-			posted[i] = nil
-			p.contain(fn)
-		}
+		p.runPosted(posted)
 		p.expire()
 		if p.stop || n == 0 && len(posted) == 0 && !p.timers.due(p.now) {
 			return
@@ -460,12 +465,22 @@ func (p *Poller) handleEvents() int {
 	return n
 }
 
-// takePosted takes what a paced loop's inbox holds, for the caller to run.
+// takePosted takes what the inbox holds, for the caller to run
+// (runPosted); the next Post wakes a loop that is not paced again.
 func (p *Poller) takePosted() []func() {
 	p.mu.Lock()
 	p.taken, p.inbox = p.inbox, p.taken[:0]
+	p.woken = false
 	p.mu.Unlock()
 	return p.taken
+}
+
+// runPosted runs fns, taken by takePosted, each with its panic contained.
+func (p *Poller) runPosted(fns []func()) {
+	for i, fn := range fns {
+		fns[i] = nil
+		p.contain(fn)
+	}
 }
 
 // poll handles everything that is ready, then the timers that came due, and
@@ -474,16 +489,7 @@ func (p *Poller) takePosted() []func() {
 // due. It returns true (ending the park) only to stop.
 func (p *Poller) poll(uintptr) bool {
 	for {
-		n, err := epollWait(p.epfd, p.events[:])
-		if err != nil && err != unix.EINTR {
-			p.log.Error("event loop: epoll_wait", zap.Error(err))
-			n = 0
-		}
-		for i := range n {
-			ev := &p.events[i]
-			p.now = p.Clock()
-			p.event(ev)
-		}
+		n := p.handleEvents()
 		p.now = p.Clock()
 		p.expire()
 		if p.stop {
@@ -566,14 +572,7 @@ func (p *Poller) contain(fn func()) {
 func (p *Poller) takeInbox() {
 	var b [8]byte
 	Read(p.evfd, b[:])
-	p.mu.Lock()
-	p.taken, p.inbox = p.inbox, p.taken[:0]
-	p.woken = false
-	p.mu.Unlock()
-	for i, fn := range p.taken {
-		p.taken[i] = nil
-		p.contain(fn)
-	}
+	p.runPosted(p.takePosted())
 }
 
 // park sets the netpoller deadline to the earliest timer.

@@ -62,6 +62,19 @@ func (r *recorder) readyCount() int {
 func start(t *testing.T) *Poller {
 	t.Helper()
 	p, err := New(nil)
+	return running(t, p, err)
+}
+
+// startPaced starts a paced loop, stopped when the test ends.
+func startPaced(t *testing.T, pace time.Duration) *Poller {
+	t.Helper()
+	p, err := NewPaced(nil, pace)
+	return running(t, p, err)
+}
+
+// running runs p, just created (err: how that failed), until the test ends.
+func running(t *testing.T, p *Poller, err error) *Poller {
+	t.Helper()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -71,6 +84,33 @@ func start(t *testing.T) *Poller {
 		p.Wait()
 	})
 	return p
+}
+
+// addPairs registers on p, for each of hs, one end of a new socket pair
+// (In, edge-triggered), and puts the other end, whose writes make it
+// readable, in peers (on the loop). Both are closed when the test ends.
+func addPairs(t *testing.T, p *Poller, hs []*recorder, peers []int) {
+	t.Helper()
+	fds := make([]FD, len(hs))
+	on(t, p, func() {
+		for i, h := range hs {
+			a, b := socketpair(t)
+			peers[i] = b
+			if err := p.Add(&fds[i], a, In|Edge, h, 0); err != nil {
+				t.Error(err)
+			}
+		}
+	})
+	t.Cleanup(func() {
+		on(t, p, func() {
+			for i := range fds {
+				p.Close(&fds[i])
+			}
+		})
+		for _, b := range peers {
+			unix.Close(b)
+		}
+	})
 }
 
 // on runs fn on p's loop and waits for it.
@@ -384,15 +424,7 @@ func TestSlotsAreDenseAndReused(t *testing.T) {
 // post to an idle loop (no timer armed) runs at once.
 func TestPacedLoopHandlesEventsInRounds(t *testing.T) {
 	const pace = time.Second
-	p, err := NewPaced(nil, pace)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go p.Run()
-	t.Cleanup(func() {
-		p.Stop()
-		p.Wait()
-	})
+	p := startPaced(t, pace)
 	posted := time.Now()
 	on(t, p, func() {})
 	if d := time.Since(posted); d > slack {
@@ -404,9 +436,8 @@ func TestPacedLoopHandlesEventsInRounds(t *testing.T) {
 		when int64
 	}
 	seen := make(chan at, 8)
-	var fds [2]FD
-	var peers [2]int
-	hs := [2]*recorder{{}, {}}
+	peers := make([]int, 2)
+	hs := []*recorder{{}, {}}
 	var far, near Timer
 	farH, nearH := &recorder{}, &recorder{}
 	nearH.onTimer = func() { seen <- at{"timer", p.Clock()} }
@@ -432,21 +463,12 @@ func TestPacedLoopHandlesEventsInRounds(t *testing.T) {
 			p.Set(&near, p.Now()+int64(100*time.Millisecond), nearH)
 		})
 	}
+	addPairs(t, p, hs, peers)
 	on(t, p, func() {
-		for i := range hs {
-			a, b := socketpair(t)
-			peers[i] = b
-			t.Cleanup(func() { unix.Close(b) })
-			if err := p.Add(&fds[i], a, In|Edge, hs[i], 0); err != nil {
-				t.Error(err)
-			}
-		}
 		p.Set(&far, p.Now()+int64(time.Hour), farH) // the loop paces
 		p.Set(&trigger, p.Now()+int64(100*time.Millisecond), triggerH)
 	})
-	t.Cleanup(func() {
-		on(t, p, func() { p.Close(&fds[0]); p.Close(&fds[1]); p.Cancel(&far); p.Cancel(&near); p.Cancel(&trigger) })
-	})
+	t.Cleanup(func() { on(t, p, func() { p.Cancel(&far); p.Cancel(&near); p.Cancel(&trigger) }) })
 	got := map[string]int64{}
 	for len(got) < 4 {
 		select {
@@ -469,38 +491,14 @@ func TestPacedLoopHandlesEventsInRounds(t *testing.T) {
 // A paced loop runs a posted function after every event that came before
 // it, even when more are ready than one epoll_wait returns.
 func TestPacedLoopPostsSeeEveryEventBefore(t *testing.T) {
-	p, err := NewPaced(nil, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go p.Run()
-	t.Cleanup(func() {
-		p.Stop()
-		p.Wait()
-	})
+	p := startPaced(t, time.Hour)
 	n := len(p.events) + 44
-	fds := make([]FD, n)
 	peers := make([]int, n)
 	hs := make([]*recorder, n)
-	on(t, p, func() {
-		for i := range n {
-			a, b := socketpair(t)
-			peers[i], hs[i] = b, &recorder{}
-			if err := p.Add(&fds[i], a, In|Edge, hs[i], 0); err != nil {
-				t.Error(err)
-			}
-		}
-	})
-	t.Cleanup(func() {
-		on(t, p, func() {
-			for i := range fds {
-				p.Close(&fds[i])
-			}
-		})
-		for _, b := range peers {
-			unix.Close(b)
-		}
-	})
+	for i := range hs {
+		hs[i] = &recorder{}
+	}
+	addPairs(t, p, hs, peers)
 	for _, b := range peers {
 		unix.Write(b, []byte("x"))
 	}
@@ -523,18 +521,9 @@ func TestPacedLoopPostsSeeEveryEventBefore(t *testing.T) {
 // check that the second socket's event was handled (a post from another
 // goroutine can land at the same point of a round).
 func TestPacedLoopPostDuringARoundWaitsForItsEvents(t *testing.T) {
-	p, err := NewPaced(nil, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go p.Run()
-	t.Cleanup(func() {
-		p.Stop()
-		p.Wait()
-	})
-	var fds [2]FD
-	var peers [2]int
-	hs := [2]*recorder{{}, {}}
+	p := startPaced(t, time.Hour)
+	peers := make([]int, 2)
+	hs := []*recorder{{}, {}}
 	result := make(chan int, 1)
 	hs[0].onReady = func(_ uint8, ev uint32) {
 		if ev&In == 0 {
@@ -543,20 +532,7 @@ func TestPacedLoopPostDuringARoundWaitsForItsEvents(t *testing.T) {
 		unix.Write(peers[1], []byte("y")) // after this round's epoll_wait
 		p.Post(func() { result <- hs[1].readyCount() })
 	}
-	on(t, p, func() {
-		for i := range hs {
-			a, b := socketpair(t)
-			peers[i] = b
-			if err := p.Add(&fds[i], a, In|Edge, hs[i], 0); err != nil {
-				t.Error(err)
-			}
-		}
-	})
-	t.Cleanup(func() {
-		on(t, p, func() { p.Close(&fds[0]); p.Close(&fds[1]) })
-		unix.Close(peers[0])
-		unix.Close(peers[1])
-	})
+	addPairs(t, p, hs, peers)
 	unix.Write(peers[0], []byte("x"))
 	p.Post(func() {}) // a round: the loop is idle, its events wait for one
 	select {
