@@ -96,6 +96,24 @@ func (e *Engine) start() bool {
 func (e *Engine) limitPipes(n int) { e.maxPipes = int32(n) }
 func (e *Engine) pipesOpen() int   { return int(e.pipes.Load()) }
 
+// stallLoops is StallLoops (tests): each loop blocks in a posted function
+// until release; it returns once every one is blocked.
+func (e *Engine) stallLoops() (release func()) {
+	gate := make(chan struct{})
+	var held sync.WaitGroup
+	if !e.start() {
+		return func() {}
+	}
+	for _, l := range e.loops {
+		held.Add(1)
+		if !l.p.Post(func() { held.Done(); <-gate }) {
+			held.Done()
+		}
+	}
+	held.Wait()
+	return func() { close(gate) }
+}
+
 // pick is the loop for the next connection: the loops take turns.
 func (e *Engine) pick() *loop {
 	return e.loops[int(e.next.Add(1))%len(e.loops)]
@@ -334,7 +352,8 @@ func (h *acceptor) stop() {
 }
 
 // Ready accepts the connections waiting, up to a batch; the listener is
-// level-triggered, so more raise another event.
+// level-triggered, so epoll reports those left again, and the loop asks it
+// again before it waits (Again).
 func (h *acceptor) Ready(uint8, uint32) {
 	for range 32 {
 		fd, peer, err := accept(h.li.fd)
@@ -357,6 +376,7 @@ func (h *acceptor) Ready(uint8, uint32) {
 		h.l.p.Set(&h.timer, h.l.p.Now()+int64(h.delay), h)
 		return
 	}
+	h.l.p.Again() // a full batch: more may be queued
 }
 
 // Expired ends a back-off.

@@ -22,8 +22,9 @@ func NewEngine(n int, log *zap.Logger) *Engine { return &Engine{} }
 
 func newPrivateEngine(*zap.Logger) *Engine { return &Engine{} }
 
-func (*Engine) limitPipes(int) {}
-func (*Engine) pipesOpen() int { return 0 }
+func (*Engine) limitPipes(int)     {}
+func (*Engine) pipesOpen() int     { return 0 }
+func (*Engine) stallLoops() func() { return func() {} }
 
 // Close stops the engine.
 func (*Engine) Close() {}

@@ -19,3 +19,8 @@ func LimitPipes(e *Engine, n int) { e.limitPipes(n) }
 
 // PipesOpen is how many splice pipes e has open (Linux; 0 elsewhere).
 func PipesOpen(e *Engine) int { return e.pipesOpen() }
+
+// StallLoops holds each of e's running loops in a posted function until
+// release is called (Linux; nothing elsewhere): what arrives meanwhile
+// queues in the kernel, as under a burst the loop is too busy for.
+func StallLoops(e *Engine) (release func()) { return e.stallLoops() }

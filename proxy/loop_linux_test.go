@@ -337,3 +337,29 @@ func TestPipesBoundedUnderStalledDownloads(t *testing.T) {
 		t.Fatalf("%d pipes open at once, bound %d", p, limit)
 	}
 }
+
+// Clients queued beyond an accept batch (32) are all taken, even when
+// nothing else happens in the loop to wake it again: a listener is
+// level-triggered, and epoll wakes no one for what it reports again.
+// Clients over max_conns are closed at once, unregistered, so taking them
+// is the loop's only work.
+func TestQueuedClientsBeyondABatchAreAccepted(t *testing.T) {
+	be := startBackend(t, echoHandler)
+	e := proxy.NewEngine(1, nil)
+	t.Cleanup(e.Close) // after the proxy's
+	s := startProxyWith(t, &proxy.Proxy{Engine: e}, proxy.Settings{MaxConns: 1}, be.addr())
+	held := dial(t, s.addr) // the one slot, held
+	defer held.Close()
+	held.Write([]byte("x"))
+	if _, err := io.ReadFull(held, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	release := proxy.StallLoops(e)
+	const n = 100
+	for range n {
+		c := dial(t, s.addr) // completes in the listener's queue
+		defer c.Close()
+	}
+	release()
+	testenv.Eventually(t, "every queued client taken", 10*time.Second, func() bool { return s.p.Stats.Rejected.Load() == n })
+}

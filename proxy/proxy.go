@@ -69,9 +69,9 @@ type Proxy struct {
 	// Shutdown.
 	Engine *Engine
 
-	settings  atomic.Pointer[settings]
-	log       atomic.Pointer[accesslog.Log] // nil: no access log
-	refusing  atomic.Bool                   // the last client found no target; logged once per episode
+	settings atomic.Pointer[settings]
+	log      atomic.Pointer[accesslog.Log] // nil: no access log
+	refusing atomic.Bool                   // the last client found no target; logged once per episode
 
 	initOnce       sync.Once
 	epoch          time.Time // the goroutine driver's clock starts here
@@ -89,7 +89,6 @@ type Proxy struct {
 
 	panicOn       func([]byte) bool     // tests: panic on such a client chunk
 	panicOnAccess func(netip.Addr) bool // tests: panic starting such a client
-
 
 	mu        sync.Mutex // guards the fields below; never held across a wait
 	listeners map[net.Listener]struct{}

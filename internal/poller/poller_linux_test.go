@@ -544,3 +544,63 @@ func TestPacedLoopPostDuringARoundWaitsForItsEvents(t *testing.T) {
 		t.Fatal("the posted check never ran")
 	}
 }
+
+// A wake-up costs one epoll_wait: a batch that did not fill the buffer took
+// everything ready, so the loop parks without asking again.
+func TestWakeUpAsksEpollOnce(t *testing.T) {
+	p := start(t)
+	h := &recorder{}
+	peers := make([]int, 1)
+	addPairs(t, p, []*recorder{h}, peers)
+	var before, after uint64
+	on(t, p, func() { before = p.waits })
+	unix.Write(peers[0], []byte{1})
+	for deadline := time.Now().Add(5 * time.Second); h.readyCount() == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the event was not handled")
+		}
+	}
+	on(t, p, func() { after = p.waits })
+	// The event's wake-up, then the post's, whose epoll_wait returned the
+	// function that read the count.
+	if n := after - before; n != 2 {
+		t.Fatalf("%d epoll_waits for two wake-ups, want 2", n)
+	}
+}
+
+// A level-triggered descriptor that a handler leaves ready is handled again
+// without a new event when the handler says Again (the acceptor's batch).
+func TestAgainHandlesWhatWasLeftReady(t *testing.T) {
+	p := start(t)
+	a, b := socketpair(t)
+	t.Cleanup(func() { unix.Close(b) })
+	var fd FD
+	got := make(chan int, 1)
+	var read int
+	h := &recorder{}
+	h.onReady = func(uint8, uint32) {
+		var one [1]byte // a batch of one, as the acceptor's of 32
+		if n, _ := Read(fd.Num(), one[:]); n == 1 {
+			read++
+			p.Again()
+		}
+		if read == 10 {
+			got <- read
+		}
+	}
+	on(t, p, func() {
+		if err := p.Add(&fd, a, In, h, 0); err != nil {
+			t.Error(err)
+		}
+	})
+	t.Cleanup(func() { on(t, p, func() { p.Close(&fd) }) })
+	unix.Write(b, []byte("0123456789"))
+	select {
+	case n := <-got:
+		if n != 10 {
+			t.Fatalf("read %d bytes, want 10", n)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("the bytes left after the first were not handled (%d handled)", h.readyCount())
+	}
+}
