@@ -144,6 +144,7 @@ func (c *conn) flush(dst *side, toTarget bool) bool {
 	for dst.off < len(p) {
 		n, err := poller.Write(dst.fd.Num(), p[dst.off:])
 		if err == errEAGAIN {
+			c.wantOut(dst)
 			return false
 		}
 		if err != nil {
@@ -183,8 +184,22 @@ func (c *conn) write(dst *side, data []byte, toTarget bool) bool {
 		bp := pendPool.Get().(*[]byte)
 		*bp = append((*bp)[:0], data...)
 		dst.pend, dst.off = bp, 0
+		c.wantOut(dst)
+		return !c.done
 	}
 	return true
+}
+
+// wantOut registers dst for Out, once: a write to it blocked, and only its
+// Out edge says when it takes more. When it cannot, it ends c.
+func (c *conn) wantOut(dst *side) {
+	if dst.out {
+		return
+	}
+	dst.out = true
+	if err := c.l.p.Modify(&dst.fd, connEvents); err != nil {
+		c.finish(false, c.resetOf(dst), err)
+	}
 }
 
 func putPend(s *side) {
@@ -280,7 +295,8 @@ func (c *conn) pump(src, dst *side, toTarget bool) bool {
 		n, err := splice(src.pipe.r, dst.fd.Num(), src.pipe.n)
 		switch {
 		case err == errEAGAIN:
-			return false // dst is full; its EPOLLOUT edge resumes
+			c.wantOut(dst) // dst is full; its Out edge resumes
+			return false
 		case err != nil:
 			return c.writeFailed(err, toTarget)
 		}

@@ -22,7 +22,16 @@ const (
 	tagTarget
 )
 
-const connEvents = poller.In | poller.Out | poller.RdHup | poller.Edge
+// A client's socket is registered without Out: its send buffer has room
+// for what a connection usually writes, and every ACK that frees some of
+// it would raise an Out edge and wake the loop for nothing, once or more
+// per connection (bench/README.md). Out is added the first time a write
+// to it would block (wantOut). A target's registration has Out from the
+// start, which tells its connect is done.
+const (
+	connEvents   = poller.In | poller.Out | poller.RdHup | poller.Edge
+	clientEvents = connEvents &^ poller.Out
+)
 
 // conn is one client connection relayed by a loop: the client's socket, the
 // target's, and the relay state machine that decides what happens to them.
@@ -60,6 +69,7 @@ type side struct {
 	hup  bool // the peer closed or errored: read until EOF, not just a short read
 	eof  bool // read EOF from this side
 	shut bool // sent this side a FIN
+	out  bool // registered for Out: a write to it blocked once (wantOut), or the target's
 	// dropping: winding down, this side had nothing more to send when it
 	// was sent a FIN (eof is set as if it had sent one); what it sends
 	// from here on is read and dropped until it closes, so that closing
@@ -111,7 +121,7 @@ func (l *loop) startLinked(c *conn) {
 		c.finish(false, accesslog.Shutdown, errors.New("shutting down"))
 		return
 	}
-	if err := l.p.Add(&c.c.fd, c.cfd, connEvents, c, tagClient); err != nil {
+	if err := l.p.Add(&c.c.fd, c.cfd, clientEvents, c, tagClient); err != nil {
 		c.finish(false, accesslog.ClientReset, err)
 		return
 	}

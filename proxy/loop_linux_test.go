@@ -3,10 +3,14 @@ package proxy_test
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -362,4 +366,91 @@ func TestQueuedClientsBeyondABatchAreAccepted(t *testing.T) {
 	}
 	release()
 	testenv.Eventually(t, "every queued client taken", 10*time.Second, func() bool { return s.p.Stats.Rejected.Load() == n })
+}
+
+// A client's socket is in its loop's epoll set without Out until a write
+// to it blocks: the ACKs that free its send buffer would each wake the
+// loop for nothing. Once a write blocks, Out is there, and a client that
+// was slow to read still gets every byte.
+func TestClientRegisteredForOutOnlyOnceAWriteBlocks(t *testing.T) {
+	const big = 16 << 20
+	echo := startBackend(t, echoHandler)
+	bulk := startBackend(t, func(c net.Conn) {
+		c.Write(make([]byte, big))
+		c.(*net.TCPConn).CloseWrite()
+		io.Copy(io.Discard, c)
+	})
+	s := startProxy(t, proxy.Settings{}, echo.addr())
+	c := dial(t, s.addr)
+	defer c.Close()
+	for range 3 {
+		c.Write([]byte("ping"))
+		if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if ev, ok := loopEvents(t, s.addr, c.LocalAddr().String()); !ok || ev&unix.EPOLLOUT != 0 || ev&unix.EPOLLIN == 0 {
+		t.Fatalf("an exchanging client's registration: events %#x (found %v), want In without Out", ev, ok)
+	}
+
+	s.rr.Update([]*balancer.Target{balancer.NewTarget(bulk.addr())})
+	slow := dial(t, s.addr) // reads nothing yet: the proxy's writes block
+	defer slow.Close()
+	testenv.Eventually(t, "Out added once a write blocked", 10*time.Second, func() bool {
+		ev, ok := loopEvents(t, s.addr, slow.LocalAddr().String())
+		return ok && ev&unix.EPOLLOUT != 0
+	})
+	n, err := io.Copy(io.Discard, slow)
+	if err != nil || n != big {
+		t.Fatalf("the slow client got %d bytes (%v), want %d", n, err, big)
+	}
+}
+
+// loopEvents is the epoll event mask of the proxy's socket for the client
+// at client (its local address) on the proxy's listen address, from this
+// process's /proc: the socket's inode in /proc/net/tcp, its descriptor in
+// /proc/self/fd, its line in an epoll descriptor's fdinfo.
+func loopEvents(t *testing.T, listen, client string) (uint32, bool) {
+	t.Helper()
+	hexAddr := func(a string) string {
+		ap := netip.MustParseAddrPort(a)
+		b := ap.Addr().As4()
+		return fmt.Sprintf("%02X%02X%02X%02X:%04X", b[3], b[2], b[1], b[0], ap.Port())
+	}
+	tcp, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	inode := ""
+	for _, line := range strings.Split(string(tcp), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 9 && f[1] == hexAddr(listen) && f[2] == hexAddr(client) {
+			inode = f[9]
+		}
+	}
+	if inode == "" {
+		return 0, false
+	}
+	fds, _ := os.ReadDir("/proc/self/fd")
+	sockFD, epolls := "", []string{}
+	for _, e := range fds {
+		link, _ := os.Readlink("/proc/self/fd/" + e.Name())
+		switch link {
+		case "socket:[" + inode + "]":
+			sockFD = e.Name()
+		case "anon_inode:[eventpoll]":
+			epolls = append(epolls, e.Name())
+		}
+	}
+	for _, ep := range epolls {
+		info, _ := os.ReadFile("/proc/self/fdinfo/" + ep)
+		for _, line := range strings.Split(string(info), "\n") {
+			f := strings.Fields(line)
+			if len(f) >= 4 && f[0] == "tfd:" && f[1] == sockFD && f[2] == "events:" {
+				ev, err := strconv.ParseUint(f[3], 16, 32)
+				return uint32(ev), err == nil
+			}
+		}
+	}
+	return 0, false
 }

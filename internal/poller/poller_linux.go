@@ -307,6 +307,14 @@ func (p *Poller) Resume(f *FD, events uint32) error {
 	return epollCtl(p.epfd, unix.EPOLL_CTL_ADD, int(f.n), &ev)
 }
 
+// Modify changes the events f is registered for. Edge-triggered, an event
+// that is already true when added is reported (the kernel checks at once),
+// so none is lost between a failed write and asking for Out.
+func (p *Poller) Modify(f *FD, events uint32) error {
+	ev := unix.EpollEvent{Events: events, Fd: int32(f.slot), Pad: int32(f.gen)}
+	return epollCtl(p.epfd, unix.EPOLL_CTL_MOD, int(f.n), &ev)
+}
+
 func (p *Poller) forget(f *FD) {
 	if r := p.reg(f.slot); r.gen == f.gen && r.h != nil {
 		r.h = nil // the generation stays: the slot's next one is newer
