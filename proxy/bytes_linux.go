@@ -214,13 +214,23 @@ func putPend(s *side) {
 // reports whether the flow goes on.
 func (c *conn) read(src, dst *side, toTarget bool) bool {
 	buf := c.l.buf
-	n, err := poller.Read(src.fd.Num(), buf)
+	var n int
+	var err error
+	if !src.drained {
+		n, err = poller.Read(src.fd.Num(), buf)
+	} // else at its FIN: the read would return 0
 	now := c.l.p.Now()
 	if stop, ok := c.took(src, n, err, toTarget, now); stop {
 		return ok
 	}
 	src.moved += uint64(n)
-	if n < len(buf) && !src.hup {
+	switch {
+	case n == len(buf):
+	case src.fin:
+		// The FIN came before this read, which took everything before
+		// it: the next read would return 0, and needs no system call.
+		src.drained = true
+	case !src.hup:
 		// Edge-triggered: bytes arriving after this read raise a new edge.
 		src.in = false
 	}

@@ -64,12 +64,16 @@ type conn struct {
 // side is one socket of a conn and the state of reading from it and
 // writing to it.
 type side struct {
-	fd   poller.FD
-	in   bool // readable: an edge seen and not yet read to the end
-	hup  bool // the peer closed or errored: read until EOF, not just a short read
-	eof  bool // read EOF from this side
-	shut bool // sent this side a FIN
-	out  bool // registered for Out: a write to it blocked once (wantOut), or the target's
+	fd  poller.FD
+	in  bool // readable: an edge seen and not yet read to the end
+	hup bool // the peer closed or errored: read until EOF, not just a short read
+	// fin: the peer's FIN was reported (RdHup) and no error: a short read
+	// took everything before it, so the side is at its end without
+	// another read to say so (fin then drained).
+	fin, drained bool
+	eof          bool // read EOF from this side
+	shut         bool // sent this side a FIN
+	out          bool // registered for Out: a write to it blocked once (wantOut), or the target's
 	// dropping: winding down, this side had nothing more to send when it
 	// was sent a FIN (eof is set as if it had sent one); what it sends
 	// from here on is read and dropped until it closes, so that closing
@@ -143,6 +147,12 @@ func (c *conn) Ready(tag uint8, ev uint32) {
 	}
 	if ev&(poller.RdHup|poller.Hup|poller.Err) != 0 {
 		s.hup = true
+	}
+	if ev&poller.RdHup != 0 {
+		s.fin = true
+	}
+	if ev&poller.Err != 0 {
+		s.fin = false // a reset: reading says which
 	}
 	switch {
 	case c.m.Lingering():

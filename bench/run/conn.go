@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -132,19 +134,70 @@ func samples(v []float64) string {
 }
 
 // features are the settings that cost something on the data path or
-// beside it, each measured beside its plain case in the same passes: a
-// hash listener (HAProxy: balance source) on three targets, and 1,000
-// targets checked with http (HAProxy: option httpchk) beside 1,000 with
-// tcp checks. (The access log, TLS passthrough and termination have
-// sections of their own.)
+// beside it, each measured beside its plain case in the same passes. With
+// wrk (a new connection per request to three HTTP targets): the access
+// log as JSON to a file (HAProxy: option tcplog to a file), a hash
+// listener (balance source), and 1,000 targets checked with http (option
+// httpchk) beside 1,000 with tcp checks. With the TLS load client (a full
+// TLS 1.3 handshake per connection, 32 at once): a routed listener that
+// reads the ClientHello's server name (HAProxy: req.ssl_sni) beside a
+// plain one passing the same TLS through, and TLS termination (bind ...
+// ssl) beside that same passthrough, where the backend does the handshake.
 var features = []struct {
 	name, rota, haproxy string
 	targets             int
+	tls                 string // the TLS load client's case; "": wrk
 }{
-	{"plain, 3 targets", "rota", "haproxy", 3},
-	{"hash listener (client address), 3 targets", "rota+hash", "haproxy+hash", 3},
-	{"1,000 targets, tcp checks every 2 s", "rota", "haproxy", 1000},
-	{"1,000 targets, http checks every 2 s", "rota+http", "haproxy+http", 1000},
+	{"plain, 3 targets", "rota", "haproxy", 3, ""},
+	{"access log, JSON to a file (HAProxy: tcplog to a file)", "rota+log", "haproxy+log", 3, ""},
+	{"hash listener (client address), 3 targets", "rota+hash", "haproxy+hash", 3, ""},
+	{"1,000 targets, tcp checks every 2 s", "rota", "haproxy", 1000, ""},
+	{"1,000 targets, http checks every 2 s", "rota+http", "haproxy+http", 1000, ""},
+	{"TLS clients: plain listener, passed through to a TLS backend", "rota", "haproxy", 1, "pass"},
+	{"TLS clients: routed listener, 2 routes by SNI", "rota", "haproxy", 2, "routed"},
+	{"TLS clients: TLS terminated (ECDSA P-256), plain to the backend", "rota", "haproxy", 1, "term"},
+}
+
+// featureTLS is what the TLS features need: TLS backends, the plain "ok"
+// backend termination passes to, and the proxies' certificate.
+type featureTLS struct {
+	tlsBackends, okBackends *backendSet
+	cert, key, both         string
+}
+
+func startFeatureTLS(o *options) (*featureTLS, error) {
+	f := &featureTLS{}
+	var err error
+	if f.tlsBackends, err = tlsBackends(); err != nil {
+		return nil, err
+	}
+	if f.okBackends, err = startBackendChild("-ok-backend-mode"); err != nil {
+		f.tlsBackends.stop()
+		return nil, err
+	}
+	dir := filepath.Join(o.tmp, "feature-cert")
+	os.MkdirAll(dir, 0o755)
+	if f.cert, f.key, f.both, err = termCert(dir); err != nil {
+		f.stop()
+		return nil, err
+	}
+	return f, nil
+}
+
+func (f *featureTLS) stop() {
+	f.tlsBackends.stop()
+	f.okBackends.stop()
+}
+
+// start starts kind (rota or haproxy) for the TLS case c.
+func (f *featureTLS) start(c, kind string, o *options) (*proc, error) {
+	switch c {
+	case "pass":
+		return startSNIProxy(kind+"+plain", f.tlsBackends.addrs, o)
+	case "routed":
+		return startSNIProxy(kind, f.tlsBackends.addrs, o)
+	}
+	return startTermProxy(kind, f.okBackends.addrs[0], "", f.cert, f.key, f.both, false, o)
 }
 
 // benchFeatures measures each feature's new-connection rate and CPU per
@@ -158,21 +211,52 @@ func benchFeatures(o *options, res results) {
 	for i, f := range features {
 		runs = append(runs, run{f.rota, i}, run{f.haproxy, i})
 	}
+	ft, err := startFeatureTLS(o)
+	if err != nil {
+		logf("features: TLS backends: %v", err) // the TLS rows stay empty
+	} else {
+		defer ft.stop()
+	}
 	for rep := range o.reps {
 		order := rotated(runs, rep)
 		for _, r := range order {
 			f := features[r.f]
 			logf("features, rep %d: %s, %s", rep+1, r.kind, f.name)
-			p, err := startProxy(r.kind, 1, o.backends.addrs[:f.targets], o, true)
-			if err != nil {
-				logf("  %v", err)
-				continue
-			}
 			px := "rota"
 			if strings.HasPrefix(r.kind, "haproxy") {
 				px = "haproxy"
 			}
-			wrkInto(res, p, px, o.dur, true, "feat", r.f)
+			if f.tls == "" {
+				p, err := startProxy(r.kind, 1, o.backends.addrs[:f.targets], o, true)
+				if err != nil {
+					logf("  %v", err)
+					continue
+				}
+				wrkInto(res, p, px, o.dur, true, "feat", r.f)
+				p.stop()
+				continue
+			}
+			if ft == nil {
+				continue
+			}
+			p, err := ft.start(f.tls, r.kind, o)
+			if err != nil {
+				logf("  %v", err)
+				continue
+			}
+			mode := "" // passthrough: the backend's handshake
+			if f.tls == "term" {
+				mode = "full"
+			}
+			cpu0 := p.cpu()
+			if m, err := tlsClient(p.addr, o.dur, 32, mode); err == nil {
+				res.add(key("feat", r.f, "rps", px), m.RPS)
+				if m.N > 0 {
+					res.add(key("feat", r.f, "cpu", px), (p.cpu()-cpu0)*1e6/m.N)
+				}
+			} else {
+				logf("  %v", err)
+			}
 			p.stop()
 		}
 	}
@@ -183,14 +267,19 @@ func renderFeatures(b *strings.Builder, res results) {
 	if _, ok := res.median(key("feat", 0, "rps", "rota")); !ok {
 		return
 	}
-	b.WriteString("\n## What each feature costs (new connection per request, 64 clients, 1 thread each; median, min-max; against the plain row above it)\n\n")
-	b.WriteString("| case | rota req/s | rota CPU/conn (µs) | HAProxy req/s | HAProxy CPU/conn (µs) | rota/HAProxy req/s | rota/HAProxy CPU |\n|---|---:|---:|---:|---:|---:|---:|\n")
+	b.WriteString("\n## What each feature costs (new connection per request, 1 thread each; median, min-max; against the plain row of its kind)\n\n")
+	b.WriteString("wrk rows: 64 clients, three HTTP targets. TLS rows: the Go TLS load client, 32 clients, a full TLS 1.3 handshake per connection; the plain TLS row passes it through to a TLS backend.\n\n")
+	b.WriteString("| case | rota req/s | rota CPU/conn (µs) | rota CPU/conn against plain | HAProxy req/s | HAProxy CPU/conn (µs) | HAProxy CPU/conn against plain | rota/HAProxy req/s | rota/HAProxy CPU |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	plain := map[string]int{"": 0, "pass": 5, "routed": 5, "term": 5}
 	for i, f := range features {
 		r, h := key("feat", i, "rps", "rota"), key("feat", i, "rps", "haproxy")
 		rc, hc := key("feat", i, "cpu", "rota"), key("feat", i, "cpu", "haproxy")
-		fmt.Fprintf(b, "| %s | %s (%s) | %s (%s) | %s (%s) | %s (%s) | %s | %s |\n", f.name,
+		base := plain[f.tls]
+		fmt.Fprintf(b, "| %s | %s (%s) | %s (%s) | %s | %s (%s) | %s (%s) | %s | %s | %s |\n", f.name,
 			cell(res, r, "%.0f"), spread(res, r), cell(res, rc, "%.1f"), spread(res, rc),
+			ratioCell(res, key("feat", base, "cpu", "rota"), rc, true),
 			cell(res, h, "%.0f"), spread(res, h), cell(res, hc, "%.1f"), spread(res, hc),
+			ratioCell(res, key("feat", base, "cpu", "haproxy"), hc, true),
 			ratioCell(res, r, h, false), ratioCell(res, rc, hc, true))
 	}
 }

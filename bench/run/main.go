@@ -129,7 +129,7 @@ func main() {
 	flag.StringVar(&o.rotaBin, "rota", "bin/rota", "rota binary")
 	flag.StringVar(&o.baseline, "baseline", "", "an earlier rota binary to measure beside rota (before/after a change)")
 	flag.StringVar(&o.out, "out", "bench/results", "directory for the report and chart")
-	flag.StringVar(&o.only, "only", "", `"targets": run only the health-checking phase (new connections and probe CPU at 3 to 10,000 targets); "accesslog": only the access log's cost; "ab": rota against -baseline only, many interleaved repetitions (a data-path change's before/after); "conn": keep-alive and new connections at 1 and 2 threads, rota against HAProxy (and -baseline) and direct, 6 interleaved repetitions with every sample; "features": a hash listener and 1,000 http-checked targets, each beside its plain case, rota and HAProxy; "tls": TLS passthrough by SNI only; "term": TLS termination only; "orig": TLS origination only`)
+	flag.StringVar(&o.only, "only", "", `"targets": run only the health-checking phase (new connections and probe CPU at 3 to 10,000 targets); "accesslog": only the access log's cost; "ab": rota against -baseline only, many interleaved repetitions (a data-path change's before/after); "conn": keep-alive and new connections at 1 and 2 threads, rota against HAProxy (and -baseline) and direct, 6 interleaved repetitions with every sample; "features": the access log, a hash listener, 1,000 http-checked targets, a routed TLS-passthrough listener and TLS termination, each beside its plain case, rota and HAProxy; "tls": TLS passthrough by SNI only; "term": TLS termination only; "orig": TLS origination only`)
 	flag.Parse()
 	o.proxies = proxyKinds
 	if o.baseline != "" {

@@ -185,7 +185,9 @@ func tlsClient(addr string, d time.Duration, conns int, mode string) (tlsResult,
 }
 
 // startSNIProxy starts kind routing sniNames[i] to backends[i], one
-// thread. direct is the first backend itself.
+// thread. direct is the first backend itself; rota+plain and
+// haproxy+plain pass everything to the first backend without reading the
+// ClientHello (what routing costs is the difference).
 func startSNIProxy(kind string, backends []string, o *options) (*proc, error) {
 	if kind == "direct" {
 		return &proc{name: kind, addr: backends[0], pidFn: func() []int { return nil }}, nil
@@ -194,6 +196,14 @@ func startSNIProxy(kind string, backends []string, o *options) (*proc, error) {
 	var b strings.Builder
 	var err error
 	switch kind {
+	case "rota+plain":
+		fmt.Fprintf(&b, "admin: {listen: \"\"}\nlisteners:\n  - listen: %q\n    health: {interval: 2s}\n    discovery: static\n    static: [%s]\n", p.addr, backends[0])
+		err = startRota(p, o.binFor("rota"), b.String(), 1)
+	case "haproxy+plain":
+		b.WriteString("global\n  nbthread 1\n  maxconn 7000\n  tune.maxaccept 64\n")
+		b.WriteString("defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  option splice-auto\n")
+		fmt.Fprintf(&b, "frontend fe\n  bind %s\n  default_backend api\nbackend api\n  server a %s check inter 2s\n", p.addr, backends[0])
+		err = startHAProxy(p, b.String())
 	case "rota", "baseline":
 		fmt.Fprintf(&b, "admin: {listen: \"\"}\nlisteners:\n  - listen: %q\n    health: {interval: 2s}\n    routes:\n", p.addr)
 		fmt.Fprintf(&b, "      - {sni: [%s], discovery: static, static: [%s]}\n", sniNames[0], backends[0])
