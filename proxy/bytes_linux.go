@@ -8,6 +8,7 @@ import (
 	"github.com/rota-proxy/rota/accesslog"
 	"github.com/rota-proxy/rota/internal/neterr"
 	"github.com/rota-proxy/rota/internal/poller"
+	"github.com/rota-proxy/rota/internal/sock"
 	"github.com/rota-proxy/rota/proxy/internal/relay"
 )
 
@@ -127,6 +128,7 @@ func (c *conn) passEOF(src, dst *side, toTarget bool) {
 func (c *conn) flush(dst *side, toTarget bool) bool {
 	if toTarget {
 		for p := c.m.Pending(); len(p) > 0; p = c.m.Pending() {
+			c.noDelayBefore(dst, len(p))
 			n, err := poller.Write(dst.fd.Num(), p)
 			if err == errEAGAIN {
 				return false
@@ -142,6 +144,7 @@ func (c *conn) flush(dst *side, toTarget bool) bool {
 	}
 	p := *dst.pend
 	for dst.off < len(p) {
+		c.noDelayBefore(dst, len(p)-dst.off)
 		n, err := poller.Write(dst.fd.Num(), p[dst.off:])
 		if err == errEAGAIN {
 			c.wantOut(dst)
@@ -171,6 +174,7 @@ func (c *conn) writeFailed(err error, toTarget bool) bool {
 // write writes data to dst, keeping what the socket does not take.
 func (c *conn) write(dst *side, data []byte, toTarget bool) bool {
 	for len(data) > 0 {
+		c.noDelayBefore(dst, len(data))
 		n, err := poller.Write(dst.fd.Num(), data)
 		if err == errEAGAIN {
 			break
@@ -188,6 +192,36 @@ func (c *conn) write(dst *side, data []byte, toTarget bool) bool {
 		return !c.done
 	}
 	return true
+}
+
+// A target's socket gets TCP_NODELAY only before a write that Nagle's
+// algorithm could hold back: one while data may be unacknowledged (a
+// second write), or a first one longer than the smallest segment (its
+// tail would wait for the ACK of its head). The first write of a socket
+// with nothing in flight goes out at once either way, so a connection
+// that writes its target once (a request, then the answer and the close)
+// saves the setsockopt, one of its 15 system calls (bench/README.md).
+const (
+	nagleSet   = iota // TCP_NODELAY set, or inherited (a client's)
+	nagleFresh        // nothing written yet
+	nagleOnce         // one small write made
+)
+
+// minSegment is the smallest MSS a path may have (IPv4's default, RFC
+// 1122): a write no longer is one segment.
+const minSegment = 536
+
+// noDelayBefore sets TCP_NODELAY on dst before a write of n bytes that
+// Nagle's algorithm could delay.
+func (c *conn) noDelayBefore(dst *side, n int) {
+	switch {
+	case dst.nagle == nagleSet:
+	case dst.nagle == nagleFresh && n <= minSegment:
+		dst.nagle = nagleOnce
+	default:
+		sock.SetNoDelay(dst.fd.Num())
+		dst.nagle = nagleSet
+	}
 }
 
 // wantOut registers dst for Out, once: a write to it blocked, and only its
@@ -302,6 +336,7 @@ func (c *conn) took(src *side, n int, err error, toTarget bool, now int64) (stop
 // pump splices src's pipe into dst and reports whether it emptied.
 func (c *conn) pump(src, dst *side, toTarget bool) bool {
 	for src.pipe.n > 0 {
+		c.noDelayBefore(dst, src.pipe.n)
 		n, err := splice(src.pipe.r, dst.fd.Num(), src.pipe.n)
 		switch {
 		case err == errEAGAIN:

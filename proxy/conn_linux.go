@@ -74,6 +74,9 @@ type side struct {
 	eof          bool // read EOF from this side
 	shut         bool // sent this side a FIN
 	out          bool // registered for Out: a write to it blocked once (wantOut), or the target's
+	// nagle: how far a target's socket is from needing TCP_NODELAY
+	// (noDelayBefore); a client's inherits it from the listener.
+	nagle uint8
 	// dropping: winding down, this side had nothing more to send when it
 	// was sent a FIN (eof is set as if it had sent one); what it sends
 	// from here on is read and dropped until it closes, so that closing

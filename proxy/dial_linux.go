@@ -54,7 +54,7 @@ func (c *conn) connect(ap netip.AddrPort) {
 	fd, err := startConnect(ap)
 	if err == nil {
 		err = c.l.p.Add(&c.t.fd, fd, connEvents, c, tagTarget)
-		c.t.out = true
+		c.t.out, c.t.nagle = true, nagleFresh
 	}
 	if err != nil {
 		c.run(c.m.DialFailed(err, c.l.p.Now()))

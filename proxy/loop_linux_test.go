@@ -407,10 +407,35 @@ func TestClientRegisteredForOutOnlyOnceAWriteBlocks(t *testing.T) {
 }
 
 // loopEvents is the epoll event mask of the proxy's socket for the client
-// at client (its local address) on the proxy's listen address, from this
-// process's /proc: the socket's inode in /proc/net/tcp, its descriptor in
-// /proc/self/fd, its line in an epoll descriptor's fdinfo.
+// at client (its local address) on the proxy's listen address, from the
+// line for its descriptor in an epoll descriptor's fdinfo.
 func loopEvents(t *testing.T, listen, client string) (uint32, bool) {
+	t.Helper()
+	sockFD, ok := socketFD(t, listen, client)
+	if !ok {
+		return 0, false
+	}
+	fds, _ := os.ReadDir("/proc/self/fd")
+	for _, e := range fds {
+		if link, _ := os.Readlink("/proc/self/fd/" + e.Name()); link != "anon_inode:[eventpoll]" {
+			continue
+		}
+		info, _ := os.ReadFile("/proc/self/fdinfo/" + e.Name())
+		for _, line := range strings.Split(string(info), "\n") {
+			f := strings.Fields(line)
+			if len(f) >= 4 && f[0] == "tfd:" && f[1] == strconv.Itoa(sockFD) && f[2] == "events:" {
+				ev, err := strconv.ParseUint(f[3], 16, 32)
+				return uint32(ev), err == nil
+			}
+		}
+	}
+	return 0, false
+}
+
+// socketFD is this process's descriptor of the TCP socket from local to
+// remote: its inode in /proc/net/tcp, then the descriptor in
+// /proc/self/fd that links to it.
+func socketFD(t *testing.T, local, remote string) (int, bool) {
 	t.Helper()
 	hexAddr := func(a string) string {
 		ap := netip.MustParseAddrPort(a)
@@ -424,7 +449,7 @@ func loopEvents(t *testing.T, listen, client string) (uint32, bool) {
 	inode := ""
 	for _, line := range strings.Split(string(tcp), "\n") {
 		f := strings.Fields(line)
-		if len(f) > 9 && f[1] == hexAddr(listen) && f[2] == hexAddr(client) {
+		if len(f) > 9 && f[1] == hexAddr(local) && f[2] == hexAddr(remote) {
 			inode = f[9]
 		}
 	}
@@ -432,25 +457,60 @@ func loopEvents(t *testing.T, listen, client string) (uint32, bool) {
 		return 0, false
 	}
 	fds, _ := os.ReadDir("/proc/self/fd")
-	sockFD, epolls := "", []string{}
 	for _, e := range fds {
-		link, _ := os.Readlink("/proc/self/fd/" + e.Name())
-		switch link {
-		case "socket:[" + inode + "]":
-			sockFD = e.Name()
-		case "anon_inode:[eventpoll]":
-			epolls = append(epolls, e.Name())
-		}
-	}
-	for _, ep := range epolls {
-		info, _ := os.ReadFile("/proc/self/fdinfo/" + ep)
-		for _, line := range strings.Split(string(info), "\n") {
-			f := strings.Fields(line)
-			if len(f) >= 4 && f[0] == "tfd:" && f[1] == sockFD && f[2] == "events:" {
-				ev, err := strconv.ParseUint(f[3], 16, 32)
-				return uint32(ev), err == nil
-			}
+		if link, _ := os.Readlink("/proc/self/fd/" + e.Name()); link == "socket:["+inode+"]" {
+			n, err := strconv.Atoi(e.Name())
+			return n, err == nil
 		}
 	}
 	return 0, false
+}
+
+// A target's socket gets TCP_NODELAY before a write Nagle's algorithm
+// could hold back (a second one, or a first longer than a segment), and
+// not before: a connection that writes its target once saves the call.
+func TestTargetGetsNoDelayBeforeAWriteNagleCouldHold(t *testing.T) {
+	accepted := make(chan net.Conn, 2)
+	be := startBackend(t, func(c net.Conn) {
+		accepted <- c
+		echoHandler(c)
+	})
+	s := startProxy(t, proxy.Settings{}, be.addr())
+	noDelay := func(bc net.Conn) int {
+		fd, ok := socketFD(t, bc.RemoteAddr().String(), bc.LocalAddr().String())
+		if !ok {
+			t.Fatal("the proxy's socket to the target not found")
+		}
+		v, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	exchange := func(c net.Conn, msg []byte) {
+		t.Helper()
+		c.Write(msg)
+		if _, err := io.ReadFull(c, make([]byte, len(msg))); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	c := dial(t, s.addr)
+	defer c.Close()
+	exchange(c, []byte("ping"))
+	bc := <-accepted
+	if v := noDelay(bc); v != 0 {
+		t.Fatalf("after one small write: TCP_NODELAY %d, want 0 (not needed yet)", v)
+	}
+	exchange(c, []byte("pong"))
+	if v := noDelay(bc); v == 0 {
+		t.Fatal("after a second write: no TCP_NODELAY")
+	}
+
+	big := dial(t, s.addr)
+	defer big.Close()
+	exchange(big, bytes.Repeat([]byte("x"), 2000))
+	if v := noDelay(<-accepted); v == 0 {
+		t.Fatal("after a first write longer than a segment: no TCP_NODELAY")
+	}
 }

@@ -72,12 +72,10 @@ func sockname(fd int) netip.AddrPort {
 }
 
 // startConnect opens a non-blocking socket and starts connecting it to ap.
+// It gets TCP_NODELAY, as net.Dial's do, before the write that needs it
+// (noDelayBefore).
 func startConnect(ap netip.AddrPort) (int, error) {
-	fd, err := sock.Connect(ap)
-	if err == nil {
-		sock.SetNoDelay(fd) // like net.Dial
-	}
-	return fd, err
+	return sock.Connect(ap)
 }
 
 func shutdownWrite(fd int) error {
