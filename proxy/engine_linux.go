@@ -352,8 +352,8 @@ func (h *acceptor) stop() {
 }
 
 // Ready accepts the connections waiting, up to a batch; the listener is
-// level-triggered, so epoll reports those left again, and the loop asks it
-// again before it waits (Again).
+// level-triggered, so epoll reports those left again, and the loop asks
+// epoll again before it parks.
 func (h *acceptor) Ready(uint8, uint32) {
 	for range 32 {
 		fd, peer, err := accept(h.li.fd)
@@ -376,7 +376,6 @@ func (h *acceptor) Ready(uint8, uint32) {
 		h.l.p.Set(&h.timer, h.l.p.Now()+int64(h.delay), h)
 		return
 	}
-	h.l.p.Again() // a full batch: more may be queued
 }
 
 // Expired ends a back-off.

@@ -344,9 +344,9 @@ func TestPipesBoundedUnderStalledDownloads(t *testing.T) {
 
 // Clients queued beyond an accept batch (32) are all taken, even when
 // nothing else happens in the loop to wake it again: a listener is
-// level-triggered, and epoll wakes no one for what it reports again.
-// Clients over max_conns are closed at once, unregistered, so taking them
-// is the loop's only work.
+// level-triggered, and epoll wakes no one for what it reports again, so
+// the loop must ask before it parks. Clients over max_conns are closed at
+// once, unregistered, so taking them is the loop's only work.
 func TestQueuedClientsBeyondABatchAreAccepted(t *testing.T) {
 	be := startBackend(t, echoHandler)
 	e := proxy.NewEngine(1, nil)

@@ -138,9 +138,7 @@ type Poller struct {
 	now      int64 // nanoseconds since base, read per event
 	wakeAt   int64 // deadline set on file; 0: none
 	stop     bool
-	again    bool   // a handler left a level-triggered descriptor ready (Again)
-	waits    uint64 // epoll_waits made (tests count them)
-	logged   bool   // a panic stack has been logged
+	logged   bool // a panic stack has been logged
 	pollFn   func(uintptr) bool
 
 	// A paced loop's (NewPaced): how long it waits between rounds while a
@@ -462,7 +460,6 @@ func (p *Poller) handleReady() {
 // handleEvents waits for nothing: it handles the events that are ready,
 // as many as fit in the buffer, and returns how many.
 func (p *Poller) handleEvents() int {
-	p.waits++
 	n, err := epollWait(p.epfd, p.events[:])
 	if err != nil && err != unix.EINTR {
 		p.log.Error("event loop: epoll_wait", zap.Error(err))
@@ -495,38 +492,30 @@ func (p *Poller) runPosted(fns []func()) {
 }
 
 // poll handles everything that is ready, then the timers that came due, and
-// again while more may be; it returns false, which parks the loop in the
+// again until nothing is; it returns false, which parks the loop in the
 // netpoller until the epoll descriptor has events or the earliest timer is
 // due. It returns true (ending the park) only to stop.
 //
-// A batch that did not fill the buffer took everything ready when it was
-// collected, so the loop parks without asking epoll again: every event
-// after that collection wakes the netpoller (the kernel wakes an epoll
-// descriptor's pollers for each event it queues). What epoll queues again
-// by itself, a level-triggered descriptor's readiness, wakes no one, so a
-// handler that leaves one ready calls Again. One system call fewer per
-// wake-up (bench/README.md).
+// It asks epoll once more after every batch, even one that did not fill
+// the buffer: under load, what came while the batch was handled is there,
+// and that call is cheaper than parking and being woken by the netpoller
+// for it (parking at once lost 2-14 % of a bulk stream's rate and saved
+// nothing under connection load; bench/README.md).
 func (p *Poller) poll(uintptr) bool {
 	for {
-		p.again = false
 		n := p.handleEvents()
 		p.now = p.Clock()
 		p.expire()
 		if p.stop {
 			return true
 		}
-		if n == len(p.events) || p.again || p.timers.due(p.now) {
+		if n > 0 || p.timers.due(p.now) {
 			continue
 		}
 		p.park()
 		return false
 	}
 }
-
-// Again says a handler left its descriptor ready without a new event to
-// come (a level-triggered listener with clients still queued after a
-// batch): the loop looks again before it parks.
-func (p *Poller) Again() { p.again = true }
 
 func (p *Poller) event(ev *unix.EpollEvent) {
 	slot := uint32(ev.Fd)
