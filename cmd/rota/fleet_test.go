@@ -62,9 +62,14 @@ func TestHashFleetOfTwoProcesses(t *testing.T) {
 	}
 	holders := []string{holdServer(t, "h1"), holdServer(t, "h2"), holdServer(t, "h3")}
 
-	type proc struct{ admin, etcd, consul, bounded string }
+	type proc struct {
+		admin, etcd, consul, bounded string
+		*rotaProc
+	}
+	addrs := testenv.FreeAddrs(t, 8) // both processes' listeners, all different
 	start := func(name string) proc {
-		p := proc{testenv.FreeAddr(t), testenv.FreeAddr(t), testenv.FreeAddr(t), testenv.FreeAddr(t)}
+		p := proc{admin: addrs[0], etcd: addrs[1], consul: addrs[2], bounded: addrs[3]}
+		addrs = addrs[4:]
 		listener := func(lname, addr, discovery string) string {
 			return fmt.Sprintf(`  - name: %s
     listen: %s
@@ -95,13 +100,13 @@ listeners:
 		if err := os.WriteFile(file, []byte(cfg), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		startRota(t, "serve", "--config", file, "--log-level", "warn")
+		p.rotaProc = startRota(t, "serve", "--config", file, "--log-level", "warn")
 		return p
 	}
 	a, b := start("a"), start("b")
 	live := func(n int) {
 		t.Helper()
-		testenv.Eventually(t, fmt.Sprintf("%d targets up in both registries on both processes", n), 20*time.Second, func() bool {
+		all := func() bool {
 			for _, p := range []proc{a, b} {
 				for _, l := range []string{"hash-etcd", "hash-consul"} {
 					if upTargets(p.admin, l) != n {
@@ -110,7 +115,19 @@ listeners:
 				}
 			}
 			return true
-		})
+		}
+		if _, ok := testenv.Poll(20*time.Second, all); !ok {
+			var got []string
+			for i, p := range []proc{a, b} {
+				exited := "running"
+				if err, done := p.wait(0); done {
+					exited = fmt.Sprintf("exited: %v", err)
+				}
+				got = append(got, fmt.Sprintf("process %d (%s): hash-etcd %d up, hash-consul %d up; its log:\n%s",
+					i, exited, upTargets(p.admin, "hash-etcd"), upTargets(p.admin, "hash-consul"), p.stderr.String()))
+			}
+			t.Fatalf("timed out after 20s waiting for %d targets up in both registries on both processes:\n%s", n, strings.Join(got, "\n"))
+		}
 	}
 	live(3)
 

@@ -43,9 +43,17 @@ func Poll(timeout time.Duration, cond func() bool) (time.Duration, bool) {
 // itself, or a target that must refuse.
 func FreeAddr(t Waiter) string {
 	t.Helper()
-	addrs, err := freePorts(1)
+	return FreeAddrs(t, 1)[0]
+}
+
+// FreeAddrs returns n such addresses, all different: they are held at
+// once while picked (FreeAddr called n times can hand out a port again,
+// since each is let go before the next is picked).
+func FreeAddrs(t Waiter, n int) []string {
+	t.Helper()
+	addrs, err := freePorts(n)
 	if err != nil {
 		t.Fatalf("%v", fmt.Errorf("free port: %w", err))
 	}
-	return addrs[0]
+	return addrs
 }
