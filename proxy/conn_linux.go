@@ -23,11 +23,12 @@ const (
 )
 
 // A client's socket is registered without Out: its send buffer has room
-// for what a connection usually writes, and every ACK that frees some of
-// it would raise an Out edge and wake the loop for nothing, once or more
-// per connection (bench/README.md). Out is added the first time a write
-// to it would block (wantOut). A target's registration has Out from the
-// start, which tells its connect is done.
+// for what a connection usually writes, and each change of the socket's
+// state (our shutdown, the client's ACK of that FIN) makes the kernel poll
+// it again, find it writable and, with Out registered, raise an edge that
+// wakes the loop for nothing (bench/README.md). Out is added the first
+// time a write to it would block (wantOut). A target's registration has
+// Out from the start, which tells its connect is done.
 const (
 	connEvents   = poller.In | poller.Out | poller.RdHup | poller.Edge
 	clientEvents = connEvents &^ poller.Out
