@@ -369,8 +369,9 @@ func TestQueuedClientsBeyondABatchAreAccepted(t *testing.T) {
 }
 
 // A client's socket is in its loop's epoll set without Out until a write
-// to it blocks: the ACKs that free its send buffer would each wake the
-// loop for nothing. Once a write blocks, Out is there, and a client that
+// to it blocks: each change of its state (our shutdown, the client's ACK
+// of that FIN) would otherwise raise an Out edge that wakes the loop for
+// nothing. Once a write blocks, Out is there, and a client that
 // was slow to read still gets every byte.
 func TestClientRegisteredForOutOnlyOnceAWriteBlocks(t *testing.T) {
 	const big = 16 << 20

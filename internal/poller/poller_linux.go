@@ -301,16 +301,21 @@ func (p *Poller) Pause(f *FD) error {
 
 // Resume puts a paused f back with events.
 func (p *Poller) Resume(f *FD, events uint32) error {
-	ev := unix.EpollEvent{Events: events, Fd: int32(f.slot), Pad: int32(f.gen)}
-	return epollCtl(p.epfd, unix.EPOLL_CTL_ADD, int(f.n), &ev)
+	return p.ctl(unix.EPOLL_CTL_ADD, f, events)
 }
 
 // Modify changes the events f is registered for. Edge-triggered, an event
 // that is already true when added is reported (the kernel checks at once),
 // so none is lost between a failed write and asking for Out.
 func (p *Poller) Modify(f *FD, events uint32) error {
+	return p.ctl(unix.EPOLL_CTL_MOD, f, events)
+}
+
+// ctl is epoll_ctl op for f's registration, its slot and generation in the
+// event's data.
+func (p *Poller) ctl(op int, f *FD, events uint32) error {
 	ev := unix.EpollEvent{Events: events, Fd: int32(f.slot), Pad: int32(f.gen)}
-	return epollCtl(p.epfd, unix.EPOLL_CTL_MOD, int(f.n), &ev)
+	return epollCtl(p.epfd, op, int(f.n), &ev)
 }
 
 func (p *Poller) forget(f *FD) {
