@@ -46,6 +46,23 @@ func (c *conn) step() {
 // the spin limit; it reports whether it stopped at the limit. toTarget says
 // src is the client.
 func (c *conn) flow(src, dst *side, toTarget bool) bool {
+	more := c.move(src, dst, toTarget)
+	if dst.held {
+		// The machine asks for the FIN at src's EOF once it forwarded
+		// src's bytes, and move takes a drained side's EOF in the same
+		// call; should that ever change, the held bytes go now rather
+		// than wait for an ACK that nothing in flight would bring.
+		dst.held = false
+		if !c.done {
+			sock.SetNoDelay(dst.fd.Num()) // pushes what the socket holds
+			dst.nagle = nagleSet
+		}
+	}
+	return more
+}
+
+// move is flow's loop.
+func (c *conn) move(src, dst *side, toTarget bool) bool {
 	for start := src.moved; ; {
 		if !c.flush(dst, toTarget) {
 			return false
@@ -74,8 +91,8 @@ func (c *conn) flow(src, dst *side, toTarget bool) bool {
 			c.putPipe(src)
 			return false
 		}
-		if src.moved-start >= turnBytes {
-			return true
+		if src.moved-start >= turnBytes && !src.drained {
+			return true // (a drained side's EOF costs no read: take it now)
 		}
 		if src.pipe != nil {
 			if !c.drain(src, toTarget) {
@@ -115,6 +132,7 @@ func (c *conn) passEOF(src, dst *side, toTarget bool) {
 		return
 	}
 	dst.shut = true
+	dst.held = false // the FIN takes the held bytes with it
 	if dst.eof && src.shut && !c.m.Winding() {
 		return // both directions are done: closing sends the FIN
 	}
@@ -171,11 +189,18 @@ func (c *conn) writeFailed(err error, toTarget bool) bool {
 	return false
 }
 
-// write writes data to dst, keeping what the socket does not take.
-func (c *conn) write(dst *side, data []byte, toTarget bool) bool {
+// write writes data to dst, keeping what the socket does not take. last
+// says src's FIN follows data: the socket may hold data back for it (held).
+func (c *conn) write(dst *side, data []byte, toTarget, last bool) bool {
 	for len(data) > 0 {
 		c.noDelayBefore(dst, len(data))
-		n, err := poller.Write(dst.fd.Num(), data)
+		var n int
+		var err error
+		if last {
+			n, err = poller.WriteMore(dst.fd.Num(), data)
+		} else {
+			n, err = poller.Write(dst.fd.Num(), data)
+		}
 		if err == errEAGAIN {
 			break
 		}
@@ -191,6 +216,7 @@ func (c *conn) write(dst *side, data []byte, toTarget bool) bool {
 		c.wantOut(dst)
 		return !c.done
 	}
+	dst.held = last
 	return true
 }
 
@@ -277,7 +303,9 @@ func (c *conn) read(src, dst *side, toTarget bool) bool {
 	}
 	switch a {
 	case relay.Forward:
-		if !c.write(dst, data, toTarget) {
+		// src.drained: src's FIN is next, and passing it on follows this
+		// write (one segment for both, as HAProxy sends them).
+		if !c.write(dst, data, toTarget, src.drained) {
 			return false
 		}
 		if n == len(buf) && c.m.Committed() {

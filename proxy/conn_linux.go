@@ -75,6 +75,10 @@ type side struct {
 	eof          bool // read EOF from this side
 	shut         bool // sent this side a FIN
 	out          bool // registered for Out: a write to it blocked once (wantOut), or the target's
+	// held: the last bytes written to this side went with MSG_MORE, the
+	// other side's FIN being known to follow them: the socket holds them
+	// back until that FIN goes (passEOF), so both leave in one segment.
+	held bool
 	// nagle: how far a target's socket is from needing TCP_NODELAY
 	// (noDelayBefore); a client's inherits it from the listener.
 	nagle uint8

@@ -438,11 +438,6 @@ func loopEvents(t *testing.T, listen, client string) (uint32, bool) {
 // /proc/self/fd that links to it.
 func socketFD(t *testing.T, local, remote string) (int, bool) {
 	t.Helper()
-	hexAddr := func(a string) string {
-		ap := netip.MustParseAddrPort(a)
-		b := ap.Addr().As4()
-		return fmt.Sprintf("%02X%02X%02X%02X:%04X", b[3], b[2], b[1], b[0], ap.Port())
-	}
 	tcp, err := os.ReadFile("/proc/net/tcp")
 	if err != nil {
 		t.Fatal(err)
@@ -514,4 +509,121 @@ func TestTargetGetsNoDelayBeforeAWriteNagleCouldHold(t *testing.T) {
 	if v := noDelay(<-accepted); v == 0 {
 		t.Fatal("after a first write longer than a segment: no TCP_NODELAY")
 	}
+}
+
+// A side's last bytes and its FIN, both in before the loop reads them,
+// reach the other side in one segment, as HAProxy sends them: written with
+// MSG_MORE, the bytes wait in the socket for the shutdown that follows,
+// which adds the FIN to them. Two segments would cost the peer's kernel a
+// second receive and an ACK of its own (bench/README.md). Both directions:
+// a target's answer and close, and a client's request and half-close.
+func TestLastBytesAndTheFINGoInOneSegment(t *testing.T) {
+	accepted := make(chan net.Conn, 2)
+	answer, hold := make(chan struct{}), make(chan struct{})
+	defer close(hold)
+	got := make(chan string, 1)
+	be := startBackend(t, func(c net.Conn) {
+		accepted <- c
+		b := make([]byte, 4)
+		if _, err := io.ReadFull(c, b); err != nil {
+			return
+		}
+		if string(b) == "ping" { // the target answers, then closes
+			<-answer
+			c.Write([]byte("pong"))
+			c.Close()
+			return
+		}
+		rest, _ := io.ReadAll(c) // the client's request ends with its FIN
+		got <- string(b) + string(rest)
+		<-hold // c stays open to be measured
+	})
+	e := proxy.NewEngine(1, nil)
+	t.Cleanup(e.Close) // after the proxy's
+	s := startProxyWith(t, &proxy.Proxy{Engine: e}, proxy.Settings{}, be.addr())
+
+	// The target's answer and FIN, to the client.
+	c := dial(t, s.addr)
+	defer c.Close()
+	c.Write([]byte("ping"))
+	bc := <-accepted
+	release := proxy.StallLoops(e)
+	close(answer)
+	testenv.Eventually(t, "the target's answer and FIN in the proxy's socket", 10*time.Second, func() bool {
+		return tcpState(t, bc.RemoteAddr().String(), bc.LocalAddr().String()) == tcpCloseWait
+	})
+	before := segsIn(t, c)
+	release()
+	if b, err := io.ReadAll(c); err != nil || string(b) != "pong" {
+		t.Fatalf("the client got %q, %v", b, err)
+	}
+	if n := segsIn(t, c) - before; n != 1 {
+		t.Fatalf("the answer and the FIN reached the client in %d segments, want 1", n)
+	}
+
+	// The client's request and FIN, to the target.
+	c2 := dial(t, s.addr)
+	defer c2.Close()
+	bc2 := <-accepted
+	release = proxy.StallLoops(e)
+	c2.Write([]byte("request"))
+	c2.CloseWrite()
+	testenv.Eventually(t, "the client's request and FIN in the proxy's socket", 10*time.Second, func() bool {
+		return tcpState(t, s.addr, c2.LocalAddr().String()) == tcpCloseWait
+	})
+	before = segsIn(t, bc2)
+	release()
+	if r := <-got; r != "request" {
+		t.Fatalf("the target got %q", r)
+	}
+	if n := segsIn(t, bc2) - before; n != 1 {
+		t.Fatalf("the request and the FIN reached the target in %d segments, want 1", n)
+	}
+}
+
+// tcpCloseWait is CLOSE_WAIT as /proc/net/tcp writes it: the peer's FIN
+// is in.
+const tcpCloseWait = "08"
+
+// tcpState is the state of the TCP socket from local to remote in
+// /proc/net/tcp, or "" if there is none.
+func tcpState(t *testing.T, local, remote string) string {
+	t.Helper()
+	tcp, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(tcp), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 3 && f[1] == hexAddr(local) && f[2] == hexAddr(remote) {
+			return f[3]
+		}
+	}
+	return ""
+}
+
+// segsIn is the count of segments c's socket has received (TCP_INFO).
+func segsIn(t *testing.T, c net.Conn) uint32 {
+	t.Helper()
+	rc, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var info *unix.TCPInfo
+	if err := rc.Control(func(fd uintptr) {
+		info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.Segs_in
+}
+
+// hexAddr is an IPv4 address and port as /proc/net/tcp writes them.
+func hexAddr(a string) string {
+	ap := netip.MustParseAddrPort(a)
+	b := ap.Addr().As4()
+	return fmt.Sprintf("%02X%02X%02X%02X:%04X", b[3], b[2], b[1], b[0], ap.Port())
 }
