@@ -53,10 +53,10 @@ func interleaved(o *options, what string, threads []int, reps int, kinds, target
 }
 
 // wrkInto runs wrk through p for d (a new connection per request with
-// closeEach) and adds its rate, p99 and, for a proxy, CPU per request
-// under key(prefix..., "rps"|"p99"|"cpu", px).
+// closeEach) and adds its rate, p99, TCP segments per request and, for a
+// proxy, CPU per request under key(prefix..., "rps"|"p99"|"segs"|"cpu", px).
 func wrkInto(res results, p *proc, px string, d time.Duration, closeEach bool, prefix ...any) {
-	cpu0 := p.cpu()
+	cpu0, segs0 := p.cpu(), tcpOutSegs()
 	m, err := wrk(p.addr, 64, d, closeEach)
 	if err != nil {
 		logf("  %v", err)
@@ -65,9 +65,40 @@ func wrkInto(res results, p *proc, px string, d time.Duration, closeEach bool, p
 	at := func(what string) string { return key(append(prefix, what, px)...) }
 	res.add(at("rps"), m.rps)
 	res.add(at("p99"), m.p99)
+	if segs1 := tcpOutSegs(); segs0 > 0 && m.n > 0 {
+		res.add(at("segs"), float64(segs1-segs0)/m.n)
+	}
 	if px != "direct" && m.n > 0 {
 		res.add(at("cpu"), (p.cpu()-cpu0)*1e6/m.n)
 	}
+}
+
+// tcpOutSegs is the count of TCP segments sent in this network namespace
+// (/proc/net/snmp, Tcp OutSegs), or 0 if it cannot be read. Every end of
+// a bench connection is here, so per request it is the segments both legs
+// cost: a count the machine's noise does not move, unlike the rates.
+func tcpOutSegs() float64 {
+	b, err := os.ReadFile("/proc/net/snmp")
+	if err != nil {
+		return 0
+	}
+	var names []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != "Tcp:" {
+			continue
+		}
+		if names == nil {
+			names = f
+			continue
+		}
+		if i := slices.Index(names, "OutSegs"); i > 0 && i < len(f) {
+			var n float64
+			fmt.Sscan(f[i], &n)
+			return n
+		}
+	}
+	return 0
 }
 
 // renderConn is benchConn's part of the report.
@@ -85,6 +116,7 @@ func renderConn(b *strings.Builder, o *options, res results) {
 	}{
 		{"ka", "rps", "keep-alive req/s", false}, {"ka", "p99", "keep-alive p99 (ms)", true}, {"ka", "cpu", "CPU per keep-alive request (µs)", true},
 		{"close", "rps", "new connection per request, req/s", false}, {"close", "p99", "new connection p99 (ms)", true}, {"close", "cpu", "CPU per new-connection request (µs)", true},
+		{"ka", "segs", "TCP segments per keep-alive request (both legs)", true}, {"close", "segs", "TCP segments per new-connection request (both legs)", true},
 	}
 	for _, th := range []int{1, 2} {
 		fmt.Fprintf(b, "\n## Connections, %d thread(s) each (wrk -t1 -c64, interleaved; median, min-max)\n\n|  |", th)

@@ -35,6 +35,9 @@ func runSyscallCost() error {
 		return time.Since(t) / n
 	})
 	fmt.Printf("system call round trip (getppid): %d ns\n", d.Nanoseconds())
+	if err := socketCallCost(med); err != nil {
+		return err
+	}
 	r, err := newNopRing(256)
 	if err != nil {
 		fmt.Printf("io_uring: unavailable (%v)\n", err)
@@ -57,6 +60,83 @@ func runSyscallCost() error {
 		fmt.Printf("io_uring, %2d no-ops an enter: %d ns an enter, %d ns an entry\n", batch, d.Nanoseconds(), d.Nanoseconds()/int64(batch))
 	}
 	return nil
+}
+
+// socketCallCost prints what 100 bytes over loopback TCP cost as write and
+// read, the file calls, and as sendto and recvfrom, the socket calls (which
+// skip the file layer: its checks and fsnotify), in interleaved rounds.
+func socketCallCost(med func(func() time.Duration) time.Duration) error {
+	fds, err := tcpPair()
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fds[0])
+	defer unix.Close(fds[1])
+	msg, buf := make([]byte, 100), make([]byte, 4096)
+	call := func(trap uintptr, fd int, b []byte, flags uintptr) {
+		unix.RawSyscall6(trap, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), flags, 0, 0)
+	}
+	const n = 20000
+	var file, sock []time.Duration
+	for range 3 {
+		file = append(file, med(func() time.Duration {
+			t := time.Now()
+			for range n {
+				call(unix.SYS_WRITE, fds[0], msg, 0)
+				call(unix.SYS_READ, fds[1], buf, 0)
+			}
+			return time.Since(t) / n
+		}))
+		sock = append(sock, med(func() time.Duration {
+			t := time.Now()
+			for range n {
+				call(unix.SYS_SENDTO, fds[0], msg, unix.MSG_NOSIGNAL)
+				call(unix.SYS_RECVFROM, fds[1], buf, 0)
+			}
+			return time.Since(t) / n
+		}))
+	}
+	slices.Sort(file)
+	slices.Sort(sock)
+	fmt.Printf("100 bytes over loopback TCP: write and read %d ns, sendto and recvfrom %d ns (%.2fx)\n",
+		file[1].Nanoseconds(), sock[1].Nanoseconds(), float64(file[1])/float64(sock[1]))
+	return nil
+}
+
+// tcpPair is a connected pair of blocking loopback TCP sockets with
+// TCP_NODELAY, as raw descriptors.
+func tcpPair() ([2]int, error) {
+	var fds [2]int
+	ln, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fds, err
+	}
+	defer unix.Close(ln)
+	if err := unix.Bind(ln, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		return fds, err
+	}
+	if err := unix.Listen(ln, 1); err != nil {
+		return fds, err
+	}
+	sa, err := unix.Getsockname(ln)
+	if err != nil {
+		return fds, err
+	}
+	if fds[0], err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0); err != nil {
+		return fds, err
+	}
+	if err := unix.Connect(fds[0], sa); err != nil {
+		unix.Close(fds[0])
+		return fds, err
+	}
+	if fds[1], _, err = unix.Accept4(ln, unix.SOCK_CLOEXEC); err != nil {
+		unix.Close(fds[0])
+		return fds, err
+	}
+	for _, fd := range fds {
+		unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	}
+	return fds, nil
 }
 
 // nopRing is the least io_uring there is: its submission and completion
