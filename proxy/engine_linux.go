@@ -97,7 +97,8 @@ func (e *Engine) limitPipes(n int) { e.maxPipes = int32(n) }
 func (e *Engine) pipesOpen() int   { return int(e.pipes.Load()) }
 
 // stallLoops is StallLoops (tests): each loop blocks in a posted function
-// until release; it returns once every one is blocked.
+// until release (which may be called again); it returns once every one is
+// blocked.
 func (e *Engine) stallLoops() (release func()) {
 	gate := make(chan struct{})
 	var held sync.WaitGroup
@@ -111,7 +112,7 @@ func (e *Engine) stallLoops() (release func()) {
 		}
 	}
 	held.Wait()
-	return func() { close(gate) }
+	return sync.OnceFunc(func() { close(gate) })
 }
 
 // pick is the loop for the next connection: the loops take turns.

@@ -1,6 +1,9 @@
 package proxy
 
-import "net/netip"
+import (
+	"net/netip"
+	"testing"
+)
 
 // RelayWithGoroutines makes p relay every connection with goroutines, the
 // path taken off Linux, so tests cover both drivers.
@@ -22,5 +25,11 @@ func PipesOpen(e *Engine) int { return e.pipesOpen() }
 
 // StallLoops holds each of e's running loops in a posted function until
 // release is called (Linux; nothing elsewhere): what arrives meanwhile
-// queues in the kernel, as under a burst the loop is too busy for.
-func StallLoops(e *Engine) (release func()) { return e.stallLoops() }
+// queues in the kernel, as under a burst the loop is too busy for. A test
+// that fails before it releases them releases them in its cleanup, so
+// that e can close.
+func StallLoops(t testing.TB, e *Engine) (release func()) {
+	release = e.stallLoops()
+	t.Cleanup(release)
+	return release
+}

@@ -358,7 +358,7 @@ func TestQueuedClientsBeyondABatchAreAccepted(t *testing.T) {
 	if _, err := io.ReadFull(held, make([]byte, 1)); err != nil {
 		t.Fatal(err)
 	}
-	release := proxy.StallLoops(e)
+	release := proxy.StallLoops(t, e)
 	const n = 100
 	for range n {
 		c := dial(t, s.addr) // completes in the listener's queue
@@ -519,7 +519,7 @@ func TestTargetGetsNoDelayBeforeAWriteNagleCouldHold(t *testing.T) {
 // a target's answer and close, and a client's request and half-close.
 func TestLastBytesAndTheFINGoInOneSegment(t *testing.T) {
 	accepted := make(chan net.Conn, 2)
-	answer, hold := make(chan struct{}), make(chan struct{})
+	asked, answer, hold := make(chan struct{}, 1), make(chan struct{}), make(chan struct{})
 	defer close(hold)
 	got := make(chan string, 1)
 	be := startBackend(t, func(c net.Conn) {
@@ -529,6 +529,7 @@ func TestLastBytesAndTheFINGoInOneSegment(t *testing.T) {
 			return
 		}
 		if string(b) == "ping" { // the target answers, then closes
+			asked <- struct{}{}
 			<-answer
 			c.Write([]byte("pong"))
 			c.Close()
@@ -547,7 +548,8 @@ func TestLastBytesAndTheFINGoInOneSegment(t *testing.T) {
 	defer c.Close()
 	c.Write([]byte("ping"))
 	bc := <-accepted
-	release := proxy.StallLoops(e)
+	<-asked // the loop passed the request on: nothing of it waits in the loop
+	release := proxy.StallLoops(t, e)
 	close(answer)
 	testenv.Eventually(t, "the target's answer and FIN in the proxy's socket", 10*time.Second, func() bool {
 		return tcpState(t, bc.RemoteAddr().String(), bc.LocalAddr().String()) == tcpCloseWait
@@ -565,7 +567,7 @@ func TestLastBytesAndTheFINGoInOneSegment(t *testing.T) {
 	c2 := dial(t, s.addr)
 	defer c2.Close()
 	bc2 := <-accepted
-	release = proxy.StallLoops(e)
+	release = proxy.StallLoops(t, e)
 	c2.Write([]byte("request"))
 	c2.CloseWrite()
 	testenv.Eventually(t, "the client's request and FIN in the proxy's socket", 10*time.Second, func() bool {
