@@ -438,20 +438,11 @@ func loopEvents(t *testing.T, listen, client string) (uint32, bool) {
 // /proc/self/fd that links to it.
 func socketFD(t *testing.T, local, remote string) (int, bool) {
 	t.Helper()
-	tcp, err := os.ReadFile("/proc/net/tcp")
-	if err != nil {
-		t.Fatal(err)
-	}
-	inode := ""
-	for _, line := range strings.Split(string(tcp), "\n") {
-		f := strings.Fields(line)
-		if len(f) > 9 && f[1] == hexAddr(local) && f[2] == hexAddr(remote) {
-			inode = f[9]
-		}
-	}
-	if inode == "" {
+	f := procTCP(t, local, remote)
+	if len(f) <= 9 {
 		return 0, false
 	}
+	inode := f[9]
 	fds, _ := os.ReadDir("/proc/self/fd")
 	for _, e := range fds {
 		if link, _ := os.Readlink("/proc/self/fd/" + e.Name()); link == "socket:["+inode+"]" {
@@ -591,17 +582,29 @@ const tcpCloseWait = "08"
 // /proc/net/tcp, or "" if there is none.
 func tcpState(t *testing.T, local, remote string) string {
 	t.Helper()
+	if f := procTCP(t, local, remote); len(f) > 3 {
+		return f[3]
+	}
+	return ""
+}
+
+// procTCP is the line of /proc/net/tcp for the socket from local to
+// remote, split into its fields (the last such line), or nil.
+func procTCP(t *testing.T, local, remote string) []string {
+	t.Helper()
 	tcp, err := os.ReadFile("/proc/net/tcp")
 	if err != nil {
 		t.Fatal(err)
 	}
+	l, r := hexAddr(local), hexAddr(remote)
+	var found []string
 	for _, line := range strings.Split(string(tcp), "\n") {
 		f := strings.Fields(line)
-		if len(f) > 3 && f[1] == hexAddr(local) && f[2] == hexAddr(remote) {
-			return f[3]
+		if len(f) > 2 && f[1] == l && f[2] == r {
+			found = f
 		}
 	}
-	return ""
+	return found
 }
 
 // segsIn is the count of segments c's socket has received (TCP_INFO).
